@@ -1,0 +1,80 @@
+"""Image backbones: torchvision ResNets or timm models, weights from a local file only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+RESNET_CHANNELS = {
+    "resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048),
+}  # fmt: skip
+
+
+def load_local_weights(module: nn.Module, path: str | Path) -> None:
+    """Load backbone weights from a local .safetensors file (never a pickle, never a URL)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"backbone weights must be a .safetensors file, got {path}")
+    _, unexpected = module.load_state_dict(load_file(path), strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected keys {unexpected[:5]}...")
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet cut after `last_stage` (3 -> stride 16, 4 -> stride 32)."""
+
+    def __init__(self, name: str, last_stage: int, frozen_bn: bool, weights: str | None):
+        super().__init__()
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
+        if weights:
+            load_local_weights(net, weights)
+        stages = [net.layer1, net.layer2, net.layer3, net.layer4][:last_stage]
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
+        self.out_channels = RESNET_CHANNELS[name][last_stage - 1]
+        self.stride = 2 ** (last_stage + 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, C, H/stride, W/stride]"""
+        return self.body(images)
+
+
+class TimmBackbone(nn.Module):
+    """A timm model's last feature map (Swin, ViT, ...), as NCHW."""
+
+    def __init__(self, name: str, image_size: tuple[int, int], weights: str | None):
+        super().__init__()
+        import timm
+
+        kwargs = {"img_size": image_size}
+        if name.startswith("vit"):
+            kwargs["dynamic_img_size"] = True
+        elif name.startswith("swin"):
+            kwargs["strict_img_size"] = False
+        self.net = timm.create_model(name, pretrained=False, features_only=True,
+                                     out_indices=(-1,), **kwargs)
+        if weights:
+            load_local_weights(self.net, weights)
+        self.out_channels = self.net.feature_info.channels()[-1]
+        self.stride = self.net.feature_info.reduction()[-1]
+        fmt = getattr(self.net, "output_fmt", "NCHW")
+        self.channels_last = str(getattr(fmt, "name", fmt)) == "NHWC"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.net(images)[-1]
+        return features.permute(0, 3, 1, 2) if self.channels_last else features
+
+
+def build_backbone(config) -> nn.Module:
+    if config.backbone.startswith("timm:"):
+        return TimmBackbone(config.backbone[5:], tuple(config.image_size), config.backbone_weights)
+    if config.backbone not in RESNET_CHANNELS:
+        raise ValueError(f"unknown backbone {config.backbone!r}")
+    return ResNetBackbone(config.backbone, config.backbone_last_stage, config.frozen_batchnorm,
+                          config.backbone_weights)

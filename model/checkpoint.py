@@ -1,0 +1,101 @@
+"""A model bundle (config, vocabulary, tokenizer, codecs, network) and its checkpoint format.
+
+A checkpoint is a directory:
+    model.safetensors   the network weights (no pickle: safe to load from anywhere)
+    config.json         model config (class and keypoint names in id order, default
+                        refinement schedules), tokenizer file name, training step
+    tokenizer.model     the SentencePiece caption model
+Optimizer and schedule state for resuming live in `train_state.safetensors` + JSON beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.codecs import TaskCodec, build_codecs
+from model.config import ModelConfig
+from model.network import MADNetwork
+from model.tokenizer import CaptionTokenizer
+from model.vocab import VocabLayout
+
+FORMAT = "mad-checkpoint/1"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+
+
+@dataclass
+class MAD:
+    config: ModelConfig
+    vocab: VocabLayout
+    tokenizer: CaptionTokenizer | None
+    codecs: dict[str, TaskCodec]
+    network: MADNetwork
+
+    @classmethod
+    def build(cls, config: ModelConfig, tokenizer: CaptionTokenizer | None = None) -> MAD:
+        """A freshly initialised model. The text vocabulary is the tokenizer's, when given."""
+        if tokenizer is not None:
+            config.text_vocab_size = tokenizer.vocab_size
+        vocab = VocabLayout.from_config(config)
+        codecs = build_codecs(config, vocab, tokenizer)
+        max_len = max(codec.seq_len for codec in codecs.values())
+        return cls(config, vocab, tokenizer, codecs, MADNetwork(config, vocab, max_len))
+
+
+def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in mad.network.state_dict().items()}
+    save_file(state, directory / WEIGHTS, metadata={"format": FORMAT})
+    if mad.tokenizer is not None:
+        mad.tokenizer.save(directory / TOKENIZER)
+    config = {
+        "format": FORMAT,
+        "model": mad.config.to_dict(),
+        "class_names": mad.config.class_names,
+        "keypoint_names": mad.config.keypoint_names,
+        "schedules": mad.config.schedules,
+        "tokenizer": TOKENIZER if mad.tokenizer is not None else None,
+        "step": step,
+        **metadata,
+    }
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a MAD checkpoint: {CONFIG} missing")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[MAD, dict]:
+    """Rebuild a model from a checkpoint directory -> (model in eval mode, config.json)."""
+    directory = Path(directory)
+    meta = read_checkpoint_config(directory)
+    config = ModelConfig.from_dict(meta["model"])
+    config.backbone_weights = None  # the checkpoint already holds them
+    tokenizer = CaptionTokenizer.load(directory / meta["tokenizer"]) if meta["tokenizer"] else None
+    mad = MAD.build(config, tokenizer)
+    mad.network.load_state_dict(load_file(directory / WEIGHTS, device="cpu"))
+    mad.network.to(device).eval()
+    return mad, meta
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """sha256 of the weights file: identifies the exact model a result came from."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,203 @@
+"""The one interface every task codec implements.
+
+A codec owns its task's sequence format: its prompt, its slice of the shared vocabulary,
+targets -> masked training sequences, and logits -> results. Sequences are
+`prompt + body`; the network only ever sees token ids and returns logits over the slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.vocab import VocabLayout
+
+NOT_ALLOWED = -1e4  # additive logit for ids a body position may not take (finite: ONNX/fp16)
+
+
+@dataclass
+class TrainSequences:
+    """Masked training sequences of one task for a batch of images.
+
+    inputs:      [S, T] token ids (prompt + masked body)
+    targets:     [S, C, T] C candidate target sequences (best-of-C matching; C = 1 mostly)
+    weights:     [S, T] 1.0 where the loss counts (masked tokens), else 0.0
+    image_index: [S] which image of the batch each sequence belongs to
+    extra:       task-specific tensors for target assignment (e.g. detection's objects)
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    image_index: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def to(self, device) -> TrainSequences:
+        return TrainSequences(
+            self.inputs.to(device),
+            self.targets.to(device),
+            self.weights.to(device),
+            self.image_index.to(device),
+            {k: v.to(device) for k, v in self.extra.items()},
+        )
+
+
+@dataclass
+class DecodeContext:
+    """What a codec needs to turn normalised canvas coordinates into original-image pixels.
+
+    canvas: (H, W) of the letterboxed model input; scale: resized / original size;
+    image_size: (H, W) of the original image.
+    """
+
+    canvas: tuple[int, int]
+    scale: float
+    image_size: tuple[int, int]
+
+    def to_pixels(self, xy: torch.Tensor) -> torch.Tensor:
+        """[..., 2k] normalised (x, y, x, y, ...) -> original-image pixels, clipped."""
+        h, w = self.canvas
+        size = torch.tensor([w, h], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
+        limit = torch.tensor(self.image_size[::-1], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
+        return torch.minimum(xy * size / self.scale, limit).clamp(min=0)
+
+
+CODECS: dict[str, type[TaskCodec]] = {}
+
+
+def register_codec(cls: type[TaskCodec]) -> type[TaskCodec]:
+    """Class decorator: make a codec available under its `name`."""
+    CODECS[cls.name] = cls
+    return cls
+
+
+class TaskCodec:
+    """Base class: subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    needs_detections: ClassVar[bool] = False  # prompted by detected boxes (seg, keypoints)
+    random_remask: ClassVar[bool] = False  # re-mask random positions instead of least confident
+
+    def __init__(self, config: ModelConfig, vocab: VocabLayout, tokenizer=None):
+        self.config = config
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self._constraint: torch.Tensor | None = None
+
+    # --- sequence format -------------------------------------------------------------------
+    prompt_len: int
+    body_len: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.body_len
+
+    def vocab_slice(self) -> tuple[int, int]:
+        """[start, stop) of the shared vocabulary this task's logits cover."""
+        raise NotImplementedError
+
+    def body_ranges(self) -> list[tuple[int, int]]:
+        """For each body position, the [start, stop) of full-vocabulary ids it may take."""
+        raise NotImplementedError
+
+    def constraint(self) -> torch.Tensor:
+        """[body_len, V_slice] additive logit mask: 0 where allowed, NOT_ALLOWED elsewhere."""
+        if self._constraint is None:
+            start, stop = self.vocab_slice()
+            mask = torch.full((self.body_len, stop - start), NOT_ALLOWED)
+            for i, (lo, hi) in enumerate(self.body_ranges()):
+                mask[i, lo - start : hi - start] = 0.0
+            self._constraint = mask
+        return self._constraint
+
+    def to_local(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids -> ids local to the slice (what cross-entropy needs)."""
+        return tokens - self.vocab_slice()[0]
+
+    def to_global(self, local: torch.Tensor) -> torch.Tensor:
+        return local + self.vocab_slice()[0]
+
+    # --- training ---------------------------------------------------------------------------
+    def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
+        """Ground truth of a batch of images -> fully and partly masked sequences.
+
+        Each target dict holds normalised canvas coordinates: boxes [N, 4] xyxy, labels [N],
+        masks [N, h, w] on the canvas, keypoints [N, K, 3] (x, y, v), captions list[str].
+        """
+        raise NotImplementedError
+
+    def assign_targets(
+        self, log_probs: torch.Tensor, seqs: TrainSequences
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose, per sequence, the candidate target the prediction is closest to.
+
+        log_probs: [S, T, V_slice] of one decoder layer. Returns targets [S, T] (local ids) and
+        weights [S, T]. The default is best-of-C by cross-entropy over the weighted tokens.
+        """
+        targets = self.to_local(seqs.targets).clamp(min=0)  # [S, C, T]
+        if targets.shape[1] == 1:
+            return targets[:, 0], seqs.weights
+        lp = log_probs.unsqueeze(1).expand(-1, targets.shape[1], -1, -1)
+        nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [S, C, T]
+        cost = (nll * seqs.weights.unsqueeze(1)).sum(-1)
+        best = cost.argmin(dim=1)
+        chosen = targets[torch.arange(len(best)), best]
+        return chosen, seqs.weights
+
+    # --- inference --------------------------------------------------------------------------
+    def prompts(self, **kwargs) -> torch.Tensor:
+        """[S, prompt_len] prompt tokens for inference."""
+        raise NotImplementedError
+
+    def remask_scores(self, probs: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """probs [S, L, V_slice], confidence [S, L] -> the score that picks which tokens to
+        re-mask (the lowest); by default the argmax token's probability."""
+        return confidence
+
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
+               **kwargs) -> list[Any]:
+        """[S, body_len, V_slice] logits -> one result per sequence."""
+        raise NotImplementedError
+
+    # --- helpers ----------------------------------------------------------------------------
+    def masked_copy(self, body: torch.Tensor, ratio: float, generator: torch.Generator):
+        """Mask a uniform random `ratio` of each row's body tokens.
+
+        body [S, L] -> (masked body [S, L], masked positions [S, L] bool). At least one token
+        is masked so every sequence contributes to the loss.
+        """
+        scores = torch.rand(body.shape, generator=generator)
+        n_mask = max(1, round(ratio * body.shape[1]))
+        order = scores.argsort(dim=1)
+        masked = torch.zeros_like(body, dtype=torch.bool)
+        masked.scatter_(1, order[:, :n_mask], True)
+        return torch.where(masked, torch.full_like(body, self.vocab.mask), body), masked
+
+    def fully_and_partly_masked(self, prompt: torch.Tensor, body: torch.Tensor,
+                                generator: torch.Generator):
+        """prompt [S, P], body [S, L] -> inputs [2S, T] and weights [2S, T] (full first)."""
+        full = torch.full_like(body, self.vocab.mask)
+        partial, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
+        inputs = torch.cat([torch.cat([prompt, full], 1), torch.cat([prompt, partial], 1)])
+        zeros = torch.zeros_like(prompt, dtype=torch.float)
+        weights = torch.cat([
+            torch.cat([zeros, torch.ones_like(body, dtype=torch.float)], 1),
+            torch.cat([zeros, masked.float()], 1),
+        ])  # fmt: skip
+        return inputs, weights
+
+
+def box_tokens(vocab: VocabLayout, boxes: torch.Tensor) -> torch.Tensor:
+    """[N, 4] normalised xyxy -> [N, 4] coordinate tokens."""
+    return vocab.quantize(boxes.clamp(0, 1))
+
+
+def softmax_over_range(logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return F.softmax(logits[..., lo:hi], dim=-1)

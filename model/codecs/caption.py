@@ -1,0 +1,95 @@
+"""Caption: 6 prompt tokens + caption_len text tokens (cut or padded; text id 0 ends it).
+
+Training: the fully masked sequence's target is whichever reference caption the prediction
+is closest to (best-of-5, `TaskCodec.assign_targets`); each reference also gets a partly
+masked sequence in which one shown token is swapped for a random word. Inference re-masks
+random positions, not the least confident ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, register_codec
+from model.codecs.segmentation import empty_sequences
+
+REFERENCES = 5
+
+
+@register_codec
+class CaptionCodec(TaskCodec):
+    name = "caption"
+    random_remask = True
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.vocab.caption_prompt)
+
+    @property
+    def body_len(self) -> int:
+        return self.config.caption_len
+
+    def vocab_slice(self) -> tuple[int, int]:
+        return self.vocab.text_start, self.vocab.size
+
+    def body_ranges(self) -> list[tuple[int, int]]:
+        return [self.vocab_slice()] * self.body_len
+
+    def prompts(self, batch_size: int) -> torch.Tensor:
+        return torch.tensor([self.vocab.caption_prompt] * batch_size, dtype=torch.long)
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text, self.config.caption_len)
+        return self.vocab.text_token(torch.tensor(ids, dtype=torch.long))
+
+    def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
+        refs, image_index = [], []
+        for b, target in enumerate(targets):
+            captions = list(target.get("captions") or [])
+            if not captions:
+                continue
+            captions = (captions * REFERENCES)[:REFERENCES]  # exactly 5 (COCO has 5 to 7)
+            refs.append(torch.stack([self.encode_text(c) for c in captions]))
+            image_index.append(b)
+        if not refs:
+            return empty_sequences(self.seq_len)
+        refs = torch.stack(refs)  # [B', 5, L]
+        n, L, P = len(refs), self.body_len, self.prompt_len
+        prompt = self.prompts(n)
+        # Fully masked: one sequence per image, five candidate targets.
+        full_inputs = torch.cat([prompt, torch.full((n, L), self.vocab.mask)], 1)
+        full_targets = torch.cat([prompt.unsqueeze(1).expand(-1, REFERENCES, -1), refs], 2)
+        full_weights = torch.cat([torch.zeros(n, P), torch.ones(n, L)], 1)
+        # Partly masked: one per reference, one shown token swapped for a random word.
+        body = refs.flatten(0, 1)
+        partial, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
+        partial = self.swap_random_word(partial, ~masked, generator)
+        part_prompt = self.prompts(len(body))
+        part_inputs = torch.cat([part_prompt, partial], 1)
+        part_targets = torch.cat([part_prompt, body], 1).unsqueeze(1).expand(-1, REFERENCES, -1)
+        part_weights = torch.cat([torch.zeros(len(body), P), masked.float()], 1)
+        index = torch.tensor(image_index)
+        return TrainSequences(
+            inputs=torch.cat([full_inputs, part_inputs]),
+            targets=torch.cat([full_targets, part_targets]),
+            weights=torch.cat([full_weights, part_weights]),
+            image_index=torch.cat([index, index.repeat_interleave(REFERENCES)]),
+        )
+
+    def swap_random_word(self, body: torch.Tensor, shown: torch.Tensor,
+                         generator: torch.Generator) -> torch.Tensor:
+        """Replace one shown token per row with a random (non-pad) word."""
+        body = body.clone()
+        scores = torch.rand(body.shape, generator=generator).masked_fill(~shown, -1.0)
+        pos = scores.argmax(1)
+        has_shown = shown.any(1)
+        words = torch.randint(1, self.vocab.text_size, (len(body),), generator=generator)
+        rows = torch.arange(len(body))[has_shown]
+        body[rows, pos[has_shown]] = self.vocab.text_token(words[has_shown])
+        return body
+
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
+               **_) -> list[str]:
+        """[B, L, V_text] -> one caption string per image (cut at the first end token)."""
+        ids = logits.argmax(-1)  # local ids are text ids
+        return [self.tokenizer.decode(row.tolist()) for row in ids]

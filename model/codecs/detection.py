@@ -1,0 +1,153 @@
+"""Detection: 6 prompt tokens + num_slots x [x0, y0, x1, y1, class].
+
+Training input: noise boxes with random classes in every slot, the ground-truth objects
+written into random slots, then fully or partly masked. Targets are Hungarian-matched per
+decoder layer (model.matcher); unmatched slots must say "no object".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
+from model.matcher import match_slots
+
+TOKENS_PER_SLOT = 5
+
+
+@dataclass
+class Detections:
+    """Detections of one image, sorted by score (descending).
+
+    boxes: [N, 4] xyxy in original-image pixels; boxes_norm: [N, 4] normalised canvas coords;
+    scores: [N]; labels: [N] class indices; tokens: [N, 5] the slot's tokens (box + class),
+    which prompt segmentation and keypoints.
+    """
+
+    boxes: torch.Tensor
+    boxes_norm: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def select(self, keep: torch.Tensor) -> Detections:
+        return Detections(self.boxes[keep], self.boxes_norm[keep], self.scores[keep],
+                          self.labels[keep], self.tokens[keep])
+
+
+def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, 4] plausible random boxes (normalised xyxy) used as detection noise."""
+    centre = torch.rand(n, 2, generator=generator)
+    size = 0.05 + 0.45 * torch.rand(n, 2, generator=generator)
+    return torch.cat([centre - size / 2, centre + size / 2], 1).clamp(0, 1)
+
+
+@register_codec
+class DetectionCodec(TaskCodec):
+    name = "detection"
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.vocab.detection_prompt)
+
+    @property
+    def body_len(self) -> int:
+        return self.config.num_slots * TOKENS_PER_SLOT
+
+    def vocab_slice(self) -> tuple[int, int]:
+        return self.vocab.class_start, self.vocab.coord_stop
+
+    def body_ranges(self) -> list[tuple[int, int]]:
+        coords = (self.vocab.coord_start, self.vocab.coord_stop)
+        classes = (self.vocab.class_start, self.vocab.no_object + 1)
+        return ([coords] * 4 + [classes]) * self.config.num_slots
+
+    def prompts(self, batch_size: int) -> torch.Tensor:
+        return torch.tensor([self.vocab.detection_prompt] * batch_size, dtype=torch.long)
+
+    # --- training ---------------------------------------------------------------------------
+    def object_tokens(self, target: dict) -> torch.Tensor:
+        """[N, 5] ground-truth slot tokens of one image."""
+        if len(target["labels"]) == 0:
+            return torch.zeros(0, TOKENS_PER_SLOT, dtype=torch.long)
+        classes = self.vocab.class_token(target["labels"].long()).unsqueeze(1)
+        return torch.cat([box_tokens(self.vocab, target["boxes"]), classes], 1)
+
+    def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
+        slots, batch = self.config.num_slots, len(targets)
+        bodies, objects = [], torch.zeros(batch, slots, TOKENS_PER_SLOT, dtype=torch.long)
+        counts = torch.zeros(batch, dtype=torch.long)
+        for b, target in enumerate(targets):
+            gt = self.object_tokens(target)
+            if len(gt) > slots:  # keep a random subset; the rest cannot be expressed
+                gt = gt[torch.randperm(len(gt), generator=generator)[:slots]]
+            noise_labels = torch.randint(self.config.num_classes, (slots, 1), generator=generator)
+            body = torch.cat([box_tokens(self.vocab, random_boxes(slots, generator)),
+                              self.vocab.class_token(noise_labels)], 1)
+            body[torch.randperm(slots, generator=generator)[: len(gt)]] = gt
+            bodies.append(body.flatten())
+            objects[b, : len(gt)], counts[b] = gt, len(gt)
+        prompt = self.prompts(batch)
+        inputs, weights = self.fully_and_partly_masked(prompt, torch.stack(bodies), generator)
+        return TrainSequences(
+            inputs=inputs,
+            targets=inputs.unsqueeze(1).clone(),  # placeholder: assign_targets matches per layer
+            weights=weights,
+            image_index=torch.arange(batch).repeat(2),
+            extra={"objects": objects.repeat(2, 1, 1), "num_objects": counts.repeat(2)},
+        )
+
+    @torch.no_grad()
+    def assign_targets(self, log_probs: torch.Tensor, seqs: TrainSequences):
+        """Hungarian-match slots to objects, per sequence, on this layer's predictions."""
+        P, slots = self.prompt_len, self.config.num_slots
+        body_lp = log_probs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT, -1)
+        inputs = seqs.inputs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT)
+        shown = seqs.weights[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT) == 0
+        assignment = match_slots(body_lp, self.to_local(inputs), shown,
+                                 self.to_local(seqs.extra["objects"]).clamp(min=0),
+                                 seqs.extra["num_objects"])
+        # Default target: "no object" in the class position, coordinates carry no loss.
+        targets = torch.zeros(len(seqs), slots, TOKENS_PER_SLOT, dtype=torch.long,
+                              device=log_probs.device)
+        targets[..., 4] = self.vocab.no_object
+        counts = torch.zeros_like(targets, dtype=torch.float)
+        counts[..., 4] = 1.0
+        for s, (slot_idx, obj_idx) in enumerate(assignment):
+            targets[s, slot_idx] = seqs.extra["objects"][s, obj_idx]
+            counts[s, slot_idx] = 1.0
+        prompt_targets = torch.full((len(seqs), P), self.vocab_slice()[0], device=targets.device)
+        full = torch.cat([prompt_targets, targets.flatten(1)], 1)
+        weights = seqs.weights * torch.cat([torch.zeros_like(prompt_targets, dtype=torch.float),
+                                            counts.flatten(1)], 1)
+        return self.to_local(full).clamp(min=0), weights  # weightless positions: any id
+
+    # --- inference --------------------------------------------------------------------------
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
+               score_threshold: float = 0.0, max_detections: int | None = None,
+               **_) -> list[Detections]:
+        """[B, body_len, V_slice] -> one Detections per image, filtered and sorted."""
+        v = self.vocab
+        slots = logits.reshape(len(logits), self.config.num_slots, TOKENS_PER_SLOT, -1).float()
+        start = self.vocab_slice()[0]
+        class_probs = slots[:, :, 4, v.class_start - start : v.no_object + 1 - start].softmax(-1)
+        scores, labels = class_probs[..., :-1].max(-1)  # best real class, no-object excluded
+        coord_lo, coord_hi = v.coord_start - start, v.coord_stop - start
+        coord_tokens = slots[:, :, :4, coord_lo:coord_hi].argmax(-1) + v.coord_start
+        results = []
+        for b, context in enumerate(contexts):
+            xy = v.dequantize(coord_tokens[b])
+            boxes = torch.cat([torch.minimum(xy[:, :2], xy[:, 2:]),
+                               torch.maximum(xy[:, :2], xy[:, 2:])], 1)
+            order = scores[b].argsort(descending=True)
+            order = order[scores[b][order] >= score_threshold][:max_detections]
+            box_tok = v.quantize(boxes[order])
+            tokens = torch.cat([box_tok, v.class_token(labels[b][order]).unsqueeze(1)], 1)
+            results.append(Detections(context.to_pixels(boxes[order]), boxes[order],
+                                      scores[b][order], labels[b][order], tokens))
+        return results

@@ -1,0 +1,104 @@
+"""Keypoints: prompt [kpt, x0, y0, x1, y1, person] + K x [x, y, visibility].
+
+x and y are binned over the whole canvas. A keypoint is "visible" when it is labelled
+(COCO v > 0); unlabelled ones get random coordinates inside the box in training, whose tokens
+carry no loss while their visibility token does. Score = p(visible) / (p(visible) + p(invisible)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
+from model.codecs.segmentation import empty_sequences
+
+
+@register_codec
+class KeypointCodec(TaskCodec):
+    name = "keypoints"
+    needs_detections = True
+
+    prompt_len = 6
+
+    @property
+    def body_len(self) -> int:
+        return self.config.num_keypoints * 3
+
+    @property
+    def person_label(self) -> int:
+        return self.config.class_names.index(self.config.person_class)
+
+    def vocab_slice(self) -> tuple[int, int]:
+        return self.vocab.coord_start, self.vocab.invisible + 1
+
+    def body_ranges(self) -> list[tuple[int, int]]:
+        coords = (self.vocab.coord_start, self.vocab.coord_stop)
+        visibility = (self.vocab.visible, self.vocab.invisible + 1)
+        return [coords, coords, visibility] * self.config.num_keypoints
+
+    def prompts(self, detection_tokens: torch.Tensor) -> torch.Tensor:
+        """detection_tokens [S, 5] (box + person class) -> [S, 6]."""
+        kpt = torch.full((len(detection_tokens), 1), self.vocab.keypoint_prompt)
+        return torch.cat([kpt, detection_tokens.long()], 1)
+
+    def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
+        v, K = self.vocab, self.config.num_keypoints
+        prompts, bodies, coord_weights, image_index = [], [], [], []
+        for b, target in enumerate(targets):
+            kpts = target["keypoints"]
+            persons = (target["labels"] == self.person_label) & (kpts[..., 2] > 0).any(-1)
+            idx = persons.nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+            idx = idx[: self.config.max_instances_per_image]
+            if len(idx) == 0:
+                continue
+            boxes, kp = target["boxes"][idx].float(), kpts[idx].float()
+            labelled = kp[..., 2] > 0  # [n, K]
+            # Unlabelled keypoints: random coordinates inside the box.
+            u = torch.rand(len(idx), K, 2, generator=generator)
+            random_xy = boxes[:, None, :2] + u * (boxes[:, None, 2:] - boxes[:, None, :2])
+            xy = torch.where(labelled.unsqueeze(-1), kp[..., :2], random_xy)
+            vis = torch.where(labelled, v.visible, v.invisible)
+            body = torch.cat([v.quantize(xy.clamp(0, 1)), vis.unsqueeze(-1)], -1).flatten(1)
+            label = torch.full((len(idx), 1), v.class_token(self.person_label))
+            prompts.append(self.prompts(torch.cat([box_tokens(v, boxes), label], 1)))
+            bodies.append(body)
+            weight = torch.stack([labelled, labelled, torch.ones_like(labelled)], -1)
+            coord_weights.append(weight.flatten(1).float())
+            image_index.append(torch.full((len(idx),), b))
+        if not prompts:
+            return empty_sequences(self.seq_len)
+        prompt, body = torch.cat(prompts), torch.cat(bodies)
+        inputs, weights = self.fully_and_partly_masked(prompt, body, generator)
+        weights[:, self.prompt_len :] *= torch.cat(coord_weights).repeat(2, 1)
+        targets_ = torch.cat([prompt, body], 1).repeat(2, 1).unsqueeze(1)
+        return TrainSequences(inputs, targets_, weights, torch.cat(image_index).repeat(2))
+
+    def visibility_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [S, K*3, V_slice] -> [S, K] p(visible) / (p(visible) + p(invisible))."""
+        start = self.vocab_slice()[0]
+        vis = probs[:, 2::3, self.vocab.visible - start]
+        invis = probs[:, 2::3, self.vocab.invisible - start]
+        return vis / (vis + invis).clamp(min=1e-12)
+
+    def remask_scores(self, probs: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """A keypoint's x and y take its visibility score; visibility tokens their own."""
+        scores = confidence.clone()
+        vis_score = self.visibility_scores(probs)
+        scores[:, 0::3], scores[:, 1::3] = vis_score, vis_score
+        return scores
+
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
+               **_) -> list[torch.Tensor]:
+        """[S, K*3, V_slice] -> per sequence [K, 3] (x, y in original pixels, score)."""
+        v, start = self.vocab, self.vocab_slice()[0]
+        probs = logits.float().softmax(-1)
+        coords = logits[:, :, v.coord_start - start : v.coord_stop - start].argmax(-1)
+        xy = v.dequantize(coords + v.coord_start)  # [S, K*3]
+        xy = torch.stack([xy[:, 0::3], xy[:, 1::3]], -1)  # [S, K, 2]
+        scores = self.visibility_scores(probs)
+        out = []
+        for s, ctx in enumerate(contexts):
+            pixels = ctx.to_pixels(xy[s].flatten()).reshape(-1, 2)
+            out.append(torch.cat([pixels, scores[s].unsqueeze(-1)], -1))
+        return out

@@ -1,0 +1,118 @@
+"""Segmentation: prompt [seg, x0, y0, x1, y1, class] + mask_size^2 fg/bg tokens.
+
+The body is the instance mask cropped to its box and resized to mask_size x mask_size, as
+Mask R-CNN targets. At inference one sequence per kept detection; the foreground probability
+is pasted back into the box and thresholded at 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
+
+BOX_JITTER = 0.05  # training boxes move by up to 5% of their size: inference boxes are predicted
+
+
+def crop_masks(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """masks [N, H, W] (canvas), boxes [N, 4] normalised xyxy -> [N, size, size] bool."""
+    if len(masks) == 0:
+        return torch.zeros(0, size, size, dtype=torch.bool)
+    h, w = masks.shape[-2:]
+    scale = torch.tensor([w, h, w, h], dtype=torch.float)
+    rois = torch.cat([torch.arange(len(boxes)).float().unsqueeze(1), boxes.float() * scale], 1)
+    crops = roi_align(masks.unsqueeze(1).float(), rois, (size, size), 1.0, 2, aligned=True)
+    return crops.squeeze(1) >= 0.5
+
+
+def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """prob [m, m] in the box, box [4] in pixels -> bool [H, W] mask of the whole image."""
+    H, W = image_size
+    out = torch.zeros(H, W, dtype=torch.bool)
+    left, top, right, bottom = (float(v) for v in box)
+    x0, y0 = max(math.floor(left), 0), max(math.floor(top), 0)
+    x1, y1 = min(math.ceil(right), W), min(math.ceil(bottom), H)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    # Sample the m x m grid at the pixel centres of the (float) box.
+    bw, bh = max(float(box[2] - box[0]), 1e-3), max(float(box[3] - box[1]), 1e-3)
+    xs = ((torch.arange(x0, x1) + 0.5 - float(box[0])) / bw) * 2 - 1
+    ys = ((torch.arange(y0, y1) + 0.5 - float(box[1])) / bh) * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1).unsqueeze(0)
+    sampled = F.grid_sample(prob[None, None].float(), grid, align_corners=False,
+                            padding_mode="border")
+    out[y0:y1, x0:x1] = sampled[0, 0] >= 0.5
+    return out
+
+
+@register_codec
+class SegmentationCodec(TaskCodec):
+    name = "segmentation"
+    needs_detections = True
+
+    prompt_len = 6
+
+    @property
+    def body_len(self) -> int:
+        return self.config.mask_size**2
+
+    def vocab_slice(self) -> tuple[int, int]:
+        return self.vocab.foreground, self.vocab.background + 1
+
+    def body_ranges(self) -> list[tuple[int, int]]:
+        return [self.vocab_slice()] * self.body_len
+
+    def prompts(self, detection_tokens: torch.Tensor) -> torch.Tensor:
+        """detection_tokens [S, 5] (box + class) -> [S, 6]."""
+        seg = torch.full((len(detection_tokens), 1), self.vocab.segmentation_prompt)
+        return torch.cat([seg, detection_tokens.long()], 1)
+
+    def mask_tokens(self, crops: torch.Tensor) -> torch.Tensor:
+        fg, bg = self.vocab.foreground, self.vocab.background
+        return torch.where(crops, fg, bg).flatten(1).long()
+
+    def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
+        prompts, bodies, image_index = [], [], []
+        for b, target in enumerate(targets):
+            n = len(target["labels"])
+            keep = torch.randperm(n, generator=generator)[: self.config.max_instances_per_image]
+            if len(keep) == 0:
+                continue
+            boxes = target["boxes"][keep].float()
+            size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+            jitter = (torch.rand(boxes.shape, generator=generator) * 2 - 1) * BOX_JITTER * size
+            boxes = (boxes + jitter).clamp(0, 1)
+            crops = crop_masks(target["masks"][keep], boxes, self.config.mask_size)
+            classes = self.vocab.class_token(target["labels"][keep].long()).unsqueeze(1)
+            prompts.append(self.prompts(torch.cat([box_tokens(self.vocab, boxes), classes], 1)))
+            bodies.append(self.mask_tokens(crops))
+            image_index.append(torch.full((len(keep),), b))
+        if not prompts:
+            return empty_sequences(self.seq_len)
+        inputs, weights = self.fully_and_partly_masked(torch.cat(prompts), torch.cat(bodies),
+                                                       generator)
+        targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1).repeat(2, 1)
+        return TrainSequences(inputs, targets_.unsqueeze(1), weights,
+                              torch.cat(image_index).repeat(2))
+
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
+               boxes: list[torch.Tensor] | None = None, **_) -> list[torch.Tensor]:
+        """[S, m*m, 2] logits -> a bool [H, W] mask per sequence, pasted into its box
+        (`boxes`: [4] pixel boxes of the detections that prompted each sequence)."""
+        fg = self.mask_probabilities(logits)
+        return [paste_mask(fg[s], boxes[s], ctx.image_size) for s, ctx in enumerate(contexts)]
+
+    def mask_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """[S, m*m, 2] logits -> [S, m, m] foreground probability (fg is the slice's id 0)."""
+        m = self.config.mask_size
+        return logits.float().softmax(-1)[..., 0].reshape(-1, m, m)
+
+
+def empty_sequences(length: int) -> TrainSequences:
+    zeros = torch.zeros(0, length, dtype=torch.long)
+    no_images = torch.zeros(0, dtype=torch.long)
+    return TrainSequences(zeros, zeros.unsqueeze(1), zeros.float(), no_images)

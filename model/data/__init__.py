@@ -1,0 +1,26 @@
+"""Data: COCO-layout multi-task dataset, joint augmentations and a synthetic dataset writer."""
+
+from model.data.coco import CocoMultiTaskDataset, collate
+from model.data.synth import write_synthetic_dataset
+from model.data.transforms import (
+    Compose,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResize,
+    ResizeLongest,
+    build_transforms,
+    flip_pairs_from_names,
+)
+
+__all__ = [
+    "CocoMultiTaskDataset",
+    "Compose",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "RandomResize",
+    "ResizeLongest",
+    "build_transforms",
+    "collate",
+    "flip_pairs_from_names",
+    "write_synthetic_dataset",
+]

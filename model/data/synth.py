@@ -1,0 +1,455 @@
+"""Deterministic synthetic dataset in the COCO 2017 layout.
+
+Each image holds 1-8 coloured shapes and stick-figure persons on a pastel/grey background.
+Labels cover detection, instance segmentation (RLE of the *visible* pixels), person
+keypoints (17 COCO joints) and five template captions. Everything derives from
+(seed, split, index), so output is identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+CATEGORIES = ["person", "circle", "square", "triangle", "star", "hexagon"]  # COCO ids 1..6
+KEYPOINT_NAMES = [
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+    "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+]  # fmt: skip
+# COCO's own skeleton (1-based keypoint indices).
+SKELETON = [
+    [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
+    [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
+]  # fmt: skip
+# Saturated colours, far from the pastel/grey backgrounds.
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
+    "yellow": (245, 215, 20), "purple": (140, 40, 180), "orange": (250, 130, 20),
+    "cyan": (20, 200, 215), "black": (20, 20, 20),
+}  # fmt: skip
+COLOUR_NAMES = list(COLOURS)
+SPLIT_ID_BASE = {"train2017": 0, "val2017": 5_000_000}  # image ids unique across splits
+MIN_VISIBLE_PIXELS = 20
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Independent stream per image, so generation order and worker count do not matter."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+# --------------------------------------------------------------------------- background
+
+
+def _background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, str]:
+    """Pastel or grey background: plain, gradient or mottled (low-frequency) noise."""
+
+    def pale() -> np.ndarray:
+        if rng.random() < 0.4:  # grey
+            return np.full(3, rng.uniform(150, 215))
+        return rng.uniform(175, 235, size=3)  # pastel: every channel high
+
+    kind = str(rng.choice(["plain", "gradient", "noisy"]))
+    if kind == "plain":
+        img = np.broadcast_to(pale(), (h, w, 3)).astype(np.float32)
+    elif kind == "gradient":
+        a, b = pale(), pale()
+        angle = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = xx * math.cos(angle) + yy * math.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+        img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
+    else:
+        # Coarse random grid upsampled bilinearly, plus faint pixel noise: textured but
+        # still compresses reasonably as PNG.
+        base = pale()
+        grid = rng.normal(0, 12, size=(6, 6, 3)).astype(np.float32)
+        coarse = Image.fromarray(np.clip(grid + 128, 0, 255).astype(np.uint8))
+        blot = np.asarray(coarse.resize((w, h), Image.BILINEAR), np.float32) - 128
+        img = base[None, None] + blot + rng.normal(0, 2.5, size=(h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), kind
+
+
+# --------------------------------------------------------------------------- shapes
+# Each shape function draws a filled shape (value 1) on an "L" canvas for its mask.
+
+
+def _regular_polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple]:
+    return [
+        (cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
+
+
+def draw_circle(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+    r = size / 2
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+
+
+def draw_square(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+    # Mild rotation only: at 45 degrees a square reads as a diamond.
+    rot = math.pi / 4 + rng.uniform(-0.35, 0.35)
+    d.polygon(_regular_polygon(cx, cy, size / math.sqrt(2), 4, rot), fill=1)
+
+
+def draw_triangle(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+    rot = -math.pi / 2 + rng.uniform(-0.5, 0.5)
+    d.polygon(_regular_polygon(cx, cy, size / 2, 3, rot), fill=1)
+
+
+def draw_star(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+    rot = -math.pi / 2 + rng.uniform(-0.6, 0.6)
+    outer = _regular_polygon(cx, cy, size / 2, 5, rot)
+    inner = _regular_polygon(cx, cy, size / 2 * 0.45, 5, rot + math.pi / 5)
+    d.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=1)
+
+
+def draw_hexagon(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+    d.polygon(_regular_polygon(cx, cy, size / 2, 6, rng.uniform(0, math.pi / 3)), fill=1)
+
+
+SHAPE_DRAWERS = {
+    "circle": draw_circle, "square": draw_square, "triangle": draw_triangle,
+    "star": draw_star, "hexagon": draw_hexagon,
+}  # fmt: skip
+
+
+def person_joints(rng: np.random.Generator, cx: float, top: float, h: float) -> np.ndarray:
+    """17 COCO keypoints [17, 2] of a stick figure facing the viewer.
+
+    The person's left side is on the image right, as in COCO. Arm and leg angles vary.
+    """
+    r = 0.1 * h  # head radius
+    hy = top + r
+    sy, hip_y = top + 0.27 * h, top + 0.55 * h
+    sw, hw = 0.14 * h, 0.08 * h
+    pts = {
+        "nose": (cx, hy + 0.25 * r),
+        "left_eye": (cx + 0.4 * r, hy - 0.2 * r),
+        "right_eye": (cx - 0.4 * r, hy - 0.2 * r),
+        "left_ear": (cx + 0.9 * r, hy),  # just inside the head outline
+        "right_ear": (cx - 0.9 * r, hy),
+        "left_shoulder": (cx + sw, sy),
+        "right_shoulder": (cx - sw, sy),
+        "left_hip": (cx + hw, hip_y),
+        "right_hip": (cx - hw, hip_y),
+    }
+
+    def limb(start: tuple, sign: float, angle: float, length: float) -> tuple:
+        # Angle from "straight down", positive = away from the body.
+        return start[0] + sign * length * math.sin(angle), start[1] + length * math.cos(angle)
+
+    for side, sign in (("left", 1.0), ("right", -1.0)):
+        upper, thigh = rng.uniform(0.15, 1.9), rng.uniform(0.05, 0.5)
+        fore, shin = upper + rng.uniform(-0.9, 0.9), thigh + rng.uniform(-0.35, 0.25)
+        pts[f"{side}_elbow"] = limb(pts[f"{side}_shoulder"], sign, upper, 0.17 * h)
+        pts[f"{side}_wrist"] = limb(pts[f"{side}_elbow"], sign, fore, 0.16 * h)
+        pts[f"{side}_knee"] = limb(pts[f"{side}_hip"], sign, thigh, 0.22 * h)
+        pts[f"{side}_ankle"] = limb(pts[f"{side}_knee"], sign, shin, 0.22 * h)
+    return np.array([pts[name] for name in KEYPOINT_NAMES], dtype=np.float64).round()
+
+
+def draw_person(d: ImageDraw.ImageDraw, joints: np.ndarray, h: float) -> None:
+    k = {name: tuple(joints[i]) for i, name in enumerate(KEYPOINT_NAMES)}
+    width = int(np.clip(round(h / 22), 3, 6))
+    r = 0.1 * h
+    hx, hy = (k["left_ear"][0] + k["right_ear"][0]) / 2, k["left_ear"][1]
+    d.ellipse([hx - r, hy - r, hx + r, hy + r], fill=1)
+    mid_sh = ((k["left_shoulder"][0] + k["right_shoulder"][0]) / 2, k["left_shoulder"][1])
+    mid_hip = ((k["left_hip"][0] + k["right_hip"][0]) / 2, k["left_hip"][1])
+    lines = [
+        [(hx, hy + r), mid_sh, mid_hip],  # neck + torso
+        [k["left_shoulder"], k["right_shoulder"]],
+        [k["left_hip"], k["right_hip"]],
+    ]
+    for side in ("left", "right"):
+        lines.append([k[f"{side}_shoulder"], k[f"{side}_elbow"], k[f"{side}_wrist"]])
+        lines.append([k[f"{side}_hip"], k[f"{side}_knee"], k[f"{side}_ankle"]])
+    for line in lines:
+        d.line(line, fill=1, width=width, joint="curve")
+    # Round joints so every keypoint pixel is on the figure.
+    jr = width / 2 + 0.5
+    for x, y in joints[5:]:
+        d.ellipse([x - jr, y - jr, x + jr, y + jr], fill=1)
+
+
+# --------------------------------------------------------------------------- image
+
+
+def render_synthetic_image(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], list[str]]:
+    """Render one image. Returns (HxWx3 uint8, visible objects, five captions).
+
+    Object dicts: category, colour, mask (bool HxW, visible pixels), bbox (xywh), area,
+    and for persons keypoints [17, 3] (x, y, v) in COCO visibility convention.
+    """
+    while True:  # re-roll the rare image whose objects all ended up (nearly) invisible
+        img, objects, bg_kind = _render_objects(rng)
+        if objects:
+            h, w = img.shape[:2]
+            return img, objects, make_captions(rng, objects, w, h, bg_kind)
+
+
+def _render_objects(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], str]:
+    w, h = (int(v) for v in rng.integers(192, 385, size=2))
+    img, bg_kind = _background(rng, w, h)
+    img = img.copy()
+    owner = np.full((h, w), -1, dtype=np.int16)  # index of the object drawn last per pixel
+    drawn = []
+    max_size = 0.5 * min(w, h)
+    for i in range(int(rng.integers(1, 9))):
+        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+        # Log-uniform sizes: many small objects, some large.
+        lo = 32.0 if category == "person" else 16.0
+        size = float(math.exp(rng.uniform(math.log(lo), math.log(max(max_size, lo + 1)))))
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)  # centre in image; may stick out
+        canvas = Image.new("L", (w, h), 0)
+        d = ImageDraw.Draw(canvas)
+        joints = None
+        if category == "person":
+            size = min(size * 1.6, 0.8 * h)  # persons are tall and thin
+            joints = person_joints(rng, cx, cy - size / 2, size)
+            draw_person(d, joints, size)
+        else:
+            SHAPE_DRAWERS[category](d, rng, cx, cy, size)
+        full = np.asarray(canvas, dtype=bool)
+        img[full] = COLOURS[colour]
+        if joints is not None and size >= 60:
+            _draw_eyes(img, joints, colour)
+        owner[full] = i
+        drawn.append({"category": category, "colour": colour, "joints": joints})
+
+    objects = []
+    for i, obj in enumerate(drawn):
+        visible = owner == i
+        area = int(visible.sum())
+        if area < MIN_VISIBLE_PIXELS:
+            continue  # (almost) fully occluded or off-image
+        ys, xs = np.nonzero(visible)
+        x0, y0 = int(xs.min()), int(ys.min())
+        bbox = [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+        out = {"category": obj["category"], "colour": obj["colour"], "mask": visible}
+        out |= {"bbox": bbox, "area": area}
+        if obj["joints"] is not None:
+            out["keypoints"] = _keypoint_visibility(obj["joints"], owner, i)
+        objects.append(out)
+    return img, objects, bg_kind
+
+
+def _draw_eyes(img: np.ndarray, joints: np.ndarray, colour: str) -> None:
+    dot = (255, 255, 255) if colour == "black" else (10, 10, 10)
+    h, w = img.shape[:2]
+    for x, y in joints[1:3].astype(int):
+        if 0 <= x < w - 1 and 0 <= y < h - 1:
+            img[y : y + 2, x : x + 2] = dot
+
+
+def _keypoint_visibility(joints: np.ndarray, owner: np.ndarray, index: int) -> np.ndarray:
+    """v=0 (and x=y=0) off-image, v=1 under a later-drawn object, v=2 otherwise."""
+    h, w = owner.shape
+    kps = np.zeros((len(joints), 3), dtype=np.int64)
+    for k, (x, y) in enumerate(joints.astype(int)):
+        if not (0 <= x < w and 0 <= y < h):
+            continue
+        kps[k] = (x, y, 1 if owner[y, x] > index else 2)
+    return kps
+
+
+# --------------------------------------------------------------------------- captions
+# Small, regular vocabulary (lowercase, no punctuation, <= 18 words) so a short-sequence
+# caption model can learn it. Horizontal flip swaps "left"/"right" (see transforms.py).
+
+NUMBER_WORDS = ["no", "a", "two", "three", "four", "five", "six", "seven", "eight"]
+MAX_CAPTION_WORDS = 18
+
+
+def _noun(category: str, n: int) -> str:
+    if n == 1:
+        return category
+    return "people" if category == "person" else category + "s"
+
+
+def _with_article(words: list[str]) -> str:
+    if words[0] == "a" and words[1][0] in "aeiou":
+        words[0] = "an"
+    return " ".join(words)
+
+
+def _phrase(category: str, colour: str, n: int = 1) -> str:
+    if category == "person":  # "a person in red" reads better than "a red person"
+        return _with_article([NUMBER_WORDS[n], _noun(category, n), "in", colour])
+    return _with_article([NUMBER_WORDS[n], colour, _noun(category, n)])
+
+
+def _centre(obj: dict) -> tuple[float, float]:
+    x, y, w, h = obj["bbox"]
+    return x + w / 2, y + h / 2
+
+
+def _relation(a: dict, b: dict) -> str:
+    """Where a is relative to b, from box centres (image left/right, viewer's frame)."""
+    (ax, ay), (bx, by) = _centre(a), _centre(b)
+    dx, dy = ax - bx, ay - by
+    near = 0.25 * (a["bbox"][2] + a["bbox"][3] + b["bbox"][2] + b["bbox"][3]) / 2
+    if abs(dx) < near and abs(dy) < near:
+        return "next to"
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def _position(obj: dict, w: int, h: int) -> str:
+    cx, cy = _centre(obj)
+    col = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else ""
+    row = "top" if cy < h / 3 else "bottom" if cy > 2 * h / 3 else ""
+    if row:
+        return f"at the {row} {col}".strip()
+    return f"on the {col}" if col else "in the middle"
+
+
+def make_captions(rng: np.random.Generator, objects: list[dict], w: int, h: int, bg: str) -> list:
+    """Five captions naming counts, colours, shapes and one spatial relation."""
+    # Groups of identical (category, colour), most salient (largest total area) first.
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for obj in objects:
+        groups.setdefault((obj["category"], obj["colour"]), []).append(obj)
+    ranked = sorted(groups.items(), key=lambda kv: -sum(o["area"] for o in kv[1]))
+    group_phrases = [_phrase(cat, col, len(objs)) for (cat, col), objs in ranked]
+    by_area = sorted(objects, key=lambda o: -o["area"])
+    a = by_area[0]
+    a_text = _phrase(a["category"], a["colour"])
+
+    def listing(prefix: str = "", suffix: str = "") -> str:
+        # As many groups as fit the word budget (at most three), joined by "and".
+        k = min(3, len(group_phrases))
+        while True:
+            text = " ".join(p for p in (prefix, " and ".join(group_phrases[:k]), suffix) if p)
+            if k == 1 or len(text.split()) <= MAX_CAPTION_WORDS:
+                return text
+            k -= 1
+
+    position = f"{a_text} {_position(a, w, h)}"
+    pool = [listing("a picture of"), listing(suffix=f"on a {bg} background")]
+    pool.append(listing("an image with"))
+    if len(by_area) > 1:
+        b = by_area[1]
+        b_text = _phrase(b["category"], b["colour"])
+        relation = f"{a_text} {_relation(a, b)} {b_text}"
+        pool.append(f"{b_text} {_relation(b, a)} {a_text}")
+        pool.append(f"{NUMBER_WORDS[len(objects)]} objects including {group_phrases[0]}")
+        pool.append(position)
+    else:  # a lone object: its place in the image is the spatial fact
+        relation = position
+        pool.append(f"a single {a_text.split(' ', 1)[1]}")
+    picks = rng.choice(len(pool), size=3, replace=False)
+    return [listing(), relation, *(pool[int(i)] for i in sorted(picks))]
+
+
+# --------------------------------------------------------------------------- writer
+
+
+INFO = {
+    "description": "MAD Serve synthetic shapes and stick figures", "version": "1.0",
+    "year": 2017, "contributor": "mad-serve", "date_created": "2017-01-01",
+}  # fmt: skip
+LICENSES = [
+    {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+]
+COCO_CATEGORIES = [
+    {"id": i + 1, "name": name, "supercategory": "person" if i == 0 else "shape"}
+    | ({"keypoints": KEYPOINT_NAMES, "skeleton": SKELETON} if name == "person" else {})
+    for i, name in enumerate(CATEGORIES)
+]
+
+
+def _render_one(job: tuple[Path, str, int, int]) -> dict:
+    """Render, save the PNG and return picklable annotation material for one image."""
+    out_dir, split, seed, index = job
+    img, objects, captions = render_synthetic_image(image_rng(seed, split, index))
+    image_id = SPLIT_ID_BASE.get(split, 0) + index + 1
+    file_name = f"{image_id:012d}.png"
+    Image.fromarray(img).save(out_dir / split / file_name, compress_level=3)
+    anns = []
+    for obj in objects:
+        rle = mask_utils.encode(np.asfortranarray(obj["mask"].astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        category_id = CATEGORIES.index(obj["category"]) + 1
+        ann = {"image_id": image_id, "category_id": category_id, "segmentation": rle}
+        ann |= {"area": obj["area"], "bbox": obj["bbox"], "iscrowd": 0}
+        if "keypoints" in obj:
+            kps = obj["keypoints"]
+            ann["keypoints"] = [int(v) for v in kps.reshape(-1)]
+            ann["num_keypoints"] = int((kps[:, 2] > 0).sum())
+        anns.append(ann)
+    image = {"id": image_id, "file_name": file_name, "width": img.shape[1], "height": img.shape[0]}
+    return {"image": image, "anns": anns, "captions": captions}
+
+
+def write_split(out_dir: Path, split: str, count: int, seed: int, workers: int = 1) -> dict:
+    """Write one split's images and its three annotation files; returns counts."""
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    jobs = [(out_dir, split, seed, i) for i in range(count)]
+    if workers > 1 and count > 1:
+        with Pool(workers) as pool:  # imap keeps order, so ids are worker-independent
+            results = list(pool.imap(_render_one, jobs, chunksize=16))
+    else:
+        results = [_render_one(job) for job in jobs]
+
+    # Ids are assigned here, in image order, so they do not depend on the worker count.
+    images = [res["image"] for res in results]
+    instances = [ann for res in results for ann in res["anns"]]
+    for ann_id, ann in enumerate(instances, start=1):
+        ann["id"] = ann_id
+    persons = [ann for ann in instances if "keypoints" in ann]
+    captions = []
+    for res in results:
+        for text in res["captions"]:
+            captions.append(
+                {"id": len(captions) + 1, "image_id": res["image"]["id"], "caption": text}
+            )
+
+    files = {
+        "instances": {"annotations": instances, "categories": COCO_CATEGORIES},
+        "person_keypoints": {"annotations": persons, "categories": COCO_CATEGORIES[:1]},
+        # No categories here, as in COCO: pycocotools' COCO() fails on caption files with them.
+        "captions": {"annotations": captions},
+    }
+    for kind, body in files.items():
+        doc = {"info": INFO, "licenses": LICENSES, "images": images, **body}
+        path = out_dir / "annotations" / f"{kind}_{split}.json"
+        path.write_text(json.dumps(doc, separators=(",", ":")))
+    return {"images": len(images), "objects": len(instances), "persons": len(persons)}
+
+
+def write_synthetic_dataset(
+    out_dir: Path, train: int, val: int, seed: int, workers: int = 1
+) -> dict[str, dict]:
+    """Write train2017/val2017 images and annotations under out_dir; returns per-split counts.
+
+    Splits use separate random streams (split name enters every image's seed), so train
+    and val never share images. A split with 0 images gets valid, empty annotation files.
+    """
+    out_dir = Path(out_dir)
+    return {
+        "train2017": write_split(out_dir, "train2017", train, seed, workers),
+        "val2017": write_split(out_dir, "val2017", val, seed, workers),
+    }
+
+
+def main(out: Path, train: int, val: int, seed: int, workers: int = 1) -> None:
+    """CLI entry (`mad data synth`): write the dataset and print a one-line summary."""
+    stats = write_synthetic_dataset(out, train, val, seed, workers)
+    total = {k: sum(s[k] for s in stats.values()) for k in ("images", "objects", "persons")}
+    print(
+        f"wrote {total['images']} images ({train} train, {val} val), {total['objects']} objects, "
+        f"{total['persons']} persons to {out}"
+    )

@@ -1,0 +1,205 @@
+"""Joint image/target augmentations for the multi-task targets of `CocoMultiTaskDataset`.
+
+Image, boxes and masks go through torchvision.transforms.v2 functionals (which keep the
+tv_tensors types and box canvas sizes right). Keypoints stay a plain [N, K, 3] (x, y, v)
+tensor and are transformed here, because flips must also swap left/right joints.
+Randomness uses torch's RNG so DataLoader workers get distinct, seedable streams.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+
+def flip_pairs_from_names(keypoint_names: list[str]) -> list[tuple[int, int]]:
+    """Index pairs ("left_x", "right_x") to swap on a horizontal flip."""
+    index = {name: i for i, name in enumerate(keypoint_names)}
+    return [
+        (i, index["right_" + name[5:]])
+        for i, name in enumerate(keypoint_names)
+        if name.startswith("left_") and "right_" + name[5:] in index
+    ]
+
+
+def _image_size(image: torch.Tensor) -> tuple[int, int]:
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def _select(target: dict, keep: torch.Tensor) -> dict:
+    """Keep the objects where `keep` is True in every per-object field."""
+    out = dict(target)
+    out["boxes"] = tv_tensors.wrap(target["boxes"][keep], like=target["boxes"])
+    out["masks"] = tv_tensors.Mask(target["masks"][keep])
+    for key in ("labels", "keypoints", "has_keypoints", "iscrowd"):
+        if key in target:
+            out[key] = target[key][keep]
+    return out
+
+
+def _swap_sides(caption: str) -> str:
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m[1] == "left" else "left", caption)
+
+
+class Compose:
+    def __init__(self, transforms: list) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+
+class RandomHorizontalFlip:
+    """Mirror image, boxes, masks and keypoints; swap left/right joints.
+
+    Keypoints use x' = W - x, the same continuous-coordinate convention as v2's box flip.
+    Captions get "left"/"right" swapped so spatial phrases stay true (`swap_captions`).
+    """
+
+    def __init__(
+        self, p: float = 0.5, flip_pairs: list[tuple[int, int]] = (), swap_captions: bool = True
+    ) -> None:
+        self.p = p
+        self.flip_pairs = list(flip_pairs)
+        self.swap_captions = swap_captions
+
+    def __call__(self, image, target):
+        if torch.rand(()) >= self.p:
+            return image, target
+        _, w = _image_size(image)
+        target = dict(target)
+        image = F.horizontal_flip(image)
+        target["boxes"] = F.horizontal_flip(target["boxes"])
+        target["masks"] = F.horizontal_flip(target["masks"])
+        kps = target["keypoints"].clone()
+        labelled = kps[..., 2] > 0
+        kps[..., 0] = torch.where(labelled, w - kps[..., 0], kps[..., 0])
+        if self.flip_pairs and kps.shape[1]:
+            perm = list(range(kps.shape[1]))
+            for a, b in self.flip_pairs:
+                perm[a], perm[b] = b, a
+            kps = kps[:, perm]
+        target["keypoints"] = kps
+        if self.swap_captions and "captions" in target:
+            target["captions"] = [_swap_sides(c) for c in target["captions"]]
+        return image, target
+
+
+def _resize(image, target: dict, new_h: int, new_w: int):
+    h, w = _image_size(image)
+    if (new_h, new_w) == (h, w):
+        return image, target
+    target = dict(target)
+    image = F.resize(image, [new_h, new_w], antialias=True)
+    target["boxes"] = F.resize(target["boxes"], [new_h, new_w])
+    target["masks"] = F.resize(target["masks"], [new_h, new_w])  # Mask -> nearest
+    kps = target["keypoints"].clone()
+    kps[..., 0] *= new_w / w
+    kps[..., 1] *= new_h / h
+    target["keypoints"] = kps
+    return image, target
+
+
+def _scaled_size(h: int, w: int, longest: float) -> tuple[int, int]:
+    scale = longest / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+class RandomResize:
+    """Scale (aspect kept) so the longest side is uniform in
+    [min_side_fraction, max_side_fraction] * max_size (multi-scale training)."""
+
+    def __init__(
+        self, min_side_fraction: float = 0.6, max_side_fraction: float = 1.0, max_size: int = 640
+    ) -> None:
+        self.lo = min_side_fraction * max_size
+        self.hi = max_side_fraction * max_size
+
+    def __call__(self, image, target):
+        longest = self.lo + float(torch.rand(())) * (self.hi - self.lo)
+        return _resize(image, target, *_scaled_size(*_image_size(image), longest))
+
+
+class ResizeLongest:
+    """Deterministic resize so the longest side equals `max_size` (evaluation)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+
+    def __call__(self, image, target):
+        return _resize(image, target, *_scaled_size(*_image_size(image), self.max_size))
+
+
+class RandomCrop:
+    """With probability p, crop a random window with sides in [min_scale, 1] of the image.
+
+    Boxes are clipped to the window; objects whose clipped box or mask vanishes are dropped.
+    Keypoints outside the window become v=0 with x=y=0 (COCO's "not labelled").
+    Captions are left as they are (they may mention a cropped-away object).
+    """
+
+    def __init__(self, p: float = 0.5, min_scale: float = 0.6) -> None:
+        self.p = p
+        self.min_scale = min_scale
+
+    def __call__(self, image, target):
+        if torch.rand(()) >= self.p:
+            return image, target
+        h, w = _image_size(image)
+        s = self.min_scale + torch.rand(2) * (1 - self.min_scale)
+        ch, cw = max(1, int(h * s[0])), max(1, int(w * s[1]))
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return crop(image, target, top, left, ch, cw)
+
+
+def crop(image, target: dict, top: int, left: int, height: int, width: int):
+    """Crop image and target to the window; see RandomCrop for the target rules."""
+    target = dict(target)
+    image = F.crop(image, top, left, height, width)
+    boxes = F.crop(target["boxes"], top, left, height, width)
+    # v2 clamps crop results only softly; clamp hard to the new canvas.
+    boxes = tv_tensors.wrap(
+        torch.stack(
+            [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)],
+            dim=1,
+        ),
+        like=boxes,
+    )  # fmt: skip
+    target["boxes"] = boxes
+    target["masks"] = F.crop(target["masks"], top, left, height, width)
+
+    kps = target["keypoints"].clone()
+    kps[..., 0] -= left
+    kps[..., 1] -= top
+    inside = (
+        (kps[..., 0] >= 0) & (kps[..., 0] < width) & (kps[..., 1] >= 0) & (kps[..., 1] < height)
+    )
+    kps[~(inside & (kps[..., 2] > 0))] = 0
+    target["keypoints"] = kps
+    if "has_keypoints" in target:
+        target["has_keypoints"] = target["has_keypoints"] & (kps[..., 2] > 0).any(dim=-1)
+
+    wh = boxes[:, 2:] - boxes[:, :2]
+    keep = (wh >= 1).all(dim=1) & (target["masks"].flatten(1) > 0).any(dim=1)
+    return image, _select(target, keep)
+
+
+def build_transforms(train: bool, max_size: int, flip_pairs: list[tuple[int, int]] = ()):
+    """Train: flip, crop (p=0.5), multi-scale resize to [0.6, 1.0] * max_size longest side.
+    Eval: resize the longest side to exactly max_size. Images stay uint8."""
+    if not train:
+        return Compose([ResizeLongest(max_size)])
+    return Compose(
+        [
+            RandomHorizontalFlip(0.5, flip_pairs),
+            RandomCrop(p=0.5, min_scale=0.6),
+            RandomResize(0.6, 1.0, max_size),
+        ]
+    )

@@ -1,0 +1,78 @@
+"""Masked decoding: one parallel pass, then K refinement steps.
+
+Step 0 decodes the fully masked body. Step k re-masks the r_k * L least confident tokens
+(random positions for captions), decodes again, and averages the new logits of re-masked
+positions with the previous ones; shown positions keep theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from model.codecs import TaskCodec
+
+REFINE_SEED = 0  # random re-masking is seeded: the same request gives the same answer
+
+
+class Runner(Protocol):
+    """What decoding needs from a backend (eager PyTorch, ONNX Runtime, TensorRT)."""
+
+    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor): ...
+
+    def decode(self, memory, tokens: torch.Tensor, image_index: torch.Tensor,
+               vocab_slice: tuple[int, int]) -> torch.Tensor: ...
+
+
+def mask_schedule(steps: int, default: list[float]) -> list[float]:
+    """The mask ratios of `steps` refinement steps. The checkpoint's default schedule when it
+    has that many steps, else a linear ramp between its first and last ratio (0.7 -> 0.3 for a
+    task whose default is no refinement)."""
+    if steps <= 0:
+        return []
+    if len(default) == steps:
+        return list(default)
+    first, last = (default[0], default[-1]) if default else (0.7, 0.3)
+    if steps == 1:
+        return [first]
+    return [first + (last - first) * i / (steps - 1) for i in range(steps)]
+
+
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """[S, L] -> bool [S, L], True at each row's `count` lowest scores."""
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    return chosen.scatter_(1, scores.argsort(dim=1)[:, :count], True)
+
+
+@torch.inference_mode()
+def masked_decode(runner: Runner, memory, codec: TaskCodec, prompts: torch.Tensor,
+                  image_index: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    """prompts [S, P] of images image_index [S] -> body logits [S, L, V_slice] after
+    len(ratios) refinement steps; each position's logits restricted to the ids it may take."""
+    P, L = prompts.shape[1], codec.body_len
+    device = prompts.device
+    constraint = codec.constraint().to(device)
+    mask_id = codec.vocab.mask
+
+    def run(body: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([prompts, body], 1)
+        logits = runner.decode(memory, tokens, image_index, codec.vocab_slice())
+        return logits[:, P:].float() + constraint
+
+    logits = run(torch.full((len(prompts), L), mask_id, device=device))
+    generator = torch.Generator().manual_seed(REFINE_SEED)
+    for ratio in ratios:
+        count = round(ratio * L)
+        if count == 0:
+            continue
+        probs = logits.softmax(-1)
+        confidence, predicted = probs.max(-1)
+        if codec.random_remask:
+            scores = torch.rand(confidence.shape, generator=generator).to(device)
+        else:
+            scores = codec.remask_scores(probs, confidence)
+        remask = lowest(scores, count)
+        body = torch.where(remask, mask_id, codec.to_global(predicted))
+        logits = torch.where(remask.unsqueeze(-1), (logits + run(body)) / 2, logits)
+    return logits

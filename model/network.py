@@ -1,0 +1,144 @@
+"""The MAD network: backbone + encoder encode the image once; a shared decoder turns masked
+token sequences of any task into logits over that task's slice of the vocabulary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.backbone import build_backbone
+from model.config import ModelConfig
+from model.position import sine_position_encoding
+from model.transformer import KV, DecoderLayer, EncoderLayer
+from model.vocab import VocabLayout
+
+
+@dataclass
+class ImageMemory:
+    """The encoded images, ready for decoding.
+
+    kv:   per decoder layer, cross-attention (keys, values), each [B, heads, N, head_dim]
+    mask: [B, 1, 1, N] True where a feature is real image (not padding), or None
+    """
+
+    kv: list[KV]
+    mask: torch.Tensor | None
+
+    def select(self, image_index: torch.Tensor) -> ImageMemory:
+        """The memory each sequence attends to ([S] image index). A batch of one image is
+        kept as is, shared by every sequence without a copy."""
+        if self.kv[0][0].shape[0] == 1:
+            return self
+        kv = [(k.index_select(0, image_index), v.index_select(0, image_index)) for k, v in self.kv]
+        mask = None if self.mask is None else self.mask.index_select(0, image_index)
+        return ImageMemory(kv, mask)
+
+
+class VocabularyHead(nn.Module):
+    """2-layer MLP, L2-normalised, cosine similarity with the (normalised) token embeddings,
+    times a learned temperature; computed only over the requested vocabulary slice."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D], embeddings [V, D] -> logits [..., V]"""
+        h = F.normalize(self.mlp(hidden), dim=-1)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        return scale * h @ F.normalize(embeddings, dim=-1).t()
+
+
+class MADNetwork(nn.Module):
+    def __init__(self, config: ModelConfig, vocab: VocabLayout, max_seq_len: int):
+        super().__init__()
+        d = config.d_model
+        self.config, self.vocab = config, vocab
+        self.backbone = build_backbone(config)
+        self.input_proj = nn.Conv2d(self.backbone.out_channels, d, kernel_size=1)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(d, config.n_heads, config.ffn_dim, config.dropout)
+            for _ in range(config.encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            DecoderLayer(d, config.n_heads, config.ffn_dim, config.dropout)
+            for _ in range(config.decoder_layers)
+        )
+        self.token_embedding = nn.Embedding(vocab.size, d)
+        self.seq_pos = nn.Embedding(max_seq_len, d)  # shared by every task, truncated per task
+        self.head = VocabularyHead(d)
+        # Both keep nn.Embedding's N(0, 1) init, like DETR's queries: in a post-norm decoder,
+        # positions initialised small are drowned by the unit-scale activations.
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+                             persistent=False)
+
+    # --- image ------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor | None = None) -> ImageMemory:
+        """images [B, 3, H, W] float in [0, 1]; pad_mask [B, H, W] True on letterbox padding."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        features = self.input_proj(self.backbone(x))  # [B, D, h, w]
+        B, D, h, w = features.shape
+        if pad_mask is None:
+            pad_mask = torch.zeros(B, h, w, dtype=torch.bool, device=images.device)
+        else:
+            pad_mask = F.interpolate(pad_mask[:, None].float(), size=(h, w))[:, 0] > 0.5
+        pos = sine_position_encoding(pad_mask, D).to(features.dtype).flatten(2).transpose(1, 2)
+        memory = features.flatten(2).transpose(1, 2)  # [B, N, D]
+        attend = (~pad_mask).flatten(1)[:, None, None, :]  # [B, 1, 1, N]
+        for layer in self.encoder:
+            memory = layer(memory, pos, attend)
+        return ImageMemory([layer.image_kv(memory, pos) for layer in self.decoder], attend)
+
+    def forward(self, images: torch.Tensor, pad_mask: torch.Tensor,
+                sequences: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]
+                ) -> dict[str, torch.Tensor]:
+        """Training pass: encode the images once, decode every task's sequences against them.
+
+        sequences: task -> (tokens [S, T], image_index [S], vocab slice)
+        returns:   task -> logits of every decoder layer [layers, S, T, V_slice]
+        """
+        memory = self.encode(images, pad_mask)
+        return {name: self.decode(memory, tokens, index, vocab_slice, all_layers=True)
+                for name, (tokens, index, vocab_slice) in sequences.items()}
+
+    # --- sequences --------------------------------------------------------------------------
+    def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
+               vocab_slice: tuple[int, int], all_layers: bool = False,
+               causal: bool = False) -> torch.Tensor:
+        """tokens [S, T] (full-vocabulary ids) of sequences of images `image_index` [S] ->
+        logits [S, T, V_slice], or [layers, S, T, V_slice] with all_layers (auxiliary losses)."""
+        memory = memory.select(image_index)
+        x = self.token_embedding(tokens)
+        pos = self.seq_pos.weight[: tokens.shape[1]]
+        hidden = []
+        for layer, kv in zip(self.decoder, memory.kv, strict=True):
+            x, _ = layer(x, pos, kv, memory.mask, causal=causal)
+            hidden.append(x)
+        embeddings = self.token_embedding.weight[vocab_slice[0] : vocab_slice[1]]
+        if all_layers:
+            return self.head(torch.stack(hidden), embeddings)
+        return self.head(hidden[-1], embeddings)
+
+    def decode_step(self, memory: ImageMemory, tokens: torch.Tensor, start: int,
+                    cache: list[KV] | None, vocab_slice: tuple[int, int]
+                    ) -> tuple[torch.Tensor, list[KV]]:
+        """Autoregressive step with a self-attention key/value cache: new tokens [S, t] at
+        positions start.. -> (logits [S, t, V_slice], updated cache). The first call (no
+        cache) runs the prompt causally; later calls attend to all cached tokens."""
+        x = self.token_embedding(tokens)
+        pos = self.seq_pos.weight[start : start + tokens.shape[1]]
+        new_cache = []
+        for i, (layer, image_kv) in enumerate(zip(self.decoder, memory.kv, strict=True)):
+            x, kv = layer(x, pos, image_kv, memory.mask, causal=cache is None,
+                          self_cache=None if cache is None else cache[i])
+            new_cache.append(kv)
+        embeddings = self.token_embedding.weight[vocab_slice[0] : vocab_slice[1]]
+        return self.head(x, embeddings), new_cache
+

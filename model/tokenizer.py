@@ -1,0 +1,73 @@
+"""Caption tokenizer: a thin SentencePiece wrapper.
+
+Text id 0 is both padding and end of sentence, so a caption is its pieces followed by zeros.
+Models we train put <pad> at id 0; an existing model (e.g. the reference T5-derived one, whose
+id 0 is also <pad>) loads unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD_ID = 0
+
+
+class CaptionTokenizer:
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaptionTokenizer:
+        return cls(Path(path).read_bytes())
+
+    @classmethod
+    def train(
+        cls, captions: Iterable[str], vocab_size: int = 256, model_type: str = "word"
+    ) -> CaptionTokenizer:
+        """Train on a caption corpus (vocab_size is an upper bound).
+
+        Word pieces by default: caption corpora have a small closed vocabulary, and one token
+        per word keeps 20 tokens enough for a sentence.
+        """
+        buffer = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(captions)),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,  # small corpora have fewer pieces than asked for
+            model_type=model_type,
+            character_coverage=1.0,
+            pad_id=PAD_ID,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return cls(buffer.getvalue())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.model_proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str, length: int) -> list[int]:
+        """Text -> exactly `length` ids: its pieces, cut or padded with PAD_ID."""
+        ids = [i for i in self._sp.encode(text.strip()) if i != PAD_ID][:length]
+        return ids + [PAD_ID] * (length - len(ids))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text, cut at the first PAD_ID (end of sentence)."""
+        kept = []
+        for i in ids:
+            if int(i) == PAD_ID:
+                break
+            kept.append(int(i))
+        return self._sp.decode(kept)

@@ -1,0 +1,244 @@
+"""The training loop: single process (CPU or one GPU) or DDP under torchrun.
+
+Each step encodes every image of the batch once and decodes all of its tasks (fully and
+partly masked sequences) against that encoding, as the paper does.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model.checkpoint import MAD, load_checkpoint, save_checkpoint
+from model.config import get_preset
+from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler
+from model.data.coco import CocoMultiTaskDataset
+from model.data.transforms import build_transforms, flip_pairs_from_names
+from model.losses import masked_training_losses, weighted_total
+from model.tokenizer import CaptionTokenizer
+from model.train_state import has_train_state, load_train_state, save_train_state
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    out: Path
+    preset: str = "tiny"
+    split: str = "train2017"
+    val_split: str = "val2017"
+    steps: int = 1000
+    batch_size: int = 16  # per process
+    lr: float = 1e-4
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_scale: float = 0.05
+    grad_clip: float = 0.1
+    workers: int = 2
+    device: str = "auto"
+    amp: str = "bf16"  # on CUDA: bf16 | fp16 | none; ignored on CPU
+    seed: int = 0
+    tokenizer: Path | None = None
+    text_vocab_size: int = 256
+    resume: Path | None = None
+    init: Path | None = None  # start from these weights with a fresh optimizer
+    save_every: int = 500
+    eval_every: int = 0  # 0: evaluate only at the end (when a val split exists)
+    eval_images: int = 200
+    log_every: int = 10
+    overrides: dict | None = None  # ModelConfig field overrides
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """-> (rank, world size, device); initialises the process group under torchrun."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device(device)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_scale."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_scale + (1 - cfg.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(network: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the backbone learns at lr * backbone_lr_scale; no decay on norms and biases."""
+    groups = {(b, d): [] for b in (True, False) for d in (True, False)}
+    for name, param in network.named_parameters():
+        if param.requires_grad:
+            groups[(name.startswith("backbone."), param.ndim > 1)].append(param)
+    return torch.optim.AdamW([
+        {"params": params, "lr": cfg.lr * (cfg.backbone_lr_scale if backbone else 1.0),
+         "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (backbone, decay), params in groups.items() if params
+    ])  # fmt: skip
+
+
+def tokenizer_for(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int
+                  ) -> CaptionTokenizer:
+    """The given tokenizer, or one trained on the training captions (rank 0 trains it)."""
+    if cfg.tokenizer:
+        return CaptionTokenizer.load(cfg.tokenizer)
+    path = cfg.out / "tokenizer.model"
+    if rank == 0 and not path.exists():
+        captions = [c for image_id in dataset.ids for c in dataset.captions(image_id)]
+        CaptionTokenizer.train(captions, cfg.text_vocab_size).save(path)
+    if dist.is_initialized():
+        dist.barrier()
+    return CaptionTokenizer.load(path)
+
+
+def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> tuple[MAD, int]:
+    """-> (model, first step): resumed, initialised from weights, or fresh."""
+    source = cfg.resume or cfg.init
+    if source:
+        mad, meta = load_checkpoint(source)
+        return mad, (meta.get("step", 0) if cfg.resume else 0)
+    overrides = dict(cfg.overrides or {})
+    overrides.setdefault("class_names", dataset.class_names)
+    if dataset.keypoint_names:
+        overrides.setdefault("keypoint_names", dataset.keypoint_names)
+        overrides.setdefault("skeleton", [(a - 1, b - 1) for a, b in dataset.skeleton])
+    config = get_preset(cfg.preset, **overrides)
+    if not any(dataset.captions(i) for i in dataset.ids):
+        config.tasks = [t for t in config.tasks if t != "caption"]
+    return MAD.build(config, tokenizer_for(dataset, cfg, rank)), 0
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train; -> the final checkpoint directory (cfg.out)."""
+    rank, world, device = setup_distributed(cfg.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    probe = CocoMultiTaskDataset(cfg.data, cfg.split)
+    mad, start_step = build_model(probe, cfg, rank)
+    config = mad.config
+    flip_pairs = flip_pairs_from_names(config.keypoint_names)
+    dataset = CocoMultiTaskDataset(cfg.data, cfg.split,
+                                   transforms=build_transforms(True, max(config.image_size),
+                                                               flip_pairs))
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, cfg.steps,
+                               rank, world)
+    loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.workers,
+                        collate_fn=CanvasCollate(config.image_size),
+                        persistent_workers=cfg.workers > 0)
+    network = mad.network.to(device).train()
+    model = DistributedDataParallel(network) if world > 1 else network
+    optimizer = build_optimizer(network, cfg)
+    if cfg.resume and has_train_state(cfg.resume):
+        load_train_state(cfg.resume, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg), last_epoch=start_step - 1
+    ) if start_step == 0 else _resumed_scheduler(optimizer, cfg, start_step)
+    amp = _autocast(device, cfg.amp)
+    log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
+    step, tic = start_step, time.perf_counter()
+    for images, pads, targets in loader:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
+        sequences = {name: codec.training_sequences(targets, generator).to(device)
+                     for name, codec in mad.codecs.items()}
+        with amp:
+            losses = masked_training_losses(model, images.to(device), pads.to(device),
+                                            sequences, mad.codecs)
+        loss = weighted_total(losses, config.task_weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if rank == 0:
+            rate = cfg.batch_size * world / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+            shown = {k[:3]: f"{v.item():.3f}" for k, v in losses.items()}
+            bar.set_postfix(loss=f"{loss.item():.3f}", **shown, img_s=f"{rate:.1f}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": grad_norm.item(), "images_per_s": rate,
+                           **{k: v.item() for k, v in losses.items()}})
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                _save(mad, optimizer, cfg, step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                _evaluate(mad, cfg, device, log, step)
+                network.train()
+    bar.close()
+    if rank == 0:
+        _evaluate(mad, cfg, device, log, step)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return cfg.out
+
+
+def _resumed_scheduler(optimizer, cfg, start_step):
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"] / max(lr_factor(start_step - 1, cfg), 1e-12))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg),
+                                             last_epoch=start_step - 1)
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _save(mad, optimizer, cfg, step):
+    save_checkpoint(mad, cfg.out, step=step, training={
+        k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()})
+    save_train_state(cfg.out, optimizer, step)
+
+
+def _evaluate(mad, cfg, device, log, step):
+    if not (cfg.data / "annotations" / f"instances_{cfg.val_split}.json").is_file():
+        return
+    from model.evaluate import evaluate  # evaluation pulls in COCOeval only when needed
+
+    metrics = evaluate(mad, cfg.data, cfg.val_split, device=str(device), limit=cfg.eval_images)
+    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if log:
+        log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+
+
+class CsvLog:
+    """Append rows to a CSV file; new keys extend the header (the file is rewritten)."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+        if path.exists():
+            with open(path) as f:
+                self.rows = list(csv.DictReader(f))
+
+    def write(self, row: dict) -> None:
+        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)

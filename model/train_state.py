@@ -1,0 +1,46 @@
+"""Optimizer state for exact resumption, kept beside (not inside) the model checkpoint.
+
+Tensors go to `train_state.safetensors`, everything else to `train_state.json`: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS, META = "train_state.safetensors", "train_state.json"
+
+
+def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, step: int,
+                     extra: dict | None = None) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    save_file(tensors, Path(directory) / TENSORS)
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars,
+            **(extra or {})}
+    (Path(directory) / META).write_text(json.dumps(meta, indent=1))
+
+
+def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore the optimizer in place -> the JSON metadata (step, ...)."""
+    meta = json.loads((Path(directory) / META).read_text())
+    tensors = load_file(Path(directory) / TENSORS)
+    state: dict[int, dict] = {}
+    for name, value in {**tensors, **meta["scalars"]}.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+def has_train_state(directory: Path) -> bool:
+    return (Path(directory) / META).is_file() and (Path(directory) / TENSORS).is_file()

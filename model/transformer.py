@@ -1,0 +1,105 @@
+"""Transformer layers of MAD: a DETR-style encoder and a bidirectional sequence decoder.
+
+Attention goes through `F.scaled_dot_product_attention` (fused kernels on GPU). The decoder's
+cross-attention keys/values of the image are computed once per image (`image_kv`) and reused
+by every task and every refinement step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = tuple[torch.Tensor, torch.Tensor]  # ([B, heads, N, head_dim], same)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, heads, L, D/heads]"""
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def project_kv(self, key: torch.Tensor, value: torch.Tensor) -> KV:
+        return self.split(self.k(key)), self.split(self.v(value))
+
+    def forward(self, query: torch.Tensor, kv: KV, mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """query [B, L, D], kv from project_kv, mask broadcastable to [B, heads, L, N]
+        (True = may attend) -> [B, L, D]"""
+        q = self.split(self.q(query))
+        drop = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=drop,
+                                             is_causal=causal)
+        return self.out(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(hidden, dim))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention + FFN; the position code is added to queries and keys."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.attn = Attention(dim, heads, dropout)
+        self.ffn = FeedForward(dim, ffn, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None):
+        """x, pos [B, N, D]; mask [B, 1, 1, N] (True = real pixel) -> [B, N, D]"""
+        qk = x + pos
+        x = self.norm1(x + self.drop(self.attn(qk, self.attn.project_kv(qk, x), mask)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention -> norm -> cross-attention -> norm -> FFN -> norm.
+
+    Self-attention is bidirectional (causal only for the autoregressive baseline) and stays
+    inside each sequence: sequences are separate rows of the batch.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.self_attn = Attention(dim, heads, dropout)
+        self.cross_attn = Attention(dim, heads, dropout)
+        self.ffn = FeedForward(dim, ffn, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def image_kv(self, memory: torch.Tensor, pos: torch.Tensor) -> KV:
+        """Cross-attention keys/values of the image: memory, pos [B, N, D]."""
+        return self.cross_attn.project_kv(memory + pos, memory)
+
+    def forward(self, x: torch.Tensor, seq_pos: torch.Tensor, image_kv: KV,
+                image_mask: torch.Tensor | None, causal: bool = False,
+                self_cache: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """x [S, L, D]; seq_pos [L, D]; image_kv per sequence ([S, h, N, d] each, or batch 1
+        shared by all sequences); self_cache: keys/values of earlier tokens (autoregressive
+        decoding), whose new value is returned alongside the output [S, L, D]."""
+        qk = x + seq_pos
+        k, v = self.self_attn.project_kv(qk, x)
+        if self_cache is not None:
+            k, v = torch.cat([self_cache[0], k], 2), torch.cat([self_cache[1], v], 2)
+        x = self.norm1(x + self.drop(self.self_attn(qk, (k, v), causal=causal)))
+        x = self.norm2(x + self.drop(self.cross_attend(x + seq_pos, image_kv, image_mask)))
+        return self.norm3(x + self.drop(self.ffn(x))), (k, v)
+
+    def cross_attend(self, query: torch.Tensor, image_kv: KV, image_mask: torch.Tensor | None):
+        if image_kv[0].shape[0] == 1 and query.shape[0] > 1:
+            # All sequences look at one image: fold them into one long query row. Exact, since
+            # cross-attention does not mix queries, and it avoids copying the image per sequence.
+            S, L, D = query.shape
+            return self.cross_attn(query.reshape(1, S * L, D), image_kv, image_mask).reshape(
+                S, L, D)
+        return self.cross_attn(query, image_kv, image_mask)

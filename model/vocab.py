@@ -1,0 +1,107 @@
+"""The one vocabulary every task shares: a layout object that owns every id range.
+
+Layout (reference sizes in brackets: 80 classes, 500 bins, 11421 text tokens):
+
+    0..19            prompts and specials: detection prompt = 6 tokens 0..5, segmentation = 6,
+                     keypoints = 7, caption prompt = 6 tokens 8..13, <mask> = 19
+    classes          C class tokens                              [20..99]
+    no-object        target of unmatched detection slots         [100]
+    coordinates      num_bins + 1 tokens                         [101..601]
+    visible, invisible (keypoints)                               [602, 603]
+    foreground, background (bit masks)                           [604, 605]
+    text             the caption tokenizer's ids; text id 0 is pad and end of sentence
+
+Unlike the reference, visibility comes before fg/bg so that each task's logit slice is one
+contiguous range: detection = classes..coordinates, keypoints = coordinates..invisible,
+segmentation = fg..bg, caption = text. Nothing else in the project hard-codes an id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NUM_SPECIALS = 20
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    num_classes: int
+    num_bins: int
+    text_size: int
+
+    # Prompts and specials.
+    detection_prompt: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    segmentation_prompt: int = 6
+    keypoint_prompt: int = 7
+    caption_prompt: tuple[int, ...] = (8, 9, 10, 11, 12, 13)
+    mask: int = 19
+
+    @classmethod
+    def from_config(cls, config) -> VocabLayout:
+        return cls(config.num_classes, config.num_bins, config.text_vocab_size)
+
+    # Id ranges, as [start, stop).
+    @property
+    def class_start(self) -> int:
+        return NUM_SPECIALS
+
+    @property
+    def no_object(self) -> int:
+        return self.class_start + self.num_classes
+
+    @property
+    def coord_start(self) -> int:
+        return self.no_object + 1
+
+    @property
+    def coord_stop(self) -> int:
+        return self.coord_start + self.num_bins + 1
+
+    @property
+    def visible(self) -> int:
+        return self.coord_stop
+
+    @property
+    def invisible(self) -> int:
+        return self.coord_stop + 1
+
+    @property
+    def foreground(self) -> int:
+        return self.coord_stop + 2
+
+    @property
+    def background(self) -> int:
+        return self.coord_stop + 3
+
+    @property
+    def text_start(self) -> int:
+        return self.coord_stop + 4
+
+    @property
+    def size(self) -> int:
+        return self.text_start + self.text_size
+
+    # Conversions between values and ids.
+    def class_token(self, label: torch.Tensor | int):
+        return label + self.class_start
+
+    def token_class(self, token: torch.Tensor | int):
+        return token - self.class_start
+
+    def quantize(self, coord: torch.Tensor) -> torch.Tensor:
+        """Normalised coordinates in [0, 1] -> coordinate token ids (bin = floor(c * bins))."""
+        bins = torch.floor(coord * self.num_bins).long().clamp(0, self.num_bins)
+        return bins + self.coord_start
+
+    def dequantize(self, token: torch.Tensor) -> torch.Tensor:
+        """Coordinate token ids -> normalised coordinates at the centre of their bin."""
+        bins = (token - self.coord_start).float()
+        return ((bins + 0.5) / self.num_bins).clamp(0.0, 1.0)
+
+    def text_token(self, text_id: torch.Tensor | int):
+        return text_id + self.text_start
+
+    def token_text(self, token: torch.Tensor | int):
+        return token - self.text_start
