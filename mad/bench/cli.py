@@ -1,0 +1,6 @@
+"""`mad bench` (being written)."""
+
+
+def bench():
+    """Benchmarks (being written)."""
+    raise SystemExit("mad bench: not available yet")

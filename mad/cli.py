@@ -1,0 +1,134 @@
+"""`mad`: one command for data, training, evaluation, export, serving and benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from export.cli import export
+from mad.bench.cli import bench
+from service.cli import predict, serve
+
+app = typer.Typer(help="MAD Serve: the Masked AutoDecoder vision generalist.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.command()(serve)
+app.command()(predict)
+app.command()(export)
+app.command()(bench)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Output directory (COCO 2017 layout)."),
+    train: int = typer.Option(3000, min=0, help="Training images."),
+    val: int = typer.Option(500, min=0, help="Validation images."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
+    workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
+):
+    """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
+    and captions."""
+    from model.data.synth import main
+
+    main(out, train, val, seed, workers)
+
+
+def parse_overrides(values: list[str]) -> dict:
+    """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}"""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
+    out: Path = typer.Option(..., help="Checkpoint directory to write."),
+    preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
+    steps: int = typer.Option(1000, min=1),
+    batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
+    lr: float = typer.Option(1e-4),
+    backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
+    weight_decay: float = typer.Option(1e-4),
+    warmup_steps: int = typer.Option(100, min=0),
+    grad_clip: float = typer.Option(0.1),
+    workers: int = typer.Option(2, min=0, help="Data loader processes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    amp: str = typer.Option("bf16", help="Autocast on CUDA: bf16, fp16 or none."),
+    seed: int = typer.Option(0),
+    split: str = typer.Option("train2017"),
+    val_split: str = typer.Option("val2017"),
+    tokenizer: Path | None = typer.Option(None, help="SentencePiece .model; else trained."),
+    resume: Path | None = typer.Option(None, help="Checkpoint to resume exactly."),
+    init: Path | None = typer.Option(None, help="Checkpoint to start from (new optimizer)."),
+    save_every: int = typer.Option(500, min=1),
+    eval_every: int = typer.Option(0, min=0, help="0: evaluate only at the end."),
+    eval_images: int = typer.Option(200, min=1),
+    set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE."),
+):
+    """Train a MAD model (single process, or DDP under torchrun)."""
+    from model.train import TrainConfig
+    from model.train import train as run_training
+
+    run_training(TrainConfig(
+        data=data, out=out, preset=preset, split=split, val_split=val_split, steps=steps,
+        batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
+        workers=workers, device=device, amp=amp, seed=seed, tokenizer=tokenizer,
+        resume=resume, init=init, save_every=save_every, eval_every=eval_every,
+        eval_images=eval_images, overrides=parse_overrides(set_),
+    ))  # fmt: skip
+
+
+def parse_refine(values: list[str], tasks: list[str]) -> dict[str, int]:
+    """["2"] -> every task 2; ["caption:3", "keypoints:1"] -> those tasks."""
+    steps = {}
+    for item in values:
+        for part in item.split(","):
+            task, sep, k = part.strip().rpartition(":")
+            if not sep:
+                steps.update(dict.fromkeys(tasks, int(k)))
+            elif task not in tasks:
+                raise typer.BadParameter(f"unknown task {task!r}; the model has {tasks}")
+            else:
+                steps[task] = int(k)
+    return steps
+
+
+@app.command("eval")
+def evaluate_command(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
+    data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
+    split: str = typer.Option("val2017"),
+    refine: list[str] = typer.Option([], help="Refinement steps: K for all, or task:K."),
+    limit: int | None = typer.Option(None, help="Evaluate the first N images only."),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("cpu"),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
+):
+    """COCO AP (bbox, segm, keypoints via pycocotools) and caption BLEU-4 (sacrebleu)."""
+    from model.checkpoint import load_checkpoint
+    from model.evaluate import evaluate, format_table
+
+    mad, _ = load_checkpoint(checkpoint, device)
+    steps = parse_refine(refine, mad.config.tasks)
+    metrics = evaluate(mad, data, split, device, steps, limit, batch_size)
+    typer.echo(format_table(metrics))
+    if json_out:
+        report = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
+                  "refine_steps": steps, "metrics": metrics}
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app()

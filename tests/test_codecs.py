@@ -1,0 +1,120 @@
+"""Codec round trips: targets -> tokens -> (one-hot) logits -> results."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.codecs import DecodeContext
+from model.codecs.detection import TOKENS_PER_SLOT
+from tests.conftest import TINY_CAPTIONS
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def one_hot_logits(codec, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary body tokens [S, L] -> logits [S, L, V_slice] that pick exactly them."""
+    start, stop = codec.vocab_slice()
+    logits = torch.full((*tokens.shape, stop - start), -10.0)
+    logits.scatter_(-1, codec.to_local(tokens).unsqueeze(-1), 10.0)
+    return logits + codec.constraint()
+
+
+def canvas_context(config) -> DecodeContext:
+    return DecodeContext(config.image_size, 1.0, config.image_size)
+
+
+boxes_strategy = st.lists(
+    st.tuples(*[st.floats(0, 1, allow_nan=False)] * 4, st.integers(0, 5)), min_size=1,
+    max_size=6,
+)
+
+
+@SETTINGS
+@given(objects=boxes_strategy)
+def test_detection_round_trip_within_one_bin(micro_model, objects):
+    codec, config = micro_model.codecs["detection"], micro_model.config
+    boxes = torch.tensor([[min(a, c), min(b, d), max(a, c), max(b, d)]
+                          for a, b, c, d, _ in objects])
+    labels = torch.tensor([label for *_, label in objects])
+    tokens = codec.object_tokens({"boxes": boxes, "labels": labels})
+    body = torch.full((config.num_slots, TOKENS_PER_SLOT), micro_model.vocab.coord_start)
+    body[:, 4] = micro_model.vocab.no_object
+    body[: len(tokens)] = tokens[: config.num_slots]
+    [dets] = codec.decode(one_hot_logits(codec, body.flatten()[None]), None,
+                          [canvas_context(config)])
+    n = min(len(tokens), config.num_slots)
+    assert len(dets) == config.num_slots and (dets.scores[:n] > 0.99).all()
+    order = dets.scores.argsort(descending=True, stable=True)
+    kept = dets.select(order[:n])
+    # Same objects back: each original box within one bin of a decoded one of its class.
+    bin_px = config.image_size[0] / config.num_bins
+    for box, label in zip(boxes[:n], labels[:n], strict=True):
+        pixels = box * torch.tensor(config.image_size * 2)
+        close = ((kept.boxes - pixels).abs().max(1).values <= bin_px) & (kept.labels == label)
+        assert close.any()
+
+
+@SETTINGS
+@given(bits=st.lists(st.booleans(), min_size=256, max_size=256))
+def test_segmentation_round_trip_exact_at_16x16(micro_model, bits):
+    codec = micro_model.codecs["segmentation"]
+    mask = torch.tensor(bits).reshape(1, 16, 16)
+    tokens = codec.mask_tokens(mask)
+    probs = codec.mask_probabilities(one_hot_logits(codec, tokens))
+    assert torch.equal(probs >= 0.5, mask)
+
+
+def test_segmentation_paste_fills_its_box(micro_model):
+    codec = micro_model.codecs["segmentation"]
+    tokens = codec.mask_tokens(torch.ones(1, 16, 16, dtype=torch.bool))
+    [mask] = codec.decode(one_hot_logits(codec, tokens), None,
+                          [DecodeContext((96, 96), 1.0, (60, 80))],
+                          boxes=[torch.tensor([10.0, 20.0, 30.5, 50.0])])
+    assert mask.shape == (60, 80)
+    ys, xs = mask.nonzero(as_tuple=True)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 30, 20, 49)
+
+
+@SETTINGS
+@given(points=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.booleans()),
+                       min_size=17, max_size=17))
+def test_keypoints_round_trip_within_one_bin(micro_model, points):
+    codec, vocab, config = micro_model.codecs["keypoints"], micro_model.vocab, micro_model.config
+    xy = torch.tensor([[x, y] for x, y, _ in points])
+    visible = torch.tensor([v for *_, v in points])
+    coords = vocab.quantize(xy)
+    vis = torch.where(visible, vocab.visible, vocab.invisible)
+    body = torch.cat([coords, vis[:, None]], 1).flatten()[None]
+    [kp] = codec.decode(one_hot_logits(codec, body), None, [canvas_context(config)])
+    bin_px = config.image_size[0] / config.num_bins
+    assert kp.shape == (17, 3)
+    assert ((kp[:, :2] - xy * config.image_size[0]).abs() <= bin_px).all()
+    assert torch.equal(kp[:, 2] > 0.5, visible)
+
+
+words = sorted({w for caption in TINY_CAPTIONS for w in caption.split()})
+
+
+@SETTINGS
+@given(sentence=st.lists(st.sampled_from(words), min_size=1, max_size=12).map(" ".join))
+def test_caption_round_trip_exact_through_tokenizer(micro_model, sentence):
+    codec = micro_model.codecs["caption"]
+    tokens = codec.encode_text(sentence)[None]
+    [text] = codec.decode(one_hot_logits(codec, tokens), None, [])
+    assert text == sentence
+
+
+def test_each_task_slice_holds_exactly_its_ids(micro_model):
+    v, codecs = micro_model.vocab, micro_model.codecs
+    ids = lambda task: set(range(*codecs[task].vocab_slice()))  # noqa: E731
+    coords = set(range(v.coord_start, v.coord_stop))
+    classes = set(range(v.class_start, v.no_object + 1))
+    assert ids("detection") == classes | coords
+    assert ids("keypoints") == coords | {v.visible, v.invisible}
+    assert ids("segmentation") == {v.foreground, v.background}
+    assert ids("caption") == set(range(v.text_start, v.size))
+    assert v.size == v.text_start + micro_model.tokenizer.vocab_size
+    specials = set(range(v.class_start))  # prompts and <mask> are never predicted
+    assert not specials & set().union(*(ids(t) for t in codecs))
