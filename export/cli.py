@@ -1,0 +1,47 @@
+"""`mad export`: a checkpoint -> ONNX graphs (+ TensorRT engines) and a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def export(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
+    format: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (ONNX + engines)."),
+    out: Path = typer.Option(..., help="Export directory to write."),
+    opset: int = typer.Option(17, min=17, help="ONNX opset."),
+    simplify: bool = typer.Option(False, "--simplify/--no-simplify", help="Run onnxslim."),
+    exporter: str = typer.Option("torchscript", help="torchscript or dynamo (needs onnxscript)."),
+    max_batch: int = typer.Option(8, min=1, help="TensorRT: most images per call."),
+    max_sequences: int = typer.Option(0, min=0,
+                                      help="TensorRT: most sequences per call (0: auto)."),
+    device: int = typer.Option(0, min=0, help="TensorRT: CUDA device to build for."),
+):
+    """Export the image encoder and the per-task decoders as ONNX graphs (dynamic batch,
+    sequences, length, image size), checked and verified against PyTorch; optionally build
+    FP16 TensorRT engines from them."""
+    if format not in ("onnx", "tensorrt"):
+        raise typer.BadParameter(f"unknown format {format!r}; choose onnx or tensorrt")
+    if format == "tensorrt":
+        from export.tensorrt import import_tensorrt
+
+        try:
+            import_tensorrt()  # fail before minutes of export work, not after
+        except RuntimeError as e:
+            raise SystemExit(f"mad export: {e}") from e
+    from export.onnx_export import export_onnx
+
+    manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)
+    summary = {"out": str(out), "graphs": [manifest["graphs"]["encoder"]["file"]]
+               + [g["file"] for g in manifest["graphs"]["decoders"].values()],
+               "verification": manifest["verification"]}
+    if format == "tensorrt":
+        from export.tensorrt import Profile, build_engines
+
+        entry = build_engines(out, Profile(max_batch=max_batch, max_sequences=max_sequences),
+                              device)
+        summary["tensorrt"] = entry["engines"]
+    typer.echo(json.dumps(summary, indent=2))

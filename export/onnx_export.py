@@ -1,0 +1,200 @@
+"""`export_onnx`: a checkpoint -> a self-contained export directory.
+
+    manifest.json             what the runtimes read (see docs/export.md)
+    encoder.onnx              images + pad mask -> stacked cross-attention keys/values + mask
+    decoder_<task>.onnx       memory + tokens + image_index -> logits over the task's slice
+    config.json, tokenizer.model   copied from the checkpoint, for the codecs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import shutil
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import graphs as g
+from model.checkpoint import CONFIG, checkpoint_digest, load_checkpoint
+
+MANIFEST = "manifest.json"
+FORMAT = "mad-export/1"
+MIN_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+VERIFY_TOLERANCE = 1e-3  # fp32 ONNX Runtime vs eager PyTorch, max abs logit difference
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
+                simplify: bool = False, exporter: str = "torchscript", verify: bool = True
+                ) -> dict:
+    """Export `checkpoint` into `out` and return the manifest written there.
+
+    exporter "torchscript" (the default) is the legacy tracer; "dynamo" is torch.export and
+    needs the onnxscript package (see docs/export.md for why torchscript is the default).
+    verify: run both graphs in ONNX Runtime at shapes other than the tracing example and
+    fail unless they match eager PyTorch within VERIFY_TOLERANCE.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    mad, meta = load_checkpoint(checkpoint, "cpu")
+    network = mad.network.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    encoder_example, decoder_example = g.example_inputs(network)
+
+    graphs = {"encoder": _export(g.EncoderGraph(network), encoder_example, out / "encoder.onnx",
+                                 g.ENCODER_INPUTS, g.ENCODER_OUTPUTS, g.ENCODER_AXES, opset,
+                                 exporter, simplify)}
+    decoders = {}
+    for task, codec in mad.codecs.items():
+        path = out / f"decoder_{task}.onnx"
+        graph = g.DecoderGraph(network, codec.vocab_slice())
+        decoders[task] = _export(graph, decoder_example, path, g.DECODER_INPUTS,
+                                 g.DECODER_OUTPUTS, g.DECODER_AXES, opset, exporter, simplify)
+        decoders[task].update(vocab_slice=list(codec.vocab_slice()), seq_len=codec.seq_len)
+    graphs["decoders"] = decoders
+
+    for name in (CONFIG, meta["tokenizer"]):
+        if name:
+            shutil.copyfile(checkpoint / name, out / name)
+    manifest = {
+        "format": FORMAT,
+        "formats": ["onnx"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": checkpoint_digest(checkpoint),
+                       "step": meta.get("step")},
+        "model": mad.config.to_dict(),
+        "config_file": CONFIG,
+        "tokenizer_file": meta["tokenizer"],
+        "opset": opset,
+        "exporter": exporter,
+        "simplified": simplify,
+        "precision": "fp32",
+        "memory": {"layers": len(network.decoder), "heads": network.config.n_heads,
+                   "head_dim": network.config.d_model // network.config.n_heads,
+                   "stride": int(getattr(network.backbone, "stride", 0))},
+        "graphs": graphs,
+        "versions": versions(),
+    }
+    if verify:
+        manifest["verification"] = verify_export(out, manifest, network, mad.codecs)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _export(module, args, path: Path, inputs, outputs, axes, opset, exporter, simplify) -> dict:
+    import onnx
+
+    with warnings.catch_warnings():
+        # The tracer warns about the Python size-1 branches; example_inputs explains why the
+        # traced branch is the general one. The legacy exporter's deprecation is known.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if exporter == "dynamo":
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError as e:
+                raise RuntimeError("the dynamo exporter needs `pip install onnxscript`") from e
+            dim = torch.export.Dim.DYNAMIC
+            shapes = tuple({i: dim for i in axes.get(name, {})} for name in inputs)
+            program = torch.onnx.export(module, args, dynamo=True, input_names=list(inputs),
+                                        output_names=list(outputs), opset_version=opset,
+                                        dynamic_shapes=shapes)
+            program.save(str(path), external_data=False)
+        else:
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=list(inputs),
+                              output_names=list(outputs), opset_version=opset,
+                              dynamic_axes={k: v for k, v in axes.items()},
+                              do_constant_folding=True)
+    if simplify:
+        import onnxslim
+
+        onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:  # the dynamo exporter may fail to convert down from its own opset
+        raise RuntimeError(f"{path.name} came out at opset {got}, not {opset}; ask for {got}")
+    return {"file": path.name, **graph_io(model)}
+
+
+def graph_io(model) -> dict:
+    """Names, dtypes and shapes (ints, or the names of dynamic axes) of a graph's IO."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def describe(values):
+        return [{"name": v.name,
+                 "dtype": str(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                for v in values]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+@torch.no_grad()
+def verify_export(out: Path, manifest: dict, network, codecs) -> dict:
+    """ONNX Runtime (CPU, fp32) vs eager at batch 3, 5 sequences and an image size other than
+    the tracing example's, so the dynamic axes are exercised, not just declared."""
+    import onnxruntime as ort
+
+    height, width = network.config.image_size
+    images = torch.rand(3, 3, height - 16, width + 16, generator=torch.Generator().manual_seed(0))
+    pad_mask = torch.zeros(3, height - 16, width + 16, dtype=torch.bool)
+    pad_mask[1, height // 3 :] = True
+    memory = network.encode(images, pad_mask)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    encoder = ort.InferenceSession(str(out / manifest["graphs"]["encoder"]["file"]), options,
+                                   providers=["CPUExecutionProvider"])
+    keys, values, mask = encoder.run(None, {"images": images.numpy(),
+                                            "pad_mask": pad_mask.numpy()})
+    worst = 0.0
+    for task, graph in manifest["graphs"]["decoders"].items():
+        tokens = torch.randint(0, network.vocab.size, (5, codecs[task].seq_len))
+        index = torch.tensor([2, 0, 1, 2, 0])
+        expected = network.decode(memory, tokens, index, tuple(graph["vocab_slice"])).numpy()
+        session = ort.InferenceSession(str(out / graph["file"]), options,
+                                       providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {"keys": keys, "values": values, "mask": mask,
+                                       "tokens": tokens.numpy(), "image_index": index.numpy()})
+        worst = max(worst, float(np.abs(logits - expected).max()))
+    if worst > VERIFY_TOLERANCE:
+        raise RuntimeError(f"exported graphs differ from PyTorch by {worst:.2e} "
+                           f"(tolerance {VERIFY_TOLERANCE})")
+    return {"max_abs_logit_diff": worst, "tolerance": VERIFY_TOLERANCE, "batch": 3,
+            "sequences": 5, "image_size": [height - 16, width + 16], "provider": "CPU"}
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("mad-serve", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim",
+                    "onnxscript", "tensorrt"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a MAD export: {MANIFEST} missing "
+                                "(make one with `mad export`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported export format {manifest.get('format')!r}")
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)  # readers never see a half-written manifest

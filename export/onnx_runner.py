@@ -1,0 +1,162 @@
+"""ONNX Runtime backend: the exported encoder + one decoder session per task.
+
+The refinement loop stays in Python (`model.decoding.masked_decode`); this runner only runs
+the graphs. Every run goes through IO binding: on CPU that is plain host memory, on CUDA the
+image memory stays on the GPU between the decoder calls of a request, and only tokens go up
+and logits come down. Logits are returned as CPU tensors, so `device` is always "cpu".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export.onnx_export import read_manifest
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = PROVIDER_ORDER[:2]
+
+
+@dataclass
+class OnnxMemory:
+    """Encoder outputs (OrtValues, on the device the encoder ran on)."""
+
+    keys: object
+    values: object
+    mask: object
+
+
+def choose_providers(device: str, available: list[str]) -> list[str]:
+    """"cpu" -> CPU only; "cuda[:N]" -> TensorRT, CUDA (must exist), CPU; "auto" -> the best
+    available. Raises at start-up when the device asked for cannot be served."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "auto" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r} for the onnx backend (cpu, cuda[:N], auto)")
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            f"device {device!r} asked for, but this ONNX Runtime has no CUDAExecutionProvider "
+            f"(available: {available}); install onnxruntime-gpu or use --device cpu")
+    return [p for p in PROVIDER_ORDER if p in available]
+
+
+def default_threads() -> int:
+    """All cores this process may use: one request at a time owns the machine's ALUs; the
+    service scales out with processes, not with concurrent sessions in one process."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class OnnxRunner:
+    name = "onnx"
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None,
+                 providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir)
+        available = ort.get_available_providers()
+        if providers:
+            missing = [p for p in providers if p not in available]
+            if missing:
+                raise RuntimeError(f"ONNX Runtime providers {missing} not available "
+                                   f"(available: {available})")
+        else:
+            providers = choose_providers(device, available)
+        self.device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1  # the graphs are one chain: no parallel branches
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        self.threads = options.intra_op_num_threads
+        provider_options = [self.provider_options(p) for p in providers]
+
+        def session(file: str):
+            return ort.InferenceSession(str(self.export_dir / file), options,
+                                        providers=providers, provider_options=provider_options)
+
+        graphs = self.manifest["graphs"]
+        self.encoder = session(graphs["encoder"]["file"])
+        self.decoders = {tuple(g["vocab_slice"]): session(g["file"])
+                         for g in graphs["decoders"].values()}
+        self.providers = self.encoder.get_providers()  # what ORT really enabled
+        on_gpu = self.providers[0] in GPU_PROVIDERS
+        if device.startswith("cuda") and not on_gpu:
+            raise RuntimeError(f"ONNX Runtime fell back to {self.providers} on {device!r}")
+        self.io_device = "cuda" if on_gpu else "cpu"
+        self.device = torch.device("cpu")  # where the pipeline keeps prompts and logits
+
+    def provider_options(self, provider: str) -> dict:
+        if provider == "TensorrtExecutionProvider":
+            # ORT builds TensorRT engines per shape range; caching them beside the graphs
+            # saves minutes on every later start.
+            return {"device_id": self.device_id, "trt_engine_cache_enable": "True",
+                    "trt_engine_cache_path": str(self.export_dir / "ort-trt-cache")}
+        if provider == "CUDAExecutionProvider":
+            return {"device_id": self.device_id}
+        return {}
+
+    def _bind_outputs(self, binding, session) -> None:
+        for output in session.get_outputs():
+            binding.bind_output(output.name, self.io_device, self.device_id)
+
+    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> OnnxMemory:
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input("images", _numpy(images, torch.float32))
+        binding.bind_cpu_input("pad_mask", _numpy(pad_mask, torch.bool))
+        self._bind_outputs(binding, self.encoder)
+        self.encoder.run_with_iobinding(binding)
+        return OnnxMemory(*binding.get_outputs())
+
+    def decode(self, memory: OnnxMemory, tokens: torch.Tensor, image_index: torch.Tensor,
+               vocab_slice: tuple[int, int]) -> torch.Tensor:
+        session = self.decoders.get(tuple(vocab_slice))
+        if session is None:
+            raise KeyError(f"no decoder graph for vocabulary slice {vocab_slice}; "
+                           f"exported: {sorted(self.decoders)}")
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("keys", memory.keys)
+        binding.bind_ortvalue_input("values", memory.values)
+        binding.bind_ortvalue_input("mask", memory.mask)
+        binding.bind_cpu_input("tokens", _numpy(tokens, torch.int64))
+        binding.bind_cpu_input("image_index", _numpy(image_index, torch.int64))
+        self._bind_outputs(binding, session)
+        session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device),
+                "device_name": gpu_name(self.device_id) if self.io_device == "cuda"
+                else cpu_name(),
+                "precision": self.manifest["precision"], "providers": self.providers,
+                "threads": self.threads, "export_dir": str(self.export_dir),
+                "opset": self.manifest["opset"],
+                "checkpoint_sha256": self.manifest["checkpoint"]["sha256"]}
+
+
+def _numpy(tensor: torch.Tensor, dtype: torch.dtype):
+    return tensor.detach().to("cpu", dtype).contiguous().numpy()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def gpu_name(index: int) -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(index)
+    return f"cuda:{index}"

@@ -1,0 +1,232 @@
+"""TensorRT: FP16 engines built from the exported ONNX graphs, and the runner that uses them.
+
+Engines are specific to a GPU model and a TensorRT version, so they are cached under
+`<export dir>/tensorrt/<gpu>-sm<cc>-trt<version>/` and recorded in the manifest under that key;
+a later start on the same kind of machine loads them instead of building (minutes).
+`tensorrt` is imported lazily: nothing here is needed unless this backend is chosen.
+Weak typing (BuilderFlag.FP16) is what TensorRT 10 offers; TensorRT 11 removed it, and is
+refused with a clear message (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from export.onnx_export import read_manifest, write_manifest
+
+ENGINE_DIR = "tensorrt"
+
+
+def import_tensorrt():
+    """tensorrt, or a start-up error that says what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise RuntimeError(
+            "the tensorrt backend needs NVIDIA TensorRT 10 (`pip install 'mad-serve[tensorrt]'`) "
+            "and a CUDA GPU; TensorRT is not installed here (onnx and torch need neither)"
+        ) from e
+    if not torch.cuda.is_available():
+        raise RuntimeError("TensorRT is installed but torch sees no CUDA GPU to build or run "
+                           "engines on (the onnx and torch backends run on CPU)")
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        raise RuntimeError(f"TensorRT {trt.__version__} has no weakly typed FP16 builds "
+                           "(removed in TensorRT 11); install tensorrt>=10,<11")
+    return trt
+
+
+def cache_key(trt, device_index: int = 0) -> str:
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device_index).lower()).strip("-")
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"{name}-sm{major}{minor}-trt{trt.__version__}"
+
+
+@dataclass
+class Profile:
+    """The shapes an engine accepts. Serving letterboxes every image to the canvas, so the
+    canvas is the optimum; smaller images (down to min_image) stay valid."""
+
+    max_batch: int = 8  # images per encoder call (the service's max batch)
+    opt_batch: int = 1
+    max_sequences: int = 0  # sequences per decoder call; 0: max_batch * num_slots
+    opt_sequences: int = 0  # 0: num_slots (one image's detections)
+    min_image: tuple[int, int] = (0, 0)  # 0: half the canvas
+
+    def resolved(self, model: dict) -> Profile:
+        canvas, slots = model["image_size"], model["num_slots"]
+        max_sequences = self.max_sequences or self.max_batch * slots
+        return Profile(self.max_batch, min(self.opt_batch, self.max_batch), max_sequences,
+                       min(self.opt_sequences or slots, max_sequences),
+                       tuple(self.min_image) if all(self.min_image)
+                       else (canvas[0] // 2, canvas[1] // 2))
+
+
+def build_engines(export_dir: str | Path, profile: Profile | None = None, device_index: int = 0,
+                  workspace_gib: float = 4.0, rebuild: bool = False) -> dict:
+    """Build (or find cached) FP16 engines for this GPU -> the manifest's tensorrt entry."""
+    trt = import_tensorrt()
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    profile = (profile or Profile()).resolved(manifest["model"])
+    key = cache_key(trt, device_index)
+    entry = manifest.get("tensorrt", {}).get(key)
+    if (entry and not rebuild and entry["profile"] == _jsonable(profile)
+            and all((export_dir / f).is_file() for f in entry["engines"].values())):
+        return entry
+    torch.cuda.set_device(device_index)
+    logger = trt.Logger(trt.Logger.WARNING)
+    out = export_dir / ENGINE_DIR / key
+    out.mkdir(parents=True, exist_ok=True)
+    graphs, model = manifest["graphs"], manifest["model"]
+    height, width = model["image_size"]
+    (min_h, min_w), b = profile.min_image, profile
+    shapes = {"images": [(1, 3, min_h, min_w), (b.opt_batch, 3, height, width),
+                         (b.max_batch, 3, height, width)]}
+    shapes["pad_mask"] = [(s[0], *s[2:]) for s in shapes["images"]]
+    engines = {"encoder": _build(trt, logger, export_dir / graphs["encoder"]["file"],
+                                 out / "encoder.engine", shapes, workspace_gib)}
+    features = _feature_counts(trt, logger, out / "encoder.engine", shapes)
+    memory = manifest["memory"]
+    for task, graph in graphs["decoders"].items():
+        batches = (1, b.opt_batch, b.max_batch)
+        seqs, length = (1, b.opt_sequences, b.max_sequences), graph["seq_len"]
+        kv = [(memory["layers"], n, memory["heads"], f, memory["head_dim"])
+              for n, f in zip(batches, features, strict=True)]
+        shapes = {"keys": kv, "values": kv,
+                  "mask": [(n, 1, 1, f) for n, f in zip(batches, features, strict=True)],
+                  "tokens": [(1, 1), (seqs[1], length), (seqs[2], length)],
+                  "image_index": [(s,) for s in seqs]}
+        engines[task] = _build(trt, logger, export_dir / graph["file"],
+                               out / f"decoder_{task}.engine", shapes, workspace_gib)
+    entry = {"precision": "fp16", "tensorrt": trt.__version__,
+             "gpu": torch.cuda.get_device_name(device_index), "profile": _jsonable(profile),
+             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "engines": {name: str(path.relative_to(export_dir))
+                         for name, path in engines.items()}}
+    manifest = read_manifest(export_dir)  # re-read: another key may have been added meanwhile
+    manifest.setdefault("tensorrt", {})[key] = entry
+    manifest["formats"] = sorted(set(manifest["formats"]) | {"tensorrt"})
+    write_manifest(export_dir, manifest)
+    return entry
+
+
+def _jsonable(profile: Profile) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(profile).items()}
+
+
+def _build(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, workspace_gib: float
+           ) -> Path:
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in shapes.items():
+        profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name}")
+    engine_path.write_bytes(bytes(serialized))
+    return engine_path
+
+
+def _feature_counts(trt, logger, engine_path: Path, shapes: dict) -> list[int]:
+    """Image features N at the min/opt/max image sizes, as the built encoder computes them
+    (no stride arithmetic to get wrong for a new backbone)."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+    context = engine.create_execution_context()
+    counts = []
+    for i in range(3):
+        for name in ("images", "pad_mask"):
+            context.set_input_shape(name, shapes[name][i])
+        counts.append(int(context.get_tensor_shape("mask")[3]))
+    return counts
+
+
+class Engine:
+    """One deserialized engine + execution context; runs on torch CUDA tensors."""
+
+    def __init__(self, trt, runtime, path: Path, device: torch.device):
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"cannot load TensorRT engine {path} (built by another version?)")
+        self.context = self.engine.create_execution_context()
+        self.device, self.lock = device, threading.Lock()  # one context: one call at a time
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+                  trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        self.inputs = [n for n in names
+                       if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self.lock:
+            kept = {}
+            for name in self.inputs:
+                tensor = feeds[name].to(self.device, self.dtypes[name]).contiguous()
+                kept[name] = tensor
+                if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                    raise ValueError(f"input {name} {tuple(tensor.shape)} is outside the "
+                                     "engine's optimisation profile; rebuild with larger limits")
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            outputs = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            return outputs
+
+
+class TensorRTRunner:
+    name = "tensorrt"
+
+    def __init__(self, export_dir: str | Path, device: str = "cuda",
+                 profile: Profile | None = None, rebuild: bool = False):
+        trt = import_tensorrt()
+        if not device.startswith("cuda"):
+            raise ValueError(f"the tensorrt backend runs on CUDA GPUs only, not {device!r}; "
+                             "pass --device cuda")
+        self.device = torch.device(device)
+        index = self.device.index or 0
+        self.export_dir = Path(export_dir)
+        self.entry = build_engines(self.export_dir, profile, index, rebuild=rebuild)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        manifest = read_manifest(self.export_dir)
+        engines = {k: self.export_dir / v for k, v in self.entry["engines"].items()}
+        self.encoder = Engine(trt, runtime, engines["encoder"], self.device)
+        self.decoders = {tuple(g["vocab_slice"]): Engine(trt, runtime, engines[task], self.device)
+                         for task, g in manifest["graphs"]["decoders"].items()}
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encoder({"images": images, "pad_mask": pad_mask})
+
+    @torch.inference_mode()
+    def decode(self, memory: dict[str, torch.Tensor], tokens: torch.Tensor,
+               image_index: torch.Tensor, vocab_slice: tuple[int, int]) -> torch.Tensor:
+        engine = self.decoders.get(tuple(vocab_slice))
+        if engine is None:
+            raise KeyError(f"no decoder engine for vocabulary slice {vocab_slice}")
+        return engine({**memory, "tokens": tokens, "image_index": image_index})["logits"].float()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device),
+                "device_name": self.entry["gpu"], "precision": self.entry["precision"],
+                "tensorrt": self.entry["tensorrt"], "profile": self.entry["profile"],
+                "export_dir": str(self.export_dir)}

@@ -1,0 +1,219 @@
+"""ONNX export and the onnx runtime backend, on CPU: graphs, manifest, dynamic shapes,
+logit and end-to-end parity with eager PyTorch, the export cache, start-up errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from export import graphs
+from export.backends import create_runner
+from export.benchmark import compare_backends
+from export.onnx_export import MANIFEST, export_onnx, read_manifest
+from export.onnx_runner import OnnxRunner
+from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, save_checkpoint
+from model.data.synth import render_synthetic_image
+from model.pipeline import Pipeline, Request
+from model.runner import TorchRunner
+
+TASKS = ("detection", "segmentation", "keypoints", "caption")
+BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
+
+
+@pytest.fixture(scope="module")
+def exported(micro_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    export_onnx(micro_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runners(micro_checkpoint, exported):
+    mad, _ = load_checkpoint(micro_checkpoint)
+    return mad, TorchRunner(mad.network), OnnxRunner(exported, threads=2)
+
+
+def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(render_synthetic_image(rng)[0]) for _ in range(n)]
+
+
+def test_manifest_describes_the_export(exported, micro_checkpoint):
+    manifest = read_manifest(exported)
+    assert manifest["opset"] >= 17 and manifest["precision"] == "fp32"
+    assert manifest["checkpoint"]["sha256"] == checkpoint_digest(micro_checkpoint)
+    assert manifest["verification"]["max_abs_logit_diff"] < 1e-3
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    assert (exported / "config.json").is_file() and (exported / "tokenizer.model").is_file()
+    encoder = manifest["graphs"]["encoder"]
+    assert [i["name"] for i in encoder["inputs"]] == list(graphs.ENCODER_INPUTS)
+    assert [o["name"] for o in encoder["outputs"]] == list(graphs.ENCODER_OUTPUTS)
+    assert encoder["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert encoder["outputs"][0]["shape"][1:4:2] == ["batch", "features"]
+    assert set(manifest["graphs"]["decoders"]) == set(TASKS)
+    for task, graph in manifest["graphs"]["decoders"].items():
+        start, stop = graph["vocab_slice"]
+        assert [i["name"] for i in graph["inputs"]] == list(graphs.DECODER_INPUTS)
+        assert graph["outputs"][0]["shape"] == ["sequences", "length", stop - start], task
+        model = onnx.load(str(exported / graph["file"]))
+        onnx.checker.check_model(model)
+        assert model.opset_import[0].version == manifest["opset"]
+
+
+@pytest.mark.parametrize("batch, size, sequences", [(3, (80, 112), 5), (1, (96, 96), 1)])
+def test_logits_match_at_other_shapes(runners, batch, size, sequences):
+    """Batch, sequence count, length and image size all differ from the tracing example
+    (2 images at the canvas size, 3 sequences of 7 tokens); size 1 hits the Python branches
+    that tracing froze."""
+    mad, torch_runner, onnx_runner = runners
+    generator = torch.Generator().manual_seed(batch)
+    images = torch.rand(batch, 3, *size, generator=generator)
+    pad = torch.zeros(batch, *size, dtype=torch.bool)
+    pad[-1, :, size[1] // 2 :] = True
+    torch_memory = torch_runner.encode(images, pad)
+    onnx_memory = onnx_runner.encode(images, pad)
+    for task, codec in mad.codecs.items():
+        tokens = torch.randint(0, mad.vocab.size, (sequences, codec.seq_len), generator=generator)
+        index = torch.randint(0, batch, (sequences,), generator=generator)
+        expected = torch_runner.decode(torch_memory, tokens, index, codec.vocab_slice())
+        got = onnx_runner.decode(onnx_memory, tokens, index, codec.vocab_slice())
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert (got - expected).abs().max() < 1e-3, task
+
+
+def assert_same_results(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got, strict=True):
+        assert a.tasks == b.tasks and a.passes == b.passes
+        assert torch.equal(a.detections.tokens, b.detections.tokens)
+        assert torch.equal(a.detections.labels, b.detections.labels)
+        assert torch.allclose(a.detections.boxes, b.detections.boxes)
+        assert torch.allclose(a.detections.scores, b.detections.scores, atol=1e-4)
+        assert len(a.masks) == len(b.masks) == len(a.keypoints) == len(b.keypoints)
+        for x, y in zip(a.masks + a.keypoints, b.masks + b.keypoints, strict=True):
+            # masks are exact; keypoints carry a float confidence beside their binned x, y
+            assert (x is None and y is None) or torch.allclose(x.float(), y.float(), atol=1e-4)
+        assert a.caption == b.caption
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_pipeline_results_match(runners, steps, monkeypatch):
+    """Same boxes, classes, masks, keypoints and captions from both backends, with K = 0 and
+    K = 2 refinement steps on every task. A zero score threshold keeps the random model's
+    detections, so segmentation is really decoded; that model only ever finds one class, so
+    the keypoints codec is told that class is the person, or keypoints would never run."""
+    mad, torch_runner, onnx_runner = runners
+    images = synthetic_images(2)
+    found = Pipeline(mad, torch_runner)([Request(images[0], ("detection",), score_threshold=0)])
+    label = int(found[0].detections.labels[0])
+    monkeypatch.setattr(type(mad.codecs["keypoints"]), "person_label", property(lambda _: label))
+    requests = [Request(image, TASKS, dict.fromkeys(TASKS, steps), score_threshold=0.0)
+                for image in images]
+    expected = Pipeline(mad, torch_runner)(requests)
+    got = Pipeline(mad, onnx_runner)(requests)
+    assert all(len(r.detections) > 0 and "keypoints" in r.passes for r in got)
+    assert_same_results(expected, got)
+    assert got[0].passes["caption"] == 1 + steps
+
+
+def test_create_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
+    mad, runner = create_runner("onnx", micro_checkpoint)
+    digest = checkpoint_digest(micro_checkpoint)
+    target = tmp_path / digest[:16] / "onnx"
+    assert runner.export_dir == target and (target / MANIFEST).is_file()
+    stamp = (target / MANIFEST).stat().st_mtime_ns
+    info = runner.describe()
+    assert info["backend"] == "onnx" and info["device"] == "cpu"
+    assert info["providers"] == ["CPUExecutionProvider"] and info["precision"] == "fp32"
+    assert runner.device == torch.device("cpu") and mad.network is None
+    results = Pipeline(mad, runner)([Request(synthetic_images(1)[0], TASKS)])
+    assert results[0].caption is not None and results[0].detections is not None
+
+    _, again = create_runner("onnx", micro_checkpoint)  # reused, not exported again
+    assert again.export_dir == target and (target / MANIFEST).stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [digest[:16]]
+    _, direct = create_runner("onnx", target)  # an export dir given as the checkpoint
+    assert direct.export_dir == target
+
+
+def test_export_dir_of_another_checkpoint_is_refused(exported, micro_model, tmp_path):
+    other = MAD.build(micro_model.config, micro_model.tokenizer)
+    other.network.load_state_dict(micro_model.network.state_dict())
+    with torch.no_grad():
+        other.network.head.logit_scale.add_(1.0)
+    path = save_checkpoint(other, tmp_path / "other")
+    with pytest.raises(ValueError, match="exported from checkpoint"):
+        create_runner("onnx", path, export_dir=exported)
+
+
+def test_unavailable_devices_fail_at_startup(micro_checkpoint, exported):
+    import onnxruntime as ort
+
+    with pytest.raises(ValueError, match="unknown backend"):
+        create_runner("openvino", micro_checkpoint)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+            create_runner("onnx", micro_checkpoint, device="cuda", export_dir=exported)
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(RuntimeError, match="TensorRT is not installed"):
+            create_runner("tensorrt", micro_checkpoint, device="cuda", export_dir=exported)
+
+
+def test_cli_export_simplified(micro_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from mad.cli import app
+
+    out = tmp_path / "slim"
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(micro_checkpoint),
+                                      "--out", str(out), "--simplify"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["simplified"] and manifest["verification"]["max_abs_logit_diff"] < 1e-3
+    if importlib.util.find_spec("tensorrt") is None:
+        result = CliRunner().invoke(app, ["export", "--checkpoint", str(micro_checkpoint),
+                                          "--out", str(tmp_path / "trt"), "--format", "tensorrt"])
+        assert result.exit_code != 0 and "TensorRT is not installed" in str(result.exception)
+        assert not (tmp_path / "trt").exists()  # refused before any export work
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None,
+                    reason="the dynamo exporter needs onnxscript, not installed")
+def test_dynamo_exporter(micro_checkpoint, tmp_path):
+    manifest = export_onnx(micro_checkpoint, tmp_path / "dynamo", exporter="dynamo", opset=18)
+    assert manifest["verification"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_compare_backends_reports_both(micro_checkpoint, exported):
+    report = compare_backends(micro_checkpoint, synthetic_images(1), ("detection",), repeats=2,
+                              warmup=0, export_dir=exported, threads=2)
+    assert set(report["backends"]) == {"torch", "onnx"}
+    for name, stats in report["backends"].items():
+        assert stats["describe"]["backend"] == name
+        assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    onnx_ms = report["backends"]["onnx"]["median_ms"]
+    assert report["ratio"] == pytest.approx(report["backends"]["torch"]["median_ms"] / onnx_ms)
+
+
+@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(),
+                    reason="checkpoints/mad-tiny is not there (yet)")
+def test_bundled_model_parity(tmp_path):
+    """The shipped model: same results from ONNX Runtime as from PyTorch, all tasks, K > 0."""
+    checkpoint = tmp_path / "mad-tiny"
+    shutil.copytree(BUNDLED, checkpoint)  # a snapshot: training may rewrite it meanwhile
+    mad, torch_runner = create_runner("torch", checkpoint)
+    export_onnx(checkpoint, tmp_path / "onnx")
+    _, onnx_runner = create_runner("onnx", checkpoint, export_dir=tmp_path / "onnx")
+    requests = [Request(image, TASKS, {"caption": 2, "keypoints": 1})
+                for image in synthetic_images(3, seed=1)]
+    expected = Pipeline(mad, torch_runner)(requests)
+    assert_same_results(expected, Pipeline(mad, onnx_runner)(requests))
+
