@@ -1,0 +1,137 @@
+"""The FastAPI application: factory, lifespan (load, warm up, serve, drain), middleware."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
+from PIL import Image
+
+from export.backends import create_runner
+from model.pipeline import Pipeline
+from model.pipeline import Request as ModelRequest
+from service.engine import BatchingEngine
+from service.errors import install_error_handlers
+from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
+from service.routers import health, predict
+from service.settings import Settings
+from service.state import ServiceState, describe_model
+
+log = logging.getLogger("mad.service")
+STATIC = Path(__file__).parent / "static"
+
+try:
+    SERVICE_VERSION = version("mad-serve")
+except PackageNotFoundError:  # running from a plain checkout
+    SERVICE_VERSION = "0.0.0"
+
+
+def load_model(state: ServiceState) -> Pipeline:
+    s = state.settings
+    log.info("loading model", extra={"checkpoint": str(s.checkpoint), "backend": s.backend,
+                                     "device": s.device, "precision": s.precision})
+    mad, runner = create_runner(s.backend, Path(s.checkpoint), s.device, precision=s.precision,
+                                compile=s.compile, export_dir=s.export_dir)
+    state.mad, state.runner = mad, runner
+    state.description = describe_model(mad, runner, s)
+    return Pipeline(mad, runner)
+
+
+def warm_up(pipeline: Pipeline) -> None:
+    """Run every task once so the first request pays no lazy initialisation (allocator,
+    kernels, torch.compile). Threshold 0 keeps detections, so prompted tasks run too."""
+    height, width = pipeline.config.image_size
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
+
+
+def gpu_memory_reader(runner):
+    device = getattr(runner, "device", torch.device("cpu"))
+    if getattr(device, "type", "cpu") == "cuda":
+        return lambda: torch.cuda.memory_allocated(device)
+    return lambda: 0
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state: ServiceState = app.state.service
+    s = state.settings
+    pipeline = load_model(state)
+    engine = BatchingEngine(pipeline, max_batch_size=s.max_batch_size,
+                            batch_delay_s=s.batch_delay_ms / 1000, queue_size=s.queue_size,
+                            on_batch=state.metrics.batch_size.observe)
+    d = state.description
+    state.metrics.model_info.info({"name": d.name, "version": d.version, "backend": d.backend,
+                                   "device": d.device, "precision": d.precision})
+    state.metrics.track_queue(lambda: len(engine.waiting))
+    state.metrics.track_gpu_memory(gpu_memory_reader(state.runner))
+    # Warm up on the model thread: compiled graphs and CUDA state belong to it.
+    await engine.run_on_model_thread(warm_up, pipeline)
+    engine.start()
+    state.engine, state.ready = engine, True
+    log.info("ready", extra={"model": d.name, "version": d.version})
+    try:
+        yield
+    finally:
+        # uvicorn has finished in-flight requests by now; this catches any stragglers.
+        state.draining = True
+        finished = await engine.drain(s.request_timeout_s)
+        state.ready = False
+        log.info("stopped", extra={"drained": finished})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = ServiceState(settings)
+    app = FastAPI(title="MAD Serve", version=SERVICE_VERSION, lifespan=lifespan,
+                  description="Detection, instance segmentation, person keypoints and "
+                  "captioning with one Masked AutoDecoder. Errors are always "
+                  '`{"error": {"code", "message", "request_id"}}`.')
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+    # Added innermost first: RequestContext wraps everything, so even 413/415 answers
+    # carry the request id and are counted.
+    app.add_middleware(UploadGuardMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Import-string factory for multi-worker uvicorn: each worker reads MAD_* itself."""
+    from service.logging import configure
+
+    settings = Settings()
+    configure(settings.log_level)
+    return create_app(settings)
+
+
+class DrainingServer(uvicorn.Server):
+    """Marks the app as draining the moment a shutdown signal arrives, so /readyz fails and
+    new work is refused while uvicorn finishes the requests in flight."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState):
+        super().__init__(config)
+        self.service_state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service_state.begin_drain()
+        super().handle_exit(sig, frame)

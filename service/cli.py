@@ -1,0 +1,148 @@
+"""`mad serve` (HTTP) and `mad predict` (the same pipeline, no HTTP).
+
+Options left out fall back to MAD_* environment variables, then to the defaults in
+service/settings.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+CHECKPOINT_HELP = "Checkpoint directory [env MAD_CHECKPOINT; default: the bundled mad-tiny]."
+
+
+def load_settings(**options) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def require_checkpoint(settings: Settings) -> None:
+    if not (Path(settings.checkpoint) / "config.json").is_file():
+        raise SystemExit(f"mad: no checkpoint at {settings.checkpoint} (set --checkpoint or "
+                         "MAD_CHECKPOINT)")
+
+
+def serve(
+    checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
+    backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
+    device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE; default cpu]."),
+    precision: str | None = typer.Option(None, help="fp32, bf16, fp16 [MAD_PRECISION]."),
+    host: str | None = typer.Option(None, help="Bind address [MAD_HOST; default 0.0.0.0]."),
+    port: int | None = typer.Option(None, help="Port [MAD_PORT; default 8000]."),
+    workers: int | None = typer.Option(None, help="Processes, one model each [MAD_WORKERS]."),
+):
+    """Serve the model over HTTP (POST /predict, /docs, a demo page at /)."""
+    import uvicorn
+
+    from service.app import DrainingServer, create_app
+    from service.logging import configure, log_config
+
+    settings = load_settings(checkpoint=checkpoint, backend=backend, device=device,
+                             precision=precision, host=host, port=port, workers=workers)
+    require_checkpoint(settings)
+    configure(settings.log_level)
+    common = dict(host=settings.host, port=settings.port, access_log=False,
+                  log_config=log_config(settings.log_level))
+    if settings.workers > 1:
+        # Each worker process builds its own app (and model) from the environment.
+        os.environ.update(settings.env())
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers,
+                    **common)
+        return
+    app = create_app(settings)
+    server = DrainingServer(uvicorn.Config(app, **common), app.state.service)
+    server.run()
+    if not server.started:  # start-up failed (e.g. the backend could not load the model)
+        raise SystemExit(3)
+
+
+def predict(
+    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                        help="Image files."),
+    tasks: list[str] = typer.Option([], help="Tasks, comma-separated or repeated "
+                                    "(default: all the model has)."),
+    refine_steps: list[str] = typer.Option([], help="K for every task, or task:K."),
+    score_threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    max_detections: int | None = typer.Option(None, min=1),
+    mask_format: str = typer.Option("rle", help="rle or polygon (for --json)."),
+    render: Path | None = typer.Option(None, help="Draw the result into this PNG "
+                                       "(several images: OUT-<image name>.png)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the API's JSON response, "
+                                     "one line per image."),
+    checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
+    backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
+    device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE]."),
+):
+    """Run the model on image files, without a server."""
+    from export.backends import create_runner
+    from model.pipeline import Pipeline
+    from model.pipeline import Request as ModelRequest
+    from service.errors import APIError
+    from service.images import decode_image
+    from service.postprocess import build_response, request_stages
+    from service.render import render as draw
+    from service.routers.predict import parse_refine_steps, parse_tasks
+    from service.schemas import ModelRef
+    from service.state import describe_model
+
+    if mask_format not in ("rle", "polygon"):
+        raise typer.BadParameter("--mask-format must be rle or polygon")
+    settings = load_settings(checkpoint=checkpoint, backend=backend, device=device)
+    require_checkpoint(settings)
+    mad, runner = create_runner(settings.backend, Path(settings.checkpoint), settings.device,
+                                precision=settings.precision, compile=settings.compile,
+                                export_dir=settings.export_dir)
+    config = mad.config
+    try:
+        task_names = parse_tasks(tasks, list(config.tasks))
+        steps = parse_refine_steps(refine_steps, list(config.tasks))
+    except APIError as exc:
+        raise typer.BadParameter(exc.message) from None
+    description = describe_model(mad, runner, settings)
+    model_ref = ModelRef(name=description.name, version=description.version,
+                         backend=description.backend)
+    pipeline, failed = Pipeline(mad, runner), 0
+    for path in images:
+        try:
+            image = decode_image(path.read_bytes(), settings.max_image_pixels)
+        except APIError as exc:
+            typer.echo(f"{path}: {exc.message}", err=True)
+            failed += 1
+            continue
+        [result] = pipeline([ModelRequest(image, task_names, steps, score_threshold,
+                                          max_detections)])
+        response = build_response(result, model_ref, config.class_names, mask_format,
+                                  request_stages(result))
+        if json_output:
+            typer.echo(json.dumps(response.model_dump(exclude_none=True)))
+        else:
+            typer.echo(summary(path, response))
+        if render is not None:
+            out = render if len(images) == 1 else render.with_name(
+                f"{render.stem}-{path.stem}{render.suffix or '.png'}")
+            draw(image, response, config.skeleton).save(out)
+            typer.echo(f"wrote {out}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def summary(path: Path, response) -> str:
+    lines = [f"{path} ({response.image.width}x{response.image.height})"]
+    for det in response.detections or []:
+        box = ", ".join(f"{v:.0f}" for v in det.box)
+        extra = " +mask" if det.mask is not None else ""
+        extra += " +keypoints" if det.keypoints else ""
+        lines.append(f"  {det.label:<12} {det.score:.2f}  [{box}]{extra}")
+    if response.caption is not None:
+        lines.append(f"  caption: {response.caption}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Dynamic batching: requests that arrive close together are run through the model together.
+
+The event loop only queues and collects; the model runs on one dedicated thread (it owns the
+network, so no locking and no CUDA context juggling). A batch starts when it is full or when
+its oldest request has waited `batch_delay`. Requests waiting for the model count against a
+bounded queue, so overload answers at once (503) instead of piling up latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from model.pipeline import Request, Result
+
+log = logging.getLogger("mad.engine")
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` requests already."""
+
+
+class Draining(Exception):
+    """The engine is shutting down and takes no new work."""
+
+
+@dataclass
+class Job:
+    request: Request
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    queue_seconds: float = 0.0
+
+
+class BatchingEngine:
+    def __init__(self, pipeline: Callable[[list[Request]], list[Result]], *,
+                 max_batch_size: int = 8, batch_delay_s: float = 0.005, queue_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None):
+        self.pipeline = pipeline
+        self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
+        self.queue_size = queue_size
+        self.on_batch = on_batch or (lambda size: None)
+        self.waiting: deque[Job] = deque()
+        self.running = 0  # requests inside the model right now
+        self.draining = False
+        self._arrived: asyncio.Event | None = None
+        self._collector: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def run_on_model_thread(self, fn: Callable, *args):
+        """Run `fn` where the model lives (warm-up, compilation) and wait for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def start(self) -> None:
+        self._arrived = asyncio.Event()
+        self._collector = asyncio.create_task(self._collect(), name="mad-batch-collector")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking work, finish what was accepted. -> True when nothing was left over."""
+        self.draining = True
+        if self._arrived is not None:
+            self._arrived.set()  # a batch waiting to fill goes now
+        give_up = time.monotonic() + timeout_s
+        while (self.waiting or self.running) and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        finished = not (self.waiting or self.running)
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+        for job in self.waiting:  # only after the timeout: nothing else fails them
+            if not job.future.done():
+                job.future.set_exception(Draining("the server shut down"))
+        self.waiting.clear()
+        self._executor.shutdown(wait=finished)
+        return finished
+
+    # --- requests ---------------------------------------------------------------------------
+    def submit(self, request: Request) -> Job:
+        """Queue a request; await `job.future` for its Result. Raises QueueFull / Draining."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if len(self.waiting) >= self.queue_size:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+        job = Job(request, asyncio.get_running_loop().create_future())
+        self.waiting.append(job)
+        self._arrived.set()
+        return job
+
+    # --- the collector ----------------------------------------------------------------------
+    async def _collect(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[Job]:
+        self._discard_abandoned()
+        while not self.waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+            self._discard_abandoned()
+        # The oldest request sets the deadline; after a busy model it has usually passed.
+        deadline = self.waiting[0].enqueued + self.batch_delay_s
+        while len(self.waiting) < self.max_batch_size and not self.draining:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        self._discard_abandoned()
+        count = min(self.max_batch_size, len(self.waiting))
+        return [self.waiting.popleft() for _ in range(count)]
+
+    def _discard_abandoned(self) -> None:
+        """Drop requests whose caller gave up (deadline passed, client gone)."""
+        if any(job.future.done() for job in self.waiting):
+            self.waiting = deque(job for job in self.waiting if not job.future.done())
+
+    async def _run(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            job.queue_seconds = started - job.enqueued
+        self.running = len(batch)
+        self.on_batch(len(batch))
+        try:
+            results = await self.run_on_model_thread(self.pipeline, [j.request for j in batch])
+        except Exception:
+            if len(batch) == 1:
+                log.exception("inference failed")
+                self._settle(batch[0], error=RuntimeError("inference failed"))
+            else:
+                # One bad request must not fail its batch mates: retry each on its own.
+                log.warning("batch of %d failed; retrying one by one", len(batch))
+                for job in batch:
+                    await self._run_alone(job)
+        else:
+            for job, result in zip(batch, results, strict=True):
+                self._settle(job, result=result)
+        finally:
+            self.running = 0
+
+    async def _run_alone(self, job: Job) -> None:
+        try:
+            [result] = await self.run_on_model_thread(self.pipeline, [job.request])
+        except Exception:
+            log.exception("inference failed")
+            self._settle(job, error=RuntimeError("inference failed"))
+        else:
+            self._settle(job, result=result)
+
+    @staticmethod
+    def _settle(job: Job, result: Result | None = None, error: Exception | None = None) -> None:
+        if job.future.done():  # the caller timed out meanwhile
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)

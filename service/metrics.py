@@ -1,0 +1,80 @@
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one process).
+
+The names are a contract with deploy/ (alerts, Grafana): see METRIC_NAMES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+METRIC_NAMES = (
+    "mad_requests_total",
+    "mad_request_duration_seconds",
+    "mad_stage_duration_seconds",
+    "mad_queue_depth",
+    "mad_inflight_requests",
+    "mad_batch_size",
+    "mad_decoder_passes_total",
+    "mad_model_info",
+    "mad_gpu_memory_bytes",
+)
+STAGES = ("queue", "preprocess", "encode", "detection", "segmentation", "keypoints", "caption",
+          "postprocess")
+# Latency buckets from 1 ms (a stage of a tiny model) to 60 s (past the default deadline).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mad_requests_total", "Predict requests, one count per task asked, by HTTP status.",
+            ["status", "task"], registry=r)
+        self.request_duration = Histogram(
+            "mad_request_duration_seconds", "End-to-end /predict latency.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram(
+            "mad_stage_duration_seconds", "Per-request latency of each inference stage.",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "mad_queue_depth", "Requests waiting for the model.", registry=r)
+        self.inflight = Gauge(
+            "mad_inflight_requests", "Predict requests being handled.", registry=r)
+        self.batch_size = Histogram(
+            "mad_batch_size", "Images per model batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.decoder_passes = Counter(
+            "mad_decoder_passes_total", "Decoder passes run, by task.", ["task"], registry=r)
+        # Info appends `_info` itself.
+        self.model_info = Info("mad_model", "The model being served.", registry=r)
+        self.gpu_memory = Gauge(
+            "mad_gpu_memory_bytes", "GPU memory allocated by torch (0 off CUDA).", registry=r)
+        self.gpu_memory.set(0)
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def track_gpu_memory(self, allocated: Callable[[], int]) -> None:
+        self.gpu_memory.set_function(allocated)
+
+    def count_request(self, status: int, tasks: tuple[str, ...], seconds: float) -> None:
+        for task in tasks or ("none",):
+            self.requests.labels(status=str(status), task=task).inc()
+        self.request_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

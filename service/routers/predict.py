@@ -1,0 +1,132 @@
+"""POST /predict: one image in, the asked tasks' results out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from starlette.concurrency import run_in_threadpool
+
+from model.pipeline import Request as ModelRequest
+from service.dependencies import get_ready_state, require_api_key
+from service.engine import Draining, QueueFull
+from service.errors import APIError
+from service.images import decode_image
+from service.postprocess import build_response, request_stages
+from service.schemas import MAX_REFINE_STEPS, ErrorResponse, PredictForm, PredictResponse
+from service.state import ServiceState
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "The file is not a readable image.",
+    401: "API key missing or wrong (only when the server has one).",
+    413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
+    415: "The body is not multipart/form-data.",
+    422: "Unknown task, or a parameter out of range.",
+    503: "Queue full, model loading, or shutting down: retry after Retry-After seconds.",
+    504: "Not done within REQUEST_TIMEOUT_S.",
+}.items()}
+
+
+def invalid(message: str) -> APIError:
+    return APIError(422, "validation_error", message)
+
+
+def parse_tasks(values: list[str] | None, model_tasks: list[str]) -> tuple[str, ...]:
+    """Repeated and/or comma-separated names -> tasks in model order. None/blank: all."""
+    names = [n.strip().lower() for v in values or () for n in v.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(model_tasks))
+    if unknown:
+        raise invalid(f"unknown task(s) {unknown}; this model has {model_tasks}")
+    return tuple(t for t in model_tasks if t in names) if names else tuple(model_tasks)
+
+
+def parse_refine_steps(values: list[str] | None, model_tasks: list[str]) -> dict[str, int]:
+    """["2"] -> every task 2; ["caption:3", "detection:1"] -> those tasks."""
+    steps = {}
+    for part in (p.strip() for v in values or () for p in v.split(",")):
+        if not part:
+            continue
+        task, sep, count = part.rpartition(":")
+        task = task.strip().lower()
+        if sep and task not in model_tasks:
+            raise invalid(f"refine_steps: unknown task {task!r}; this model has {model_tasks}")
+        try:
+            k = int(count)
+        except ValueError:
+            raise invalid(f"refine_steps: {part!r} is not K or task:K") from None
+        if not 0 <= k <= MAX_REFINE_STEPS:
+            raise invalid(f"refine_steps: {k} is outside 0..{MAX_REFINE_STEPS}")
+        # Detection runs for segmentation/keypoints too, so a bare K applies to it as well.
+        steps.update({task: k} if sep else dict.fromkeys(model_tasks, k))
+    return steps
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             responses=ERRORS, summary="Run the model on one image")
+async def predict(request: Request,
+                  form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
+                  state: ServiceState = Depends(get_ready_state)):
+    """Detection, instance segmentation, person keypoints and captioning in one call.
+
+    Segmentation and keypoints are prompted by detections, so asking for them runs (and
+    returns) detection as well. `category_id` indexes the model's `class_names` (0-based).
+    """
+    settings, config = state.settings, state.mad.config
+    arrived = request.state.arrived
+    tasks = parse_tasks(form.tasks, list(config.tasks))
+    request.state.tasks = tasks  # the metrics middleware counts per task asked
+    refine = parse_refine_steps(form.refine_steps, list(config.tasks))
+    if form.max_detections is not None and form.max_detections > config.num_slots:
+        raise invalid(f"max_detections: at most {config.num_slots} for this model")
+
+    data = await form.image.read()
+    decode_start = time.perf_counter()
+    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    decode_seconds = time.perf_counter() - decode_start
+
+    job_request = ModelRequest(image, tasks, refine, form.score_threshold, form.max_detections)
+    try:
+        job = state.engine.submit(job_request)
+    except QueueFull:
+        raise APIError(503, "queue_full", "the server is at capacity; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    except Draining:
+        raise APIError(503, "draining", "the server is shutting down",
+                       headers={"Retry-After": "1"}) from None
+    remaining = settings.request_timeout_s - (time.perf_counter() - arrived)
+    try:
+        result = await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
+    except TimeoutError:
+        job.future.cancel()  # still waiting: the engine skips it; running: result dropped
+        raise APIError(504, "timeout",
+                       f"not done within {settings.request_timeout_s} s") from None
+    except Draining:
+        raise APIError(503, "draining", "the server shut down before this request ran",
+                       headers={"Retry-After": "1"}) from None
+    except RuntimeError:
+        raise APIError(500, "inference_failed", "the model failed on this request") from None
+
+    post_start = time.perf_counter()
+    stages = request_stages(result)
+    stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
+    timings = {"queue": job.queue_seconds, **stages}
+    response = await run_in_threadpool(build_response, result, state.model_ref,
+                                       config.class_names, form.mask_format, timings)
+    end = time.perf_counter()
+    response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
+    response.timings_ms["total"] = round((end - arrived) * 1000, 3)
+    record(state, response)
+    return response
+
+
+def record(state: ServiceState, response: PredictResponse) -> None:
+    metrics = state.metrics
+    for stage, ms in response.timings_ms.items():
+        if stage != "total":
+            metrics.stage_duration.labels(stage=stage).observe(ms / 1000)
+    for task, passes in response.decoder_passes.items():
+        metrics.decoder_passes.labels(task=task).inc(passes)

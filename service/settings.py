@@ -1,0 +1,81 @@
+"""Service configuration: every field can be set by a `MAD_<NAME>` environment variable.
+
+The k8s manifests and docs/service.md reference these exact names; rename nothing lightly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The bundled model lives at the repository root, beside the packages.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
+
+Backend = Literal["torch", "onnx", "tensorrt"]
+Precision = Literal["fp32", "bf16", "fp16"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAD_", extra="ignore")
+
+    checkpoint: Path = Field(BUNDLED_CHECKPOINT, description="Checkpoint directory to serve.")
+    backend: Backend = Field("torch", description="Runtime: torch, onnx or tensorrt.")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu or cuda[:N].")
+    precision: Precision = Field("fp32", description="fp32, bf16 or fp16 (CUDA only).")
+    compile: bool = Field(False, description="torch.compile the network (torch backend).")
+    export_dir: Path | None = Field(None, description="Exported engines (onnx/tensorrt).")
+    host: str = Field("0.0.0.0", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    workers: int = Field(1, ge=1, description="Server processes, each with its own model.")
+    max_batch_size: int = Field(8, ge=1, description="Most images encoded together.")
+    batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
+    queue_size: int = Field(64, ge=1, description="Requests waiting for the model, at most.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one /predict.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
+    api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Allowed CORS origins (comma-separated or JSON).")
+    log_level: LogLevel = Field("info", description="Log level.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def split_origins(cls, value):
+        """Accept `a,b`, a JSON list, or a list (CLI/tests)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def lower_log_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def blank_key_is_none(cls, value):
+        # An empty MAD_API_KEY (common in templated manifests) means "no key", not "key ''".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def env(self) -> dict[str, str]:
+        """These settings as MAD_* variables, for worker processes that rebuild them."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = json.dumps(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[f"MAD_{name.upper()}"] = str(value)
+        return out

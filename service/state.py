@@ -1,0 +1,63 @@
+"""What one app instance holds: settings, metrics, and (once loaded) the model and engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.checkpoint import WEIGHTS, checkpoint_digest, read_checkpoint_config
+from service.engine import BatchingEngine
+from service.metrics import Metrics
+from service.schemas import ModelDescription, ModelRef
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    mad: object | None = None  # model.checkpoint.MAD
+    runner: object | None = None
+    engine: BatchingEngine | None = None
+    description: ModelDescription | None = None
+    ready: bool = False  # loaded and warmed up
+    draining: bool = False  # shutting down: finish accepted work, take no more
+
+    @property
+    def model_ref(self) -> ModelRef:
+        d = self.description
+        return ModelRef(name=d.name, version=d.version, backend=d.backend)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+
+def model_version(checkpoint: Path) -> str:
+    """The checkpoint's own version string when it has one, else training step + weights
+    digest: two different weight files never share a version."""
+    meta = read_checkpoint_config(checkpoint)
+    if meta.get("version"):
+        return str(meta["version"])
+    digest = checkpoint_digest(checkpoint)[:12] if (checkpoint / WEIGHTS).is_file() else "none"
+    return f"step{meta.get('step', 0)}-{digest}"
+
+
+def describe_model(mad, runner, settings: Settings) -> ModelDescription:
+    config = mad.config
+    info = runner.describe() if hasattr(runner, "describe") else {}
+    return ModelDescription(
+        name=config.name,
+        version=model_version(Path(settings.checkpoint)),
+        backend=info.get("backend", settings.backend),
+        device=info.get("device", settings.device),
+        precision=info.get("precision", settings.precision),
+        tasks=list(config.tasks),
+        class_names=list(config.class_names),
+        keypoint_names=list(config.keypoint_names),
+        skeleton=[list(pair) for pair in config.skeleton],
+        default_refine_steps={t: len(config.schedules.get(t, [])) for t in config.tasks},
+        schedules={t: list(config.schedules.get(t, [])) for t in config.tasks},
+        input_size=list(config.image_size),
+        max_detections=config.num_slots,
+        max_batch_size=settings.max_batch_size,
+    )

@@ -1,0 +1,80 @@
+"""Run the real service (uvicorn, loopback, own thread) for tests and smoke checks."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image, ImageDraw
+
+from service.app import DrainingServer, create_app
+from service.settings import Settings
+from service.state import ServiceState
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: FastAPI
+    server: DrainingServer
+    thread: threading.Thread
+
+    @property
+    def state(self) -> ServiceState:
+        return self.app.state.service
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+
+@contextmanager
+def running_server(settings: Settings, start_timeout_s: float = 60.0
+                   ) -> Iterator[RunningServer]:
+    """Serve `settings` on a free 127.0.0.1 port until the block ends."""
+    app = create_app(settings)
+    # Bind here and hand the socket over: no race for the port between probe and bind.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=30)
+    server = DrainingServer(config, app.state.service)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"uvicorn-{port}")
+    thread.start()
+    give_up = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > give_up:
+            sock.close()
+            raise RuntimeError("the test server did not start (see the log above)")
+        time.sleep(0.02)
+    running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
+    try:
+        yield running
+    finally:
+        running.stop()
+        sock.close()
+
+
+def scene_image(width: int = 160, height: int = 120, mode: str = "RGB") -> Image.Image:
+    """A small picture with a few shapes (content matters little to a random model)."""
+    image = Image.new("RGB", (width, height), (240, 236, 225))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([10, 10, 60, 60], fill=(200, 30, 30))
+    draw.rectangle([80, 30, 140, 90], fill=(30, 60, 200))
+    draw.line([(40, 70), (40, 110), (25, 118)], fill=(0, 0, 0), width=4)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()

@@ -1,0 +1,182 @@
+"""Batching, back-pressure, deadlines and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from model.pipeline import Request, Result
+from service.engine import BatchingEngine, Draining, QueueFull
+from service.settings import Settings
+from service.testing import encode, running_server, scene_image
+
+torch.set_num_threads(1)
+
+
+# --- the engine alone, with a stand-in pipeline --------------------------------------------
+class RecordingPipeline:
+    """Answers each request with a Result; fails any batch holding a request marked bad."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.batches: list[int] = []
+        self.seconds = seconds
+
+    def __call__(self, requests: list[Request]) -> list[Result]:
+        self.batches.append(len(requests))
+        time.sleep(self.seconds)
+        if any(r.score_threshold < 0 for r in requests):
+            raise ValueError("bad request in batch")
+        return [Result((1, 1), r.tasks) for r in requests]
+
+
+def request(bad: bool = False) -> Request:
+    return Request(Image.new("RGB", (4, 4)), ("caption",), score_threshold=-1 if bad else 0.5)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_requests_within_the_delay_share_a_batch_up_to_the_maximum():
+    async def scenario():
+        pipeline = RecordingPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=4, batch_delay_s=0.2, queue_size=16)
+        engine.start()
+        jobs = [engine.submit(request()) for _ in range(6)]
+        results = await asyncio.gather(*(job.future for job in jobs))
+        await engine.drain(5)
+        return pipeline.batches, results, jobs
+
+    batches, results, jobs = run(scenario())
+    assert batches == [4, 2]
+    assert all(isinstance(r, Result) for r in results)
+    assert all(job.queue_seconds >= 0 for job in jobs)
+
+
+def test_a_full_queue_refuses_at_once_and_draining_refuses_new_work():
+    async def scenario():
+        engine = BatchingEngine(RecordingPipeline(), max_batch_size=8, batch_delay_s=10,
+                                queue_size=2)
+        engine.start()
+        first, second = engine.submit(request()), engine.submit(request())
+        with pytest.raises(QueueFull):
+            engine.submit(request())
+        drained = await engine.drain(5)  # flushes the waiting batch instead of waiting 10 s
+        with pytest.raises(Draining):
+            engine.submit(request())
+        return drained, first.future.result(), second.future.result()
+
+    drained, *results = run(scenario())
+    assert drained and all(isinstance(r, Result) for r in results)
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates():
+    async def scenario():
+        pipeline = RecordingPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=0.1, queue_size=8)
+        engine.start()
+        good, bad, other = engine.submit(request()), engine.submit(request(True)), \
+            engine.submit(request())
+        outcomes = await asyncio.gather(good.future, bad.future, other.future,
+                                        return_exceptions=True)
+        await engine.drain(5)
+        return pipeline.batches, outcomes
+
+    batches, (good, bad, other) = run(scenario())
+    assert batches == [3, 1, 1, 1]
+    assert isinstance(good, Result) and isinstance(other, Result)
+    assert isinstance(bad, RuntimeError)
+
+
+def test_abandoned_requests_are_not_run():
+    async def scenario():
+        pipeline = RecordingPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=0.1, queue_size=8)
+        engine.start()
+        kept, dropped = engine.submit(request()), engine.submit(request())
+        dropped.future.cancel()  # what a timed-out handler does
+        await kept.future
+        await engine.drain(5)
+        return pipeline.batches
+
+    assert run(scenario()) == [1]
+
+
+# --- through HTTP ---------------------------------------------------------------------------
+def post(url: str, tasks: str = "caption") -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        return client.post("/predict", files={"image": ("s.png", encode(scene_image()))},
+                           data={"tasks": tasks})
+
+
+def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
+    # The first request opens a 1.5 s batch window; three fit in the queue, the rest are
+    # refused on arrival. All six arrive well inside the window.
+    settings = Settings(checkpoint=micro_checkpoint, queue_size=3, batch_delay_ms=1500,
+                        max_batch_size=8)
+    with running_server(settings) as server:
+        start = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            timed = list(pool.map(lambda _: (post(server.url), time.monotonic() - start),
+                                  range(6)))
+        statuses = sorted(r.status_code for r, _ in timed)
+        assert statuses == [200, 200, 200, 503, 503, 503]
+        for response, elapsed in timed:
+            if response.status_code == 503:
+                assert response.headers["retry-after"] == "1"
+                assert response.json()["error"]["code"] == "queue_full"
+                assert elapsed < 1.4  # at once, not after the batch
+        with httpx.Client(base_url=server.url) as client:
+            metrics = client.get("/metrics").text
+            assert client.get("/readyz").status_code == 200
+        assert 'mad_requests_total{status="503",task="caption"} 3.0' in metrics
+        assert 'mad_requests_total{status="200",task="caption"} 3.0' in metrics
+        # One warm-up-free batch of three: the accepted requests were encoded together.
+        assert "mad_batch_size_count 1.0" in metrics and "mad_batch_size_sum 3.0" in metrics
+
+
+def test_request_past_its_deadline_gets_504(micro_checkpoint):
+    settings = Settings(checkpoint=micro_checkpoint, request_timeout_s=0.3,
+                        batch_delay_ms=1000)
+    with running_server(settings) as server:
+        response = post(server.url)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "timeout"
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/readyz").status_code == 200
+
+
+def test_graceful_shutdown_finishes_the_request_in_flight(micro_checkpoint):
+    settings = Settings(checkpoint=micro_checkpoint, batch_delay_ms=1000)
+    with running_server(settings) as server:
+        outcome = {}
+        caller = threading.Thread(target=lambda: outcome.setdefault("r", post(server.url)))
+        caller.start()
+        give_up = time.monotonic() + 10
+        while not server.state.engine.waiting and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert server.state.engine.waiting, "the request never reached the engine"
+        server.server.handle_exit(signal.SIGTERM, None)  # what uvicorn does on SIGTERM
+        readiness = asyncio.run(probe_readyz(server.app))
+        caller.join(30)
+        server.thread.join(30)
+        assert readiness == (503, {"status": "draining"})
+        assert outcome["r"].status_code == 200, outcome["r"].text
+        assert not server.thread.is_alive()
+        assert server.state.engine.draining and not server.state.engine.waiting
+
+
+async def probe_readyz(app) -> tuple[int, dict]:
+    # The listening socket closes on shutdown, so ask the app object directly.
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        response = await client.get("/readyz")
+        return response.status_code, response.json()

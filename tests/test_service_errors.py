@@ -1,0 +1,177 @@
+"""Bad input gets a clear 4xx in the one error shape, and the server stays ready."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import httpx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.settings import Settings
+from service.testing import encode, running_server, scene_image
+
+torch.set_num_threads(1)
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def server(micro_checkpoint):
+    settings = Settings(checkpoint=micro_checkpoint, max_upload_bytes=MAX_UPLOAD,
+                        max_image_pixels=MAX_PIXELS, batch_delay_ms=1)
+    with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def png() -> bytes:
+    return encode(scene_image())
+
+
+def multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in fields.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                   f'filename="{name}.png"\r\nContent-Type: image/png\r\n\r\n'.encode())
+        body.write(value + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def expect_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) <= {"code", "message", "request_id", "details"}
+    assert error["message"] and error["request_id"] == response.headers["x-request-id"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def bomb() -> bytes:
+    """2000 x 2000 of one colour: a few KB of PNG, 4 megapixels decoded."""
+    return encode(Image.new("L", (2000, 2000), 7), optimize=True)
+
+
+IMAGE_CASES = {
+    "not_an_image": (lambda: b"hello, this is text", 400, "invalid_image"),
+    "empty_file": (lambda: b"", 400, "invalid_image"),
+    "truncated_png": (lambda: png()[: len(png()) // 2], 400, "invalid_image"),
+    "truncated_jpeg": (lambda: encode(scene_image(), "JPEG")[:400], 400, "invalid_image"),
+    "header_only_gif": (lambda: b"GIF89a\x10\x00\x10\x00", 400, "invalid_image"),
+    "decompression_bomb": (bomb, 413, "image_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_bad_images(client, case):
+    make, status, code = IMAGE_CASES[case]
+    data = make()
+    assert len(data) < MAX_UPLOAD
+    response = client.post("/predict", files={"image": ("x.png", data, "image/png")})
+    expect_error(response, status, code)
+    assert client.get("/readyz").status_code == 200
+
+
+FIELD_CASES = {
+    "unknown_task": {"tasks": "detection,panoptic"},
+    "refine_too_many": {"refine_steps": "9"},
+    "refine_negative": {"refine_steps": "caption:-1"},
+    "refine_unknown_task": {"refine_steps": "depth:1"},
+    "refine_not_a_number": {"refine_steps": "caption:many"},
+    "threshold_above_one": {"score_threshold": "1.5"},
+    "threshold_not_a_number": {"score_threshold": "high"},
+    "max_detections_zero": {"max_detections": "0"},
+    "max_detections_over_slots": {"max_detections": "7"},
+    "mask_format": {"mask_format": "png"},
+    "misspelt_field": {"task": "caption"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIELD_CASES))
+def test_bad_parameters_are_422(client, case):
+    response = client.post("/predict", files={"image": ("x.png", png(), "image/png")},
+                           data=FIELD_CASES[case])
+    error = expect_error(response, 422, "validation_error")
+    field = next(iter(FIELD_CASES[case]))
+    assert field in error["message"] or "task" in error["message"]
+
+
+def test_missing_image_field(client):
+    error = expect_error(client.post("/predict", data={"tasks": "caption"},
+                                     files={"other": ("x.png", png())}), 422)
+    assert "image" in error["message"]
+
+
+def test_empty_multipart_body(client):
+    empty = client.post("/predict", content=b"",
+                        headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert "image" in expect_error(empty, 422, "validation_error")["message"]
+    no_boundary = client.post("/predict", content=b"",
+                              headers={"Content-Type": "multipart/form-data"})
+    expect_error(no_boundary, 400, "bad_request")
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "image/png", None,
+                                          "application/x-www-form-urlencoded"])
+def test_not_multipart_is_415(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/predict", content=png(), headers=headers)
+    expect_error(response, 415, "unsupported_media_type")
+
+
+def test_body_over_limit_by_content_length_is_413(client):
+    body, content_type = multipart({"image": b"\0" * (MAX_UPLOAD + 1)})
+    response = client.post("/predict", content=body, headers={"Content-Type": content_type})
+    expect_error(response, 413, "payload_too_large")
+    assert client.get("/readyz").status_code == 200
+
+
+def test_streamed_body_over_limit_is_413(client):
+    """No Content-Length (chunked): the bytes actually received are counted."""
+    body, content_type = multipart({"image": b"\0" * (3 * MAX_UPLOAD)})
+
+    def chunks():
+        for start in range(0, len(body), 16_384):
+            yield body[start : start + 16_384]
+
+    response = client.post("/predict", content=chunks(), headers={"Content-Type": content_type})
+    assert "content-length" not in response.request.headers
+    expect_error(response, 413, "payload_too_large")
+    assert client.get("/readyz").status_code == 200
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client):
+    expect_error(client.get("/nope"), 404, "not_found")
+    expect_error(client.get("/predict"), 405, "method_not_allowed")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(
+    st.binary(max_size=2000),
+    # Valid headers with random continuations reach deeper into the decoders.
+    st.tuples(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM",
+                               b"II*\x00", b"RIFF\x00\x00\x00\x00WEBPVP8 "]),
+              st.binary(max_size=2000)).map(lambda parts: parts[0] + parts[1]),
+))
+def test_arbitrary_bytes_never_cause_a_server_error(client, data):
+    response = client.post("/predict", files={"image": ("x", data)}, data={"tasks": "caption"})
+    assert response.status_code in (200, 400, 413), response.text
+
+
+def test_still_ready_after_all_that(client):
+    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.post("/predict", files={"image": ("x.png", png())},
+                       data={"tasks": "caption"}).status_code == 200
