@@ -55,7 +55,8 @@ def train(
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     out: Path = typer.Option(..., help="Checkpoint directory to write."),
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
-    steps: int = typer.Option(1000, min=1),
+    steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
+    stop_at: int | None = typer.Option(None, help="Stop (and save) at this step; resume later."),
     batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
     lr: float = typer.Option(1e-4),
     backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
@@ -82,6 +83,7 @@ def train(
 
     run_training(TrainConfig(
         data=data, out=out, preset=preset, split=split, val_split=val_split, steps=steps,
+        stop_at=stop_at,
         batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
         weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
         workers=workers, device=device, amp=amp, seed=seed, tokenizer=tokenizer,

@@ -37,7 +37,8 @@ class TrainConfig:
     preset: str = "tiny"
     split: str = "train2017"
     val_split: str = "val2017"
-    steps: int = 1000
+    steps: int = 1000  # length of the lr schedule
+    stop_at: int | None = None  # stop (and save) early without changing the schedule
     batch_size: int = 16  # per process
     lr: float = 1e-4
     backbone_lr_scale: float = 0.1
@@ -140,7 +141,8 @@ def train(cfg: TrainConfig) -> Path:
     dataset = CocoMultiTaskDataset(cfg.data, cfg.split,
                                    transforms=build_transforms(True, max(config.image_size),
                                                                flip_pairs))
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, cfg.steps,
+    last_step = min(cfg.steps, cfg.stop_at or cfg.steps)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, last_step,
                                rank, world)
     loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.workers,
                         collate_fn=CanvasCollate(config.image_size),
@@ -155,7 +157,7 @@ def train(cfg: TrainConfig) -> Path:
     ) if start_step == 0 else _resumed_scheduler(optimizer, cfg, start_step)
     amp = _autocast(device, cfg.amp)
     log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=last_step, initial=start_step, disable=rank != 0, dynamic_ncols=True)
     step, tic = start_step, time.perf_counter()
     for images, pads, targets in loader:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
@@ -178,13 +180,13 @@ def train(cfg: TrainConfig) -> Path:
             shown = {k[:3]: f"{v.item():.3f}" for k, v in losses.items()}
             bar.set_postfix(loss=f"{loss.item():.3f}", **shown, img_s=f"{rate:.1f}")
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == last_step:
                 log.write({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                            "grad_norm": grad_norm.item(), "images_per_s": rate,
                            **{k: v.item() for k, v in losses.items()}})
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == last_step:
                 _save(mad, optimizer, cfg, step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
                 _evaluate(mad, cfg, device, log, step)
                 network.train()
     bar.close()

@@ -1,6 +1,298 @@
-"""`mad bench` (being written)."""
+"""`mad bench`: every latency and throughput figure of the issue in one run, one report."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import typer
+from PIL import Image
+
+# Defaults fit a 2-core CPU in well under 10 minutes; --quick is the smoke-test size.
+DEFAULTS = {"repeats": 20, "warmup": 3, "ar_repeats": 3, "kept": 7, "fixed": 100,
+            "concurrency": "1,4,8", "http_requests": 200, "http_seconds": 8.0}
+QUICK = {"repeats": 3, "warmup": 1, "ar_repeats": 1, "kept": 2, "fixed": 10,
+         "concurrency": "1,2", "http_requests": 6, "http_seconds": 2.0,
+         "image_size": "96x96"}
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def bench():
-    """Benchmarks (being written)."""
-    raise SystemExit("mad bench: not available yet")
+def bench(
+    preset: str | None = typer.Option(None, help="tiny, r50, swin-b or vit-b with random "
+                                      "weights (default: the bundled model if present, "
+                                      "else tiny)."),
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint directory (default: the "
+                                           "bundled checkpoints/mad-tiny if present)."),
+    image_size: str | None = typer.Option(None, help="HxW of the input image and canvas "
+                                          "(default: the model's, r50: 800x1333)."),
+    backend: str = typer.Option("torch", help="torch, onnx or tensorrt."),
+    device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch on CUDA)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
+    batch_size: int = typer.Option(1, min=1, help="Images per model call."),
+    refine_steps: list[str] = typer.Option([], help="K for every task, or task:K "
+                                           "(default: the checkpoint's schedules)."),
+    repeats: int | None = typer.Option(None, min=1, help="Timed runs (20; quick 3)."),
+    warmup: int | None = typer.Option(None, min=0, help="Untimed runs first (3; quick 1)."),
+    ar_repeats: int | None = typer.Option(None, min=1, help="Timed autoregressive runs "
+                                          "(CPU 3, GPU = repeats; quick 1)."),
+    kept: int | None = typer.Option(None, min=1, help="Detections per image prompting "
+                                    "segmentation and keypoints (7; quick 2)."),
+    fixed: int | None = typer.Option(None, min=1, help="Sequences of the fixed-slots "
+                                     "comparison (100, the paper's num_slots; quick 10)."),
+    concurrency: str | None = typer.Option(None, help="HTTP client concurrency levels "
+                                           "(1,4,8; quick 1,2)."),
+    http_requests: int | None = typer.Option(None, min=1, help="Most requests per HTTP "
+                                             "level (200; quick 6)."),
+    http_seconds: float | None = typer.Option(None, min=0.1, help="Most seconds per HTTP "
+                                              "level (8; quick 2)."),
+    http: bool = typer.Option(True, "--http/--no-http", help="End-to-end HTTP benchmark."),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Eager vs ONNX Runtime."),
+    ar: bool = typer.Option(True, "--ar/--no-ar", help="Autoregressive baseline."),
+    variants: bool = typer.Option(True, "--variants/--no-variants",
+                                  help="GPU only: bf16, fp16, compile, CUDA graphs, TensorRT."),
+    out: Path = typer.Option(Path("benchmarks"), help="Report directory."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes (smoke test)."),
+):
+    """Benchmark the model and the service: stage latency, MAD vs autoregressive, kept vs
+    fixed sequences, eager vs ONNX Runtime (and GPU variants), HTTP latency and throughput
+    with and without dynamic batching. Prints the ratios; writes JSON + Markdown to --out."""
+    import torch
+
+    from mad.bench.workload import parse_size
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    given = {"repeats": repeats, "warmup": warmup, "ar_repeats": ar_repeats, "kept": kept,
+             "fixed": fixed, "concurrency": concurrency, "http_requests": http_requests,
+             "http_seconds": http_seconds, "image_size": image_size}
+    base = {**DEFAULTS, **(QUICK if quick else {})}
+    if device.startswith("cuda") and not quick:
+        base["ar_repeats"] = repeats or base["repeats"]  # AR is affordable on a GPU
+    opts = {k: v if v is not None else base.get(k) for k, v in given.items()}
+    try:
+        size = parse_size(opts["image_size"]) if opts["image_size"] else None
+        levels = sorted({int(c) for c in str(opts["concurrency"]).split(",") if c.strip()})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if quick and checkpoint is None and preset is None:
+        preset = "tiny"  # never the bundled model: the smoke test must not depend on it
+    run = BenchRun(preset=preset, checkpoint=checkpoint, size=size, backend=backend,
+                   device=device, precision=precision, compile=compile, batch_size=batch_size,
+                   refine=refine_steps, levels=levels, sections={"http": http, "onnx": onnx,
+                   "ar": ar, "variants": variants}, quick=quick, **{
+                       k: opts[k] for k in ("repeats", "warmup", "ar_repeats", "kept",
+                                            "fixed", "http_requests", "http_seconds")})
+    try:
+        report = run.execute()
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # no model to benchmark
+        raise SystemExit(f"mad bench: {exc}") from exc
+    from mad.bench.report import write_report
+
+    json_path, md_path = write_report(report, out)
+    typer.echo(headline(report))
+    typer.echo(f"wrote {json_path}\nwrote {md_path}")
+    if report["errors"]:
+        raise typer.Exit(1)
+
+
+def parse_refine(values: list[str], tasks: list[str]) -> dict[str, int]:
+    """["2"] -> every task 2; ["caption:3,keypoints:1"] -> those tasks."""
+    steps = {}
+    for item in values:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            task, sep, k = part.rpartition(":")
+            if sep and task not in tasks:
+                raise typer.BadParameter(f"unknown task {task!r}; the model has {tasks}")
+            if not k.isdigit():
+                raise typer.BadParameter(f"refine steps: {part!r} is not K or task:K")
+            steps.update({task: int(k)} if sep else dict.fromkeys(tasks, int(k)))
+    return steps
+
+
+class BenchRun:
+    """One `mad bench` invocation: sections run in order, each failure recorded, not fatal."""
+
+    def __init__(self, **settings):
+        self.s = settings
+        self.report = {"errors": {}, "skipped": {}}
+
+    def echo(self, text: str) -> None:
+        typer.echo(text, err=True)
+
+    def section(self, name: str, fn) -> None:
+        self.echo(f"[{name}]")
+        started = time.perf_counter()
+        try:
+            self.report[name] = fn()
+        except Exception as exc:
+            self.report["errors"][name] = f"{type(exc).__name__}: {exc}"
+            self.echo(traceback.format_exc(limit=4))
+        self.echo(f"  {time.perf_counter() - started:.1f} s")
+
+    def execute(self) -> dict:
+        from mad.bench.report import environment, now, targets
+
+        started, s = time.perf_counter(), self.s
+        self.report.update(schema="mad-bench/1", created=now(), environment=environment(ROOT))
+        with tempfile.TemporaryDirectory(prefix="mad-bench-") as tmp:
+            self.prepare(Path(tmp))
+            self.section("stage_latency", lambda: self.bench.stage_latency(s["repeats"],
+                                                                           s["warmup"]))
+            if s["sections"]["ar"]:
+                self.section("mad_vs_ar", self.mad_vs_ar)
+            else:
+                self.report["skipped"]["mad_vs_ar"] = "--no-ar"
+            self.section("kept_vs_fixed", self.kept_vs_fixed)
+            self.section("backends", self.backends)
+            self.bench = None  # free the model before the server loads its own
+            if s["sections"]["http"]:
+                self.section("http", self.http)
+            else:
+                self.report["skipped"]["http"] = "--no-http"
+        self.report["duration_s"] = time.perf_counter() - started
+        self.report["targets"] = targets(self.report)
+        return self.report
+
+    def prepare(self, tmp: Path) -> None:
+        from export.backends import create_runner
+        from mad.bench.model_bench import ModelBench, schedules
+        from mad.bench.workload import (
+            BUNDLED_CHECKPOINT,
+            jpeg_bytes,
+            load_model,
+            prepare_checkpoint,
+            synthetic_image,
+        )
+
+        s = self.s
+        self.checkpoint, source = prepare_checkpoint(s["preset"], s["checkpoint"], s["size"], tmp)
+        mad = load_model(self.checkpoint)
+        config, parameters = mad.config, sum(p.numel() for p in mad.network.parameters())
+        self.refine = parse_refine(s["refine"], list(config.tasks))
+        size = tuple(config.image_size)
+        self.payload = jpeg_bytes(synthetic_image(size))
+        # The JPEG round trip gives every section the pixels the service will decode.
+        self.image = Image.open(io.BytesIO(self.payload)).convert("RGB")
+        self.export_dir = None
+        wants_export = s["backend"] != "torch" or s["sections"]["onnx"] or (
+            s["device"].startswith("cuda") and s["sections"]["variants"])
+        if wants_export:
+            self.export(tmp / "onnx")
+        mad, runner = create_runner(s["backend"], self.checkpoint, s["device"],
+                                    precision=s["precision"], compile=s["compile"],
+                                    export_dir=self.export_dir)
+        self.bench = ModelBench(mad, runner, [self.image] * s["batch_size"], s["kept"],
+                                schedules(mad, self.refine))
+        self.report["model"] = {
+            "source": source, "name": config.name, "backbone": config.backbone,
+            "d_model": config.d_model, "layers": [config.encoder_layers, config.decoder_layers],
+            "num_slots": config.num_slots, "tasks": list(config.tasks),
+            "parameters": parameters,
+            "runner": runner.describe(), "image_jpeg_bytes": len(self.payload)}
+        self.report["settings"] = {
+            "preset": config.name, "image_size": list(size), "backend": s["backend"],
+            "device": s["device"], "precision": s["precision"], "compile": s["compile"],
+            "batch_size": s["batch_size"], "refine_steps": self.refine,
+            "repeats": s["repeats"], "warmup": s["warmup"], "ar_repeats": s["ar_repeats"],
+            "kept": s["kept"], "fixed": s["fixed"], "concurrency": s["levels"],
+            "http_requests": s["http_requests"], "http_seconds": s["http_seconds"],
+            "quick": s["quick"],
+            "bundled_model": Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT.resolve()}
+
+    def export(self, target: Path) -> None:
+        from export.onnx_export import export_onnx
+
+        self.echo("[onnx export]")
+        try:
+            export_onnx(self.checkpoint, target)
+            self.export_dir = target
+        except Exception as exc:  # ONNX sections are skipped, the rest still runs
+            self.report["errors"]["onnx_export"] = f"{type(exc).__name__}: {exc}"
+
+    def mad_vs_ar(self) -> dict:
+        from export.backends import create_runner
+        from mad.bench.model_bench import ModelBench, mad_vs_autoregressive
+
+        s, bench = self.s, self.bench
+        if getattr(bench.runner, "network", None) is None:  # AR needs the PyTorch network
+            mad, runner = create_runner("torch", self.checkpoint, s["device"])
+            bench = ModelBench(mad, runner, bench.images, bench.kept, bench.ratios)
+        return mad_vs_autoregressive(bench, s["repeats"], s["ar_repeats"], s["warmup"])
+
+    def kept_vs_fixed(self) -> dict:
+        from mad.bench.model_bench import kept_vs_fixed
+
+        s = self.s
+        return kept_vs_fixed(self.bench, s["kept"], s["fixed"], s["repeats"], s["warmup"])
+
+    def backends(self) -> dict:
+        s, out = self.s, {}
+        if not s["sections"]["onnx"]:
+            self.report["skipped"]["onnx_vs_eager"] = "--no-onnx"
+        elif self.export_dir is None:
+            self.report["skipped"]["onnx_vs_eager"] = "the ONNX export failed"
+        else:
+            from export.benchmark import compare_backends
+
+            out["onnx_vs_eager"] = compare_backends(
+                self.checkpoint, [self.image] * s["batch_size"], tuple(self.bench.tasks),
+                s["repeats"], s["warmup"], device=s["device"], refine_steps=self.refine,
+                export_dir=self.export_dir)
+        if not s["device"].startswith("cuda"):
+            self.report["skipped"]["gpu_variants"] = "no CUDA device"
+        elif not s["sections"]["variants"]:
+            self.report["skipped"]["gpu_variants"] = "--no-variants"
+        else:
+            from mad.bench.model_bench import gpu_variants
+
+            out["gpu_variants"] = gpu_variants(
+                self.checkpoint, s["device"], [self.image] * s["batch_size"], s["kept"],
+                self.refine, s["repeats"], s["warmup"], self.export_dir)
+        return out
+
+    def http(self) -> dict:
+        from mad.bench.http_bench import http_benchmark
+
+        s = self.s
+        return http_benchmark(
+            self.checkpoint, s["backend"], s["device"], self.payload,
+            # The service refuses max_detections above the model's slots.
+            list(self.report["model"]["tasks"]), min(s["kept"], self.report["model"]["num_slots"]),
+            self.refine, s["levels"],
+            s["http_requests"], s["http_seconds"], s["repeats"], s["warmup"],
+            export_dir=self.export_dir if s["backend"] != "torch" else None, echo=self.echo)
+
+
+def headline(report: dict) -> str:
+    """The ratios and targets, for the terminal."""
+    from mad.bench.report import fmt, table
+    from mad.bench.stats import median
+
+    lines = []
+    if stage := report.get("stage_latency"):
+        parts = ", ".join(f"{k} {v['median_ms']:.1f}" for k, v in stage["stages"].items())
+        lines.append(f"model median {median(stage['total']):.1f} ms ({parts})")
+    for key, value in (report.get("mad_vs_ar") or {}).get("ratios", {}).items():
+        lines.append(f"{key}: {fmt(value, 'x')}")
+    if kept := report.get("kept_vs_fixed"):
+        lines.append(f"fixed {kept['fixed']['per_image']} / kept {kept['kept']['per_image']}: "
+                     f"{fmt(kept['ratio'], 'x')}")
+    if onnx := (report.get("backends") or {}).get("onnx_vs_eager"):
+        lines.append(f"eager / onnx: {fmt(onnx.get('ratio'), 'x')}")
+    http = report.get("http") or {}
+    if overhead := http.get("overhead"):
+        lines.append(f"service overhead share: {fmt(100 * overhead['share'], '%')}")
+    if gain := http.get("batching_gain"):
+        lines.append(f"batching throughput gain at concurrency {gain['concurrency']}: "
+                     f"{fmt(gain['ratio'], 'x')}")
+    rows = [[t["target"], t["goal"], fmt(t["measured"], t["unit"]),
+             "–" if t["met"] is None else ("yes" if t["met"] else "no"),
+             "yes" if t["applies"] else "no"] for t in report["targets"]]
+    lines.append(table(["target", "goal", "measured", "met", "conditions match"], rows))
+    for name, error in report["errors"].items():
+        lines.append(f"ERROR {name}: {error}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""End-to-end HTTP benchmark: a real `mad serve` subprocess on loopback, loaded by asyncio
+clients at several concurrency levels, with dynamic batching off (MAD_MAX_BATCH_SIZE=1) and
+on (8).
+
+The service's own overhead (HTTP, multipart, image decoding, queueing, JSON) is the client's
+median latency at concurrency 1 minus the median of the same request run in-process through
+the same Pipeline, as a share of the client latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+from mad.bench.stats import median, ratio, summarize
+from model.pipeline import Pipeline, Request
+
+READY_TIMEOUT_S = 300.0  # a fresh r50 on CPU loads and warms up for a while
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`mad serve` in a subprocess, bound to 127.0.0.1 only; stopped with SIGTERM (drain)."""
+
+    def __init__(self, checkpoint: Path, backend: str, device: str, env: dict[str, str],
+                 export_dir: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Open as long as the server lives; closed (and deleted) by stop().
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "w+", prefix="mad-bench-serve-", suffix=".log")
+        command = [sys.executable, "-m", "mad.cli", "serve", "--checkpoint", str(checkpoint),
+                   "--backend", backend, "--device", device, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", "1"]
+        extra = {"MAD_LOG_LEVEL": "warning", **env}
+        if export_dir is not None:
+            extra["MAD_EXPORT_DIR"] = str(export_dir)
+        self.process = subprocess.Popen(command, env={**os.environ, **extra},
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mad serve exited ({self.process.returncode}):\n"
+                                   f"{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"mad serve not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-chars:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def form_fields(tasks: list[str], kept: int, refine: dict[str, int]) -> dict[str, str]:
+    """Threshold 0 with max_detections=kept: exactly `kept` detections prompt segmentation
+    and keypoints whatever the weights, like the in-process benchmarks."""
+    fields = {"tasks": ",".join(tasks), "score_threshold": "0", "max_detections": str(kept)}
+    if refine:
+        fields["refine_steps"] = ",".join(f"{t}:{k}" for t, k in refine.items())
+    return fields
+
+
+async def load(url: str, payload: bytes, fields: dict[str, str], concurrency: int,
+               max_requests: int, duration_s: float) -> dict:
+    """`concurrency` closed-loop clients until `max_requests` were sent or `duration_s` is up
+    -> latency percentiles, throughput, errors and the server's median stage timings."""
+    latencies, stage_ms, errors = [], {}, {}
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        deadline = time.perf_counter() + duration_s
+
+        async def client_loop():
+            nonlocal issued
+            while issued < max_requests and time.perf_counter() < deadline:
+                issued += 1
+                start = time.perf_counter()
+                try:
+                    response = await client.post(f"{url}/predict", data=fields,
+                                                 files={"image": ("bench.jpg", payload,
+                                                                  "image/jpeg")})
+                    body = response.json()  # parsing is part of what a client pays
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                if response.status_code != 200:
+                    errors[str(response.status_code)] = errors.get(str(response.status_code),
+                                                                   0) + 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                for stage, ms in body.get("timings_ms", {}).items():
+                    stage_ms.setdefault(stage, []).append(ms)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": issued, "ok": len(latencies),
+            "errors": errors, "seconds": elapsed, "throughput_rps": len(latencies) / elapsed,
+            "latency": summarize(latencies),
+            "server_timings_ms": {k: summarize([v / 1000 for v in vals])["median_ms"]
+                                  for k, vals in stage_ms.items()}}
+
+
+def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
+               refine: dict[str, int], repeats: int, warmup: int) -> dict:
+    """The same request through the Pipeline in this process (decoded image as the service
+    decodes it): the model's share of a request."""
+    image = Image.open(io.BytesIO(payload)).convert("RGB")
+    request = Request(image, tuple(tasks), dict(refine), 0.0, kept)
+    for _ in range(warmup):
+        pipeline([request])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipeline([request])
+        times.append(time.perf_counter() - start)
+    return summarize(times)
+
+
+def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
+                   tasks: list[str], kept: int, refine: dict[str, int],
+                   concurrency: list[int], max_requests: int, duration_s: float,
+                   repeats: int, warmup: int, export_dir: Path | None = None,
+                   batch_sizes: tuple[int, ...] = (1, 8), echo=print) -> dict:
+    from export.backends import create_runner
+
+    mad, runner = create_runner(backend, checkpoint, device, export_dir=export_dir)
+    pipeline_ms = in_process(Pipeline(mad, runner), payload, tasks, kept, refine, repeats,
+                             warmup)
+    del mad, runner  # the server loads its own copy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    fields = form_fields(tasks, kept, refine)
+    modes = {}
+    for batch in batch_sizes:
+        name = "batching_off" if batch == 1 else f"batching_{batch}"
+        env = {"MAD_MAX_BATCH_SIZE": str(batch), "MAD_QUEUE_SIZE": str(4 * max(concurrency))}
+        echo(f"  starting mad serve (MAD_MAX_BATCH_SIZE={batch})")
+        with Server(checkpoint, backend, device, env, export_dir) as server:
+            asyncio.run(load(server.url, payload, fields, 1, max(warmup, 1), 60.0))  # warm
+            levels = {}
+            for c in concurrency:
+                result = asyncio.run(load(server.url, payload, fields, c, max_requests,
+                                          duration_s))
+                echo(f"    concurrency {c:>3}: {result['throughput_rps']:.2f} req/s, "
+                     f"p50 {median(result['latency']) or float('nan'):.1f} ms, "
+                     f"{sum(result['errors'].values())} errors")
+                levels[str(c)] = result
+        modes[name] = {"max_batch_size": batch, "levels": levels}
+    return {"pipeline_in_process": pipeline_ms, "form": fields, "image_bytes": len(payload),
+            "modes": modes, **summary(modes, pipeline_ms, concurrency)}
+
+
+def summary(modes: dict, pipeline_ms: dict, concurrency: list[int]) -> dict:
+    """Overhead share (concurrency 1, batching off) and batching's throughput gain at the
+    highest concurrency measured."""
+    out = {}
+    off = modes.get("batching_off", {}).get("levels", {})
+    base = off.get("1") or (off[str(min(concurrency))] if off else None)
+    if base and base["ok"]:
+        client = median(base["latency"])
+        model = median(pipeline_ms)
+        out["overhead"] = {
+            "client_median_ms": client, "pipeline_median_ms": model,
+            "overhead_ms": client - model, "share": (client - model) / client,
+            # Alternative from the server's own stage timings (image decoding counts as
+            # preprocess there, so this share leaves it out):
+            "share_from_timings": timings_share(base),
+        }
+    top = str(max(concurrency))
+    batched = [m for name, m in modes.items() if name != "batching_off"]
+    if off.get(top) and batched and batched[-1]["levels"].get(top):
+        on = batched[-1]["levels"][top]
+        out["batching_gain"] = {"concurrency": int(top),
+                                "throughput_off_rps": off[top]["throughput_rps"],
+                                "throughput_on_rps": on["throughput_rps"],
+                                "ratio": ratio(on["throughput_rps"], off[top]["throughput_rps"])}
+    return out
+
+
+def timings_share(level: dict) -> float | None:
+    stages = level["server_timings_ms"]
+    model = sum(v for k, v in stages.items()
+                if k not in ("queue", "postprocess", "total") and v is not None)
+    client = median(level["latency"])
+    return None if not client else (client - model) / client

@@ -1,0 +1,267 @@
+"""In-process model benchmarks: stage latency, MAD vs autoregressive, kept vs fixed sequences,
+and (on GPU) precision / compilation / runtime variants.
+
+The stages are the pipeline's (model/pipeline.py) run one by one with a fixed workload:
+segmentation and keypoints are prompted by exactly `kept` boxes per image instead of by
+whatever a (possibly random-weight) detector lets through, so timings compare across
+checkpoints and runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mad.bench.stats import measure, median, ratio, summarize, synchronize
+from mad.bench.workload import detection_prompts
+from model.autoregressive import autoregressive_decode
+from model.checkpoint import MAD
+from model.codecs import DecodeContext
+from model.decoding import mask_schedule, masked_decode
+from model.preprocess import letterbox, pil_to_tensor
+
+TASK_ORDER = ("detection", "segmentation", "keypoints", "caption")
+PROMPTED = ("segmentation", "keypoints")
+
+
+def schedules(mad: MAD, refine_steps: dict[str, int]) -> dict[str, list[float]]:
+    """Mask-ratio schedule per task: K from `refine_steps`, else the checkpoint's default."""
+    default = mad.config.schedules
+    return {task: mask_schedule(refine_steps.get(task, len(default.get(task, []))),
+                                default.get(task, []))
+            for task in mad.config.tasks}
+
+
+class Laps:
+    """Consecutive stage durations of one run, synchronised so GPU work lands in its stage."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+        synchronize(device)
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        return {**self.times, "total": self.last - self.start}
+
+
+def measure_laps(fn: Callable[[], dict[str, float]], repeats: int, warmup: int) -> dict:
+    """fn() -> {stage: seconds}; -> {stage: summary} over `repeats` runs after warm-up."""
+    for _ in range(warmup):
+        fn()
+    runs = [fn() for _ in range(repeats)]
+    return {name: summarize([run[name] for run in runs]) for name in runs[0]}
+
+
+class ModelBench:
+    """One model, one runner, one batch of images; every task with a controlled workload."""
+
+    def __init__(self, mad: MAD, runner, images: list[Image.Image], kept: int,
+                 ratios: dict[str, list[float]]):
+        self.mad, self.runner, self.images, self.kept = mad, runner, images, kept
+        self.ratios = ratios
+        self.device = torch.device(getattr(runner, "device", "cpu"))
+        self.tasks = [t for t in TASK_ORDER if t in mad.config.tasks]
+
+    def preprocess(self):
+        tensors, pads, contexts = [], [], []
+        for image in self.images:
+            pixels = pil_to_tensor(image)
+            canvas, pad, scale = letterbox(pixels, self.mad.config.image_size)
+            tensors.append(canvas)
+            pads.append(pad)
+            contexts.append(DecodeContext(self.mad.config.image_size, scale,
+                                            tuple(pixels.shape[-2:])))
+        return torch.stack(tensors), torch.stack(pads), contexts
+
+    def sequences(self, task: str, contexts, per_image: int | None = None):
+        """-> (prompts [S, P], image_index [S], codec.decode kwargs, contexts of the S)."""
+        codec = self.mad.codecs[task]
+        if codec.needs_detections:
+            tokens, owners, boxes, ctx = detection_prompts(
+                self.mad, self.kept if per_image is None else per_image, contexts)
+            return codec.prompts(tokens), owners, {"boxes": boxes}, ctx
+        return codec.prompts(len(contexts)), torch.arange(len(contexts)), {}, contexts
+
+    def decode(self, task: str, memory, seqs, ratios: list[float]) -> torch.Tensor:
+        prompts, owners = seqs[0].to(self.device), seqs[1].to(self.device)
+        return masked_decode(self.runner, memory, self.mad.codecs[task], prompts, owners, ratios)
+
+    def postprocess(self, task: str, logits: torch.Tensor, seqs):
+        return self.mad.codecs[task].decode(logits.cpu(), None, seqs[3], **seqs[2])
+
+    def passes(self, task: str) -> int:
+        body = self.mad.codecs[task].body_len
+        return 1 + sum(round(r * body) > 0 for r in self.ratios[task])
+
+    def run(self) -> dict[str, float]:
+        """One image batch through every task -> seconds per stage (and total)."""
+        laps = Laps(self.device)
+        tensors, pads, contexts = self.preprocess()
+        laps.lap("preprocess")
+        memory = self.runner.encode(tensors, pads)
+        laps.lap("encode")
+        outputs = {}
+        for task in self.tasks:
+            seqs = self.sequences(task, contexts)
+            outputs[task] = (self.decode(task, memory, seqs, self.ratios[task]), seqs)
+            laps.lap(task)
+        for task, (logits, seqs) in outputs.items():
+            self.postprocess(task, logits, seqs)
+        laps.lap("postprocess")
+        return laps.done()
+
+    def stage_latency(self, repeats: int, warmup: int) -> dict:
+        stages = measure_laps(self.run, repeats, warmup)
+        _, _, contexts = self.preprocess()
+        return {"stages": stages, "total": stages.pop("total"),
+                "passes": {t: self.passes(t) for t in self.tasks},
+                "sequences": {t: len(self.sequences(t, contexts)[0]) for t in self.tasks},
+                "schedules": {t: self.ratios[t] for t in self.tasks}}
+
+    def encoded(self):
+        tensors, pads, contexts = self.preprocess()
+        return (tensors, pads), self.runner.encode(tensors, pads), contexts
+
+
+def mad_vs_autoregressive(bench: ModelBench, repeats: int, ar_repeats: int,
+                          warmup: int) -> dict:
+    """Per task: masked decoding with K=0 and with the schedule vs greedy autoregressive
+    decoding of the same sequences, with and without the self-attention KV cache. Totals add
+    the (shared) image encoding, so they are the model's time for all tasks."""
+    runner = bench.runner
+    network = runner.network
+    inputs, memory, contexts = bench.encoded()
+    device = bench.device
+    encode = measure(lambda: runner.encode(*inputs), repeats, warmup, device)
+    autocast = getattr(runner, "autocast", None)
+
+    def ar(task, seqs, cache):
+        prompts, owners = seqs[0].to(device), seqs[1].to(device)
+        with autocast() if autocast else contextlib.nullcontext():
+            return autoregressive_decode(network, memory, bench.mad.codecs[task], prompts,
+                                         owners, use_cache=cache)
+
+    modes = ("mad_k0", "mad_schedule", "ar_cache", "ar_no_cache")
+    tasks, totals = {}, dict.fromkeys(modes, median(encode))
+    ar_warmup = min(warmup, 1) if device.type == "cuda" else 0  # a CPU AR warm-up costs a run
+    for task in bench.tasks:
+        seqs = bench.sequences(task, contexts)
+        tasks[task] = {
+            "sequences": len(seqs[0]), "tokens": bench.mad.codecs[task].body_len,
+            "mad_k0": measure(lambda t=task, s=seqs: bench.decode(t, memory, s, []),
+                              repeats, warmup, device),
+            "mad_schedule": measure(lambda t=task, s=seqs: bench.decode(
+                t, memory, s, bench.ratios[t]), repeats, warmup, device),
+            "ar_cache": measure(lambda t=task, s=seqs: ar(t, s, True), ar_repeats, ar_warmup,
+                                device),
+            "ar_no_cache": measure(lambda t=task, s=seqs: ar(t, s, False), ar_repeats,
+                                   ar_warmup, device),
+        }
+        for mode in modes:
+            totals[mode] += median(tasks[task][mode])
+    return {"encode": encode, "tasks": tasks, "totals_ms": totals,
+            "ratios": {
+                "ar_cache_vs_mad_schedule": ratio(totals["ar_cache"], totals["mad_schedule"]),
+                "ar_cache_vs_mad_k0": ratio(totals["ar_cache"], totals["mad_k0"]),
+                "ar_no_cache_vs_mad_schedule": ratio(totals["ar_no_cache"],
+                                                     totals["mad_schedule"]),
+                "ar_no_cache_vs_ar_cache": ratio(totals["ar_no_cache"], totals["ar_cache"]),
+            }}
+
+
+def kept_vs_fixed(bench: ModelBench, kept: int, fixed: int, repeats: int, warmup: int) -> dict:
+    """Segmentation + keypoints prompted by `kept` detections per image vs by `fixed` (the
+    paper decodes all num_slots=100 sequences), decoding and postprocessing timed apart."""
+    _, memory, contexts = bench.encoded()
+    tasks = [t for t in PROMPTED if t in bench.tasks]
+    out = {"tasks": tasks}
+    for name, count in (("kept", kept), ("fixed", fixed)):
+        prepared = {t: bench.sequences(t, contexts, count) for t in tasks}
+
+        def run(prepared=prepared):
+            laps, logits = Laps(bench.device), {}
+            for t in tasks:
+                logits[t] = bench.decode(t, memory, prepared[t], bench.ratios[t])
+            laps.lap("decode")
+            for t in tasks:
+                bench.postprocess(t, logits[t], prepared[t])
+            laps.lap("postprocess")
+            return laps.done()
+
+        out[name] = {"per_image": count, **measure_laps(run, repeats, warmup)}
+    out["ratio"] = ratio(median(out["fixed"]["total"]), median(out["kept"]["total"]))
+    out["ratio_decode_only"] = ratio(median(out["fixed"]["decode"]),
+                                     median(out["kept"]["decode"]))
+    return out
+
+
+# --- GPU variants -------------------------------------------------------------------------
+def gpu_variants(checkpoint: Path, device: str, images, kept: int, refine: dict[str, int],
+                 repeats: int, warmup: int, export_dir: Path | None) -> dict:
+    """The same workload under each GPU option present: bf16 / fp16 autocast, torch.compile,
+    CUDA graphs (compile mode reduce-overhead), ONNX Runtime (CUDA/TensorRT providers) and
+    TensorRT engines. One failing option (missing library, unsupported op) is recorded, not
+    fatal."""
+    from export.backends import create_runner
+
+    specs = {
+        "torch-fp32": ("torch", {}),
+        "torch-bf16": ("torch", {"precision": "bf16"}),
+        "torch-fp16": ("torch", {"precision": "fp16"}),
+        "torch-fp32-compile": ("torch", {"compile": True}),
+        "torch-bf16-cudagraphs": ("torch", {"precision": "bf16", "cudagraphs": True}),
+        "onnx": ("onnx", {"export_dir": export_dir}),
+        "tensorrt": ("tensorrt", {"export_dir": export_dir}),
+    }
+    out = {}
+    for name, (backend, options) in specs.items():
+        if backend != "torch" and export_dir is None:
+            out[name] = {"error": "no ONNX export (it failed or was not made)"}
+            continue
+        try:
+            cudagraphs = options.pop("cudagraphs", False)
+            mad, runner = create_runner(backend, checkpoint, device, **options)
+            if cudagraphs:
+                use_cuda_graphs(runner)
+            bench = ModelBench(mad, runner, images, kept, schedules(mad, refine))
+            # Compiled variants compile (and capture graphs) during warm-up.
+            result = bench.stage_latency(repeats, max(warmup, 3 if backend == "torch" else 1))
+            out[name] = {"total": result["total"], "encode": result["stages"]["encode"],
+                         "describe": runner.describe()}
+        except Exception as exc:  # report what could not run and go on
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            mad = runner = bench = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    base = median(out["torch-fp32"].get("total"))
+    for entry in out.values():
+        if "total" in entry:
+            entry["speedup_vs_fp32"] = ratio(base, median(entry["total"]))
+    return out
+
+
+def use_cuda_graphs(runner) -> None:
+    """Compile a TorchRunner with mode="reduce-overhead": static shapes replayed as CUDA graphs
+    (one graph per task shape), which removes the kernel-launch cost of small decoder passes."""
+    network = runner.network
+    encode = torch.compile(network.encode, mode="reduce-overhead", dynamic=False)
+    runner._decode = torch.compile(network.decode, mode="reduce-overhead", dynamic=False)
+
+    def encode_step(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # a new image batch: old outputs are dead
+        return encode(*args)
+
+    runner._encode = encode_step

@@ -1,0 +1,141 @@
+"""`mad bench`: helpers, the report, and a --quick smoke run that writes the files.
+
+Nothing here asserts a timing: the numbers depend on the machine; only their presence and
+shape are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mad.bench.cli import parse_refine
+from mad.bench.model_bench import ModelBench, kept_vs_fixed, mad_vs_autoregressive, schedules
+from mad.bench.report import markdown, targets
+from mad.bench.stats import measure, percentile, ratio, summarize
+from mad.bench.workload import (
+    detection_prompts,
+    load_model,
+    parse_size,
+    prepare_checkpoint,
+    resolve_checkpoint,
+    synthetic_image,
+)
+from mad.cli import app
+from model.codecs import DecodeContext
+from model.runner import TorchRunner
+
+REPORT_KEYS = {"schema", "created", "environment", "model", "settings", "stage_latency",
+               "mad_vs_ar", "kept_vs_fixed", "backends", "http", "targets", "errors",
+               "skipped", "duration_s"}
+SUMMARY_KEYS = {"median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "n"}
+
+
+def test_percentiles_and_summary():
+    assert percentile([3, 1, 2], 50) == 2
+    assert percentile(range(101), 90) == 90
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert math.isnan(percentile([], 50))
+    stats = summarize([0.001, 0.002, 0.003])
+    assert set(stats) == SUMMARY_KEYS
+    assert stats["median_ms"] == pytest.approx(2.0)
+    assert summarize([]) == {"n": 0}
+    assert ratio(10.0, 2.0) == 5.0
+    assert ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
+    calls = []
+    assert measure(lambda: calls.append(1), repeats=3, warmup=2)["n"] == 3
+    assert len(calls) == 5
+
+
+def test_parse_options():
+    assert parse_size("800x1333") == (800, 1333)
+    with pytest.raises(ValueError):
+        parse_size("800")
+    tasks = ["detection", "caption"]
+    assert parse_refine(["2"], tasks) == {"detection": 2, "caption": 2}
+    assert parse_refine(["caption:3, detection:0"], tasks) == {"caption": 3, "detection": 0}
+
+
+def test_checkpoint_resolution(micro_checkpoint, tmp_path):
+    assert resolve_checkpoint("tiny", None) is None  # a preset means random weights
+    assert resolve_checkpoint(None, micro_checkpoint) == micro_checkpoint
+    same, _ = prepare_checkpoint(None, micro_checkpoint, (96, 96), tmp_path)
+    assert same == micro_checkpoint
+    # Another canvas: a copy with the config changed, the original untouched.
+    copy, source = prepare_checkpoint(None, micro_checkpoint, (64, 80), tmp_path)
+    assert copy != micro_checkpoint and "64x80" in source
+    assert load_model(copy).config.image_size == (64, 80)
+    assert load_model(micro_checkpoint).config.image_size == (96, 96)
+
+
+def test_detection_prompts(micro_model):
+    contexts = [DecodeContext((96, 96), 1.0, (96, 96))] * 2
+    tokens, owners, boxes, ctx = detection_prompts(micro_model, 5, contexts)
+    assert tokens.shape == (10, 5) and owners.tolist() == [0] * 5 + [1] * 5
+    assert len(boxes) == len(ctx) == 10
+    person = micro_model.config.class_names.index(micro_model.config.person_class)
+    assert (tokens[:, 4] == micro_model.vocab.class_token(person)).all()
+
+
+def test_model_sections(micro_model):
+    runner = TorchRunner(micro_model.network)
+    bench = ModelBench(micro_model, runner, [synthetic_image((96, 96))] * 2, kept=3,
+                       ratios=schedules(micro_model, {"caption": 2}))
+    stage = bench.stage_latency(repeats=2, warmup=1)
+    assert set(stage["stages"]) == {"preprocess", "encode", *micro_model.config.tasks,
+                                    "postprocess"}
+    assert stage["sequences"]["segmentation"] == 6 and stage["passes"]["caption"] == 3
+    with torch.no_grad():
+        versus = mad_vs_autoregressive(bench, repeats=1, ar_repeats=1, warmup=0)
+    assert set(versus["tasks"]["keypoints"]) >= {"mad_k0", "mad_schedule", "ar_cache",
+                                                 "ar_no_cache"}
+    assert all(v > 0 for v in versus["ratios"].values())
+    kept = kept_vs_fixed(bench, kept=1, fixed=4, repeats=1, warmup=0)
+    assert kept["kept"]["per_image"] == 1 and kept["fixed"]["per_image"] == 4
+    assert kept["ratio"] > 0
+
+
+def test_targets_report_without_sections():
+    """Sections that did not run leave their targets unmeasured, not failed."""
+    report = {"settings": {"device": "cpu", "preset": "tiny", "image_size": [96, 96],
+                           "batch_size": 1, "bundled_model": False},
+              "kept_vs_fixed": {"ratio": 6.0, "fixed": {"per_image": 100}}}
+    rows = {row["target"].split(":")[1].strip()[:10]: row for row in targets(report)}
+    assert rows["fixed 100 "]["met"] is True and rows["fixed 100 "]["applies"] is True
+    assert all(row["met"] is None for key, row in rows.items() if key != "fixed 100 ")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_report(micro_checkpoint, tmp_path):
+    """The whole command at smoke size: every section (ONNX export, a real `mad serve` on
+    loopback with batching off and on) runs and the report files hold the expected keys."""
+    out = tmp_path / "benchmarks"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--checkpoint", str(micro_checkpoint),
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    [json_path] = out.glob("bench-*.json")
+    [md_path] = out.glob("bench-*.md")
+    report = json.loads(json_path.read_text())
+    assert set(report) >= REPORT_KEYS
+    assert report["errors"] == {}
+    assert report["environment"]["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert set(report["stage_latency"]["total"]) == SUMMARY_KEYS
+    assert report["backends"]["onnx_vs_eager"]["ratio"] > 0
+    http = report["http"]
+    assert set(http["modes"]) == {"batching_off", "batching_8"}
+    assert set(http["modes"]["batching_8"]["levels"]) == {"1", "2"}
+    level = http["modes"]["batching_off"]["levels"]["1"]
+    assert level["ok"] > 0 and level["errors"] == {}
+    assert {"queue", "encode", "total"} <= set(level["server_timings_ms"])
+    assert "share" in http["overhead"] and "ratio" in http["batching_gain"]
+    assert len(report["targets"]) == 6
+    text = md_path.read_text()
+    for heading in ("## Targets", "## Stage latency", "## MAD vs autoregressive",
+                    "## Kept detections", "## Eager PyTorch vs ONNX Runtime", "## HTTP"):
+        assert heading in text
+    assert markdown(report) == text
+    assert "ar_cache_vs_mad_schedule" in result.output  # the ratios are printed
