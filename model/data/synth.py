@@ -18,18 +18,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-CATEGORIES = ["person", "circle", "square", "triangle", "star", "hexagon"]  # COCO ids 1..6
-KEYPOINT_NAMES = [
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
-    "left_wrist", "right_wrist", "left_hip", "right_hip",
-    "left_knee", "right_knee", "left_ankle", "right_ankle",
-]  # fmt: skip
-# COCO's own skeleton (1-based keypoint indices).
-SKELETON = [
-    [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
-    [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
-]  # fmt: skip
+from model.config import COCO_KEYPOINT_NAMES, COCO_SKELETON, SYNTH_CLASS_NAMES
+from model.data.captions import make_captions
+
+CATEGORIES = list(SYNTH_CLASS_NAMES)  # COCO ids 1..6
+KEYPOINT_NAMES = list(COCO_KEYPOINT_NAMES)
+SKELETON = [[a + 1, b + 1] for a, b in COCO_SKELETON]  # COCO files use 1-based indices
 # Saturated colours, far from the pastel/grey backgrounds.
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
@@ -261,96 +255,6 @@ def _keypoint_visibility(joints: np.ndarray, owner: np.ndarray, index: int) -> n
             continue
         kps[k] = (x, y, 1 if owner[y, x] > index else 2)
     return kps
-
-
-# --------------------------------------------------------------------------- captions
-# Small, regular vocabulary (lowercase, no punctuation, <= 18 words) so a short-sequence
-# caption model can learn it. Horizontal flip swaps "left"/"right" (see transforms.py).
-
-NUMBER_WORDS = ["no", "a", "two", "three", "four", "five", "six", "seven", "eight"]
-MAX_CAPTION_WORDS = 18
-
-
-def _noun(category: str, n: int) -> str:
-    if n == 1:
-        return category
-    return "people" if category == "person" else category + "s"
-
-
-def _with_article(words: list[str]) -> str:
-    if words[0] == "a" and words[1][0] in "aeiou":
-        words[0] = "an"
-    return " ".join(words)
-
-
-def _phrase(category: str, colour: str, n: int = 1) -> str:
-    if category == "person":  # "a person in red" reads better than "a red person"
-        return _with_article([NUMBER_WORDS[n], _noun(category, n), "in", colour])
-    return _with_article([NUMBER_WORDS[n], colour, _noun(category, n)])
-
-
-def _centre(obj: dict) -> tuple[float, float]:
-    x, y, w, h = obj["bbox"]
-    return x + w / 2, y + h / 2
-
-
-def _relation(a: dict, b: dict) -> str:
-    """Where a is relative to b, from box centres (image left/right, viewer's frame)."""
-    (ax, ay), (bx, by) = _centre(a), _centre(b)
-    dx, dy = ax - bx, ay - by
-    near = 0.25 * (a["bbox"][2] + a["bbox"][3] + b["bbox"][2] + b["bbox"][3]) / 2
-    if abs(dx) < near and abs(dy) < near:
-        return "next to"
-    if abs(dx) >= abs(dy):
-        return "to the left of" if dx < 0 else "to the right of"
-    return "above" if dy < 0 else "below"
-
-
-def _position(obj: dict, w: int, h: int) -> str:
-    cx, cy = _centre(obj)
-    col = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else ""
-    row = "top" if cy < h / 3 else "bottom" if cy > 2 * h / 3 else ""
-    if row:
-        return f"at the {row} {col}".strip()
-    return f"on the {col}" if col else "in the middle"
-
-
-def make_captions(rng: np.random.Generator, objects: list[dict], w: int, h: int, bg: str) -> list:
-    """Five captions naming counts, colours, shapes and one spatial relation."""
-    # Groups of identical (category, colour), most salient (largest total area) first.
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for obj in objects:
-        groups.setdefault((obj["category"], obj["colour"]), []).append(obj)
-    ranked = sorted(groups.items(), key=lambda kv: -sum(o["area"] for o in kv[1]))
-    group_phrases = [_phrase(cat, col, len(objs)) for (cat, col), objs in ranked]
-    by_area = sorted(objects, key=lambda o: -o["area"])
-    a = by_area[0]
-    a_text = _phrase(a["category"], a["colour"])
-
-    def listing(prefix: str = "", suffix: str = "") -> str:
-        # As many groups as fit the word budget (at most three), joined by "and".
-        k = min(3, len(group_phrases))
-        while True:
-            text = " ".join(p for p in (prefix, " and ".join(group_phrases[:k]), suffix) if p)
-            if k == 1 or len(text.split()) <= MAX_CAPTION_WORDS:
-                return text
-            k -= 1
-
-    position = f"{a_text} {_position(a, w, h)}"
-    pool = [listing("a picture of"), listing(suffix=f"on a {bg} background")]
-    pool.append(listing("an image with"))
-    if len(by_area) > 1:
-        b = by_area[1]
-        b_text = _phrase(b["category"], b["colour"])
-        relation = f"{a_text} {_relation(a, b)} {b_text}"
-        pool.append(f"{b_text} {_relation(b, a)} {a_text}")
-        pool.append(f"{NUMBER_WORDS[len(objects)]} objects including {group_phrases[0]}")
-        pool.append(position)
-    else:  # a lone object: its place in the image is the spatial fact
-        relation = position
-        pool.append(f"a single {a_text.split(' ', 1)[1]}")
-    picks = rng.choice(len(pool), size=3, replace=False)
-    return [listing(), relation, *(pool[int(i)] for i in sorted(picks))]
 
 
 # --------------------------------------------------------------------------- writer
