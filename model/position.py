@@ -11,15 +11,16 @@ def sine_position_encoding(pad_mask: torch.Tensor, dim: int, temperature: float 
                            ) -> torch.Tensor:
     """pad_mask [B, H, W] (True = padding) -> [B, dim, H, W] position encoding.
 
-    Positions are normalised by the unpadded extent of each image, so the same pixel of the
-    image content gets the same code whatever the padding.
+    Positions are fractions of the whole (letterboxed) canvas, not of each image's unpadded
+    extent as in DETR: coordinate tokens are binned over the canvas, so a feature's code then
+    says directly which bins it covers, whatever the image's aspect ratio.
     """
-    not_pad = (~pad_mask).float()
-    y = not_pad.cumsum(1)
-    x = not_pad.cumsum(2)
-    eps, scale = 1e-6, 2 * math.pi
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
+    B, H, W = pad_mask.shape
+    scale = 2 * math.pi
+    ys = (torch.arange(H, dtype=torch.float, device=pad_mask.device) + 0.5) / H * scale
+    xs = (torch.arange(W, dtype=torch.float, device=pad_mask.device) + 0.5) / W * scale
+    y = ys.view(1, H, 1).expand(B, H, W)
+    x = xs.view(1, 1, W).expand(B, H, W)
     half = dim // 2
     freqs = torch.arange(half, dtype=torch.float, device=pad_mask.device)
     freqs = temperature ** (2 * torch.div(freqs, 2, rounding_mode="floor") / half)
