@@ -54,6 +54,16 @@ class VocabularyHead(nn.Module):
         return scale * h @ F.normalize(embeddings, dim=-1).t()
 
 
+def coordinate_code(num_tokens: int, dim: int) -> torch.Tensor:
+    """[num_tokens, dim] sine code of positions 0..1 (log-spaced frequencies), scaled to the
+    norm of an N(0, 1) row so it sits among the other embeddings."""
+    position = torch.linspace(0, 1, num_tokens).unsqueeze(1)
+    freqs = math.pi * torch.logspace(0, math.log10(max(num_tokens / 2, 2)), dim // 2)
+    angles = position * freqs
+    code = torch.cat([angles.sin(), angles.cos()], 1)
+    return F.pad(code, (0, dim - code.shape[1])) * math.sqrt(2)
+
+
 class MADNetwork(nn.Module):
     def __init__(self, config: ModelConfig, vocab: VocabLayout, max_seq_len: int):
         super().__init__()
@@ -73,7 +83,13 @@ class MADNetwork(nn.Module):
         self.seq_pos = nn.Embedding(max_seq_len, d)  # shared by every task, truncated per task
         self.head = VocabularyHead(d)
         # Both keep nn.Embedding's N(0, 1) init, like DETR's queries: in a post-norm decoder,
-        # positions initialised small are drowned by the unit-scale activations.
+        # positions initialised small are drowned by the unit-scale activations. Coordinate
+        # tokens instead start from a sine code of their bin: with the cosine head, random
+        # (near-orthogonal) rows make every wrong bin equally wrong and coordinates learn
+        # very slowly; similar neighbours give smooth distributions from the first step.
+        with torch.no_grad():
+            coords = self.token_embedding.weight[vocab.coord_start : vocab.coord_stop]
+            coords.copy_(coordinate_code(len(coords), d))
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
