@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from export.onnx_runner import cpu_name
 from mad.bench.stats import median
 
 SCHEMA = "mad-bench/1"
@@ -34,16 +35,6 @@ def git_commit(root: Path) -> dict:
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": None if dirty is None else bool(dirty)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def memory_gib() -> float | None:
