@@ -39,6 +39,16 @@ def mask_schedule(steps: int, default: list[float]) -> list[float]:
     return [first + (last - first) * i / (steps - 1) for i in range(steps)]
 
 
+def remask_count(ratio: float, length: int) -> int:
+    """Tokens a step with this mask ratio re-masks (a step re-masking none is skipped)."""
+    return round(ratio * length)
+
+
+def decoder_passes(ratios: list[float], length: int) -> int:
+    """Decoder passes masked_decode makes for this schedule: one, plus each real step."""
+    return 1 + sum(remask_count(r, length) > 0 for r in ratios)
+
+
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """[S, L] -> bool [S, L], True at each row's `count` lowest scores."""
     chosen = torch.zeros_like(scores, dtype=torch.bool)
@@ -63,7 +73,7 @@ def masked_decode(runner: Runner, memory, codec: TaskCodec, prompts: torch.Tenso
     logits = run(torch.full((len(prompts), L), mask_id, device=device))
     generator = torch.Generator().manual_seed(REFINE_SEED)
     for ratio in ratios:
-        count = round(ratio * L)
+        count = remask_count(ratio, L)
         if count == 0:
             continue
         probs = logits.softmax(-1)

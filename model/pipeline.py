@@ -18,10 +18,11 @@ from PIL import Image
 from model.checkpoint import MAD
 from model.codecs import DecodeContext
 from model.codecs.detection import Detections
-from model.decoding import Runner, mask_schedule, masked_decode
+from model.decoding import Runner, decoder_passes, mask_schedule, masked_decode
 from model.preprocess import letterbox, pil_to_tensor
 
-DETECTION_DEPENDENT = ("segmentation", "keypoints")
+# Tasks prompted by detections, and the Result field holding one output per detection.
+DETECTION_DEPENDENT = {"segmentation": "masks", "keypoints": "keypoints"}
 
 
 @dataclass
@@ -110,8 +111,7 @@ class Pipeline:
         logits = masked_decode(self.runner, memory, self.codecs[task], prompts.to(self.device),
                                image_index.to(self.device), list(ratios))
         for i in set(owners):
-            results[i].passes[task] = 1 + sum(round(r * self.codecs[task].body_len) > 0
-                                              for r in ratios)
+            results[i].passes[task] = decoder_passes(ratios, self.codecs[task].body_len)
         return logits.cpu()
 
     def detect(self, requests, results, memory, contexts):
@@ -128,10 +128,10 @@ class Pipeline:
     def prompted_by_detections(self, task, requests, results, memory, contexts):
         codec = self.codecs[task]
         person = codec.person_label if task == "keypoints" else None
-        for i in range(len(results)):
-            if task in results[i].tasks:
-                setattr(results[i], task if task == "keypoints" else "masks",
-                        [None] * len(results[i].detections))
+        field = DETECTION_DEPENDENT[task]
+        for result in results:
+            if task in result.tasks:
+                setattr(result, field, [None] * len(result.detections))
         for ratios, idx in self.groups(task, requests, results):
             owners, which = [], []  # (image, detection) of each sequence
             for i in idx:
@@ -148,7 +148,7 @@ class Pipeline:
             boxes = [results[i].detections.boxes[j] for i, j in zip(owners, which, strict=True)]
             outputs = codec.decode(logits, None, [contexts[i] for i in owners], boxes=boxes)
             for i, j, out in zip(owners, which, outputs, strict=True):
-                (results[i].keypoints if task == "keypoints" else results[i].masks)[j] = out
+                getattr(results[i], field)[j] = out
 
     def caption(self, requests, results, memory, contexts):
         codec = self.codecs["caption"]

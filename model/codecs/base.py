@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.vocab import VocabLayout
@@ -38,6 +37,12 @@ class TrainSequences:
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
+
+    @classmethod
+    def empty(cls, length: int) -> TrainSequences:
+        """No sequences (a batch without objects of this task)."""
+        tokens = torch.zeros(0, length, dtype=torch.long)
+        return cls(tokens, tokens.unsqueeze(1), tokens.float(), torch.zeros(0, dtype=torch.long))
 
     def to(self, device) -> TrainSequences:
         return TrainSequences(
@@ -198,6 +203,3 @@ def box_tokens(vocab: VocabLayout, boxes: torch.Tensor) -> torch.Tensor:
     """[N, 4] normalised xyxy -> [N, 4] coordinate tokens."""
     return vocab.quantize(boxes.clamp(0, 1))
 
-
-def softmax_over_range(logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return F.softmax(logits[..., lo:hi], dim=-1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, register_codec
-from model.codecs.segmentation import empty_sequences
 
 REFERENCES = 5
 
@@ -52,7 +51,7 @@ class CaptionCodec(TaskCodec):
             refs.append(torch.stack([self.encode_text(c) for c in captions]))
             image_index.append(b)
         if not refs:
-            return empty_sequences(self.seq_len)
+            return TrainSequences.empty(self.seq_len)
         refs = torch.stack(refs)  # [B', 5, L]
         n, L, P = len(refs), self.body_len, self.prompt_len
         prompt = self.prompts(n)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
-from model.codecs.segmentation import empty_sequences
 
 
 @register_codec
@@ -67,7 +66,7 @@ class KeypointCodec(TaskCodec):
             coord_weights.append(weight.flatten(1).float())
             image_index.append(torch.full((len(idx),), b))
         if not prompts:
-            return empty_sequences(self.seq_len)
+            return TrainSequences.empty(self.seq_len)
         prompt, body = torch.cat(prompts), torch.cat(bodies)
         inputs, weights = self.fully_and_partly_masked(prompt, body, generator)
         weights[:, self.prompt_len :] *= torch.cat(coord_weights).repeat(2, 1)

@@ -92,7 +92,7 @@ class SegmentationCodec(TaskCodec):
             bodies.append(self.mask_tokens(crops))
             image_index.append(torch.full((len(keep),), b))
         if not prompts:
-            return empty_sequences(self.seq_len)
+            return TrainSequences.empty(self.seq_len)
         inputs, weights = self.fully_and_partly_masked(torch.cat(prompts), torch.cat(bodies),
                                                        generator)
         targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1).repeat(2, 1)
@@ -111,8 +111,3 @@ class SegmentationCodec(TaskCodec):
         m = self.config.mask_size
         return logits.float().softmax(-1)[..., 0].reshape(-1, m, m)
 
-
-def empty_sequences(length: int) -> TrainSequences:
-    zeros = torch.zeros(0, length, dtype=torch.long)
-    no_images = torch.zeros(0, dtype=torch.long)
-    return TrainSequences(zeros, zeros.unsqueeze(1), zeros.float(), no_images)
