@@ -9,7 +9,7 @@
 #
 # onnxruntime-gpu and TensorRT cannot be installed on the CI machines, so they are not in
 # constraints.txt; deploy/constraints-gpu.txt pins them (and torch's CUDA wheels) for the
-# GPU image. tests/test_deploy.py keeps these install lines and the Makefile's in step.
+# GPU image. tests/test_deploy_docker.py keeps these install lines and the Makefile's in step.
 # See docs/deploy.md.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
