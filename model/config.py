@@ -63,6 +63,7 @@ class ModelConfig:
         }
     )
     train_mask_ratio: float = 0.7
+    no_object_weight: float = 0.1  # loss weight of an unmatched slot's "no object" (DETR: 0.1)
     max_instances_per_image: int = 10  # segmentation / keypoint sequences per image
     # Masked inference: default mask-ratio schedule per task (K = len(schedule)).
     schedules: dict[str, list[float]] = field(

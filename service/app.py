@@ -63,16 +63,17 @@ def gpu_memory_reader(runner):
 async def lifespan(app: FastAPI):
     state: ServiceState = app.state.service
     s = state.settings
-    pipeline = load_model(state)
-    engine = BatchingEngine(pipeline, max_batch_size=s.max_batch_size,
+    engine = BatchingEngine(max_batch_size=s.max_batch_size,
                             batch_delay_s=s.batch_delay_ms / 1000, queue_size=s.queue_size,
                             on_batch=state.metrics.batch_size.observe)
+    # All torch work (loading, warm-up, requests) happens on the one model thread.
+    pipeline = await engine.load(lambda: load_model(state))
     d = state.description
     state.metrics.model_info.info({"name": d.name, "version": d.version, "backend": d.backend,
                                    "device": d.device, "precision": d.precision})
     state.metrics.track_queue(lambda: len(engine.waiting))
     state.metrics.track_gpu_memory(gpu_memory_reader(state.runner))
-    # Warm up on the model thread: compiled graphs and CUDA state belong to it.
+    # Compiled graphs and CUDA state belong to the model thread too.
     await engine.run_on_model_thread(warm_up, pipeline)
     engine.start()
     state.engine, state.ready = engine, True

@@ -118,3 +118,31 @@ def test_each_task_slice_holds_exactly_its_ids(micro_model):
     assert v.size == v.text_start + micro_model.tokenizer.vocab_size
     specials = set(range(v.class_start))  # prompts and <mask> are never predicted
     assert not specials & set().union(*(ids(t) for t in codecs))
+
+
+def test_fully_or_partly_masked_weights_exactly_the_masked_tokens(micro_model):
+    codec = micro_model.codecs["segmentation"]
+    body = torch.full((400, 30), micro_model.vocab.foreground)
+    prompt = torch.zeros(400, 2, dtype=torch.long)
+    inputs, weights = codec.fully_or_partly_masked(prompt, body, torch.Generator().manual_seed(0))
+    assert inputs.shape == weights.shape == (400, 32)
+    assert (weights[:, :2] == 0).all()
+    masked = inputs[:, 2:] == micro_model.vocab.mask
+    assert torch.equal(masked, weights[:, 2:] > 0)
+    full = masked.all(1)
+    assert 0.35 < full.float().mean() < 0.65  # about half fully masked ...
+    ratio = masked[~full].float().mean(1)  # ... the rest at the training mask ratio
+    assert torch.allclose(ratio, torch.full_like(ratio, round(0.7 * 30) / 30))
+
+
+def test_unmatched_slots_weigh_no_object_weight(micro_model):
+    codec = micro_model.codecs["detection"]
+    target = {"boxes": torch.tensor([[0.1, 0.1, 0.4, 0.5]]), "labels": torch.tensor([2])}
+    seqs = codec.training_sequences([target], torch.Generator().manual_seed(0))
+    start, stop = codec.vocab_slice()
+    log_probs = torch.full((len(seqs), seqs.inputs.shape[1], stop - start), -1.0).log_softmax(-1)
+    targets, weights = codec.assign_targets(log_probs, seqs)
+    full = weights[0, codec.prompt_len:].reshape(-1, TOKENS_PER_SLOT)  # fully masked copy
+    class_weights = full[:, 4].sort().values
+    assert torch.allclose(class_weights[:-1], torch.tensor(micro_model.config.no_object_weight))
+    assert class_weights[-1] == 1.0 and (full[:, :4].sum(1) > 0).sum() == 1

@@ -45,6 +45,30 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+def test_the_pipeline_is_built_and_run_on_the_one_model_thread():
+    threads = []  # the thread of the build, then of every batch
+
+    class ThreadRecordingPipeline(RecordingPipeline):
+        def __init__(self):
+            super().__init__()
+            threads.append(threading.current_thread())
+
+        def __call__(self, requests):
+            threads.append(threading.current_thread())
+            return super().__call__(requests)
+
+    async def scenario():
+        engine = BatchingEngine(max_batch_size=2, batch_delay_s=0.0, queue_size=4)
+        await engine.load(ThreadRecordingPipeline)
+        engine.start()
+        await asyncio.gather(*(engine.submit(request()).future for _ in range(3)))
+        await engine.drain(5)
+
+    run(scenario())
+    assert len(threads) >= 3 and len(set(threads)) == 1
+    assert threads[0].name.startswith("mad-model")
+
+
 def test_requests_within_the_delay_share_a_batch_up_to_the_maximum():
     async def scenario():
         pipeline = RecordingPipeline()

@@ -117,7 +117,7 @@ class DetectionCodec(TaskCodec):
                               device=log_probs.device)
         targets[..., 4] = self.vocab.no_object
         counts = torch.zeros_like(targets, dtype=torch.float)
-        counts[..., 4] = 1.0
+        counts[..., 4] = self.config.no_object_weight  # DETR's eos_coef: most slots are empty
         for s, (slot_idx, obj_idx) in enumerate(assignment):
             targets[s, slot_idx] = seqs.extra["objects"][s, obj_idx]
             counts[s, slot_idx] = 1.0

@@ -93,11 +93,11 @@ class SegmentationCodec(TaskCodec):
             image_index.append(torch.full((len(keep),), b))
         if not prompts:
             return TrainSequences.empty(self.seq_len)
-        inputs, weights = self.fully_and_partly_masked(torch.cat(prompts), torch.cat(bodies),
-                                                       generator)
-        targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1).repeat(2, 1)
-        return TrainSequences(inputs, targets_.unsqueeze(1), weights,
-                              torch.cat(image_index).repeat(2))
+        # 256 mask tokens make these the costliest sequences: one masked copy each, not two.
+        inputs, weights = self.fully_or_partly_masked(torch.cat(prompts), torch.cat(bodies),
+                                                      generator)
+        targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1)
+        return TrainSequences(inputs, targets_.unsqueeze(1), weights, torch.cat(image_index))
 
     def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
                boxes: list[torch.Tensor] | None = None, **_) -> list[torch.Tensor]:
