@@ -141,7 +141,7 @@ def test_unmatched_slots_weigh_no_object_weight(micro_model):
     seqs = codec.training_sequences([target], torch.Generator().manual_seed(0))
     start, stop = codec.vocab_slice()
     log_probs = torch.full((len(seqs), seqs.inputs.shape[1], stop - start), -1.0).log_softmax(-1)
-    targets, weights = codec.assign_targets(log_probs, seqs)
+    _, weights = codec.assign_targets(log_probs, seqs)
     full = weights[0, codec.prompt_len:].reshape(-1, TOKENS_PER_SLOT)  # fully masked copy
     class_weights = full[:, 4].sort().values
     assert torch.allclose(class_weights[:-1], torch.tensor(micro_model.config.no_object_weight))

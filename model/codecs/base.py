@@ -203,7 +203,7 @@ class TaskCodec:
         """Half the cost of fully_and_partly_masked for long bodies: each sequence is fully
         masked with probability 1/2, else partly. prompt [S, P], body [S, L] -> inputs [S, T],
         weights [S, T]."""
-        partial, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
+        _, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
         full = torch.rand(len(body), 1, generator=generator) < 0.5
         masked = masked | full
         body_in = torch.where(masked, torch.full_like(body, self.vocab.mask), body)
