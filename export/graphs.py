@@ -62,13 +62,15 @@ class DecoderGraph(nn.Module):
 
     def forward(self, keys, values, mask, tokens, image_index):
         memory = ImageMemory(list(zip(keys.unbind(0), values.unbind(0), strict=True)), mask)
-        return self.network.decode(memory, tokens, image_index, self.vocab_slice)
+        # Unfolded: folding sizes a tensor by the data (most sequences per image), which a
+        # traced graph would freeze.
+        return self.network.decode(memory, tokens, image_index, self.vocab_slice, fold=False)
 
 
 def example_inputs(network: MADNetwork, batch: int = 2, sequences: int = 3, length: int = 7):
-    """Tracing inputs. Batch and sequence count must be >= 2: `ImageMemory.select` and
-    `DecoderLayer.cross_attend` branch on size 1 in Python, and the traced branch (gather the
-    memory of each sequence) is the general one, exact for every size."""
+    """Tracing inputs. Batch and sequence count must be >= 2: `ImageMemory.select` branches
+    on size 1 in Python, and the traced branch (gather the memory of each sequence) is the
+    general one, exact for every size."""
     height, width = network.config.image_size
     images = torch.rand(batch, 3, height, width)
     pad_mask = torch.zeros(batch, height, width, dtype=torch.bool)

@@ -12,6 +12,7 @@ from torch import nn
 
 from model.backbone import build_backbone
 from model.config import ModelConfig
+from model.folding import ImageGroups
 from model.position import sine_position_encoding
 from model.transformer import KV, DecoderLayer, EncoderLayer
 from model.vocab import VocabLayout
@@ -127,15 +128,23 @@ class MADNetwork(nn.Module):
     # --- sequences --------------------------------------------------------------------------
     def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
                vocab_slice: tuple[int, int], all_layers: bool = False,
-               causal: bool = False) -> torch.Tensor:
+               causal: bool = False, fold: bool = True) -> torch.Tensor:
         """tokens [S, T] (full-vocabulary ids) of sequences of images `image_index` [S] ->
-        logits [S, T, V_slice], or [layers, S, T, V_slice] with all_layers (auxiliary losses)."""
-        memory = memory.select(image_index)
+        logits [S, T, V_slice], or [layers, S, T, V_slice] with all_layers (auxiliary losses).
+
+        fold: cross-attend per image with the sequences folded (model.folding), else per
+        sequence with each sequence's copy of its image (shapes independent of the data,
+        which is what graph export needs)."""
+        groups = None
+        if fold:
+            groups = ImageGroups.of(image_index, memory.kv[0][0].shape[0])
+        else:
+            memory = memory.select(image_index)
         x = self.token_embedding(tokens)
         pos = self.seq_pos.weight[: tokens.shape[1]]
         hidden = []
         for layer, kv in zip(self.decoder, memory.kv, strict=True):
-            x, _ = layer(x, pos, kv, memory.mask, causal=causal)
+            x, _ = layer(x, pos, kv, memory.mask, causal=causal, groups=groups)
             hidden.append(x)
         embeddings = self.token_embedding.weight[vocab_slice[0] : vocab_slice[1]]
         if all_layers:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.folding import ImageGroups
+
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, heads, N, head_dim], same)
 
 
@@ -83,23 +85,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_pos: torch.Tensor, image_kv: KV,
                 image_mask: torch.Tensor | None, causal: bool = False,
-                self_cache: KV | None = None) -> tuple[torch.Tensor, KV]:
-        """x [S, L, D]; seq_pos [L, D]; image_kv per sequence ([S, h, N, d] each, or batch 1
-        shared by all sequences); self_cache: keys/values of earlier tokens (autoregressive
-        decoding), whose new value is returned alongside the output [S, L, D]."""
+                self_cache: KV | None = None, groups: ImageGroups | None = None
+                ) -> tuple[torch.Tensor, KV]:
+        """x [S, L, D]; seq_pos [L, D]; image_kv per image ([B, h, N, d] each) with `groups`
+        saying which image each sequence reads, or per sequence ([S, h, N, d]) without;
+        self_cache: keys/values of earlier tokens (autoregressive decoding), whose new value
+        is returned alongside the output [S, L, D]."""
         qk = x + seq_pos
         k, v = self.self_attn.project_kv(qk, x)
         if self_cache is not None:
             k, v = torch.cat([self_cache[0], k], 2), torch.cat([self_cache[1], v], 2)
         x = self.norm1(x + self.drop(self.self_attn(qk, (k, v), causal=causal)))
-        x = self.norm2(x + self.drop(self.cross_attend(x + seq_pos, image_kv, image_mask)))
+        x = self.norm2(x + self.drop(self.cross_attend(x + seq_pos, image_kv, image_mask, groups)))
         return self.norm3(x + self.drop(self.ffn(x))), (k, v)
 
-    def cross_attend(self, query: torch.Tensor, image_kv: KV, image_mask: torch.Tensor | None):
-        if image_kv[0].shape[0] == 1 and query.shape[0] > 1:
-            # All sequences look at one image: fold them into one long query row. Exact, since
-            # cross-attention does not mix queries, and it avoids copying the image per sequence.
-            S, L, D = query.shape
-            return self.cross_attn(query.reshape(1, S * L, D), image_kv, image_mask).reshape(
-                S, L, D)
-        return self.cross_attn(query, image_kv, image_mask)
+    def cross_attend(self, query: torch.Tensor, image_kv: KV, image_mask: torch.Tensor | None,
+                     groups: ImageGroups | None = None) -> torch.Tensor:
+        if groups is None and image_kv[0].shape[0] == 1 and query.shape[0] > 1:
+            groups = ImageGroups.one_image(query.shape[0], query.device)  # one shared image
+        if groups is None:
+            return self.cross_attn(query, image_kv, image_mask)
+        return groups.unfold(self.cross_attn(groups.fold(query), image_kv, image_mask),
+                             query.shape[1])

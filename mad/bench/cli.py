@@ -289,6 +289,9 @@ def headline(report: dict) -> str:
     if gain := http.get("batching_gain"):
         lines.append(f"batching throughput gain at concurrency {gain['concurrency']}: "
                      f"{fmt(gain['ratio'], 'x')}")
+    if ceiling := http.get("in_process_batching"):
+        lines.append(f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "
+                     f"{fmt(ceiling['ratio'], 'x')}")
     rows = [[t["target"], t["goal"], fmt(t["measured"], t["unit"]),
              "–" if t["met"] is None else ("yes" if t["met"] else "no"),
              "yes" if t["applies"] else "no"] for t in report["targets"]]

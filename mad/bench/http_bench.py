@@ -161,6 +161,32 @@ def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
     return summarize(times)
 
 
+def in_process_batching(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
+                        refine: dict[str, int], batch: int, repeats: int, warmup: int) -> dict:
+    """The ceiling on what dynamic batching can gain: `batch` requests run one by one vs as
+    one batch, in this process (no HTTP). On a small CPU, per-image model cost does not fall
+    with batch size, so neither can the service's throughput rise."""
+    image = Image.open(io.BytesIO(payload)).convert("RGB")
+    request = Request(image, tuple(tasks), dict(refine), 0.0, kept)
+
+    def one_by_one():
+        for _ in range(batch):
+            pipeline([request])
+
+    timings = {}
+    for name, run in (("one_by_one", one_by_one), ("batched", lambda: pipeline([request] * batch))):
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(max(1, repeats // batch)):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        timings[name] = summarize(times)
+    return {"batch": batch, **timings,
+            "ratio": ratio(median(timings["one_by_one"]), median(timings["batched"]))}
+
+
 def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
                    tasks: list[str], kept: int, refine: dict[str, int],
                    concurrency: list[int], max_requests: int, duration_s: float,
@@ -169,8 +195,11 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
     from export.backends import create_runner
 
     mad, runner = create_runner(backend, checkpoint, device, export_dir=export_dir)
-    pipeline_ms = in_process(Pipeline(mad, runner), payload, tasks, kept, refine, repeats,
-                             warmup)
+    pipeline = Pipeline(mad, runner)
+    pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
+    ceiling = in_process_batching(pipeline, payload, tasks, kept, refine, max(batch_sizes),
+                                  repeats, min(warmup, 1))
+    del pipeline
     del mad, runner  # the server loads its own copy
     gc.collect()
     if torch.cuda.is_available():
@@ -192,8 +221,8 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
                      f"{sum(result['errors'].values())} errors")
                 levels[str(c)] = result
         modes[name] = {"max_batch_size": batch, "levels": levels}
-    return {"pipeline_in_process": pipeline_ms, "form": fields, "image_bytes": len(payload),
-            "modes": modes, **summary(modes, pipeline_ms, concurrency)}
+    return {"pipeline_in_process": pipeline_ms, "in_process_batching": ceiling, "form": fields,
+            "image_bytes": len(payload), "modes": modes, **summary(modes, pipeline_ms, concurrency)}
 
 
 def summary(modes: dict, pipeline_ms: dict, concurrency: list[int]) -> dict:

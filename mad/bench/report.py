@@ -235,4 +235,8 @@ def http_md(http: dict) -> list[str]:
         out.append(f"- dynamic batching at concurrency {gain['concurrency']}: "
                    f"{gain['throughput_on_rps']:.2f} vs {gain['throughput_off_rps']:.2f} req/s "
                    f"= {fmt(gain['ratio'], 'x')}")
+    if ceiling := http.get("in_process_batching"):
+        out.append(f"- its ceiling, in process without HTTP: {ceiling['batch']} requests one by "
+                   f"one {fmt(median(ceiling['one_by_one']), 'ms')} vs one batch "
+                   f"{fmt(median(ceiling['batched']), 'ms')} = {fmt(ceiling['ratio'], 'x')}")
     return [*out, ""]
