@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from model.pipeline import Request as ModelRequest
@@ -120,7 +120,9 @@ async def predict(request: Request,
     response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
     response.timings_ms["total"] = round((end - arrived) * 1000, 3)
     record(state, response)
-    return response
+    # Already a validated PredictResponse: serialise it once, here, rather than have FastAPI
+    # validate it again against response_model (which still documents it in OpenAPI).
+    return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 def record(state: ServiceState, response: PredictResponse) -> None:
