@@ -203,12 +203,11 @@ class TaskCodec:
         """Half the cost of fully_and_partly_masked for long bodies: each sequence is fully
         masked with probability 1/2, else partly. prompt [S, P], body [S, L] -> inputs [S, T],
         weights [S, T]."""
-        _, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
+        partial, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
         full = torch.rand(len(body), 1, generator=generator) < 0.5
-        masked = masked | full
-        body_in = torch.where(masked, torch.full_like(body, self.vocab.mask), body)
+        body_in = torch.where(full, self.vocab.mask, partial)
         zeros = torch.zeros_like(prompt, dtype=torch.float)
-        return torch.cat([prompt, body_in], 1), torch.cat([zeros, masked.float()], 1)
+        return torch.cat([prompt, body_in], 1), torch.cat([zeros, (masked | full).float()], 1)
 
 
 def box_tokens(vocab: VocabLayout, boxes: torch.Tensor) -> torch.Tensor:
