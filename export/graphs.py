@@ -33,6 +33,9 @@ DECODER_AXES = {
     "image_index": {0: "sequences"},
     "logits": {0: "sequences", 1: "length"},
 }
+# The single-image decoder graph: batch fixed at 1, everything else as above.
+SINGLE_IMAGE_AXES = {name: {i: dim for i, dim in axes.items() if dim != "batch"}
+                     for name, axes in DECODER_AXES.items()}
 
 
 class EncoderGraph(nn.Module):
@@ -53,24 +56,31 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """keys, values, mask (as EncoderGraph returns them), tokens [S, T] int64, image_index [S]
-    int64 -> logits [S, T, V] over one task's vocabulary slice, fixed at construction."""
+    int64 -> logits [S, T, V] over one task's vocabulary slice, fixed at construction.
 
-    def __init__(self, network: MADNetwork, vocab_slice: tuple[int, int]):
+    The general graph gives each sequence its own copy of its image's keys/values: folding
+    sequences per image sizes a tensor by the data, which a traced graph would freeze. With
+    `single_image` (batch fixed at 1) all sequences fold into one query row, a plain reshape,
+    as eager decoding does: the common case of a service answering one image at a time."""
+
+    def __init__(self, network: MADNetwork, vocab_slice: tuple[int, int],
+                 single_image: bool = False):
         super().__init__()
         self.network, self.vocab_slice = network, tuple(vocab_slice)
+        self.single_image = single_image
         self.eval()
 
     def forward(self, keys, values, mask, tokens, image_index):
         memory = ImageMemory(list(zip(keys.unbind(0), values.unbind(0), strict=True)), mask)
-        # Unfolded: folding sizes a tensor by the data (most sequences per image), which a
-        # traced graph would freeze.
-        return self.network.decode(memory, tokens, image_index, self.vocab_slice, fold=False)
+        return self.network.decode(memory, tokens, image_index, self.vocab_slice,
+                                   fold=self.single_image)
 
 
 def example_inputs(network: MADNetwork, batch: int = 2, sequences: int = 3, length: int = 7):
-    """Tracing inputs. Batch and sequence count must be >= 2: `ImageMemory.select` branches
-    on size 1 in Python, and the traced branch (gather the memory of each sequence) is the
-    general one, exact for every size."""
+    """Tracing inputs. For the general graphs batch and sequence count must be >= 2:
+    `ImageMemory.select` branches on size 1 in Python, and the traced branch (gather the
+    memory of each sequence) is the general one, exact for every size. The single-image
+    decoder graph is traced at batch 1."""
     height, width = network.config.image_size
     images = torch.rand(batch, 3, height, width)
     pad_mask = torch.zeros(batch, height, width, dtype=torch.bool)

@@ -22,6 +22,7 @@ import torch
 
 from export import graphs as g
 from model.checkpoint import CONFIG, checkpoint_digest, load_checkpoint
+from model.network import ImageMemory
 
 MANIFEST = "manifest.json"
 FORMAT = "mad-export/1"
@@ -49,6 +50,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
     network = mad.network.eval()
     out.mkdir(parents=True, exist_ok=True)
     encoder_example, decoder_example = g.example_inputs(network)
+    single_example = g.example_inputs(network, batch=1)[1]
 
     graphs = {"encoder": _export(g.EncoderGraph(network), encoder_example, out / "encoder.onnx",
                                  g.ENCODER_INPUTS, g.ENCODER_OUTPUTS, g.ENCODER_AXES, opset,
@@ -60,6 +62,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
         decoders[task] = _export(graph, decoder_example, path, g.DECODER_INPUTS,
                                  g.DECODER_OUTPUTS, g.DECODER_AXES, opset, exporter, simplify)
         decoders[task].update(vocab_slice=list(codec.vocab_slice()), seq_len=codec.seq_len)
+        single = g.DecoderGraph(network, codec.vocab_slice(), single_image=True)
+        decoders[task]["single_image"] = _export(
+            single, single_example, out / f"decoder_{task}_single.onnx", g.DECODER_INPUTS,
+            g.DECODER_OUTPUTS, g.SINGLE_IMAGE_AXES, opset, exporter, simplify)
     graphs["decoders"] = decoders
 
     for name in (CONFIG, meta["tokenizer"]):
@@ -166,6 +172,17 @@ def verify_export(out: Path, manifest: dict, network, codecs) -> dict:
         (logits,) = session.run(None, {"keys": keys, "values": values, "mask": mask,
                                        "tokens": tokens.numpy(), "image_index": index.numpy()})
         worst = max(worst, float(np.abs(logits - expected).max()))
+        if "single_image" in graph:  # image 1 alone (the letterboxed one), 5 sequences
+            first = ImageMemory([(k[1:2], v[1:2]) for k, v in memory.kv], memory.mask[1:2])
+            zero = torch.zeros(5, dtype=torch.long)
+            expected = network.decode(first, tokens, zero, tuple(graph["vocab_slice"])).numpy()
+            session = ort.InferenceSession(str(out / graph["single_image"]["file"]), options,
+                                           providers=["CPUExecutionProvider"])
+            feed = {"keys": keys[:, 1:2], "values": values[:, 1:2], "mask": mask[1:2],
+                    "tokens": tokens.numpy(), "image_index": zero.numpy()}
+            names = {i.name for i in session.get_inputs()}  # one image: image_index is dropped
+            (logits,) = session.run(None, {k: v for k, v in feed.items() if k in names})
+            worst = max(worst, float(np.abs(logits - expected).max()))
     if worst > VERIFY_TOLERANCE:
         raise RuntimeError(f"exported graphs differ from PyTorch by {worst:.2e} "
                            f"(tolerance {VERIFY_TOLERANCE})")

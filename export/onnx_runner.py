@@ -84,6 +84,12 @@ class OnnxRunner:
         self.encoder = session(graphs["encoder"]["file"])
         self.decoders = {tuple(g["vocab_slice"]): session(g["file"])
                          for g in graphs["decoders"].values()}
+        # Exports made before single-image graphs existed have none: the general one serves.
+        self.single_image_decoders = {tuple(g["vocab_slice"]): session(g["single_image"]["file"])
+                                      for g in graphs["decoders"].values() if "single_image" in g}
+        # With one image there is nothing to index: the tracer drops that input.
+        self._no_image_index = {key: single for key, single in self.single_image_decoders.items()
+                                if "image_index" not in {i.name for i in single.get_inputs()}}
         self.providers = self.encoder.get_providers()  # what ORT really enabled
         on_gpu = self.providers[0] in GPU_PROVIDERS
         if device.startswith("cuda") and not on_gpu:
@@ -116,6 +122,8 @@ class OnnxRunner:
     def decode(self, memory: OnnxMemory, tokens: torch.Tensor, image_index: torch.Tensor,
                vocab_slice: tuple[int, int]) -> torch.Tensor:
         session = self.decoders.get(tuple(vocab_slice))
+        if memory.keys.shape()[1] == 1:  # [layers, batch, heads, features, head_dim]
+            session = self.single_image_decoders.get(tuple(vocab_slice), session)
         if session is None:
             raise KeyError(f"no decoder graph for vocabulary slice {vocab_slice}; "
                            f"exported: {sorted(self.decoders)}")
@@ -124,7 +132,8 @@ class OnnxRunner:
         binding.bind_ortvalue_input("values", memory.values)
         binding.bind_ortvalue_input("mask", memory.mask)
         binding.bind_cpu_input("tokens", _numpy(tokens, torch.int64))
-        binding.bind_cpu_input("image_index", _numpy(image_index, torch.int64))
+        if session is not self._no_image_index.get(tuple(vocab_slice)):
+            binding.bind_cpu_input("image_index", _numpy(image_index, torch.int64))
         self._bind_outputs(binding, session)
         session.run_with_iobinding(binding)
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0])

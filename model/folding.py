@@ -44,9 +44,9 @@ class ImageGroups:
 
     def fold(self, x: torch.Tensor) -> torch.Tensor:
         """[S, L, D] -> [B, per_image * L, D]"""
-        S, L, D = x.shape
+        _, L, D = x.shape
         if self.batch == 1:
-            return x.reshape(1, S * L, D)
+            return x.reshape(1, -1, D)  # -1, not S * L: traced graphs keep the length dynamic
         out = x.new_zeros(self.batch, self.per_image, L, D)
         out = out.index_put((self.image_index, self.rank), x)
         return out.reshape(self.batch, self.per_image * L, D)

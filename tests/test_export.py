@@ -65,13 +65,17 @@ def test_manifest_describes_the_export(exported, micro_checkpoint):
         model = onnx.load(str(exported / graph["file"]))
         onnx.checker.check_model(model)
         assert model.opset_import[0].version == manifest["opset"]
+        single = graph["single_image"]  # batch fixed at 1, sequences folded per image
+        assert single["inputs"][0]["shape"][1] == 1
+        assert single["outputs"][0]["shape"] == ["sequences", "length", stop - start], task
 
 
-@pytest.mark.parametrize("batch, size, sequences", [(3, (80, 112), 5), (1, (96, 96), 1)])
+@pytest.mark.parametrize("batch, size, sequences",
+                         [(3, (80, 112), 5), (1, (96, 96), 1), (1, (64, 128), 4)])
 def test_logits_match_at_other_shapes(runners, batch, size, sequences):
     """Batch, sequence count, length and image size all differ from the tracing example
     (2 images at the canvas size, 3 sequences of 7 tokens); size 1 hits the Python branches
-    that tracing froze."""
+    that tracing froze, and batch 1 uses the single-image graphs."""
     mad, torch_runner, onnx_runner = runners
     generator = torch.Generator().manual_seed(batch)
     images = torch.rand(batch, 3, *size, generator=generator)
