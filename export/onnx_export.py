@@ -173,9 +173,9 @@ def verify_export(out: Path, manifest: dict, network, codecs) -> dict:
                                        "tokens": tokens.numpy(), "image_index": index.numpy()})
         worst = max(worst, float(np.abs(logits - expected).max()))
         if "single_image" in graph:  # image 1 alone (the letterboxed one), 5 sequences
-            first = ImageMemory([(k[1:2], v[1:2]) for k, v in memory.kv], memory.mask[1:2])
+            alone = ImageMemory([(k[1:2], v[1:2]) for k, v in memory.kv], memory.mask[1:2])
             zero = torch.zeros(5, dtype=torch.long)
-            expected = network.decode(first, tokens, zero, tuple(graph["vocab_slice"])).numpy()
+            expected = network.decode(alone, tokens, zero, tuple(graph["vocab_slice"])).numpy()
             session = ort.InferenceSession(str(out / graph["single_image"]["file"]), options,
                                            providers=["CPUExecutionProvider"])
             feed = {"keys": keys[:, 1:2], "values": values[:, 1:2], "mask": mask[1:2],

@@ -93,8 +93,9 @@ class OnnxRunner:
         self.single_image_decoders = {tuple(g["vocab_slice"]): session(g["single_image"]["file"])
                                       for g in graphs["decoders"].values() if "single_image" in g}
         # With one image there is nothing to index: the tracer drops that input.
-        self._no_image_index = {key: single for key, single in self.single_image_decoders.items()
-                                if "image_index" not in {i.name for i in single.get_inputs()}}
+        decoders = [*self.decoders.values(), *self.single_image_decoders.values()]
+        self._takes_index = {s: "image_index" in {i.name for i in s.get_inputs()}
+                             for s in decoders}
         self.providers = self.encoder.get_providers()  # what ORT really enabled
         on_gpu = self.providers[0] in GPU_PROVIDERS
         if device.startswith("cuda") and not on_gpu:
@@ -137,7 +138,7 @@ class OnnxRunner:
         binding.bind_ortvalue_input("values", memory.values)
         binding.bind_ortvalue_input("mask", memory.mask)
         binding.bind_cpu_input("tokens", _numpy(tokens, torch.int64))
-        if session is not self._no_image_index.get(tuple(vocab_slice)):
+        if self._takes_index[session]:
             binding.bind_cpu_input("image_index", _numpy(image_index, torch.int64))
         self._bind_outputs(binding, session)
         session.run_with_iobinding(binding)

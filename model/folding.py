@@ -29,6 +29,8 @@ class ImageGroups:
 
     @classmethod
     def of(cls, image_index: torch.Tensor, batch: int) -> ImageGroups:
+        if batch == 1:  # every sequence reads the one image: no counting needed (nor traced)
+            return cls.one_image(len(image_index), image_index.device)
         counts = torch.bincount(image_index, minlength=batch)
         order = torch.argsort(image_index, stable=True)
         starts = counts.cumsum(0) - counts

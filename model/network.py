@@ -135,10 +135,9 @@ class MADNetwork(nn.Module):
         fold: cross-attend per image with the sequences folded (model.folding), else per
         sequence with each sequence's copy of its image (shapes independent of the data,
         which is what graph export needs)."""
-        groups, batch = None, memory.kv[0][0].shape[0]
+        groups = None
         if fold:
-            groups = (ImageGroups.one_image(len(image_index), image_index.device) if batch == 1
-                      else ImageGroups.of(image_index, batch))
+            groups = ImageGroups.of(image_index, memory.kv[0][0].shape[0])
         else:
             memory = memory.select(image_index)
         x = self.token_embedding(tokens)

@@ -145,12 +145,18 @@ async def load(url: str, payload: bytes, fields: dict[str, str], concurrency: in
                                   for k, vals in stage_ms.items()}}
 
 
+def bench_request(payload: bytes, tasks: list[str], kept: int, refine: dict[str, int]
+                  ) -> Request:
+    """The benchmark's request, its image decoded as the service decodes it."""
+    image = Image.open(io.BytesIO(payload)).convert("RGB")
+    return Request(image, tuple(tasks), dict(refine), 0.0, kept)
+
+
 def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
                refine: dict[str, int], repeats: int, warmup: int) -> dict:
     """The same request through the Pipeline in this process (decoded image as the service
     decodes it): the model's share of a request."""
-    image = Image.open(io.BytesIO(payload)).convert("RGB")
-    request = Request(image, tuple(tasks), dict(refine), 0.0, kept)
+    request = bench_request(payload, tasks, kept, refine)
     for _ in range(warmup):
         pipeline([request])
     times = []
@@ -166,8 +172,7 @@ def in_process_batching(pipeline: Pipeline, payload: bytes, tasks: list[str], ke
     """The ceiling on what dynamic batching can gain: `batch` requests run one by one vs as
     one batch, in this process (no HTTP). On a small CPU, per-image model cost does not fall
     with batch size, so neither can the service's throughput rise."""
-    image = Image.open(io.BytesIO(payload)).convert("RGB")
-    request = Request(image, tuple(tasks), dict(refine), 0.0, kept)
+    request = bench_request(payload, tasks, kept, refine)
 
     def one_by_one():
         for _ in range(batch):
