@@ -113,6 +113,7 @@ def evaluate_command(
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     split: str = typer.Option("val2017"),
     refine: list[str] = typer.Option([], help="Refinement steps: K for all, or task:K."),
+    task: list[str] = typer.Option([], help="Evaluate only these tasks (repeat; default all)."),
     limit: int | None = typer.Option(None, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("cpu"),
@@ -124,12 +125,57 @@ def evaluate_command(
 
     mad, _ = load_checkpoint(checkpoint, device)
     steps = parse_refine(refine, mad.config.tasks)
-    metrics = evaluate(mad, data, split, device, steps, limit, batch_size)
+    metrics = evaluate(mad, data, split, device, steps, limit, batch_size,
+                       tasks=known_tasks(task, mad.config.tasks))
     typer.echo(format_table(metrics))
     if json_out:
         report = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
                   "refine_steps": steps, "metrics": metrics}
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def known_tasks(asked: list[str], tasks: list[str]) -> tuple[str, ...] | None:
+    """--task values checked against the model's tasks; None (all) when none given."""
+    for name in asked:
+        if name not in tasks:
+            raise typer.BadParameter(f"unknown task {name!r}; the model has {tasks}")
+    return tuple(asked) or None
+
+
+@app.command("tune")
+def tune_command(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
+    data: Path = typer.Option(..., help="Held-out data in the COCO 2017 layout: not the "
+                              "images you will report results on."),
+    split: str = typer.Option("val2017"),
+    task: list[str] = typer.Option([], help="Tune only these tasks (repeat; default all)."),
+    limit: int | None = typer.Option(200, help="Score on the first N images."),
+    max_steps: int = typer.Option(4, min=0, help="Longest schedule tried."),
+    tolerance: float = typer.Option(0.003, min=0.0,
+                                    help="Take the shortest schedule this close to the best."),
+    device: str = typer.Option("cpu"),
+    write: bool = typer.Option(False, help="Store the chosen schedules in the checkpoint."),
+):
+    """Choose each task's default refinement schedule by its metric on held-out data."""
+    from model.checkpoint import load_checkpoint, write_schedules
+    from model.tune import TASK_METRIC, tune_schedules
+
+    mad, _ = load_checkpoint(checkpoint, device)
+    before = {t: list(r) for t, r in mad.config.schedules.items()}
+
+    def report(name, trial):
+        typer.echo(f"{name:<13} {trial.ratios!s:<34} {TASK_METRIC[name]} {trial.score:.4f}")
+
+    trials = tune_schedules(mad, data, split, known_tasks(task, mad.config.tasks), limit,
+                            device, max_steps, tolerance, report)
+    for name in trials:
+        typer.echo(f"{name}: {before.get(name, [])} -> {mad.config.schedules[name]}")
+    if write:
+        write_schedules(checkpoint, mad.config.schedules, data=str(data), split=split,
+                        images=limit, tolerance=tolerance,
+                        scores={name: [[t.ratios, round(t.score, 5)] for t in tried]
+                                for name, tried in trials.items()})
+        typer.echo(f"wrote the schedules to {checkpoint}")
 
 
 if __name__ == "__main__":

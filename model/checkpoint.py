@@ -78,6 +78,19 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     return meta
 
 
+def write_schedules(directory: str | Path, schedules: dict[str, list[float]], **provenance
+                    ) -> None:
+    """Replace a checkpoint's default refinement schedules in its config.json; the weights
+    are untouched. `provenance` (how they were chosen) is stored beside them."""
+    directory = Path(directory)
+    meta = read_checkpoint_config(directory)
+    schedules = {task: [float(r) for r in ratios] for task, ratios in schedules.items()}
+    meta["model"]["schedules"] = meta["schedules"] = schedules
+    if provenance:
+        meta["schedule_tuning"] = provenance
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[MAD, dict]:
     """Rebuild a model from a checkpoint directory -> (model in eval mode, config.json)."""

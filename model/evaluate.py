@@ -41,7 +41,7 @@ def coco_results(result, image_id: int, category_ids: list[int]):
     """One pipeline Result -> COCO result lists (bbox, segm, keypoints)."""
     boxes, segms, kpts = [], [], []
     dets = result.detections
-    for j in range(len(dets)):
+    for j in range(len(dets) if dets is not None else 0):
         x0, y0, x1, y1 = dets.boxes[j].tolist()
         common = {"image_id": image_id, "category_id": category_ids[int(dets.labels[j])],
                   "score": float(dets.scores[j])}
@@ -81,7 +81,10 @@ def caption_bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
 
 def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
              refine_steps: dict[str, int] | None = None, limit: int | None = None,
-             batch_size: int = 8, score_threshold: float = 0.05) -> dict[str, float]:
+             batch_size: int = 8, score_threshold: float = 0.05,
+             tasks: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
+    bbox AP is reported whenever detection runs, i.e. also for segmentation and keypoints."""
     data = Path(data)
     instances = quiet_coco(data / "annotations" / f"instances_{split}.json")
     if instances is None:
@@ -96,7 +99,7 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
                                             key=lambda c: c["id"])]
     image_ids = sorted(instances.imgs)[:limit]
     pipeline = Pipeline(mad, TorchRunner(mad.network, device))
-    tasks = tuple(mad.config.tasks)
+    tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     boxes, segms, kpts, hyps, refs = [], [], [], [], []
     for start in range(0, len(image_ids), batch_size):
         chunk = image_ids[start : start + batch_size]
@@ -114,8 +117,10 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
             if result.caption is not None and captions.get(image_id):
                 hyps.append(result.caption)
                 refs.append(captions[image_id])
-    bbox = coco_ap(instances, boxes, "bbox", image_ids)
-    metrics = {"bbox_AP": bbox[0], "bbox_AP50": bbox[1], "bbox_AP75": bbox[2]}
+    metrics = {}
+    if "detection" in tasks:
+        bbox = coco_ap(instances, boxes, "bbox", image_ids)
+        metrics |= {"bbox_AP": bbox[0], "bbox_AP50": bbox[1], "bbox_AP75": bbox[2]}
     if "segmentation" in tasks:
         metrics["segm_AP"] = coco_ap(instances, segms, "segm", image_ids)[0]
     if "keypoints" in tasks:

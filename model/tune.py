@@ -1,0 +1,72 @@
+"""Pick each task's default refinement schedule on held-out data.
+
+How much masked refinement helps, and with which mask ratios, depends on the trained model
+(the paper ablates K per task). `mad tune` scores candidate schedules with the real evaluators
+on images the model did not train on and keeps, per task, the best one; among schedules within
+`tolerance` of the best it takes the shortest, because every step costs each request another
+decoder pass. Tasks are tuned in model order, so segmentation and keypoints are scored on the
+boxes of the detection schedule just chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.checkpoint import MAD
+from model.decoding import mask_schedule
+from model.evaluate import evaluate
+
+TASK_METRIC = {"detection": "bbox_AP", "segmentation": "segm_AP",
+               "keypoints": "keypoints_AP", "caption": "caption_BLEU4"}
+# (first, last) mask ratios of the linear ramps tried at each length.
+RAMPS = ((0.9, 0.3), (0.7, 0.3), (0.5, 0.1))
+
+
+@dataclass
+class Trial:
+    ratios: list[float]
+    score: float
+
+
+def candidate_schedules(max_steps: int, current: list[float]) -> list[list[float]]:
+    """No refinement, linear ramps of 1..max_steps steps, and the current default."""
+    candidates: list[list[float]] = [[]]
+    for steps in range(1, max_steps + 1):
+        for first, last in RAMPS:
+            ratios = [round(r, 3) for r in mask_schedule(steps, [first, last])]
+            if ratios not in candidates:
+                candidates.append(ratios)
+    if list(current) not in candidates:
+        candidates.append(list(current))
+    return candidates
+
+
+def choose(trials: list[Trial], tolerance: float) -> Trial:
+    """The shortest schedule scoring within `tolerance` of the best (then the higher score)."""
+    best = max(t.score for t in trials)
+    close = [t for t in trials if t.score >= best - tolerance]
+    return min(close, key=lambda t: (len(t.ratios), -t.score))
+
+
+def tune_schedules(mad: MAD, data: Path, split: str = "val2017",
+                   tasks: tuple[str, ...] | None = None, limit: int | None = 200,
+                   device: str = "cpu", max_steps: int = 4, tolerance: float = 0.003,
+                   report: Callable[[str, Trial], None] = lambda task, trial: None,
+                   ) -> dict[str, list[Trial]]:
+    """Score every candidate of every task; set mad.config.schedules to the chosen ones.
+    -> {task: trials in the order they ran}."""
+    tasks = tuple(t for t in mad.config.tasks if t in (tasks or mad.config.tasks))
+    results: dict[str, list[Trial]] = {}
+    for task in tasks:
+        current = list(mad.config.schedules.get(task, []))
+        trials = []
+        for ratios in candidate_schedules(max_steps, current):
+            mad.config.schedules[task] = ratios
+            metrics = evaluate(mad, data, split, device, limit=limit, tasks=(task,))
+            trials.append(Trial(ratios, metrics[TASK_METRIC[task]]))
+            report(task, trials[-1])
+        mad.config.schedules[task] = choose(trials, tolerance).ratios
+        results[task] = trials
+    return results

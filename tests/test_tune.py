@@ -1,0 +1,44 @@
+"""Refinement schedule tuning (`mad tune`) and single-task evaluation."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from model.checkpoint import load_checkpoint
+from model.evaluate import evaluate
+from model.tune import Trial, choose
+
+
+def test_mad_tune_scores_schedules_and_writes_the_chosen_one(micro_checkpoint, synth_data,
+                                                              tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    result = subprocess.run(
+        [sys.executable, "-m", "mad.cli", "tune", "--checkpoint", str(checkpoint),
+         "--data", str(synth_data), "--task", "caption", "--max-steps", "1", "--limit", "2",
+         "--write"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = load_checkpoint(checkpoint)[1]
+    tried = [ratios for ratios, _ in meta["schedule_tuning"]["scores"]["caption"]]
+    # No refinement, three one-step ramps, and the checkpoint's own default.
+    assert tried == [[], [0.9], [0.7], [0.5], [0.8, 0.6, 0.4]]
+    assert meta["schedules"]["caption"] in tried
+    assert meta["model"]["schedules"] == meta["schedules"]
+    assert meta["schedules"]["keypoints"] == [0.7]  # not asked: unchanged
+
+
+def test_choose_prefers_the_shortest_schedule_within_tolerance():
+    trials = [Trial([], 0.20), Trial([0.7], 0.248), Trial([0.9, 0.3], 0.25), Trial([0.5], 0.1)]
+    assert choose(trials, tolerance=0.003).ratios == [0.7]
+    assert choose(trials, tolerance=0.0).ratios == [0.9, 0.3]
+
+
+def test_eval_of_one_task_reports_only_its_metrics(micro_model, synth_data):
+    metrics = evaluate(micro_model, synth_data, tasks=("caption",), limit=2)
+    assert set(metrics) == {"caption_BLEU4"}
+    metrics = evaluate(micro_model, synth_data, tasks=("keypoints",), limit=2)
+    assert set(metrics) == {"bbox_AP", "bbox_AP50", "bbox_AP75", "keypoints_AP"}
