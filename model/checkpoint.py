@@ -106,9 +106,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
 
 
 def checkpoint_digest(directory: str | Path) -> str:
-    """sha256 of the weights file: identifies the exact model a result came from."""
+    """sha256 of the weights and config.json: identifies the exact model a result came from,
+    its default refinement schedules included (`mad tune` rewrites only config.json, and
+    exports cached under this digest carry a copy of it)."""
     digest = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name in (WEIGHTS, CONFIG):
+        with open(Path(directory) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import checkpoint_digest, load_checkpoint, write_schedules
 from model.evaluate import evaluate
 from model.tune import Trial, choose
 
@@ -42,3 +42,13 @@ def test_eval_of_one_task_reports_only_its_metrics(micro_model, synth_data):
     assert set(metrics) == {"caption_BLEU4"}
     metrics = evaluate(micro_model, synth_data, tasks=("keypoints",), limit=2)
     assert set(metrics) == {"bbox_AP", "bbox_AP50", "bbox_AP75", "keypoints_AP"}
+
+
+def test_rewritten_schedules_change_the_checkpoint_digest(micro_checkpoint, tmp_path):
+    # Cached exports and the service's model version key on it: a retuned checkpoint must
+    # not reuse an export holding the old schedules.
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    before = checkpoint_digest(checkpoint)
+    write_schedules(checkpoint, {"caption": [0.5]})
+    assert checkpoint_digest(checkpoint) != before
