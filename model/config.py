@@ -24,6 +24,20 @@ COCO_SKELETON = [
     (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
     (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
 ]  # fmt: skip
+# COCO 2017's 80 detection categories in category-id order (what training on COCO reads from
+# the annotation file, which keeps overriding them).
+COCO_CLASS_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
 SYNTH_CLASS_NAMES = ["person", "circle", "square", "triangle", "star", "hexagon"]
 
 
@@ -50,7 +64,7 @@ class ModelConfig:
     num_slots: int = 100
     mask_size: int = 16
     caption_len: int = 20
-    class_names: list[str] = field(default_factory=lambda: [f"class_{i}" for i in range(80)])
+    class_names: list[str] = field(default_factory=lambda: list(COCO_CLASS_NAMES))
     keypoint_names: list[str] = field(default_factory=lambda: list(COCO_KEYPOINT_NAMES))
     skeleton: list[tuple[int, int]] = field(default_factory=lambda: list(COCO_SKELETON))
     person_class: str = "person"
