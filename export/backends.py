@@ -29,7 +29,7 @@ def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cp
                   ) -> tuple[MAD, object]:
     """-> (model bundle, runner).
 
-    torch options: precision ("fp32", "bf16", "fp16"), compile (bool).
+    torch options: precision ("fp32", "bf16", "fp16"), compile (bool), cuda_graphs (bool).
     onnx / tensorrt options: export_dir (else the checkpoint is exported into the cache, see
     `cached_export`), opset, simplify; onnx: threads, providers; tensorrt: profile
     (export.tensorrt.Profile), rebuild. `checkpoint` may itself be an export dir.
@@ -43,7 +43,7 @@ def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cp
             raise ValueError("the torch backend needs a checkpoint")
         mad, _ = load_checkpoint(checkpoint, "cpu")
         return mad, TorchRunner(mad.network, device, options.get("precision", "fp32"),
-                                options.get("compile", False))
+                                options.get("compile", False), options.get("cuda_graphs", False))
     if backend == "tensorrt":
         from export.tensorrt import import_tensorrt
 

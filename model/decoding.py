@@ -1,8 +1,9 @@
 """Masked decoding: one parallel pass, then K refinement steps.
 
 Step 0 decodes the fully masked body. Step k re-masks the r_k * L least confident tokens
-(random positions for captions), decodes again, and averages the new logits of re-masked
-positions with the previous ones; shown positions keep theirs.
+(random positions for captions: seeded, the same for every sequence), decodes again, and
+averages the new logits of re-masked positions with the previous ones; shown positions keep
+theirs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return chosen.scatter_(1, scores.argsort(dim=1)[:, :count], True)
 
 
+def random_scores(steps: int, length: int) -> torch.Tensor:
+    """[steps, length] seeded noise for random re-masking. Every sequence of a call gets the
+    same row per step, so an answer never depends on its batch mates, and it is drawn once
+    per call on the host: the refinement loop itself never goes back to the host."""
+    generator = torch.Generator().manual_seed(REFINE_SEED)
+    return torch.rand(steps, length, generator=generator)
+
+
 @torch.inference_mode()
 def masked_decode(runner: Runner, memory, codec: TaskCodec, prompts: torch.Tensor,
                   image_index: torch.Tensor, ratios: list[float]) -> torch.Tensor:
@@ -70,16 +79,14 @@ def masked_decode(runner: Runner, memory, codec: TaskCodec, prompts: torch.Tenso
         logits = runner.decode(memory, tokens, image_index, codec.vocab_slice())
         return logits[:, P:].float() + constraint
 
+    counts = [c for c in (remask_count(r, L) for r in ratios) if c > 0]
+    noise = random_scores(len(counts), L).to(device) if codec.random_remask else None
     logits = run(torch.full((len(prompts), L), mask_id, device=device))
-    generator = torch.Generator().manual_seed(REFINE_SEED)
-    for ratio in ratios:
-        count = remask_count(ratio, L)
-        if count == 0:
-            continue
+    for step, count in enumerate(counts):
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
-        if codec.random_remask:
-            scores = torch.rand(confidence.shape, generator=generator).to(device)
+        if noise is not None:
+            scores = noise[step].expand_as(confidence)
         else:
             scores = codec.remask_scores(probs, confidence)
         remask = lowest(scores, count)

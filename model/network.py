@@ -49,10 +49,13 @@ class VocabularyHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """hidden [..., D], embeddings [V, D] -> logits [..., V]"""
-        h = F.normalize(self.mlp(hidden), dim=-1)
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        return scale * h @ F.normalize(embeddings, dim=-1).t()
+        """hidden [..., D], embeddings [V, D] -> logits [..., V], float32 even under autocast:
+        cosines times a scale near 100 would lose a whole logit unit to bf16 rounding."""
+        h = self.mlp(hidden)
+        with torch.autocast(h.device.type, enabled=False):
+            h = F.normalize(h.float(), dim=-1)
+            scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
+            return scale * h @ F.normalize(embeddings.float(), dim=-1).t()
 
 
 def coordinate_code(num_tokens: int, dim: int) -> torch.Tensor:
@@ -128,17 +131,18 @@ class MADNetwork(nn.Module):
     # --- sequences --------------------------------------------------------------------------
     def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
                vocab_slice: tuple[int, int], all_layers: bool = False,
-               causal: bool = False, fold: bool = True) -> torch.Tensor:
+               causal: bool = False, fold: bool = True,
+               groups: ImageGroups | None = None) -> torch.Tensor:
         """tokens [S, T] (full-vocabulary ids) of sequences of images `image_index` [S] ->
         logits [S, T, V_slice], or [layers, S, T, V_slice] with all_layers (auxiliary losses).
 
         fold: cross-attend per image with the sequences folded (model.folding), else per
         sequence with each sequence's copy of its image (shapes independent of the data,
-        which is what graph export needs)."""
-        groups = None
-        if fold:
+        which is what graph export needs). groups: a precomputed folded layout (CUDA graph
+        capture cannot count sequences per image on the host)."""
+        if groups is None and fold:
             groups = ImageGroups.of(image_index, memory.kv[0][0].shape[0])
-        else:
+        elif groups is None:
             memory = memory.select(image_index)
         x = self.token_embedding(tokens)
         pos = self.seq_pos.weight[: tokens.shape[1]]

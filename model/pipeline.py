@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from model.checkpoint import MAD
-from model.codecs import DecodeContext
 from model.codecs.detection import Detections
 from model.decoding import Runner, decoder_passes, mask_schedule, masked_decode
-from model.preprocess import letterbox, pil_to_tensor
+from model.preprocess import prepare_batch
+from model.stopwatch import Stopwatch
 
 # Tasks prompted by detections, and the Result field holding one output per detection.
 DETECTION_DEPENDENT = {"segmentation": "masks", "keypoints": "keypoints"}
@@ -73,18 +73,13 @@ class Pipeline:
 
     def __call__(self, requests: list[Request]) -> list[Result]:
         start = time.perf_counter()
-        tensors, masks, contexts = [], [], []
-        for request in requests:
-            image = pil_to_tensor(request.image)
-            canvas, pad, scale = letterbox(image, self.config.image_size)
-            tensors.append(canvas)
-            masks.append(pad)
-            contexts.append(DecodeContext(self.config.image_size, scale, tuple(image.shape[-2:])))
+        batch = prepare_batch([r.image for r in requests], self.config.image_size, self.device)
+        contexts = batch.contexts
         results = [Result(c.image_size, self.tasks_to_run(r.tasks))
                    for r, c in zip(requests, contexts, strict=True)]
-        stage = Stopwatch(results, start)
+        stage = Stopwatch(self.device, start)
         stage.lap("preprocess")
-        memory = self.runner.encode(torch.stack(tensors), torch.stack(masks))
+        memory = self.runner.encode(batch.images, batch.pad_mask)
         stage.lap("encode")
         if any("detection" in r.tasks for r in results):
             self.detect(requests, results, memory, contexts)
@@ -96,6 +91,8 @@ class Pipeline:
         if any("caption" in r.tasks for r in results):
             self.caption(requests, results, memory, contexts)
             stage.lap("caption")
+        for result in results:  # the batch shares the work: every result gets its timings
+            result.timings.update(stage.times)
         return results
 
     # --- tasks ------------------------------------------------------------------------------
@@ -158,15 +155,3 @@ class Pipeline:
             for i, text in zip(idx, codec.decode(logits, None, []), strict=True):
                 results[i].caption = text
 
-
-class Stopwatch:
-    """Per-stage wall time, written into every result of the batch (they share the work)."""
-
-    def __init__(self, results: list[Result], start: float):
-        self.results, self.last, self.start = results, start, start
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        for result in self.results:
-            result.timings[name] = now - self.last
-        self.last = now

@@ -6,9 +6,13 @@ the pad mask tells the encoder which features are padding.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+
+from model.codecs import DecodeContext
 
 
 def fit_scale(size: tuple[int, int], canvas: tuple[int, int]) -> float:
@@ -34,3 +38,38 @@ def letterbox(image: torch.Tensor, canvas: tuple[int, int]
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image -> uint8 [3, h, w]."""
     return TF.pil_to_tensor(image.convert("RGB"))
+
+
+class ImageBatch(NamedTuple):
+    """Letterboxed images ready for the encoder.
+
+    images [B, 3, H, W] float in [0, 1]; pad_mask [B, H, W] True on padding; contexts: how to
+    map each image's canvas coordinates back to its pixels.
+    """
+
+    images: torch.Tensor
+    pad_mask: torch.Tensor
+    contexts: list[DecodeContext]
+
+
+def prepare_batch(images: list[Image.Image], canvas: tuple[int, int],
+                  device: torch.device | str = "cpu") -> ImageBatch:
+    """PIL images -> one letterboxed batch. For a CUDA device the batch is written into
+    pinned host memory, so the runner's copy to the device does not block the host."""
+    canvases, pads, contexts = [], [], []
+    for image in images:
+        pixels = pil_to_tensor(image)
+        canvas_pixels, pad, scale = letterbox(pixels, canvas)
+        canvases.append(canvas_pixels)
+        pads.append(pad)
+        contexts.append(DecodeContext(canvas, scale, (pixels.shape[-2], pixels.shape[-1])))
+    pin = torch.device(device).type == "cuda"
+    return ImageBatch(stack(canvases, pin), stack(pads, pin), contexts)
+
+
+def stack(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    if not pin:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype,
+                      pin_memory=True)
+    return torch.stack(tensors, out=out)

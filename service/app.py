@@ -38,7 +38,8 @@ def load_model(state: ServiceState) -> Pipeline:
     log.info("loading model", extra={"checkpoint": str(s.checkpoint), "backend": s.backend,
                                      "device": s.device, "precision": s.precision})
     mad, runner = create_runner(s.backend, Path(s.checkpoint), s.device, precision=s.precision,
-                                compile=s.compile, export_dir=s.export_dir)
+                                compile=s.compile, cuda_graphs=s.cuda_graphs,
+                                export_dir=s.export_dir)
     state.mad, state.runner = mad, runner
     state.description = describe_model(mad, runner, s)
     return Pipeline(mad, runner)

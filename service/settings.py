@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu or cuda[:N].")
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16 (CUDA only).")
     compile: bool = Field(False, description="torch.compile the network (torch backend).")
+    cuda_graphs: bool = Field(False, description="Replay decoder passes from CUDA graphs "
+                              "(torch backend on CUDA).")
     export_dir: Path | None = Field(None, description="Exported engines (onnx/tensorrt).")
     host: str = Field("0.0.0.0", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")

@@ -112,3 +112,22 @@ def test_tensorrt_engines(micro_checkpoint, reference, tmp_path):
                              export_dir=tmp_path / "onnx", profile=profile)
     assert engine.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
     assert again.entry == runner.entry
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-2), ("bf16", 0.3)])
+def test_torch_cuda_graphs(micro_checkpoint, reference, precision, atol):
+    mad, runner = create_runner("torch", micro_checkpoint, "cuda", precision=precision,
+                                cuda_graphs=True)
+    check_runner(runner, reference, atol)
+    check_pipeline(mad, runner)
+    graphs = runner.describe()["cuda_graphs"]
+    assert graphs["graphs"] > 0 and graphs["replays"] > 0 and graphs["fallbacks"] == 0
+    # Beyond the largest bucket: the eager pass answers, and says so.
+    images, pad, cases = reference
+    memory = runner.encode(images.to("cuda"), pad.to("cuda"))
+    tokens, _, vocab_slice, _ = cases["caption"]
+    many = tokens[:1].repeat(200, 1).cuda()
+    logits = runner.decode(memory, many, torch.zeros(200, dtype=torch.long, device="cuda"),
+                           vocab_slice)
+    assert logits.shape[0] == 200 and runner.describe()["cuda_graphs"]["fallbacks"] == 1

@@ -196,10 +196,14 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
                    tasks: list[str], kept: int, refine: dict[str, int],
                    concurrency: list[int], max_requests: int, duration_s: float,
                    repeats: int, warmup: int, export_dir: Path | None = None,
-                   batch_sizes: tuple[int, ...] = (1, 8), echo=print) -> dict:
+                   batch_sizes: tuple[int, ...] = (1, 8), echo=print,
+                   runner_options: dict | None = None) -> dict:
+    """runner_options: torch runner options (precision, compile, cuda_graphs) for the
+    in-process baseline and, as MAD_* settings, for the server."""
     from export.backends import create_runner
 
-    mad, runner = create_runner(backend, checkpoint, device, export_dir=export_dir)
+    options = runner_options or {}
+    mad, runner = create_runner(backend, checkpoint, device, export_dir=export_dir, **options)
     pipeline = Pipeline(mad, runner)
     pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
     ceiling = in_process_batching(pipeline, payload, tasks, kept, refine, max(batch_sizes),
@@ -213,7 +217,8 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
     modes = {}
     for batch in batch_sizes:
         name = "batching_off" if batch == 1 else f"batching_{batch}"
-        env = {"MAD_MAX_BATCH_SIZE": str(batch), "MAD_QUEUE_SIZE": str(4 * max(concurrency))}
+        env = {"MAD_MAX_BATCH_SIZE": str(batch), "MAD_QUEUE_SIZE": str(4 * max(concurrency)),
+               **{f"MAD_{k.upper()}": str(v).lower() for k, v in options.items()}}
         echo(f"  starting mad serve (MAD_MAX_BATCH_SIZE={batch})")
         with Server(checkpoint, backend, device, env, export_dir) as server:
             asyncio.run(load(server.url, payload, fields, 1, max(warmup, 1), 60.0))  # warm

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from mad.bench.stats import measure, median, ratio, summarize, synchronize
+from mad.bench.stats import measure, median, ratio, summarize
 from mad.bench.workload import detection_prompts
 from model.autoregressive import autoregressive_decode
 from model.checkpoint import MAD
-from model.codecs import DecodeContext
 from model.decoding import mask_schedule, masked_decode
-from model.preprocess import letterbox, pil_to_tensor
+from model.preprocess import ImageBatch, prepare_batch
+from model.stopwatch import Stopwatch
 
 TASK_ORDER = ("detection", "segmentation", "keypoints", "caption")
 PROMPTED = ("segmentation", "keypoints")
@@ -36,24 +35,6 @@ def schedules(mad: MAD, refine_steps: dict[str, int]) -> dict[str, list[float]]:
     return {task: mask_schedule(refine_steps.get(task, len(default.get(task, []))),
                                 default.get(task, []))
             for task in mad.config.tasks}
-
-
-class Laps:
-    """Consecutive stage durations of one run, synchronised so GPU work lands in its stage."""
-
-    def __init__(self, device):
-        self.device, self.times = device, {}
-        synchronize(device)
-        self.start = self.last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.times[name] = self.times.get(name, 0.0) + now - self.last
-        self.last = now
-
-    def done(self) -> dict[str, float]:
-        return {**self.times, "total": self.last - self.start}
 
 
 def measure_laps(fn: Callable[[], dict[str, float]], repeats: int, warmup: int) -> dict:
@@ -74,16 +55,8 @@ class ModelBench:
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.tasks = [t for t in TASK_ORDER if t in mad.config.tasks]
 
-    def preprocess(self):
-        tensors, pads, contexts = [], [], []
-        for image in self.images:
-            pixels = pil_to_tensor(image)
-            canvas, pad, scale = letterbox(pixels, self.mad.config.image_size)
-            tensors.append(canvas)
-            pads.append(pad)
-            contexts.append(DecodeContext(self.mad.config.image_size, scale,
-                                            tuple(pixels.shape[-2:])))
-        return torch.stack(tensors), torch.stack(pads), contexts
+    def preprocess(self) -> ImageBatch:
+        return prepare_batch(self.images, self.mad.config.image_size, self.device)
 
     def sequences(self, task: str, contexts, per_image: int | None = None):
         """-> (prompts [S, P], image_index [S], codec.decode kwargs, contexts of the S)."""
@@ -107,7 +80,7 @@ class ModelBench:
 
     def run(self) -> dict[str, float]:
         """One image batch through every task -> seconds per stage (and total)."""
-        laps = Laps(self.device)
+        laps = Stopwatch(self.device)
         tensors, pads, contexts = self.preprocess()
         laps.lap("preprocess")
         memory = self.runner.encode(tensors, pads)
@@ -120,7 +93,7 @@ class ModelBench:
         for task, (logits, seqs) in outputs.items():
             self.postprocess(task, logits, seqs)
         laps.lap("postprocess")
-        return laps.done()
+        return {**laps.times, "total": laps.total()}
 
     def stage_latency(self, repeats: int, warmup: int) -> dict:
         stages = measure_laps(self.run, repeats, warmup)
@@ -191,14 +164,14 @@ def kept_vs_fixed(bench: ModelBench, kept: int, fixed: int, repeats: int, warmup
         prepared = {t: bench.sequences(t, contexts, count) for t in tasks}
 
         def run(prepared=prepared):
-            laps, logits = Laps(bench.device), {}
+            laps, logits = Stopwatch(bench.device), {}
             for t in tasks:
                 logits[t] = bench.decode(t, memory, prepared[t], bench.ratios[t])
             laps.lap("decode")
             for t in tasks:
                 bench.postprocess(t, logits[t], prepared[t])
             laps.lap("postprocess")
-            return laps.done()
+            return {**laps.times, "total": laps.total()}
 
         out[name] = {"per_image": count, **measure_laps(run, repeats, warmup)}
     out["ratio"] = ratio(median(out["fixed"]["total"]), median(out["kept"]["total"]))

@@ -13,10 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-
-def synchronize(device: str | torch.device | None) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(torch.device(device))
+from model.stopwatch import synchronize
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -39,7 +36,7 @@ def summarize(seconds: list[float]) -> dict:
             "max_ms": max(ms), "n": len(ms)}
 
 
-def time_call(fn: Callable[[], object], device=None) -> float:
+def time_call(fn: Callable[[], object], device: str | torch.device | None = None) -> float:
     """Wall seconds of one call, synchronised on `device` before and after."""
     synchronize(device)
     start = time.perf_counter()
