@@ -111,7 +111,8 @@ def parity_md(parity: dict[str, Any]) -> str:
         for task, v in (parity.get(variant) or {}).get("logits", {}).items():
             rows.append([variant, task, f"{v['max_abs_diff']:.2e}", f"{v['mean_abs_diff']:.2e}",
                          f"{100 * v['argmax_agreement']:.2f}%"])
-    lines = [table(["variant", "task", "max abs logit diff", "mean abs diff", "argmax agreement"], rows), ""]
+    header = ["variant", "task", "max abs logit diff", "mean abs diff", "argmax agreement"]
+    lines = [table(header, rows), ""]
     n = len(parity["images"])
     for variant in ("fp32", "bf16"):
         if variant in parity:
