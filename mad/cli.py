@@ -9,7 +9,8 @@ import typer
 
 from export.cli import export
 from mad.bench.cli import bench
-from service.cli import predict, serve
+from model.request_spec import RequestError, parse_refine_steps, parse_tasks
+from service.cli import predict, request_error, serve
 
 app = typer.Typer(help="MAD Serve: the Masked AutoDecoder vision generalist.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -92,28 +93,15 @@ def train(
     ))  # fmt: skip
 
 
-def parse_refine(values: list[str], tasks: list[str]) -> dict[str, int]:
-    """["2"] -> every task 2; ["caption:3", "keypoints:1"] -> those tasks."""
-    steps = {}
-    for item in values:
-        for part in item.split(","):
-            task, sep, k = part.strip().rpartition(":")
-            if not sep:
-                steps.update(dict.fromkeys(tasks, int(k)))
-            elif task not in tasks:
-                raise typer.BadParameter(f"unknown task {task!r}; the model has {tasks}")
-            else:
-                steps[task] = int(k)
-    return steps
-
-
 @app.command("eval")
 def evaluate_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     split: str = typer.Option("val2017"),
-    refine: list[str] = typer.Option([], help="Refinement steps: K for all, or task:K."),
-    task: list[str] = typer.Option([], help="Evaluate only these tasks (repeat; default all)."),
+    refine: list[str] = typer.Option([], help="Refinement steps: K for all, or task:K "
+                                     "(comma-separated or repeated)."),
+    task: list[str] = typer.Option([], help="Evaluate only these tasks (comma-separated or "
+                                   "repeated; default all)."),
     limit: int | None = typer.Option(None, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("cpu"),
@@ -124,22 +112,17 @@ def evaluate_command(
     from model.evaluate import evaluate, format_table
 
     mad, _ = load_checkpoint(checkpoint, device)
-    steps = parse_refine(refine, mad.config.tasks)
-    metrics = evaluate(mad, data, split, device, steps, limit, batch_size,
-                       tasks=known_tasks(task, mad.config.tasks))
+    try:
+        steps = parse_refine_steps(refine, mad.config.tasks)
+        tasks = parse_tasks(task, mad.config.tasks)
+    except RequestError as exc:
+        request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
+    metrics = evaluate(mad, data, split, device, steps, limit, batch_size, tasks=tasks)
     typer.echo(format_table(metrics))
     if json_out:
         report = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
                   "refine_steps": steps, "metrics": metrics}
         json_out.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def known_tasks(asked: list[str], tasks: list[str]) -> tuple[str, ...] | None:
-    """--task values checked against the model's tasks; None (all) when none given."""
-    for name in asked:
-        if name not in tasks:
-            raise typer.BadParameter(f"unknown task {name!r}; the model has {tasks}")
-    return tuple(asked) or None
 
 
 @app.command("tune")
@@ -148,7 +131,8 @@ def tune_command(
     data: Path = typer.Option(..., help="Held-out data in the COCO 2017 layout: not the "
                               "images you will report results on."),
     split: str = typer.Option("val2017"),
-    task: list[str] = typer.Option([], help="Tune only these tasks (repeat; default all)."),
+    task: list[str] = typer.Option([], help="Tune only these tasks (comma-separated or "
+                                   "repeated; default all)."),
     limit: int | None = typer.Option(200, help="Score on the first N images."),
     max_steps: int = typer.Option(4, min=0, help="Longest schedule tried."),
     tolerance: float = typer.Option(0.003, min=0.0,
@@ -161,13 +145,17 @@ def tune_command(
     from model.tune import TASK_METRIC, tune_schedules
 
     mad, _ = load_checkpoint(checkpoint, device)
+    try:
+        tasks = parse_tasks(task, mad.config.tasks)
+    except RequestError as exc:
+        request_error("tune", exc, {"tasks": "--task"})
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
     def report(name, trial):
         typer.echo(f"{name:<13} {trial.ratios!s:<34} {TASK_METRIC[name]} {trial.score:.4f}")
 
-    trials = tune_schedules(mad, data, split, known_tasks(task, mad.config.tasks), limit,
-                            device, max_steps, tolerance, report)
+    trials = tune_schedules(mad, data, split, tasks, limit, device, max_steps, tolerance,
+                            report)
     for name in trials:
         typer.echo(f"{name}: {before.get(name, [])} -> {mad.config.schedules[name]}")
     if write:

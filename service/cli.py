@@ -10,10 +10,18 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from pydantic import ValidationError
 
+from model.request_spec import (
+    RequestError,
+    check_max_detections,
+    check_score_threshold,
+    parse_refine_steps,
+    parse_tasks,
+)
 from service.settings import Settings
 
 CHECKPOINT_HELP = "Checkpoint directory [env MAD_CHECKPOINT; default: the bundled mad-tiny]."
@@ -30,6 +38,15 @@ def require_checkpoint(settings: Settings) -> None:
     if not (Path(settings.checkpoint) / "config.json").is_file():
         raise SystemExit(f"mad: no checkpoint at {settings.checkpoint} (set --checkpoint or "
                          "MAD_CHECKPOINT)")
+
+
+def request_error(command: str, exc: RequestError, options: dict[str, str] | None = None
+                  ) -> NoReturn:
+    """A value outside the request grammar: one line on stderr naming the option (`options`
+    maps a request field to it; default --field-name), exit status 2 (a usage error)."""
+    option = (options or {}).get(exc.field, "--" + exc.field.replace("_", "-"))
+    typer.echo(f"mad {command}: {option}: {exc.problem}", err=True)
+    raise typer.Exit(2)
 
 
 def serve(
@@ -91,7 +108,6 @@ def predict(
     from service.images import decode_image
     from service.postprocess import build_response, request_stages
     from service.render import render as draw
-    from service.routers.predict import parse_refine_steps, parse_tasks
     from service.schemas import ModelRef
     from service.state import describe_model
 
@@ -104,10 +120,12 @@ def predict(
                                 export_dir=settings.export_dir)
     config = mad.config
     try:
-        task_names = parse_tasks(tasks, list(config.tasks))
-        steps = parse_refine_steps(refine_steps, list(config.tasks))
-    except APIError as exc:
-        raise typer.BadParameter(exc.message) from None
+        task_names = parse_tasks(tasks, config.tasks)
+        steps = parse_refine_steps(refine_steps, config.tasks)
+        score_threshold = check_score_threshold(score_threshold)
+        max_detections = check_max_detections(max_detections, config.num_slots)
+    except RequestError as exc:
+        request_error("predict", exc)
     description = describe_model(mad, runner, settings)
     model_ref = ModelRef(name=description.name, version=description.version,
                          backend=description.backend)

@@ -11,8 +11,9 @@ from typing import Annotated, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.request_spec import MAX_REFINE_STEPS
+
 TaskName = Literal["detection", "segmentation", "keypoints", "caption"]
-MAX_REFINE_STEPS = 8
 
 
 class Strict(BaseModel):
@@ -31,8 +32,8 @@ class PredictForm(Strict):
         "segmentation, keypoints, caption. Default: every task the model has.")
     refine_steps: list[str] | None = Field(
         None, description=f"Refinement steps 0..{MAX_REFINE_STEPS}: one integer for every "
-        "task, or task:K pairs (comma-separated and/or repeated). Default: each task's "
-        "schedule from the checkpoint.")
+        "task, or task:K pairs (comma-separated and/or repeated; task:K wins over a bare K). "
+        "Default: each task's schedule from the checkpoint.")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0,
                                    description="Drop detections scoring below this.")
     max_detections: int | None = Field(

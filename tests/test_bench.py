@@ -13,7 +13,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mad.bench.cli import parse_refine
 from mad.bench.model_bench import ModelBench, kept_vs_fixed, mad_vs_autoregressive, schedules
 from mad.bench.report import markdown, targets
 from mad.bench.stats import measure, percentile, ratio, summarize
@@ -55,9 +54,6 @@ def test_parse_options():
     assert parse_size("800x1333") == (800, 1333)
     with pytest.raises(ValueError):
         parse_size("800")
-    tasks = ["detection", "caption"]
-    assert parse_refine(["2"], tasks) == {"detection": 2, "caption": 2}
-    assert parse_refine(["caption:3, detection:0"], tasks) == {"caption": 3, "detection": 0}
 
 
 def test_checkpoint_resolution(micro_checkpoint, tmp_path):

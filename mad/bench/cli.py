@@ -11,6 +11,9 @@ from pathlib import Path
 import typer
 from PIL import Image
 
+from model.request_spec import RequestError, parse_refine_steps
+from service.cli import request_error
+
 # Defaults fit a 2-core CPU in well under 10 minutes; --quick is the smoke-test size.
 DEFAULTS = {"repeats": 20, "warmup": 3, "ar_repeats": 3, "kept": 7, "fixed": 100,
             "concurrency": "1,4,8", "http_requests": 200, "http_seconds": 8.0}
@@ -33,8 +36,9 @@ def bench(
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch on CUDA)."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
     batch_size: int = typer.Option(1, min=1, help="Images per model call."),
-    refine_steps: list[str] = typer.Option([], help="K for every task, or task:K "
-                                           "(default: the checkpoint's schedules)."),
+    refine_steps: list[str] = typer.Option([], help="K for every task, or task:K, "
+                                           "comma-separated or repeated (default: the "
+                                           "checkpoint's schedules)."),
     repeats: int | None = typer.Option(None, min=1, help="Timed runs (20; quick 3)."),
     warmup: int | None = typer.Option(None, min=0, help="Untimed runs first (3; quick 1)."),
     ar_repeats: int | None = typer.Option(None, min=1, help="Timed autoregressive runs "
@@ -88,6 +92,8 @@ def bench(
                                             "fixed", "http_requests", "http_seconds")})
     try:
         report = run.execute()
+    except RequestError as exc:  # --refine-steps against the model's tasks
+        request_error("bench", exc)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # no model to benchmark
         raise SystemExit(f"mad bench: {exc}") from exc
     from mad.bench.report import write_report
@@ -97,20 +103,6 @@ def bench(
     typer.echo(f"wrote {json_path}\nwrote {md_path}")
     if report["errors"]:
         raise typer.Exit(1)
-
-
-def parse_refine(values: list[str], tasks: list[str]) -> dict[str, int]:
-    """["2"] -> every task 2; ["caption:3,keypoints:1"] -> those tasks."""
-    steps = {}
-    for item in values:
-        for part in filter(None, (p.strip() for p in item.split(","))):
-            task, sep, k = part.rpartition(":")
-            if sep and task not in tasks:
-                raise typer.BadParameter(f"unknown task {task!r}; the model has {tasks}")
-            if not k.isdigit():
-                raise typer.BadParameter(f"refine steps: {part!r} is not K or task:K")
-            steps.update({task: int(k)} if sep else dict.fromkeys(tasks, int(k)))
-    return steps
 
 
 class BenchRun:
@@ -172,7 +164,7 @@ class BenchRun:
         self.checkpoint, source = prepare_checkpoint(s["preset"], s["checkpoint"], s["size"], tmp)
         mad = load_model(self.checkpoint)
         config, parameters = mad.config, sum(p.numel() for p in mad.network.parameters())
-        self.refine = parse_refine(s["refine"], list(config.tasks))
+        self.refine = parse_refine_steps(s["refine"], config.tasks)
         size = tuple(config.image_size)
         self.payload = jpeg_bytes(synthetic_image(size))
         # The JPEG round trip gives every section the pixels the service will decode.

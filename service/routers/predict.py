@@ -10,12 +10,19 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from model.pipeline import Request as ModelRequest
+from model.request_spec import (
+    RequestError,
+    check_max_detections,
+    check_score_threshold,
+    parse_refine_steps,
+    parse_tasks,
+)
 from service.dependencies import get_ready_state, require_api_key
 from service.engine import Draining, QueueFull
 from service.errors import APIError
 from service.images import decode_image
 from service.postprocess import build_response, request_stages
-from service.schemas import MAX_REFINE_STEPS, ErrorResponse, PredictForm, PredictResponse
+from service.schemas import ErrorResponse, PredictForm, PredictResponse
 from service.state import ServiceState
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -31,40 +38,6 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
 }.items()}
 
 
-def invalid(message: str) -> APIError:
-    return APIError(422, "validation_error", message)
-
-
-def parse_tasks(values: list[str] | None, model_tasks: list[str]) -> tuple[str, ...]:
-    """Repeated and/or comma-separated names -> tasks in model order. None/blank: all."""
-    names = [n.strip().lower() for v in values or () for n in v.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(model_tasks))
-    if unknown:
-        raise invalid(f"unknown task(s) {unknown}; this model has {model_tasks}")
-    return tuple(t for t in model_tasks if t in names) if names else tuple(model_tasks)
-
-
-def parse_refine_steps(values: list[str] | None, model_tasks: list[str]) -> dict[str, int]:
-    """["2"] -> every task 2; ["caption:3", "detection:1"] -> those tasks."""
-    steps = {}
-    for part in (p.strip() for v in values or () for p in v.split(",")):
-        if not part:
-            continue
-        task, sep, count = part.rpartition(":")
-        task = task.strip().lower()
-        if sep and task not in model_tasks:
-            raise invalid(f"refine_steps: unknown task {task!r}; this model has {model_tasks}")
-        try:
-            k = int(count)
-        except ValueError:
-            raise invalid(f"refine_steps: {part!r} is not K or task:K") from None
-        if not 0 <= k <= MAX_REFINE_STEPS:
-            raise invalid(f"refine_steps: {k} is outside 0..{MAX_REFINE_STEPS}")
-        # Detection runs for segmentation/keypoints too, so a bare K applies to it as well.
-        steps.update({task: k} if sep else dict.fromkeys(model_tasks, k))
-    return steps
-
-
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
              responses=ERRORS, summary="Run the model on one image")
 async def predict(request: Request,
@@ -77,18 +50,21 @@ async def predict(request: Request,
     """
     settings, config = state.settings, state.mad.config
     arrived = request.state.arrived
-    tasks = parse_tasks(form.tasks, list(config.tasks))
-    request.state.tasks = tasks  # the metrics middleware counts per task asked
-    refine = parse_refine_steps(form.refine_steps, list(config.tasks))
-    if form.max_detections is not None and form.max_detections > config.num_slots:
-        raise invalid(f"max_detections: at most {config.num_slots} for this model")
+    try:
+        tasks = parse_tasks(form.tasks, config.tasks)
+        request.state.tasks = tasks  # the metrics middleware counts per task asked
+        refine = parse_refine_steps(form.refine_steps, config.tasks)
+        score_threshold = check_score_threshold(form.score_threshold)
+        max_detections = check_max_detections(form.max_detections, config.num_slots)
+    except RequestError as exc:
+        raise APIError(422, "validation_error", str(exc)) from None
 
     data = await form.image.read()
     decode_start = time.perf_counter()
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
     decode_seconds = time.perf_counter() - decode_start
 
-    job_request = ModelRequest(image, tasks, refine, form.score_threshold, form.max_detections)
+    job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections)
     try:
         job = state.engine.submit(job_request)
     except QueueFull:

@@ -1,0 +1,104 @@
+"""The request grammar: what a caller may ask of a loaded model, parsed and checked once.
+
+The HTTP API, `mad predict`, `mad eval`, `mad tune` and `mad bench` all read their options
+with these functions, so one input means the same everywhere and fails with the same
+message. Task names are always checked against the loaded model's tasks.
+
+    tasks           names separated by commas and/or repeated: "detection,caption"
+    refine_steps    items separated by commas and/or repeated, each K (every task) or
+                    task:K (that task; wins over a bare K), K in 0..MAX_REFINE_STEPS;
+                    each task and the bare K at most once
+    score_threshold 0..1
+    max_detections  1..the model's detection slots, or None (all)
+
+A blank value is the same as none given (a form's empty field); an empty item inside a
+value ("2,", "detection,,caption") is an error. Task names are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+MAX_REFINE_STEPS = 8
+STEPS = re.compile(r"-?[0-9]+")
+
+
+class RequestError(ValueError):
+    """A request value outside the grammar. str(): "field: problem", naming what is allowed."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def items(values: Iterable[str] | None, field: str, expected: str) -> list[str]:
+    """Comma-separated and/or repeated values -> their stripped items; blank values skipped."""
+    out = []
+    for value in values or ():
+        if not value.strip():
+            continue
+        parts = [p.strip() for p in value.split(",")]
+        if not all(parts):
+            raise RequestError(field, f"{value!r} has an empty item; expected {expected}")
+        out += parts
+    return out
+
+
+def parse_tasks(values: Iterable[str] | None, model_tasks: Sequence[str]) -> tuple[str, ...]:
+    """["detection,caption"] -> those tasks in model order; none given -> every task."""
+    allowed = ", ".join(model_tasks)
+    expected = f"task names separated by commas (this model has {allowed})"
+    names = [name.lower() for name in items(values, "tasks", expected)]
+    unknown = [name for name in dict.fromkeys(names) if name not in model_tasks]
+    if unknown:
+        raise RequestError("tasks", f"unknown task {', '.join(map(repr, unknown))}; this "
+                           f"model has {allowed}")
+    return tuple(t for t in model_tasks if t in names) if names else tuple(model_tasks)
+
+
+def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]
+                       ) -> dict[str, int]:
+    """["2"] -> every task 2; ["2,caption:3"] -> every task 2 but caption 3; none -> {}
+    (each task keeps its checkpoint schedule)."""
+    allowed = ", ".join(model_tasks)
+    every, steps, given = None, {}, {}
+    for part in items(values, "refine_steps", "K or task:K separated by commas"):
+        task, sep, count = part.rpartition(":")
+        task, count = task.strip().lower(), count.strip()
+        if sep and task not in model_tasks:
+            raise RequestError("refine_steps", f"unknown task {task!r} in {part!r}; this "
+                               f"model has {allowed}")
+        if not STEPS.fullmatch(count):
+            raise RequestError("refine_steps", f"{part!r} is not K or task:K (K an integer "
+                               f"0..{MAX_REFINE_STEPS}, task one of {allowed})")
+        k = int(count)
+        if not 0 <= k <= MAX_REFINE_STEPS:
+            raise RequestError("refine_steps", f"{k} in {part!r} is outside "
+                               f"0..{MAX_REFINE_STEPS}")
+        key = task if sep else None  # None: the bare K
+        if key in given:
+            what = f"{task}:K" if sep else "K for every task"
+            raise RequestError("refine_steps", f"{what} given twice ({given[key]!r} and "
+                               f"{part!r})")
+        given[key] = part
+        if sep:
+            steps[task] = k
+        else:
+            every = k
+    # Detection runs for segmentation/keypoints too, so a bare K applies to it as well.
+    return {**(dict.fromkeys(model_tasks, every) if every is not None else {}), **steps}
+
+
+def check_score_threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise RequestError("score_threshold", f"{value} is outside 0..1")
+    return value
+
+
+def check_max_detections(value: int | None, num_slots: int) -> int | None:
+    """None keeps every detection; else 1..num_slots (the model finds no more than that)."""
+    if value is not None and not 1 <= value <= num_slots:
+        raise RequestError("max_detections", f"{value} is outside 1..{num_slots} (this "
+                           f"model has {num_slots} detection slots)")
+    return value
