@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from mad.cli import app as mad_cli
 from model.codecs.detection import Detections
 from model.config import COCO_SKELETON
+from model.mask_formats import mask_to_polygons
 from model.pipeline import Result
-from service.postprocess import build_response, mask_to_polygons
+from service.postprocess import build_response
 from service.render import render
 from service.schemas import ModelRef, PredictResponse
 from service.settings import BUNDLED_CHECKPOINT, Settings
