@@ -8,15 +8,13 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import sacrebleu
-import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from model.checkpoint import MAD
+from model.mask_formats import encode_rle
 from model.pipeline import Pipeline, Request
 from model.runner import TorchRunner
 
@@ -28,13 +26,6 @@ def quiet_coco(path: Path) -> COCO | None:
         return None
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(path))
-
-
-def encode_rle(mask: torch.Tensor) -> dict:
-    """bool [H, W] -> COCO compressed RLE with a JSON-friendly `counts` string."""
-    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def coco_results(result, image_id: int, category_ids: list[int]):

@@ -87,9 +87,6 @@ class VocabLayout:
     def class_token(self, label: torch.Tensor | int):
         return label + self.class_start
 
-    def token_class(self, token: torch.Tensor | int):
-        return token - self.class_start
-
     def quantize(self, coord: torch.Tensor) -> torch.Tensor:
         """Normalised coordinates in [0, 1] -> coordinate token ids (bin = floor(c * bins))."""
         bins = torch.floor(coord * self.num_bins).long().clamp(0, self.num_bins)
@@ -102,6 +99,3 @@ class VocabLayout:
 
     def text_token(self, text_id: torch.Tensor | int):
         return text_id + self.text_start
-
-    def token_text(self, token: torch.Tensor | int):
-        return token - self.text_start

@@ -28,8 +28,6 @@ METRIC_NAMES = (
     "mad_model_info",
     "mad_gpu_memory_bytes",
 )
-STAGES = ("queue", "preprocess", "encode", "detection", "segmentation", "keypoints", "caption",
-          "postprocess")
 # Latency buckets from 1 ms (a stage of a tiny model) to 60 s (past the default deadline).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)

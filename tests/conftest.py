@@ -1,33 +1,34 @@
-"""Shared fixtures: a tiny random-weight checkpoint and a tiny synthetic dataset."""
+"""Shared fixtures: a tiny random-weight checkpoint, a tiny synthetic dataset, and the real
+service with an HTTP client for it.
+
+The service fixtures serve `server_settings`; a test module that needs other settings
+(an API key, upload limits) overrides that one fixture.
+"""
 
 from __future__ import annotations
 
-import os
+import random
 
+import httpx
+import numpy as np
 import pytest
 import torch
 
 from model.checkpoint import MAD, save_checkpoint
-from model.config import get_preset
 from model.data.synth import write_synthetic_dataset
 from model.tokenizer import CaptionTokenizer
+from service.settings import Settings
+from tests.helpers import TINY_CAPTIONS, micro_config, running_server
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-TINY_CAPTIONS = [
-    "a red circle to the left of a blue square",
-    "two green stars above a person",
-    "a yellow hexagon next to a purple triangle",
-    "three orange squares below a red star",
-] * 10
+torch.set_num_threads(1)  # a training job shares this machine
 
 
-def micro_config(**overrides):
-    """Smaller than the tiny preset: for fast tests of shapes and plumbing."""
-    values = dict(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=2, ffn_dim=64,
-                  image_size=(96, 96), num_bins=96, num_slots=6, caption_len=12)
-    values.update(overrides)
-    return get_preset("tiny", **values)
+@pytest.fixture(autouse=True)
+def seeded_rngs():
+    """Every test starts from the same global random state, whatever ran before it."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +38,12 @@ def tokenizer() -> CaptionTokenizer:
 
 @pytest.fixture(scope="session")
 def micro_model(tokenizer) -> MAD:
+    """Shared by many tests: in eval mode from the start, so no test depends on another
+    having switched it."""
     torch.manual_seed(0)
-    return MAD.build(micro_config(), tokenizer)
+    mad = MAD.build(micro_config(), tokenizer)
+    mad.network.eval()
+    return mad
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +57,25 @@ def synth_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     write_synthetic_dataset(root, train=8, val=4, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def server_settings(micro_checkpoint) -> Settings:
+    """What `server` serves; override in a test module for other settings."""
+    return Settings(checkpoint=micro_checkpoint, batch_delay_ms=2)
+
+
+@pytest.fixture(scope="module")
+def server(server_settings):
+    """The real service on a free loopback port, one per test module."""
+    with running_server(server_settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server, server_settings):
+    """An httpx client of `server`, sending the API key when the settings have one."""
+    key = server_settings.api_key
+    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    with httpx.Client(base_url=server.url, timeout=30, headers=headers) as c:
+        yield c

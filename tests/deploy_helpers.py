@@ -8,7 +8,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -233,12 +232,6 @@ def dockerignored(path: str) -> bool:
         if any(re.fullmatch(regex, prefix) for prefix in prefixes):
             excluded = not negate
     return excluded
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

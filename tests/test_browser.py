@@ -13,12 +13,10 @@ import subprocess
 
 import httpx
 import pytest
-import torch
 
 from service.settings import Settings
-from service.testing import running_server
+from tests.helpers import running_server
 
-torch.set_num_threads(1)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from model.codecs import DecodeContext
 from model.codecs.detection import TOKENS_PER_SLOT
-from tests.conftest import TINY_CAPTIONS
+from tests.helpers import TINY_CAPTIONS
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

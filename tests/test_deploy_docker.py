@@ -26,7 +26,6 @@ from tests.deploy_helpers import (
     compose_default,
     dockerfile_stages,
     dockerignored,
-    free_port,
     pip_installs,
     project_install,
     read_pins,
@@ -35,6 +34,7 @@ from tests.deploy_helpers import (
     stage_env,
     validate_settings_env,
 )
+from tests.helpers import free_port
 
 
 def test_dockerfile_installs_like_the_makefile():

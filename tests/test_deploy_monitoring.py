@@ -26,12 +26,12 @@ from tests.deploy_helpers import (
     dashboard_exprs,
     dashboard_metric_refs,
     exported_series,
-    free_port,
     get,
     stage,
     stop,
     wait_for,
 )
+from tests.helpers import free_port
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: prometheus)")

@@ -7,11 +7,9 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 
 from export import graphs
 from export.backends import create_runner
@@ -19,11 +17,10 @@ from export.benchmark import compare_backends
 from export.onnx_export import MANIFEST, export_onnx, read_manifest
 from export.onnx_runner import OnnxRunner
 from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, save_checkpoint
-from model.data.synth import render_synthetic_image
 from model.pipeline import Pipeline, Request
 from model.runner import TorchRunner
+from tests.helpers import ALL_TASKS, synthetic_images
 
-TASKS = ("detection", "segmentation", "keypoints", "caption")
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
 
 
@@ -40,11 +37,6 @@ def runners(micro_checkpoint, exported):
     return mad, TorchRunner(mad.network), OnnxRunner(exported, threads=2)
 
 
-def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(render_synthetic_image(rng)[0]) for _ in range(n)]
-
-
 def test_manifest_describes_the_export(exported, micro_checkpoint):
     manifest = read_manifest(exported)
     assert manifest["opset"] >= 17 and manifest["precision"] == "fp32"
@@ -57,7 +49,7 @@ def test_manifest_describes_the_export(exported, micro_checkpoint):
     assert [o["name"] for o in encoder["outputs"]] == list(graphs.ENCODER_OUTPUTS)
     assert encoder["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     assert encoder["outputs"][0]["shape"][1:4:2] == ["batch", "features"]
-    assert set(manifest["graphs"]["decoders"]) == set(TASKS)
+    assert set(manifest["graphs"]["decoders"]) == set(ALL_TASKS)
     for task, graph in manifest["graphs"]["decoders"].items():
         start, stop = graph["vocab_slice"]
         assert [i["name"] for i in graph["inputs"]] == list(graphs.DECODER_INPUTS)
@@ -118,7 +110,7 @@ def test_pipeline_results_match(runners, steps, monkeypatch):
     found = Pipeline(mad, torch_runner)([Request(images[0], ("detection",), score_threshold=0)])
     label = int(found[0].detections.labels[0])
     monkeypatch.setattr(type(mad.codecs["keypoints"]), "person_label", property(lambda _: label))
-    requests = [Request(image, TASKS, dict.fromkeys(TASKS, steps), score_threshold=0.0)
+    requests = [Request(image, ALL_TASKS, dict.fromkeys(ALL_TASKS, steps), score_threshold=0.0)
                 for image in images]
     expected = Pipeline(mad, torch_runner)(requests)
     got = Pipeline(mad, onnx_runner)(requests)
@@ -138,7 +130,7 @@ def test_create_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, m
     assert info["backend"] == "onnx" and info["device"] == "cpu"
     assert info["providers"] == ["CPUExecutionProvider"] and info["precision"] == "fp32"
     assert runner.device == torch.device("cpu") and mad.network is None
-    results = Pipeline(mad, runner)([Request(synthetic_images(1)[0], TASKS)])
+    results = Pipeline(mad, runner)([Request(synthetic_images(1)[0], ALL_TASKS)])
     assert results[0].caption is not None and results[0].detections is not None
 
     _, again = create_runner("onnx", micro_checkpoint)  # reused, not exported again
@@ -216,7 +208,7 @@ def test_bundled_model_parity(tmp_path):
     mad, torch_runner = create_runner("torch", checkpoint)
     export_onnx(checkpoint, tmp_path / "onnx")
     _, onnx_runner = create_runner("onnx", checkpoint, export_dir=tmp_path / "onnx")
-    requests = [Request(image, TASKS, {"caption": 2, "keypoints": 1})
+    requests = [Request(image, ALL_TASKS, {"caption": 2, "keypoints": 1})
                 for image in synthetic_images(3, seed=1)]
     expected = Pipeline(mad, torch_runner)(requests)
     assert_same_results(expected, Pipeline(mad, onnx_runner)(requests))

@@ -15,7 +15,7 @@ from export.onnx_export import export_onnx
 from model.checkpoint import load_checkpoint
 from model.pipeline import Pipeline, Request
 from model.runner import TorchRunner
-from tests.test_export import TASKS, synthetic_images
+from tests.helpers import ALL_TASKS, synthetic_images
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible to torch")
@@ -58,7 +58,7 @@ def check_runner(runner, reference, atol: float) -> None:
 
 
 def check_pipeline(mad, runner) -> None:
-    results = Pipeline(mad, runner)([Request(image, TASKS) for image in synthetic_images(2)])
+    results = Pipeline(mad, runner)([Request(image, ALL_TASKS) for image in synthetic_images(2)])
     assert all(r.caption is not None and r.detections is not None for r in results)
 
 

@@ -22,9 +22,7 @@ from model.losses import masked_training_losses, sequence_loss, weighted_total
 from model.matcher import match_slots
 from model.pipeline import Pipeline, Request
 from model.runner import TorchRunner
-from tests.conftest import micro_config
-
-ALL_TASKS = ("detection", "segmentation", "keypoints", "caption")
+from tests.helpers import ALL_TASKS, micro_config
 
 
 def fake_targets(config, n_images=2):

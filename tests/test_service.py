@@ -9,7 +9,6 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
@@ -17,25 +16,15 @@ from pycocotools import mask as mask_utils
 from service.metrics import METRIC_NAMES
 from service.schemas import ModelDescription, PredictResponse
 from service.settings import Settings
-from service.testing import encode, running_server, scene_image
+from tests.helpers import ALL_TASKS, encode, scene_image
 
-torch.set_num_threads(1)  # a training job shares this machine
 API_KEY = "test-key-123"
-ALL_TASKS = ("detection", "segmentation", "keypoints", "caption")
 
 
 @pytest.fixture(scope="module")
-def server(micro_checkpoint):
-    settings = Settings(checkpoint=micro_checkpoint, api_key=API_KEY, batch_delay_ms=2)
-    with running_server(settings) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
-        yield c
+def server_settings(micro_checkpoint):
+    """`client` sends this key; probes and /metrics must work without it."""
+    return Settings(checkpoint=micro_checkpoint, api_key=API_KEY, batch_delay_ms=2)
 
 
 @pytest.fixture(scope="module")

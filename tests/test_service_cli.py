@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,14 @@ from typer.testing import CliRunner
 from mad.cli import app as mad_cli
 from model.codecs.detection import Detections
 from model.config import COCO_SKELETON
+from model.mask_formats import mask_to_polygons
 from model.pipeline import Result
-from service.postprocess import build_response, mask_to_polygons
+from service.postprocess import build_response
 from service.render import render
 from service.schemas import ModelRef, PredictResponse
 from service.settings import BUNDLED_CHECKPOINT, Settings
-from service.testing import encode, scene_image
+from tests.helpers import encode, free_port, scene_image
 
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["person", "circle", "square"]
 MODEL = ModelRef(name="micro", version="test", backend="torch")
@@ -106,12 +105,6 @@ def test_mad_predict_reports_unreadable_files(micro_checkpoint, tmp_path):
 def test_mad_serve_without_a_checkpoint_says_so(tmp_path):
     result = CliRunner().invoke(mad_cli, ["serve", "--checkpoint", str(tmp_path / "none")])
     assert result.exit_code != 0 and "no checkpoint" in str(result.exception or result.output)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mad_serve_runs_logs_json_and_stops_cleanly_on_sigterm(micro_checkpoint):

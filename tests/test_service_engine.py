@@ -10,15 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 
 from model.pipeline import Request, Result
 from service.engine import BatchingEngine, Draining, QueueFull
 from service.settings import Settings
-from service.testing import encode, running_server, scene_image
-
-torch.set_num_threads(1)
+from tests.helpers import encode, running_server, scene_image
 
 
 # --- the engine alone, with a stand-in pipeline --------------------------------------------

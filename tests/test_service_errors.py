@@ -7,31 +7,21 @@ import uuid
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from service.settings import Settings
-from service.testing import encode, running_server, scene_image
+from tests.helpers import encode, scene_image
 
-torch.set_num_threads(1)
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def server(micro_checkpoint):
-    settings = Settings(checkpoint=micro_checkpoint, max_upload_bytes=MAX_UPLOAD,
-                        max_image_pixels=MAX_PIXELS, batch_delay_ms=1)
-    with running_server(settings) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
+def server_settings(micro_checkpoint):
+    return Settings(checkpoint=micro_checkpoint, max_upload_bytes=MAX_UPLOAD,
+                    max_image_pixels=MAX_PIXELS, batch_delay_ms=1)
 
 
 def png() -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,10 @@ import pytest
 from model.checkpoint import load_checkpoint
 from model.evaluate import METRICS
 from model.train import TrainConfig, train
+from tests.helpers import free_port
 
 MICRO = {"d_model": 32, "n_heads": 4, "encoder_layers": 1, "decoder_layers": 2, "ffn_dim": 64,
          "image_size": [96, 96], "num_bins": 96, "num_slots": 8, "caption_len": 12}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_log(path: Path) -> dict[int, float]:

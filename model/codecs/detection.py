@@ -129,9 +129,9 @@ class DetectionCodec(TaskCodec):
 
     # --- inference --------------------------------------------------------------------------
     def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
-               score_threshold: float = 0.0, max_detections: int | None = None,
                **_) -> list[Detections]:
-        """[B, body_len, V_slice] -> one Detections per image, filtered and sorted."""
+        """[B, body_len, V_slice] -> one Detections per image: every slot, sorted by score
+        (the pipeline applies each request's threshold and maximum count)."""
         v = self.vocab
         slots = logits.reshape(len(logits), self.config.num_slots, TOKENS_PER_SLOT, -1).float()
         start = self.vocab_slice()[0]
@@ -145,7 +145,6 @@ class DetectionCodec(TaskCodec):
             boxes = torch.cat([torch.minimum(xy[:, :2], xy[:, 2:]),
                                torch.maximum(xy[:, :2], xy[:, 2:])], 1)
             order = scores[b].argsort(descending=True)
-            order = order[scores[b][order] >= score_threshold][:max_detections]
             box_tok = v.quantize(boxes[order])
             tokens = torch.cat([box_tok, v.class_token(labels[b][order]).unsqueeze(1)], 1)
             results.append(Detections(context.to_pixels(boxes[order]), boxes[order],

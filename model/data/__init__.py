@@ -1,6 +1,6 @@
 """Data: COCO-layout multi-task dataset, joint augmentations and a synthetic dataset writer."""
 
-from model.data.coco import CocoMultiTaskDataset, collate
+from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import write_synthetic_dataset
 from model.data.transforms import (
     Compose,
@@ -20,7 +20,6 @@ __all__ = [
     "RandomResize",
     "ResizeLongest",
     "build_transforms",
-    "collate",
     "flip_pairs_from_names",
     "write_synthetic_dataset",
 ]

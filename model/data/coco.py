@@ -155,9 +155,3 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
-
-
-def collate(batch: list[tuple]) -> tuple[list, list]:
-    """Keep variable-size images and targets as lists (DataLoader collate_fn)."""
-    images, targets = zip(*batch, strict=True)
-    return list(images), list(targets)

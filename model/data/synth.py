@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
 from model.config import COCO_KEYPOINT_NAMES, COCO_SKELETON, SYNTH_CLASS_NAMES
 from model.data.captions import make_captions
+from model.mask_formats import encode_rle
 
 CATEGORIES = list(SYNTH_CLASS_NAMES)  # COCO ids 1..6
 KEYPOINT_NAMES = list(COCO_KEYPOINT_NAMES)
@@ -288,10 +288,9 @@ def _render_one(job: tuple[Path, str, int, int]) -> dict:
     Image.fromarray(img).save(out_dir / split / file_name, compress_level=3)
     anns = []
     for obj in objects:
-        rle = mask_utils.encode(np.asfortranarray(obj["mask"].astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
         category_id = CATEGORIES.index(obj["category"]) + 1
-        ann = {"image_id": image_id, "category_id": category_id, "segmentation": rle}
+        ann = {"image_id": image_id, "category_id": category_id,
+               "segmentation": encode_rle(obj["mask"])}
         ann |= {"area": obj["area"], "bbox": obj["bbox"], "iscrowd": 0}
         if "keypoints" in obj:
             kps = obj["keypoints"]

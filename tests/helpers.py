@@ -1,4 +1,5 @@
-"""Run the real service (uvicorn, loopback, own thread) for tests and smoke checks."""
+"""Helpers the tests share: micro model settings, test images, free ports and the real
+service (uvicorn on loopback, in its own thread). Fixtures built on them live in conftest.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from model.config import get_preset
+from model.data.synth import render_synthetic_image
 from service.app import DrainingServer, create_app
 from service.settings import Settings
 from service.state import ServiceState
+
+ALL_TASKS = ("detection", "segmentation", "keypoints", "caption")
+TINY_CAPTIONS = [
+    "a red circle to the left of a blue square",
+    "two green stars above a person",
+    "a yellow hexagon next to a purple triangle",
+    "three orange squares below a red star",
+] * 10
+
+
+def micro_config(**overrides):
+    """Smaller than the tiny preset: for fast tests of shapes and plumbing."""
+    values = dict(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=2, ffn_dim=64,
+                  image_size=(96, 96), num_bins=96, num_slots=6, caption_len=12)
+    values.update(overrides)
+    return get_preset("tiny", **values)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers started in a subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -78,3 +105,9 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` images of the synthetic dataset (shapes and persons), deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(render_synthetic_image(rng)[0]) for _ in range(n)]
