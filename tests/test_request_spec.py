@@ -16,7 +16,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from service.testing import scene_image
+from tests.helpers import scene_image
 
 ALL = ("detection", "segmentation", "keypoints", "caption")
 TWO = ("detection", "caption")  # a model without segmentation and keypoints
