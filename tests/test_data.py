@@ -260,6 +260,21 @@ def test_flip_pairs():
     assert (KEYPOINT_NAMES.index("left_wrist"), KEYPOINT_NAMES.index("right_wrist")) in pairs
 
 
+def test_horizontal_flip_keeps_a_keypoint_on_its_pixel():
+    """A keypoint on the one bright pixel (x=2 of 10) lands on that pixel after the flip
+    (x=7): pixel centres mirror, as the image's pixels do."""
+    image = torch.zeros(3, 4, 10, dtype=torch.uint8)
+    image[:, 1, 2] = 255
+    target = {"boxes": tv_tensors.BoundingBoxes([[2, 1, 3, 2]], format="XYXY",
+                                                canvas_size=(4, 10)),
+              "masks": tv_tensors.Mask(image[:1] > 0), "labels": torch.tensor([0]),
+              "keypoints": torch.tensor([[[2.0, 1.0, 2.0]]])}
+    flipped, out = RandomHorizontalFlip(p=1.0)(tv_tensors.Image(image), target)
+    x, y, v = out["keypoints"][0, 0].tolist()
+    assert (x, y, v) == (7.0, 1.0, 2.0) and flipped[0, int(y), int(x)] == 255
+    assert out["masks"][0, 1, 7] and out["boxes"].tolist() == [[7, 1, 8, 2]]
+
+
 def test_horizontal_flip_swaps_sides(dataset):
     image, target = next(
         (im, t) for im, t in (dataset[i] for i in range(len(dataset))) if t["has_keypoints"].any()
@@ -272,7 +287,7 @@ def test_horizontal_flip_swaps_sides(dataset):
     torch.testing.assert_close(t2["masks"], target["masks"].flip(-1))
     lw, rw = KEYPOINT_NAMES.index("left_wrist"), KEYPOINT_NAMES.index("right_wrist")
     ox, oy, ov = target["keypoints"][i, rw].tolist()
-    assert t2["keypoints"][i, lw].tolist() == [w - ox, oy, ov]
+    assert t2["keypoints"][i, lw].tolist() == [w - 1 - ox, oy, ov]
     boxes = target["boxes"]
     expected = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
     torch.testing.assert_close(t2["boxes"].as_subclass(torch.Tensor), expected)

@@ -57,7 +57,9 @@ class Compose:
 class RandomHorizontalFlip:
     """Mirror image, boxes, masks and keypoints; swap left/right joints.
 
-    Keypoints use x' = W - x, the same continuous-coordinate convention as v2's box flip.
+    Keypoints are COCO's pixel indices (pixel x is the span [x, x + 1) of v2's continuous box
+    coordinates), so mirroring pixel centres gives x' = W - 1 - x; boxes (x' = W - x on edges)
+    and masks (pixel i -> W - 1 - i) mirror the same pixels.
     Captions get "left"/"right" swapped so spatial phrases stay true (`swap_captions`).
     """
 
@@ -78,7 +80,7 @@ class RandomHorizontalFlip:
         target["masks"] = F.horizontal_flip(target["masks"])
         kps = target["keypoints"].clone()
         labelled = kps[..., 2] > 0
-        kps[..., 0] = torch.where(labelled, w - kps[..., 0], kps[..., 0])
+        kps[..., 0] = torch.where(labelled, w - 1 - kps[..., 0], kps[..., 0])
         if self.flip_pairs and kps.shape[1]:
             perm = list(range(kps.shape[1]))
             for a, b in self.flip_pairs:
