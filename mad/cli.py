@@ -71,6 +71,10 @@ def train(
     split: str = typer.Option("train2017"),
     val_split: str = typer.Option("val2017"),
     tokenizer: Path | None = typer.Option(None, help="SentencePiece .model; else trained."),
+    text_vocab_size: int | None = typer.Option(
+        None, min=8, help="Pieces of the trained tokenizer (default: the preset's, "
+        "11421 for r50/swin-b/vit-b as the reference, 256 for tiny; or --set's)."),
+    tokenizer_type: str = typer.Option("word", help="Trained tokenizer: word, unigram, bpe."),
     resume: Path | None = typer.Option(None, help="Checkpoint to resume exactly."),
     init: Path | None = typer.Option(None, help="Checkpoint to start from (new optimizer)."),
     save_every: int = typer.Option(500, min=1),
@@ -79,8 +83,13 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE."),
 ):
     """Train a MAD model (single process, or DDP under torchrun)."""
+    from model.tokenizer import MODEL_TYPES
     from model.train import TrainConfig
     from model.train import train as run_training
+
+    if tokenizer_type not in MODEL_TYPES:
+        raise typer.BadParameter(f"choose one of {', '.join(MODEL_TYPES)}",
+                                 param_hint="--tokenizer-type")
 
     run_training(TrainConfig(
         data=data, out=out, preset=preset, split=split, val_split=val_split, steps=steps,
@@ -88,6 +97,7 @@ def train(
         batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
         weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
         workers=workers, device=device, amp=amp, seed=seed, tokenizer=tokenizer,
+        text_vocab_size=text_vocab_size, tokenizer_type=tokenizer_type,
         resume=resume, init=init, save_every=save_every, eval_every=eval_every,
         eval_images=eval_images, overrides=parse_overrides(set_),
     ))  # fmt: skip

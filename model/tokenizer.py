@@ -14,6 +14,12 @@ from pathlib import Path
 import sentencepiece as spm
 
 PAD_ID = 0
+MODEL_TYPES = ("word", "unigram", "bpe")
+
+
+def normalize(text: str) -> str:
+    """What the tokenizer sees of a caption: stripped and lowercased (as the reference)."""
+    return text.strip().lower()
 
 
 class CaptionTokenizer:
@@ -29,14 +35,16 @@ class CaptionTokenizer:
     def train(
         cls, captions: Iterable[str], vocab_size: int = 256, model_type: str = "word"
     ) -> CaptionTokenizer:
-        """Train on a caption corpus (vocab_size is an upper bound).
-
-        Word pieces by default: caption corpora have a small closed vocabulary, and one token
-        per word keeps 20 tokens enough for a sentence.
+        """Train on a caption corpus (vocab_size is an upper bound), lowercased as the
+        reference does. model_type: "word" (default: caption corpora have a small closed
+        vocabulary, and one token per word keeps 20 tokens enough for a sentence), "unigram"
+        or "bpe" (subwords: no unknown words on an open vocabulary).
         """
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"tokenizer type must be one of {MODEL_TYPES}, not {model_type!r}")
         buffer = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(captions)),
+            sentence_iterator=iter([normalize(c) for c in captions]),
             model_writer=buffer,
             vocab_size=vocab_size,
             hard_vocab_limit=False,  # small corpora have fewer pieces than asked for
@@ -60,7 +68,7 @@ class CaptionTokenizer:
 
     def encode(self, text: str, length: int) -> list[int]:
         """Text -> exactly `length` ids: its pieces, cut or padded with PAD_ID."""
-        ids = [i for i in self._sp.encode(text.strip()) if i != PAD_ID][:length]
+        ids = [i for i in self._sp.encode(normalize(text)) if i != PAD_ID][:length]
         return ids + [PAD_ID] * (length - len(ids))
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.checkpoint import MAD, load_checkpoint, save_checkpoint
-from model.config import get_preset
+from model.config import ModelConfig, get_preset
 from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import build_transforms, flip_pairs_from_names
@@ -51,7 +51,8 @@ class TrainConfig:
     amp: str = "bf16"  # on CUDA: bf16 | fp16 | none; ignored on CPU
     seed: int = 0
     tokenizer: Path | None = None
-    text_vocab_size: int = 256
+    text_vocab_size: int | None = None  # trained tokenizer's size; None: the model config's
+    tokenizer_type: str = "word"  # word | unigram | bpe (SentencePiece model types)
     resume: Path | None = None
     init: Path | None = None  # start from these weights with a fresh optimizer
     save_every: int = 500
@@ -98,15 +99,17 @@ def build_optimizer(network: torch.nn.Module, cfg: TrainConfig) -> torch.optim.A
     ])  # fmt: skip
 
 
-def tokenizer_for(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int
-                  ) -> CaptionTokenizer:
-    """The given tokenizer, or one trained on the training captions (rank 0 trains it)."""
+def tokenizer_for(dataset: CocoMultiTaskDataset, cfg: TrainConfig, config: ModelConfig,
+                  rank: int) -> CaptionTokenizer:
+    """The given tokenizer, or one trained on the training captions (rank 0 trains it) with
+    `cfg.text_vocab_size` pieces, else the model config's (the preset's, or --set's)."""
     if cfg.tokenizer:
         return CaptionTokenizer.load(cfg.tokenizer)
     path = cfg.out / "tokenizer.model"
     if rank == 0 and not path.exists():
         captions = [c for image_id in dataset.ids for c in dataset.captions(image_id)]
-        CaptionTokenizer.train(captions, cfg.text_vocab_size).save(path)
+        size = cfg.text_vocab_size or config.text_vocab_size
+        CaptionTokenizer.train(captions, size, cfg.tokenizer_type).save(path)
     if dist.is_initialized():
         dist.barrier()
     return CaptionTokenizer.load(path)
@@ -126,7 +129,7 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
     config = get_preset(cfg.preset, **overrides)
     if not any(dataset.captions(i) for i in dataset.ids):
         config.tasks = [t for t in config.tasks if t != "caption"]
-    return MAD.build(config, tokenizer_for(dataset, cfg, rank)), 0
+    return MAD.build(config, tokenizer_for(dataset, cfg, config, rank)), 0
 
 
 def train(cfg: TrainConfig) -> Path:
