@@ -52,7 +52,7 @@ def test_subword_tokenizers(model_type):
 
 
 def test_unknown_tokenizer_type_is_refused():
-    with pytest.raises(ValueError, match="word, unigram|'word', 'unigram'"):
+    with pytest.raises(ValueError, match="tokenizer type must be one of"):
         CaptionTokenizer.train(CAPTIONS, 300, "chars")
 
 
