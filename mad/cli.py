@@ -117,7 +117,8 @@ def evaluate_command(
     device: str = typer.Option("cpu"),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
 ):
-    """COCO AP (bbox, segm, keypoints via pycocotools) and caption BLEU-4 (sacrebleu)."""
+    """Each task's metrics: COCO AP (bbox, segm, keypoints via pycocotools), caption BLEU-4
+    (sacrebleu), or whatever another task's codec reports."""
     from model.checkpoint import load_checkpoint
     from model.evaluate import evaluate, format_table
 
@@ -152,7 +153,7 @@ def tune_command(
 ):
     """Choose each task's default refinement schedule by its metric on held-out data."""
     from model.checkpoint import load_checkpoint, write_schedules
-    from model.tune import TASK_METRIC, tune_schedules
+    from model.tune import tune_schedules
 
     mad, _ = load_checkpoint(checkpoint, device)
     try:
@@ -162,7 +163,8 @@ def tune_command(
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
     def report(name, trial):
-        typer.echo(f"{name:<13} {trial.ratios!s:<34} {TASK_METRIC[name]} {trial.score:.4f}")
+        metric = mad.codecs[name].metric
+        typer.echo(f"{name:<13} {trial.ratios!s:<34} {metric} {trial.score:.4f}")
 
     trials = tune_schedules(mad, data, split, tasks, limit, device, max_steps, tolerance,
                             report)

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The presets' tasks (the built-in codecs); a config may name any registered codec.
 TASKS = ("detection", "segmentation", "keypoints", "caption")
 
 COCO_KEYPOINT_NAMES = [

@@ -1,12 +1,17 @@
-"""Evaluation with the real evaluators: pycocotools COCOeval (bbox, segm, keypoints) and
-sacrebleu BLEU-4 against all reference captions."""
+"""Evaluation: each task's codec picks its evaluator (`TaskCodec.evaluator`); the ones the
+built-in tasks use are here, with the real metrics: pycocotools COCOeval (bbox, segm,
+keypoints) and sacrebleu BLEU-4 against all reference captions."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import sacrebleu
 from PIL import Image
@@ -14,11 +19,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from model.checkpoint import MAD
-from model.mask_formats import encode_rle
-from model.pipeline import Pipeline, Request
+from model.codecs import CODECS
+from model.config import TASKS
+from model.pipeline import Pipeline, Request, Result
 from model.runner import TorchRunner
 
-METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "keypoints_AP", "caption_BLEU4")
+# What `mad eval` reports for a model with the presets' tasks.
+METRICS = tuple(metric for task in TASKS for metric in CODECS[task].metrics)
+# COCOeval iou type -> the key of a result entry's value.
+COCO_RESULT_KEY = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
 
 
 def quiet_coco(path: Path) -> COCO | None:
@@ -28,21 +37,46 @@ def quiet_coco(path: Path) -> COCO | None:
         return COCO(str(path))
 
 
-def coco_results(result, image_id: int, category_ids: list[int]):
-    """One pipeline Result -> COCO result lists (bbox, segm, keypoints)."""
-    boxes, segms, kpts = [], [], []
-    dets = result.detections
-    for j in range(len(dets) if dets is not None else 0):
-        x0, y0, x1, y1 = dets.boxes[j].tolist()
-        common = {"image_id": image_id, "category_id": category_ids[int(dets.labels[j])],
-                  "score": float(dets.scores[j])}
-        boxes.append({**common, "bbox": [x0, y0, x1 - x0, y1 - y0]})
-        if result.masks is not None:
-            segms.append({**common, "segmentation": encode_rle(result.masks[j])})
-        if result.keypoints is not None and result.keypoints[j] is not None:
-            kp = result.keypoints[j]
-            kpts.append({**common, "keypoints": kp.flatten().tolist()})
-    return boxes, segms, kpts
+@dataclass
+class GroundTruth:
+    """One split of a data set in the COCO 2017 layout, what evaluators compare with: the
+    instances file (required) and, read when an evaluator first asks, the others."""
+
+    root: Path
+    split: str
+    instances: COCO
+    image_ids: list[int]  # the images evaluated
+
+    @classmethod
+    def load(cls, root: Path, split: str, limit: int | None = None) -> GroundTruth:
+        """The first `limit` images (by id) of `root`'s `split`."""
+        path = root / "annotations" / f"instances_{split}.json"
+        instances = quiet_coco(path)
+        if instances is None:
+            raise FileNotFoundError(path)
+        return cls(root, split, instances, sorted(instances.imgs)[:limit])
+
+    def image(self, image_id: int) -> Image.Image:
+        return Image.open(self.root / self.split / self.instances.imgs[image_id]["file_name"])
+
+    @cached_property
+    def keypoints(self) -> COCO | None:
+        return quiet_coco(self.root / "annotations" / f"person_keypoints_{self.split}.json")
+
+    @cached_property
+    def captions(self) -> dict[int, list[str]]:
+        """image id -> its reference captions (none without a captions file)."""
+        path = self.root / "annotations" / f"captions_{self.split}.json"
+        captions: dict[int, list[str]] = {}
+        if path.is_file():
+            for ann in json.loads(path.read_text())["annotations"]:
+                captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        return captions
+
+    @cached_property
+    def category_ids(self) -> list[int]:
+        """The COCO category id of each class index (categories in id order)."""
+        return sorted(self.instances.getCatIds())
 
 
 def coco_ap(gt: COCO | None, results: list[dict], iou_type: str, image_ids: list[int]
@@ -60,6 +94,31 @@ def coco_ap(gt: COCO | None, results: list[dict], iou_type: str, image_ids: list
     return [max(0.0, float(s)) for s in evaluator.stats[:3]]
 
 
+class CocoAP:
+    """COCOeval AP of one per-detection output. `values(result)` gives each detection's COCO
+    value (a bbox, an RLE, keypoints) or None; `names` name AP, AP50, AP75 (a prefix of them)."""
+
+    def __init__(self, truth: GroundTruth, gt: COCO | None, iou_type: str,
+                 values: Callable[[Result], Sequence[Any | None]], names: Sequence[str]) -> None:
+        self.truth, self.gt, self.iou_type = truth, gt, iou_type
+        self.values, self.names = values, names
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, image_id: int, result: Result) -> None:
+        dets = result.detections
+        for j, value in enumerate(self.values(result)):
+            if value is not None:
+                self.entries.append({
+                    "image_id": image_id, "score": float(dets.scores[j]),
+                    "category_id": self.truth.category_ids[int(dets.labels[j])],
+                    COCO_RESULT_KEY[self.iou_type]: value,
+                })  # fmt: skip
+
+    def summarize(self) -> dict[str, float]:
+        stats = coco_ap(self.gt, self.entries, self.iou_type, self.truth.image_ids)
+        return dict(zip(self.names, stats, strict=False))
+
+
 def caption_bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
     """Corpus BLEU-4 in [0, 1] against every reference of each image."""
     if not hypotheses:
@@ -70,54 +129,45 @@ def caption_bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
     return sacrebleu.corpus_bleu(hypotheses, streams).score / 100.0
 
 
+class CaptionBLEU:
+    """Corpus BLEU-4 of the task `task`'s text outputs, on the images that have references."""
+
+    def __init__(self, truth: GroundTruth, task: str, name: str) -> None:
+        self.truth, self.task, self.name = truth, task, name
+        self.hypotheses: list[str] = []
+        self.references: list[list[str]] = []
+
+    def add(self, image_id: int, result: Result) -> None:
+        text, refs = result.outputs.get(self.task), self.truth.captions.get(image_id)
+        if text is not None and refs:
+            self.hypotheses.append(text)
+            self.references.append(refs)
+
+    def summarize(self) -> dict[str, float]:
+        return {self.name: caption_bleu4(self.hypotheses, self.references)}
+
+
 def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
              refine_steps: dict[str, int] | None = None, limit: int | None = None,
              batch_size: int = 8, score_threshold: float = 0.05,
              tasks: tuple[str, ...] | None = None) -> dict[str, float]:
     """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
-    bbox AP is reported whenever detection runs, i.e. also for segmentation and keypoints."""
-    data = Path(data)
-    instances = quiet_coco(data / "annotations" / f"instances_{split}.json")
-    if instances is None:
-        raise FileNotFoundError(data / "annotations" / f"instances_{split}.json")
-    keypoint_gt = quiet_coco(data / "annotations" / f"person_keypoints_{split}.json")
-    captions: dict[int, list[str]] = {}
-    caption_file = data / "annotations" / f"captions_{split}.json"
-    if caption_file.is_file():
-        for ann in json.loads(caption_file.read_text())["annotations"]:
-            captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
-    category_ids = [c["id"] for c in sorted(instances.loadCats(instances.getCatIds()),
-                                            key=lambda c: c["id"])]
-    image_ids = sorted(instances.imgs)[:limit]
+    bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts."""
+    truth = GroundTruth.load(Path(data), split, limit)
     pipeline = Pipeline(mad, TorchRunner(mad.network, device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
-    boxes, segms, kpts, hyps, refs = [], [], [], [], []
-    for start in range(0, len(image_ids), batch_size):
-        chunk = image_ids[start : start + batch_size]
-        requests = []
-        for image_id in chunk:
-            info = instances.imgs[image_id]
-            image = Image.open(data / split / info["file_name"]).convert("RGB")
-            requests.append(Request(image, tasks, dict(refine_steps or {}), score_threshold,
-                                    mad.config.num_slots))
+    evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
+    for start in range(0, len(truth.image_ids), batch_size):
+        chunk = truth.image_ids[start : start + batch_size]
+        requests = [Request(truth.image(image_id).convert("RGB"), tasks,
+                            dict(refine_steps or {}), score_threshold, mad.config.num_slots)
+                    for image_id in chunk]
         for image_id, result in zip(chunk, pipeline(requests), strict=True):
-            b, s, k = coco_results(result, image_id, category_ids)
-            boxes += b
-            segms += s
-            kpts += k
-            if result.caption is not None and captions.get(image_id):
-                hyps.append(result.caption)
-                refs.append(captions[image_id])
-    metrics = {}
-    if "detection" in tasks:
-        bbox = coco_ap(instances, boxes, "bbox", image_ids)
-        metrics |= {"bbox_AP": bbox[0], "bbox_AP50": bbox[1], "bbox_AP75": bbox[2]}
-    if "segmentation" in tasks:
-        metrics["segm_AP"] = coco_ap(instances, segms, "segm", image_ids)[0]
-    if "keypoints" in tasks:
-        metrics["keypoints_AP"] = coco_ap(keypoint_gt, kpts, "keypoints", image_ids)[0]
-    if "caption" in tasks:
-        metrics["caption_BLEU4"] = caption_bleu4(hyps, refs)
+            for evaluator in evaluators:
+                evaluator.add(image_id, result)
+    metrics: dict[str, float] = {}
+    for evaluator in evaluators:
+        metrics |= evaluator.summarize()
     return metrics
 
 

@@ -1,9 +1,13 @@
 """Inference pipeline: images in, results of the asked tasks out.
 
-One batch of requests is encoded together; each task is then decoded in batches across the
-requests that asked for it (grouped by refinement steps). Detection runs first: its kept
-boxes (score threshold, max count) prompt segmentation, and its persons prompt keypoints, so
-no decoding is paid for objects nobody will see.
+One batch of requests is encoded together; then every codec of the model runs in the
+model's task order, decoding in batches across the requests that asked for it (grouped by
+refinement schedule). A task runs one sequence per image, or, when its codec is prompted by
+detections, one per kept detection the codec applies to. Detection comes first, so its kept
+boxes (each request's score threshold and max count) prompt the tasks after it and no
+decoding is paid for objects nobody will see. Detection is the one task the pipeline names,
+as the provider of those prompts (and Result has typed views of the built-in tasks' outputs);
+everything else comes from the codecs.
 """
 
 from __future__ import annotations
@@ -11,18 +15,23 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 
 from model.checkpoint import MAD
+from model.codecs import DecodeContext, DetectionCodec, TaskCodec
+from model.codecs.caption import CaptionCodec
 from model.codecs.detection import Detections
+from model.codecs.keypoints import KeypointCodec
+from model.codecs.segmentation import SegmentationCodec
 from model.decoding import Runner, decoder_passes, mask_schedule, masked_decode
 from model.preprocess import prepare_batch
 from model.stopwatch import Stopwatch
 
-# Tasks prompted by detections, and the Result field holding one output per detection.
-DETECTION_DEPENDENT = {"segmentation": "masks", "keypoints": "keypoints"}
+Memory = Any  # what the runner's encode returns (model.network.ImageMemory for torch)
+Schedule = tuple[float, ...]  # mask ratios of the refinement steps
 
 
 @dataclass
@@ -38,38 +47,54 @@ class Request:
 
 @dataclass
 class Result:
-    """Results of one image. Fields of tasks not asked for stay None.
+    """Results of one image.
 
-    masks[i] / keypoints[i] belong to detections[i] (keypoints None for non-persons).
+    outputs[task] for each task run, in its codec's own type: one value for a task with one
+    sequence per image (Detections, a caption), a list for a task prompted by detections whose
+    entry j belongs to detections[j] (None where the codec does not apply, e.g. keypoints of a
+    non-person). The properties below are typed views of the built-in tasks (None when not run).
     timings are seconds per stage; passes counts decoder passes per task.
     """
 
     image_size: tuple[int, int]
     tasks: tuple[str, ...]
-    detections: Detections | None = None
-    masks: list[torch.Tensor] | None = None
-    keypoints: list[torch.Tensor | None] | None = None
-    caption: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def detections(self) -> Detections | None:
+        return self.outputs.get(DetectionCodec.name)
+
+    @property
+    def masks(self) -> list[torch.Tensor | None] | None:
+        return self.outputs.get(SegmentationCodec.name)
+
+    @property
+    def keypoints(self) -> list[torch.Tensor | None] | None:
+        return self.outputs.get(KeypointCodec.name)
+
+    @property
+    def caption(self) -> str | None:
+        return self.outputs.get(CaptionCodec.name)
+
 
 class Pipeline:
-    def __init__(self, mad: MAD, runner: Runner):
+    def __init__(self, mad: MAD, runner: Runner) -> None:
         self.mad, self.runner = mad, runner
         self.config, self.codecs = mad.config, mad.codecs
-        self.device = getattr(runner, "device", torch.device("cpu"))
+        self.device: torch.device = getattr(runner, "device", torch.device("cpu"))
 
     def tasks_to_run(self, asked: tuple[str, ...]) -> tuple[str, ...]:
-        """Asked tasks plus detection when a detection-prompted task needs it, model order."""
+        """Asked tasks plus detection when a task prompted by detections needs it, model order."""
         needed = set(asked)
-        if needed & set(DETECTION_DEPENDENT):
-            needed.add("detection")
-        return tuple(t for t in self.config.tasks if t in needed)
+        if any(self.codecs[task].prompted_by_detections for task in asked):
+            needed.add(DetectionCodec.name)
+        return tuple(task for task in self.codecs if task in needed)
 
-    def ratios(self, request: Request, task: str) -> list[float]:
+    def ratios(self, request: Request, task: str) -> Schedule:
         default = self.config.schedules.get(task, [])
-        return mask_schedule(request.refine_steps.get(task, len(default)), default)
+        return tuple(mask_schedule(request.refine_steps.get(task, len(default)), default))
 
     def __call__(self, requests: list[Request]) -> list[Result]:
         start = time.perf_counter()
@@ -81,77 +106,69 @@ class Pipeline:
         stage.lap("preprocess")
         memory = self.runner.encode(batch.images, batch.pad_mask)
         stage.lap("encode")
-        if any("detection" in r.tasks for r in results):
-            self.detect(requests, results, memory, contexts)
-            stage.lap("detection")
-        for task in DETECTION_DEPENDENT:
-            if any(task in r.tasks for r in results):
-                self.prompted_by_detections(task, requests, results, memory, contexts)
-                stage.lap(task)
-        if any("caption" in r.tasks for r in results):
-            self.caption(requests, results, memory, contexts)
-            stage.lap("caption")
+        for task, codec in self.codecs.items():  # model order: detection before those it prompts
+            if not any(task in r.tasks for r in results):
+                continue
+            if codec.prompted_by_detections:
+                self.run_per_detection(codec, requests, results, memory, contexts)
+            else:
+                self.run_per_image(codec, requests, results, memory, contexts)
+            stage.lap(task)
         for result in results:  # the batch shares the work: every result gets its timings
             result.timings.update(stage.times)
         return results
 
     # --- tasks ------------------------------------------------------------------------------
-    def groups(self, task: str, requests: list[Request], results: list[Result]):
+    def groups(self, task: str, requests: list[Request], results: list[Result]
+               ) -> list[tuple[Schedule, list[int]]]:
         """Images asking for `task`, grouped by their mask-ratio schedule."""
-        groups = defaultdict(list)
+        groups: dict[Schedule, list[int]] = defaultdict(list)
         for i, (request, result) in enumerate(zip(requests, results, strict=True)):
             if task in result.tasks:
-                groups[tuple(self.ratios(request, task))].append(i)
-        return groups.items()
+                groups[self.ratios(request, task)].append(i)
+        return list(groups.items())
 
-    def decode(self, task, memory, prompts, image_index, ratios, results, owners):
-        logits = masked_decode(self.runner, memory, self.codecs[task], prompts.to(self.device),
-                               image_index.to(self.device), list(ratios))
+    def decode(self, codec: TaskCodec, memory: Memory, prompts: torch.Tensor,
+               owners: list[int], ratios: Schedule, results: list[Result]) -> torch.Tensor:
+        """Masked decoding of sequences `prompts` [S, P] of images `owners` [S] -> body logits
+        [S, L, V_slice] on the host; counts the passes of every image involved."""
+        logits = masked_decode(self.runner, memory, codec, prompts.to(self.device),
+                               torch.tensor(owners, device=self.device), list(ratios))
         for i in set(owners):
-            results[i].passes[task] = decoder_passes(ratios, self.codecs[task].body_len)
+            results[i].passes[codec.name] = decoder_passes(list(ratios), codec.body_len)
         return logits.cpu()
 
-    def detect(self, requests, results, memory, contexts):
-        codec = self.codecs["detection"]
-        for ratios, idx in self.groups("detection", requests, results):
-            logits = self.decode("detection", memory, codec.prompts(len(idx)),
-                                 torch.tensor(idx), ratios, results, idx)
-            found = codec.decode(logits, None, [contexts[i] for i in idx])
-            for i, dets in zip(idx, found, strict=True):
-                keep = dets.scores >= requests[i].score_threshold
-                keep = keep.nonzero().flatten()[: requests[i].max_detections]
-                results[i].detections = dets.select(keep)
+    def run_per_image(self, codec: TaskCodec, requests: list[Request], results: list[Result],
+                      memory: Memory, contexts: list[DecodeContext]) -> None:
+        """One sequence per image; each request keeps what its options allow (codec.select)."""
+        for ratios, idx in self.groups(codec.name, requests, results):
+            prompts = codec.prompts(len(idx))
+            logits = self.decode(codec, memory, prompts, idx, ratios, results)
+            outputs = codec.decode(logits, prompts, [contexts[i] for i in idx])
+            for i, output in zip(idx, outputs, strict=True):
+                results[i].outputs[codec.name] = codec.select(output, requests[i])
 
-    def prompted_by_detections(self, task, requests, results, memory, contexts):
-        codec = self.codecs[task]
-        person = codec.person_label if task == "keypoints" else None
-        field = DETECTION_DEPENDENT[task]
+    def run_per_detection(self, codec: TaskCodec, requests: list[Request],
+                          results: list[Result], memory: Memory,
+                          contexts: list[DecodeContext]) -> None:
+        """One sequence per kept detection the codec applies to, prompted by its tokens."""
         for result in results:
-            if task in result.tasks:
-                setattr(result, field, [None] * len(result.detections))
-        for ratios, idx in self.groups(task, requests, results):
+            if codec.name in result.tasks:
+                result.outputs[codec.name] = [None] * len(result.detections)
+        for ratios, idx in self.groups(codec.name, requests, results):
             owners, which = [], []  # (image, detection) of each sequence
             for i in idx:
-                for j, label in enumerate(results[i].detections.labels.tolist()):
-                    if person is None or label == person:
-                        owners.append(i)
-                        which.append(j)
+                applies = codec.applies_to(results[i].detections.labels)
+                for j in applies.nonzero().flatten().tolist():
+                    owners.append(i)
+                    which.append(j)
             if not owners:
                 continue
-            tokens = torch.stack([results[i].detections.tokens[j]
-                                  for i, j in zip(owners, which, strict=True)])
-            logits = self.decode(task, memory, codec.prompts(tokens), torch.tensor(owners),
-                                 ratios, results, owners)
-            boxes = [results[i].detections.boxes[j] for i, j in zip(owners, which, strict=True)]
-            outputs = codec.decode(logits, None, [contexts[i] for i in owners], boxes=boxes)
-            for i, j, out in zip(owners, which, outputs, strict=True):
-                getattr(results[i], field)[j] = out
-
-    def caption(self, requests, results, memory, contexts):
-        codec = self.codecs["caption"]
-        for ratios, idx in self.groups("caption", requests, results):
-            logits = self.decode("caption", memory, codec.prompts(len(idx)), torch.tensor(idx),
-                                 ratios, results, idx)
-            for i, text in zip(idx, codec.decode(logits, None, []), strict=True):
-                results[i].caption = text
-
+            detections = [results[i].detections for i in owners]
+            tokens = torch.stack([d.tokens[j] for d, j in zip(detections, which, strict=True)])
+            prompts = codec.prompts(tokens)
+            logits = self.decode(codec, memory, prompts, owners, ratios, results)
+            boxes = [d.boxes[j] for d, j in zip(detections, which, strict=True)]
+            outputs = codec.decode(logits, prompts, [contexts[i] for i in owners], boxes=boxes)
+            for i, j, output in zip(owners, which, outputs, strict=True):
+                results[i].outputs[codec.name][j] = output

@@ -4,8 +4,9 @@ How much masked refinement helps, and with which mask ratios, depends on the tra
 (the paper ablates K per task). `mad tune` scores candidate schedules with the real evaluators
 on images the model did not train on and keeps, per task, the best one; among schedules within
 `tolerance` of the best it takes the shortest, because every step costs each request another
-decoder pass. Tasks are tuned in model order, so segmentation and keypoints are scored on the
-boxes of the detection schedule just chosen.
+decoder pass. A task is scored by its codec's metric (`TaskCodec.metric`). Tasks are tuned in
+model order, so the tasks prompted by detections are scored on the boxes of the detection
+schedule just chosen.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from model.checkpoint import MAD
 from model.decoding import mask_schedule
 from model.evaluate import evaluate
 
-TASK_METRIC = {"detection": "bbox_AP", "segmentation": "segm_AP",
-               "keypoints": "keypoints_AP", "caption": "caption_BLEU4"}
 # (first, last) mask ratios of the linear ramps tried at each length.
 RAMPS = ((0.9, 0.3), (0.7, 0.3), (0.5, 0.1))
 
@@ -65,7 +64,7 @@ def tune_schedules(mad: MAD, data: Path, split: str = "val2017",
         for ratios in candidate_schedules(max_steps, current):
             mad.config.schedules[task] = ratios
             metrics = evaluate(mad, data, split, device, limit=limit, tasks=(task,))
-            trials.append(Trial(ratios, metrics[TASK_METRIC[task]]))
+            trials.append(Trial(ratios, metrics[mad.codecs[task].metric]))
             report(task, trials[-1])
         mad.config.schedules[task] = choose(trials, tolerance).ratios
         results[task] = trials

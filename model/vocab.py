@@ -10,10 +10,14 @@ Layout (reference sizes in brackets: 80 classes, 500 bins, 11421 text tokens):
     visible, invisible (keypoints)                               [602, 603]
     foreground, background (bit masks)                           [604, 605]
     text             the caption tokenizer's ids; text id 0 is pad and end of sentence
+    task ranges      ids a codec reserves for itself (TaskCodec.reserved_tokens: e.g. its
+                     prompt and values), one range per such task in config.tasks order;
+                     the four built-in tasks reserve none, so their ids never move
 
 Unlike the reference, visibility comes before fg/bg so that each task's logit slice is one
 contiguous range: detection = classes..coordinates, keypoints = coordinates..invisible,
-segmentation = fg..bg, caption = text. Nothing else in the project hard-codes an id.
+segmentation = fg..bg, caption = text; a task with a range of its own can use it as its
+slice. Nothing else in the project hard-codes an id.
 """
 
 from __future__ import annotations
@@ -37,10 +41,18 @@ class VocabLayout:
     keypoint_prompt: int = 7
     caption_prompt: tuple[int, ...] = (8, 9, 10, 11, 12, 13)
     mask: int = 19
+    # (task, number of ids) of each task that reserves ids, in the order they are appended.
+    task_tokens: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_config(cls, config) -> VocabLayout:
-        return cls(config.num_classes, config.num_bins, config.text_vocab_size)
+        # Read here, not at import: the codecs import this module.
+        from model.codecs import CODECS
+
+        reserved = ((task, CODECS[task].reserved_tokens(config))
+                    for task in config.tasks if task in CODECS)
+        return cls(config.num_classes, config.num_bins, config.text_vocab_size,
+                   task_tokens=tuple((task, n) for task, n in reserved if n > 0))
 
     # Id ranges, as [start, stop).
     @property
@@ -80,8 +92,21 @@ class VocabLayout:
         return self.coord_stop + 4
 
     @property
-    def size(self) -> int:
+    def text_stop(self) -> int:
         return self.text_start + self.text_size
+
+    @property
+    def size(self) -> int:
+        return self.text_stop + sum(n for _, n in self.task_tokens)
+
+    def task_range(self, task: str) -> tuple[int, int]:
+        """[start, stop) of the ids `task` reserved (after the text and earlier tasks' ids)."""
+        start = self.text_stop
+        for name, count in self.task_tokens:
+            if name == task:
+                return start, start + count
+            start += count
+        raise KeyError(f"task {task!r} reserved no vocabulary ids")
 
     # Conversions between values and ids.
     def class_token(self, label: torch.Tensor | int):

@@ -21,6 +21,7 @@ from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.routers import health, predict
+from service.schemas import model_openapi
 from service.settings import Settings
 from service.state import ServiceState, describe_model
 
@@ -100,6 +101,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
+
+    def openapi() -> dict:
+        """The OpenAPI document of the loaded model (its task names and outputs); before it
+        has loaded, the generic one, not kept."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
+            if state.mad is None:
+                app.openapi_schema = None
+                return schema
+            model_openapi(schema, state.mad.codecs)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> HTMLResponse:

@@ -139,7 +139,7 @@ def predict(
             continue
         [result] = pipeline([ModelRequest(image, task_names, steps, score_threshold,
                                           max_detections)])
-        response = build_response(result, model_ref, config.class_names, mask_format,
+        response = build_response(result, model_ref, mad.codecs, mask_format,
                                   request_stages(result))
         if json_output:
             typer.echo(json.dumps(response.model_dump(exclude_none=True)))
@@ -160,7 +160,10 @@ def summary(path: Path, response) -> str:
         box = ", ".join(f"{v:.0f}" for v in det.box)
         extra = " +mask" if det.mask is not None else ""
         extra += " +keypoints" if det.keypoints else ""
+        extra += "".join(f" +{field}" for field in det.model_extra or {})
         lines.append(f"  {det.label:<12} {det.score:.2f}  [{box}]{extra}")
     if response.caption is not None:
         lines.append(f"  caption: {response.caption}")
+    for field, value in (response.model_extra or {}).items():  # other tasks' outputs
+        lines.append(f"  {field}: {json.dumps(value)}")
     return "\n".join(lines)

@@ -1,19 +1,23 @@
 """Request and response models: what the API accepts and sends, and its OpenAPI schema.
 
 Responses are serialized with exclude_none: a field of a task that was not asked for is
-absent, never null.
+absent, never null. Task names are the loaded model's (checked by model.request_spec); each
+task's output sits under the name its codec gives (`TaskCodec.output_field`). The built-in
+tasks' fields are declared here; any other task's is an extra field of the response (or of
+each detection, for a task prompted by detections), and `model_openapi` adds it, with the
+model's task names, to the OpenAPI document.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.codecs import TaskCodec
 from model.request_spec import MAX_REFINE_STEPS
-
-TaskName = Literal["detection", "segmentation", "keypoints", "caption"]
 
 
 class Strict(BaseModel):
@@ -28,8 +32,8 @@ class PredictForm(Strict):
 
     image: UploadFile = Field(description="The image file (any format Pillow reads).")
     tasks: list[str] | None = Field(
-        None, description="Tasks to run, comma-separated and/or repeated: detection, "
-        "segmentation, keypoints, caption. Default: every task the model has.")
+        None, description="Tasks to run, comma-separated and/or repeated: any of the model's "
+        "tasks (GET /v1/model). Default: every task the model has.")
     refine_steps: list[str] | None = Field(
         None, description=f"Refinement steps 0..{MAX_REFINE_STEPS}: one integer for every "
         "task, or task:K pairs (comma-separated and/or repeated; task:K wins over a bare K). "
@@ -54,6 +58,11 @@ Keypoint = Annotated[list[float], Field(min_length=3, max_length=3,
 
 
 class Detection(Strict):
+    """One detection, with the outputs of the tasks it prompted (other tasks' are extra
+    fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
     label: str = Field(description="Class name.")
     category_id: int = Field(description="Index into the model's class_names (0-based).")
     score: float
@@ -78,11 +87,15 @@ class ImageSize(Strict):
 
 
 class PredictResponse(Strict):
+    """The outputs of the tasks run (tasks other than the built-in ones: extra fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
     model: ModelRef
     image: ImageSize
-    tasks: list[TaskName] = Field(
-        description="Tasks run: the ones asked, plus detection when segmentation or "
-        "keypoints needed its boxes.")
+    tasks: list[str] = Field(
+        description="Tasks run: the ones asked, plus detection when a task prompted by "
+        "detections (segmentation, keypoints) needed its boxes.")
     detections: list[Detection] | None = Field(None, description="When detection ran.")
     caption: str | None = Field(None, description="When caption was asked.")
     decoder_passes: dict[str, int] = Field(description="Decoder passes run, per task.")
@@ -97,7 +110,7 @@ class ModelDescription(Strict):
     backend: str
     device: str
     precision: str
-    tasks: list[TaskName]
+    tasks: list[str]
     class_names: list[str]
     keypoint_names: list[str]
     skeleton: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
@@ -128,3 +141,25 @@ class ErrorDetail(Strict):
 
 class ErrorResponse(Strict):
     error: ErrorDetail
+
+
+def model_openapi(schema: dict[str, Any], codecs: Mapping[str, TaskCodec]) -> dict[str, Any]:
+    """Make the OpenAPI document (`schema`, changed in place) the loaded model's: its task
+    names as enums, and the output field of each task not declared above (from its codec's
+    `output_schema`), after which responses hold no other fields."""
+    components = schema["components"]["schemas"]
+    names = list(codecs)
+    for component in ("PredictResponse", "ModelDescription"):
+        components[component]["properties"]["tasks"]["items"]["enum"] = names
+    form = components["PredictForm"]["properties"]["tasks"]
+    form["description"] += f" This model has: {', '.join(names)}."
+    for task, codec in codecs.items():
+        owner = "Detection" if codec.prompted_by_detections else "PredictResponse"
+        properties = components[owner]["properties"]
+        if codec.output_field not in properties:
+            when = (f"When {task} was asked and applies to this detection."
+                    if codec.prompted_by_detections else f"When {task} ran.")
+            properties[codec.output_field] = {"description": when, **codec.output_schema}
+    for owner in ("Detection", "PredictResponse"):
+        components[owner]["additionalProperties"] = False
+    return schema

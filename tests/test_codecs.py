@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.codecs import DecodeContext
+from model.codecs import DecodeContext, build_codecs
 from model.codecs.detection import TOKENS_PER_SLOT
-from tests.helpers import TINY_CAPTIONS
+from model.vocab import VocabLayout
+from tests.helpers import TINY_CAPTIONS, micro_config
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -146,3 +148,9 @@ def test_unmatched_slots_weigh_no_object_weight(micro_model):
     class_weights = full[:, 4].sort().values
     assert torch.allclose(class_weights[:-1], torch.tensor(micro_model.config.no_object_weight))
     assert class_weights[-1] == 1.0 and (full[:, :4].sum(1) > 0).sum() == 1
+
+
+def test_a_task_prompted_by_detections_must_come_after_detection():
+    config = micro_config(tasks=["segmentation", "detection"])
+    with pytest.raises(ValueError, match="must list 'detection' before it"):
+        build_codecs(config, VocabLayout.from_config(config))

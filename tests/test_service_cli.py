@@ -22,19 +22,23 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from mad.cli import app as mad_cli
+from model.codecs import build_codecs
 from model.codecs.detection import Detections
 from model.config import COCO_SKELETON
 from model.mask_formats import mask_to_polygons
 from model.pipeline import Result
+from model.vocab import VocabLayout
 from service.postprocess import build_response
 from service.render import render
 from service.schemas import ModelRef, PredictResponse
 from service.settings import BUNDLED_CHECKPOINT, Settings
-from tests.helpers import encode, free_port, scene_image
+from tests.helpers import encode, free_port, micro_config, scene_image
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["person", "circle", "square"]
 MODEL = ModelRef(name="micro", version="test", backend="torch")
+CONFIG = micro_config(class_names=CLASSES)
+CODECS = build_codecs(CONFIG, VocabLayout.from_config(CONFIG))  # what responses need
 
 
 def test_settings_defaults_and_environment(monkeypatch):
@@ -150,15 +154,15 @@ def hand_made_result(height=60, width=80) -> Result:
                       torch.zeros(2, 5, dtype=torch.long))
     keypoints = torch.stack([torch.full((17,), 10.0), torch.linspace(8, 48, 17),
                              torch.full((17,), 0.9)], -1)
-    return Result((height, width), ("detection", "segmentation", "keypoints", "caption"),
-                  detections=dets, masks=[mask, torch.zeros_like(mask)],
-                  keypoints=[None, keypoints], caption="a circle and a person",
-                  timings={"encode": 0.01}, passes={"detection": 1, "caption": 4})
+    outputs = {"detection": dets, "segmentation": [mask, torch.zeros_like(mask)],
+               "keypoints": [None, keypoints], "caption": "a circle and a person"}
+    return Result((height, width), tuple(outputs), outputs, timings={"encode": 0.01},
+                  passes={"detection": 1, "caption": 4})
 
 
 def test_build_response_serializes_masks_and_person_keypoints():
     result = hand_made_result()
-    body = build_response(result, MODEL, CLASSES, "rle", {"queue": 0.002}).model_dump(
+    body = build_response(result, MODEL, CODECS, "rle", {"queue": 0.002}).model_dump(
         exclude_none=True)
     circle, person = body["detections"]
     assert (circle["label"], circle["category_id"], person["label"]) == ("circle", 1, "person")
@@ -168,7 +172,7 @@ def test_build_response_serializes_masks_and_person_keypoints():
     assert body["decoder_passes"] == {"detection": 1, "segmentation": 0, "keypoints": 0,
                                       "caption": 4}
     assert body["timings_ms"] == {"queue": 2.0}
-    polygons = build_response(result, MODEL, CLASSES, "polygon", {}).detections[0].mask
+    polygons = build_response(result, MODEL, CODECS, "polygon", {}).detections[0].mask
     assert polygons == [[20.0, 10.0, 50.0, 10.0, 50.0, 30.0, 20.0, 30.0]]  # the hole dropped
 
 
@@ -198,7 +202,7 @@ def points_in_polygon(points: np.ndarray, xs, ys) -> np.ndarray:
 
 def test_render_draws_masks_boxes_skeletons_and_caption():
     result = hand_made_result(120, 160)
-    response = build_response(result, MODEL, CLASSES, "rle", {})
+    response = build_response(result, MODEL, CODECS, "rle", {})
     image = Image.new("RGB", (160, 120), (255, 255, 255))
     pixels = np.asarray(render(image, response, COCO_SKELETON))
     assert tuple(pixels[25, 45]) != (255, 255, 255)  # inside the mask: tinted

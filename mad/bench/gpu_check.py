@@ -210,7 +210,7 @@ def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
         memory = runner.encode(batch.images, batch.pad_mask)
         logits = {}
         for task, codec in mad.codecs.items():
-            if codec.needs_detections:
+            if codec.prompted_by_detections:
                 tokens, index, _, _ = detection_prompts(mad, 3, batch.contexts)
                 prompts = codec.prompts(tokens)
             else:

@@ -1,10 +1,10 @@
 """In-process model benchmarks: stage latency, MAD vs autoregressive, kept vs fixed sequences,
 and (on GPU) precision / compilation / runtime variants.
 
-The stages are the pipeline's (model/pipeline.py) run one by one with a fixed workload:
-segmentation and keypoints are prompted by exactly `kept` boxes per image instead of by
-whatever a (possibly random-weight) detector lets through, so timings compare across
-checkpoints and runs.
+The stages are the pipeline's (model/pipeline.py) run one by one, in the model's task order,
+with a fixed workload: the tasks prompted by detections (segmentation, keypoints) are prompted
+by exactly `kept` boxes per image instead of by whatever a (possibly random-weight) detector
+lets through, so timings compare across checkpoints and runs.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ from model.checkpoint import MAD
 from model.decoding import mask_schedule, masked_decode
 from model.preprocess import ImageBatch, prepare_batch
 from model.stopwatch import Stopwatch
-
-TASK_ORDER = ("detection", "segmentation", "keypoints", "caption")
-PROMPTED = ("segmentation", "keypoints")
 
 
 def schedules(mad: MAD, refine_steps: dict[str, int]) -> dict[str, list[float]]:
@@ -53,7 +50,7 @@ class ModelBench:
         self.mad, self.runner, self.images, self.kept = mad, runner, images, kept
         self.ratios = ratios
         self.device = torch.device(getattr(runner, "device", "cpu"))
-        self.tasks = [t for t in TASK_ORDER if t in mad.config.tasks]
+        self.tasks = list(mad.codecs)  # model order: detection before the tasks it prompts
 
     def preprocess(self) -> ImageBatch:
         return prepare_batch(self.images, self.mad.config.image_size, self.device)
@@ -61,7 +58,7 @@ class ModelBench:
     def sequences(self, task: str, contexts, per_image: int | None = None):
         """-> (prompts [S, P], image_index [S], codec.decode kwargs, contexts of the S)."""
         codec = self.mad.codecs[task]
-        if codec.needs_detections:
+        if codec.prompted_by_detections:
             tokens, owners, boxes, ctx = detection_prompts(
                 self.mad, self.kept if per_image is None else per_image, contexts)
             return codec.prompts(tokens), owners, {"boxes": boxes}, ctx
@@ -155,10 +152,11 @@ def mad_vs_autoregressive(bench: ModelBench, repeats: int, ar_repeats: int,
 
 
 def kept_vs_fixed(bench: ModelBench, kept: int, fixed: int, repeats: int, warmup: int) -> dict:
-    """Segmentation + keypoints prompted by `kept` detections per image vs by `fixed` (the
-    paper decodes all num_slots=100 sequences), decoding and postprocessing timed apart."""
+    """The tasks prompted by detections (segmentation, keypoints) prompted by `kept`
+    detections per image vs by `fixed` (the paper decodes all num_slots=100 sequences),
+    decoding and postprocessing timed apart."""
     _, memory, contexts = bench.encoded()
-    tasks = [t for t in PROMPTED if t in bench.tasks]
+    tasks = [t for t in bench.tasks if bench.mad.codecs[t].prompted_by_detections]
     out = {"tasks": tasks}
     for name, count in (("kept", kept), ("fixed", fixed)):
         prepared = {t: bench.sequences(t, contexts, count) for t in tasks}

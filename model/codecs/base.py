@@ -1,19 +1,32 @@
 """The one interface every task codec implements.
 
-A codec owns its task's sequence format: its prompt, its slice of the shared vocabulary,
-targets -> masked training sequences, and logits -> results. Sequences are
-`prompt + body`; the network only ever sees token ids and returns logits over the slice.
+A codec owns its task's whole life, so the pipeline, the service, `mad eval`, `mad tune` and
+the benchmarks know no task by name:
+
+    sequence format   prompt, slice of the shared vocabulary (and any ids it reserves),
+                      targets -> masked training sequences, logits -> outputs
+    orchestration     one sequence per image, or one per kept detection it applies to
+                      (`prompted_by_detections`, `applies_to`); what a request keeps (`select`)
+    response          where its output goes in the JSON (`output_field`) and how (`to_json`)
+    metric            the evaluator `mad eval` runs and the metric `mad tune` maximises
+
+Sequences are `prompt + body`; the network only ever sees token ids and returns logits over
+the slice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from model.config import ModelConfig
 from model.vocab import VocabLayout
+
+if TYPE_CHECKING:
+    from model.evaluate import GroundTruth
+    from model.pipeline import Request, Result
 
 NOT_ALLOWED = -1e4  # additive logit for ids a body position may not take (finite: ONNX/fp16)
 
@@ -74,6 +87,21 @@ class DecodeContext:
         return torch.minimum(xy * size / self.scale, limit).clamp(min=0)
 
 
+@dataclass(frozen=True)
+class JsonOptions:
+    """How a response encodes outputs (the request's choices): masks as "rle" or "polygon"."""
+
+    mask_format: str = "rle"
+
+
+class TaskEvaluator(Protocol):
+    """A task's metric over a data set: fed one pipeline Result per image, then summarized."""
+
+    def add(self, image_id: int, result: Result) -> None: ...
+
+    def summarize(self) -> dict[str, float]: ...
+
+
 CODECS: dict[str, type[TaskCodec]] = {}
 
 
@@ -87,14 +115,39 @@ class TaskCodec:
     """Base class: subclasses set the class attributes and implement the abstract methods."""
 
     name: ClassVar[str]
-    needs_detections: ClassVar[bool] = False  # prompted by detected boxes (seg, keypoints)
+    # One sequence per kept detection `applies_to` (prompted by its box and class tokens),
+    # instead of one per image; such a task's output is a list, one entry per detection.
+    prompted_by_detections: ClassVar[bool] = False
     random_remask: ClassVar[bool] = False  # re-mask random positions instead of least confident
+    # The key of this task's output in a /predict response: in the image's object, or in each
+    # detection's object when prompted by detections.
+    output_field: ClassVar[str]
+    # JSON schema of `to_json`'s value, for the OpenAPI document of a model that has this
+    # task. The built-in tasks' fields are declared in service/schemas.py instead.
+    output_schema: ClassVar[dict[str, Any]] = {}
+    # What `evaluator` reports; `mad tune` maximises the first.
+    metrics: ClassVar[tuple[str, ...]]
 
     def __init__(self, config: ModelConfig, vocab: VocabLayout, tokenizer=None):
         self.config = config
         self.vocab = vocab
         self.tokenizer = tokenizer
         self._constraint: torch.Tensor | None = None
+
+    @classmethod
+    def reserved_tokens(cls, config: ModelConfig) -> int:
+        """How many ids of its own the task needs (prompt, values), beyond the shared ranges:
+        the vocabulary appends them after the text (`VocabLayout.task_range`)."""
+        return 0
+
+    def reserved_range(self) -> tuple[int, int]:
+        """[start, stop) of the ids reserved for this task (see `reserved_tokens`)."""
+        return self.vocab.task_range(self.name)
+
+    @property
+    def metric(self) -> str:
+        """The metric `mad tune` maximises."""
+        return self.metrics[0]
 
     # --- sequence format -------------------------------------------------------------------
     prompt_len: int
@@ -157,18 +210,41 @@ class TaskCodec:
         return chosen, seqs.weights
 
     # --- inference --------------------------------------------------------------------------
-    def prompts(self, **kwargs) -> torch.Tensor:
-        """[S, prompt_len] prompt tokens for inference."""
+    def prompts(self, source: int | torch.Tensor) -> torch.Tensor:
+        """[S, prompt_len] prompt tokens for inference. `source`: the batch size, for a task
+        with one sequence per image; the detection tokens [S, 5] (box + class) of the
+        prompting detections, for a task prompted by detections."""
         raise NotImplementedError
+
+    def applies_to(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels [N] of kept detections -> bool [N]: which ones prompt a sequence of this
+        task (only asked of tasks prompted by detections). Default: every one."""
+        return torch.ones_like(labels, dtype=torch.bool)
 
     def remask_scores(self, probs: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """probs [S, L, V_slice], confidence [S, L] -> the score that picks which tokens to
         re-mask (the lowest); by default the argmax token's probability."""
         return confidence
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
-               **kwargs) -> list[Any]:
-        """[S, body_len, V_slice] logits -> one result per sequence."""
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
+               contexts: list[DecodeContext], **kwargs) -> list[Any]:
+        """[S, body_len, V_slice] logits -> one output per sequence. Tasks prompted by
+        detections also get `boxes`: the [4] pixel box of each sequence's detection."""
+        raise NotImplementedError
+
+    def select(self, output: Any, request: Request) -> Any:
+        """One image's decoded output -> the part this request keeps (tasks with one sequence
+        per image; detection applies the score threshold and maximum count). Default: all."""
+        return output
+
+    # --- response and metric ----------------------------------------------------------------
+    def to_json(self, output: Any, options: JsonOptions) -> Any:
+        """One output (an image's, or one detection's when prompted) -> a JSON-ready value."""
+        raise NotImplementedError
+
+    def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
+        """A fresh evaluator of this task against the ground truth of a data set; it reports
+        `metrics`."""
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------

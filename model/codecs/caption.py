@@ -3,14 +3,26 @@
 Training: the fully masked sequence's target is whichever reference caption the prediction
 is closest to (best-of-5, `TaskCodec.assign_targets`); each reference also gets a partly
 masked sequence in which one shown token is swapped for a random word. Inference re-masks
-random positions, not the least confident ones.
+random positions, not the least confident ones. Metric: corpus BLEU-4 against every reference.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, register_codec
+from model.codecs.base import (
+    DecodeContext,
+    JsonOptions,
+    TaskCodec,
+    TaskEvaluator,
+    TrainSequences,
+    register_codec,
+)
+
+if TYPE_CHECKING:
+    from model.evaluate import GroundTruth
 
 REFERENCES = 5
 
@@ -19,6 +31,8 @@ REFERENCES = 5
 class CaptionCodec(TaskCodec):
     name = "caption"
     random_remask = True
+    output_field = "caption"
+    metrics = ("caption_BLEU4",)
 
     @property
     def prompt_len(self) -> int:
@@ -29,7 +43,7 @@ class CaptionCodec(TaskCodec):
         return self.config.caption_len
 
     def vocab_slice(self) -> tuple[int, int]:
-        return self.vocab.text_start, self.vocab.size
+        return self.vocab.text_start, self.vocab.text_stop
 
     def body_ranges(self) -> list[tuple[int, int]]:
         return [self.vocab_slice()] * self.body_len
@@ -92,3 +106,12 @@ class CaptionCodec(TaskCodec):
         """[B, L, V_text] -> one caption string per image (cut at the first end token)."""
         ids = logits.argmax(-1)  # local ids are text ids
         return [self.tokenizer.decode(row.tolist()) for row in ids]
+
+    # --- response and metric ----------------------------------------------------------------
+    def to_json(self, output: str, options: JsonOptions) -> str:
+        return output
+
+    def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
+        from model.evaluate import CaptionBLEU  # sacrebleu only when evaluating
+
+        return CaptionBLEU(truth, self.name, self.metric)

@@ -3,16 +3,33 @@
 Training input: noise boxes with random classes in every slot, the ground-truth objects
 written into random slots, then fully or partly masked. Targets are Hungarian-matched per
 decoder layer (model.matcher); unmatched slots must say "no object".
+
+Inference decodes every slot; each request keeps those over its score threshold, best first,
+up to its maximum count. Their box and class tokens prompt the tasks prompted by detections.
+Metric: COCO box AP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
+from model.codecs.base import (
+    DecodeContext,
+    JsonOptions,
+    TaskCodec,
+    TaskEvaluator,
+    TrainSequences,
+    box_tokens,
+    register_codec,
+)
 from model.matcher import match_slots
+
+if TYPE_CHECKING:
+    from model.evaluate import GroundTruth
+    from model.pipeline import Request, Result
 
 TOKENS_PER_SLOT = 5
 
@@ -50,6 +67,8 @@ def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
 @register_codec
 class DetectionCodec(TaskCodec):
     name = "detection"
+    output_field = "detections"
+    metrics = ("bbox_AP", "bbox_AP50", "bbox_AP75")
 
     @property
     def prompt_len(self) -> int:
@@ -131,7 +150,7 @@ class DetectionCodec(TaskCodec):
     def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
                **_) -> list[Detections]:
         """[B, body_len, V_slice] -> one Detections per image: every slot, sorted by score
-        (the pipeline applies each request's threshold and maximum count)."""
+        (`select` applies each request's threshold and maximum count)."""
         v = self.vocab
         slots = logits.reshape(len(logits), self.config.num_slots, TOKENS_PER_SLOT, -1).float()
         start = self.vocab_slice()[0]
@@ -150,3 +169,27 @@ class DetectionCodec(TaskCodec):
             results.append(Detections(context.to_pixels(boxes[order]), boxes[order],
                                       scores[b][order], labels[b][order], tokens))
         return results
+
+    def select(self, output: Detections, request: Request) -> Detections:
+        """The request's detections: scoring at least its threshold, at most its count."""
+        keep = (output.scores >= request.score_threshold).nonzero().flatten()
+        return output.select(keep[: request.max_detections])
+
+    # --- response and metric ----------------------------------------------------------------
+    def to_json(self, output: Detections, options: JsonOptions) -> list[dict[str, Any]]:
+        """-> one object per detection (the tasks it prompted add their fields to it)."""
+        names = self.config.class_names
+        return [{"label": names[label], "category_id": label, "score": round(score, 5),
+                 "box": [round(v, 2) for v in box]}
+                for box, score, label in zip(output.boxes.tolist(), output.scores.tolist(),
+                                             output.labels.tolist(), strict=True)]
+
+    def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
+        from model.evaluate import CocoAP  # pycocotools' evaluator only when evaluating
+
+        return CocoAP(truth, truth.instances, "bbox", self.coco_boxes, self.metrics)
+
+    def coco_boxes(self, result: Result) -> list[list[float]]:
+        """Each detection's box as COCO's [x, y, width, height]."""
+        return [[x0, y0, x1 - x0, y1 - y0]
+                for x0, y0, x1, y1 in result.outputs[self.name].boxes.tolist()]

@@ -3,19 +3,37 @@
 x and y are binned over the whole canvas. A keypoint is "visible" when it is labelled
 (COCO v > 0); unlabelled ones get random coordinates inside the box in training, whose tokens
 carry no loss while their visibility token does. Score = p(visible) / (p(visible) + p(invisible)).
+Only persons prompt keypoints; in a response each carries its [x, y, score] list. Metric: COCO
+keypoint AP.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
+from model.codecs.base import (
+    DecodeContext,
+    JsonOptions,
+    TaskCodec,
+    TaskEvaluator,
+    TrainSequences,
+    box_tokens,
+    register_codec,
+)
+
+if TYPE_CHECKING:
+    from model.evaluate import GroundTruth
+    from model.pipeline import Result
 
 
 @register_codec
 class KeypointCodec(TaskCodec):
     name = "keypoints"
-    needs_detections = True
+    prompted_by_detections = True
+    output_field = "keypoints"
+    metrics = ("keypoints_AP",)
 
     prompt_len = 6
 
@@ -39,6 +57,10 @@ class KeypointCodec(TaskCodec):
         """detection_tokens [S, 5] (box + person class) -> [S, 6]."""
         kpt = torch.full((len(detection_tokens), 1), self.vocab.keypoint_prompt)
         return torch.cat([kpt, detection_tokens.long()], 1)
+
+    def applies_to(self, labels: torch.Tensor) -> torch.Tensor:
+        """Persons only."""
+        return labels == self.person_label
 
     def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
         v, K = self.vocab, self.config.num_keypoints
@@ -101,3 +123,17 @@ class KeypointCodec(TaskCodec):
             pixels = ctx.to_pixels(xy[s].flatten()).reshape(-1, 2)
             out.append(torch.cat([pixels, scores[s].unsqueeze(-1)], -1))
         return out
+
+    # --- response and metric ----------------------------------------------------------------
+    def to_json(self, output: torch.Tensor, options: JsonOptions) -> list[list[float]]:
+        """[K, 3] -> one [x, y, score] per keypoint name."""
+        return [[round(v, 2) for v in point] for point in output.tolist()]
+
+    def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
+        from model.evaluate import CocoAP  # pycocotools' evaluator only when evaluating
+
+        return CocoAP(truth, truth.keypoints, "keypoints", self.coco_keypoints, self.metrics)
+
+    def coco_keypoints(self, result: Result) -> list[list[float] | None]:
+        """Each detection's keypoints as COCO's flat [x, y, score, ...] (None: not a person)."""
+        return [None if kp is None else kp.flatten().tolist() for kp in result.outputs[self.name]]

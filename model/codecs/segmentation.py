@@ -2,18 +2,33 @@
 
 The body is the instance mask cropped to its box and resized to mask_size x mask_size, as
 Mask R-CNN targets. At inference one sequence per kept detection; the foreground probability
-is pasted back into the box and thresholded at 0.5.
+is pasted back into the box and thresholded at 0.5. In a response each detection carries its
+mask as COCO RLE or polygons (`mask_format`). Metric: COCO mask AP.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from model.codecs.base import DecodeContext, TaskCodec, TrainSequences, box_tokens, register_codec
+from model.codecs.base import (
+    DecodeContext,
+    JsonOptions,
+    TaskCodec,
+    TaskEvaluator,
+    TrainSequences,
+    box_tokens,
+    register_codec,
+)
+from model.mask_formats import encode_rle, mask_to_polygons
+
+if TYPE_CHECKING:
+    from model.evaluate import GroundTruth
+    from model.pipeline import Result
 
 BOX_JITTER = 0.05  # training boxes move by up to 5% of their size: inference boxes are predicted
 
@@ -52,7 +67,9 @@ def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int
 @register_codec
 class SegmentationCodec(TaskCodec):
     name = "segmentation"
-    needs_detections = True
+    prompted_by_detections = True
+    output_field = "mask"
+    metrics = ("segm_AP",)
 
     prompt_len = 6
 
@@ -111,3 +128,18 @@ class SegmentationCodec(TaskCodec):
         m = self.config.mask_size
         return logits.float().softmax(-1)[..., 0].reshape(-1, m, m)
 
+    # --- response and metric ----------------------------------------------------------------
+    def to_json(self, output: torch.Tensor, options: JsonOptions) -> dict | list[list[float]]:
+        """bool [H, W] -> COCO compressed RLE, or outer-boundary polygons."""
+        if options.mask_format == "polygon":
+            return mask_to_polygons(output)
+        return encode_rle(output)
+
+    def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
+        from model.evaluate import CocoAP  # pycocotools' evaluator only when evaluating
+
+        return CocoAP(truth, truth.instances, "segm", self.coco_masks, self.metrics)
+
+    def coco_masks(self, result: Result) -> list[dict | None]:
+        """Each detection's mask as COCO RLE (None: no mask)."""
+        return [None if mask is None else encode_rle(mask) for mask in result.outputs[self.name]]

@@ -43,7 +43,8 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
 async def predict(request: Request,
                   form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
                   state: ServiceState = Depends(get_ready_state)):
-    """Detection, instance segmentation, person keypoints and captioning in one call.
+    """Detection, instance segmentation, person keypoints and captioning (the model's tasks)
+    in one call.
 
     Segmentation and keypoints are prompted by detections, so asking for them runs (and
     returns) detection as well. `category_id` indexes the model's `class_names` (0-based).
@@ -91,7 +92,7 @@ async def predict(request: Request,
     stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
     timings = {"queue": job.queue_seconds, **stages}
     response = await run_in_threadpool(build_response, result, state.model_ref,
-                                       config.class_names, form.mask_format, timings)
+                                       state.mad.codecs, form.mask_format, timings)
     end = time.perf_counter()
     response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
     response.timings_ms["total"] = round((end - arrived) * 1000, 3)
