@@ -9,7 +9,7 @@ import typer
 
 from export.cli import export
 from mad.bench.cli import bench
-from model.request_spec import RequestError, parse_refine_steps, parse_tasks
+from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
 from service.cli import predict, request_error, serve
 
 app = typer.Typer(help="MAD Serve: the Masked AutoDecoder vision generalist.",
@@ -115,6 +115,8 @@ def evaluate_command(
     limit: int | None = typer.Option(None, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("cpu"),
+    nms_iou: float | None = typer.Option(None, help="Class-wise NMS IoU, 0..1 (1: off; "
+                                         "default: the checkpoint's)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
 ):
     """Each task's metrics: COCO AP (bbox, segm, keypoints via pycocotools), caption BLEU-4
@@ -126,13 +128,16 @@ def evaluate_command(
     try:
         steps = parse_refine_steps(refine, mad.config.tasks)
         tasks = parse_tasks(task, mad.config.tasks)
+        nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
-    metrics = evaluate(mad, data, split, device, steps, limit, batch_size, tasks=tasks)
+    metrics = evaluate(mad, data, split, device, steps, limit, batch_size, tasks=tasks,
+                       nms_iou=nms_iou)
     typer.echo(format_table(metrics))
     if json_out:
         report = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
-                  "refine_steps": steps, "metrics": metrics}
+                  "refine_steps": steps, "nms_iou": mad.config.nms_iou if nms_iou is None
+                  else nms_iou, "metrics": metrics}
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -80,6 +80,8 @@ class ModelConfig:
     train_mask_ratio: float = 0.7
     no_object_weight: float = 0.1  # loss weight of an unmatched slot's "no object" (DETR: 0.1)
     max_instances_per_image: int = 10  # segmentation / keypoint sequences per image
+    # Class-wise NMS IoU after detection decoding (1.0: off); a request may override it.
+    nms_iou: float = 1.0
     # Masked inference: default mask-ratio schedule per task (K = len(schedule)).
     schedules: dict[str, list[float]] = field(
         default_factory=lambda: {

@@ -150,7 +150,8 @@ class CaptionBLEU:
 def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
              refine_steps: dict[str, int] | None = None, limit: int | None = None,
              batch_size: int = 8, score_threshold: float = 0.05,
-             tasks: tuple[str, ...] | None = None) -> dict[str, float]:
+             tasks: tuple[str, ...] | None = None, nms_iou: float | None = None
+             ) -> dict[str, float]:
     """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
     bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts."""
     truth = GroundTruth.load(Path(data), split, limit)
@@ -160,7 +161,8 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
     for start in range(0, len(truth.image_ids), batch_size):
         chunk = truth.image_ids[start : start + batch_size]
         requests = [Request(truth.image(image_id).convert("RGB"), tasks,
-                            dict(refine_steps or {}), score_threshold, mad.config.num_slots)
+                            dict(refine_steps or {}), score_threshold, mad.config.num_slots,
+                            nms_iou)
                     for image_id in chunk]
         for image_id, result in zip(chunk, pipeline(requests), strict=True):
             for evaluator in evaluators:

@@ -43,6 +43,7 @@ class Request:
     refine_steps: dict[str, int] = field(default_factory=dict)  # missing: the default schedule
     score_threshold: float = 0.5
     max_detections: int | None = None
+    nms_iou: float | None = None  # None: the model's default (config.nms_iou)
 
 
 @dataclass
@@ -146,7 +147,19 @@ class Pipeline:
             logits = self.decode(codec, memory, prompts, idx, ratios, results)
             outputs = codec.decode(logits, prompts, [contexts[i] for i in idx])
             for i, output in zip(idx, outputs, strict=True):
+                if isinstance(output, Detections) and codec.name not in requests[i].tasks:
+                    output = self.usable(output, requests[i])
                 results[i].outputs[codec.name] = codec.select(output, requests[i])
+
+    def usable(self, detections: Detections, request: Request) -> Detections:
+        """Detections run only to prompt other tasks keep what those tasks apply to, so a
+        request's max_detections counts boxes it gets an answer for (keypoints: persons)."""
+        usable = torch.zeros(len(detections), dtype=torch.bool)
+        for task in request.tasks:
+            codec = self.codecs[task]
+            if codec.prompted_by_detections:
+                usable |= codec.applies_to(detections.labels)
+        return detections.select(usable.nonzero().flatten())
 
     def run_per_detection(self, codec: TaskCodec, requests: list[Request],
                           results: list[Result], memory: Memory,

@@ -10,6 +10,7 @@ message. Task names are always checked against the loaded model's tasks.
                     each task and the bare K at most once
     score_threshold 0..1
     max_detections  1..the model's detection slots, or None (all)
+    nms_iou         0..1 (1: no suppression), or None (the model's default)
 
 A blank value is the same as none given (a form's empty field); an empty item inside a
 value ("2,", "detection,,caption") is an error. Task names are case-insensitive.
@@ -93,6 +94,13 @@ def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]
 def check_score_threshold(value: float) -> float:
     if not 0.0 <= value <= 1.0:  # also refuses NaN
         raise RequestError("score_threshold", f"{value} is outside 0..1")
+    return value
+
+
+def check_nms_iou(value: float | None) -> float | None:
+    """None: the model's default; else 0..1 (1 keeps overlapping boxes: NMS off)."""
+    if value is not None and not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise RequestError("nms_iou", f"{value} is outside 0..1 (1 turns NMS off)")
     return value
 
 

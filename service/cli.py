@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from model.request_spec import (
     RequestError,
     check_max_detections,
+    check_nms_iou,
     check_score_threshold,
     parse_refine_steps,
     parse_tasks,
@@ -91,6 +92,8 @@ def predict(
     refine_steps: list[str] = typer.Option([], help="K for every task, or task:K."),
     score_threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     max_detections: int | None = typer.Option(None, min=1),
+    nms_iou: float | None = typer.Option(None, help="Class-wise NMS IoU, 0..1 (1: off; "
+                                         "default: the model's)."),
     mask_format: str = typer.Option("rle", help="rle or polygon (for --json)."),
     render: Path | None = typer.Option(None, help="Draw the result into this PNG "
                                        "(several images: OUT-<image name>.png)."),
@@ -124,6 +127,7 @@ def predict(
         steps = parse_refine_steps(refine_steps, config.tasks)
         score_threshold = check_score_threshold(score_threshold)
         max_detections = check_max_detections(max_detections, config.num_slots)
+        nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("predict", exc)
     description = describe_model(mad, runner, settings)
@@ -138,7 +142,7 @@ def predict(
             failed += 1
             continue
         [result] = pipeline([ModelRequest(image, task_names, steps, score_threshold,
-                                          max_detections)])
+                                          max_detections, nms_iou)])
         response = build_response(result, model_ref, mad.codecs, mask_format,
                                   request_stages(result))
         if json_output:

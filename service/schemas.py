@@ -42,6 +42,10 @@ class PredictForm(Strict):
                                    description="Drop detections scoring below this.")
     max_detections: int | None = Field(
         None, ge=1, description="Keep at most this many detections (1..the model's slots).")
+    nms_iou: float | None = Field(
+        None, ge=0.0, le=1.0, description="Class-wise NMS: drop a detection overlapping a "
+        "higher-scored one of its class by more than this IoU (1: off). Default: the model's "
+        "(GET /v1/model).")
     mask_format: Literal["rle", "polygon"] = Field(
         "rle", description="rle: COCO compressed RLE; polygon: outer boundary polygons.")
 
@@ -121,6 +125,7 @@ class ModelDescription(Strict):
     input_size: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
         description="[height, width] of the letterboxed network input.")
     max_detections: int = Field(description="Detection slots: the most objects per image.")
+    nms_iou: float = Field(description="Default class-wise NMS IoU of /predict (1: off).")
     max_batch_size: int
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torchvision.ops import batched_nms
 
 from model.codecs.base import (
     DecodeContext,
@@ -171,8 +172,16 @@ class DetectionCodec(TaskCodec):
         return results
 
     def select(self, output: Detections, request: Request) -> Detections:
-        """The request's detections: scoring at least its threshold, at most its count."""
+        """The request's detections: scoring at least its threshold, class-wise NMS at its
+        IoU (else the model's; 1 is off), then at most its count. Sorted by score, like the
+        input."""
+        boxes = output.boxes
         keep = (output.scores >= request.score_threshold).nonzero().flatten()
+        iou = self.config.nms_iou if request.nms_iou is None else request.nms_iou
+        if iou < 1.0 and len(keep) > 1:
+            kept = batched_nms(boxes[keep].float(), output.scores[keep].float(),
+                               output.labels[keep], iou)
+            keep = keep[kept.sort().values]  # scores were sorted: index order is score order
         return output.select(keep[: request.max_detections])
 
     # --- response and metric ----------------------------------------------------------------

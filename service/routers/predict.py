@@ -13,6 +13,7 @@ from model.pipeline import Request as ModelRequest
 from model.request_spec import (
     RequestError,
     check_max_detections,
+    check_nms_iou,
     check_score_threshold,
     parse_refine_steps,
     parse_tasks,
@@ -57,6 +58,7 @@ async def predict(request: Request,
         refine = parse_refine_steps(form.refine_steps, config.tasks)
         score_threshold = check_score_threshold(form.score_threshold)
         max_detections = check_max_detections(form.max_detections, config.num_slots)
+        nms_iou = check_nms_iou(form.nms_iou)
     except RequestError as exc:
         raise APIError(422, "validation_error", str(exc)) from None
 
@@ -65,7 +67,7 @@ async def predict(request: Request,
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
     decode_seconds = time.perf_counter() - decode_start
 
-    job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections)
+    job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections, nms_iou)
     try:
         job = state.engine.submit(job_request)
     except QueueFull:

@@ -1,0 +1,68 @@
+"""What a request keeps of the decoded detections: threshold, class-wise NMS, count, and only
+boxes the asked tasks can use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from model.codecs.detection import Detections
+from model.pipeline import Pipeline, Request
+from model.request_spec import RequestError, check_nms_iou
+from model.runner import TorchRunner
+
+
+def detections(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:
+    n = len(scores)
+    return Detections(torch.tensor(boxes), torch.tensor(boxes) / 100, torch.tensor(scores),
+                      torch.tensor(labels), torch.zeros(n, 5, dtype=torch.long))
+
+
+# A duplicate pair of circles (IoU 0.82), a square on the same spot, a far circle.
+FOUND = detections([[10, 10, 50, 50], [12, 12, 52, 52], [10, 10, 50, 50], [60, 60, 90, 90]],
+                   [0.9, 0.8, 0.7, 0.6], [1, 1, 2, 1])
+IMAGE = Image.new("RGB", (96, 96))
+
+
+def keep(micro_model, **options) -> list[float]:
+    codec = micro_model.codecs["detection"]
+    return codec.select(FOUND, Request(IMAGE, ("detection",), **options)).scores.tolist()
+
+
+def test_nms_drops_the_duplicate_of_a_class(micro_model):
+    assert keep(micro_model, score_threshold=0.0, nms_iou=0.7) == pytest.approx([0.9, 0.7, 0.6])
+
+
+def test_nms_iou_1_keeps_both(micro_model):
+    assert keep(micro_model, score_threshold=0.0, nms_iou=1.0) == pytest.approx(
+        [0.9, 0.8, 0.7, 0.6])
+
+
+def test_model_default_applies_without_a_request_value(micro_model, monkeypatch):
+    assert len(keep(micro_model, score_threshold=0.0)) == 4  # default 1.0: off
+    monkeypatch.setattr(micro_model.config, "nms_iou", 0.5)
+    assert keep(micro_model, score_threshold=0.0) == pytest.approx([0.9, 0.7, 0.6])
+
+
+def test_threshold_then_nms_then_count(micro_model):
+    assert keep(micro_model, score_threshold=0.65, nms_iou=0.7, max_detections=1) == [
+        pytest.approx(0.9)]
+
+
+def test_nms_iou_is_checked():
+    assert check_nms_iou(None) is None and check_nms_iou(0.5) == 0.5
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(RequestError, match="nms_iou"):
+            check_nms_iou(bad)
+
+
+def test_max_detections_counts_what_the_asked_tasks_use(micro_model):
+    """keypoints alone: the detections it prompts are persons only (class 0), so
+    max_detections=1 cannot be spent on a circle."""
+    pipeline = Pipeline(micro_model, TorchRunner(micro_model.network))
+    found = detections([[0, 0, 9, 9], [5, 5, 20, 20], [1, 1, 8, 8]], [0.9, 0.8, 0.7], [1, 0, 2])
+    request = Request(IMAGE, ("keypoints",), max_detections=1)
+    assert pipeline.usable(found, request).labels.tolist() == [0]
+    both = Request(IMAGE, ("keypoints", "segmentation"))
+    assert pipeline.usable(found, both).labels.tolist() == [1, 0, 2]
