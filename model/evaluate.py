@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from model.checkpoint import MAD
 from model.mask_formats import encode_rle
 from model.pipeline import Pipeline, Request
-from model.runner import TorchRunner
+from model.runner import EagerRunner
 
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "keypoints_AP", "caption_BLEU4")
 
@@ -89,7 +89,7 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
     category_ids = [c["id"] for c in sorted(instances.loadCats(instances.getCatIds()),
                                             key=lambda c: c["id"])]
     image_ids = sorted(instances.imgs)[:limit]
-    pipeline = Pipeline(mad, TorchRunner(mad.network, device))
+    pipeline = Pipeline(mad, EagerRunner(mad.network, device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     boxes, segms, kpts, hyps, refs = [], [], [], [], []
     for start in range(0, len(image_ids), batch_size):
