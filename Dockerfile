@@ -29,6 +29,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY mad/ mad/
 COPY model/ model/
+COPY runtime/ runtime/
 COPY export/ export/
 COPY service/ service/
 RUN /opt/venv/bin/pip install -q --upgrade pip \
@@ -96,6 +97,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY deploy/constraints-gpu.txt deploy/constraints-gpu.txt
 COPY mad/ mad/
 COPY model/ model/
+COPY runtime/ runtime/
 COPY export/ export/
 COPY service/ service/
 RUN /opt/venv/bin/pip install -q --upgrade pip \

@@ -1,1 +1,1 @@
-"""Export a checkpoint to ONNX / TensorRT, and the runtime backends that run it."""
+"""Export a checkpoint: ONNX graphs, their manifest, TensorRT engines (runtime/ runs them)."""

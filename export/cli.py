@@ -26,7 +26,7 @@ def export(
     if format not in ("onnx", "tensorrt"):
         raise typer.BadParameter(f"unknown format {format!r}; choose onnx or tensorrt")
     if format == "tensorrt":
-        from export.tensorrt import import_tensorrt
+        from runtime.tensorrt_runner import import_tensorrt
 
         try:
             import_tensorrt()  # fail before minutes of export work, not after

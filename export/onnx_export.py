@@ -1,6 +1,6 @@
 """`export_onnx`: a checkpoint -> a self-contained export directory.
 
-    manifest.json             what the runtimes read (see docs/export.md)
+    manifest.json             what the runtimes read (runtime/manifest.py, docs/export.md)
     encoder.onnx              images + pad mask -> stacked cross-attention keys/values + mask
     decoder_<task>.onnx       memory + tokens + image_index -> logits over the task's slice
     config.json, tokenizer.model   copied from the checkpoint, for the codecs
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import shutil
 import time
@@ -23,9 +22,8 @@ import torch
 from export import graphs as g
 from model.checkpoint import CONFIG, checkpoint_digest, load_checkpoint
 from model.network import ImageMemory
+from runtime.manifest import FORMAT, write_manifest
 
-MANIFEST = "manifest.json"
-FORMAT = "mad-export/1"
 MIN_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 VERIFY_TOLERANCE = 1e-3  # fp32 ONNX Runtime vs eager PyTorch, max abs logit difference
@@ -197,21 +195,3 @@ def versions() -> dict:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
     return found
-
-
-def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a MAD export: {MANIFEST} missing "
-                                "(make one with `mad export`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported export format {manifest.get('format')!r}")
-    return manifest
-
-
-def write_manifest(directory: str | Path, manifest: dict) -> None:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)  # readers never see a half-written manifest

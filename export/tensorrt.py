@@ -1,50 +1,24 @@
-"""TensorRT: FP16 engines built from the exported ONNX graphs, and the runner that uses them.
+"""TensorRT: FP16 engines built from the exported ONNX graphs (runtime/tensorrt_runner.py
+runs them).
 
 Engines are specific to a GPU model and a TensorRT version, so they are cached under
 `<export dir>/tensorrt/<gpu>-sm<cc>-trt<version>/` and recorded in the manifest under that key;
 a later start on the same kind of machine loads them instead of building (minutes).
-`tensorrt` is imported lazily: nothing here is needed unless this backend is chosen.
-Weak typing (BuilderFlag.FP16) is what TensorRT 10 offers; TensorRT 11 removed it, and is
-refused with a clear message (see docs/export.md).
+`tensorrt` is imported lazily: nothing here is needed unless engines are built.
 """
 
 from __future__ import annotations
 
-import re
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from export.onnx_export import read_manifest, write_manifest
+from runtime.manifest import read_manifest, write_manifest
+from runtime.tensorrt_runner import cache_key, import_tensorrt
 
 ENGINE_DIR = "tensorrt"
-
-
-def import_tensorrt():
-    """tensorrt, or a start-up error that says what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise RuntimeError(
-            "the tensorrt backend needs NVIDIA TensorRT 10 (`pip install 'mad-serve[tensorrt]'`) "
-            "and a CUDA GPU; TensorRT is not installed here (onnx and torch need neither)"
-        ) from e
-    if not torch.cuda.is_available():
-        raise RuntimeError("TensorRT is installed but torch sees no CUDA GPU to build or run "
-                           "engines on (the onnx and torch backends run on CPU)")
-    if not hasattr(trt.BuilderFlag, "FP16"):
-        raise RuntimeError(f"TensorRT {trt.__version__} has no weakly typed FP16 builds "
-                           "(removed in TensorRT 11); install tensorrt>=10,<11")
-    return trt
-
-
-def cache_key(trt, device_index: int = 0) -> str:
-    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device_index).lower()).strip("-")
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return f"{name}-sm{major}{minor}-trt{trt.__version__}"
 
 
 @dataclass
@@ -153,80 +127,3 @@ def _feature_counts(trt, logger, engine_path: Path, shapes: dict) -> list[int]:
             context.set_input_shape(name, shapes[name][i])
         counts.append(int(context.get_tensor_shape("mask")[3]))
     return counts
-
-
-class Engine:
-    """One deserialized engine + execution context; runs on torch CUDA tensors."""
-
-    def __init__(self, trt, runtime, path: Path, device: torch.device):
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"cannot load TensorRT engine {path} (built by another version?)")
-        self.context = self.engine.create_execution_context()
-        self.device, self.lock = device, threading.Lock()  # one context: one call at a time
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-                  trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
-        self.inputs = [n for n in names
-                       if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with self.lock:
-            kept = {}
-            for name in self.inputs:
-                tensor = feeds[name].to(self.device, self.dtypes[name]).contiguous()
-                kept[name] = tensor
-                if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                    raise ValueError(f"input {name} {tuple(tensor.shape)} is outside the "
-                                     "engine's optimisation profile; rebuild with larger limits")
-                self.context.set_tensor_address(name, tensor.data_ptr())
-            outputs = {}
-            for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
-                outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-                self.context.set_tensor_address(name, outputs[name].data_ptr())
-            stream = torch.cuda.current_stream(self.device)
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-            return outputs
-
-
-class TensorRTRunner:
-    name = "tensorrt"
-
-    def __init__(self, export_dir: str | Path, device: str = "cuda",
-                 profile: Profile | None = None, rebuild: bool = False):
-        trt = import_tensorrt()
-        if not device.startswith("cuda"):
-            raise ValueError(f"the tensorrt backend runs on CUDA GPUs only, not {device!r}; "
-                             "pass --device cuda")
-        self.device = torch.device(device)
-        index = self.device.index or 0
-        self.export_dir = Path(export_dir)
-        self.entry = build_engines(self.export_dir, profile, index, rebuild=rebuild)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        manifest = read_manifest(self.export_dir)
-        engines = {k: self.export_dir / v for k, v in self.entry["engines"].items()}
-        self.encoder = Engine(trt, runtime, engines["encoder"], self.device)
-        self.decoders = {tuple(g["vocab_slice"]): Engine(trt, runtime, engines[task], self.device)
-                         for task, g in manifest["graphs"]["decoders"].items()}
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.encoder({"images": images, "pad_mask": pad_mask})
-
-    @torch.inference_mode()
-    def decode(self, memory: dict[str, torch.Tensor], tokens: torch.Tensor,
-               image_index: torch.Tensor, vocab_slice: tuple[int, int]) -> torch.Tensor:
-        engine = self.decoders.get(tuple(vocab_slice))
-        if engine is None:
-            raise KeyError(f"no decoder engine for vocabulary slice {vocab_slice}")
-        return engine({**memory, "tokens": tokens, "image_index": image_index})["logits"].float()
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "device": str(self.device),
-                "device_name": self.entry["gpu"], "precision": self.entry["precision"],
-                "tensorrt": self.entry["tensorrt"], "profile": self.entry["profile"],
-                "export_dir": str(self.export_dir)}

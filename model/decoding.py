@@ -8,7 +8,7 @@ theirs.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -16,14 +16,29 @@ from model.codecs import TaskCodec
 
 REFINE_SEED = 0  # random re-masking is seeded: the same request gives the same answer
 
+# What a runner's encode returns and its decode takes back, opaque to decoding: ImageMemory
+# (eager PyTorch), OnnxMemory (ONNX Runtime), a dict of tensors (TensorRT).
+Memory = TypeVar("Memory")
 
-class Runner(Protocol):
+
+class Runner(Protocol[Memory]):
     """What decoding needs from a backend (eager PyTorch, ONNX Runtime, TensorRT)."""
 
-    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor): ...
+    name: str  # "torch", "onnx", "tensorrt"
+    device: torch.device  # where prompts, tokens and logits live
 
-    def decode(self, memory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int]) -> torch.Tensor: ...
+    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> Memory:
+        """images [B, 3, H, W] float, pad_mask [B, H, W] bool -> the encoded batch."""
+        ...
+
+    def decode(self, memory: Memory, tokens: torch.Tensor, image_index: torch.Tensor,
+               vocab_slice: tuple[int, int]) -> torch.Tensor:
+        """tokens [S, T] of images image_index [S] -> float logits [S, T, V_slice]."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """backend, device, precision and what else identifies the runtime."""
+        ...
 
 
 def mask_schedule(steps: int, default: list[float]) -> list[float]:
@@ -65,8 +80,9 @@ def random_scores(steps: int, length: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def masked_decode(runner: Runner, memory, codec: TaskCodec, prompts: torch.Tensor,
-                  image_index: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+def masked_decode(runner: Runner[Memory], memory: Memory, codec: TaskCodec,
+                  prompts: torch.Tensor, image_index: torch.Tensor, ratios: list[float]
+                  ) -> torch.Tensor:
     """prompts [S, P] of images image_index [S] -> body logits [S, L, V_slice] after
     len(ratios) refinement steps; each position's logits restricted to the ids it may take."""
     P, L = prompts.shape[1], codec.body_len

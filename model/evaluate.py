@@ -22,7 +22,7 @@ from model.checkpoint import MAD
 from model.codecs import CODECS
 from model.config import TASKS
 from model.pipeline import Pipeline, Request, Result
-from model.runner import TorchRunner
+from model.runner import EagerRunner
 
 # What `mad eval` reports for a model with the presets' tasks.
 METRICS = tuple(metric for task in TASKS for metric in CODECS[task].metrics)
@@ -155,7 +155,7 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
     """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
     bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts."""
     truth = GroundTruth.load(Path(data), split, limit)
-    pipeline = Pipeline(mad, TorchRunner(mad.network, device))
+    pipeline = Pipeline(mad, EagerRunner(mad.network, device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
     for start in range(0, len(truth.image_ids), batch_size):

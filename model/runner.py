@@ -1,43 +1,38 @@
-"""Eager PyTorch runner: the reference backend (CPU or CUDA, optional autocast/compile)."""
+"""Eager PyTorch runner: the network on one device in fp32, what training and evaluation
+decode with. Serving builds on it (runtime/torch_runner.py: autocast, torch.compile, CUDA
+graphs); model/ itself never needs more."""
 
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
-from model.cuda_graphs import GraphedDecoder
 from model.network import ImageMemory, MADNetwork
 
 
-class TorchRunner:
+def torch_device(device: str) -> torch.device:
+    """"cpu" or "cuda[:N]", refused when torch sees no CUDA device."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class EagerRunner:
     name = "torch"
 
-    def __init__(self, network: MADNetwork, device: str = "cpu", precision: str = "fp32",
-                 compile: bool = False, cuda_graphs: bool = False):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"unknown precision {precision!r}")
-        if precision != "fp32" and not device.startswith("cuda"):
-            raise ValueError(f"{precision} autocast is only supported on CUDA here")
-        if cuda_graphs and not device.startswith("cuda"):
-            raise ValueError("CUDA graphs need a CUDA device")
-        self.device = torch.device(device)
-        self.precision = precision
+    def __init__(self, network: MADNetwork, device: str = "cpu"):
+        self.device = torch_device(device)
+        self.precision = "fp32"
         self.network = network.to(self.device).eval()
+        # What encode/decode call: the network's methods, or compiled versions of them.
         self._encode, self._decode = self.network.encode, self.network.decode
-        if compile:
-            self._encode = torch.compile(self.network.encode, dynamic=True)
-            self._decode = torch.compile(self.network.decode, dynamic=True)
-        self.graphs = GraphedDecoder(self._decode, self.autocast) if cuda_graphs else None
 
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        # No weight-cast cache: each pass uses a weight once, and CUDA graph capture needs it off.
-        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The autocast context every pass runs in: none in fp32."""
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> ImageMemory:
@@ -51,19 +46,13 @@ class TorchRunner:
     @torch.inference_mode()
     def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
                vocab_slice: tuple[int, int]) -> torch.Tensor:
+        """tokens [S, T], image_index [S] -> logits [S, T, V_slice] float32."""
         tokens, image_index = tokens.to(self.device), image_index.to(self.device)
-        if self.graphs is not None:
-            logits = self.graphs(memory, tokens, image_index, vocab_slice)
-            if logits is not None:
-                return logits
         with self.autocast():
             logits = self._decode(memory, tokens, image_index, vocab_slice)
         return logits.float()
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        info = {"backend": self.name, "device": str(self.device), "device_name": name,
+        return {"backend": self.name, "device": str(self.device), "device_name": name,
                 "precision": self.precision}
-        if self.graphs is not None:
-            info["cuda_graphs"] = self.graphs.describe()
-        return info

@@ -14,12 +14,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
-from export.backends import create_runner
 from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
+from service.model_cache import load_runner
 from service.routers import health, predict
 from service.schemas import model_openapi
 from service.settings import Settings
@@ -38,9 +38,9 @@ def load_model(state: ServiceState) -> Pipeline:
     s = state.settings
     log.info("loading model", extra={"checkpoint": str(s.checkpoint), "backend": s.backend,
                                      "device": s.device, "precision": s.precision})
-    mad, runner = create_runner(s.backend, Path(s.checkpoint), s.device, precision=s.precision,
-                                compile=s.compile, cuda_graphs=s.cuda_graphs,
-                                export_dir=s.export_dir)
+    mad, runner = load_runner(s.backend, Path(s.checkpoint), s.device, cache_dir=s.cache_dir,
+                              precision=s.precision, compile=s.compile,
+                              cuda_graphs=s.cuda_graphs, export_dir=s.export_dir)
     state.mad, state.runner = mad, runner
     state.description = describe_model(mad, runner, s)
     return Pipeline(mad, runner)

@@ -104,11 +104,11 @@ def predict(
     device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE]."),
 ):
     """Run the model on image files, without a server."""
-    from export.backends import create_runner
     from model.pipeline import Pipeline
     from model.pipeline import Request as ModelRequest
     from service.errors import APIError
     from service.images import decode_image
+    from service.model_cache import load_runner
     from service.postprocess import build_response, request_stages
     from service.render import render as draw
     from service.schemas import ModelRef
@@ -118,9 +118,9 @@ def predict(
         raise typer.BadParameter("--mask-format must be rle or polygon")
     settings = load_settings(checkpoint=checkpoint, backend=backend, device=device)
     require_checkpoint(settings)
-    mad, runner = create_runner(settings.backend, Path(settings.checkpoint), settings.device,
-                                precision=settings.precision, compile=settings.compile,
-                                export_dir=settings.export_dir)
+    mad, runner = load_runner(settings.backend, Path(settings.checkpoint), settings.device,
+                              cache_dir=settings.cache_dir, precision=settings.precision,
+                              compile=settings.compile, export_dir=settings.export_dir)
     config = mad.config
     try:
         task_names = parse_tasks(tasks, config.tasks)

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The bundled model lives at the repository root, beside the packages.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
 
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mad-serve"
+
 Backend = Literal["torch", "onnx", "tensorrt"]
 Precision = Literal["fp32", "bf16", "fp16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -31,6 +33,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(False, description="Replay decoder passes from CUDA graphs "
                               "(torch backend on CUDA).")
     export_dir: Path | None = Field(None, description="Exported engines (onnx/tensorrt).")
+    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Where onnx/tensorrt export the "
+                            "checkpoint at start-up when export_dir is unset.")
     host: str = Field("0.0.0.0", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     workers: int = Field(1, ge=1, description="Server processes, each with its own model.")
@@ -60,6 +64,12 @@ class Settings(BaseSettings):
     @classmethod
     def lower_log_level(cls, value):
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def blank_cache_is_default(cls, value):
+        # An empty MAD_CACHE_DIR (a blank in a templated manifest) means the default.
+        return DEFAULT_CACHE_DIR if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from model.checkpoint import WEIGHTS, checkpoint_digest, read_checkpoint_config
+from model.checkpoint import MAD, WEIGHTS, checkpoint_digest, read_checkpoint_config
+from model.decoding import Runner
 from service.engine import BatchingEngine
 from service.metrics import Metrics
 from service.schemas import ModelDescription, ModelRef
@@ -16,8 +18,8 @@ from service.settings import Settings
 class ServiceState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    mad: object | None = None  # model.checkpoint.MAD
-    runner: object | None = None
+    mad: MAD | None = None
+    runner: Runner[Any] | None = None
     engine: BatchingEngine | None = None
     description: ModelDescription | None = None
     ready: bool = False  # loaded and warmed up

@@ -139,9 +139,9 @@ def settings_env_names() -> set[str]:
 
 
 def code_env_names() -> set[str]:
-    """MAD_ variables the code reads outside Settings (e.g. export's MAD_CACHE_DIR)."""
+    """MAD_ variables the code reads outside Settings."""
     names = set()
-    for package in ("mad", "model", "export", "service"):
+    for package in ("mad", "model", "runtime", "export", "service"):
         for path in (ROOT / package).rglob("*.py"):
             names |= set(re.findall(r"""["'](MAD_[A-Z0-9_]+)["']""", path.read_text()))
     return names

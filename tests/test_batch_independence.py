@@ -10,7 +10,7 @@ import torch
 from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
 from model.pipeline import Pipeline, Request, Result
-from model.runner import TorchRunner
+from runtime.torch_runner import TorchRunner
 
 
 def same(a: Result, b: Result) -> None:

@@ -26,7 +26,7 @@ from mad.bench.workload import (
 )
 from mad.cli import app
 from model.codecs import DecodeContext
-from model.runner import TorchRunner
+from runtime.torch_runner import TorchRunner
 
 REPORT_KEYS = {"schema", "created", "environment", "model", "settings", "stage_latency",
                "mad_vs_ar", "kept_vs_fixed", "backends", "http", "targets", "errors",

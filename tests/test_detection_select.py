@@ -10,7 +10,7 @@ from PIL import Image
 from model.codecs.detection import Detections
 from model.pipeline import Pipeline, Request
 from model.request_spec import RequestError, check_nms_iou
-from model.runner import TorchRunner
+from runtime.torch_runner import TorchRunner
 
 
 def detections(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:

@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from export import graphs
-from export.backends import create_runner
-from export.benchmark import compare_backends
-from export.onnx_export import MANIFEST, export_onnx, read_manifest
-from export.onnx_runner import OnnxRunner
+from export.onnx_export import export_onnx
+from mad.bench.backends_bench import compare_backends
 from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, save_checkpoint
 from model.pipeline import Pipeline, Request
-from model.runner import TorchRunner
+from runtime.backends import create_runner
+from runtime.manifest import MANIFEST, read_manifest
+from runtime.onnx_runner import OnnxRunner
+from runtime.torch_runner import TorchRunner
+from service.model_cache import load_runner
 from tests.helpers import ALL_TASKS, synthetic_images
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
@@ -119,9 +121,9 @@ def test_pipeline_results_match(runners, steps, monkeypatch):
     assert got[0].passes["caption"] == 1 + steps
 
 
-def test_create_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, monkeypatch):
+def test_load_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
-    mad, runner = create_runner("onnx", micro_checkpoint)
+    mad, runner = load_runner("onnx", micro_checkpoint)
     digest = checkpoint_digest(micro_checkpoint)
     target = tmp_path / digest[:16] / "onnx"
     assert runner.export_dir == target and (target / MANIFEST).is_file()
@@ -133,11 +135,28 @@ def test_create_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, m
     results = Pipeline(mad, runner)([Request(synthetic_images(1)[0], ALL_TASKS)])
     assert results[0].caption is not None and results[0].detections is not None
 
-    _, again = create_runner("onnx", micro_checkpoint)  # reused, not exported again
+    _, again = load_runner("onnx", micro_checkpoint)  # reused, not exported again
     assert again.export_dir == target and (target / MANIFEST).stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [digest[:16]]
     _, direct = create_runner("onnx", target)  # an export dir given as the checkpoint
     assert direct.export_dir == target
+
+
+def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):
+    """Making an export is the caller's decision: runtime refuses a bare checkpoint."""
+    monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="runs an ONNX export"):
+        create_runner("onnx", micro_checkpoint)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cache_dir_setting(tmp_path, monkeypatch):
+    from service.settings import DEFAULT_CACHE_DIR, Settings
+
+    monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
+    assert Settings().cache_dir == tmp_path
+    monkeypatch.setenv("MAD_CACHE_DIR", "")
+    assert Settings().cache_dir == DEFAULT_CACHE_DIR
 
 
 def test_export_dir_of_another_checkpoint_is_refused(exported, micro_model, tmp_path):

@@ -10,11 +10,12 @@ import importlib.util
 import pytest
 import torch
 
-from export.backends import create_runner
 from export.onnx_export import export_onnx
 from model.checkpoint import load_checkpoint
 from model.pipeline import Pipeline, Request
-from model.runner import TorchRunner
+from runtime.backends import create_runner
+from runtime.torch_runner import TorchRunner
+from service.model_cache import load_runner
 from tests.helpers import ALL_TASKS, synthetic_images
 
 CUDA = torch.cuda.is_available()
@@ -100,16 +101,16 @@ def test_tensorrt_engines(micro_checkpoint, reference, tmp_path):
 
     export_onnx(micro_checkpoint, tmp_path / "onnx")
     profile = Profile(max_batch=2, max_sequences=16)
-    mad, runner = create_runner("tensorrt", micro_checkpoint, "cuda",
-                                export_dir=tmp_path / "onnx", profile=profile)
+    mad, runner = load_runner("tensorrt", micro_checkpoint, "cuda",
+                              export_dir=tmp_path / "onnx", profile=profile)
     info = runner.describe()
     assert info["precision"] == "fp16" and info["device"].startswith("cuda")
     check_runner(runner, reference, 0.1)
     check_pipeline(mad, runner)
     engine = tmp_path / "onnx" / runner.entry["engines"]["encoder"]
     stamp = engine.stat().st_mtime_ns
-    _, again = create_runner("tensorrt", micro_checkpoint, "cuda",
-                             export_dir=tmp_path / "onnx", profile=profile)
+    _, again = load_runner("tensorrt", micro_checkpoint, "cuda",
+                           export_dir=tmp_path / "onnx", profile=profile)
     assert engine.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
     assert again.entry == runner.entry
 

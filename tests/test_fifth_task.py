@@ -26,9 +26,9 @@ from model.codecs import (
 from model.config import TASKS
 from model.evaluate import GroundTruth
 from model.pipeline import Result
-from model.runner import TorchRunner
 from model.train import TrainConfig, train
 from model.tune import tune_schedules
+from runtime.torch_runner import TorchRunner
 from service.settings import Settings
 from tests.helpers import encode, running_server, scene_image, synthetic_images
 

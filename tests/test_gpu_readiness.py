@@ -17,12 +17,12 @@ from mad.bench.model_bench import ModelBench, schedules
 from mad.bench.workload import random_tokenizer, synthetic_image
 from model.checkpoint import MAD
 from model.config import COCO_CLASS_NAMES, PRESETS, get_preset
-from model.cuda_graphs import PaddedLayout, bucket, memory_signature
 from model.decoding import masked_decode
 from model.pipeline import Pipeline, Request
 from model.preprocess import letterbox, pil_to_tensor, prepare_batch
-from model.runner import TorchRunner
 from model.stopwatch import Stopwatch
+from runtime.cuda_graphs import PaddedLayout, bucket, memory_signature
+from runtime.torch_runner import TorchRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("detection", "segmentation", "keypoints", "caption")

@@ -21,7 +21,7 @@ from model.decoding import mask_schedule, masked_decode
 from model.losses import masked_training_losses, sequence_loss, weighted_total
 from model.matcher import match_slots
 from model.pipeline import Pipeline, Request
-from model.runner import TorchRunner
+from runtime.torch_runner import TorchRunner
 from tests.helpers import ALL_TASKS, micro_config
 
 

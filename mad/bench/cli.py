@@ -150,7 +150,6 @@ class BenchRun:
         return self.report
 
     def prepare(self, tmp: Path) -> None:
-        from export.backends import create_runner
         from mad.bench.model_bench import ModelBench, schedules
         from mad.bench.workload import (
             BUNDLED_CHECKPOINT,
@@ -159,6 +158,7 @@ class BenchRun:
             prepare_checkpoint,
             synthetic_image,
         )
+        from service.model_cache import load_runner
 
         s = self.s
         self.checkpoint, source = prepare_checkpoint(s["preset"], s["checkpoint"], s["size"], tmp)
@@ -174,9 +174,9 @@ class BenchRun:
             s["device"].startswith("cuda") and s["sections"]["variants"])
         if wants_export:
             self.export(tmp / "onnx")
-        mad, runner = create_runner(s["backend"], self.checkpoint, s["device"],
-                                    precision=s["precision"], compile=s["compile"],
-                                    export_dir=self.export_dir)
+        mad, runner = load_runner(s["backend"], self.checkpoint, s["device"],
+                                  precision=s["precision"], compile=s["compile"],
+                                  export_dir=self.export_dir)
         self.bench = ModelBench(mad, runner, [self.image] * s["batch_size"], s["kept"],
                                 schedules(mad, self.refine))
         self.report["model"] = {
@@ -206,8 +206,8 @@ class BenchRun:
             self.report["errors"]["onnx_export"] = f"{type(exc).__name__}: {exc}"
 
     def mad_vs_ar(self) -> dict:
-        from export.backends import create_runner
         from mad.bench.model_bench import ModelBench, mad_vs_autoregressive
+        from runtime.backends import create_runner
 
         s, bench = self.s, self.bench
         if getattr(bench.runner, "network", None) is None:  # AR needs the PyTorch network
@@ -228,7 +228,7 @@ class BenchRun:
         elif self.export_dir is None:
             self.report["skipped"]["onnx_vs_eager"] = "the ONNX export failed"
         else:
-            from export.benchmark import compare_backends
+            from mad.bench.backends_bench import compare_backends
 
             out["onnx_vs_eager"] = compare_backends(
                 self.checkpoint, [self.image] * s["batch_size"], tuple(self.bench.tasks),

@@ -119,9 +119,9 @@ def device_info(device: str) -> dict[str, Any]:
 def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, echo,
                   ar: bool) -> dict[str, Any]:
     """Stage latency of every variant at every batch size; the AR baseline at batch 1."""
-    from export.backends import create_runner
     from mad.bench.model_bench import ModelBench, mad_vs_autoregressive, schedules
     from mad.bench.workload import load_model, synthetic_image
+    from runtime.backends import create_runner
 
     mad = load_model(checkpoint)
     image = synthetic_image(tuple(mad.config.image_size))
@@ -185,10 +185,10 @@ def fmt_ms(row: dict[str, Any]) -> str:
 # --- parity ---------------------------------------------------------------------------------
 def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
     """The bundled model on the device vs on the CPU, on generated images of several sizes."""
-    from export.backends import create_runner
     from mad.bench.workload import detection_prompts, synthetic_image
     from model.pipeline import Pipeline, Request
     from model.preprocess import prepare_batch
+    from runtime.backends import create_runner
 
     sizes = [(256, 256), (192, 320), (320, 200), (240, 240)]
     images = [synthetic_image(sizes[i % len(sizes)], seed=i)

@@ -200,10 +200,10 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
                    runner_options: dict | None = None) -> dict:
     """runner_options: torch runner options (precision, compile, cuda_graphs) for the
     in-process baseline and, as MAD_* settings, for the server."""
-    from export.backends import create_runner
+    from service.model_cache import load_runner
 
     options = runner_options or {}
-    mad, runner = create_runner(backend, checkpoint, device, export_dir=export_dir, **options)
+    mad, runner = load_runner(backend, checkpoint, device, export_dir=export_dir, **options)
     pipeline = Pipeline(mad, runner)
     pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
     ceiling = in_process_batching(pipeline, payload, tasks, kept, refine, max(batch_sizes),

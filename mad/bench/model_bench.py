@@ -185,7 +185,7 @@ def gpu_variants(checkpoint: Path, device: str, images, kept: int, refine: dict[
     CUDA graphs (compile mode reduce-overhead), ONNX Runtime (CUDA/TensorRT providers) and
     TensorRT engines. One failing option (missing library, unsupported op) is recorded, not
     fatal."""
-    from export.backends import create_runner
+    from service.model_cache import load_runner
 
     specs = {
         "torch-fp32": ("torch", {}),
@@ -203,7 +203,7 @@ def gpu_variants(checkpoint: Path, device: str, images, kept: int, refine: dict[
             continue
         try:
             cudagraphs = options.pop("cudagraphs", False)
-            mad, runner = create_runner(backend, checkpoint, device, **options)
+            mad, runner = load_runner(backend, checkpoint, device, **options)
             if cudagraphs:
                 use_cuda_graphs(runner)
             bench = ModelBench(mad, runner, images, kept, schedules(mad, refine))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from export.onnx_runner import cpu_name
 from mad.bench.stats import median
+from runtime.onnx_runner import cpu_name
 
 SCHEMA = "mad-bench/1"
 PACKAGES = ("mad-serve", "torch", "torchvision", "numpy", "pillow", "onnx", "onnxruntime",

@@ -6,15 +6,15 @@ processes, thermal state and caches hit both alike; the figure that matters is t
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from export.backends import create_runner
+from mad.bench.stats import summarize
 from model.pipeline import Pipeline, Request
+from runtime.backends import create_runner
 
 
 def compare_backends(checkpoint: str | Path, images: list[Image.Image], tasks: tuple[str, ...],
@@ -23,10 +23,11 @@ def compare_backends(checkpoint: str | Path, images: list[Image.Image], tasks: t
                      backends: tuple[str, ...] = ("torch", "onnx"), **options) -> dict:
     """Time `Pipeline(requests)` for each backend on one batch holding `images`.
 
-    -> {"backends": {name: {median_ms, p90_ms, mean_ms, min_ms, describe}},
+    -> {"backends": {name: {median_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms, n, describe}},
         "ratio": baseline median / other median (> 1: the second backend is faster),
-        "images", "tasks", "repeats", "warmup", "threads"}
-    options go to create_runner (export_dir, threads, precision, ...).
+        "images", "tasks", "repeats", "warmup", "torch_threads"}
+    options go to runtime.backends.create_runner (export_dir, which onnx needs; threads,
+    precision, ...).
     """
     requests = [Request(image, tuple(tasks), dict(refine_steps or {})) for image in images]
     pipelines = {}
@@ -50,9 +51,3 @@ def compare_backends(checkpoint: str | Path, images: list[Image.Image], tasks: t
         report["ratio_of"] = f"{backends[0]} median / {backends[1]} median"
     return report
 
-
-def summarize(seconds: list[float]) -> dict:
-    ms = sorted(s * 1000 for s in seconds)
-    p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]
-    return {"median_ms": statistics.median(ms), "p90_ms": p90, "mean_ms": statistics.fmean(ms),
-            "min_ms": ms[0]}

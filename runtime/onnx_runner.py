@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from export.onnx_export import read_manifest
+from runtime.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from onnxruntime import OrtValue
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PROVIDER_ORDER[:2]
@@ -24,9 +28,9 @@ GPU_PROVIDERS = PROVIDER_ORDER[:2]
 class OnnxMemory:
     """Encoder outputs (OrtValues, on the device the encoder ran on)."""
 
-    keys: object
-    values: object
-    mask: object
+    keys: OrtValue
+    values: OrtValue
+    mask: OrtValue
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:
@@ -103,7 +107,7 @@ class OnnxRunner:
         self.io_device = "cuda" if on_gpu else "cpu"
         self.device = torch.device("cpu")  # where the pipeline keeps prompts and logits
 
-    def provider_options(self, provider: str) -> dict:
+    def provider_options(self, provider: str) -> dict[str, Any]:
         if provider == "TensorrtExecutionProvider":
             # ORT builds TensorRT engines per shape range; caching them beside the graphs
             # saves minutes on every later start.
@@ -144,7 +148,7 @@ class OnnxRunner:
         session.run_with_iobinding(binding)
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device),
                 "device_name": gpu_name(self.device_id) if self.io_device == "cuda"
                 else cpu_name(),

@@ -1,0 +1,97 @@
+"""Runtime backends behind one interface (`model.decoding.Runner`), chosen by name.
+
+    torch     PyTorch (runtime/torch_runner.py): CPU or CUDA, bf16/fp16 autocast, torch.compile,
+              CUDA graphs; runs a checkpoint
+    onnx      ONNX Runtime on the exported graphs: TensorRT / CUDA / CPU execution providers
+    tensorrt  FP16 TensorRT engines built from the exported graphs (NVIDIA GPUs)
+
+onnx and tensorrt run an export that already exists (`mad export`); making one is the caller's
+decision (the service exports into its cache at start-up: service/model_cache.py).
+Everything that can fail does so here, at start-up: a missing library, a missing GPU, an
+export made from another checkpoint. Never at the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model.checkpoint import MAD, TOKENIZER, WEIGHTS, checkpoint_digest, load_checkpoint
+from model.codecs import build_codecs
+from model.config import ModelConfig
+from model.decoding import Runner
+from model.tokenizer import CaptionTokenizer
+from model.vocab import VocabLayout
+from runtime.manifest import is_export, read_manifest
+from runtime.torch_runner import TorchRunner
+
+BACKENDS = ("torch", "onnx", "tensorrt")
+
+
+def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cpu",
+                  **options: Any) -> tuple[MAD, Runner[Any]]:
+    """-> (model bundle, runner).
+
+    torch options: precision ("fp32", "bf16", "fp16"), compile (bool), cuda_graphs (bool).
+    onnx / tensorrt options: export_dir (else `checkpoint` must itself be an export dir);
+    onnx: threads, providers. tensorrt needs engines built for this GPU in the export
+    (export.tensorrt.build_engines). Other options are ignored.
+    For onnx/tensorrt the bundle carries config, vocabulary, tokenizer and codecs but
+    network=None: the weights live in the graphs, not in this process.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "torch":
+        if checkpoint is None:
+            raise ValueError("the torch backend needs a checkpoint")
+        mad, _ = load_checkpoint(checkpoint, "cpu")
+        return mad, TorchRunner(mad.network, device, options.get("precision", "fp32"),
+                                options.get("compile", False), options.get("cuda_graphs", False))
+    if backend == "tensorrt":
+        from runtime.tensorrt_runner import import_tensorrt
+
+        import_tensorrt()  # before anything else: say what is missing first
+    export_dir = resolve_export_dir(checkpoint, options.get("export_dir"), backend)
+    runner: Runner[Any]
+    if backend == "onnx":
+        from runtime.onnx_runner import OnnxRunner
+
+        runner = OnnxRunner(export_dir, device, options.get("threads"), options.get("providers"))
+    else:
+        from runtime.tensorrt_runner import TensorRTRunner
+
+        runner = TensorRTRunner(export_dir, "cuda" if device == "auto" else device)
+    return load_bundle(export_dir), runner
+
+
+def resolve_export_dir(checkpoint: str | Path | None, export_dir: str | Path | None,
+                       backend: str = "onnx") -> Path:
+    """The export dir to run: the one given (checked against the checkpoint, if any), or the
+    checkpoint itself when it is an export."""
+    if export_dir is None and checkpoint is not None and is_export(checkpoint):
+        export_dir, checkpoint = checkpoint, None
+    if export_dir is None:
+        where = f"{checkpoint} is a checkpoint, not an export" if checkpoint else "none given"
+        raise ValueError(f"the {backend} backend runs an ONNX export ({where}): pass export_dir, "
+                         "or an export dir as the checkpoint (make one with `mad export`)")
+    manifest = read_manifest(export_dir)  # raises if it is not an export
+    if checkpoint is not None and (Path(checkpoint) / WEIGHTS).is_file():
+        digest = checkpoint_digest(checkpoint)
+        if manifest["checkpoint"]["sha256"] != digest:
+            raise ValueError(f"{export_dir} was exported from checkpoint "
+                             f"{manifest['checkpoint']['sha256'][:16]}, not from {checkpoint} "
+                             f"({digest[:16]}); re-export it or drop one of the two")
+    return Path(export_dir)
+
+
+def load_bundle(export_dir: str | Path) -> MAD:
+    """Config, vocabulary, tokenizer and codecs from an export dir (no weights)."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    config = ModelConfig.from_dict(manifest["model"])
+    name = manifest.get("tokenizer_file")
+    tokenizer = CaptionTokenizer.load(export_dir / (name or TOKENIZER)) if name else None
+    if tokenizer is not None:
+        config.text_vocab_size = tokenizer.vocab_size
+    vocab = VocabLayout.from_config(config)
+    return MAD(config, vocab, tokenizer, build_codecs(config, vocab, tokenizer), network=None)

@@ -1,0 +1,34 @@
+"""The export manifest: `manifest.json` in an export directory, written by `export/` and read
+by the runtimes. Its fields are documented in docs/export.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT = "mad-export/1"
+
+
+def is_export(directory: str | Path) -> bool:
+    """Whether `directory` holds an export (a manifest), as opposed to a checkpoint."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a MAD export: {MANIFEST} missing "
+                                "(make one with `mad export`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported export format {manifest.get('format')!r}")
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)  # readers never see a half-written manifest

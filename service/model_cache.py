@@ -1,0 +1,84 @@
+"""Loading the served model: the runtime's runner, with the serving decisions made first.
+
+The onnx and tensorrt backends run an export. Given only a checkpoint, the service makes one
+at start-up into its cache (`Settings.cache_dir`, MAD_CACHE_DIR), once per checkpoint
+content, and for tensorrt builds (or finds) the engines for this GPU in it. This is the one
+service module that imports export/: it writes exports; runtime/ only reads them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from model.checkpoint import MAD, checkpoint_digest
+from model.decoding import Runner
+from runtime.backends import create_runner, resolve_export_dir
+from runtime.manifest import FORMAT, MANIFEST, is_export, read_manifest
+from runtime.tensorrt_runner import cuda_device, import_tensorrt
+
+
+def load_runner(backend: str, checkpoint: str | Path | None, device: str = "cpu", *,
+                cache_dir: str | Path | None = None, **options: Any) -> tuple[MAD, Runner[Any]]:
+    """-> (model bundle, runner), as `runtime.backends.create_runner`, except that onnx and
+    tensorrt need no ready export: without export_dir, a checkpoint that is not an export is
+    exported into `cache_dir` (default: Settings().cache_dir) and that export is run.
+
+    Options: create_runner's, plus opset and simplify (of the cached export), and for
+    tensorrt profile (export.tensorrt.Profile) and rebuild (of the engines).
+    """
+    if backend not in ("onnx", "tensorrt") or checkpoint is None:
+        return create_runner(backend, checkpoint, device, **options)
+    if backend == "tensorrt":
+        import_tensorrt()  # before any export work: say what is missing first
+    export_dir = options.pop("export_dir", None)
+    opset, simplify = options.pop("opset", 17), options.pop("simplify", False)
+    if export_dir is None and not is_export(checkpoint):
+        if cache_dir is None:
+            from service.settings import Settings
+
+            cache_dir = Settings().cache_dir
+        # The cached export is the checkpoint's by construction: run it as the checkpoint.
+        checkpoint = cached_export(checkpoint, cache_dir, opset, simplify)
+    if backend == "tensorrt":
+        from export.tensorrt import build_engines
+
+        checkpoint = resolve_export_dir(checkpoint, export_dir, backend)
+        export_dir = None
+        index = cuda_device("cuda" if device == "auto" else device).index or 0
+        build_engines(checkpoint, options.pop("profile", None), index,
+                      rebuild=options.pop("rebuild", False))
+    return create_runner(backend, checkpoint, device, export_dir=export_dir, **options)
+
+
+def cached_export(checkpoint: str | Path, cache_dir: str | Path, opset: int = 17,
+                  simplify: bool = False) -> Path:
+    """`<cache_dir>/<sha256[:16]>/onnx`: exported once per checkpoint content, reused after.
+    A new export is written beside it and renamed into place, so concurrent starts never see
+    half an export (the loser of the race just drops its copy)."""
+    from export.onnx_export import export_onnx
+
+    digest = checkpoint_digest(checkpoint)
+    target = Path(cache_dir) / digest[:16] / "onnx"
+    if (target / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(target)
+        except ValueError:
+            manifest = {}
+        if (manifest.get("format") == FORMAT and manifest["checkpoint"]["sha256"] == digest
+                and manifest["opset"] == opset and manifest["simplified"] == simplify):
+            return target
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=target.parent))
+    try:
+        export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
+        staging.rename(target)
+    except OSError:
+        if not (target / MANIFEST).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
