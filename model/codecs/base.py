@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from model.config import ModelConfig
+from model.tokenizer import CaptionTokenizer
 from model.vocab import VocabLayout
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class TrainSequences:
         tokens = torch.zeros(0, length, dtype=torch.long)
         return cls(tokens, tokens.unsqueeze(1), tokens.float(), torch.zeros(0, dtype=torch.long))
 
-    def to(self, device) -> TrainSequences:
+    def to(self, device: torch.device | str) -> TrainSequences:
         return TrainSequences(
             self.inputs.to(device),
             self.targets.to(device),
@@ -128,7 +129,8 @@ class TaskCodec:
     # What `evaluator` reports; `mad tune` maximises the first.
     metrics: ClassVar[tuple[str, ...]]
 
-    def __init__(self, config: ModelConfig, vocab: VocabLayout, tokenizer=None):
+    def __init__(self, config: ModelConfig, vocab: VocabLayout,
+                 tokenizer: CaptionTokenizer | None = None):
         self.config = config
         self.vocab = vocab
         self.tokenizer = tokenizer
@@ -150,8 +152,15 @@ class TaskCodec:
         return self.metrics[0]
 
     # --- sequence format -------------------------------------------------------------------
-    prompt_len: int
-    body_len: int
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of the prompt (a subclass may set it as a class attribute)."""
+        raise NotImplementedError
+
+    @property
+    def body_len(self) -> int:
+        """Tokens of the body (a subclass may set it as a class attribute)."""
+        raise NotImplementedError
 
     @property
     def seq_len(self) -> int:
@@ -216,6 +225,20 @@ class TaskCodec:
         prompting detections, for a task prompted by detections."""
         raise NotImplementedError
 
+    def _prompt_batch_size(self, source: int | torch.Tensor) -> int:
+        """`prompts`' source, for a task with one sequence per image: the batch size."""
+        if isinstance(source, torch.Tensor):
+            raise TypeError(f"{self.name} has one sequence per image: its prompts take the "
+                            "batch size, not detection tokens")
+        return source
+
+    def _prompt_detections(self, source: int | torch.Tensor) -> torch.Tensor:
+        """`prompts`' source, for a task prompted by detections: their tokens [S, 5]."""
+        if not isinstance(source, torch.Tensor):
+            raise TypeError(f"{self.name} is prompted by detections: its prompts take their "
+                            "tokens [S, 5], not a batch size")
+        return source
+
     def applies_to(self, labels: torch.Tensor) -> torch.Tensor:
         """labels [N] of kept detections -> bool [N]: which ones prompt a sequence of this
         task (only asked of tasks prompted by detections). Default: every one."""
@@ -227,7 +250,7 @@ class TaskCodec:
         return confidence
 
     def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], **kwargs) -> list[Any]:
+               contexts: list[DecodeContext], **kwargs: Any) -> list[Any]:
         """[S, body_len, V_slice] logits -> one output per sequence. Tasks prompted by
         detections also get `boxes`: the [4] pixel box of each sequence's detection."""
         raise NotImplementedError
@@ -248,7 +271,8 @@ class TaskCodec:
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------
-    def masked_copy(self, body: torch.Tensor, ratio: float, generator: torch.Generator):
+    def masked_copy(self, body: torch.Tensor, ratio: float, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a uniform random `ratio` of each row's body tokens.
 
         body [S, L] -> (masked body [S, L], masked positions [S, L] bool). At least one token
@@ -262,7 +286,8 @@ class TaskCodec:
         return torch.where(masked, torch.full_like(body, self.vocab.mask), body), masked
 
     def fully_and_partly_masked(self, prompt: torch.Tensor, body: torch.Tensor,
-                                generator: torch.Generator):
+                                generator: torch.Generator
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
         """prompt [S, P], body [S, L] -> inputs [2S, T] and weights [2S, T] (full first)."""
         full = torch.full_like(body, self.vocab.mask)
         partial, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
@@ -275,7 +300,8 @@ class TaskCodec:
         return inputs, weights
 
     def fully_or_partly_masked(self, prompt: torch.Tensor, body: torch.Tensor,
-                               generator: torch.Generator):
+                               generator: torch.Generator
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Half the cost of fully_and_partly_masked for long bodies: each sequence is fully
         masked with probability 1/2, else partly. prompt [S, P], body [S, L] -> inputs [S, T],
         weights [S, T]."""

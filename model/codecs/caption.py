@@ -8,7 +8,7 @@ random positions, not the least confident ones. Metric: corpus BLEU-4 against ev
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,7 @@ from model.codecs.base import (
     TrainSequences,
     register_codec,
 )
+from model.tokenizer import CaptionTokenizer
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
@@ -48,25 +49,35 @@ class CaptionCodec(TaskCodec):
     def body_ranges(self) -> list[tuple[int, int]]:
         return [self.vocab_slice()] * self.body_len
 
-    def prompts(self, batch_size: int) -> torch.Tensor:
+    def prompts(self, source: int | torch.Tensor) -> torch.Tensor:
+        """source: the batch size -> [B, 6]."""
+        batch_size = self._prompt_batch_size(source)
         return torch.tensor([self.vocab.caption_prompt] * batch_size, dtype=torch.long)
 
+    @property
+    def text_tokenizer(self) -> CaptionTokenizer:
+        """The caption tokenizer (a model with the caption task is built with one)."""
+        if self.tokenizer is None:
+            raise ValueError("the caption task needs a caption tokenizer; this model has none")
+        return self.tokenizer
+
     def encode_text(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer.encode(text, self.config.caption_len)
+        ids = self.text_tokenizer.encode(text, self.config.caption_len)
         return self.vocab.text_token(torch.tensor(ids, dtype=torch.long))
 
     def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
-        refs, image_index = [], []
+        references: list[torch.Tensor] = []
+        image_index: list[int] = []
         for b, target in enumerate(targets):
             captions = list(target.get("captions") or [])
             if not captions:
                 continue
             captions = (captions * REFERENCES)[:REFERENCES]  # exactly 5 (COCO has 5 to 7)
-            refs.append(torch.stack([self.encode_text(c) for c in captions]))
+            references.append(torch.stack([self.encode_text(c) for c in captions]))
             image_index.append(b)
-        if not refs:
+        if not references:
             return TrainSequences.empty(self.seq_len)
-        refs = torch.stack(refs)  # [B', 5, L]
+        refs = torch.stack(references)  # [B', 5, L]
         n, L, P = len(refs), self.body_len, self.prompt_len
         prompt = self.prompts(n)
         # Fully masked: one sequence per image, five candidate targets.
@@ -101,11 +112,11 @@ class CaptionCodec(TaskCodec):
         body[rows, pos[has_shown]] = self.vocab.text_token(words[has_shown])
         return body
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
-               **_) -> list[str]:
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
+               contexts: list[DecodeContext], **_: Any) -> list[str]:
         """[B, L, V_text] -> one caption string per image (cut at the first end token)."""
         ids = logits.argmax(-1)  # local ids are text ids
-        return [self.tokenizer.decode(row.tolist()) for row in ids]
+        return [self.text_tokenizer.decode(row.tolist()) for row in ids]
 
     # --- response and metric ----------------------------------------------------------------
     def to_json(self, output: str, options: JsonOptions) -> str:

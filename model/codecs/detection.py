@@ -87,11 +87,13 @@ class DetectionCodec(TaskCodec):
         classes = (self.vocab.class_start, self.vocab.no_object + 1)
         return ([coords] * 4 + [classes]) * self.config.num_slots
 
-    def prompts(self, batch_size: int) -> torch.Tensor:
+    def prompts(self, source: int | torch.Tensor) -> torch.Tensor:
+        """source: the batch size -> [B, 6]."""
+        batch_size = self._prompt_batch_size(source)
         return torch.tensor([self.vocab.detection_prompt] * batch_size, dtype=torch.long)
 
     # --- training ---------------------------------------------------------------------------
-    def object_tokens(self, target: dict) -> torch.Tensor:
+    def object_tokens(self, target: dict[str, torch.Tensor]) -> torch.Tensor:
         """[N, 5] ground-truth slot tokens of one image."""
         if len(target["labels"]) == 0:
             return torch.zeros(0, TOKENS_PER_SLOT, dtype=torch.long)
@@ -123,7 +125,8 @@ class DetectionCodec(TaskCodec):
         )
 
     @torch.no_grad()
-    def assign_targets(self, log_probs: torch.Tensor, seqs: TrainSequences):
+    def assign_targets(self, log_probs: torch.Tensor, seqs: TrainSequences
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hungarian-match slots to objects, per sequence, on this layer's predictions."""
         P, slots = self.prompt_len, self.config.num_slots
         body_lp = log_probs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT, -1)
@@ -148,8 +151,8 @@ class DetectionCodec(TaskCodec):
         return self.to_local(full).clamp(min=0), weights  # weightless positions: any id
 
     # --- inference --------------------------------------------------------------------------
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
-               **_) -> list[Detections]:
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
+               contexts: list[DecodeContext], **_: Any) -> list[Detections]:
         """[B, body_len, V_slice] -> one Detections per image: every slot, sorted by score
         (`select` applies each request's threshold and maximum count)."""
         v = self.vocab

@@ -9,7 +9,7 @@ keypoint AP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,8 +53,9 @@ class KeypointCodec(TaskCodec):
         visibility = (self.vocab.visible, self.vocab.invisible + 1)
         return [coords, coords, visibility] * self.config.num_keypoints
 
-    def prompts(self, detection_tokens: torch.Tensor) -> torch.Tensor:
-        """detection_tokens [S, 5] (box + person class) -> [S, 6]."""
+    def prompts(self, source: int | torch.Tensor) -> torch.Tensor:
+        """source: detection tokens [S, 5] (box + person class) -> [S, 6]."""
+        detection_tokens = self._prompt_detections(source)
         kpt = torch.full((len(detection_tokens), 1), self.vocab.keypoint_prompt)
         return torch.cat([kpt, detection_tokens.long()], 1)
 
@@ -109,8 +110,8 @@ class KeypointCodec(TaskCodec):
         scores[:, 0::3], scores[:, 1::3] = vis_score, vis_score
         return scores
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
-               **_) -> list[torch.Tensor]:
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
+               contexts: list[DecodeContext], **_: Any) -> list[torch.Tensor]:
         """[S, K*3, V_slice] -> per sequence [K, 3] (x, y in original pixels, score)."""
         v, start = self.vocab, self.vocab_slice()[0]
         probs = logits.float().softmax(-1)

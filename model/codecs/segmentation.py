@@ -9,7 +9,7 @@ mask as COCO RLE or polygons (`mask_format`). Metric: COCO mask AP.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,9 @@ class SegmentationCodec(TaskCodec):
     def body_ranges(self) -> list[tuple[int, int]]:
         return [self.vocab_slice()] * self.body_len
 
-    def prompts(self, detection_tokens: torch.Tensor) -> torch.Tensor:
-        """detection_tokens [S, 5] (box + class) -> [S, 6]."""
+    def prompts(self, source: int | torch.Tensor) -> torch.Tensor:
+        """source: detection tokens [S, 5] (box + class) -> [S, 6]."""
+        detection_tokens = self._prompt_detections(source)
         seg = torch.full((len(detection_tokens), 1), self.vocab.segmentation_prompt)
         return torch.cat([seg, detection_tokens.long()], 1)
 
@@ -116,10 +117,14 @@ class SegmentationCodec(TaskCodec):
         targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1)
         return TrainSequences(inputs, targets_.unsqueeze(1), weights, torch.cat(image_index))
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor, contexts: list[DecodeContext],
-               boxes: list[torch.Tensor] | None = None, **_) -> list[torch.Tensor]:
+    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
+               contexts: list[DecodeContext], boxes: list[torch.Tensor] | None = None,
+               **_: Any) -> list[torch.Tensor]:
         """[S, m*m, 2] logits -> a bool [H, W] mask per sequence, pasted into its box
         (`boxes`: [4] pixel boxes of the detections that prompted each sequence)."""
+        if boxes is None:
+            raise ValueError("segmentation decodes need `boxes`, those of the detections that "
+                             "prompted its sequences")
         fg = self.mask_probabilities(logits)
         return [paste_mask(fg[s], boxes[s], ctx.image_size) for s, ctx in enumerate(contexts)]
 
@@ -129,7 +134,8 @@ class SegmentationCodec(TaskCodec):
         return logits.float().softmax(-1)[..., 0].reshape(-1, m, m)
 
     # --- response and metric ----------------------------------------------------------------
-    def to_json(self, output: torch.Tensor, options: JsonOptions) -> dict | list[list[float]]:
+    def to_json(self, output: torch.Tensor, options: JsonOptions
+                ) -> dict[str, Any] | list[list[float]]:
         """bool [H, W] -> COCO compressed RLE, or outer-boundary polygons."""
         if options.mask_format == "polygon":
             return mask_to_polygons(output)
@@ -140,6 +146,6 @@ class SegmentationCodec(TaskCodec):
 
         return CocoAP(truth, truth.instances, "segm", self.coco_masks, self.metrics)
 
-    def coco_masks(self, result: Result) -> list[dict | None]:
+    def coco_masks(self, result: Result) -> list[dict[str, Any] | None]:
         """Each detection's mask as COCO RLE (None: no mask)."""
         return [None if mask is None else encode_rle(mask) for mask in result.outputs[self.name]]
