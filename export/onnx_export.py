@@ -45,7 +45,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
         raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
     checkpoint, out = Path(checkpoint), Path(out)
     mad, meta = load_checkpoint(checkpoint, "cpu")
-    network = mad.network.eval()
+    network = mad.required_network().eval()
     out.mkdir(parents=True, exist_ok=True)
     encoder_example, decoder_example = g.example_inputs(network)
     single_example = g.example_inputs(network, batch=1)[1]
@@ -112,6 +112,8 @@ def _export(module, args, path: Path, inputs, outputs, axes, opset, exporter, si
             program = torch.onnx.export(module, args, dynamo=True, input_names=list(inputs),
                                         output_names=list(outputs), opset_version=opset,
                                         dynamic_shapes=shapes)
+            if program is None:  # only the legacy exporter returns none
+                raise RuntimeError(f"the dynamo exporter returned no program for {path.name}")
             program.save(str(path), external_data=False)
         else:
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=list(inputs),

@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +35,14 @@ class MAD:
     vocab: VocabLayout
     tokenizer: CaptionTokenizer | None
     codecs: dict[str, TaskCodec]
-    network: MADNetwork
+    network: MADNetwork | None  # None: loaded from an export, the weights live in its graphs
+
+    def required_network(self) -> MADNetwork:
+        """The network, for what runs it in this process (a checkpoint's bundle has one)."""
+        if self.network is None:
+            raise ValueError("this model bundle has no network: it was loaded from an export, "
+                             "whose weights live in the graphs; load the checkpoint instead")
+        return self.network
 
     @classmethod
     def build(cls, config: ModelConfig, tokenizer: CaptionTokenizer | None = None) -> MAD:
@@ -47,10 +55,12 @@ class MAD:
         return cls(config, vocab, tokenizer, codecs, MADNetwork(config, vocab, max_len))
 
 
-def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata) -> Path:
+def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0,
+                    **metadata: Any) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in mad.network.state_dict().items()}
+    network = mad.required_network()
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     save_file(state, directory / WEIGHTS, metadata={"format": FORMAT})
     if mad.tokenizer is not None:
         mad.tokenizer.save(directory / TOKENIZER)
@@ -68,7 +78,7 @@ def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata) 
     return directory
 
 
-def read_checkpoint_config(directory: str | Path) -> dict:
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a MAD checkpoint: {CONFIG} missing")
@@ -78,8 +88,8 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     return meta
 
 
-def write_schedules(directory: str | Path, schedules: dict[str, list[float]], **provenance
-                    ) -> None:
+def write_schedules(directory: str | Path, schedules: dict[str, list[float]],
+                    **provenance: Any) -> None:
     """Replace a checkpoint's default refinement schedules in its config.json; the weights
     are untouched. `provenance` (how they were chosen) is stored beside them."""
     directory = Path(directory)
@@ -92,7 +102,7 @@ def write_schedules(directory: str | Path, schedules: dict[str, list[float]], **
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[MAD, dict]:
+                    ) -> tuple[MAD, dict[str, Any]]:
     """Rebuild a model from a checkpoint directory -> (model in eval mode, config.json)."""
     directory = Path(directory)
     meta = read_checkpoint_config(directory)
@@ -100,8 +110,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
     config.backbone_weights = None  # the checkpoint already holds them
     tokenizer = CaptionTokenizer.load(directory / meta["tokenizer"]) if meta["tokenizer"] else None
     mad = MAD.build(config, tokenizer)
-    mad.network.load_state_dict(load_file(directory / WEIGHTS, device="cpu"))
-    mad.network.to(device).eval()
+    network = mad.required_network()
+    network.load_state_dict(load_file(directory / WEIGHTS, device="cpu"))
+    network.to(device).eval()
     return mad, meta
 
 

@@ -105,7 +105,7 @@ class CocoAP:
         self.entries: list[dict[str, Any]] = []
 
     def add(self, image_id: int, result: Result) -> None:
-        dets = result.detections
+        dets = result.required_detections()
         for j, value in enumerate(self.values(result)):
             if value is not None:
                 self.entries.append({
@@ -155,7 +155,7 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
     """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
     bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts."""
     truth = GroundTruth.load(Path(data), split, limit)
-    pipeline = Pipeline(mad, EagerRunner(mad.network, device))
+    pipeline = Pipeline(mad, EagerRunner(mad.required_network(), device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
     for start in range(0, len(truth.image_ids), batch_size):

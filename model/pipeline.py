@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
 
 import torch
 from PIL import Image
@@ -26,11 +26,10 @@ from model.codecs.caption import CaptionCodec
 from model.codecs.detection import Detections
 from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
-from model.decoding import Runner, decoder_passes, mask_schedule, masked_decode
+from model.decoding import Memory, Runner, decoder_passes, mask_schedule, masked_decode
 from model.preprocess import prepare_batch
 from model.stopwatch import Stopwatch
 
-Memory = Any  # what the runner's encode returns (model.network.ImageMemory for torch)
 Schedule = tuple[float, ...]  # mask ratios of the refinement steps
 
 
@@ -67,6 +66,14 @@ class Result:
     def detections(self) -> Detections | None:
         return self.outputs.get(DetectionCodec.name)
 
+    def required_detections(self) -> Detections:
+        """`detections`, where detection must have run: for every task it prompts, and for
+        detection metrics."""
+        detections = self.detections
+        if detections is None:
+            raise ValueError(f"this result has no detections (tasks run: {self.tasks})")
+        return detections
+
     @property
     def masks(self) -> list[torch.Tensor | None] | None:
         return self.outputs.get(SegmentationCodec.name)
@@ -80,8 +87,10 @@ class Result:
         return self.outputs.get(CaptionCodec.name)
 
 
-class Pipeline:
-    def __init__(self, mad: MAD, runner: Runner) -> None:
+class Pipeline(Generic[Memory]):
+    """Generic in what its runner's encode returns (model.network.ImageMemory for torch)."""
+
+    def __init__(self, mad: MAD, runner: Runner[Memory]) -> None:
         self.mad, self.runner = mad, runner
         self.config, self.codecs = mad.config, mad.codecs
         self.device: torch.device = getattr(runner, "device", torch.device("cpu"))
@@ -167,17 +176,18 @@ class Pipeline:
         """One sequence per kept detection the codec applies to, prompted by its tokens."""
         for result in results:
             if codec.name in result.tasks:
-                result.outputs[codec.name] = [None] * len(result.detections)
+                result.outputs[codec.name] = [None] * len(result.required_detections())
         for ratios, idx in self.groups(codec.name, requests, results):
-            owners, which = [], []  # (image, detection) of each sequence
+            owners: list[int] = []  # (image, detection) of each sequence
+            which: list[int] = []
             for i in idx:
-                applies = codec.applies_to(results[i].detections.labels)
+                applies = codec.applies_to(results[i].required_detections().labels)
                 for j in applies.nonzero().flatten().tolist():
                     owners.append(i)
                     which.append(j)
             if not owners:
                 continue
-            detections = [results[i].detections for i in owners]
+            detections = [results[i].required_detections() for i in owners]
             tokens = torch.stack([d.tokens[j] for d, j in zip(detections, which, strict=True)])
             prompts = codec.prompts(tokens)
             logits = self.decode(codec, memory, prompts, owners, ratios, results)

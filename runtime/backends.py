@@ -45,7 +45,7 @@ def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cp
         if checkpoint is None:
             raise ValueError("the torch backend needs a checkpoint")
         mad, _ = load_checkpoint(checkpoint, "cpu")
-        return mad, TorchRunner(mad.network, device, options.get("precision", "fp32"),
+        return mad, TorchRunner(mad.required_network(), device, options.get("precision", "fp32"),
                                 options.get("compile", False), options.get("cuda_graphs", False))
     if backend == "tensorrt":
         from runtime.tensorrt_runner import import_tensorrt
