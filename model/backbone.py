@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from model.config import ModelConfig
 
 RESNET_CHANNELS = {
     "resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
@@ -26,7 +29,18 @@ def load_local_weights(module: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: unexpected keys {unexpected[:5]}...")
 
 
-class ResNetBackbone(nn.Module):
+class Backbone(nn.Module):
+    """What the network needs of a backbone: NCHW features and their channels and stride."""
+
+    out_channels: int
+    stride: int
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, out_channels, H/stride, W/stride]"""
+        raise NotImplementedError
+
+
+class ResNetBackbone(Backbone):
     """A torchvision ResNet cut after `last_stage` (3 -> stride 16, 4 -> stride 32)."""
 
     def __init__(self, name: str, last_stage: int, frozen_bn: bool, weights: str | None):
@@ -45,14 +59,14 @@ class ResNetBackbone(nn.Module):
         return self.body(images)
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(Backbone):
     """A timm model's last feature map (Swin, ViT, ...), as NCHW."""
 
     def __init__(self, name: str, image_size: tuple[int, int], weights: str | None):
         super().__init__()
         import timm
 
-        kwargs = {"img_size": image_size}
+        kwargs: dict[str, Any] = {"img_size": image_size}
         if name.startswith("vit"):
             kwargs["dynamic_img_size"] = True
         elif name.startswith("swin"):
@@ -61,8 +75,10 @@ class TimmBackbone(nn.Module):
                                      out_indices=(-1,), **kwargs)
         if weights:
             load_local_weights(self.net, weights)
-        self.out_channels = self.net.feature_info.channels()[-1]
-        self.stride = self.net.feature_info.reduction()[-1]
+        info = self.net.feature_info
+        assert isinstance(info, timm.models.FeatureInfo)  # features_only=True has one
+        self.out_channels = info.channels()[-1]
+        self.stride = info.reduction()[-1]
         fmt = getattr(self.net, "output_fmt", "NCHW")
         self.channels_last = str(getattr(fmt, "name", fmt)) == "NHWC"
 
@@ -71,9 +87,9 @@ class TimmBackbone(nn.Module):
         return features.permute(0, 3, 1, 2) if self.channels_last else features
 
 
-def build_backbone(config) -> nn.Module:
+def build_backbone(config: ModelConfig) -> Backbone:
     if config.backbone.startswith("timm:"):
-        return TimmBackbone(config.backbone[5:], tuple(config.image_size), config.backbone_weights)
+        return TimmBackbone(config.backbone[5:], config.image_size, config.backbone_weights)
     if config.backbone not in RESNET_CHANNELS:
         raise ValueError(f"unknown backbone {config.backbone!r}")
     return ResNetBackbone(config.backbone, config.backbone_last_stage, config.frozen_batchnorm,

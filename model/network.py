@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,9 @@ def coordinate_code(num_tokens: int, dim: int) -> torch.Tensor:
 
 
 class MADNetwork(nn.Module):
+    pixel_mean: torch.Tensor  # buffers: [1, 3, 1, 1] ImageNet normalisation
+    pixel_std: torch.Tensor
+
     def __init__(self, config: ModelConfig, vocab: VocabLayout, max_seq_len: int):
         super().__init__()
         d = config.d_model
@@ -114,7 +118,8 @@ class MADNetwork(nn.Module):
         attend = (~pad_mask).flatten(1)[:, None, None, :]  # [B, 1, 1, N]
         for layer in self.encoder:
             memory = layer(memory, pos, attend)
-        return ImageMemory([layer.image_kv(memory, pos) for layer in self.decoder], attend)
+        layers = cast(list[DecoderLayer], list(self.decoder))  # nn.ModuleList is not generic
+        return ImageMemory([layer.image_kv(memory, pos) for layer in layers], attend)
 
     def forward(self, images: torch.Tensor, pad_mask: torch.Tensor,
                 sequences: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]
