@@ -90,8 +90,9 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        self.image_size = tuple(self.image_size)
-        self.skeleton = [tuple(pair) for pair in self.skeleton]
+        height, width = self.image_size  # a list, when read from JSON
+        self.image_size = (height, width)
+        self.skeleton = [(a, b) for a, b in self.skeleton]
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
 

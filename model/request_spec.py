@@ -63,7 +63,9 @@ def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]
     """["2"] -> every task 2; ["2,caption:3"] -> every task 2 but caption 3; none -> {}
     (each task keeps its checkpoint schedule)."""
     allowed = ", ".join(model_tasks)
-    every, steps, given = None, {}, {}
+    every: int | None = None
+    steps: dict[str, int] = {}
+    given: dict[str | None, str] = {}  # the part that gave each task's K (None: every task)
     for part in items(values, "refine_steps", "K or task:K separated by commas"):
         task, sep, count = part.rpartition(":")
         task, count = task.strip().lower(), count.strip()

@@ -8,6 +8,8 @@ batches.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,22 @@ from torch.utils.data import Dataset, Sampler
 
 from model.preprocess import letterbox
 
+# One training sample: uint8 image [3, h, w] and its target (tensors, captions, ids).
+Target = dict[str, Any]
+Sample = tuple[torch.Tensor, Target]
+Batch = tuple[torch.Tensor, torch.Tensor, list[Target]]
 
-def to_canvas(image: torch.Tensor, target: dict, canvas: tuple[int, int]):
+
+class Samples(Protocol):
+    """A data set of samples with a length (CocoMultiTaskDataset)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
+
+
+def to_canvas(image: torch.Tensor, target: Target, canvas: tuple[int, int]
+              ) -> tuple[torch.Tensor, torch.Tensor, Target]:
     """One (uint8 image [3, h, w], pixel target) -> (canvas image, pad mask, normalised
     target: boxes [N, 4] and keypoints [N, K, 3] in [0, 1] of the canvas, masks [N, H, W])."""
     pixels, pad, scale = letterbox(image, canvas)
@@ -45,32 +61,33 @@ def to_canvas(image: torch.Tensor, target: dict, canvas: tuple[int, int]):
 
 class CanvasCollate:
     def __init__(self, canvas: tuple[int, int]):
-        self.canvas = tuple(canvas)
+        height, width = canvas
+        self.canvas = (height, width)
 
-    def __call__(self, batch):
+    def __call__(self, batch: list[Sample]) -> Batch:
         """[(image, target)] -> (images [B, 3, H, W], pad masks [B, H, W], list of targets)"""
         items = [to_canvas(image, target, self.canvas) for image, target in batch]
         images, pads, targets = zip(*items, strict=True)
         return torch.stack(images), torch.stack(pads), list(targets)
 
 
-class SeededDataset(Dataset):
+class SeededDataset(Dataset[Sample]):
     """Wraps a dataset so item (index, seed) is augmented with its own seeded randomness."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Samples):
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
         index, seed = key
         torch.manual_seed(seed)
         random.seed(seed)
         return self.dataset[index]
 
 
-class StepBatchSampler(Sampler):
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields the batches of steps start_step.. as lists of (index, seed).
 
     Global sample g of rank r at step s is g = (s * world + r) * batch + j; its image is the
@@ -90,7 +107,7 @@ class StepBatchSampler(Sampler):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
         self.rank, self.world = rank, world
-        self._epoch, self._perm = -1, None
+        self._epoch, self._perm = -1, torch.zeros(0, dtype=torch.long)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -107,7 +124,7 @@ class StepBatchSampler(Sampler):
             )
         return out
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
         while self.total_steps is None or step < self.total_steps:
             yield self.batch(step)

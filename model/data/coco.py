@@ -47,9 +47,10 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.include_crowd = include_crowd
         ann_dir = self.root / "annotations"
-        self.coco = _load_coco(ann_dir / f"instances_{split}.json")
-        if self.coco is None:
+        coco = _load_coco(ann_dir / f"instances_{split}.json")
+        if coco is None:
             raise FileNotFoundError(ann_dir / f"instances_{split}.json")
+        self.coco: COCO = coco
         self.coco_kps = _load_coco(ann_dir / f"person_keypoints_{split}.json")
         # Captions via plain json: pycocotools' index chokes on caption files that list
         # categories, and all we need is image_id -> texts.

@@ -13,6 +13,7 @@ import math
 import zlib
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -53,7 +54,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, s
 
     kind = str(rng.choice(["plain", "gradient", "noisy"]))
     if kind == "plain":
-        img = np.broadcast_to(pale(), (h, w, 3)).astype(np.float32)
+        img: np.ndarray = np.broadcast_to(pale(), (h, w, 3)).astype(np.float32)
     elif kind == "gradient":
         a, b = pale(), pale()
         angle = rng.uniform(0, 2 * math.pi)
@@ -67,7 +68,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, s
         base = pale()
         grid = rng.normal(0, 12, size=(6, 6, 3)).astype(np.float32)
         coarse = Image.fromarray(np.clip(grid + 128, 0, 255).astype(np.uint8))
-        blot = np.asarray(coarse.resize((w, h), Image.BILINEAR), np.float32) - 128
+        blot = np.asarray(coarse.resize((w, h), Image.Resampling.BILINEAR), np.float32) - 128
         img = base[None, None] + blot + rng.normal(0, 2.5, size=(h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8), kind
 
@@ -196,12 +197,20 @@ def render_synthetic_image(rng: np.random.Generator) -> tuple[np.ndarray, list[d
             return img, objects, make_captions(rng, objects, w, h, bg_kind)
 
 
+class _Drawn(NamedTuple):
+    """An object drawn into the image (joints [17, 2] only for persons)."""
+
+    category: str
+    colour: str
+    joints: np.ndarray | None
+
+
 def _render_objects(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], str]:
     w, h = (int(v) for v in rng.integers(192, 385, size=2))
     img, bg_kind = _background(rng, w, h)
     img = img.copy()
     owner = np.full((h, w), -1, dtype=np.int16)  # index of the object drawn last per pixel
-    drawn = []
+    drawn: list[_Drawn] = []
     max_size = 0.5 * min(w, h)
     for i in range(int(rng.integers(1, 9))):
         category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
@@ -212,7 +221,7 @@ def _render_objects(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], s
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)  # centre in image; may stick out
         canvas = Image.new("L", (w, h), 0)
         d = ImageDraw.Draw(canvas)
-        joints = None
+        joints: np.ndarray | None = None
         if category == "person":
             size = min(size * 1.6, 0.8 * h)  # persons are tall and thin
             joints = person_joints(rng, cx, cy - size / 2, size)
@@ -224,7 +233,7 @@ def _render_objects(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], s
         if joints is not None and size >= 60:
             _draw_eyes(img, joints, colour)
         owner[full] = i
-        drawn.append({"category": category, "colour": colour, "joints": joints})
+        drawn.append(_Drawn(category, colour, joints))
 
     objects = []
     for i, obj in enumerate(drawn):
@@ -235,10 +244,10 @@ def _render_objects(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], s
         ys, xs = np.nonzero(visible)
         x0, y0 = int(xs.min()), int(ys.min())
         bbox = [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
-        out = {"category": obj["category"], "colour": obj["colour"], "mask": visible}
+        out = {"category": obj.category, "colour": obj.colour, "mask": visible}
         out |= {"bbox": bbox, "area": area}
-        if obj["joints"] is not None:
-            out["keypoints"] = _keypoint_visibility(obj["joints"], owner, i)
+        if obj.joints is not None:
+            out["keypoints"] = _keypoint_visibility(obj.joints, owner, i)
         objects.append(out)
     return img, objects, bg_kind
 
@@ -318,7 +327,7 @@ def write_split(out_dir: Path, split: str, count: int, seed: int, workers: int =
     for ann_id, ann in enumerate(instances, start=1):
         ann["id"] = ann_id
     persons = [ann for ann in instances if "keypoints" in ann]
-    captions = []
+    captions: list[dict[str, Any]] = []
     for res in results:
         for text in res["captions"]:
             captions.append(

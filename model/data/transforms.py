@@ -9,6 +9,8 @@ Randomness uses torch's RNG so DataLoader workers get distinct, seedable streams
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
@@ -44,11 +46,15 @@ def _swap_sides(caption: str) -> str:
     return re.sub(r"\b(left|right)\b", lambda m: "right" if m[1] == "left" else "left", caption)
 
 
+Target = dict[str, Any]  # boxes, labels, masks, keypoints (tv_tensors), captions, ids
+Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
+
+
 class Compose:
-    def __init__(self, transforms: list) -> None:
+    def __init__(self, transforms: Sequence[Transform]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, image, target):
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         for t in self.transforms:
             image, target = t(image, target)
         return image, target
@@ -64,7 +70,8 @@ class RandomHorizontalFlip:
     """
 
     def __init__(
-        self, p: float = 0.5, flip_pairs: list[tuple[int, int]] = (), swap_captions: bool = True
+        self, p: float = 0.5, flip_pairs: Sequence[tuple[int, int]] = (),
+        swap_captions: bool = True
     ) -> None:
         self.p = p
         self.flip_pairs = list(flip_pairs)
@@ -193,7 +200,8 @@ def crop(image, target: dict, top: int, left: int, height: int, width: int):
     return image, _select(target, keep)
 
 
-def build_transforms(train: bool, max_size: int, flip_pairs: list[tuple[int, int]] = ()):
+def build_transforms(train: bool, max_size: int, flip_pairs: Sequence[tuple[int, int]] = ()
+                     ) -> Compose:
     """Train: flip, crop (p=0.5), multi-scale resize to [0.6, 1.0] * max_size longest side.
     Eval: resize the longest side to exactly max_size. Images stay uint8."""
     if not train:
