@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from model.codecs import TaskCodec, TrainSequences
 from model.network import MADNetwork
@@ -21,13 +25,14 @@ def sequence_loss(layer_logits: torch.Tensor, seqs: TrainSequences, codec: TaskC
     return total
 
 
-def masked_training_losses(network: MADNetwork, images: torch.Tensor, pad_mask: torch.Tensor,
-                           sequences: dict[str, TrainSequences], codecs: dict[str, TaskCodec]
+def masked_training_losses(network: MADNetwork | DistributedDataParallel, images: torch.Tensor,
+                           pad_mask: torch.Tensor, sequences: dict[str, TrainSequences],
+                           codecs: dict[str, TaskCodec]
                            ) -> dict[str, torch.Tensor]:
     """Encode the images once, decode every task's sequences -> unweighted loss per task
     (tasks with no sequences in this batch are left out). `network` may be DDP-wrapped."""
     present = {name: seqs for name, seqs in sequences.items() if len(seqs)}
-    logits = network(images, pad_mask, {
+    logits: dict[str, torch.Tensor] = network(images, pad_mask, {
         name: (seqs.inputs, seqs.image_index, codecs[name].vocab_slice())
         for name, seqs in present.items()
     })  # fmt: skip
@@ -36,4 +41,8 @@ def masked_training_losses(network: MADNetwork, images: torch.Tensor, pad_mask: 
 
 def weighted_total(losses: dict[str, torch.Tensor], task_weights: dict[str, float]
                    ) -> torch.Tensor:
-    return sum(task_weights.get(name, 1.0) * loss for name, loss in losses.items())
+    """Sum of the task losses, each times its weight (1 unless given)."""
+    weighted = [task_weights.get(name, 1.0) * loss for name, loss in losses.items()]
+    if not weighted:
+        raise ValueError("no task has training sequences in this batch")
+    return functools.reduce(operator.add, weighted)

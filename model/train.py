@@ -13,12 +13,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
 from model.checkpoint import MAD, load_checkpoint, save_checkpoint
 from model.config import ModelConfig, get_preset
@@ -88,7 +89,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(network: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; the backbone learns at lr * backbone_lr_scale; no decay on norms and biases."""
-    groups = {(b, d): [] for b in (True, False) for d in (True, False)}
+    # (backbone, decayed) -> parameters
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
+        (b, d): [] for b in (True, False) for d in (True, False)}
     for name, param in network.named_parameters():
         if param.requires_grad:
             groups[(name.startswith("backbone."), param.ndim > 1)].append(param)
@@ -150,7 +153,7 @@ def train(cfg: TrainConfig) -> Path:
     loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.workers,
                         collate_fn=CanvasCollate(config.image_size),
                         persistent_workers=cfg.workers > 0)
-    network = mad.network.to(device).train()
+    network = mad.required_network().to(device).train()
     model = DistributedDataParallel(network) if world > 1 else network
     optimizer = build_optimizer(network, cfg)
     if cfg.resume and has_train_state(cfg.resume):
@@ -183,7 +186,7 @@ def train(cfg: TrainConfig) -> Path:
             shown = {k[:3]: f"{v.item():.3f}" for k, v in losses.items()}
             bar.set_postfix(loss=f"{loss.item():.3f}", **shown, img_s=f"{rate:.1f}")
             bar.update(1)
-            if step % cfg.log_every == 0 or step == last_step:
+            if log is not None and (step % cfg.log_every == 0 or step == last_step):
                 log.write({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                            "grad_norm": grad_norm.item(), "images_per_s": rate,
                            **{k: v.item() for k, v in losses.items()}})
@@ -201,33 +204,35 @@ def train(cfg: TrainConfig) -> Path:
     return cfg.out
 
 
-def _resumed_scheduler(optimizer, cfg, start_step):
+def _resumed_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int
+                       ) -> torch.optim.lr_scheduler.LambdaLR:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"] / max(lr_factor(start_step - 1, cfg), 1e-12))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg),
                                              last_epoch=start_step - 1)
 
 
-def _autocast(device: torch.device, amp: str):
+def _autocast(device: torch.device, amp: str) -> torch.autocast:
     if device.type != "cuda" or amp == "none":
         return torch.autocast("cpu", enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _save(mad, optimizer, cfg, step):
+def _save(mad: MAD, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
     save_checkpoint(mad, cfg.out, step=step, training={
         k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()})
     save_train_state(cfg.out, optimizer, step)
 
 
-def _evaluate(mad, cfg, device, log, step):
+def _evaluate(mad: MAD, cfg: TrainConfig, device: torch.device, log: CsvLog | None, step: int
+              ) -> None:
     if not (cfg.data / "annotations" / f"instances_{cfg.val_split}.json").is_file():
         return
     from model.evaluate import evaluate  # evaluation pulls in COCOeval only when needed
 
     metrics = evaluate(mad, cfg.data, cfg.val_split, device=str(device), limit=cfg.eval_images)
     tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    if log:
+    if log is not None:
         log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
 
 
@@ -235,12 +240,13 @@ class CsvLog:
     """Append rows to a CSV file; new keys extend the header (the file is rewritten)."""
 
     def __init__(self, path: Path):
-        self.path, self.rows = path, []
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
         if path.exists():
             with open(path) as f:
                 self.rows = list(csv.DictReader(f))
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict[str, Any]) -> None:
         self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(self.path, "w", newline="") as f:
