@@ -66,7 +66,8 @@ class DecoderGraph(nn.Module):
     def __init__(self, network: MADNetwork, vocab_slice: tuple[int, int],
                  single_image: bool = False):
         super().__init__()
-        self.network, self.vocab_slice = network, tuple(vocab_slice)
+        start, stop = vocab_slice  # a list, when read from a manifest
+        self.network, self.vocab_slice = network, (start, stop)
         self.single_image = single_image
         self.eval()
 

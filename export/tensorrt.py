@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from runtime.manifest import read_manifest, write_manifest
 from runtime.tensorrt_runner import cache_key, import_tensorrt
 
 ENGINE_DIR = "tensorrt"
+Shape = tuple[int, ...]  # one input's dimensions
 
 
 @dataclass
@@ -32,17 +34,18 @@ class Profile:
     opt_sequences: int = 0  # 0: num_slots (one image's detections)
     min_image: tuple[int, int] = (0, 0)  # 0: half the canvas
 
-    def resolved(self, model: dict) -> Profile:
+    def resolved(self, model: dict[str, Any]) -> Profile:
+        """Zeros replaced by their defaults for this model (the manifest's "model" entry)."""
         canvas, slots = model["image_size"], model["num_slots"]
         max_sequences = self.max_sequences or self.max_batch * slots
+        min_h, min_w = self.min_image
         return Profile(self.max_batch, min(self.opt_batch, self.max_batch), max_sequences,
                        min(self.opt_sequences or slots, max_sequences),
-                       tuple(self.min_image) if all(self.min_image)
-                       else (canvas[0] // 2, canvas[1] // 2))
+                       (min_h, min_w) if min_h and min_w else (canvas[0] // 2, canvas[1] // 2))
 
 
 def build_engines(export_dir: str | Path, profile: Profile | None = None, device_index: int = 0,
-                  workspace_gib: float = 4.0, rebuild: bool = False) -> dict:
+                  workspace_gib: float = 4.0, rebuild: bool = False) -> dict[str, Any]:
     """Build (or find cached) FP16 engines for this GPU -> the manifest's tensorrt entry."""
     trt = import_tensorrt()
     export_dir = Path(export_dir)
@@ -60,8 +63,8 @@ def build_engines(export_dir: str | Path, profile: Profile | None = None, device
     graphs, model = manifest["graphs"], manifest["model"]
     height, width = model["image_size"]
     (min_h, min_w), b = profile.min_image, profile
-    shapes = {"images": [(1, 3, min_h, min_w), (b.opt_batch, 3, height, width),
-                         (b.max_batch, 3, height, width)]}
+    shapes: dict[str, list[Shape]] = {"images": [
+        (1, 3, min_h, min_w), (b.opt_batch, 3, height, width), (b.max_batch, 3, height, width)]}
     shapes["pad_mask"] = [(s[0], *s[2:]) for s in shapes["images"]]
     engines = {"encoder": _build(trt, logger, export_dir / graphs["encoder"]["file"],
                                  out / "encoder.engine", shapes, workspace_gib)}
@@ -70,8 +73,8 @@ def build_engines(export_dir: str | Path, profile: Profile | None = None, device
     for task, graph in graphs["decoders"].items():
         batches = (1, b.opt_batch, b.max_batch)
         seqs, length = (1, b.opt_sequences, b.max_sequences), graph["seq_len"]
-        kv = [(memory["layers"], n, memory["heads"], f, memory["head_dim"])
-              for n, f in zip(batches, features, strict=True)]
+        kv: list[Shape] = [(memory["layers"], n, memory["heads"], f, memory["head_dim"])
+                           for n, f in zip(batches, features, strict=True)]
         shapes = {"keys": kv, "values": kv,
                   "mask": [(n, 1, 1, f) for n, f in zip(batches, features, strict=True)],
                   "tokens": [(1, 1), (seqs[1], length), (seqs[2], length)],
@@ -90,12 +93,12 @@ def build_engines(export_dir: str | Path, profile: Profile | None = None, device
     return entry
 
 
-def _jsonable(profile: Profile) -> dict:
+def _jsonable(profile: Profile) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(profile).items()}
 
 
-def _build(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, workspace_gib: float
-           ) -> Path:
+def _build(trt: Any, logger: Any, onnx_path: Path, engine_path: Path,
+           shapes: dict[str, list[Shape]], workspace_gib: float) -> Path:
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
@@ -116,7 +119,8 @@ def _build(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, worksp
     return engine_path
 
 
-def _feature_counts(trt, logger, engine_path: Path, shapes: dict) -> list[int]:
+def _feature_counts(trt: Any, logger: Any, engine_path: Path, shapes: dict[str, list[Shape]]
+                    ) -> list[int]:
     """Image features N at the min/opt/max image sizes, as the built encoder computes them
     (no stride arithmetic to get wrong for a new backbone)."""
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())

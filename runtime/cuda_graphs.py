@@ -94,7 +94,8 @@ class GraphedDecoder:
         self.buckets, self.max_graphs = buckets, max_graphs
         self.passes: dict[tuple, CapturedPass] = {}
         self.static: dict[tuple, tuple[ImageMemory, ImageMemory]] = {}  # sig -> (source, copy)
-        self.pool: tuple[int, int] | None = None
+        # graph_pool_handle()'s type, which torch names only privately.
+        self.pool: torch.cuda._POOL_HANDLE | None = None
         self.layout_of: tuple[torch.Tensor, PaddedLayout | None, torch.Tensor | None] | None = None
         self.replays = self.fallbacks = 0
 

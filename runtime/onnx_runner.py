@@ -50,7 +50,9 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
 def default_threads() -> int:
     """All cores this process may use: one request at a time owns the machine's ALUs; the
     service scales out with processes, not with concurrent sessions in one process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # None: the count is unknown
 
 
 class OnnxRunner:
