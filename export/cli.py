@@ -19,7 +19,7 @@ def export(
     max_sequences: int = typer.Option(0, min=0,
                                       help="TensorRT: most sequences per call (0: auto)."),
     device: int = typer.Option(0, min=0, help="TensorRT: CUDA device to build for."),
-):
+) -> None:
     """Export the image encoder and the per-task decoders as ONNX graphs (dynamic batch,
     sequences, length, image size), checked and verified against PyTorch; optionally build
     FP16 TensorRT engines from them."""

@@ -47,7 +47,8 @@ class EncoderGraph(nn.Module):
         self.network = network
         self.eval()  # a new Module trains by default, and the exporter restores that mode
 
-    def forward(self, images: torch.Tensor, pad_mask: torch.Tensor):
+    def forward(self, images: torch.Tensor, pad_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         memory = self.network.encode(images, pad_mask)
         keys = torch.stack([k for k, _ in memory.kv])
         values = torch.stack([v for _, v in memory.kv])
@@ -71,13 +72,15 @@ class DecoderGraph(nn.Module):
         self.single_image = single_image
         self.eval()
 
-    def forward(self, keys, values, mask, tokens, image_index):
+    def forward(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                tokens: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         memory = ImageMemory(list(zip(keys.unbind(0), values.unbind(0), strict=True)), mask)
         return self.network.decode(memory, tokens, image_index, self.vocab_slice,
                                    fold=self.single_image)
 
 
-def example_inputs(network: MADNetwork, batch: int = 2, sequences: int = 3, length: int = 7):
+def example_inputs(network: MADNetwork, batch: int = 2, sequences: int = 3, length: int = 7
+                   ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """Tracing inputs. For the general graphs batch and sequence count must be >= 2:
     `ImageMemory.select` branches on size 1 in Python, and the traced branch (gather the
     memory of each sequence) is the general one, exact for every size. The single-image

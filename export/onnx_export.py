@@ -13,16 +13,22 @@ import platform
 import shutil
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from export import graphs as g
 from model.checkpoint import CONFIG, checkpoint_digest, load_checkpoint
-from model.network import ImageMemory
+from model.codecs import TaskCodec
+from model.network import ImageMemory, MADNetwork
 from runtime.manifest import FORMAT, write_manifest
+
+if TYPE_CHECKING:
+    import onnx
 
 MIN_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
@@ -31,7 +37,7 @@ VERIFY_TOLERANCE = 1e-3  # fp32 ONNX Runtime vs eager PyTorch, max abs logit dif
 
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
                 simplify: bool = False, exporter: str = "torchscript", verify: bool = True
-                ) -> dict:
+                ) -> dict[str, Any]:
     """Export `checkpoint` into `out` and return the manifest written there.
 
     exporter "torchscript" (the default) is the legacy tracer; "dynamo" is torch.export and
@@ -94,7 +100,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
     return manifest
 
 
-def _export(module, args, path: Path, inputs, outputs, axes, opset, exporter, simplify) -> dict:
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor | None, ...], path: Path,
+            inputs: Sequence[str], outputs: Sequence[str], axes: dict[str, dict[int, str]],
+            opset: int, exporter: str, simplify: bool) -> dict[str, Any]:
     import onnx
 
     with warnings.catch_warnings():
@@ -132,11 +140,11 @@ def _export(module, args, path: Path, inputs, outputs, axes, opset, exporter, si
     return {"file": path.name, **graph_io(model)}
 
 
-def graph_io(model) -> dict:
+def graph_io(model: onnx.ModelProto) -> dict[str, Any]:
     """Names, dtypes and shapes (ints, or the names of dynamic axes) of a graph's IO."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    def describe(values):
+    def describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
         return [{"name": v.name,
                  "dtype": str(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
                  "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
@@ -146,7 +154,8 @@ def graph_io(model) -> dict:
 
 
 @torch.no_grad()
-def verify_export(out: Path, manifest: dict, network, codecs) -> dict:
+def verify_export(out: Path, manifest: dict[str, Any], network: MADNetwork,
+                  codecs: dict[str, TaskCodec]) -> dict[str, Any]:
     """ONNX Runtime (CPU, fp32) vs eager at batch 3, 5 sequences and an image size other than
     the tracing example's, so the dynamic axes are exercised, not just declared."""
     import onnxruntime as ort
@@ -173,7 +182,8 @@ def verify_export(out: Path, manifest: dict, network, codecs) -> dict:
                                        "tokens": tokens.numpy(), "image_index": index.numpy()})
         worst = max(worst, float(np.abs(logits - expected).max()))
         if "single_image" in graph:  # image 1 alone (the letterboxed one), 5 sequences
-            alone = ImageMemory([(k[1:2], v[1:2]) for k, v in memory.kv], memory.mask[1:2])
+            alone = ImageMemory([(k[1:2], v[1:2]) for k, v in memory.kv],
+                                None if memory.mask is None else memory.mask[1:2])
             zero = torch.zeros(5, dtype=torch.long)
             expected = network.decode(alone, tokens, zero, tuple(graph["vocab_slice"])).numpy()
             session = ort.InferenceSession(str(out / graph["single_image"]["file"]), options,
@@ -190,7 +200,7 @@ def verify_export(out: Path, manifest: dict, network, codecs) -> dict:
             "sequences": 5, "image_size": [height - 16, width + 16], "provider": "CPU"}
 
 
-def versions() -> dict:
+def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("mad-serve", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim",
                     "onnxscript", "tensorrt"):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # The presets' tasks (the built-in codecs); a config may name any registered codec.
 TASKS = ("detection", "segmentation", "keypoints", "caption")
@@ -173,7 +174,7 @@ def _tiny() -> ModelConfig:
 PRESETS = {"r50": _r50, "swin-b": _swin_b, "vit-b": _vit_b, "tiny": _tiny}
 
 
-def get_preset(name: str, **overrides) -> ModelConfig:
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """A fresh config for a named preset, with field overrides applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -40,7 +40,8 @@ class ImageGroups:
         return cls(image_index, rank, batch, int(counts.max()) if len(image_index) else 0)
 
     @classmethod
-    def one_image(cls, sequences: int, device=None) -> ImageGroups:
+    def one_image(cls, sequences: int, device: torch.device | str | None = None
+                  ) -> ImageGroups:
         index = torch.zeros(sequences, dtype=torch.long, device=device)
         return cls(index, torch.arange(sequences, device=device), 1, sequences)
 

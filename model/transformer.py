@@ -57,7 +57,8 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None
+                ) -> torch.Tensor:
         """x, pos [B, N, D]; mask [B, 1, 1, N] (True = real pixel) -> [B, N, D]"""
         qk = x + pos
         x = self.norm1(x + self.drop(self.attn(qk, self.attn.project_kv(qk, x), mask)))

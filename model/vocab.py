@@ -23,8 +23,12 @@ slice. Nothing else in the project hard-codes an id.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, overload
 
 import torch
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 NUM_SPECIALS = 20
 
@@ -45,7 +49,7 @@ class VocabLayout:
     task_tokens: tuple[tuple[str, int], ...] = ()
 
     @classmethod
-    def from_config(cls, config) -> VocabLayout:
+    def from_config(cls, config: ModelConfig) -> VocabLayout:
         # Read here, not at import: the codecs import this module.
         from model.codecs import CODECS
 
@@ -109,7 +113,11 @@ class VocabLayout:
         raise KeyError(f"task {task!r} reserved no vocabulary ids")
 
     # Conversions between values and ids.
-    def class_token(self, label: torch.Tensor | int):
+    @overload
+    def class_token(self, label: int) -> int: ...
+    @overload
+    def class_token(self, label: torch.Tensor) -> torch.Tensor: ...
+    def class_token(self, label: torch.Tensor | int) -> torch.Tensor | int:
         return label + self.class_start
 
     def quantize(self, coord: torch.Tensor) -> torch.Tensor:
@@ -122,5 +130,9 @@ class VocabLayout:
         bins = (token - self.coord_start).float()
         return ((bins + 0.5) / self.num_bins).clamp(0.0, 1.0)
 
-    def text_token(self, text_id: torch.Tensor | int):
+    @overload
+    def text_token(self, text_id: int) -> int: ...
+    @overload
+    def text_token(self, text_id: torch.Tensor) -> torch.Tensor: ...
+    def text_token(self, text_id: torch.Tensor | int) -> torch.Tensor | int:
         return text_id + self.text_start

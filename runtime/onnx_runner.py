@@ -18,7 +18,8 @@ import torch
 from runtime.manifest import read_manifest
 
 if TYPE_CHECKING:
-    from onnxruntime import OrtValue
+    import numpy as np
+    from onnxruntime import InferenceSession, IOBinding, OrtValue
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PROVIDER_ORDER[:2]
@@ -87,7 +88,7 @@ class OnnxRunner:
         self.threads = options.intra_op_num_threads
         provider_options = [self.provider_options(p) for p in providers]
 
-        def session(file: str):
+        def session(file: str) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.export_dir / file), options,
                                         providers=providers, provider_options=provider_options)
 
@@ -119,7 +120,7 @@ class OnnxRunner:
             return {"device_id": self.device_id}
         return {}
 
-    def _bind_outputs(self, binding, session) -> None:
+    def _bind_outputs(self, binding: IOBinding, session: InferenceSession) -> None:
         for output in session.get_outputs():
             binding.bind_output(output.name, self.io_device, self.device_id)
 
@@ -160,7 +161,7 @@ class OnnxRunner:
                 "checkpoint_sha256": self.manifest["checkpoint"]["sha256"]}
 
 
-def _numpy(tensor: torch.Tensor, dtype: torch.dtype):
+def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return tensor.detach().to("cpu", dtype).contiguous().numpy()
 
 

@@ -18,6 +18,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+from model.data.transforms import Transform
+
 
 def _load_coco(path: Path) -> COCO | None:
     if not path.is_file():
@@ -38,7 +40,7 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         self,
         root: Path,
         split: str = "train2017",
-        transforms=None,
+        transforms: Transform | None = None,
         include_crowd: bool = False,
     ) -> None:
         self.root = Path(root)

@@ -84,30 +84,35 @@ def _regular_polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list
     ]
 
 
-def draw_circle(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+def draw_circle(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
+                size: float) -> None:
     r = size / 2
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
 
 
-def draw_square(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+def draw_square(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
+                size: float) -> None:
     # Mild rotation only: at 45 degrees a square reads as a diamond.
     rot = math.pi / 4 + rng.uniform(-0.35, 0.35)
     d.polygon(_regular_polygon(cx, cy, size / math.sqrt(2), 4, rot), fill=1)
 
 
-def draw_triangle(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+def draw_triangle(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
+                  size: float) -> None:
     rot = -math.pi / 2 + rng.uniform(-0.5, 0.5)
     d.polygon(_regular_polygon(cx, cy, size / 2, 3, rot), fill=1)
 
 
-def draw_star(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+def draw_star(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
+              size: float) -> None:
     rot = -math.pi / 2 + rng.uniform(-0.6, 0.6)
     outer = _regular_polygon(cx, cy, size / 2, 5, rot)
     inner = _regular_polygon(cx, cy, size / 2 * 0.45, 5, rot + math.pi / 5)
     d.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=1)
 
 
-def draw_hexagon(d: ImageDraw.ImageDraw, rng, cx: float, cy: float, size: float) -> None:
+def draw_hexagon(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
+                 size: float) -> None:
     d.polygon(_regular_polygon(cx, cy, size / 2, 6, rng.uniform(0, math.pi / 3)), fill=1)
 
 

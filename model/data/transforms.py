@@ -77,7 +77,7 @@ class RandomHorizontalFlip:
         self.flip_pairs = list(flip_pairs)
         self.swap_captions = swap_captions
 
-    def __call__(self, image, target):
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         if torch.rand(()) >= self.p:
             return image, target
         _, w = _image_size(image)
@@ -99,7 +99,8 @@ class RandomHorizontalFlip:
         return image, target
 
 
-def _resize(image, target: dict, new_h: int, new_w: int):
+def _resize(image: torch.Tensor, target: Target, new_h: int, new_w: int
+            ) -> tuple[torch.Tensor, Target]:
     h, w = _image_size(image)
     if (new_h, new_w) == (h, w):
         return image, target
@@ -129,7 +130,7 @@ class RandomResize:
         self.lo = min_side_fraction * max_size
         self.hi = max_side_fraction * max_size
 
-    def __call__(self, image, target):
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         longest = self.lo + float(torch.rand(())) * (self.hi - self.lo)
         return _resize(image, target, *_scaled_size(*_image_size(image), longest))
 
@@ -140,7 +141,7 @@ class ResizeLongest:
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
 
-    def __call__(self, image, target):
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         return _resize(image, target, *_scaled_size(*_image_size(image), self.max_size))
 
 
@@ -156,7 +157,7 @@ class RandomCrop:
         self.p = p
         self.min_scale = min_scale
 
-    def __call__(self, image, target):
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         if torch.rand(()) >= self.p:
             return image, target
         h, w = _image_size(image)
@@ -167,7 +168,8 @@ class RandomCrop:
         return crop(image, target, top, left, ch, cw)
 
 
-def crop(image, target: dict, top: int, left: int, height: int, width: int):
+def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int, width: int
+         ) -> tuple[torch.Tensor, Target]:
     """Crop image and target to the window; see RandomCrop for the target rules."""
     target = dict(target)
     image = F.crop(image, top, left, height, width)
