@@ -1,7 +1,7 @@
 """Masked decoding: one parallel pass, then K refinement steps.
 
 Step 0 decodes the fully masked body. Step k re-masks the r_k * L least confident tokens
-(random positions for captions: seeded, the same for every sequence), decodes again, and
+(random positions for captions: a hash of the sequence's own prediction), decodes again, and
 averages the new logits of re-masked positions with the previous ones; shown positions keep
 theirs.
 """
@@ -71,12 +71,32 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return chosen.scatter_(1, scores.argsort(dim=1)[:, :count], True)
 
 
-def random_scores(steps: int, length: int) -> torch.Tensor:
-    """[steps, length] seeded noise for random re-masking. Every sequence of a call gets the
-    same row per step, so an answer never depends on its batch mates, and it is drawn once
-    per call on the host: the refinement loop itself never goes back to the host."""
-    generator = torch.Generator().manual_seed(REFINE_SEED)
-    return torch.rand(steps, length, generator=generator)
+HASH_BITS = (1 << 62) - 1  # hashes stay non-negative int64
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps), kept to 62 bits."""
+    x = (x ^ (x >> 31)) & HASH_BITS
+    x = (x * 0x5851F42D4C957F2D) & HASH_BITS
+    x = (x ^ (x >> 29)) & HASH_BITS
+    x = (x * 0x14057B7EF767814F) & HASH_BITS
+    return (x ^ (x >> 32)) & HASH_BITS
+
+
+def content_noise(predicted: torch.Tensor, step: int) -> torch.Tensor:
+    """predicted [S, L] token ids -> [S, L] scores in [0, 1) for random re-masking.
+
+    Each row's noise is a hash of its own current prediction, the positions and the step:
+    the same image always gets the same positions (the same request, the same answer), an
+    answer never depends on its batch mates, different images get different positions (one
+    pattern shared by every image re-masks some positions too rarely: caption BLEU-4 0.195
+    against 0.24-0.28 for per-image patterns, see the README), and nothing leaves the device.
+    REFINE_SEED offsets the hash."""
+    position = torch.arange(predicted.shape[1], device=predicted.device)
+    tokens = mix(predicted.long() + position * 0x9E3779B9 + REFINE_SEED) >> 8  # sum fits
+    row = mix(tokens.sum(1, keepdim=True) & HASH_BITS)
+    x = mix(row + (step + 1) * 0x632BE59B + position * 0x85EBCA6B)
+    return (x >> 38).float() / float(1 << 24)
 
 
 @torch.inference_mode()
@@ -96,13 +116,12 @@ def masked_decode(runner: Runner[Memory], memory: Memory, codec: TaskCodec,
         return logits[:, P:].float() + constraint
 
     counts = [c for c in (remask_count(r, L) for r in ratios) if c > 0]
-    noise = random_scores(len(counts), L).to(device) if codec.random_remask else None
     logits = run(torch.full((len(prompts), L), mask_id, device=device))
     for step, count in enumerate(counts):
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
-        if noise is not None:
-            scores = noise[step].expand_as(confidence)
+        if codec.random_remask:
+            scores = content_noise(predicted, step)
         else:
             scores = codec.remask_scores(probs, confidence)
         remask = lowest(scores, count)
