@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -37,7 +38,7 @@ def data_synth(
     main(out, train, val, seed, workers)
 
 
-def parse_overrides(values: list[str]) -> dict:
+def parse_overrides(values: list[str]) -> dict[str, Any]:
     """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}"""
     out = {}
     for item in values:

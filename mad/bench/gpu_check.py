@@ -124,7 +124,7 @@ def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, ech
     from runtime.backends import create_runner
 
     mad = load_model(checkpoint)
-    image = synthetic_image(tuple(mad.config.image_size))
+    image = synthetic_image(mad.config.image_size)
     ratios = schedules(mad, {})
     free(mad)
     out: dict[str, Any] = {"batches": {}, "skipped": {}}
@@ -159,9 +159,10 @@ def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, ech
             echo(f"  batch {batch} {name}: {fmt_ms(rows[name])}")
         base = median(rows.get("fp32", {}).get("total"))
         for row in rows.values():
-            if "total" in row:
-                row["speedup_vs_fp32"] = ratio(base, median(row["total"]))
-                row["images_per_s"] = batch / (median(row["total"]) / 1000)
+            total_ms = median(row.get("total"))
+            if total_ms:
+                row["speedup_vs_fp32"] = ratio(base, total_ms)
+                row["images_per_s"] = batch / (total_ms / 1000)
         out["batches"][str(batch)] = rows
     out["throughput_batch_vs_1"] = batch_gain(out["batches"])
     return out
@@ -197,7 +198,7 @@ def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
     torch.backends.cudnn.allow_tf32 = False
     mad, cpu = create_runner("torch", checkpoint, "cpu")
-    variants = {"fp32": {}}
+    variants: dict[str, dict[str, Any]] = {"fp32": {}}
     if settings.device.startswith("cuda"):
         variants["bf16"] = {"precision": "bf16"}
     batch = prepare_batch(images, mad.config.image_size)
@@ -336,7 +337,7 @@ def http_load(settings: CheckSettings, echo) -> dict[str, Any]:
     from mad.bench.workload import BUNDLED_CHECKPOINT, jpeg_bytes, load_model, synthetic_image
 
     mad = load_model(BUNDLED_CHECKPOINT)
-    payload = jpeg_bytes(synthetic_image(tuple(mad.config.image_size)))
+    payload = jpeg_bytes(synthetic_image(mad.config.image_size))
     tasks = list(mad.config.tasks)
     free(mad)
     cuda = settings.device.startswith("cuda")
