@@ -25,7 +25,7 @@ PACKAGES = ("mad-serve", "torch", "torchvision", "numpy", "pillow", "onnx", "onn
 
 def git_commit(root: Path) -> dict[str, Any]:
     """Read-only git queries: the commit and whether tracked files differ from it."""
-    def git(*args):
+    def git(*args: str) -> str | None:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               timeout=10, check=False)
         return done.stdout.strip() if done.returncode == 0 else None
@@ -129,7 +129,7 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def fmt(value, unit: str = "", digits: int = 1) -> str:
+def fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
     if value is None:
         return "–"
     if unit == "x":
@@ -137,7 +137,7 @@ def fmt(value, unit: str = "", digits: int = 1) -> str:
     return f"{value:.{digits}f}{' ' + unit if unit and unit != '%' else unit}"
 
 
-def table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
