@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -29,7 +30,7 @@ def data_synth(
     val: int = typer.Option(500, min=0, help="Validation images."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
     workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
-):
+) -> None:
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
     and captions."""
     from model.data.synth import main
@@ -37,9 +38,9 @@ def data_synth(
     main(out, train, val, seed, workers)
 
 
-def parse_overrides(values: list[str]) -> dict:
+def parse_overrides(values: list[str]) -> dict[str, Any]:
     """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}"""
-    out = {}
+    out: dict[str, Any] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep:
@@ -81,7 +82,7 @@ def train(
     eval_every: int = typer.Option(0, min=0, help="0: evaluate only at the end."),
     eval_images: int = typer.Option(200, min=1),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE."),
-):
+) -> None:
     """Train a MAD model (single process, or DDP under torchrun)."""
     from model.tokenizer import MODEL_TYPES
     from model.train import TrainConfig
@@ -118,7 +119,7 @@ def evaluate_command(
     nms_iou: float | None = typer.Option(None, help="Class-wise NMS IoU, 0..1 (1: off; "
                                          "default: the checkpoint's)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
-):
+) -> None:
     """Each task's metrics: COCO AP (bbox, segm, keypoints via pycocotools), caption BLEU-4
     (sacrebleu), or whatever another task's codec reports."""
     from model.checkpoint import load_checkpoint
@@ -155,10 +156,10 @@ def tune_command(
                                     help="Take the shortest schedule this close to the best."),
     device: str = typer.Option("cpu"),
     write: bool = typer.Option(False, help="Store the chosen schedules in the checkpoint."),
-):
+) -> None:
     """Choose each task's default refinement schedule by its metric on held-out data."""
     from model.checkpoint import load_checkpoint, write_schedules
-    from model.tune import tune_schedules
+    from model.tune import Trial, tune_schedules
 
     mad, _ = load_checkpoint(checkpoint, device)
     try:
@@ -167,7 +168,7 @@ def tune_command(
         request_error("tune", exc, {"tasks": "--task"})
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
-    def report(name, trial):
+    def report(name: str, trial: Trial) -> None:
         metric = mad.codecs[name].metric
         typer.echo(f"{name:<13} {trial.ratios!s:<34} {metric} {trial.score:.4f}")
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
@@ -14,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
+from model.decoding import Runner
 from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
 from service.engine import BatchingEngine
@@ -23,7 +27,7 @@ from service.model_cache import load_runner
 from service.routers import health, predict
 from service.schemas import model_openapi
 from service.settings import Settings
-from service.state import ServiceState, describe_model
+from service.state import LoadedModel, ServiceState, describe_model
 
 log = logging.getLogger("mad.service")
 STATIC = Path(__file__).parent / "static"
@@ -34,16 +38,13 @@ except PackageNotFoundError:  # running from a plain checkout
     SERVICE_VERSION = "0.0.0"
 
 
-def load_model(state: ServiceState) -> Pipeline:
-    s = state.settings
+def load_model(s: Settings) -> LoadedModel:
     log.info("loading model", extra={"checkpoint": str(s.checkpoint), "backend": s.backend,
                                      "device": s.device, "precision": s.precision})
     mad, runner = load_runner(s.backend, Path(s.checkpoint), s.device, cache_dir=s.cache_dir,
                               precision=s.precision, compile=s.compile,
                               cuda_graphs=s.cuda_graphs, export_dir=s.export_dir)
-    state.mad, state.runner = mad, runner
-    state.description = describe_model(mad, runner, s)
-    return Pipeline(mad, runner)
+    return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
 def warm_up(pipeline: Pipeline) -> None:
@@ -54,7 +55,7 @@ def warm_up(pipeline: Pipeline) -> None:
     pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
 
 
-def gpu_memory_reader(runner):
+def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
     device = getattr(runner, "device", torch.device("cpu"))
     if getattr(device, "type", "cpu") == "cuda":
         return lambda: torch.cuda.memory_allocated(device)
@@ -62,19 +63,21 @@ def gpu_memory_reader(runner):
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI):
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     s = state.settings
     engine = BatchingEngine(max_batch_size=s.max_batch_size,
                             batch_delay_s=s.batch_delay_ms / 1000, queue_size=s.queue_size,
                             on_batch=state.metrics.batch_size.observe)
     # All torch work (loading, warm-up, requests) happens on the one model thread.
-    pipeline = await engine.load(lambda: load_model(state))
-    d = state.description
+    model = await engine.run_on_model_thread(load_model, s)
+    state.model = model
+    pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
+    d = model.description
     state.metrics.model_info.info({"name": d.name, "version": d.version, "backend": d.backend,
                                    "device": d.device, "precision": d.precision})
     state.metrics.track_queue(lambda: len(engine.waiting))
-    state.metrics.track_gpu_memory(gpu_memory_reader(state.runner))
+    state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
     # Compiled graphs and CUDA state belong to the model thread too.
     await engine.run_on_model_thread(warm_up, pipeline)
     engine.start()
@@ -102,18 +105,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(predict.router)
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         """The OpenAPI document of the loaded model (its task names and outputs); before it
         has loaded, the generic one, not kept."""
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
-            if state.mad is None:
-                app.openapi_schema = None
-                return schema
-            model_openapi(schema, state.mad.codecs)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
+        if state.model is None:
+            app.openapi_schema = None
+        else:
+            model_openapi(schema, state.model.mad.codecs)
+        return schema
 
-    app.openapi = openapi
+    # FastAPI's documented way to customise the schema; mypy forbids assigning a method.
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> HTMLResponse:
@@ -144,10 +149,10 @@ class DrainingServer(uvicorn.Server):
     """Marks the app as draining the moment a shutdown signal arrives, so /readyz fails and
     new work is refused while uvicorn finishes the requests in flight."""
 
-    def __init__(self, config: uvicorn.Config, state: ServiceState):
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
         super().__init__(config)
         self.service_state = state
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.service_state.begin_drain()
         super().handle_exit(sig, frame)

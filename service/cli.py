@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -25,10 +25,15 @@ from model.request_spec import (
 )
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from service.schemas import PredictResponse
+
 CHECKPOINT_HELP = "Checkpoint directory [env MAD_CHECKPOINT; default: the bundled mad-tiny]."
 
 
-def load_settings(**options) -> Settings:
+def load_settings(**options: Any) -> Settings:
+    """Settings from the given options (None: not given), then MAD_*, then the defaults;
+    pydantic validates the values."""
     try:
         return Settings(**{k: v for k, v in options.items() if v is not None})
     except ValidationError as exc:
@@ -58,7 +63,7 @@ def serve(
     host: str | None = typer.Option(None, help="Bind address [MAD_HOST; default 0.0.0.0]."),
     port: int | None = typer.Option(None, help="Port [MAD_PORT; default 8000]."),
     workers: int | None = typer.Option(None, help="Processes, one model each [MAD_WORKERS]."),
-):
+) -> None:
     """Serve the model over HTTP (POST /predict, /docs, a demo page at /)."""
     import uvicorn
 
@@ -69,16 +74,18 @@ def serve(
                              precision=precision, host=host, port=port, workers=workers)
     require_checkpoint(settings)
     configure(settings.log_level)
-    common = dict(host=settings.host, port=settings.port, access_log=False,
-                  log_config=log_config(settings.log_level))
+    logging = log_config(settings.log_level)
     if settings.workers > 1:
         # Each worker process builds its own app (and model) from the environment.
         os.environ.update(settings.env())
         uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers,
-                    **common)
+                    host=settings.host, port=settings.port, access_log=False,
+                    log_config=logging)
         return
     app = create_app(settings)
-    server = DrainingServer(uvicorn.Config(app, **common), app.state.service)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_config=logging)
+    server = DrainingServer(config, app.state.service)
     server.run()
     if not server.started:  # start-up failed (e.g. the backend could not load the model)
         raise SystemExit(3)
@@ -102,7 +109,7 @@ def predict(
     checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
     backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
     device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE]."),
-):
+) -> None:
     """Run the model on image files, without a server."""
     from model.pipeline import Pipeline
     from model.pipeline import Request as ModelRequest
@@ -111,7 +118,6 @@ def predict(
     from service.model_cache import load_runner
     from service.postprocess import build_response, request_stages
     from service.render import render as draw
-    from service.schemas import ModelRef
     from service.state import describe_model
 
     if mask_format not in ("rle", "polygon"):
@@ -131,8 +137,7 @@ def predict(
     except RequestError as exc:
         request_error("predict", exc)
     description = describe_model(mad, runner, settings)
-    model_ref = ModelRef(name=description.name, version=description.version,
-                         backend=description.backend)
+    model_ref = description.ref()
     pipeline, failed = Pipeline(mad, runner), 0
     for path in images:
         try:
@@ -158,7 +163,7 @@ def predict(
         sys.exit(1)
 
 
-def summary(path: Path, response) -> str:
+def summary(path: Path, response: PredictResponse) -> str:
     lines = [f"{path} ({response.image.width}x{response.image.height})"]
     for det in response.detections or []:
         box = ", ".join(f"{v:.0f}" for v in det.box)

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import secrets
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.engine import BatchingEngine
 from service.errors import APIError
-from service.state import ServiceState
+from service.state import LoadedModel, ServiceState
 
 bearer = HTTPBearer(auto_error=False, description="Needed when the server sets MAD_API_KEY.")
 
 
 def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
+    state: ServiceState = request.app.state.service  # set by create_app
+    return state
 
 
-def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-                    state: ServiceState = Depends(get_state)) -> None:
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                    state: StateDep) -> None:
     key = state.settings.api_key
     if key is None:
         return
@@ -30,11 +36,26 @@ def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(b
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-def get_ready_state(state: ServiceState = Depends(get_state)) -> ServiceState:
-    """The state of a server with its model loaded. Not refused while draining: a request
-    that reached us before the shutdown signal is in flight and must still be answered
-    (the engine refuses new work only once uvicorn has finished its connections)."""
+def not_ready() -> APIError:
+    return APIError(503, "not_ready", "the model is still loading", headers={"Retry-After": "1"})
+
+
+def get_model(state: StateDep) -> LoadedModel:
+    """The loaded model; 503 while it is still loading."""
+    if state.model is None:
+        raise not_ready()
+    return state.model
+
+
+def get_engine(state: StateDep) -> BatchingEngine:
+    """The engine of a server with its model loaded and warm; 503 before. Not refused while
+    draining: a request that reached us before the shutdown signal is in flight and must
+    still be answered (the engine refuses new work only once uvicorn has finished its
+    connections)."""
     if state.engine is None:
-        raise APIError(503, "not_ready", "the model is still loading",
-                       headers={"Retry-After": "1"})
-    return state
+        raise not_ready()
+    return state.engine
+
+
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+EngineDep = Annotated[BatchingEngine, Depends(get_engine)]

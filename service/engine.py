@@ -16,10 +16,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from model.pipeline import Request, Result
 
 log = logging.getLogger("mad.engine")
+
+T = TypeVar("T")
+Batch = Callable[[list[Request]], list[Result]]  # the pipeline: one Result per Request
 
 
 class QueueFull(Exception):
@@ -33,15 +37,15 @@ class Draining(Exception):
 @dataclass
 class Job:
     request: Request
-    future: asyncio.Future
+    future: asyncio.Future[Result]
     enqueued: float = field(default_factory=time.perf_counter)
     queue_seconds: float = 0.0
 
 
 class BatchingEngine:
-    def __init__(self, pipeline: Callable[[list[Request]], list[Result]] | None = None, *,
+    def __init__(self, pipeline: Batch | None = None, *,
                  max_batch_size: int = 8, batch_delay_s: float = 0.005, queue_size: int = 64,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.pipeline = pipeline
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size
@@ -50,18 +54,19 @@ class BatchingEngine:
         self.running = 0  # requests inside the model right now
         self.draining = False
         self._arrived: asyncio.Event | None = None
-        self._collector: asyncio.Task | None = None
+        self._collector: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def load(self, factory: Callable[[], Callable[[list[Request]], list[Result]]]):
+    async def load(self, factory: Callable[[], Batch]) -> Batch:
         """Build the pipeline on the model thread. On CPU this matters for speed: every
         thread that runs torch ops gets its own OpenMP team, and a second team (the loader's)
         made each request ~40% slower on 2 cores. -> the pipeline."""
-        self.pipeline = await self.run_on_model_thread(factory)
-        return self.pipeline
+        pipeline = await self.run_on_model_thread(factory)
+        self.pipeline = pipeline
+        return pipeline
 
-    async def run_on_model_thread(self, fn: Callable, *args):
+    async def run_on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` where the model lives (warm-up, compilation) and wait for it."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -98,10 +103,21 @@ class BatchingEngine:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already")
         job = Job(request, asyncio.get_running_loop().create_future())
         self.waiting.append(job)
-        self._arrived.set()
+        self._started().set()
         return job
 
     # --- the collector ----------------------------------------------------------------------
+    def _started(self) -> asyncio.Event:
+        """The event that wakes the collector; it exists from `start()` on."""
+        if self._arrived is None:
+            raise RuntimeError("the engine is not started: call start() first")
+        return self._arrived
+
+    def _loaded(self) -> Batch:
+        if self.pipeline is None:
+            raise RuntimeError("the engine has no pipeline: pass one or call load() first")
+        return self.pipeline
+
     async def _collect(self) -> None:
         while True:
             batch = await self._next_batch()
@@ -109,10 +125,11 @@ class BatchingEngine:
                 await self._run(batch)
 
     async def _next_batch(self) -> list[Job]:
+        arrived = self._started()
         self._discard_abandoned()
         while not self.waiting:
-            self._arrived.clear()
-            await self._arrived.wait()
+            arrived.clear()
+            await arrived.wait()
             self._discard_abandoned()
         # The oldest request sets the deadline; after a busy model it has usually passed.
         deadline = self.waiting[0].enqueued + self.batch_delay_s
@@ -120,9 +137,9 @@ class BatchingEngine:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
-            self._arrived.clear()
+            arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(arrived.wait(), remaining)
         self._discard_abandoned()
         count = min(self.max_batch_size, len(self.waiting))
         return [self.waiting.popleft() for _ in range(count)]
@@ -139,11 +156,11 @@ class BatchingEngine:
         self.running = len(batch)
         self.on_batch(len(batch))
         try:
-            results = await self.run_on_model_thread(self.pipeline, [j.request for j in batch])
+            results = await self.run_on_model_thread(self._loaded(), [j.request for j in batch])
         except Exception:
             if len(batch) == 1:
                 log.exception("inference failed")
-                self._settle(batch[0], error=RuntimeError("inference failed"))
+                self._settle(batch[0], RuntimeError("inference failed"))
             else:
                 # One bad request must not fail its batch mates: retry each on its own.
                 log.warning("batch of %d failed; retrying one by one", len(batch))
@@ -151,24 +168,24 @@ class BatchingEngine:
                     await self._run_alone(job)
         else:
             for job, result in zip(batch, results, strict=True):
-                self._settle(job, result=result)
+                self._settle(job, result)
         finally:
             self.running = 0
 
     async def _run_alone(self, job: Job) -> None:
         try:
-            [result] = await self.run_on_model_thread(self.pipeline, [job.request])
+            [result] = await self.run_on_model_thread(self._loaded(), [job.request])
         except Exception:
             log.exception("inference failed")
-            self._settle(job, error=RuntimeError("inference failed"))
+            self._settle(job, RuntimeError("inference failed"))
         else:
-            self._settle(job, result=result)
+            self._settle(job, result)
 
     @staticmethod
-    def _settle(job: Job, result: Result | None = None, error: Exception | None = None) -> None:
+    def _settle(job: Job, outcome: Result | Exception) -> None:
         if job.future.done():  # the caller timed out meanwhile
             return
-        if error is not None:
-            job.future.set_exception(error)
+        if isinstance(outcome, Exception):
+            job.future.set_exception(outcome)
         else:
-            job.future.set_result(result)
+            job.future.set_result(outcome)

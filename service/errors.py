@@ -6,6 +6,9 @@ the same shape, so clients parse exactly one format.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,15 +26,16 @@ class APIError(Exception):
     """An error a client caused or must handle; becomes the JSON error body."""
 
     def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None, details: list | None = None):
+                 headers: dict[str, str] | None = None,
+                 details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers, self.details = headers or {}, details
 
 
 def error_body(status: int, message: str, code: str | None = None,
-               details: list | None = None) -> dict:
-    error = {"code": code or CODES.get(status, "error"), "message": message,
+               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code or CODES.get(status, "error"), "message": message,
              "request_id": request_id_var.get()}
     if details is not None:
         error["details"] = details
@@ -39,12 +43,12 @@ def error_body(status: int, message: str, code: str | None = None,
 
 
 def error_response(status: int, message: str, code: str | None = None,
-                   headers: dict[str, str] | None = None, details: list | None = None
-                   ) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None,
+                   details: list[dict[str, Any]] | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, details), status, headers=headers)
 
 
-def validation_details(errors) -> list[dict]:
+def validation_details(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     # Only loc/msg/type: `input` may hold an UploadFile or bytes, which JSON cannot carry.
     return [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""),
              "type": e.get("type", "")} for e in errors]
@@ -62,13 +66,15 @@ async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JS
 async def handle_validation_error(request: Request, exc: RequestValidationError
                                   ) -> JSONResponse:
     details = validation_details(exc.errors())
-    first = details[0] if details else {"loc": [], "msg": "invalid request"}
+    first: dict[str, Any] = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(p for p in first["loc"] if p != "body")
     message = f"{where}: {first['msg']}" if where else first["msg"]
     return error_response(422, message, details=details)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, handle_api_error)
-    app.add_exception_handler(StarletteHTTPException, handle_http_error)
-    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    # The decorator form: add_exception_handler types a handler as taking any Exception,
+    # though Starlette calls it only with the class it is registered for.
+    app.exception_handler(APIError)(handle_api_error)
+    app.exception_handler(StarletteHTTPException)(handle_http_error)
+    app.exception_handler(RequestValidationError)(handle_validation_error)

@@ -45,8 +45,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image.seek(0)  # animated: the first frame
         image.load()  # decode now: truncated data fails here, not later in the model thread
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
     except APIError:
         raise
     except Exception as exc:

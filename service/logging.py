@@ -6,6 +6,7 @@ import contextvars
 import json
 import logging
 import time
+from typing import Any
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "mad_request_id", default=None)
@@ -35,7 +36,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def log_config(level: str) -> dict:
+def log_config(level: str) -> dict[str, Any]:
     """A logging.config dict for uvicorn: its loggers and ours all write JSON to stderr.
 
     uvicorn's access log is off (the service logs each request itself, with its id)."""

@@ -12,6 +12,8 @@ from pycocotools import mask as mask_utils
 
 from service.schemas import PredictResponse, RLEMask
 
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128)]
 KEYPOINT_MIN_SCORE = 0.3  # below this a keypoint is treated as not visible
@@ -22,7 +24,7 @@ def colour(category_id: int) -> tuple[int, int, int]:
     return PALETTE[category_id % len(PALETTE)]
 
 
-def mask_array(mask, height: int, width: int) -> np.ndarray:
+def mask_array(mask: RLEMask | list[list[float]], height: int, width: int) -> np.ndarray:
     """RLE or polygons -> bool [H, W]."""
     if isinstance(mask, RLEMask):
         return mask_utils.decode({"size": mask.size, "counts": mask.counts}).astype(bool)
@@ -66,7 +68,8 @@ def render(image: Image.Image, response: PredictResponse,
 
 
 def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints: list[list[float]],
-                  skeleton: list[tuple[int, int]], rgb, line: int) -> None:
+                  skeleton: list[tuple[int, int]], rgb: tuple[int, int, int], line: int
+                  ) -> None:
     visible = [kp[2] >= KEYPOINT_MIN_SCORE for kp in keypoints]
     for a, b in skeleton:
         if a < len(keypoints) and b < len(keypoints) and visible[a] and visible[b]:
@@ -80,7 +83,7 @@ def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints: list[list[float]],
 
 
 def draw_caption(draw: ImageDraw.ImageDraw, caption: str, width: int, height: int,
-                 font) -> None:
+                 font: Font) -> None:
     _, top, _, bottom = draw.textbbox((0, 0), caption, font=font)
     band = bottom - top + 8
     draw.rectangle([0, height - band, width, height], fill=(0, 0, 0))

@@ -128,6 +128,10 @@ class ModelDescription(Strict):
     nms_iou: float = Field(description="Default class-wise NMS IoU of /predict (1: off).")
     max_batch_size: int
 
+    def ref(self) -> ModelRef:
+        """What each response says about the model that answered it."""
+        return ModelRef(name=self.name, version=self.version, backend=self.backend)
+
 
 class Health(Strict):
     status: Literal["ok"] = "ok"

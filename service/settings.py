@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
     @field_validator("cors_origins", mode="before")
     @classmethod
-    def split_origins(cls, value):
+    def split_origins(cls, value: Any) -> Any:
         """Accept `a,b`, a JSON list, or a list (CLI/tests)."""
         if isinstance(value, str):
             text = value.strip()
@@ -62,18 +62,18 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def lower_log_level(cls, value):
+    def lower_log_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("cache_dir", mode="before")
     @classmethod
-    def blank_cache_is_default(cls, value):
+    def blank_cache_is_default(cls, value: Any) -> Any:
         # An empty MAD_CACHE_DIR (a blank in a templated manifest) means the default.
         return DEFAULT_CACHE_DIR if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def blank_key_is_none(cls, value):
+    def blank_key_is_none(cls, value: Any) -> Any:
         # An empty MAD_API_KEY (common in templated manifests) means "no key", not "key ''".
         return None if isinstance(value, str) and not value.strip() else value
 

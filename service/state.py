@@ -10,25 +10,28 @@ from model.checkpoint import MAD, WEIGHTS, checkpoint_digest, read_checkpoint_co
 from model.decoding import Runner
 from service.engine import BatchingEngine
 from service.metrics import Metrics
-from service.schemas import ModelDescription, ModelRef
+from service.schemas import ModelDescription
 from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The served model, published in one step once loaded: the bundle (config, codecs),
+    the runner that runs it, and what GET /v1/model says about them."""
+
+    mad: MAD
+    runner: Runner[Any]
+    description: ModelDescription
 
 
 @dataclass
 class ServiceState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    mad: MAD | None = None
-    runner: Runner[Any] | None = None
-    engine: BatchingEngine | None = None
-    description: ModelDescription | None = None
+    model: LoadedModel | None = None  # None while loading
+    engine: BatchingEngine | None = None  # None until warmed up: requests run from then on
     ready: bool = False  # loaded and warmed up
     draining: bool = False  # shutting down: finish accepted work, take no more
-
-    @property
-    def model_ref(self) -> ModelRef:
-        d = self.description
-        return ModelRef(name=d.name, version=d.version, backend=d.backend)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -44,9 +47,9 @@ def model_version(checkpoint: Path) -> str:
     return f"step{meta.get('step', 0)}-{digest}"
 
 
-def describe_model(mad, runner, settings: Settings) -> ModelDescription:
+def describe_model(mad: MAD, runner: Runner[Any], settings: Settings) -> ModelDescription:
     config = mad.config
-    info = runner.describe() if hasattr(runner, "describe") else {}
+    info = runner.describe()
     return ModelDescription(
         name=config.name,
         version=model_version(Path(settings.checkpoint)),

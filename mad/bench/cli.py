@@ -6,7 +6,10 @@ import io
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from PIL import Image
@@ -14,13 +17,62 @@ from PIL import Image
 from model.request_spec import RequestError, parse_refine_steps
 from service.cli import request_error
 
-# Defaults fit a 2-core CPU in well under 10 minutes; --quick is the smoke-test size.
-DEFAULTS = {"repeats": 20, "warmup": 3, "ar_repeats": 3, "kept": 7, "fixed": 100,
-            "concurrency": "1,4,8", "http_requests": 200, "http_seconds": 8.0}
-QUICK = {"repeats": 3, "warmup": 1, "ar_repeats": 1, "kept": 2, "fixed": 10,
-         "concurrency": "1,2", "http_requests": 6, "http_seconds": 2.0,
-         "image_size": "96x96"}
+if TYPE_CHECKING:
+    from mad.bench.model_bench import ModelBench
+
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each section measures: what an option left out falls back to."""
+
+    repeats: int
+    warmup: int
+    ar_repeats: int
+    kept: int
+    fixed: int
+    concurrency: str
+    http_requests: int
+    http_seconds: float
+    image_size: str | None = None  # None: the model's
+
+
+# Defaults fit a 2-core CPU in well under 10 minutes; --quick is the smoke-test size.
+DEFAULTS = Sizes(repeats=20, warmup=3, ar_repeats=3, kept=7, fixed=100, concurrency="1,4,8",
+                 http_requests=200, http_seconds=8.0)
+QUICK = Sizes(repeats=3, warmup=1, ar_repeats=1, kept=2, fixed=10, concurrency="1,2",
+              http_requests=6, http_seconds=2.0, image_size="96x96")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One `mad bench` invocation's options, defaults filled in."""
+
+    preset: str | None
+    checkpoint: Path | None
+    size: tuple[int, int] | None
+    backend: str
+    device: str
+    precision: str
+    compile: bool
+    batch_size: int
+    refine: list[str]
+    levels: list[int]
+    sections: dict[str, bool]  # http, onnx, ar, variants: run or skip
+    quick: bool
+    repeats: int
+    warmup: int
+    ar_repeats: int
+    kept: int
+    fixed: int
+    http_requests: int
+    http_seconds: float
+
+
+def given_or(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 def bench(
@@ -60,7 +112,7 @@ def bench(
                                   help="GPU only: bf16, fp16, compile, CUDA graphs, TensorRT."),
     out: Path = typer.Option(Path("benchmarks"), help="Report directory."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (smoke test)."),
-):
+) -> None:
     """Benchmark the model and the service: stage latency, MAD vs autoregressive, kept vs
     fixed sequences, eager vs ONNX Runtime (and GPU variants), HTTP latency and throughput
     with and without dynamic batching. Prints the ratios; writes JSON + Markdown to --out."""
@@ -70,26 +122,27 @@ def bench(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    given = {"repeats": repeats, "warmup": warmup, "ar_repeats": ar_repeats, "kept": kept,
-             "fixed": fixed, "concurrency": concurrency, "http_requests": http_requests,
-             "http_seconds": http_seconds, "image_size": image_size}
-    base = {**DEFAULTS, **(QUICK if quick else {})}
+    base = QUICK if quick else DEFAULTS
     if device.startswith("cuda") and not quick:
-        base["ar_repeats"] = repeats or base["repeats"]  # AR is affordable on a GPU
-    opts = {k: v if v is not None else base.get(k) for k, v in given.items()}
+        base = replace(base, ar_repeats=repeats or base.repeats)  # AR is affordable on a GPU
+    size_text = given_or(image_size, base.image_size)
     try:
-        size = parse_size(opts["image_size"]) if opts["image_size"] else None
-        levels = sorted({int(c) for c in str(opts["concurrency"]).split(",") if c.strip()})
+        size = parse_size(size_text) if size_text else None
+        levels = sorted({int(c) for c in given_or(concurrency, base.concurrency).split(",")
+                         if c.strip()})
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if quick and checkpoint is None and preset is None:
         preset = "tiny"  # never the bundled model: the smoke test must not depend on it
-    run = BenchRun(preset=preset, checkpoint=checkpoint, size=size, backend=backend,
-                   device=device, precision=precision, compile=compile, batch_size=batch_size,
-                   refine=refine_steps, levels=levels, sections={"http": http, "onnx": onnx,
-                   "ar": ar, "variants": variants}, quick=quick, **{
-                       k: opts[k] for k in ("repeats", "warmup", "ar_repeats", "kept",
-                                            "fixed", "http_requests", "http_seconds")})
+    run = BenchRun(BenchSettings(
+        preset=preset, checkpoint=checkpoint, size=size, backend=backend, device=device,
+        precision=precision, compile=compile, batch_size=batch_size, refine=refine_steps,
+        levels=levels, sections={"http": http, "onnx": onnx, "ar": ar, "variants": variants},
+        quick=quick, repeats=given_or(repeats, base.repeats),
+        warmup=given_or(warmup, base.warmup), ar_repeats=given_or(ar_repeats, base.ar_repeats),
+        kept=given_or(kept, base.kept), fixed=given_or(fixed, base.fixed),
+        http_requests=given_or(http_requests, base.http_requests),
+        http_seconds=given_or(http_seconds, base.http_seconds)))
     try:
         report = run.execute()
     except RequestError as exc:  # --refine-steps against the model's tasks
@@ -108,14 +161,22 @@ def bench(
 class BenchRun:
     """One `mad bench` invocation: sections run in order, each failure recorded, not fatal."""
 
-    def __init__(self, **settings):
+    def __init__(self, settings: BenchSettings) -> None:
         self.s = settings
-        self.report = {"errors": {}, "skipped": {}}
+        self.report: dict[str, Any] = {"errors": {}, "skipped": {}}
+        self.bench: ModelBench | None = None  # the model under test, once prepared
+        self.export_dir: Path | None = None  # its ONNX export, when one was made
 
     def echo(self, text: str) -> None:
         typer.echo(text, err=True)
 
-    def section(self, name: str, fn) -> None:
+    def model(self) -> ModelBench:
+        """The model under test; from prepare() until the HTTP section frees it."""
+        if self.bench is None:
+            raise RuntimeError("no model loaded here (prepare() loads it, http frees it)")
+        return self.bench
+
+    def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         self.echo(f"[{name}]")
         started = time.perf_counter()
         try:
@@ -125,23 +186,23 @@ class BenchRun:
             self.echo(traceback.format_exc(limit=4))
         self.echo(f"  {time.perf_counter() - started:.1f} s")
 
-    def execute(self) -> dict:
+    def execute(self) -> dict[str, Any]:
         from mad.bench.report import environment, now, targets
 
         started, s = time.perf_counter(), self.s
         self.report.update(schema="mad-bench/1", created=now(), environment=environment(ROOT))
         with tempfile.TemporaryDirectory(prefix="mad-bench-") as tmp:
             self.prepare(Path(tmp))
-            self.section("stage_latency", lambda: self.bench.stage_latency(s["repeats"],
-                                                                           s["warmup"]))
-            if s["sections"]["ar"]:
+            self.section("stage_latency",
+                         lambda: self.model().stage_latency(s.repeats, s.warmup))
+            if s.sections["ar"]:
                 self.section("mad_vs_ar", self.mad_vs_ar)
             else:
                 self.report["skipped"]["mad_vs_ar"] = "--no-ar"
             self.section("kept_vs_fixed", self.kept_vs_fixed)
             self.section("backends", self.backends)
             self.bench = None  # free the model before the server loads its own
-            if s["sections"]["http"]:
+            if s.sections["http"]:
                 self.section("http", self.http)
             else:
                 self.report["skipped"]["http"] = "--no-http"
@@ -161,23 +222,23 @@ class BenchRun:
         from service.model_cache import load_runner
 
         s = self.s
-        self.checkpoint, source = prepare_checkpoint(s["preset"], s["checkpoint"], s["size"], tmp)
+        self.checkpoint, source = prepare_checkpoint(s.preset, s.checkpoint, s.size, tmp)
         mad = load_model(self.checkpoint)
         config, parameters = mad.config, sum(p.numel() for p in mad.network.parameters())
-        self.refine = parse_refine_steps(s["refine"], config.tasks)
-        size = tuple(config.image_size)
+        self.refine = parse_refine_steps(s.refine, config.tasks)
+        size = config.image_size
         self.payload = jpeg_bytes(synthetic_image(size))
         # The JPEG round trip gives every section the pixels the service will decode.
         self.image = Image.open(io.BytesIO(self.payload)).convert("RGB")
         self.export_dir = None
-        wants_export = s["backend"] != "torch" or s["sections"]["onnx"] or (
-            s["device"].startswith("cuda") and s["sections"]["variants"])
+        wants_export = s.backend != "torch" or s.sections["onnx"] or (
+            s.device.startswith("cuda") and s.sections["variants"])
         if wants_export:
             self.export(tmp / "onnx")
-        mad, runner = load_runner(s["backend"], self.checkpoint, s["device"],
-                                  precision=s["precision"], compile=s["compile"],
+        mad, runner = load_runner(s.backend, self.checkpoint, s.device,
+                                  precision=s.precision, compile=s.compile,
                                   export_dir=self.export_dir)
-        self.bench = ModelBench(mad, runner, [self.image] * s["batch_size"], s["kept"],
+        self.bench = ModelBench(mad, runner, [self.image] * s.batch_size, s.kept,
                                 schedules(mad, self.refine))
         self.report["model"] = {
             "source": source, "name": config.name, "backbone": config.backbone,
@@ -186,13 +247,13 @@ class BenchRun:
             "parameters": parameters,
             "runner": runner.describe(), "image_jpeg_bytes": len(self.payload)}
         self.report["settings"] = {
-            "preset": config.name, "image_size": list(size), "backend": s["backend"],
-            "device": s["device"], "precision": s["precision"], "compile": s["compile"],
-            "batch_size": s["batch_size"], "refine_steps": self.refine,
-            "repeats": s["repeats"], "warmup": s["warmup"], "ar_repeats": s["ar_repeats"],
-            "kept": s["kept"], "fixed": s["fixed"], "concurrency": s["levels"],
-            "http_requests": s["http_requests"], "http_seconds": s["http_seconds"],
-            "quick": s["quick"],
+            "preset": config.name, "image_size": list(size), "backend": s.backend,
+            "device": s.device, "precision": s.precision, "compile": s.compile,
+            "batch_size": s.batch_size, "refine_steps": self.refine,
+            "repeats": s.repeats, "warmup": s.warmup, "ar_repeats": s.ar_repeats,
+            "kept": s.kept, "fixed": s.fixed, "concurrency": s.levels,
+            "http_requests": s.http_requests, "http_seconds": s.http_seconds,
+            "quick": s.quick,
             "bundled_model": Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT.resolve()}
 
     def export(self, target: Path) -> None:
@@ -205,25 +266,26 @@ class BenchRun:
         except Exception as exc:  # ONNX sections are skipped, the rest still runs
             self.report["errors"]["onnx_export"] = f"{type(exc).__name__}: {exc}"
 
-    def mad_vs_ar(self) -> dict:
+    def mad_vs_ar(self) -> dict[str, Any]:
         from mad.bench.model_bench import ModelBench, mad_vs_autoregressive
+        from model.runner import EagerRunner
         from runtime.backends import create_runner
 
-        s, bench = self.s, self.bench
-        if getattr(bench.runner, "network", None) is None:  # AR needs the PyTorch network
-            mad, runner = create_runner("torch", self.checkpoint, s["device"])
+        s, bench = self.s, self.model()
+        if not isinstance(bench.runner, EagerRunner):  # AR needs the PyTorch network
+            mad, runner = create_runner("torch", self.checkpoint, s.device)
             bench = ModelBench(mad, runner, bench.images, bench.kept, bench.ratios)
-        return mad_vs_autoregressive(bench, s["repeats"], s["ar_repeats"], s["warmup"])
+        return mad_vs_autoregressive(bench, s.repeats, s.ar_repeats, s.warmup)
 
-    def kept_vs_fixed(self) -> dict:
+    def kept_vs_fixed(self) -> dict[str, Any]:
         from mad.bench.model_bench import kept_vs_fixed
 
         s = self.s
-        return kept_vs_fixed(self.bench, s["kept"], s["fixed"], s["repeats"], s["warmup"])
+        return kept_vs_fixed(self.model(), s.kept, s.fixed, s.repeats, s.warmup)
 
-    def backends(self) -> dict:
+    def backends(self) -> dict[str, Any]:
         s, out = self.s, {}
-        if not s["sections"]["onnx"]:
+        if not s.sections["onnx"]:
             self.report["skipped"]["onnx_vs_eager"] = "--no-onnx"
         elif self.export_dir is None:
             self.report["skipped"]["onnx_vs_eager"] = "the ONNX export failed"
@@ -231,35 +293,35 @@ class BenchRun:
             from mad.bench.backends_bench import compare_backends
 
             out["onnx_vs_eager"] = compare_backends(
-                self.checkpoint, [self.image] * s["batch_size"], tuple(self.bench.tasks),
-                s["repeats"], s["warmup"], device=s["device"], refine_steps=self.refine,
+                self.checkpoint, [self.image] * s.batch_size, tuple(self.model().tasks),
+                s.repeats, s.warmup, device=s.device, refine_steps=self.refine,
                 export_dir=self.export_dir)
-        if not s["device"].startswith("cuda"):
+        if not s.device.startswith("cuda"):
             self.report["skipped"]["gpu_variants"] = "no CUDA device"
-        elif not s["sections"]["variants"]:
+        elif not s.sections["variants"]:
             self.report["skipped"]["gpu_variants"] = "--no-variants"
         else:
             from mad.bench.model_bench import gpu_variants
 
             out["gpu_variants"] = gpu_variants(
-                self.checkpoint, s["device"], [self.image] * s["batch_size"], s["kept"],
-                self.refine, s["repeats"], s["warmup"], self.export_dir)
+                self.checkpoint, s.device, [self.image] * s.batch_size, s.kept,
+                self.refine, s.repeats, s.warmup, self.export_dir)
         return out
 
-    def http(self) -> dict:
+    def http(self) -> dict[str, Any]:
         from mad.bench.http_bench import http_benchmark
 
         s = self.s
         return http_benchmark(
-            self.checkpoint, s["backend"], s["device"], self.payload,
+            self.checkpoint, s.backend, s.device, self.payload,
             # The service refuses max_detections above the model's slots.
-            list(self.report["model"]["tasks"]), min(s["kept"], self.report["model"]["num_slots"]),
-            self.refine, s["levels"],
-            s["http_requests"], s["http_seconds"], s["repeats"], s["warmup"],
-            export_dir=self.export_dir if s["backend"] != "torch" else None, echo=self.echo)
+            list(self.report["model"]["tasks"]), min(s.kept, self.report["model"]["num_slots"]),
+            self.refine, s.levels,
+            s.http_requests, s.http_seconds, s.repeats, s.warmup,
+            export_dir=self.export_dir if s.backend != "torch" else None, echo=self.echo)
 
 
-def headline(report: dict) -> str:
+def headline(report: dict[str, Any]) -> str:
     """The ratios and targets, for the terminal."""
     from mad.bench.report import fmt, table
     from mad.bench.stats import median

@@ -22,13 +22,20 @@ import gc
 import importlib.util
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mad.bench.stats import median, ratio
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
+    from model.pipeline import Result
+
+Echo = Callable[[str], object]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "mad-gpu-check/1"
@@ -116,7 +123,7 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 # --- timing ---------------------------------------------------------------------------------
-def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, echo,
+def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, echo: Echo,
                   ar: bool) -> dict[str, Any]:
     """Stage latency of every variant at every batch size; the AR baseline at batch 1."""
     from mad.bench.model_bench import ModelBench, mad_vs_autoregressive, schedules
@@ -124,7 +131,7 @@ def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, ech
     from runtime.backends import create_runner
 
     mad = load_model(checkpoint)
-    image = synthetic_image(tuple(mad.config.image_size))
+    image = synthetic_image(mad.config.image_size)
     ratios = schedules(mad, {})
     free(mad)
     out: dict[str, Any] = {"batches": {}, "skipped": {}}
@@ -159,9 +166,10 @@ def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, ech
             echo(f"  batch {batch} {name}: {fmt_ms(rows[name])}")
         base = median(rows.get("fp32", {}).get("total"))
         for row in rows.values():
-            if "total" in row:
-                row["speedup_vs_fp32"] = ratio(base, median(row["total"]))
-                row["images_per_s"] = batch / (median(row["total"]) / 1000)
+            total_ms = median(row.get("total"))
+            if total_ms:
+                row["speedup_vs_fp32"] = ratio(base, total_ms)
+                row["images_per_s"] = batch / (total_ms / 1000)
         out["batches"][str(batch)] = rows
     out["throughput_batch_vs_1"] = batch_gain(out["batches"])
     return out
@@ -197,7 +205,7 @@ def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
     torch.backends.cudnn.allow_tf32 = False
     mad, cpu = create_runner("torch", checkpoint, "cpu")
-    variants = {"fp32": {}}
+    variants: dict[str, dict[str, Any]] = {"fp32": {}}
     if settings.device.startswith("cuda"):
         variants["bf16"] = {"precision": "bf16"}
     batch = prepare_batch(images, mad.config.image_size)
@@ -247,28 +255,30 @@ def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
     return out
 
 
-def bin_px(config, size: tuple[int, int]) -> float:
+def bin_px(config: ModelConfig, size: tuple[int, int]) -> float:
     """Pixels of the original image per coordinate bin: the decoding's resolution, so one
     bin is the smallest difference a near-tie between two devices can make."""
     scale = min(config.image_size[0] / size[0], config.image_size[1] / size[1])
     return max(config.image_size) / config.num_bins / scale
 
 
-def compare_results(a, b, tolerance_px: float) -> dict[str, Any]:
+def compare_results(a: Result, b: Result, tolerance_px: float) -> dict[str, Any]:
     """Two pipeline results of one image -> what differs (coordinates within tolerance_px)."""
-    same_labels = (len(a.detections) == len(b.detections)
-                   and torch.equal(a.detections.labels, b.detections.labels))
-    box_diff = ((a.detections.boxes - b.detections.boxes).abs().max().item()
-                if same_labels and len(a.detections) else 0.0)
-    mask_diff = max((((ma > 0.5) != (mb > 0.5)).float().mean().item()
-                     for ma, mb in zip(a.masks or [], b.masks or [], strict=False)), default=0.0)
+    da, db = a.detections, b.detections
+    if da is None or db is None:
+        raise ValueError("parity compares results that include detection")
+    same_labels = len(da) == len(db) and torch.equal(da.labels, db.labels)
+    box_diff = (da.boxes - db.boxes).abs().max().item() if same_labels and len(da) else 0.0
+    mask_diff = max((torch.ne(ma > 0.5, mb > 0.5).float().mean().item()
+                     for ma, mb in zip(a.masks or [], b.masks or [], strict=False)
+                     if ma is not None and mb is not None), default=0.0)
     kp_diff = max(((ka[:, :2] - kb[:, :2]).abs().max().item()
                    for ka, kb in zip(a.keypoints or [], b.keypoints or [], strict=False)
                    if ka is not None and kb is not None), default=0.0)
     tolerance_px += 1e-4  # the bin size itself, up to rounding
     same = (same_labels and box_diff <= tolerance_px and mask_diff <= 0.005
             and kp_diff <= tolerance_px and a.caption == b.caption)
-    return {"same": same, "detections": [len(a.detections), len(b.detections)],
+    return {"same": same, "detections": [len(da), len(db)],
             "labels_equal": same_labels, "box_max_px": box_diff, "mask_pixels": mask_diff,
             "keypoint_max_px": kp_diff, "captions": [a.caption, b.caption]}
 
@@ -278,7 +288,7 @@ SECTIONS = ("parity", "r50", "bundled", "http")
 
 
 def run_check(device: str, quick: bool, out_dir: Path, budget_s: float | None = None,
-              skip: tuple[str, ...] = (), echo=print) -> dict[str, Any]:
+              skip: tuple[str, ...] = (), echo: Echo = print) -> dict[str, Any]:
     import tempfile
 
     from mad.bench.report import environment, now
@@ -290,7 +300,7 @@ def run_check(device: str, quick: bool, out_dir: Path, budget_s: float | None = 
                               "device": device_info(device), "environment": environment(ROOT),
                               "errors": {}, "skipped": {}, "seconds": {}}
 
-    def section(name: str, fn, minimum_s: float = 30) -> None:
+    def section(name: str, fn: Callable[[], dict[str, Any]], minimum_s: float = 30) -> None:
         if budget.left() < minimum_s:
             report["skipped"][name] = f"time budget ({settings.budget_s:.0f} s) spent"
             return
@@ -330,13 +340,13 @@ def run_check(device: str, quick: bool, out_dir: Path, budget_s: float | None = 
     return report
 
 
-def http_load(settings: CheckSettings, echo) -> dict[str, Any]:
+def http_load(settings: CheckSettings, echo: Echo) -> dict[str, Any]:
     """`mad serve` on the device (bf16 + CUDA graphs on a GPU), batching off and on."""
     from mad.bench.http_bench import http_benchmark
     from mad.bench.workload import BUNDLED_CHECKPOINT, jpeg_bytes, load_model, synthetic_image
 
     mad = load_model(BUNDLED_CHECKPOINT)
-    payload = jpeg_bytes(synthetic_image(tuple(mad.config.image_size)))
+    payload = jpeg_bytes(synthetic_image(mad.config.image_size))
     tasks = list(mad.config.tasks)
     free(mad)
     cuda = settings.device.startswith("cuda")

@@ -20,7 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -91,7 +93,7 @@ class Server:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -105,16 +107,18 @@ def form_fields(tasks: list[str], kept: int, refine: dict[str, int]) -> dict[str
 
 
 async def load(url: str, payload: bytes, fields: dict[str, str], concurrency: int,
-               max_requests: int, duration_s: float) -> dict:
+               max_requests: int, duration_s: float) -> dict[str, Any]:
     """`concurrency` closed-loop clients until `max_requests` were sent or `duration_s` is up
     -> latency percentiles, throughput, errors and the server's median stage timings."""
-    latencies, stage_ms, errors = [], {}, {}
+    latencies: list[float] = []
+    stage_ms: dict[str, list[float]] = {}
+    errors: dict[str, int] = {}
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         deadline = time.perf_counter() + duration_s
 
-        async def client_loop():
+        async def client_loop() -> None:
             nonlocal issued
             while issued < max_requests and time.perf_counter() < deadline:
                 issued += 1
@@ -153,13 +157,13 @@ def bench_request(payload: bytes, tasks: list[str], kept: int, refine: dict[str,
 
 
 def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
-               refine: dict[str, int], repeats: int, warmup: int) -> dict:
+               refine: dict[str, int], repeats: int, warmup: int) -> dict[str, Any]:
     """The same request through the Pipeline in this process (decoded image as the service
     decodes it): the model's share of a request."""
     request = bench_request(payload, tasks, kept, refine)
     for _ in range(warmup):
         pipeline([request])
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         pipeline([request])
@@ -168,21 +172,22 @@ def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
 
 
 def in_process_batching(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
-                        refine: dict[str, int], batch: int, repeats: int, warmup: int) -> dict:
+                        refine: dict[str, int], batch: int, repeats: int, warmup: int
+                        ) -> dict[str, Any]:
     """The ceiling on what dynamic batching can gain: `batch` requests run one by one vs as
     one batch, in this process (no HTTP). On a small CPU, per-image model cost does not fall
     with batch size, so neither can the service's throughput rise."""
     request = bench_request(payload, tasks, kept, refine)
 
-    def one_by_one():
+    def one_by_one() -> None:
         for _ in range(batch):
             pipeline([request])
 
-    timings = {}
+    timings: dict[str, dict[str, float]] = {}
     for name, run in (("one_by_one", one_by_one), ("batched", lambda: pipeline([request] * batch))):
         for _ in range(warmup):
             run()
-        times = []
+        times: list[float] = []
         for _ in range(max(1, repeats // batch)):
             start = time.perf_counter()
             run()
@@ -196,8 +201,9 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
                    tasks: list[str], kept: int, refine: dict[str, int],
                    concurrency: list[int], max_requests: int, duration_s: float,
                    repeats: int, warmup: int, export_dir: Path | None = None,
-                   batch_sizes: tuple[int, ...] = (1, 8), echo=print,
-                   runner_options: dict | None = None) -> dict:
+                   batch_sizes: tuple[int, ...] = (1, 8),
+                   echo: Callable[[str], object] = print,
+                   runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """runner_options: torch runner options (precision, compile, cuda_graphs) for the
     in-process baseline and, as MAD_* settings, for the server."""
     from service.model_cache import load_runner
@@ -214,7 +220,7 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     fields = form_fields(tasks, kept, refine)
-    modes = {}
+    modes: dict[str, Any] = {}
     for batch in batch_sizes:
         name = "batching_off" if batch == 1 else f"batching_{batch}"
         env = {"MAD_MAX_BATCH_SIZE": str(batch), "MAD_QUEUE_SIZE": str(4 * max(concurrency)),
@@ -222,7 +228,7 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
         echo(f"  starting mad serve (MAD_MAX_BATCH_SIZE={batch})")
         with Server(checkpoint, backend, device, env, export_dir) as server:
             asyncio.run(load(server.url, payload, fields, 1, max(warmup, 1), 60.0))  # warm
-            levels = {}
+            levels: dict[str, dict[str, Any]] = {}
             for c in concurrency:
                 result = asyncio.run(load(server.url, payload, fields, c, max_requests,
                                           duration_s))
@@ -235,22 +241,23 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
             "image_bytes": len(payload), "modes": modes, **summary(modes, pipeline_ms, concurrency)}
 
 
-def summary(modes: dict, pipeline_ms: dict, concurrency: list[int]) -> dict:
+def summary(modes: dict[str, Any], pipeline_ms: dict[str, float], concurrency: list[int]
+            ) -> dict[str, Any]:
     """Overhead share (concurrency 1, batching off) and batching's throughput gain at the
     highest concurrency measured."""
-    out = {}
+    out: dict[str, Any] = {}
     off = modes.get("batching_off", {}).get("levels", {})
     base = off.get("1") or (off[str(min(concurrency))] if off else None)
     if base and base["ok"]:
-        client = median(base["latency"])
-        model = median(pipeline_ms)
-        out["overhead"] = {
-            "client_median_ms": client, "pipeline_median_ms": model,
-            "overhead_ms": client - model, "share": (client - model) / client,
-            # Alternative from the server's own stage timings (image decoding counts as
-            # preprocess there, so this share leaves it out):
-            "share_from_timings": timings_share(base),
-        }
+        client, model = median(base["latency"]), median(pipeline_ms)
+        if client is not None and model is not None:
+            out["overhead"] = {
+                "client_median_ms": client, "pipeline_median_ms": model,
+                "overhead_ms": client - model, "share": (client - model) / client,
+                # Alternative from the server's own stage timings (image decoding counts as
+                # preprocess there, so this share leaves it out):
+                "share_from_timings": timings_share(base),
+            }
     top = str(max(concurrency))
     batched = [m for name, m in modes.items() if name != "batching_off"]
     if off.get(top) and batched and batched[-1]["levels"].get(top):
@@ -262,7 +269,7 @@ def summary(modes: dict, pipeline_ms: dict, concurrency: list[int]) -> dict:
     return out
 
 
-def timings_share(level: dict) -> float | None:
+def timings_share(level: dict[str, Any]) -> float | None:
     stages = level["server_timings_ms"]
     model = sum(v for k, v in stages.items()
                 if k not in ("queue", "postprocess", "total") and v is not None)

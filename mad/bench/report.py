@@ -11,6 +11,7 @@ import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,9 +23,9 @@ PACKAGES = ("mad-serve", "torch", "torchvision", "numpy", "pillow", "onnx", "onn
             "onnxruntime-gpu", "tensorrt", "timm", "fastapi", "uvicorn", "httpx")
 
 
-def git_commit(root: Path) -> dict:
+def git_commit(root: Path) -> dict[str, Any]:
     """Read-only git queries: the commit and whether tracked files differ from it."""
-    def git(*args):
+    def git(*args: str) -> str | None:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               timeout=10, check=False)
         return done.stdout.strip() if done.returncode == 0 else None
@@ -47,7 +48,7 @@ def memory_gib() -> float | None:
     return None
 
 
-def environment(root: Path) -> dict:
+def environment(root: Path) -> dict[str, Any]:
     versions = {}
     for name in PACKAGES:
         try:
@@ -74,7 +75,7 @@ def environment(root: Path) -> dict:
 
 
 # --- targets ------------------------------------------------------------------------------
-def targets(report: dict) -> list[dict]:
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets: reported, never asserted. `applies` says whether this run's
     conditions (device, preset, size) are the ones the target was set for."""
     s = report["settings"]
@@ -113,7 +114,7 @@ def _pct(share: float | None) -> float | None:
 
 
 # --- files --------------------------------------------------------------------------------
-def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     s = report["settings"]
     stamp = datetime.fromisoformat(report["created"]).strftime("%Y%m%d-%H%M%S")
@@ -128,7 +129,7 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def fmt(value, unit: str = "", digits: int = 1) -> str:
+def fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
     if value is None:
         return "–"
     if unit == "x":
@@ -136,18 +137,18 @@ def fmt(value, unit: str = "", digits: int = 1) -> str:
     return f"{value:.{digits}f}{' ' + unit if unit and unit != '%' else unit}"
 
 
-def table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def stats_cells(stats: dict | None) -> list[str]:
+def stats_cells(stats: dict[str, Any] | None) -> list[str]:
     stats = stats or {}
     return [fmt(stats.get(k)) for k in ("median_ms", "p90_ms", "p99_ms")]
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict[str, Any]) -> str:
     env, s = report["environment"], report["settings"]
     gpu = env["gpu"]["name"] if env.get("gpu") else "none"
     git = env["git"]
@@ -196,7 +197,7 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def backends_md(backends: dict) -> list[str]:
+def backends_md(backends: dict[str, Any]) -> list[str]:
     out = []
     if onnx := backends.get("onnx_vs_eager"):
         rows = [[name, *stats_cells(v)] for name, v in onnx["backends"].items()]
@@ -213,7 +214,7 @@ def backends_md(backends: dict) -> list[str]:
     return out
 
 
-def http_md(http: dict) -> list[str]:
+def http_md(http: dict[str, Any]) -> list[str]:
     if not http:
         return []
     rows = []

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ def percentile(values: Iterable[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summarize(seconds: list[float]) -> dict:
+def summarize(seconds: list[float]) -> dict[str, float]:
     """Seconds of repeated runs -> milliseconds: median, p90, p99, mean, min, max, n."""
     ms = [s * 1000 for s in seconds]
     if not ms:
@@ -45,7 +46,8 @@ def time_call(fn: Callable[[], object], device: str | torch.device | None = None
     return time.perf_counter() - start
 
 
-def measure(fn: Callable[[], object], repeats: int, warmup: int, device=None) -> dict:
+def measure(fn: Callable[[], object], repeats: int, warmup: int,
+            device: str | torch.device | None = None) -> dict[str, float]:
     """Run `fn` warmup times untimed (lazy init, allocator, autotuning), then `repeats` timed."""
     for _ in range(warmup):
         fn()
@@ -59,5 +61,5 @@ def ratio(slow: float | None, fast: float | None) -> float | None:
     return slow / fast
 
 
-def median(stats: dict | None) -> float | None:
+def median(stats: Mapping[str, Any] | None) -> float | None:
     return None if not stats else stats.get("median_ms")

@@ -75,7 +75,7 @@ def prepare_checkpoint(preset: str | None, checkpoint: Path | None,
         torch.manual_seed(0)
         config = get_preset(preset or "tiny")
         if image_size is not None:
-            config.image_size = tuple(image_size)
+            config.image_size = image_size
         mad = MAD.build(config, random_tokenizer(config.text_vocab_size))
         out = save_checkpoint(mad, workdir / f"random-{config.name}", step=0)
         return out, f"random weights, preset {config.name}"
@@ -100,7 +100,8 @@ def synthetic_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     from model.data.synth import render_synthetic_image
 
     pixels, _, _ = render_synthetic_image(np.random.default_rng(seed))
-    return Image.fromarray(pixels).convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+    return Image.fromarray(pixels).convert("RGB").resize((size[1], size[0]),
+                                                         Image.Resampling.BILINEAR)
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
@@ -109,7 +110,8 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def detection_prompts(mad: MAD, count: int, contexts: list[DecodeContext]):
+def detection_prompts(mad: MAD, count: int, contexts: list[DecodeContext]) -> tuple[
+        torch.Tensor, torch.Tensor, list[torch.Tensor], list[DecodeContext]]:
     """`count` boxes per image as if detected (a grid over the canvas, all persons so that
     keypoints run for each) -> (tokens [S, 5], image_index [S], pixel boxes, contexts [S])."""
     vocab = mad.vocab

@@ -5,11 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from service.dependencies import get_state, require_api_key
-from service.errors import APIError
+from service.dependencies import ModelDep, StateDep, require_api_key
 from service.metrics import CONTENT_TYPE
 from service.schemas import ErrorResponse, Health, ModelDescription, Readiness
-from service.state import ServiceState
 
 router = APIRouter()
 
@@ -21,7 +19,7 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, summary="Readiness: loaded, warm, not draining",
             responses={503: {"model": Readiness, "description": "Loading or draining."}})
-async def readyz(state: ServiceState = Depends(get_state)):
+async def readyz(state: StateDep) -> Readiness | JSONResponse:
     if state.draining:
         return JSONResponse(Readiness(status="draining").model_dump(), 503)
     if not state.ready:
@@ -31,15 +29,12 @@ async def readyz(state: ServiceState = Depends(get_state)):
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE: {}}}})
-async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/model", response_model=ModelDescription, summary="What is being served",
             dependencies=[Depends(require_api_key)],
             responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def model_description(state: ServiceState = Depends(get_state)) -> ModelDescription:
-    if state.description is None:
-        raise APIError(503, "not_ready", "the model is still loading",
-                       headers={"Retry-After": "1"})
-    return state.description
+async def model_description(model: ModelDep) -> ModelDescription:
+    return model.description

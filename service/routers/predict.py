@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +18,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from service.dependencies import get_ready_state, require_api_key
+from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
 from service.engine import Draining, QueueFull
 from service.errors import APIError
 from service.images import decode_image
@@ -28,7 +28,7 @@ from service.state import ServiceState
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
-ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+ERROR_TEXTS = {
     400: "The file is not a readable image.",
     401: "API key missing or wrong (only when the server has one).",
     413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
@@ -36,21 +36,23 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     422: "Unknown task, or a parameter out of range.",
     503: "Queue full, model loading, or shutting down: retry after Retry-After seconds.",
     504: "Not done within REQUEST_TIMEOUT_S.",
-}.items()}
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in ERROR_TEXTS.items()}
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
              responses=ERRORS, summary="Run the model on one image")
 async def predict(request: Request,
                   form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
-                  state: ServiceState = Depends(get_ready_state)):
+                  state: StateDep, engine: EngineDep, model: ModelDep) -> Response:
     """Detection, instance segmentation, person keypoints and captioning (the model's tasks)
     in one call.
 
     Segmentation and keypoints are prompted by detections, so asking for them runs (and
     returns) detection as well. `category_id` indexes the model's `class_names` (0-based).
     """
-    settings, config = state.settings, state.mad.config
+    settings, config = state.settings, model.mad.config
     arrived = request.state.arrived
     try:
         tasks = parse_tasks(form.tasks, config.tasks)
@@ -69,7 +71,7 @@ async def predict(request: Request,
 
     job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections, nms_iou)
     try:
-        job = state.engine.submit(job_request)
+        job = engine.submit(job_request)
     except QueueFull:
         raise APIError(503, "queue_full", "the server is at capacity; retry shortly",
                        headers={"Retry-After": "1"}) from None
@@ -93,8 +95,8 @@ async def predict(request: Request,
     stages = request_stages(result)
     stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
     timings = {"queue": job.queue_seconds, **stages}
-    response = await run_in_threadpool(build_response, result, state.model_ref,
-                                       state.mad.codecs, form.mask_format, timings)
+    response = await run_in_threadpool(build_response, result, model.description.ref(),
+                                       model.mad.codecs, form.mask_format, timings)
     end = time.perf_counter()
     response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
     response.timings_ms["total"] = round((end - arrived) * 1000, 3)
