@@ -224,7 +224,7 @@ class BenchRun:
         s = self.s
         self.checkpoint, source = prepare_checkpoint(s.preset, s.checkpoint, s.size, tmp)
         mad = load_model(self.checkpoint)
-        config, parameters = mad.config, sum(p.numel() for p in mad.network.parameters())
+        config, parameters = mad.config, sum(p.numel() for p in mad.required_network().parameters())
         self.refine = parse_refine_steps(s.refine, config.tasks)
         size = config.image_size
         self.payload = jpeg_bytes(synthetic_image(size))
