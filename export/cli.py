@@ -16,8 +16,9 @@ def export(
     simplify: bool = typer.Option(False, "--simplify/--no-simplify", help="Run onnxslim."),
     exporter: str = typer.Option("torchscript", help="torchscript or dynamo (needs onnxscript)."),
     max_batch: int = typer.Option(8, min=1, help="TensorRT: most images per call."),
-    max_sequences: int = typer.Option(0, min=0,
-                                      help="TensorRT: most sequences per call (0: auto)."),
+    max_sequences: int = typer.Option(
+        0, min=0, help="TensorRT: most sequences per call (0: auto)."
+    ),
     device: int = typer.Option(0, min=0, help="TensorRT: CUDA device to build for."),
 ) -> None:
     """Export the image encoder and the per-task decoders as ONNX graphs (dynamic batch,
@@ -35,13 +36,17 @@ def export(
     from export.onnx_export import export_onnx
 
     manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)
-    summary = {"out": str(out), "graphs": [manifest["graphs"]["encoder"]["file"]]
-               + [g["file"] for g in manifest["graphs"]["decoders"].values()],
-               "verification": manifest["verification"]}
+    summary = {
+        "out": str(out),
+        "graphs": [manifest["graphs"]["encoder"]["file"]]
+        + [g["file"] for g in manifest["graphs"]["decoders"].values()],
+        "verification": manifest["verification"],
+    }
     if format == "tensorrt":
         from export.tensorrt import Profile, build_engines
 
-        entry = build_engines(out, Profile(max_batch=max_batch, max_sequences=max_sequences),
-                              device)
+        entry = build_engines(
+            out, Profile(max_batch=max_batch, max_sequences=max_sequences), device
+        )
         summary["tensorrt"] = entry["engines"]
     typer.echo(json.dumps(summary, indent=2))

@@ -34,8 +34,10 @@ DECODER_AXES = {
     "logits": {0: "sequences", 1: "length"},
 }
 # The single-image decoder graph: batch fixed at 1, everything else as above.
-SINGLE_IMAGE_AXES = {name: {i: dim for i, dim in axes.items() if dim != "batch"}
-                     for name, axes in DECODER_AXES.items()}
+SINGLE_IMAGE_AXES = {
+    name: {i: dim for i, dim in axes.items() if dim != "batch"}
+    for name, axes in DECODER_AXES.items()
+}
 
 
 class EncoderGraph(nn.Module):
@@ -47,8 +49,9 @@ class EncoderGraph(nn.Module):
         self.network = network
         self.eval()  # a new Module trains by default, and the exporter restores that mode
 
-    def forward(self, images: torch.Tensor, pad_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, pad_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         memory = self.network.encode(images, pad_mask)
         keys = torch.stack([k for k, _ in memory.kv])
         values = torch.stack([v for _, v in memory.kv])
@@ -64,23 +67,32 @@ class DecoderGraph(nn.Module):
     `single_image` (batch fixed at 1) all sequences fold into one query row, a plain reshape,
     as eager decoding does: the common case of a service answering one image at a time."""
 
-    def __init__(self, network: MADNetwork, vocab_slice: tuple[int, int],
-                 single_image: bool = False):
+    def __init__(
+        self, network: MADNetwork, vocab_slice: tuple[int, int], single_image: bool = False
+    ):
         super().__init__()
         start, stop = vocab_slice  # a list, when read from a manifest
         self.network, self.vocab_slice = network, (start, stop)
         self.single_image = single_image
         self.eval()
 
-    def forward(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                tokens: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+    ) -> torch.Tensor:
         memory = ImageMemory(list(zip(keys.unbind(0), values.unbind(0), strict=True)), mask)
-        return self.network.decode(memory, tokens, image_index, self.vocab_slice,
-                                   fold=self.single_image)
+        return self.network.decode(
+            memory, tokens, image_index, self.vocab_slice, fold=self.single_image
+        )
 
 
-def example_inputs(network: MADNetwork, batch: int = 2, sequences: int = 3, length: int = 7
-                   ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+def example_inputs(
+    network: MADNetwork, batch: int = 2, sequences: int = 3, length: int = 7
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """Tracing inputs. For the general graphs batch and sequence count must be >= 2:
     `ImageMemory.select` branches on size 1 in Python, and the traced branch (gather the
     memory of each sequence) is the general one, exact for every size. The single-image

@@ -1,9 +1,9 @@
 """`export_onnx`: a checkpoint -> a self-contained export directory.
 
-    manifest.json             what the runtimes read (runtime/manifest.py, docs/export.md)
-    encoder.onnx              images + pad mask -> stacked cross-attention keys/values + mask
-    decoder_<task>.onnx       memory + tokens + image_index -> logits over the task's slice
-    config.json, tokenizer.model   copied from the checkpoint, for the codecs
+manifest.json             what the runtimes read (runtime/manifest.py, docs/export.md)
+encoder.onnx              images + pad mask -> stacked cross-attention keys/values + mask
+decoder_<task>.onnx       memory + tokens + image_index -> logits over the task's slice
+config.json, tokenizer.model   copied from the checkpoint, for the codecs
 """
 
 from __future__ import annotations
@@ -35,9 +35,14 @@ EXPORTERS = ("torchscript", "dynamo")
 VERIFY_TOLERANCE = 1e-3  # fp32 ONNX Runtime vs eager PyTorch, max abs logit difference
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
-                simplify: bool = False, exporter: str = "torchscript", verify: bool = True
-                ) -> dict[str, Any]:
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    opset: int = MIN_OPSET,
+    simplify: bool = False,
+    exporter: str = "torchscript",
+    verify: bool = True,
+) -> dict[str, Any]:
     """Export `checkpoint` into `out` and return the manifest written there.
 
     exporter "torchscript" (the default) is the legacy tracer; "dynamo" is torch.export and
@@ -56,20 +61,47 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
     encoder_example, decoder_example = g.example_inputs(network)
     single_example = g.example_inputs(network, batch=1)[1]
 
-    graphs = {"encoder": _export(g.EncoderGraph(network), encoder_example, out / "encoder.onnx",
-                                 g.ENCODER_INPUTS, g.ENCODER_OUTPUTS, g.ENCODER_AXES, opset,
-                                 exporter, simplify)}
+    graphs = {
+        "encoder": _export(
+            g.EncoderGraph(network),
+            encoder_example,
+            out / "encoder.onnx",
+            g.ENCODER_INPUTS,
+            g.ENCODER_OUTPUTS,
+            g.ENCODER_AXES,
+            opset,
+            exporter,
+            simplify,
+        )
+    }
     decoders = {}
     for task, codec in mad.codecs.items():
         path = out / f"decoder_{task}.onnx"
         graph = g.DecoderGraph(network, codec.vocab_slice())
-        decoders[task] = _export(graph, decoder_example, path, g.DECODER_INPUTS,
-                                 g.DECODER_OUTPUTS, g.DECODER_AXES, opset, exporter, simplify)
+        decoders[task] = _export(
+            graph,
+            decoder_example,
+            path,
+            g.DECODER_INPUTS,
+            g.DECODER_OUTPUTS,
+            g.DECODER_AXES,
+            opset,
+            exporter,
+            simplify,
+        )
         decoders[task].update(vocab_slice=list(codec.vocab_slice()), seq_len=codec.seq_len)
         single = g.DecoderGraph(network, codec.vocab_slice(), single_image=True)
         decoders[task]["single_image"] = _export(
-            single, single_example, out / f"decoder_{task}_single.onnx", g.DECODER_INPUTS,
-            g.DECODER_OUTPUTS, g.SINGLE_IMAGE_AXES, opset, exporter, simplify)
+            single,
+            single_example,
+            out / f"decoder_{task}_single.onnx",
+            g.DECODER_INPUTS,
+            g.DECODER_OUTPUTS,
+            g.SINGLE_IMAGE_AXES,
+            opset,
+            exporter,
+            simplify,
+        )
     graphs["decoders"] = decoders
 
     for name in (CONFIG, meta["tokenizer"]):
@@ -79,8 +111,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
         "format": FORMAT,
         "formats": ["onnx"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": checkpoint_digest(checkpoint),
-                       "step": meta.get("step")},
+        "checkpoint": {
+            "path": str(checkpoint.resolve()),
+            "sha256": checkpoint_digest(checkpoint),
+            "step": meta.get("step"),
+        },
         "model": mad.config.to_dict(),
         "config_file": CONFIG,
         "tokenizer_file": meta["tokenizer"],
@@ -88,9 +123,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
         "exporter": exporter,
         "simplified": simplify,
         "precision": "fp32",
-        "memory": {"layers": len(network.decoder), "heads": network.config.n_heads,
-                   "head_dim": network.config.d_model // network.config.n_heads,
-                   "stride": int(getattr(network.backbone, "stride", 0))},
+        "memory": {
+            "layers": len(network.decoder),
+            "heads": network.config.n_heads,
+            "head_dim": network.config.d_model // network.config.n_heads,
+            "stride": int(getattr(network.backbone, "stride", 0)),
+        },
         "graphs": graphs,
         "versions": versions(),
     }
@@ -100,9 +138,17 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET,
     return manifest
 
 
-def _export(module: torch.nn.Module, args: tuple[torch.Tensor | None, ...], path: Path,
-            inputs: Sequence[str], outputs: Sequence[str], axes: dict[str, dict[int, str]],
-            opset: int, exporter: str, simplify: bool) -> dict[str, Any]:
+def _export(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor | None, ...],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+    exporter: str,
+    simplify: bool,
+) -> dict[str, Any]:
     import onnx
 
     with warnings.catch_warnings():
@@ -117,17 +163,30 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor | None, ...], path
                 raise RuntimeError("the dynamo exporter needs `pip install onnxscript`") from e
             dim = torch.export.Dim.DYNAMIC
             shapes = tuple({i: dim for i in axes.get(name, {})} for name in inputs)
-            program = torch.onnx.export(module, args, dynamo=True, input_names=list(inputs),
-                                        output_names=list(outputs), opset_version=opset,
-                                        dynamic_shapes=shapes)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=list(inputs),
+                output_names=list(outputs),
+                opset_version=opset,
+                dynamic_shapes=shapes,
+            )
             if program is None:  # only the legacy exporter returns none
                 raise RuntimeError(f"the dynamo exporter returned no program for {path.name}")
             program.save(str(path), external_data=False)
         else:
-            torch.onnx.export(module, args, str(path), dynamo=False, input_names=list(inputs),
-                              output_names=list(outputs), opset_version=opset,
-                              dynamic_axes={k: v for k, v in axes.items()},
-                              do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=list(inputs),
+                output_names=list(outputs),
+                opset_version=opset,
+                dynamic_axes={k: v for k, v in axes.items()},
+                do_constant_folding=True,
+            )
     if simplify:
         import onnxslim
 
@@ -145,17 +204,22 @@ def graph_io(model: onnx.ModelProto) -> dict[str, Any]:
     from onnx.helper import tensor_dtype_to_np_dtype
 
     def describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
-        return [{"name": v.name,
-                 "dtype": str(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
-                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
-                for v in values]
+        return [
+            {
+                "name": v.name,
+                "dtype": str(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
 @torch.no_grad()
-def verify_export(out: Path, manifest: dict[str, Any], network: MADNetwork,
-                  codecs: dict[str, TaskCodec]) -> dict[str, Any]:
+def verify_export(
+    out: Path, manifest: dict[str, Any], network: MADNetwork, codecs: dict[str, TaskCodec]
+) -> dict[str, Any]:
     """ONNX Runtime (CPU, fp32) vs eager at batch 3, 5 sequences and an image size other than
     the tracing example's, so the dynamic axes are exercised, not just declared."""
     import onnxruntime as ort
@@ -167,43 +231,79 @@ def verify_export(out: Path, manifest: dict[str, Any], network: MADNetwork,
     memory = network.encode(images, pad_mask)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    encoder = ort.InferenceSession(str(out / manifest["graphs"]["encoder"]["file"]), options,
-                                   providers=["CPUExecutionProvider"])
-    keys, values, mask = encoder.run(None, {"images": images.numpy(),
-                                            "pad_mask": pad_mask.numpy()})
+    encoder = ort.InferenceSession(
+        str(out / manifest["graphs"]["encoder"]["file"]),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+    keys, values, mask = encoder.run(None, {"images": images.numpy(), "pad_mask": pad_mask.numpy()})
     worst = 0.0
     for task, graph in manifest["graphs"]["decoders"].items():
         tokens = torch.randint(0, network.vocab.size, (5, codecs[task].seq_len))
         index = torch.tensor([2, 0, 1, 2, 0])
         expected = network.decode(memory, tokens, index, tuple(graph["vocab_slice"])).numpy()
-        session = ort.InferenceSession(str(out / graph["file"]), options,
-                                       providers=["CPUExecutionProvider"])
-        (logits,) = session.run(None, {"keys": keys, "values": values, "mask": mask,
-                                       "tokens": tokens.numpy(), "image_index": index.numpy()})
+        session = ort.InferenceSession(
+            str(out / graph["file"]), options, providers=["CPUExecutionProvider"]
+        )
+        (logits,) = session.run(
+            None,
+            {
+                "keys": keys,
+                "values": values,
+                "mask": mask,
+                "tokens": tokens.numpy(),
+                "image_index": index.numpy(),
+            },
+        )
         worst = max(worst, float(np.abs(logits - expected).max()))
         if "single_image" in graph:  # image 1 alone (the letterboxed one), 5 sequences
-            alone = ImageMemory([(k[1:2], v[1:2]) for k, v in memory.kv],
-                                None if memory.mask is None else memory.mask[1:2])
+            alone = ImageMemory(
+                [(k[1:2], v[1:2]) for k, v in memory.kv],
+                None if memory.mask is None else memory.mask[1:2],
+            )
             zero = torch.zeros(5, dtype=torch.long)
             expected = network.decode(alone, tokens, zero, tuple(graph["vocab_slice"])).numpy()
-            session = ort.InferenceSession(str(out / graph["single_image"]["file"]), options,
-                                           providers=["CPUExecutionProvider"])
-            feed = {"keys": keys[:, 1:2], "values": values[:, 1:2], "mask": mask[1:2],
-                    "tokens": tokens.numpy(), "image_index": zero.numpy()}
+            session = ort.InferenceSession(
+                str(out / graph["single_image"]["file"]),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            feed = {
+                "keys": keys[:, 1:2],
+                "values": values[:, 1:2],
+                "mask": mask[1:2],
+                "tokens": tokens.numpy(),
+                "image_index": zero.numpy(),
+            }
             names = {i.name for i in session.get_inputs()}  # one image: image_index is dropped
             (logits,) = session.run(None, {k: v for k, v in feed.items() if k in names})
             worst = max(worst, float(np.abs(logits - expected).max()))
     if worst > VERIFY_TOLERANCE:
-        raise RuntimeError(f"exported graphs differ from PyTorch by {worst:.2e} "
-                           f"(tolerance {VERIFY_TOLERANCE})")
-    return {"max_abs_logit_diff": worst, "tolerance": VERIFY_TOLERANCE, "batch": 3,
-            "sequences": 5, "image_size": [height - 16, width + 16], "provider": "CPU"}
+        raise RuntimeError(
+            f"exported graphs differ from PyTorch by {worst:.2e} (tolerance {VERIFY_TOLERANCE})"
+        )
+    return {
+        "max_abs_logit_diff": worst,
+        "tolerance": VERIFY_TOLERANCE,
+        "batch": 3,
+        "sequences": 5,
+        "image_size": [height - 16, width + 16],
+        "provider": "CPU",
+    }
 
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in ("mad-serve", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim",
-                    "onnxscript", "tensorrt"):
+    for package in (
+        "mad-serve",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxslim",
+        "onnxscript",
+        "tensorrt",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
     return found

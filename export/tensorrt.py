@@ -39,13 +39,22 @@ class Profile:
         canvas, slots = model["image_size"], model["num_slots"]
         max_sequences = self.max_sequences or self.max_batch * slots
         min_h, min_w = self.min_image
-        return Profile(self.max_batch, min(self.opt_batch, self.max_batch), max_sequences,
-                       min(self.opt_sequences or slots, max_sequences),
-                       (min_h, min_w) if min_h and min_w else (canvas[0] // 2, canvas[1] // 2))
+        return Profile(
+            self.max_batch,
+            min(self.opt_batch, self.max_batch),
+            max_sequences,
+            min(self.opt_sequences or slots, max_sequences),
+            (min_h, min_w) if min_h and min_w else (canvas[0] // 2, canvas[1] // 2),
+        )
 
 
-def build_engines(export_dir: str | Path, profile: Profile | None = None, device_index: int = 0,
-                  workspace_gib: float = 4.0, rebuild: bool = False) -> dict[str, Any]:
+def build_engines(
+    export_dir: str | Path,
+    profile: Profile | None = None,
+    device_index: int = 0,
+    workspace_gib: float = 4.0,
+    rebuild: bool = False,
+) -> dict[str, Any]:
     """Build (or find cached) FP16 engines for this GPU -> the manifest's tensorrt entry."""
     trt = import_tensorrt()
     export_dir = Path(export_dir)
@@ -53,8 +62,12 @@ def build_engines(export_dir: str | Path, profile: Profile | None = None, device
     profile = (profile or Profile()).resolved(manifest["model"])
     key = cache_key(trt, device_index)
     entry = manifest.get("tensorrt", {}).get(key)
-    if (entry and not rebuild and entry["profile"] == _jsonable(profile)
-            and all((export_dir / f).is_file() for f in entry["engines"].values())):
+    if (
+        entry
+        and not rebuild
+        and entry["profile"] == _jsonable(profile)
+        and all((export_dir / f).is_file() for f in entry["engines"].values())
+    ):
         return entry
     torch.cuda.set_device(device_index)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -63,29 +76,56 @@ def build_engines(export_dir: str | Path, profile: Profile | None = None, device
     graphs, model = manifest["graphs"], manifest["model"]
     height, width = model["image_size"]
     (min_h, min_w), b = profile.min_image, profile
-    shapes: dict[str, list[Shape]] = {"images": [
-        (1, 3, min_h, min_w), (b.opt_batch, 3, height, width), (b.max_batch, 3, height, width)]}
+    shapes: dict[str, list[Shape]] = {
+        "images": [
+            (1, 3, min_h, min_w),
+            (b.opt_batch, 3, height, width),
+            (b.max_batch, 3, height, width),
+        ]
+    }
     shapes["pad_mask"] = [(s[0], *s[2:]) for s in shapes["images"]]
-    engines = {"encoder": _build(trt, logger, export_dir / graphs["encoder"]["file"],
-                                 out / "encoder.engine", shapes, workspace_gib)}
+    engines = {
+        "encoder": _build(
+            trt,
+            logger,
+            export_dir / graphs["encoder"]["file"],
+            out / "encoder.engine",
+            shapes,
+            workspace_gib,
+        )
+    }
     features = _feature_counts(trt, logger, out / "encoder.engine", shapes)
     memory = manifest["memory"]
     for task, graph in graphs["decoders"].items():
         batches = (1, b.opt_batch, b.max_batch)
         seqs, length = (1, b.opt_sequences, b.max_sequences), graph["seq_len"]
-        kv: list[Shape] = [(memory["layers"], n, memory["heads"], f, memory["head_dim"])
-                           for n, f in zip(batches, features, strict=True)]
-        shapes = {"keys": kv, "values": kv,
-                  "mask": [(n, 1, 1, f) for n, f in zip(batches, features, strict=True)],
-                  "tokens": [(1, 1), (seqs[1], length), (seqs[2], length)],
-                  "image_index": [(s,) for s in seqs]}
-        engines[task] = _build(trt, logger, export_dir / graph["file"],
-                               out / f"decoder_{task}.engine", shapes, workspace_gib)
-    entry = {"precision": "fp16", "tensorrt": trt.__version__,
-             "gpu": torch.cuda.get_device_name(device_index), "profile": _jsonable(profile),
-             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "engines": {name: str(path.relative_to(export_dir))
-                         for name, path in engines.items()}}
+        kv: list[Shape] = [
+            (memory["layers"], n, memory["heads"], f, memory["head_dim"])
+            for n, f in zip(batches, features, strict=True)
+        ]
+        shapes = {
+            "keys": kv,
+            "values": kv,
+            "mask": [(n, 1, 1, f) for n, f in zip(batches, features, strict=True)],
+            "tokens": [(1, 1), (seqs[1], length), (seqs[2], length)],
+            "image_index": [(s,) for s in seqs],
+        }
+        engines[task] = _build(
+            trt,
+            logger,
+            export_dir / graph["file"],
+            out / f"decoder_{task}.engine",
+            shapes,
+            workspace_gib,
+        )
+    entry = {
+        "precision": "fp16",
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(device_index),
+        "profile": _jsonable(profile),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "engines": {name: str(path.relative_to(export_dir)) for name, path in engines.items()},
+    }
     manifest = read_manifest(export_dir)  # re-read: another key may have been added meanwhile
     manifest.setdefault("tensorrt", {})[key] = entry
     manifest["formats"] = sorted(set(manifest["formats"]) | {"tensorrt"})
@@ -97,8 +137,14 @@ def _jsonable(profile: Profile) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(profile).items()}
 
 
-def _build(trt: Any, logger: Any, onnx_path: Path, engine_path: Path,
-           shapes: dict[str, list[Shape]], workspace_gib: float) -> Path:
+def _build(
+    trt: Any,
+    logger: Any,
+    onnx_path: Path,
+    engine_path: Path,
+    shapes: dict[str, list[Shape]],
+    workspace_gib: float,
+) -> Path:
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
@@ -119,8 +165,9 @@ def _build(trt: Any, logger: Any, onnx_path: Path, engine_path: Path,
     return engine_path
 
 
-def _feature_counts(trt: Any, logger: Any, engine_path: Path, shapes: dict[str, list[Shape]]
-                    ) -> list[int]:
+def _feature_counts(
+    trt: Any, logger: Any, engine_path: Path, shapes: dict[str, list[Shape]]
+) -> list[int]:
     """Image features N at the min/opt/max image sizes, as the built encoder computes them
     (no stride arithmetic to get wrong for a new backbone)."""
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())

@@ -13,8 +13,11 @@ from mad.bench.cli import bench
 from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
 from service.cli import predict, request_error, serve
 
-app = typer.Typer(help="MAD Serve: the Masked AutoDecoder vision generalist.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="MAD Serve: the Masked AutoDecoder vision generalist.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.command()(serve)
@@ -73,8 +76,11 @@ def train(
     val_split: str = typer.Option("val2017"),
     tokenizer: Path | None = typer.Option(None, help="SentencePiece .model; else trained."),
     text_vocab_size: int | None = typer.Option(
-        None, min=8, help="Pieces of the trained tokenizer (default: the preset's, "
-        "11421 for r50/swin-b/vit-b as the reference, 256 for tiny; or --set's)."),
+        None,
+        min=8,
+        help="Pieces of the trained tokenizer (default: the preset's, "
+        "11421 for r50/swin-b/vit-b as the reference, 256 for tiny; or --set's).",
+    ),
     tokenizer_type: str = typer.Option("word", help="Trained tokenizer: word, unigram, bpe."),
     resume: Path | None = typer.Option(None, help="Checkpoint to resume exactly."),
     init: Path | None = typer.Option(None, help="Checkpoint to start from (new optimizer)."),
@@ -89,19 +95,40 @@ def train(
     from model.train import train as run_training
 
     if tokenizer_type not in MODEL_TYPES:
-        raise typer.BadParameter(f"choose one of {', '.join(MODEL_TYPES)}",
-                                 param_hint="--tokenizer-type")
+        raise typer.BadParameter(
+            f"choose one of {', '.join(MODEL_TYPES)}", param_hint="--tokenizer-type"
+        )
 
-    run_training(TrainConfig(
-        data=data, out=out, preset=preset, split=split, val_split=val_split, steps=steps,
-        stop_at=stop_at,
-        batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
-        weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
-        workers=workers, device=device, amp=amp, seed=seed, tokenizer=tokenizer,
-        text_vocab_size=text_vocab_size, tokenizer_type=tokenizer_type,
-        resume=resume, init=init, save_every=save_every, eval_every=eval_every,
-        eval_images=eval_images, overrides=parse_overrides(set_),
-    ))  # fmt: skip
+    run_training(
+        TrainConfig(
+            data=data,
+            out=out,
+            preset=preset,
+            split=split,
+            val_split=val_split,
+            steps=steps,
+            stop_at=stop_at,
+            batch_size=batch_size,
+            lr=lr,
+            backbone_lr_scale=backbone_lr_scale,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+            workers=workers,
+            device=device,
+            amp=amp,
+            seed=seed,
+            tokenizer=tokenizer,
+            text_vocab_size=text_vocab_size,
+            tokenizer_type=tokenizer_type,
+            resume=resume,
+            init=init,
+            save_every=save_every,
+            eval_every=eval_every,
+            eval_images=eval_images,
+            overrides=parse_overrides(set_),
+        )
+    )
 
 
 @app.command("eval")
@@ -109,15 +136,18 @@ def evaluate_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     split: str = typer.Option("val2017"),
-    refine: list[str] = typer.Option([], help="Refinement steps: K for all, or task:K "
-                                     "(comma-separated or repeated)."),
-    task: list[str] = typer.Option([], help="Evaluate only these tasks (comma-separated or "
-                                   "repeated; default all)."),
+    refine: list[str] = typer.Option(
+        [], help="Refinement steps: K for all, or task:K (comma-separated or repeated)."
+    ),
+    task: list[str] = typer.Option(
+        [], help="Evaluate only these tasks (comma-separated or repeated; default all)."
+    ),
     limit: int | None = typer.Option(None, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("cpu"),
-    nms_iou: float | None = typer.Option(None, help="Class-wise NMS IoU, 0..1 (1: off; "
-                                         "default: the checkpoint's)."),
+    nms_iou: float | None = typer.Option(
+        None, help="Class-wise NMS IoU, 0..1 (1: off; default: the checkpoint's)."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
     """Each task's metrics: COCO AP (bbox, segm, keypoints via pycocotools), caption BLEU-4
@@ -132,28 +162,38 @@ def evaluate_command(
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
-    metrics = evaluate(mad, data, split, device, steps, limit, batch_size, tasks=tasks,
-                       nms_iou=nms_iou)
+    metrics = evaluate(
+        mad, data, split, device, steps, limit, batch_size, tasks=tasks, nms_iou=nms_iou
+    )
     typer.echo(format_table(metrics))
     if json_out:
-        report = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
-                  "refine_steps": steps, "nms_iou": mad.config.nms_iou if nms_iou is None
-                  else nms_iou, "metrics": metrics}
+        report = {
+            "checkpoint": str(checkpoint),
+            "data": str(data),
+            "split": split,
+            "refine_steps": steps,
+            "nms_iou": mad.config.nms_iou if nms_iou is None else nms_iou,
+            "metrics": metrics,
+        }
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @app.command("tune")
 def tune_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
-    data: Path = typer.Option(..., help="Held-out data in the COCO 2017 layout: not the "
-                              "images you will report results on."),
+    data: Path = typer.Option(
+        ...,
+        help="Held-out data in the COCO 2017 layout: not the images you will report results on.",
+    ),
     split: str = typer.Option("val2017"),
-    task: list[str] = typer.Option([], help="Tune only these tasks (comma-separated or "
-                                   "repeated; default all)."),
+    task: list[str] = typer.Option(
+        [], help="Tune only these tasks (comma-separated or repeated; default all)."
+    ),
     limit: int | None = typer.Option(200, help="Score on the first N images."),
     max_steps: int = typer.Option(4, min=0, help="Longest schedule tried."),
-    tolerance: float = typer.Option(0.003, min=0.0,
-                                    help="Take the shortest schedule this close to the best."),
+    tolerance: float = typer.Option(
+        0.003, min=0.0, help="Take the shortest schedule this close to the best."
+    ),
     device: str = typer.Option("cpu"),
     write: bool = typer.Option(False, help="Store the chosen schedules in the checkpoint."),
 ) -> None:
@@ -172,15 +212,22 @@ def tune_command(
         metric = mad.codecs[name].metric
         typer.echo(f"{name:<13} {trial.ratios!s:<34} {metric} {trial.score:.4f}")
 
-    trials = tune_schedules(mad, data, split, tasks, limit, device, max_steps, tolerance,
-                            report)
+    trials = tune_schedules(mad, data, split, tasks, limit, device, max_steps, tolerance, report)
     for name in trials:
         typer.echo(f"{name}: {before.get(name, [])} -> {mad.config.schedules[name]}")
     if write:
-        write_schedules(checkpoint, mad.config.schedules, data=str(data), split=split,
-                        images=limit, tolerance=tolerance,
-                        scores={name: [[t.ratios, round(t.score, 5)] for t in tried]
-                                for name, tried in trials.items()})
+        write_schedules(
+            checkpoint,
+            mad.config.schedules,
+            data=str(data),
+            split=split,
+            images=limit,
+            tolerance=tolerance,
+            scores={
+                name: [[t.ratios, round(t.score, 5)] for t in tried]
+                for name, tried in trials.items()
+            },
+        )
         typer.echo(f"wrote the schedules to {checkpoint}")
 
 

@@ -17,9 +17,14 @@ from model.network import ImageMemory, MADNetwork
 
 
 @torch.inference_mode()
-def autoregressive_decode(network: MADNetwork, memory: ImageMemory, codec: TaskCodec,
-                          prompts: torch.Tensor, image_index: torch.Tensor,
-                          use_cache: bool = True) -> torch.Tensor:
+def autoregressive_decode(
+    network: MADNetwork,
+    memory: ImageMemory,
+    codec: TaskCodec,
+    prompts: torch.Tensor,
+    image_index: torch.Tensor,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """prompts [S, P] -> generated body tokens [S, L], greedy, one token per decoder pass."""
     constraint = codec.constraint().to(prompts.device)
     vocab_slice = codec.vocab_slice()
@@ -31,8 +36,9 @@ def autoregressive_decode(network: MADNetwork, memory: ImageMemory, codec: TaskC
             token = codec.to_global((logits[:, -1] + constraint[i]).argmax(-1, keepdim=True))
             body.append(token)
             if i + 1 < codec.body_len:
-                logits, cache = network.decode_step(memory, token, prompts.shape[1] + i, cache,
-                                                     vocab_slice)
+                logits, cache = network.decode_step(
+                    memory, token, prompts.shape[1] + i, cache, vocab_slice
+                )
     else:
         tokens = prompts
         for i in range(codec.body_len):

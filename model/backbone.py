@@ -14,9 +14,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from model.config import ModelConfig
 
 RESNET_CHANNELS = {
-    "resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
-    "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048),
-}  # fmt: skip
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
 
 
 def load_local_weights(module: nn.Module, path: str | Path) -> None:
@@ -71,8 +73,9 @@ class TimmBackbone(Backbone):
             kwargs["dynamic_img_size"] = True
         elif name.startswith("swin"):
             kwargs["strict_img_size"] = False
-        self.net = timm.create_model(name, pretrained=False, features_only=True,
-                                     out_indices=(-1,), **kwargs)
+        self.net = timm.create_model(
+            name, pretrained=False, features_only=True, out_indices=(-1,), **kwargs
+        )
         if weights:
             load_local_weights(self.net, weights)
         info = self.net.feature_info
@@ -92,5 +95,9 @@ def build_backbone(config: ModelConfig) -> Backbone:
         return TimmBackbone(config.backbone[5:], config.image_size, config.backbone_weights)
     if config.backbone not in RESNET_CHANNELS:
         raise ValueError(f"unknown backbone {config.backbone!r}")
-    return ResNetBackbone(config.backbone, config.backbone_last_stage, config.frozen_batchnorm,
-                          config.backbone_weights)
+    return ResNetBackbone(
+        config.backbone,
+        config.backbone_last_stage,
+        config.frozen_batchnorm,
+        config.backbone_weights,
+    )

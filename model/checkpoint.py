@@ -40,8 +40,10 @@ class MAD:
     def required_network(self) -> MADNetwork:
         """The network, for what runs it in this process (a checkpoint's bundle has one)."""
         if self.network is None:
-            raise ValueError("this model bundle has no network: it was loaded from an export, "
-                             "whose weights live in the graphs; load the checkpoint instead")
+            raise ValueError(
+                "this model bundle has no network: it was loaded from an export, "
+                "whose weights live in the graphs; load the checkpoint instead"
+            )
         return self.network
 
     @classmethod
@@ -55,8 +57,7 @@ class MAD:
         return cls(config, vocab, tokenizer, codecs, MADNetwork(config, vocab, max_len))
 
 
-def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0,
-                    **metadata: Any) -> Path:
+def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata: Any) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     network = mad.required_network()
@@ -88,8 +89,9 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def write_schedules(directory: str | Path, schedules: dict[str, list[float]],
-                    **provenance: Any) -> None:
+def write_schedules(
+    directory: str | Path, schedules: dict[str, list[float]], **provenance: Any
+) -> None:
     """Replace a checkpoint's default refinement schedules in its config.json; the weights
     are untouched. `provenance` (how they were chosen) is stored beside them."""
     directory = Path(directory)
@@ -101,8 +103,9 @@ def write_schedules(directory: str | Path, schedules: dict[str, list[float]],
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[MAD, dict[str, Any]]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MAD, dict[str, Any]]:
     """Rebuild a model from a checkpoint directory -> (model in eval mode, config.json)."""
     directory = Path(directory)
     meta = read_checkpoint_config(directory)

@@ -31,8 +31,13 @@ class Runner(Protocol[Memory]):
         """images [B, 3, H, W] float, pad_mask [B, H, W] bool -> the encoded batch."""
         ...
 
-    def decode(self, memory: Memory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        memory: Memory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+    ) -> torch.Tensor:
         """tokens [S, T] of images image_index [S] -> float logits [S, T, V_slice]."""
         ...
 
@@ -100,9 +105,14 @@ def content_noise(predicted: torch.Tensor, step: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def masked_decode(runner: Runner[Memory], memory: Memory, codec: TaskCodec,
-                  prompts: torch.Tensor, image_index: torch.Tensor, ratios: list[float]
-                  ) -> torch.Tensor:
+def masked_decode(
+    runner: Runner[Memory],
+    memory: Memory,
+    codec: TaskCodec,
+    prompts: torch.Tensor,
+    image_index: torch.Tensor,
+    ratios: list[float],
+) -> torch.Tensor:
     """prompts [S, P] of images image_index [S] -> body logits [S, L, V_slice] after
     len(ratios) refinement steps; each position's logits restricted to the ids it may take."""
     P, L = prompts.shape[1], codec.body_len

@@ -79,8 +79,9 @@ class GroundTruth:
         return sorted(self.instances.getCatIds())
 
 
-def coco_ap(gt: COCO | None, results: list[dict], iou_type: str, image_ids: list[int]
-            ) -> list[float]:
+def coco_ap(
+    gt: COCO | None, results: list[dict], iou_type: str, image_ids: list[int]
+) -> list[float]:
     """COCOeval stats (AP, AP50, AP75, ...) or zeros when there is nothing to compare."""
     if gt is None or not results:
         return [0.0] * 3
@@ -98,8 +99,14 @@ class CocoAP:
     """COCOeval AP of one per-detection output. `values(result)` gives each detection's COCO
     value (a bbox, an RLE, keypoints) or None; `names` name AP, AP50, AP75 (a prefix of them)."""
 
-    def __init__(self, truth: GroundTruth, gt: COCO | None, iou_type: str,
-                 values: Callable[[Result], Sequence[Any | None]], names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        truth: GroundTruth,
+        gt: COCO | None,
+        iou_type: str,
+        values: Callable[[Result], Sequence[Any | None]],
+        names: Sequence[str],
+    ) -> None:
         self.truth, self.gt, self.iou_type = truth, gt, iou_type
         self.values, self.names = values, names
         self.entries: list[dict[str, Any]] = []
@@ -108,11 +115,14 @@ class CocoAP:
         dets = result.required_detections()
         for j, value in enumerate(self.values(result)):
             if value is not None:
-                self.entries.append({
-                    "image_id": image_id, "score": float(dets.scores[j]),
-                    "category_id": self.truth.category_ids[int(dets.labels[j])],
-                    COCO_RESULT_KEY[self.iou_type]: value,
-                })  # fmt: skip
+                self.entries.append(
+                    {
+                        "image_id": image_id,
+                        "score": float(dets.scores[j]),
+                        "category_id": self.truth.category_ids[int(dets.labels[j])],
+                        COCO_RESULT_KEY[self.iou_type]: value,
+                    }
+                )
 
     def summarize(self) -> dict[str, float]:
         stats = coco_ap(self.gt, self.entries, self.iou_type, self.truth.image_ids)
@@ -124,8 +134,7 @@ def caption_bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
     if not hypotheses:
         return 0.0
     width = max(len(r) for r in references)
-    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references]
-               for i in range(width)]
+    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
     return sacrebleu.corpus_bleu(hypotheses, streams).score / 100.0
 
 
@@ -147,11 +156,18 @@ class CaptionBLEU:
         return {self.name: caption_bleu4(self.hypotheses, self.references)}
 
 
-def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
-             refine_steps: dict[str, int] | None = None, limit: int | None = None,
-             batch_size: int = 8, score_threshold: float = 0.05,
-             tasks: tuple[str, ...] | None = None, nms_iou: float | None = None
-             ) -> dict[str, float]:
+def evaluate(
+    mad: MAD,
+    data: Path,
+    split: str = "val2017",
+    device: str = "cpu",
+    refine_steps: dict[str, int] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    score_threshold: float = 0.05,
+    tasks: tuple[str, ...] | None = None,
+    nms_iou: float | None = None,
+) -> dict[str, float]:
     """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
     bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts."""
     truth = GroundTruth.load(Path(data), split, limit)
@@ -160,10 +176,17 @@ def evaluate(mad: MAD, data: Path, split: str = "val2017", device: str = "cpu",
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
     for start in range(0, len(truth.image_ids), batch_size):
         chunk = truth.image_ids[start : start + batch_size]
-        requests = [Request(truth.image(image_id).convert("RGB"), tasks,
-                            dict(refine_steps or {}), score_threshold, mad.config.num_slots,
-                            nms_iou)
-                    for image_id in chunk]
+        requests = [
+            Request(
+                truth.image(image_id).convert("RGB"),
+                tasks,
+                dict(refine_steps or {}),
+                score_threshold,
+                mad.config.num_slots,
+                nms_iou,
+            )
+            for image_id in chunk
+        ]
         for image_id, result in zip(chunk, pipeline(requests), strict=True):
             for evaluator in evaluators:
                 evaluator.add(image_id, result)

@@ -35,13 +35,13 @@ class ImageGroups:
         order = torch.argsort(image_index, stable=True)
         starts = counts.cumsum(0) - counts
         rank = torch.empty_like(image_index)
-        rank[order] = torch.arange(len(image_index), device=image_index.device) - starts[
-            image_index[order]]
+        rank[order] = (
+            torch.arange(len(image_index), device=image_index.device) - starts[image_index[order]]
+        )
         return cls(image_index, rank, batch, int(counts.max()) if len(image_index) else 0)
 
     @classmethod
-    def one_image(cls, sequences: int, device: torch.device | str | None = None
-                  ) -> ImageGroups:
+    def one_image(cls, sequences: int, device: torch.device | str | None = None) -> ImageGroups:
         index = torch.zeros(sequences, dtype=torch.long, device=device)
         return cls(index, torch.arange(sequences, device=device), 1, sequences)
 

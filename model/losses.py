@@ -12,8 +12,9 @@ from model.codecs import TaskCodec, TrainSequences
 from model.network import MADNetwork
 
 
-def sequence_loss(layer_logits: torch.Tensor, seqs: TrainSequences, codec: TaskCodec
-                  ) -> torch.Tensor:
+def sequence_loss(
+    layer_logits: torch.Tensor, seqs: TrainSequences, codec: TaskCodec
+) -> torch.Tensor:
     """layer_logits [layers, S, T, V_slice] -> summed over layers of the mean cross-entropy of
     the tokens that carry weight (masked ones), targets assigned per layer by the codec."""
     total = layer_logits.new_zeros((), dtype=torch.float)
@@ -25,22 +26,28 @@ def sequence_loss(layer_logits: torch.Tensor, seqs: TrainSequences, codec: TaskC
     return total
 
 
-def masked_training_losses(network: MADNetwork | DistributedDataParallel, images: torch.Tensor,
-                           pad_mask: torch.Tensor, sequences: dict[str, TrainSequences],
-                           codecs: dict[str, TaskCodec]
-                           ) -> dict[str, torch.Tensor]:
+def masked_training_losses(
+    network: MADNetwork | DistributedDataParallel,
+    images: torch.Tensor,
+    pad_mask: torch.Tensor,
+    sequences: dict[str, TrainSequences],
+    codecs: dict[str, TaskCodec],
+) -> dict[str, torch.Tensor]:
     """Encode the images once, decode every task's sequences -> unweighted loss per task
     (tasks with no sequences in this batch are left out). `network` may be DDP-wrapped."""
     present = {name: seqs for name, seqs in sequences.items() if len(seqs)}
-    logits: dict[str, torch.Tensor] = network(images, pad_mask, {
-        name: (seqs.inputs, seqs.image_index, codecs[name].vocab_slice())
-        for name, seqs in present.items()
-    })  # fmt: skip
+    logits: dict[str, torch.Tensor] = network(
+        images,
+        pad_mask,
+        {
+            name: (seqs.inputs, seqs.image_index, codecs[name].vocab_slice())
+            for name, seqs in present.items()
+        },
+    )
     return {name: sequence_loss(logits[name], seqs, codecs[name]) for name, seqs in present.items()}
 
 
-def weighted_total(losses: dict[str, torch.Tensor], task_weights: dict[str, float]
-                   ) -> torch.Tensor:
+def weighted_total(losses: dict[str, torch.Tensor], task_weights: dict[str, float]) -> torch.Tensor:
     """Sum of the task losses, each times its weight (1 unless given)."""
     weighted = [task_weights.get(name, 1.0) * loss for name, loss in losses.items()]
     if not weighted:

@@ -43,10 +43,12 @@ def mask_to_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
     inside = padded[1:-1, 1:-1]
     successors: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     # (neighbour offset, edge start corner, edge direction) per side of a pixel at (row, col).
-    sides = (((-1, 0), (0, 0), (1, 0)),   # top edge, heading +x
-             ((0, 1), (1, 0), (0, 1)),    # right edge, heading +y
-             ((1, 0), (1, 1), (-1, 0)),   # bottom edge, heading -x
-             ((0, -1), (0, 1), (0, -1)))  # left edge, heading -y
+    sides = (
+        ((-1, 0), (0, 0), (1, 0)),  # top edge, heading +x
+        ((0, 1), (1, 0), (0, 1)),  # right edge, heading +y
+        ((1, 0), (1, 1), (-1, 0)),  # bottom edge, heading -x
+        ((0, -1), (0, 1), (0, -1)),
+    )  # left edge, heading -y
     h, w = mask.shape
     for (dr, dc), (sx, sy), (dx, dy) in sides:
         neighbour = padded[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w]

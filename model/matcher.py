@@ -13,8 +13,9 @@ from scipy.optimize import linear_sum_assignment
 SHOWN_MISMATCH_COST = 100.0
 
 
-def slot_costs(log_probs: torch.Tensor, inputs: torch.Tensor, shown: torch.Tensor,
-               objects: torch.Tensor) -> torch.Tensor:
+def slot_costs(
+    log_probs: torch.Tensor, inputs: torch.Tensor, shown: torch.Tensor, objects: torch.Tensor
+) -> torch.Tensor:
     """Matching cost of every slot against every object.
 
     log_probs: [S, N, 5, V] per-slot log-probabilities (local ids)
@@ -32,9 +33,13 @@ def slot_costs(log_probs: torch.Tensor, inputs: torch.Tensor, shown: torch.Tenso
 
 
 @torch.no_grad()
-def match_slots(log_probs: torch.Tensor, inputs: torch.Tensor, shown: torch.Tensor,
-                objects: torch.Tensor, num_objects: torch.Tensor
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def match_slots(
+    log_probs: torch.Tensor,
+    inputs: torch.Tensor,
+    shown: torch.Tensor,
+    objects: torch.Tensor,
+    num_objects: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Optimal slot -> object assignment per sequence: a list of (slot ids, object ids)."""
     costs = slot_costs(log_probs.float(), inputs, shown, objects).cpu()
     result = []

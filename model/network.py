@@ -98,10 +98,12 @@ class MADNetwork(nn.Module):
         with torch.no_grad():
             coords = self.token_embedding.weight[vocab.coord_start : vocab.coord_stop]
             coords.copy_(coordinate_code(len(coords), d))
-        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False
+        )
 
     # --- image ------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, pad_mask: torch.Tensor | None = None) -> ImageMemory:
@@ -121,23 +123,35 @@ class MADNetwork(nn.Module):
         layers = cast(list[DecoderLayer], list(self.decoder))  # nn.ModuleList is not generic
         return ImageMemory([layer.image_kv(memory, pos) for layer in layers], attend)
 
-    def forward(self, images: torch.Tensor, pad_mask: torch.Tensor,
-                sequences: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        pad_mask: torch.Tensor,
+        sequences: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]],
+    ) -> dict[str, torch.Tensor]:
         """Training pass: encode the images once, decode every task's sequences against them.
 
         sequences: task -> (tokens [S, T], image_index [S], vocab slice)
         returns:   task -> logits of every decoder layer [layers, S, T, V_slice]
         """
         memory = self.encode(images, pad_mask)
-        return {name: self.decode(memory, tokens, index, vocab_slice, all_layers=True)
-                for name, (tokens, index, vocab_slice) in sequences.items()}
+        return {
+            name: self.decode(memory, tokens, index, vocab_slice, all_layers=True)
+            for name, (tokens, index, vocab_slice) in sequences.items()
+        }
 
     # --- sequences --------------------------------------------------------------------------
-    def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int], all_layers: bool = False,
-               causal: bool = False, fold: bool = True,
-               groups: ImageGroups | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        memory: ImageMemory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+        all_layers: bool = False,
+        causal: bool = False,
+        fold: bool = True,
+        groups: ImageGroups | None = None,
+    ) -> torch.Tensor:
         """tokens [S, T] (full-vocabulary ids) of sequences of images `image_index` [S] ->
         logits [S, T, V_slice], or [layers, S, T, V_slice] with all_layers (auxiliary losses).
 
@@ -160,9 +174,14 @@ class MADNetwork(nn.Module):
             return self.head(torch.stack(hidden), embeddings)
         return self.head(hidden[-1], embeddings)
 
-    def decode_step(self, memory: ImageMemory, tokens: torch.Tensor, start: int,
-                    cache: list[KV] | None, vocab_slice: tuple[int, int]
-                    ) -> tuple[torch.Tensor, list[KV]]:
+    def decode_step(
+        self,
+        memory: ImageMemory,
+        tokens: torch.Tensor,
+        start: int,
+        cache: list[KV] | None,
+        vocab_slice: tuple[int, int],
+    ) -> tuple[torch.Tensor, list[KV]]:
         """Autoregressive step with a self-attention key/value cache: new tokens [S, t] at
         positions start.. -> (logits [S, t, V_slice], updated cache). The first call (no
         cache) runs the prompt causally; later calls attend to all cached tokens."""
@@ -170,9 +189,14 @@ class MADNetwork(nn.Module):
         pos = self.seq_pos.weight[start : start + tokens.shape[1]]
         new_cache = []
         for i, (layer, image_kv) in enumerate(zip(self.decoder, memory.kv, strict=True)):
-            x, kv = layer(x, pos, image_kv, memory.mask, causal=cache is None,
-                          self_cache=None if cache is None else cache[i])
+            x, kv = layer(
+                x,
+                pos,
+                image_kv,
+                memory.mask,
+                causal=cache is None,
+                self_cache=None if cache is None else cache[i],
+            )
             new_cache.append(kv)
         embeddings = self.token_embedding.weight[vocab_slice[0] : vocab_slice[1]]
         return self.head(x, embeddings), new_cache
-

@@ -110,8 +110,10 @@ class Pipeline(Generic[Memory]):
         start = time.perf_counter()
         batch = prepare_batch([r.image for r in requests], self.config.image_size, self.device)
         contexts = batch.contexts
-        results = [Result(c.image_size, self.tasks_to_run(r.tasks))
-                   for r, c in zip(requests, contexts, strict=True)]
+        results = [
+            Result(c.image_size, self.tasks_to_run(r.tasks))
+            for r, c in zip(requests, contexts, strict=True)
+        ]
         stage = Stopwatch(self.device, start)
         stage.lap("preprocess")
         memory = self.runner.encode(batch.images, batch.pad_mask)
@@ -129,8 +131,9 @@ class Pipeline(Generic[Memory]):
         return results
 
     # --- tasks ------------------------------------------------------------------------------
-    def groups(self, task: str, requests: list[Request], results: list[Result]
-               ) -> list[tuple[Schedule, list[int]]]:
+    def groups(
+        self, task: str, requests: list[Request], results: list[Result]
+    ) -> list[tuple[Schedule, list[int]]]:
         """Images asking for `task`, grouped by their mask-ratio schedule."""
         groups: dict[Schedule, list[int]] = defaultdict(list)
         for i, (request, result) in enumerate(zip(requests, results, strict=True)):
@@ -138,18 +141,37 @@ class Pipeline(Generic[Memory]):
                 groups[self.ratios(request, task)].append(i)
         return list(groups.items())
 
-    def decode(self, codec: TaskCodec, memory: Memory, prompts: torch.Tensor,
-               owners: list[int], ratios: Schedule, results: list[Result]) -> torch.Tensor:
+    def decode(
+        self,
+        codec: TaskCodec,
+        memory: Memory,
+        prompts: torch.Tensor,
+        owners: list[int],
+        ratios: Schedule,
+        results: list[Result],
+    ) -> torch.Tensor:
         """Masked decoding of sequences `prompts` [S, P] of images `owners` [S] -> body logits
         [S, L, V_slice] on the host; counts the passes of every image involved."""
-        logits = masked_decode(self.runner, memory, codec, prompts.to(self.device),
-                               torch.tensor(owners, device=self.device), list(ratios))
+        logits = masked_decode(
+            self.runner,
+            memory,
+            codec,
+            prompts.to(self.device),
+            torch.tensor(owners, device=self.device),
+            list(ratios),
+        )
         for i in set(owners):
             results[i].passes[codec.name] = decoder_passes(list(ratios), codec.body_len)
         return logits.cpu()
 
-    def run_per_image(self, codec: TaskCodec, requests: list[Request], results: list[Result],
-                      memory: Memory, contexts: list[DecodeContext]) -> None:
+    def run_per_image(
+        self,
+        codec: TaskCodec,
+        requests: list[Request],
+        results: list[Result],
+        memory: Memory,
+        contexts: list[DecodeContext],
+    ) -> None:
         """One sequence per image; each request keeps what its options allow (codec.select)."""
         for ratios, idx in self.groups(codec.name, requests, results):
             prompts = codec.prompts(len(idx))
@@ -170,9 +192,14 @@ class Pipeline(Generic[Memory]):
                 usable |= codec.applies_to(detections.labels)
         return detections.select(usable.nonzero().flatten())
 
-    def run_per_detection(self, codec: TaskCodec, requests: list[Request],
-                          results: list[Result], memory: Memory,
-                          contexts: list[DecodeContext]) -> None:
+    def run_per_detection(
+        self,
+        codec: TaskCodec,
+        requests: list[Request],
+        results: list[Result],
+        memory: Memory,
+        contexts: list[DecodeContext],
+    ) -> None:
         """One sequence per kept detection the codec applies to, prompted by its tokens."""
         for result in results:
             if codec.name in result.tasks:

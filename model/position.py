@@ -7,8 +7,9 @@ import math
 import torch
 
 
-def sine_position_encoding(pad_mask: torch.Tensor, dim: int, temperature: float = 10000.0
-                           ) -> torch.Tensor:
+def sine_position_encoding(
+    pad_mask: torch.Tensor, dim: int, temperature: float = 10000.0
+) -> torch.Tensor:
     """pad_mask [B, H, W] (True = padding) -> [B, dim, H, W] position encoding.
 
     Positions are fractions of the whole (letterboxed) canvas, not of each image's unpadded

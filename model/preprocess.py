@@ -20,8 +20,9 @@ def fit_scale(size: tuple[int, int], canvas: tuple[int, int]) -> float:
     return min(canvas[0] / size[0], canvas[1] / size[1])
 
 
-def letterbox(image: torch.Tensor, canvas: tuple[int, int]
-              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def letterbox(
+    image: torch.Tensor, canvas: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """image uint8 [3, h, w] -> (float [3, H, W] in [0, 1], pad mask [H, W], scale)."""
     h, w = image.shape[-2:]
     scale = fit_scale((h, w), canvas)
@@ -52,8 +53,9 @@ class ImageBatch(NamedTuple):
     contexts: list[DecodeContext]
 
 
-def prepare_batch(images: list[Image.Image], canvas: tuple[int, int],
-                  device: torch.device | str = "cpu") -> ImageBatch:
+def prepare_batch(
+    images: list[Image.Image], canvas: tuple[int, int], device: torch.device | str = "cpu"
+) -> ImageBatch:
     """PIL images -> one letterboxed batch. For a CUDA device the batch is written into
     pinned host memory, so the runner's copy to the device does not block the host."""
     canvases, pads, contexts = [], [], []
@@ -70,6 +72,5 @@ def prepare_batch(images: list[Image.Image], canvas: tuple[int, int],
 def stack(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
     if not pin:
         return torch.stack(tensors)
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype,
-                      pin_memory=True)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
     return torch.stack(tensors, out=out)

@@ -53,13 +53,13 @@ def parse_tasks(values: Iterable[str] | None, model_tasks: Sequence[str]) -> tup
     names = [name.lower() for name in items(values, "tasks", expected)]
     unknown = [name for name in dict.fromkeys(names) if name not in model_tasks]
     if unknown:
-        raise RequestError("tasks", f"unknown task {', '.join(map(repr, unknown))}; this "
-                           f"model has {allowed}")
+        raise RequestError(
+            "tasks", f"unknown task {', '.join(map(repr, unknown))}; this model has {allowed}"
+        )
     return tuple(t for t in model_tasks if t in names) if names else tuple(model_tasks)
 
 
-def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]
-                       ) -> dict[str, int]:
+def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]) -> dict[str, int]:
     """["2"] -> every task 2; ["2,caption:3"] -> every task 2 but caption 3; none -> {}
     (each task keeps its checkpoint schedule)."""
     allowed = ", ".join(model_tasks)
@@ -70,20 +70,22 @@ def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]
         task, sep, count = part.rpartition(":")
         task, count = task.strip().lower(), count.strip()
         if sep and task not in model_tasks:
-            raise RequestError("refine_steps", f"unknown task {task!r} in {part!r}; this "
-                               f"model has {allowed}")
+            raise RequestError(
+                "refine_steps", f"unknown task {task!r} in {part!r}; this model has {allowed}"
+            )
         if not STEPS.fullmatch(count):
-            raise RequestError("refine_steps", f"{part!r} is not K or task:K (K an integer "
-                               f"0..{MAX_REFINE_STEPS}, task one of {allowed})")
+            raise RequestError(
+                "refine_steps",
+                f"{part!r} is not K or task:K (K an integer "
+                f"0..{MAX_REFINE_STEPS}, task one of {allowed})",
+            )
         k = int(count)
         if not 0 <= k <= MAX_REFINE_STEPS:
-            raise RequestError("refine_steps", f"{k} in {part!r} is outside "
-                               f"0..{MAX_REFINE_STEPS}")
+            raise RequestError("refine_steps", f"{k} in {part!r} is outside 0..{MAX_REFINE_STEPS}")
         key = task if sep else None  # None: the bare K
         if key in given:
             what = f"{task}:K" if sep else "K for every task"
-            raise RequestError("refine_steps", f"{what} given twice ({given[key]!r} and "
-                               f"{part!r})")
+            raise RequestError("refine_steps", f"{what} given twice ({given[key]!r} and {part!r})")
         given[key] = part
         if sep:
             steps[task] = k
@@ -109,6 +111,8 @@ def check_nms_iou(value: float | None) -> float | None:
 def check_max_detections(value: int | None, num_slots: int) -> int | None:
     """None keeps every detection; else 1..num_slots (the model finds no more than that)."""
     if value is not None and not 1 <= value <= num_slots:
-        raise RequestError("max_detections", f"{value} is outside 1..{num_slots} (this "
-                           f"model has {num_slots} detection slots)")
+        raise RequestError(
+            "max_detections",
+            f"{value} is outside 1..{num_slots} (this model has {num_slots} detection slots)",
+        )
     return value

@@ -14,7 +14,7 @@ from model.network import ImageMemory, MADNetwork
 
 
 def torch_device(device: str) -> torch.device:
-    """"cpu" or "cuda[:N]", refused when torch sees no CUDA device."""
+    """ "cpu" or "cuda[:N]", refused when torch sees no CUDA device."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
     return torch.device(device)
@@ -44,8 +44,13 @@ class EagerRunner:
             return self._encode(images, pad_mask)
 
     @torch.inference_mode()
-    def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        memory: ImageMemory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+    ) -> torch.Tensor:
         """tokens [S, T], image_index [S] -> logits [S, T, V_slice] float32."""
         tokens, image_index = tokens.to(self.device), image_index.to(self.device)
         with self.autocast():
@@ -54,5 +59,9 @@ class EagerRunner:
 
     def describe(self) -> dict[str, Any]:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"backend": self.name, "device": str(self.device), "device_name": name,
-                "precision": self.precision}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "device_name": name,
+            "precision": self.precision,
+        }

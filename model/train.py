@@ -91,19 +91,27 @@ def build_optimizer(network: torch.nn.Module, cfg: TrainConfig) -> torch.optim.A
     """AdamW; the backbone learns at lr * backbone_lr_scale; no decay on norms and biases."""
     # (backbone, decayed) -> parameters
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
-        (b, d): [] for b in (True, False) for d in (True, False)}
+        (b, d): [] for b in (True, False) for d in (True, False)
+    }
     for name, param in network.named_parameters():
         if param.requires_grad:
             groups[(name.startswith("backbone."), param.ndim > 1)].append(param)
-    return torch.optim.AdamW([
-        {"params": params, "lr": cfg.lr * (cfg.backbone_lr_scale if backbone else 1.0),
-         "weight_decay": cfg.weight_decay if decay else 0.0}
-        for (backbone, decay), params in groups.items() if params
-    ])  # fmt: skip
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "lr": cfg.lr * (cfg.backbone_lr_scale if backbone else 1.0),
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+            for (backbone, decay), params in groups.items()
+            if params
+        ]
+    )
 
 
-def tokenizer_for(dataset: CocoMultiTaskDataset, cfg: TrainConfig, config: ModelConfig,
-                  rank: int) -> CaptionTokenizer:
+def tokenizer_for(
+    dataset: CocoMultiTaskDataset, cfg: TrainConfig, config: ModelConfig, rank: int
+) -> CaptionTokenizer:
     """The given tokenizer, or one trained on the training captions (rank 0 trains it) with
     `cfg.text_vocab_size` pieces, else the model config's (the preset's, or --set's)."""
     if cfg.tokenizer:
@@ -144,23 +152,32 @@ def train(cfg: TrainConfig) -> Path:
     mad, start_step = build_model(probe, cfg, rank)
     config = mad.config
     flip_pairs = flip_pairs_from_names(config.keypoint_names)
-    dataset = CocoMultiTaskDataset(cfg.data, cfg.split,
-                                   transforms=build_transforms(True, max(config.image_size),
-                                                               flip_pairs))
+    dataset = CocoMultiTaskDataset(
+        cfg.data, cfg.split, transforms=build_transforms(True, max(config.image_size), flip_pairs)
+    )
     last_step = min(cfg.steps, cfg.stop_at or cfg.steps)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, last_step,
-                               rank, world)
-    loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.workers,
-                        collate_fn=CanvasCollate(config.image_size),
-                        persistent_workers=cfg.workers > 0)
+    sampler = StepBatchSampler(
+        len(dataset), cfg.batch_size, cfg.seed, start_step, last_step, rank, world
+    )
+    loader = DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=CanvasCollate(config.image_size),
+        persistent_workers=cfg.workers > 0,
+    )
     network = mad.required_network().to(device).train()
     model = DistributedDataParallel(network) if world > 1 else network
     optimizer = build_optimizer(network, cfg)
     if cfg.resume and has_train_state(cfg.resume):
         load_train_state(cfg.resume, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg), last_epoch=start_step - 1
-    ) if start_step == 0 else _resumed_scheduler(optimizer, cfg, start_step)
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg), last_epoch=start_step - 1
+        )
+        if start_step == 0
+        else _resumed_scheduler(optimizer, cfg, start_step)
+    )
     amp = _autocast(device, cfg.amp)
     log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
     bar = tqdm(total=last_step, initial=start_step, disable=rank != 0, dynamic_ncols=True)
@@ -168,11 +185,14 @@ def train(cfg: TrainConfig) -> Path:
     for images, pads, targets in loader:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
-        sequences = {name: codec.training_sequences(targets, generator).to(device)
-                     for name, codec in mad.codecs.items()}
+        sequences = {
+            name: codec.training_sequences(targets, generator).to(device)
+            for name, codec in mad.codecs.items()
+        }
         with amp:
-            losses = masked_training_losses(model, images.to(device), pads.to(device),
-                                            sequences, mad.codecs)
+            losses = masked_training_losses(
+                model, images.to(device), pads.to(device), sequences, mad.codecs
+            )
         loss = weighted_total(losses, config.task_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,9 +207,16 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}", **shown, img_s=f"{rate:.1f}")
             bar.update(1)
             if log is not None and (step % cfg.log_every == 0 or step == last_step):
-                log.write({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": grad_norm.item(), "images_per_s": rate,
-                           **{k: v.item() for k, v in losses.items()}})
+                log.write(
+                    {
+                        "step": step,
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm.item(),
+                        "images_per_s": rate,
+                        **{k: v.item() for k, v in losses.items()},
+                    }
+                )
             if step % cfg.save_every == 0 or step == last_step:
                 _save(mad, optimizer, cfg, step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
@@ -204,12 +231,14 @@ def train(cfg: TrainConfig) -> Path:
     return cfg.out
 
 
-def _resumed_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int
-                       ) -> torch.optim.lr_scheduler.LambdaLR:
+def _resumed_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"] / max(lr_factor(start_step - 1, cfg), 1e-12))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg),
-                                             last_epoch=start_step - 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg), last_epoch=start_step - 1
+    )
 
 
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
@@ -219,13 +248,20 @@ def _autocast(device: torch.device, amp: str) -> torch.autocast:
 
 
 def _save(mad: MAD, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
-    save_checkpoint(mad, cfg.out, step=step, training={
-        k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()})
+    save_checkpoint(
+        mad,
+        cfg.out,
+        step=step,
+        training={
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()
+        },
+    )
     save_train_state(cfg.out, optimizer, step)
 
 
-def _evaluate(mad: MAD, cfg: TrainConfig, device: torch.device, log: CsvLog | None, step: int
-              ) -> None:
+def _evaluate(
+    mad: MAD, cfg: TrainConfig, device: torch.device, log: CsvLog | None, step: int
+) -> None:
     if not (cfg.data / "annotations" / f"instances_{cfg.val_split}.json").is_file():
         return
     from model.evaluate import evaluate  # evaluation pulls in COCOeval only when needed

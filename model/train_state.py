@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 TENSORS, META = "train_state.safetensors", "train_state.json"
 
 
-def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, step: int,
-                     extra: dict | None = None) -> None:
+def save_train_state(
+    directory: Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
+) -> None:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, param_state in state["state"].items():
@@ -25,8 +26,12 @@ def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, step: in
             else:
                 scalars[f"{param_id}.{key}"] = value
     save_file(tensors, Path(directory) / TENSORS)
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars,
-            **(extra or {})}
+    meta = {
+        "step": step,
+        "param_groups": state["param_groups"],
+        "scalars": scalars,
+        **(extra or {}),
+    }
     (Path(directory) / META).write_text(json.dumps(meta, indent=1))
 
 

@@ -30,21 +30,27 @@ class Attention(nn.Module):
     def project_kv(self, key: torch.Tensor, value: torch.Tensor) -> KV:
         return self.split(self.k(key)), self.split(self.v(value))
 
-    def forward(self, query: torch.Tensor, kv: KV, mask: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, kv: KV, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
         """query [B, L, D], kv from project_kv, mask broadcastable to [B, heads, L, N]
         (True = may attend) -> [B, L, D]"""
         q = self.split(self.q(query))
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=drop,
-                                             is_causal=causal)
+        out = F.scaled_dot_product_attention(
+            q, kv[0], kv[1], attn_mask=mask, dropout_p=drop, is_causal=causal
+        )
         return self.out(out.transpose(1, 2).flatten(2))
 
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(hidden, dim))
+        super().__init__(
+            nn.Linear(dim, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+        )
 
 
 class EncoderLayer(nn.Module):
@@ -57,8 +63,9 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """x, pos [B, N, D]; mask [B, 1, 1, N] (True = real pixel) -> [B, N, D]"""
         qk = x + pos
         x = self.norm1(x + self.drop(self.attn(qk, self.attn.project_kv(qk, x), mask)))
@@ -84,10 +91,16 @@ class DecoderLayer(nn.Module):
         """Cross-attention keys/values of the image: memory, pos [B, N, D]."""
         return self.cross_attn.project_kv(memory + pos, memory)
 
-    def forward(self, x: torch.Tensor, seq_pos: torch.Tensor, image_kv: KV,
-                image_mask: torch.Tensor | None, causal: bool = False,
-                self_cache: KV | None = None, groups: ImageGroups | None = None
-                ) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_pos: torch.Tensor,
+        image_kv: KV,
+        image_mask: torch.Tensor | None,
+        causal: bool = False,
+        self_cache: KV | None = None,
+        groups: ImageGroups | None = None,
+    ) -> tuple[torch.Tensor, KV]:
         """x [S, L, D]; seq_pos [L, D]; image_kv per image ([B, h, N, d] each) with `groups`
         saying which image each sequence reads, or per sequence ([S, h, N, d]) without;
         self_cache: keys/values of earlier tokens (autoregressive decoding), whose new value
@@ -100,11 +113,17 @@ class DecoderLayer(nn.Module):
         x = self.norm2(x + self.drop(self.cross_attend(x + seq_pos, image_kv, image_mask, groups)))
         return self.norm3(x + self.drop(self.ffn(x))), (k, v)
 
-    def cross_attend(self, query: torch.Tensor, image_kv: KV, image_mask: torch.Tensor | None,
-                     groups: ImageGroups | None = None) -> torch.Tensor:
+    def cross_attend(
+        self,
+        query: torch.Tensor,
+        image_kv: KV,
+        image_mask: torch.Tensor | None,
+        groups: ImageGroups | None = None,
+    ) -> torch.Tensor:
         if groups is None and image_kv[0].shape[0] == 1 and query.shape[0] > 1:
             groups = ImageGroups.one_image(query.shape[0], query.device)  # one shared image
         if groups is None:
             return self.cross_attn(query, image_kv, image_mask)
-        return groups.unfold(self.cross_attn(groups.fold(query), image_kv, image_mask),
-                             query.shape[1])
+        return groups.unfold(
+            self.cross_attn(groups.fold(query), image_kv, image_mask), query.shape[1]
+        )

@@ -49,11 +49,17 @@ def choose(trials: list[Trial], tolerance: float) -> Trial:
     return min(close, key=lambda t: (len(t.ratios), -t.score))
 
 
-def tune_schedules(mad: MAD, data: Path, split: str = "val2017",
-                   tasks: tuple[str, ...] | None = None, limit: int | None = 200,
-                   device: str = "cpu", max_steps: int = 4, tolerance: float = 0.003,
-                   report: Callable[[str, Trial], None] = lambda task, trial: None,
-                   ) -> dict[str, list[Trial]]:
+def tune_schedules(
+    mad: MAD,
+    data: Path,
+    split: str = "val2017",
+    tasks: tuple[str, ...] | None = None,
+    limit: int | None = 200,
+    device: str = "cpu",
+    max_steps: int = 4,
+    tolerance: float = 0.003,
+    report: Callable[[str, Trial], None] = lambda task, trial: None,
+) -> dict[str, list[Trial]]:
     """Score every candidate of every task; set mad.config.schedules to the chosen ones.
     -> {task: trials in the order they ran}."""
     tasks = tuple(t for t in mad.config.tasks if t in (tasks or mad.config.tasks))

@@ -53,10 +53,15 @@ class VocabLayout:
         # Read here, not at import: the codecs import this module.
         from model.codecs import CODECS
 
-        reserved = ((task, CODECS[task].reserved_tokens(config))
-                    for task in config.tasks if task in CODECS)
-        return cls(config.num_classes, config.num_bins, config.text_vocab_size,
-                   task_tokens=tuple((task, n) for task, n in reserved if n > 0))
+        reserved = (
+            (task, CODECS[task].reserved_tokens(config)) for task in config.tasks if task in CODECS
+        )
+        return cls(
+            config.num_classes,
+            config.num_bins,
+            config.text_vocab_size,
+            task_tokens=tuple((task, n) for task, n in reserved if n > 0),
+        )
 
     # Id ranges, as [start, stop).
     @property

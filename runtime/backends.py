@@ -28,8 +28,9 @@ from runtime.torch_runner import TorchRunner
 BACKENDS = ("torch", "onnx", "tensorrt")
 
 
-def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cpu",
-                  **options: Any) -> tuple[MAD, Runner[Any]]:
+def create_runner(
+    backend: str, checkpoint: str | Path | None, device: str = "cpu", **options: Any
+) -> tuple[MAD, Runner[Any]]:
     """-> (model bundle, runner).
 
     torch options: precision ("fp32", "bf16", "fp16"), compile (bool), cuda_graphs (bool).
@@ -45,8 +46,13 @@ def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cp
         if checkpoint is None:
             raise ValueError("the torch backend needs a checkpoint")
         mad, _ = load_checkpoint(checkpoint, "cpu")
-        return mad, TorchRunner(mad.required_network(), device, options.get("precision", "fp32"),
-                                options.get("compile", False), options.get("cuda_graphs", False))
+        return mad, TorchRunner(
+            mad.required_network(),
+            device,
+            options.get("precision", "fp32"),
+            options.get("compile", False),
+            options.get("cuda_graphs", False),
+        )
     if backend == "tensorrt":
         from runtime.tensorrt_runner import import_tensorrt
 
@@ -64,23 +70,28 @@ def create_runner(backend: str, checkpoint: str | Path | None, device: str = "cp
     return load_bundle(export_dir), runner
 
 
-def resolve_export_dir(checkpoint: str | Path | None, export_dir: str | Path | None,
-                       backend: str = "onnx") -> Path:
+def resolve_export_dir(
+    checkpoint: str | Path | None, export_dir: str | Path | None, backend: str = "onnx"
+) -> Path:
     """The export dir to run: the one given (checked against the checkpoint, if any), or the
     checkpoint itself when it is an export."""
     if export_dir is None and checkpoint is not None and is_export(checkpoint):
         export_dir, checkpoint = checkpoint, None
     if export_dir is None:
         where = f"{checkpoint} is a checkpoint, not an export" if checkpoint else "none given"
-        raise ValueError(f"the {backend} backend runs an ONNX export ({where}): pass export_dir, "
-                         "or an export dir as the checkpoint (make one with `mad export`)")
+        raise ValueError(
+            f"the {backend} backend runs an ONNX export ({where}): pass export_dir, "
+            "or an export dir as the checkpoint (make one with `mad export`)"
+        )
     manifest = read_manifest(export_dir)  # raises if it is not an export
     if checkpoint is not None and (Path(checkpoint) / WEIGHTS).is_file():
         digest = checkpoint_digest(checkpoint)
         if manifest["checkpoint"]["sha256"] != digest:
-            raise ValueError(f"{export_dir} was exported from checkpoint "
-                             f"{manifest['checkpoint']['sha256'][:16]}, not from {checkpoint} "
-                             f"({digest[:16]}); re-export it or drop one of the two")
+            raise ValueError(
+                f"{export_dir} was exported from checkpoint "
+                f"{manifest['checkpoint']['sha256'][:16]}, not from {checkpoint} "
+                f"({digest[:16]}); re-export it or drop one of the two"
+            )
     return Path(export_dir)
 
 

@@ -48,8 +48,9 @@ class PaddedLayout:
     per_image: int
 
     @classmethod
-    def of(cls, image_index: torch.Tensor, batch: int,
-           buckets: tuple[int, ...] = SEQUENCE_BUCKETS) -> PaddedLayout | None:
+    def of(
+        cls, image_index: torch.Tensor, batch: int, buckets: tuple[int, ...] = SEQUENCE_BUCKETS
+    ) -> PaddedLayout | None:
         """image_index [S] (host tensor) -> the layout, None when an image has more
         sequences than the largest bucket."""
         groups = ImageGroups.of(image_index, batch)
@@ -86,9 +87,13 @@ class CapturedPass:
 class GraphedDecoder:
     """network.decode through CUDA graphs; __call__ returns None where it cannot serve."""
 
-    def __init__(self, decode: Callable[..., torch.Tensor],
-                 autocast: Callable[[], AbstractContextManager[object]],
-                 buckets: tuple[int, ...] = SEQUENCE_BUCKETS, max_graphs: int = MAX_GRAPHS):
+    def __init__(
+        self,
+        decode: Callable[..., torch.Tensor],
+        autocast: Callable[[], AbstractContextManager[object]],
+        buckets: tuple[int, ...] = SEQUENCE_BUCKETS,
+        max_graphs: int = MAX_GRAPHS,
+    ):
         """decode: MADNetwork.decode, or a compiled version of it."""
         self.decode, self.autocast = decode, autocast
         self.buckets, self.max_graphs = buckets, max_graphs
@@ -102,8 +107,9 @@ class GraphedDecoder:
     def describe(self) -> dict[str, int]:
         return {"graphs": len(self.passes), "replays": self.replays, "fallbacks": self.fallbacks}
 
-    def layout(self, image_index: torch.Tensor, batch: int
-               ) -> tuple[PaddedLayout | None, torch.Tensor | None]:
+    def layout(
+        self, image_index: torch.Tensor, batch: int
+    ) -> tuple[PaddedLayout | None, torch.Tensor | None]:
         """The layout of this image_index, computed on the host once per decoding call (the
         refinement steps of one call pass the same tensor)."""
         if self.layout_of is None or self.layout_of[0] is not image_index:
@@ -117,8 +123,10 @@ class GraphedDecoder:
         sig = memory_signature(memory)
         entry = self.static.get(sig)
         if entry is None:
-            copy = ImageMemory([(k.clone(), v.clone()) for k, v in memory.kv],
-                               None if memory.mask is None else memory.mask.clone())
+            copy = ImageMemory(
+                [(k.clone(), v.clone()) for k, v in memory.kv],
+                None if memory.mask is None else memory.mask.clone(),
+            )
             self.static[sig] = (memory, copy)
             return sig, copy
         source, copy = entry
@@ -131,17 +139,20 @@ class GraphedDecoder:
             self.static[sig] = (memory, copy)
         return sig, copy
 
-    def capture(self, memory: ImageMemory, layout: PaddedLayout, length: int,
-                vocab_slice: tuple[int, int]) -> CapturedPass:
+    def capture(
+        self, memory: ImageMemory, layout: PaddedLayout, length: int, vocab_slice: tuple[int, int]
+    ) -> CapturedPass:
         device = memory.kv[0][0].device
         groups = layout.groups(device)
-        tokens = torch.zeros(layout.batch * layout.per_image, length, dtype=torch.long,
-                             device=device)
+        tokens = torch.zeros(
+            layout.batch * layout.per_image, length, dtype=torch.long, device=device
+        )
 
         def forward() -> torch.Tensor:
             with self.autocast():
-                return self.decode(memory, tokens, groups.image_index, vocab_slice,
-                                   groups=groups).float()
+                return self.decode(
+                    memory, tokens, groups.image_index, vocab_slice, groups=groups
+                ).float()
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -156,8 +167,13 @@ class GraphedDecoder:
             logits = forward()
         return CapturedPass(graph, tokens, groups, logits)
 
-    def __call__(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
-                 vocab_slice: tuple[int, int]) -> torch.Tensor | None:
+    def __call__(
+        self,
+        memory: ImageMemory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+    ) -> torch.Tensor | None:
         """tokens [S, T], image_index [S] on the device -> logits [S, T, V_slice], or None."""
         layout, rows = self.layout(image_index, memory.kv[0][0].shape[0])
         if layout is None or rows is None:
@@ -170,8 +186,7 @@ class GraphedDecoder:
             if len(self.passes) >= self.max_graphs:
                 self.fallbacks += 1
                 return None
-            captured = self.passes[key] = self.capture(static, layout, tokens.shape[1],
-                                                        vocab_slice)
+            captured = self.passes[key] = self.capture(static, layout, tokens.shape[1], vocab_slice)
         captured.tokens.index_copy_(0, rows, tokens)
         captured.graph.replay()
         self.replays += 1

@@ -19,8 +19,9 @@ def is_export(directory: str | Path) -> bool:
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a MAD export: {MANIFEST} missing "
-                                "(make one with `mad export`)")
+        raise FileNotFoundError(
+            f"{directory} is not a MAD export: {MANIFEST} missing (make one with `mad export`)"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported export format {manifest.get('format')!r}")

@@ -35,7 +35,7 @@ class OnnxMemory:
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:
-    """"cpu" -> CPU only; "cuda[:N]" -> TensorRT, CUDA (must exist), CPU; "auto" -> the best
+    """ "cpu" -> CPU only; "cuda[:N]" -> TensorRT, CUDA (must exist), CPU; "auto" -> the best
     available. Raises at start-up when the device asked for cannot be served."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -44,7 +44,8 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
     if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
         raise RuntimeError(
             f"device {device!r} asked for, but this ONNX Runtime has no CUDAExecutionProvider "
-            f"(available: {available}); install onnxruntime-gpu or use --device cpu")
+            f"(available: {available}); install onnxruntime-gpu or use --device cpu"
+        )
     return [p for p in PROVIDER_ORDER if p in available]
 
 
@@ -59,8 +60,13 @@ def default_threads() -> int:
 class OnnxRunner:
     name = "onnx"
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 providers: list[str] | None = None):
+    def __init__(
+        self,
+        export_dir: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ):
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
@@ -69,8 +75,9 @@ class OnnxRunner:
         if providers:
             missing = [p for p in providers if p not in available]
             if missing:
-                raise RuntimeError(f"ONNX Runtime providers {missing} not available "
-                                   f"(available: {available})")
+                raise RuntimeError(
+                    f"ONNX Runtime providers {missing} not available (available: {available})"
+                )
         else:
             providers = choose_providers(device, available)
         self.device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
@@ -89,20 +96,27 @@ class OnnxRunner:
         provider_options = [self.provider_options(p) for p in providers]
 
         def session(file: str) -> ort.InferenceSession:
-            return ort.InferenceSession(str(self.export_dir / file), options,
-                                        providers=providers, provider_options=provider_options)
+            return ort.InferenceSession(
+                str(self.export_dir / file),
+                options,
+                providers=providers,
+                provider_options=provider_options,
+            )
 
         graphs = self.manifest["graphs"]
         self.encoder = session(graphs["encoder"]["file"])
-        self.decoders = {tuple(g["vocab_slice"]): session(g["file"])
-                         for g in graphs["decoders"].values()}
+        self.decoders = {
+            tuple(g["vocab_slice"]): session(g["file"]) for g in graphs["decoders"].values()
+        }
         # Exports made before single-image graphs existed have none: the general one serves.
-        self.single_image_decoders = {tuple(g["vocab_slice"]): session(g["single_image"]["file"])
-                                      for g in graphs["decoders"].values() if "single_image" in g}
+        self.single_image_decoders = {
+            tuple(g["vocab_slice"]): session(g["single_image"]["file"])
+            for g in graphs["decoders"].values()
+            if "single_image" in g
+        }
         # With one image there is nothing to index: the tracer drops that input.
         decoders = [*self.decoders.values(), *self.single_image_decoders.values()]
-        self._takes_index = {s: "image_index" in {i.name for i in s.get_inputs()}
-                             for s in decoders}
+        self._takes_index = {s: "image_index" in {i.name for i in s.get_inputs()} for s in decoders}
         self.providers = self.encoder.get_providers()  # what ORT really enabled
         on_gpu = self.providers[0] in GPU_PROVIDERS
         if device.startswith("cuda") and not on_gpu:
@@ -114,8 +128,11 @@ class OnnxRunner:
         if provider == "TensorrtExecutionProvider":
             # ORT builds TensorRT engines per shape range; caching them beside the graphs
             # saves minutes on every later start.
-            return {"device_id": self.device_id, "trt_engine_cache_enable": "True",
-                    "trt_engine_cache_path": str(self.export_dir / "ort-trt-cache")}
+            return {
+                "device_id": self.device_id,
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(self.export_dir / "ort-trt-cache"),
+            }
         if provider == "CUDAExecutionProvider":
             return {"device_id": self.device_id}
         return {}
@@ -132,14 +149,21 @@ class OnnxRunner:
         self.encoder.run_with_iobinding(binding)
         return OnnxMemory(*binding.get_outputs())
 
-    def decode(self, memory: OnnxMemory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        memory: OnnxMemory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+    ) -> torch.Tensor:
         session = self.decoders.get(tuple(vocab_slice))
         if memory.keys.shape()[1] == 1:  # [layers, batch, heads, features, head_dim]
             session = self.single_image_decoders.get(tuple(vocab_slice), session)
         if session is None:
-            raise KeyError(f"no decoder graph for vocabulary slice {vocab_slice}; "
-                           f"exported: {sorted(self.decoders)}")
+            raise KeyError(
+                f"no decoder graph for vocabulary slice {vocab_slice}; "
+                f"exported: {sorted(self.decoders)}"
+            )
         binding = session.io_binding()
         binding.bind_ortvalue_input("keys", memory.keys)
         binding.bind_ortvalue_input("values", memory.values)
@@ -152,13 +176,17 @@ class OnnxRunner:
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": str(self.device),
-                "device_name": gpu_name(self.device_id) if self.io_device == "cuda"
-                else cpu_name(),
-                "precision": self.manifest["precision"], "providers": self.providers,
-                "threads": self.threads, "export_dir": str(self.export_dir),
-                "opset": self.manifest["opset"],
-                "checkpoint_sha256": self.manifest["checkpoint"]["sha256"]}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "device_name": gpu_name(self.device_id) if self.io_device == "cuda" else cpu_name(),
+            "precision": self.manifest["precision"],
+            "providers": self.providers,
+            "threads": self.threads,
+            "export_dir": str(self.export_dir),
+            "opset": self.manifest["opset"],
+            "checkpoint_sha256": self.manifest["checkpoint"]["sha256"],
+        }
 
 
 def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:

@@ -32,11 +32,15 @@ def import_tensorrt() -> Any:
             "and a CUDA GPU; TensorRT is not installed here (onnx and torch need neither)"
         ) from e
     if not torch.cuda.is_available():
-        raise RuntimeError("TensorRT is installed but torch sees no CUDA GPU to build or run "
-                           "engines on (the onnx and torch backends run on CPU)")
+        raise RuntimeError(
+            "TensorRT is installed but torch sees no CUDA GPU to build or run "
+            "engines on (the onnx and torch backends run on CPU)"
+        )
     if not hasattr(trt.BuilderFlag, "FP16"):
-        raise RuntimeError(f"TensorRT {trt.__version__} has no weakly typed FP16 builds "
-                           "(removed in TensorRT 11); install tensorrt>=10,<11")
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} has no weakly typed FP16 builds "
+            "(removed in TensorRT 11); install tensorrt>=10,<11"
+        )
     return trt
 
 
@@ -50,8 +54,9 @@ def cache_key(trt: Any, device_index: int = 0) -> str:
 def cuda_device(device: str) -> torch.device:
     """The CUDA device the engines run on; anything else is refused."""
     if not device.startswith("cuda"):
-        raise ValueError(f"the tensorrt backend runs on CUDA GPUs only, not {device!r}; "
-                         "pass --device cuda")
+        raise ValueError(
+            f"the tensorrt backend runs on CUDA GPUs only, not {device!r}; pass --device cuda"
+        )
     return torch.device(device)
 
 
@@ -64,12 +69,17 @@ class Engine:
             raise RuntimeError(f"cannot load TensorRT engine {path} (built by another version?)")
         self.context = self.engine.create_execution_context()
         self.device, self.lock = device, threading.Lock()  # one context: one call at a time
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-                  trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+        dtypes = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.int32: torch.int32,
+            trt.int64: torch.int64,
+            trt.bool: torch.bool,
+            trt.int8: torch.int8,
+        }
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
-        self.inputs = [n for n in names
-                       if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
 
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,8 +89,10 @@ class Engine:
                 tensor = feeds[name].to(self.device, self.dtypes[name]).contiguous()
                 kept[name] = tensor
                 if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                    raise ValueError(f"input {name} {tuple(tensor.shape)} is outside the "
-                                     "engine's optimisation profile; rebuild with larger limits")
+                    raise ValueError(
+                        f"input {name} {tuple(tensor.shape)} is outside the "
+                        "engine's optimisation profile; rebuild with larger limits"
+                    )
                 self.context.set_tensor_address(name, tensor.data_ptr())
             outputs = {}
             for name in self.outputs:
@@ -104,32 +116,46 @@ class TensorRTRunner:
         manifest = read_manifest(self.export_dir)
         key = cache_key(trt, index)
         entry = manifest.get("tensorrt", {}).get(key)
-        if entry is None or not all((self.export_dir / f).is_file()
-                                    for f in entry["engines"].values()):
+        if entry is None or not all(
+            (self.export_dir / f).is_file() for f in entry["engines"].values()
+        ):
             raise FileNotFoundError(
                 f"{self.export_dir} has no TensorRT engines for this GPU ({key}); build them "
-                "here with `mad export --format tensorrt`, or let `mad serve` build them")
+                "here with `mad export --format tensorrt`, or let `mad serve` build them"
+            )
         self.entry: dict[str, Any] = entry
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engines = {k: self.export_dir / v for k, v in entry["engines"].items()}
         self.encoder = Engine(trt, runtime, engines["encoder"], self.device)
-        self.decoders = {tuple(g["vocab_slice"]): Engine(trt, runtime, engines[task], self.device)
-                         for task, g in manifest["graphs"]["decoders"].items()}
+        self.decoders = {
+            tuple(g["vocab_slice"]): Engine(trt, runtime, engines[task], self.device)
+            for task, g in manifest["graphs"]["decoders"].items()
+        }
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> TensorRTMemory:
         return self.encoder({"images": images, "pad_mask": pad_mask})
 
     @torch.inference_mode()
-    def decode(self, memory: TensorRTMemory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        memory: TensorRTMemory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+    ) -> torch.Tensor:
         engine = self.decoders.get(tuple(vocab_slice))
         if engine is None:
             raise KeyError(f"no decoder engine for vocabulary slice {vocab_slice}")
         return engine({**memory, "tokens": tokens, "image_index": image_index})["logits"].float()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": str(self.device),
-                "device_name": self.entry["gpu"], "precision": self.entry["precision"],
-                "tensorrt": self.entry["tensorrt"], "profile": self.entry["profile"],
-                "export_dir": str(self.export_dir)}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "device_name": self.entry["gpu"],
+            "precision": self.entry["precision"],
+            "tensorrt": self.entry["tensorrt"],
+            "profile": self.entry["profile"],
+            "export_dir": str(self.export_dir),
+        }

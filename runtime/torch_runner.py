@@ -16,8 +16,14 @@ from runtime.cuda_graphs import GraphedDecoder
 
 
 class TorchRunner(EagerRunner):
-    def __init__(self, network: MADNetwork, device: str = "cpu", precision: str = "fp32",
-                 compile: bool = False, cuda_graphs: bool = False):
+    def __init__(
+        self,
+        network: MADNetwork,
+        device: str = "cpu",
+        precision: str = "fp32",
+        compile: bool = False,
+        cuda_graphs: bool = False,
+    ):
         torch_device(device)  # checked first: no CUDA says so whatever else is asked
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision {precision!r}")
@@ -40,8 +46,13 @@ class TorchRunner(EagerRunner):
         return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
 
     @torch.inference_mode()
-    def decode(self, memory: ImageMemory, tokens: torch.Tensor, image_index: torch.Tensor,
-               vocab_slice: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        memory: ImageMemory,
+        tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        vocab_slice: tuple[int, int],
+    ) -> torch.Tensor:
         """A replayed CUDA graph where one serves this shape, else the eager pass."""
         if self.graphs is not None:
             tokens, image_index = tokens.to(self.device), image_index.to(self.device)

@@ -39,11 +39,25 @@ except PackageNotFoundError:  # running from a plain checkout
 
 
 def load_model(s: Settings) -> LoadedModel:
-    log.info("loading model", extra={"checkpoint": str(s.checkpoint), "backend": s.backend,
-                                     "device": s.device, "precision": s.precision})
-    mad, runner = load_runner(s.backend, Path(s.checkpoint), s.device, cache_dir=s.cache_dir,
-                              precision=s.precision, compile=s.compile,
-                              cuda_graphs=s.cuda_graphs, export_dir=s.export_dir)
+    log.info(
+        "loading model",
+        extra={
+            "checkpoint": str(s.checkpoint),
+            "backend": s.backend,
+            "device": s.device,
+            "precision": s.precision,
+        },
+    )
+    mad, runner = load_runner(
+        s.backend,
+        Path(s.checkpoint),
+        s.device,
+        cache_dir=s.cache_dir,
+        precision=s.precision,
+        compile=s.compile,
+        cuda_graphs=s.cuda_graphs,
+        export_dir=s.export_dir,
+    )
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
@@ -66,16 +80,26 @@ def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     s = state.settings
-    engine = BatchingEngine(max_batch_size=s.max_batch_size,
-                            batch_delay_s=s.batch_delay_ms / 1000, queue_size=s.queue_size,
-                            on_batch=state.metrics.batch_size.observe)
+    engine = BatchingEngine(
+        max_batch_size=s.max_batch_size,
+        batch_delay_s=s.batch_delay_ms / 1000,
+        queue_size=s.queue_size,
+        on_batch=state.metrics.batch_size.observe,
+    )
     # All torch work (loading, warm-up, requests) happens on the one model thread.
     model = await engine.run_on_model_thread(load_model, s)
     state.model = model
     pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
     d = model.description
-    state.metrics.model_info.info({"name": d.name, "version": d.version, "backend": d.backend,
-                                   "device": d.device, "precision": d.precision})
+    state.metrics.model_info.info(
+        {
+            "name": d.name,
+            "version": d.version,
+            "backend": d.backend,
+            "device": d.device,
+            "precision": d.precision,
+        }
+    )
     state.metrics.track_queue(lambda: len(engine.waiting))
     state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
     # Compiled graphs and CUDA state belong to the model thread too.
@@ -96,10 +120,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServiceState(settings)
-    app = FastAPI(title="MAD Serve", version=SERVICE_VERSION, lifespan=lifespan,
-                  description="Detection, instance segmentation, person keypoints and "
-                  "captioning with one Masked AutoDecoder. Errors are always "
-                  '`{"error": {"code", "message", "request_id"}}`.')
+    app = FastAPI(
+        title="MAD Serve",
+        version=SERVICE_VERSION,
+        lifespan=lifespan,
+        description="Detection, instance segmentation, person keypoints and "
+        "captioning with one Masked AutoDecoder. Errors are always "
+        '`{"error": {"code", "message", "request_id"}}`.',
+    )
     app.state.service = state
     install_error_handlers(app)
     app.include_router(health.router)
@@ -128,10 +156,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # carry the request id and are counted.
     app.add_middleware(UploadGuardMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
 

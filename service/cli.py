@@ -42,12 +42,14 @@ def load_settings(**options: Any) -> Settings:
 
 def require_checkpoint(settings: Settings) -> None:
     if not (Path(settings.checkpoint) / "config.json").is_file():
-        raise SystemExit(f"mad: no checkpoint at {settings.checkpoint} (set --checkpoint or "
-                         "MAD_CHECKPOINT)")
+        raise SystemExit(
+            f"mad: no checkpoint at {settings.checkpoint} (set --checkpoint or MAD_CHECKPOINT)"
+        )
 
 
-def request_error(command: str, exc: RequestError, options: dict[str, str] | None = None
-                  ) -> NoReturn:
+def request_error(
+    command: str, exc: RequestError, options: dict[str, str] | None = None
+) -> NoReturn:
     """A value outside the request grammar: one line on stderr naming the option (`options`
     maps a request field to it; default --field-name), exit status 2 (a usage error)."""
     option = (options or {}).get(exc.field, "--" + exc.field.replace("_", "-"))
@@ -70,21 +72,35 @@ def serve(
     from service.app import DrainingServer, create_app
     from service.logging import configure, log_config
 
-    settings = load_settings(checkpoint=checkpoint, backend=backend, device=device,
-                             precision=precision, host=host, port=port, workers=workers)
+    settings = load_settings(
+        checkpoint=checkpoint,
+        backend=backend,
+        device=device,
+        precision=precision,
+        host=host,
+        port=port,
+        workers=workers,
+    )
     require_checkpoint(settings)
     configure(settings.log_level)
     logging = log_config(settings.log_level)
     if settings.workers > 1:
         # Each worker process builds its own app (and model) from the environment.
         os.environ.update(settings.env())
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers,
-                    host=settings.host, port=settings.port, access_log=False,
-                    log_config=logging)
+        uvicorn.run(
+            "service.app:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            log_config=logging,
+        )
         return
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                            log_config=logging)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, access_log=False, log_config=logging
+    )
     server = DrainingServer(config, app.state.service)
     server.run()
     if not server.started:  # start-up failed (e.g. the backend could not load the model)
@@ -92,20 +108,23 @@ def serve(
 
 
 def predict(
-    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
-                                        help="Image files."),
-    tasks: list[str] = typer.Option([], help="Tasks, comma-separated or repeated "
-                                    "(default: all the model has)."),
+    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files."),
+    tasks: list[str] = typer.Option(
+        [], help="Tasks, comma-separated or repeated (default: all the model has)."
+    ),
     refine_steps: list[str] = typer.Option([], help="K for every task, or task:K."),
     score_threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     max_detections: int | None = typer.Option(None, min=1),
-    nms_iou: float | None = typer.Option(None, help="Class-wise NMS IoU, 0..1 (1: off; "
-                                         "default: the model's)."),
+    nms_iou: float | None = typer.Option(
+        None, help="Class-wise NMS IoU, 0..1 (1: off; default: the model's)."
+    ),
     mask_format: str = typer.Option("rle", help="rle or polygon (for --json)."),
-    render: Path | None = typer.Option(None, help="Draw the result into this PNG "
-                                       "(several images: OUT-<image name>.png)."),
-    json_output: bool = typer.Option(False, "--json", help="Print the API's JSON response, "
-                                     "one line per image."),
+    render: Path | None = typer.Option(
+        None, help="Draw the result into this PNG (several images: OUT-<image name>.png)."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print the API's JSON response, one line per image."
+    ),
     checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
     backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
     device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE]."),
@@ -124,9 +143,15 @@ def predict(
         raise typer.BadParameter("--mask-format must be rle or polygon")
     settings = load_settings(checkpoint=checkpoint, backend=backend, device=device)
     require_checkpoint(settings)
-    mad, runner = load_runner(settings.backend, Path(settings.checkpoint), settings.device,
-                              cache_dir=settings.cache_dir, precision=settings.precision,
-                              compile=settings.compile, export_dir=settings.export_dir)
+    mad, runner = load_runner(
+        settings.backend,
+        Path(settings.checkpoint),
+        settings.device,
+        cache_dir=settings.cache_dir,
+        precision=settings.precision,
+        compile=settings.compile,
+        export_dir=settings.export_dir,
+    )
     config = mad.config
     try:
         task_names = parse_tasks(tasks, config.tasks)
@@ -146,17 +171,22 @@ def predict(
             typer.echo(f"{path}: {exc.message}", err=True)
             failed += 1
             continue
-        [result] = pipeline([ModelRequest(image, task_names, steps, score_threshold,
-                                          max_detections, nms_iou)])
-        response = build_response(result, model_ref, mad.codecs, mask_format,
-                                  request_stages(result))
+        [result] = pipeline(
+            [ModelRequest(image, task_names, steps, score_threshold, max_detections, nms_iou)]
+        )
+        response = build_response(
+            result, model_ref, mad.codecs, mask_format, request_stages(result)
+        )
         if json_output:
             typer.echo(json.dumps(response.model_dump(exclude_none=True)))
         else:
             typer.echo(summary(path, response))
         if render is not None:
-            out = render if len(images) == 1 else render.with_name(
-                f"{render.stem}-{path.stem}{render.suffix or '.png'}")
+            out = (
+                render
+                if len(images) == 1
+                else render.with_name(f"{render.stem}-{path.stem}{render.suffix or '.png'}")
+            )
             draw(image, response, config.skeleton).save(out)
             typer.echo(f"wrote {out}", err=True)
     if failed:

@@ -23,17 +23,21 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                    state: StateDep) -> None:
+def require_api_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], state: StateDep
+) -> None:
     key = state.settings.api_key
     if key is None:
         return
     given = credentials.credentials if credentials is not None else ""
     # Constant-time comparison: response timing must not leak the key prefix.
     if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise APIError(401, "unauthorized",
-                       "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def not_ready() -> APIError:

@@ -43,9 +43,15 @@ class Job:
 
 
 class BatchingEngine:
-    def __init__(self, pipeline: Batch | None = None, *,
-                 max_batch_size: int = 8, batch_delay_s: float = 0.005, queue_size: int = 64,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Batch | None = None,
+        *,
+        max_batch_size: int = 8,
+        batch_delay_s: float = 0.005,
+        queue_size: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size

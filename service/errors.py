@@ -16,42 +16,72 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.logging import request_id_var
 
-CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-         405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
-         415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests",
-         500: "internal_error", 503: "unavailable", 504: "timeout"}
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
 
 
 class APIError(Exception):
     """An error a client caused or must handle; becomes the JSON error body."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None,
-                 details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers, self.details = headers or {}, details
 
 
-def error_body(status: int, message: str, code: str | None = None,
-               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code or CODES.get(status, "error"), "message": message,
-             "request_id": request_id_var.get()}
+def error_body(
+    status: int, message: str, code: str | None = None, details: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {
+        "code": code or CODES.get(status, "error"),
+        "message": message,
+        "request_id": request_id_var.get(),
+    }
     if details is not None:
         error["details"] = details
     return {"error": error}
 
 
-def error_response(status: int, message: str, code: str | None = None,
-                   headers: Mapping[str, str] | None = None,
-                   details: list[dict[str, Any]] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    details: list[dict[str, Any]] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, details), status, headers=headers)
 
 
 def validation_details(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     # Only loc/msg/type: `input` may hold an UploadFile or bytes, which JSON cannot carry.
-    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""),
-             "type": e.get("type", "")} for e in errors]
+    return [
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
+        for e in errors
+    ]
 
 
 async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -63,8 +93,7 @@ async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JS
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
 
-async def handle_validation_error(request: Request, exc: RequestValidationError
-                                  ) -> JSONResponse:
+async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = validation_details(exc.errors())
     first: dict[str, Any] = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(p for p in first["loc"] if p != "body")

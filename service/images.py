@@ -23,8 +23,11 @@ def invalid(message: str) -> APIError:
 
 
 def too_many_pixels(width: int, height: int, limit: int) -> APIError:
-    return APIError(413, "image_too_large",
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {limit}")
+    return APIError(
+        413,
+        "image_too_large",
+        f"image is {width}x{height} = {width * height} pixels; the limit is {limit}",
+    )
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -29,8 +29,23 @@ METRIC_NAMES = (
     "mad_gpu_memory_bytes",
 )
 # Latency buckets from 1 ms (a stage of a tiny model) to 60 s (past the default deadline).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -41,26 +56,39 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "mad_requests_total", "Predict requests, one count per task asked, by HTTP status.",
-            ["status", "task"], registry=r)
+            "mad_requests_total",
+            "Predict requests, one count per task asked, by HTTP status.",
+            ["status", "task"],
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "mad_request_duration_seconds", "End-to-end /predict latency.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "mad_request_duration_seconds",
+            "End-to-end /predict latency.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.stage_duration = Histogram(
-            "mad_stage_duration_seconds", "Per-request latency of each inference stage.",
-            ["stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge(
-            "mad_queue_depth", "Requests waiting for the model.", registry=r)
+            "mad_stage_duration_seconds",
+            "Per-request latency of each inference stage.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("mad_queue_depth", "Requests waiting for the model.", registry=r)
         self.inflight = Gauge(
-            "mad_inflight_requests", "Predict requests being handled.", registry=r)
+            "mad_inflight_requests", "Predict requests being handled.", registry=r
+        )
         self.batch_size = Histogram(
-            "mad_batch_size", "Images per model batch.", buckets=BATCH_BUCKETS, registry=r)
+            "mad_batch_size", "Images per model batch.", buckets=BATCH_BUCKETS, registry=r
+        )
         self.decoder_passes = Counter(
-            "mad_decoder_passes_total", "Decoder passes run, by task.", ["task"], registry=r)
+            "mad_decoder_passes_total", "Decoder passes run, by task.", ["task"], registry=r
+        )
         # Info appends `_info` itself.
         self.model_info = Info("mad_model", "The model being served.", registry=r)
         self.gpu_memory = Gauge(
-            "mad_gpu_memory_bytes", "GPU memory allocated by torch (0 off CUDA).", registry=r)
+            "mad_gpu_memory_bytes", "GPU memory allocated by torch (0 off CUDA).", registry=r
+        )
         self.gpu_memory.set(0)
 
     def track_queue(self, depth: Callable[[], int]) -> None:

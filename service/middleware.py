@@ -71,9 +71,19 @@ class RequestContextMiddleware:
                 self.metrics.inflight.dec()
                 self.metrics.count_request(status, state.get("tasks", ()), seconds)
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
-            log.log(level, "%s %s %d", scope["method"], scope["path"], status,
-                    extra={"method": scope["method"], "path": scope["path"], "status": status,
-                           "duration_ms": round(seconds * 1000, 3)})
+            log.log(
+                level,
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                },
+            )
 
 
 class BodyTooLarge(HTTPException):
@@ -93,14 +103,17 @@ class UploadGuardMiddleware:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "multipart/form-data":
-            message = (f"expected multipart/form-data with an 'image' file, got "
-                       f"{media_type or 'no content type'}")
+            message = (
+                f"expected multipart/form-data with an 'image' file, got "
+                f"{media_type or 'no content type'}"
+            )
             return await error_response(415, message)(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             # Rejected unread; uvicorn discards the rest of the body for keep-alive.
             return await error_response(413, BodyTooLarge(self.max_bytes).detail)(
-                scope, receive, send)
+                scope, receive, send
+            )
         received, started = 0, False
 
         async def counted_receive() -> Message:

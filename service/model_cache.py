@@ -20,8 +20,14 @@ from runtime.manifest import FORMAT, MANIFEST, is_export, read_manifest
 from runtime.tensorrt_runner import cuda_device, import_tensorrt
 
 
-def load_runner(backend: str, checkpoint: str | Path | None, device: str = "cpu", *,
-                cache_dir: str | Path | None = None, **options: Any) -> tuple[MAD, Runner[Any]]:
+def load_runner(
+    backend: str,
+    checkpoint: str | Path | None,
+    device: str = "cpu",
+    *,
+    cache_dir: str | Path | None = None,
+    **options: Any,
+) -> tuple[MAD, Runner[Any]]:
     """-> (model bundle, runner), as `runtime.backends.create_runner`, except that onnx and
     tensorrt need no ready export: without export_dir, a checkpoint that is not an export is
     exported into `cache_dir` (default: Settings().cache_dir) and that export is run.
@@ -48,13 +54,15 @@ def load_runner(backend: str, checkpoint: str | Path | None, device: str = "cpu"
         checkpoint = resolve_export_dir(checkpoint, export_dir, backend)
         export_dir = None
         index = cuda_device("cuda" if device == "auto" else device).index or 0
-        build_engines(checkpoint, options.pop("profile", None), index,
-                      rebuild=options.pop("rebuild", False))
+        build_engines(
+            checkpoint, options.pop("profile", None), index, rebuild=options.pop("rebuild", False)
+        )
     return create_runner(backend, checkpoint, device, export_dir=export_dir, **options)
 
 
-def cached_export(checkpoint: str | Path, cache_dir: str | Path, opset: int = 17,
-                  simplify: bool = False) -> Path:
+def cached_export(
+    checkpoint: str | Path, cache_dir: str | Path, opset: int = 17, simplify: bool = False
+) -> Path:
     """`<cache_dir>/<sha256[:16]>/onnx`: exported once per checkpoint content, reused after.
     A new export is written beside it and renamed into place, so concurrent starts never see
     half an export (the loser of the race just drops its copy)."""
@@ -67,8 +75,12 @@ def cached_export(checkpoint: str | Path, cache_dir: str | Path, opset: int = 17
             manifest = read_manifest(target)
         except ValueError:
             manifest = {}
-        if (manifest.get("format") == FORMAT and manifest["checkpoint"]["sha256"] == digest
-                and manifest["opset"] == opset and manifest["simplified"] == simplify):
+        if (
+            manifest.get("format") == FORMAT
+            and manifest["checkpoint"]["sha256"] == digest
+            and manifest["opset"] == opset
+            and manifest["simplified"] == simplify
+        ):
             return target
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ from service.schemas import ImageSize, ModelRef, PredictResponse
 MODEL_STAGES = ("preprocess", "encode")
 
 
-def outputs_json(result: Result, codecs: Mapping[str, TaskCodec], options: JsonOptions
-                 ) -> dict[str, Any]:
+def outputs_json(
+    result: Result, codecs: Mapping[str, TaskCodec], options: JsonOptions
+) -> dict[str, Any]:
     """{output field: JSON} of every task run. A task prompted by detections puts its
     outputs into the objects of the detections they belong to (where it applies)."""
     body: dict[str, Any] = {}
@@ -31,8 +32,13 @@ def outputs_json(result: Result, codecs: Mapping[str, TaskCodec], options: JsonO
     return body
 
 
-def build_response(result: Result, model: ModelRef, codecs: Mapping[str, TaskCodec],
-                   mask_format: str, timings: dict[str, float]) -> PredictResponse:
+def build_response(
+    result: Result,
+    model: ModelRef,
+    codecs: Mapping[str, TaskCodec],
+    mask_format: str,
+    timings: dict[str, float],
+) -> PredictResponse:
     """`timings` (seconds, from the service: queue, decode) are merged with the model's."""
     return PredictResponse(
         model=model,

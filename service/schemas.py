@@ -32,33 +32,46 @@ class PredictForm(Strict):
 
     image: UploadFile = Field(description="The image file (any format Pillow reads).")
     tasks: list[str] | None = Field(
-        None, description="Tasks to run, comma-separated and/or repeated: any of the model's "
-        "tasks (GET /v1/model). Default: every task the model has.")
+        None,
+        description="Tasks to run, comma-separated and/or repeated: any of the model's "
+        "tasks (GET /v1/model). Default: every task the model has.",
+    )
     refine_steps: list[str] | None = Field(
-        None, description=f"Refinement steps 0..{MAX_REFINE_STEPS}: one integer for every "
+        None,
+        description=f"Refinement steps 0..{MAX_REFINE_STEPS}: one integer for every "
         "task, or task:K pairs (comma-separated and/or repeated; task:K wins over a bare K). "
-        "Default: each task's schedule from the checkpoint.")
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0,
-                                   description="Drop detections scoring below this.")
+        "Default: each task's schedule from the checkpoint.",
+    )
+    score_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Drop detections scoring below this."
+    )
     max_detections: int | None = Field(
-        None, ge=1, description="Keep at most this many detections (1..the model's slots).")
+        None, ge=1, description="Keep at most this many detections (1..the model's slots)."
+    )
     nms_iou: float | None = Field(
-        None, ge=0.0, le=1.0, description="Class-wise NMS: drop a detection overlapping a "
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Class-wise NMS: drop a detection overlapping a "
         "higher-scored one of its class by more than this IoU (1: off). Default: the model's "
-        "(GET /v1/model).")
+        "(GET /v1/model).",
+    )
     mask_format: Literal["rle", "polygon"] = Field(
-        "rle", description="rle: COCO compressed RLE; polygon: outer boundary polygons.")
+        "rle", description="rle: COCO compressed RLE; polygon: outer boundary polygons."
+    )
 
 
 class RLEMask(Strict):
     size: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
-        description="[height, width] of the image.")
+        description="[height, width] of the image."
+    )
     counts: str = Field(description="COCO compressed RLE counts (pycocotools).")
 
 
 Polygon = Annotated[list[float], Field(description="Flat [x0, y0, x1, y1, ...] in pixels.")]
-Keypoint = Annotated[list[float], Field(min_length=3, max_length=3,
-                                        description="[x, y, score] in pixels.")]
+Keypoint = Annotated[
+    list[float], Field(min_length=3, max_length=3, description="[x, y, score] in pixels.")
+]
 
 
 class Detection(Strict):
@@ -71,12 +84,15 @@ class Detection(Strict):
     category_id: int = Field(description="Index into the model's class_names (0-based).")
     score: float
     box: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
-        description="[x0, y0, x1, y1] in original-image pixels.")
+        description="[x0, y0, x1, y1] in original-image pixels."
+    )
     mask: RLEMask | list[Polygon] | None = Field(
-        None, description="When segmentation was asked: RLE, or a list of polygons.")
+        None, description="When segmentation was asked: RLE, or a list of polygons."
+    )
     keypoints: list[Keypoint] | None = Field(
-        None, description="Persons only, when keypoints were asked: one [x, y, score] per "
-        "keypoint name.")
+        None,
+        description="Persons only, when keypoints were asked: one [x, y, score] per keypoint name.",
+    )
 
 
 class ModelRef(Strict):
@@ -99,13 +115,15 @@ class PredictResponse(Strict):
     image: ImageSize
     tasks: list[str] = Field(
         description="Tasks run: the ones asked, plus detection when a task prompted by "
-        "detections (segmentation, keypoints) needed its boxes.")
+        "detections (segmentation, keypoints) needed its boxes."
+    )
     detections: list[Detection] | None = Field(None, description="When detection ran.")
     caption: str | None = Field(None, description="When caption was asked.")
     decoder_passes: dict[str, int] = Field(description="Decoder passes run, per task.")
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: queue, preprocess, encode, each task, "
-        "postprocess, total.")
+        "postprocess, total."
+    )
 
 
 class ModelDescription(Strict):
@@ -118,12 +136,15 @@ class ModelDescription(Strict):
     class_names: list[str]
     keypoint_names: list[str]
     skeleton: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
-        description="Keypoint index pairs (0-based) to draw as limbs.")
+        description="Keypoint index pairs (0-based) to draw as limbs."
+    )
     default_refine_steps: dict[str, int] = Field(
-        description="Refinement steps each task runs when a request names none.")
+        description="Refinement steps each task runs when a request names none."
+    )
     schedules: dict[str, list[float]] = Field(description="Default mask-ratio schedules.")
     input_size: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
-        description="[height, width] of the letterboxed network input.")
+        description="[height, width] of the letterboxed network input."
+    )
     max_detections: int = Field(description="Detection slots: the most objects per image.")
     nms_iou: float = Field(description="Default class-wise NMS IoU of /predict (1: off).")
     max_batch_size: int
@@ -166,8 +187,11 @@ def model_openapi(schema: dict[str, Any], codecs: Mapping[str, TaskCodec]) -> di
         owner = "Detection" if codec.prompted_by_detections else "PredictResponse"
         properties = components[owner]["properties"]
         if codec.output_field not in properties:
-            when = (f"When {task} was asked and applies to this detection."
-                    if codec.prompted_by_detections else f"When {task} ran.")
+            when = (
+                f"When {task} was asked and applies to this detection."
+                if codec.prompted_by_detections
+                else f"When {task} ran."
+            )
             properties[codec.output_field] = {"description": when, **codec.output_schema}
     for owner in ("Detection", "PredictResponse"):
         components[owner]["additionalProperties"] = False

@@ -30,11 +30,15 @@ class Settings(BaseSettings):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu or cuda[:N].")
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16 (CUDA only).")
     compile: bool = Field(False, description="torch.compile the network (torch backend).")
-    cuda_graphs: bool = Field(False, description="Replay decoder passes from CUDA graphs "
-                              "(torch backend on CUDA).")
+    cuda_graphs: bool = Field(
+        False, description="Replay decoder passes from CUDA graphs (torch backend on CUDA)."
+    )
     export_dir: Path | None = Field(None, description="Exported engines (onnx/tensorrt).")
-    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Where onnx/tensorrt export the "
-                            "checkpoint at start-up when export_dir is unset.")
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR,
+        description="Where onnx/tensorrt export the "
+        "checkpoint at start-up when export_dir is unset.",
+    )
     host: str = Field("0.0.0.0", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     workers: int = Field(1, ge=1, description="Server processes, each with its own model.")
@@ -46,7 +50,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
     api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Allowed CORS origins (comma-separated or JSON).")
+        default_factory=list, description="Allowed CORS origins (comma-separated or JSON)."
+    )
     log_level: LogLevel = Field("info", description="Log level.")
 
     @field_validator("cors_origins", mode="before")

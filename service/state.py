@@ -63,6 +63,7 @@ def describe_model(mad: MAD, runner: Runner[Any], settings: Settings) -> ModelDe
         default_refine_steps={t: len(config.schedules.get(t, [])) for t in config.tasks},
         schedules={t: list(config.schedules.get(t, [])) for t in config.tasks},
         input_size=list(config.image_size),
-        max_detections=config.num_slots, nms_iou=config.nms_iou,
+        max_detections=config.num_slots,
+        nms_iou=config.nms_iou,
         max_batch_size=settings.max_batch_size,
     )

@@ -86,7 +86,7 @@ def pip_installs(shell: str) -> list[dict]:
         words = shlex.split(command)
         for i, word in enumerate(words[:-1]):
             if word.endswith("pip") and words[i + 1] == "install":
-                rest = words[i + 2:]
+                rest = words[i + 2 :]
                 break
         else:
             continue
@@ -226,7 +226,8 @@ def dockerignored(path: str) -> bool:
         regex = ""
         for part in re.split(r"(\*\*/?|\*|\?)", pattern):
             regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
-                part, re.escape(part))
+                part, re.escape(part)
+            )
         parts = path.strip("/").split("/")
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
         if any(re.fullmatch(regex, prefix) for prefix in prefixes):

@@ -33,8 +33,17 @@ TINY_CAPTIONS = [
 
 def micro_config(**overrides):
     """Smaller than the tiny preset: for fast tests of shapes and plumbing."""
-    values = dict(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=2, ffn_dim=64,
-                  image_size=(96, 96), num_bins=96, num_slots=6, caption_len=12)
+    values = dict(
+        d_model=32,
+        n_heads=4,
+        encoder_layers=1,
+        decoder_layers=2,
+        ffn_dim=64,
+        image_size=(96, 96),
+        num_bins=96,
+        num_slots=6,
+        caption_len=12,
+    )
     values.update(overrides)
     return get_preset("tiny", **values)
 
@@ -63,8 +72,7 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(settings: Settings, start_timeout_s: float = 60.0
-                   ) -> Iterator[RunningServer]:
+def running_server(settings: Settings, start_timeout_s: float = 60.0) -> Iterator[RunningServer]:
     """Serve `settings` on a free 127.0.0.1 port until the block ends."""
     app = create_app(settings)
     # Bind here and hand the socket over: no race for the port between probe and bind.
@@ -74,8 +82,9 @@ def running_server(settings: Settings, start_timeout_s: float = 60.0
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=30)
     server = DrainingServer(config, app.state.service)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name=f"uvicorn-{port}")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"
+    )
     thread.start()
     give_up = time.monotonic() + start_timeout_s
     while not server.started:

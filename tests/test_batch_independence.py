@@ -28,8 +28,9 @@ def same(a: Result, b: Result) -> None:
             torch.testing.assert_close(ka[:, :2], kb[:, :2], atol=1e-3, rtol=0)
 
 
-@pytest.mark.skipif(not (BUNDLED_CHECKPOINT / "config.json").is_file(),
-                    reason="no bundled checkpoint")
+@pytest.mark.skipif(
+    not (BUNDLED_CHECKPOINT / "config.json").is_file(), reason="no bundled checkpoint"
+)
 def test_results_do_not_depend_on_batch_mates():
     mad, _ = load_checkpoint(BUNDLED_CHECKPOINT)
     pipeline = Pipeline(mad, TorchRunner(mad.network))

@@ -28,9 +28,22 @@ from mad.cli import app
 from model.codecs import DecodeContext
 from runtime.torch_runner import TorchRunner
 
-REPORT_KEYS = {"schema", "created", "environment", "model", "settings", "stage_latency",
-               "mad_vs_ar", "kept_vs_fixed", "backends", "http", "targets", "errors",
-               "skipped", "duration_s"}
+REPORT_KEYS = {
+    "schema",
+    "created",
+    "environment",
+    "model",
+    "settings",
+    "stage_latency",
+    "mad_vs_ar",
+    "kept_vs_fixed",
+    "backends",
+    "http",
+    "targets",
+    "errors",
+    "skipped",
+    "duration_s",
+}
 SUMMARY_KEYS = {"median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "n"}
 
 
@@ -79,16 +92,29 @@ def test_detection_prompts(micro_model):
 
 def test_model_sections(micro_model):
     runner = TorchRunner(micro_model.network)
-    bench = ModelBench(micro_model, runner, [synthetic_image((96, 96))] * 2, kept=3,
-                       ratios=schedules(micro_model, {"caption": 2}))
+    bench = ModelBench(
+        micro_model,
+        runner,
+        [synthetic_image((96, 96))] * 2,
+        kept=3,
+        ratios=schedules(micro_model, {"caption": 2}),
+    )
     stage = bench.stage_latency(repeats=2, warmup=1)
-    assert set(stage["stages"]) == {"preprocess", "encode", *micro_model.config.tasks,
-                                    "postprocess"}
+    assert set(stage["stages"]) == {
+        "preprocess",
+        "encode",
+        *micro_model.config.tasks,
+        "postprocess",
+    }
     assert stage["sequences"]["segmentation"] == 6 and stage["passes"]["caption"] == 3
     with torch.no_grad():
         versus = mad_vs_autoregressive(bench, repeats=1, ar_repeats=1, warmup=0)
-    assert set(versus["tasks"]["keypoints"]) >= {"mad_k0", "mad_schedule", "ar_cache",
-                                                 "ar_no_cache"}
+    assert set(versus["tasks"]["keypoints"]) >= {
+        "mad_k0",
+        "mad_schedule",
+        "ar_cache",
+        "ar_no_cache",
+    }
     assert all(v > 0 for v in versus["ratios"].values())
     kept = kept_vs_fixed(bench, kept=1, fixed=4, repeats=1, warmup=0)
     assert kept["kept"]["per_image"] == 1 and kept["fixed"]["per_image"] == 4
@@ -97,9 +123,16 @@ def test_model_sections(micro_model):
 
 def test_targets_report_without_sections():
     """Sections that did not run leave their targets unmeasured, not failed."""
-    report = {"settings": {"device": "cpu", "preset": "tiny", "image_size": [96, 96],
-                           "batch_size": 1, "bundled_model": False},
-              "kept_vs_fixed": {"ratio": 6.0, "fixed": {"per_image": 100}}}
+    report = {
+        "settings": {
+            "device": "cpu",
+            "preset": "tiny",
+            "image_size": [96, 96],
+            "batch_size": 1,
+            "bundled_model": False,
+        },
+        "kept_vs_fixed": {"ratio": 6.0, "fixed": {"per_image": 100}},
+    }
     rows = {row["target"].split(":")[1].strip()[:10]: row for row in targets(report)}
     assert rows["fixed 100 "]["met"] is True and rows["fixed 100 "]["applies"] is True
     assert all(row["met"] is None for key, row in rows.items() if key != "fixed 100 ")
@@ -110,8 +143,19 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     """The whole command at smoke size: every section (ONNX export, a real `mad serve` on
     loopback with batching off and on) runs and the report files hold the expected keys."""
     out = tmp_path / "benchmarks"
-    result = CliRunner().invoke(app, ["bench", "--quick", "--checkpoint", str(micro_checkpoint),
-                                      "--device", "cpu", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--quick",
+            "--checkpoint",
+            str(micro_checkpoint),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     [json_path] = out.glob("bench-*.json")
     [md_path] = out.glob("bench-*.md")
@@ -130,8 +174,14 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     assert "share" in http["overhead"] and "ratio" in http["batching_gain"]
     assert len(report["targets"]) == 6
     text = md_path.read_text()
-    for heading in ("## Targets", "## Stage latency", "## MAD vs autoregressive",
-                    "## Kept detections", "## Eager PyTorch vs ONNX Runtime", "## HTTP"):
+    for heading in (
+        "## Targets",
+        "## Stage latency",
+        "## MAD vs autoregressive",
+        "## Kept detections",
+        "## Eager PyTorch vs ONNX Runtime",
+        "## HTTP",
+    ):
         assert heading in text
     assert markdown(report) == text
     assert "ar_cache_vs_mad_schedule" in result.output  # the ratios are printed

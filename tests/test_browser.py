@@ -20,14 +20,25 @@ from tests.helpers import running_server
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)")
+    CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)"
+)
 
 
 def dump_dom(url: str, profile) -> str:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-               "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-               "--virtual-time-budget=20000", "--dump-dom", url]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        url,
+    ]
     done = subprocess.run(command, capture_output=True, timeout=90, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

@@ -28,7 +28,8 @@ def canvas_context(config) -> DecodeContext:
 
 
 boxes_strategy = st.lists(
-    st.tuples(*[st.floats(0, 1, allow_nan=False)] * 4, st.integers(0, 5)), min_size=1,
+    st.tuples(*[st.floats(0, 1, allow_nan=False)] * 4, st.integers(0, 5)),
+    min_size=1,
     max_size=6,
 )
 
@@ -37,15 +38,17 @@ boxes_strategy = st.lists(
 @given(objects=boxes_strategy)
 def test_detection_round_trip_within_one_bin(micro_model, objects):
     codec, config = micro_model.codecs["detection"], micro_model.config
-    boxes = torch.tensor([[min(a, c), min(b, d), max(a, c), max(b, d)]
-                          for a, b, c, d, _ in objects])
+    boxes = torch.tensor(
+        [[min(a, c), min(b, d), max(a, c), max(b, d)] for a, b, c, d, _ in objects]
+    )
     labels = torch.tensor([label for *_, label in objects])
     tokens = codec.object_tokens({"boxes": boxes, "labels": labels})
     body = torch.full((config.num_slots, TOKENS_PER_SLOT), micro_model.vocab.coord_start)
     body[:, 4] = micro_model.vocab.no_object
     body[: len(tokens)] = tokens[: config.num_slots]
-    [dets] = codec.decode(one_hot_logits(codec, body.flatten()[None]), None,
-                          [canvas_context(config)])
+    [dets] = codec.decode(
+        one_hot_logits(codec, body.flatten()[None]), None, [canvas_context(config)]
+    )
     n = min(len(tokens), config.num_slots)
     assert len(dets) == config.num_slots and (dets.scores[:n] > 0.99).all()
     order = dets.scores.argsort(descending=True, stable=True)
@@ -71,17 +74,23 @@ def test_segmentation_round_trip_exact_at_16x16(micro_model, bits):
 def test_segmentation_paste_fills_its_box(micro_model):
     codec = micro_model.codecs["segmentation"]
     tokens = codec.mask_tokens(torch.ones(1, 16, 16, dtype=torch.bool))
-    [mask] = codec.decode(one_hot_logits(codec, tokens), None,
-                          [DecodeContext((96, 96), 1.0, (60, 80))],
-                          boxes=[torch.tensor([10.0, 20.0, 30.5, 50.0])])
+    [mask] = codec.decode(
+        one_hot_logits(codec, tokens),
+        None,
+        [DecodeContext((96, 96), 1.0, (60, 80))],
+        boxes=[torch.tensor([10.0, 20.0, 30.5, 50.0])],
+    )
     assert mask.shape == (60, 80)
     ys, xs = mask.nonzero(as_tuple=True)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 30, 20, 49)
 
 
 @SETTINGS
-@given(points=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.booleans()),
-                       min_size=17, max_size=17))
+@given(
+    points=st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.booleans()), min_size=17, max_size=17
+    )
+)
 def test_keypoints_round_trip_within_one_bin(micro_model, points):
     codec, vocab, config = micro_model.codecs["keypoints"], micro_model.vocab, micro_model.config
     xy = torch.tensor([[x, y] for x, y, _ in points])
@@ -144,7 +153,7 @@ def test_unmatched_slots_weigh_no_object_weight(micro_model):
     start, stop = codec.vocab_slice()
     log_probs = torch.full((len(seqs), seqs.inputs.shape[1], stop - start), -1.0).log_softmax(-1)
     _, weights = codec.assign_targets(log_probs, seqs)
-    full = weights[0, codec.prompt_len:].reshape(-1, TOKENS_PER_SLOT)  # fully masked copy
+    full = weights[0, codec.prompt_len :].reshape(-1, TOKENS_PER_SLOT)  # fully masked copy
     class_weights = full[:, 4].sort().values
     assert torch.allclose(class_weights[:-1], torch.tensor(micro_model.config.no_object_weight))
     assert class_weights[-1] == 1.0 and (full[:, :4].sum(1) > 0).sum() == 1

@@ -265,10 +265,12 @@ def test_horizontal_flip_keeps_a_keypoint_on_its_pixel():
     (x=7): pixel centres mirror, as the image's pixels do."""
     image = torch.zeros(3, 4, 10, dtype=torch.uint8)
     image[:, 1, 2] = 255
-    target = {"boxes": tv_tensors.BoundingBoxes([[2, 1, 3, 2]], format="XYXY",
-                                                canvas_size=(4, 10)),
-              "masks": tv_tensors.Mask(image[:1] > 0), "labels": torch.tensor([0]),
-              "keypoints": torch.tensor([[[2.0, 1.0, 2.0]]])}
+    target = {
+        "boxes": tv_tensors.BoundingBoxes([[2, 1, 3, 2]], format="XYXY", canvas_size=(4, 10)),
+        "masks": tv_tensors.Mask(image[:1] > 0),
+        "labels": torch.tensor([0]),
+        "keypoints": torch.tensor([[[2.0, 1.0, 2.0]]]),
+    }
     flipped, out = RandomHorizontalFlip(p=1.0)(tv_tensors.Image(image), target)
     x, y, v = out["keypoints"][0, 0].tolist()
     assert (x, y, v) == (7.0, 1.0, 2.0) and flipped[0, int(y), int(x)] == 255

@@ -39,8 +39,7 @@ from tests.helpers import free_port
 
 def test_dockerfile_installs_like_the_makefile():
     """Same constraints file, same pinned set: the image cannot drift from what CI tests."""
-    make = [i for line in (ROOT / "Makefile").read_text().splitlines()
-            for i in pip_installs(line)]
+    make = [i for line in (ROOT / "Makefile").read_text().splitlines() for i in pip_installs(line)]
     make_project = [i for i in make if project_install(i) is not None]
     assert len(make_project) == 1, make
     make_install = make_project[0]
@@ -62,9 +61,11 @@ def test_dockerfile_installs_like_the_makefile():
         assert set(install["constraints"][1:]) <= {GPU_CONSTRAINTS}
         assert not install["editable"], "the image installs the project non-editable"
         assert install["targets"] == [t for t in install["targets"] if t.startswith(".")], (
-            f"{name}: nothing but the project is installed: {install['targets']}")
+            f"{name}: nothing but the project is installed: {install['targets']}"
+        )
         assert not {"-r", "--requirement", "--no-deps", "--pre", "--no-index"} & set(
-            install["flags"]), install["flags"]
+            install["flags"]
+        ), install["flags"]
         docker[name] = (install, project_install(install))
         copied = " ".join(args for keyword, args in stage(name) if keyword == "COPY")
         for needed in ("pyproject.toml", "constraints.txt"):
@@ -96,7 +97,8 @@ def test_dockerfile_installs_like_the_makefile():
         version = pins.get(name) or (gpu_pins.get(name) if where == "either" else None)
         assert version, f"{req.name} is not pinned ({where})"
         assert req.specifier.contains(version, prereleases=True), (
-            f"pin {req.name}=={version} does not satisfy pyproject's {text!r}")
+            f"pin {req.name}=={version} does not satisfy pyproject's {text!r}"
+        )
     for text in project["dependencies"]:
         req = Requirement(text)
         for spec in req.specifier:
@@ -131,8 +133,7 @@ def test_dockerfile_runtime_stages():
         keywords = [k for k, _ in instructions]
         user = [a for k, a in instructions if k == "USER"]
         assert user and user[-1].split(":")[0] not in ("root", "0"), f"{name} runs as root"
-        assert json.loads([a for k, a in instructions if k == "ENTRYPOINT"][-1]) == [
-            "mad", "serve"]
+        assert json.loads([a for k, a in instructions if k == "ENTRYPOINT"][-1]) == ["mad", "serve"]
         health = [a for k, a in instructions if k == "HEALTHCHECK"][-1]
         assert "/readyz" in health and "urllib.request" in health and "curl" not in health
         volumes = json.loads([a for k, a in instructions if k == "VOLUME"][-1])
@@ -141,15 +142,17 @@ def test_dockerfile_runtime_stages():
         assert env["MAD_CACHE_DIR"] == "/cache"
         # An MAD_EXPORT_DIR must hold a ready export; unset, onnx/tensorrt export into the cache.
         assert "MAD_EXPORT_DIR" not in env
-        checkpoint_copies = [a.split() for k, a in instructions
-                             if k == "COPY" and "checkpoints/mad-tiny" in a]
+        checkpoint_copies = [
+            a.split() for k, a in instructions if k == "COPY" and "checkpoints/mad-tiny" in a
+        ]
         assert checkpoint_copies and checkpoint_copies[0][-1] == env["MAD_CHECKPOINT"]
         exposed = [a for k, a in instructions if k == "EXPOSE"][-1]
         assert exposed == env["MAD_PORT"]
         if settings_port is not None:
             assert int(exposed) == settings_port
-        assert keywords.index("USER") > max(
-            i for i, k in enumerate(keywords) if k == "RUN"), "USER after the last RUN"
+        assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN"), (
+            "USER after the last RUN"
+        )
     assert stage_env("cpu")["MAD_DEVICE"] == "cpu"
     assert stage_env("gpu")["MAD_DEVICE"] == "cuda"
 
@@ -173,8 +176,9 @@ def test_healthcheck_fails_when_nothing_listens():
     command = shlex.split(health.split(" CMD ", 1)[1])
     assert command[:2] == ["python", "-c"]
     env = {**os.environ, "MAD_PORT": str(free_port())}
-    result = subprocess.run([sys.executable, "-c", command[2]], env=env, capture_output=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", command[2]], env=env, capture_output=True, timeout=30
+    )
     assert result.returncode != 0
 
 
@@ -230,7 +234,8 @@ def test_compose_environment_is_valid_settings(monkeypatch):
         env = {k: compose_default(v) for k, v in compose["services"][name]["environment"].items()}
         unset = {k for k, v in env.items() if v is None}
         settings = validate_settings_env(
-            {k: v for k, v in env.items() if k not in unset}, monkeypatch, name)
+            {k: v for k, v in env.items() if k not in unset}, monkeypatch, name
+        )
         assert settings.port == 8000
         assert unset <= settings_env_names() | code_env_names()
     assert compose["services"]["mad"]["environment"]["MAD_DEVICE"] == "cuda"

@@ -40,8 +40,10 @@ def test_k8s_manifests(monkeypatch):
     from export.tensorrt import Profile
 
     assert settings.max_batch_size <= Profile().max_batch, "batches must fit TensorRT engines"
-    probes = {kind: container[kind]["httpGet"] for kind in
-              ("livenessProbe", "readinessProbe", "startupProbe")}
+    probes = {
+        kind: container[kind]["httpGet"]
+        for kind in ("livenessProbe", "readinessProbe", "startupProbe")
+    }
     assert probes["readinessProbe"]["path"] == "/readyz"
     assert probes["livenessProbe"]["path"] == "/healthz"
     for probe in probes.values():

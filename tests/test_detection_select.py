@@ -15,13 +15,21 @@ from runtime.torch_runner import TorchRunner
 
 def detections(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:
     n = len(scores)
-    return Detections(torch.tensor(boxes), torch.tensor(boxes) / 100, torch.tensor(scores),
-                      torch.tensor(labels), torch.zeros(n, 5, dtype=torch.long))
+    return Detections(
+        torch.tensor(boxes),
+        torch.tensor(boxes) / 100,
+        torch.tensor(scores),
+        torch.tensor(labels),
+        torch.zeros(n, 5, dtype=torch.long),
+    )
 
 
 # A duplicate pair of circles (IoU 0.82), a square on the same spot, a far circle.
-FOUND = detections([[10, 10, 50, 50], [12, 12, 52, 52], [10, 10, 50, 50], [60, 60, 90, 90]],
-                   [0.9, 0.8, 0.7, 0.6], [1, 1, 2, 1])
+FOUND = detections(
+    [[10, 10, 50, 50], [12, 12, 52, 52], [10, 10, 50, 50], [60, 60, 90, 90]],
+    [0.9, 0.8, 0.7, 0.6],
+    [1, 1, 2, 1],
+)
 IMAGE = Image.new("RGB", (96, 96))
 
 
@@ -36,7 +44,8 @@ def test_nms_drops_the_duplicate_of_a_class(micro_model):
 
 def test_nms_iou_1_keeps_both(micro_model):
     assert keep(micro_model, score_threshold=0.0, nms_iou=1.0) == pytest.approx(
-        [0.9, 0.8, 0.7, 0.6])
+        [0.9, 0.8, 0.7, 0.6]
+    )
 
 
 def test_model_default_applies_without_a_request_value(micro_model, monkeypatch):
@@ -47,7 +56,8 @@ def test_model_default_applies_without_a_request_value(micro_model, monkeypatch)
 
 def test_threshold_then_nms_then_count(micro_model):
     assert keep(micro_model, score_threshold=0.65, nms_iou=0.7, max_detections=1) == [
-        pytest.approx(0.9)]
+        pytest.approx(0.9)
+    ]
 
 
 def test_nms_iou_is_checked():

@@ -64,8 +64,9 @@ def test_manifest_describes_the_export(exported, micro_checkpoint):
         assert single["outputs"][0]["shape"] == ["sequences", "length", stop - start], task
 
 
-@pytest.mark.parametrize("batch, size, sequences",
-                         [(3, (80, 112), 5), (1, (96, 96), 1), (1, (64, 128), 4)])
+@pytest.mark.parametrize(
+    "batch, size, sequences", [(3, (80, 112), 5), (1, (96, 96), 1), (1, (64, 128), 4)]
+)
 def test_logits_match_at_other_shapes(runners, batch, size, sequences):
     """Batch, sequence count, length and image size all differ from the tracing example
     (2 images at the canvas size, 3 sequences of 7 tokens); size 1 hits the Python branches
@@ -112,8 +113,10 @@ def test_pipeline_results_match(runners, steps, monkeypatch):
     found = Pipeline(mad, torch_runner)([Request(images[0], ("detection",), score_threshold=0)])
     label = int(found[0].detections.labels[0])
     monkeypatch.setattr(type(mad.codecs["keypoints"]), "person_label", property(lambda _: label))
-    requests = [Request(image, ALL_TASKS, dict.fromkeys(ALL_TASKS, steps), score_threshold=0.0)
-                for image in images]
+    requests = [
+        Request(image, ALL_TASKS, dict.fromkeys(ALL_TASKS, steps), score_threshold=0.0)
+        for image in images
+    ]
     expected = Pipeline(mad, torch_runner)(requests)
     got = Pipeline(mad, onnx_runner)(requests)
     assert all(len(r.detections) > 0 and "keypoints" in r.passes for r in got)
@@ -188,28 +191,48 @@ def test_cli_export_simplified(micro_checkpoint, tmp_path):
     from mad.cli import app
 
     out = tmp_path / "slim"
-    result = CliRunner().invoke(app, ["export", "--checkpoint", str(micro_checkpoint),
-                                      "--out", str(out), "--simplify"])
+    result = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(micro_checkpoint), "--out", str(out), "--simplify"]
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest["simplified"] and manifest["verification"]["max_abs_logit_diff"] < 1e-3
     if importlib.util.find_spec("tensorrt") is None:
-        result = CliRunner().invoke(app, ["export", "--checkpoint", str(micro_checkpoint),
-                                          "--out", str(tmp_path / "trt"), "--format", "tensorrt"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "export",
+                "--checkpoint",
+                str(micro_checkpoint),
+                "--out",
+                str(tmp_path / "trt"),
+                "--format",
+                "tensorrt",
+            ],
+        )
         assert result.exit_code != 0 and "TensorRT is not installed" in str(result.exception)
         assert not (tmp_path / "trt").exists()  # refused before any export work
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None,
-                    reason="the dynamo exporter needs onnxscript, not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxscript") is None,
+    reason="the dynamo exporter needs onnxscript, not installed",
+)
 def test_dynamo_exporter(micro_checkpoint, tmp_path):
     manifest = export_onnx(micro_checkpoint, tmp_path / "dynamo", exporter="dynamo", opset=18)
     assert manifest["verification"]["max_abs_logit_diff"] < 1e-3
 
 
 def test_compare_backends_reports_both(micro_checkpoint, exported):
-    report = compare_backends(micro_checkpoint, synthetic_images(1), ("detection",), repeats=2,
-                              warmup=0, export_dir=exported, threads=2)
+    report = compare_backends(
+        micro_checkpoint,
+        synthetic_images(1),
+        ("detection",),
+        repeats=2,
+        warmup=0,
+        export_dir=exported,
+        threads=2,
+    )
     assert set(report["backends"]) == {"torch", "onnx"}
     for name, stats in report["backends"].items():
         assert stats["describe"]["backend"] == name
@@ -218,8 +241,9 @@ def test_compare_backends_reports_both(micro_checkpoint, exported):
     assert report["ratio"] == pytest.approx(report["backends"]["torch"]["median_ms"] / onnx_ms)
 
 
-@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(),
-                    reason="checkpoints/mad-tiny is not there (yet)")
+@pytest.mark.skipif(
+    not (BUNDLED / "model.safetensors").is_file(), reason="checkpoints/mad-tiny is not there (yet)"
+)
 def test_bundled_model_parity(tmp_path):
     """The shipped model: same results from ONNX Runtime as from PyTorch, all tasks, K > 0."""
     checkpoint = tmp_path / "mad-tiny"
@@ -227,8 +251,9 @@ def test_bundled_model_parity(tmp_path):
     mad, torch_runner = create_runner("torch", checkpoint)
     export_onnx(checkpoint, tmp_path / "onnx")
     _, onnx_runner = create_runner("onnx", checkpoint, export_dir=tmp_path / "onnx")
-    requests = [Request(image, ALL_TASKS, {"caption": 2, "keypoints": 1})
-                for image in synthetic_images(3, seed=1)]
+    requests = [
+        Request(image, ALL_TASKS, {"caption": 2, "keypoints": 1})
+        for image in synthetic_images(3, seed=1)
+    ]
     expected = Pipeline(mad, torch_runner)(requests)
     assert_same_results(expected, Pipeline(mad, onnx_runner)(requests))
-

@@ -43,8 +43,12 @@ def reference(micro_checkpoint):
     for task, codec in mad.codecs.items():
         tokens = torch.randint(0, mad.vocab.size, (3, codec.seq_len), generator=generator)
         index = torch.tensor([1, 0, 1])
-        cases[task] = (tokens, index, codec.vocab_slice(),
-                       runner.decode(memory, tokens, index, codec.vocab_slice()))
+        cases[task] = (
+            tokens,
+            index,
+            codec.vocab_slice(),
+            runner.decode(memory, tokens, index, codec.vocab_slice()),
+        )
     return images, pad, cases
 
 
@@ -52,8 +56,7 @@ def check_runner(runner, reference, atol: float) -> None:
     images, pad, cases = reference
     memory = runner.encode(images.to(runner.device), pad.to(runner.device))
     for task, (tokens, index, vocab_slice, expected) in cases.items():
-        got = runner.decode(memory, tokens.to(runner.device), index.to(runner.device),
-                            vocab_slice)
+        got = runner.decode(memory, tokens.to(runner.device), index.to(runner.device), vocab_slice)
         assert got.dtype == torch.float32
         assert (got.cpu() - expected).abs().max() < atol, task
 
@@ -81,12 +84,19 @@ def test_torch_compile_cuda(micro_checkpoint, reference):
 
 
 @needs_cuda
-@pytest.mark.skipif(not _ort_has_cuda(), reason="this onnxruntime has no CUDAExecutionProvider "
-                    "(install onnxruntime-gpu)")
+@pytest.mark.skipif(
+    not _ort_has_cuda(),
+    reason="this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)",
+)
 def test_onnx_runtime_cuda(micro_checkpoint, reference, tmp_path):
     export_onnx(micro_checkpoint, tmp_path / "onnx")
-    mad, runner = create_runner("onnx", micro_checkpoint, "cuda", export_dir=tmp_path / "onnx",
-                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    mad, runner = create_runner(
+        "onnx",
+        micro_checkpoint,
+        "cuda",
+        export_dir=tmp_path / "onnx",
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     info = runner.describe()
     assert info["providers"][0] == "CUDAExecutionProvider" and info["device"] == "cpu"
     check_runner(runner, reference, 1e-2)
@@ -94,23 +104,26 @@ def test_onnx_runtime_cuda(micro_checkpoint, reference, tmp_path):
 
 
 @needs_cuda
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                    reason="TensorRT is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed"
+)
 def test_tensorrt_engines(micro_checkpoint, reference, tmp_path):
     from export.tensorrt import Profile
 
     export_onnx(micro_checkpoint, tmp_path / "onnx")
     profile = Profile(max_batch=2, max_sequences=16)
-    mad, runner = load_runner("tensorrt", micro_checkpoint, "cuda",
-                              export_dir=tmp_path / "onnx", profile=profile)
+    mad, runner = load_runner(
+        "tensorrt", micro_checkpoint, "cuda", export_dir=tmp_path / "onnx", profile=profile
+    )
     info = runner.describe()
     assert info["precision"] == "fp16" and info["device"].startswith("cuda")
     check_runner(runner, reference, 0.1)
     check_pipeline(mad, runner)
     engine = tmp_path / "onnx" / runner.entry["engines"]["encoder"]
     stamp = engine.stat().st_mtime_ns
-    _, again = load_runner("tensorrt", micro_checkpoint, "cuda",
-                           export_dir=tmp_path / "onnx", profile=profile)
+    _, again = load_runner(
+        "tensorrt", micro_checkpoint, "cuda", export_dir=tmp_path / "onnx", profile=profile
+    )
     assert engine.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
     assert again.entry == runner.entry
 
@@ -118,8 +131,9 @@ def test_tensorrt_engines(micro_checkpoint, reference, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("precision, atol", [("fp32", 1e-2), ("bf16", 0.3)])
 def test_torch_cuda_graphs(micro_checkpoint, reference, precision, atol):
-    mad, runner = create_runner("torch", micro_checkpoint, "cuda", precision=precision,
-                                cuda_graphs=True)
+    mad, runner = create_runner(
+        "torch", micro_checkpoint, "cuda", precision=precision, cuda_graphs=True
+    )
     check_runner(runner, reference, atol)
     check_pipeline(mad, runner)
     graphs = runner.describe()["cuda_graphs"]
@@ -129,6 +143,7 @@ def test_torch_cuda_graphs(micro_checkpoint, reference, precision, atol):
     memory = runner.encode(images.to("cuda"), pad.to("cuda"))
     tokens, _, vocab_slice, _ = cases["caption"]
     many = tokens[:1].repeat(200, 1).cuda()
-    logits = runner.decode(memory, many, torch.zeros(200, dtype=torch.long, device="cuda"),
-                           vocab_slice)
+    logits = runner.decode(
+        memory, many, torch.zeros(200, dtype=torch.long, device="cuda"), vocab_slice
+    )
     assert logits.shape[0] == 200 and runner.describe()["cuda_graphs"]["fallbacks"] == 1

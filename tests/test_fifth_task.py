@@ -32,8 +32,17 @@ from runtime.torch_runner import TorchRunner
 from service.settings import Settings
 from tests.helpers import encode, running_server, scene_image, synthetic_images
 
-MICRO = {"d_model": 32, "n_heads": 4, "encoder_layers": 1, "decoder_layers": 2, "ffn_dim": 64,
-         "image_size": [96, 96], "num_bins": 96, "num_slots": 8, "caption_len": 12}
+MICRO = {
+    "d_model": 32,
+    "n_heads": 4,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "ffn_dim": 64,
+    "image_size": [96, 96],
+    "num_bins": 96,
+    "num_slots": 8,
+    "caption_len": 12,
+}
 
 
 class CountAccuracy:
@@ -80,8 +89,7 @@ class CountCodec(TaskCodec):
     def prompts(self, batch_size: int) -> torch.Tensor:
         return torch.full((batch_size, 1), self.reserved_range()[0])
 
-    def training_sequences(self, targets: list[dict], generator: torch.Generator
-                           ) -> TrainSequences:
+    def training_sequences(self, targets: list[dict], generator: torch.Generator) -> TrainSequences:
         counts = torch.tensor([min(len(t["labels"]), self.config.num_slots) for t in targets])
         prompt, body = self.prompts(len(targets)), self.vocab_slice()[0] + counts[:, None]
         inputs = torch.cat([prompt, torch.full_like(body, self.vocab.mask)], 1)  # fully masked
@@ -89,8 +97,9 @@ class CountCodec(TaskCodec):
         targets_ = torch.cat([prompt, body], 1).unsqueeze(1)
         return TrainSequences(inputs, targets_, weights, torch.arange(len(targets)))
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], **_) -> list[int]:
+    def decode(
+        self, logits: torch.Tensor, prompts: torch.Tensor | None, contexts: list[DecodeContext], **_
+    ) -> list[int]:
         return logits[:, 0].argmax(-1).tolist()  # local id = the count
 
     def to_json(self, output: int, options: JsonOptions) -> int:
@@ -108,9 +117,21 @@ def count_checkpoint(synth_data, tmp_path_factory) -> Path:
     """A micro model of the four tasks and count, trained a few steps (and evaluated by the
     training loop at the end) on the synthetic data."""
     out = tmp_path_factory.mktemp("count") / "ckpt"
-    train(TrainConfig(data=synth_data, out=out, steps=3, batch_size=2, workers=0,
-                      warmup_steps=1, log_every=1, save_every=100, eval_images=2, lr=1e-3,
-                      overrides={**MICRO, "tasks": TASKS_WITH_COUNT}))
+    train(
+        TrainConfig(
+            data=synth_data,
+            out=out,
+            steps=3,
+            batch_size=2,
+            workers=0,
+            warmup_steps=1,
+            log_every=1,
+            save_every=100,
+            eval_images=2,
+            lr=1e-3,
+            overrides={**MICRO, "tasks": TASKS_WITH_COUNT},
+        )
+    )
     return out
 
 
@@ -126,8 +147,11 @@ def test_count_trains_evaluates_and_owns_its_vocabulary(count_checkpoint):
     assert list(mad.codecs) == TASKS_WITH_COUNT
     vocab, count = mad.vocab, mad.codecs["count"]
     # Its ids come after everything the built-in tasks use, which did not move.
-    assert count.reserved_range() == (vocab.text_stop, vocab.size) == (
-        vocab.text_stop, vocab.text_stop + 1 + 8 + 1)
+    assert (
+        count.reserved_range()
+        == (vocab.text_stop, vocab.size)
+        == (vocab.text_stop, vocab.text_stop + 1 + 8 + 1)
+    )
     assert mad.codecs["caption"].vocab_slice() == (vocab.text_start, vocab.text_stop)
     ids = {task: set(range(*codec.vocab_slice())) for task, codec in mad.codecs.items()}
     assert not ids["count"] & set().union(*(ids[t] for t in TASKS))
@@ -140,23 +164,29 @@ def test_count_is_tuned_and_benchmarked_like_any_task(count_checkpoint, synth_da
     assert list(trials) == ["count"] and len(trials["count"]) >= 2
     assert all(0.0 <= trial.score <= 1.0 for trial in trials["count"])
 
-    bench = ModelBench(mad, TorchRunner(mad.network), synthetic_images(1), kept=2,
-                       ratios=schedules(mad, {}))
+    bench = ModelBench(
+        mad, TorchRunner(mad.network), synthetic_images(1), kept=2, ratios=schedules(mad, {})
+    )
     assert bench.tasks == TASKS_WITH_COUNT
     assert {"encode", "count", "postprocess"} <= set(bench.run())
 
 
 def test_count_is_served_over_http(count_checkpoint):
     settings = Settings(checkpoint=count_checkpoint, batch_delay_ms=2)
-    with running_server(settings) as server, httpx.Client(base_url=server.url,
-                                                          timeout=30) as client:
+    with (
+        running_server(settings) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
         model = client.get("/v1/model").json()
         assert model["tasks"] == TASKS_WITH_COUNT
         assert model["default_refine_steps"]["count"] == 0
 
         def predict(tasks: str) -> httpx.Response:
-            return client.post("/predict", data={"tasks": tasks, "score_threshold": "0"},
-                               files={"image": ("scene.png", encode(scene_image()))})
+            return client.post(
+                "/predict",
+                data={"tasks": tasks, "score_threshold": "0"},
+                files={"image": ("scene.png", encode(scene_image()))},
+            )
 
         alone = predict("count")
         assert alone.status_code == 200, alone.text
@@ -182,6 +212,8 @@ def test_count_is_served_over_http(count_checkpoint):
             assert components[name]["properties"]["tasks"]["items"]["enum"] == TASKS_WITH_COUNT
         assert components["PredictResponse"]["properties"]["count"]["type"] == "integer"
         for response in (body, together):
-            schema = {"$ref": "#/components/schemas/PredictResponse",
-                      "components": openapi["components"]}
+            schema = {
+                "$ref": "#/components/schemas/PredictResponse",
+                "components": openapi["components"],
+            }
             jsonschema.Draft202012Validator(schema).validate(response)

@@ -32,13 +32,23 @@ TASKS = ("detection", "segmentation", "keypoints", "caption")
 def test_every_preset_runs_all_four_tasks(preset):
     """Each preset's own backbone and sequence language, with a narrow transformer and a small
     canvas so the test stays fast."""
-    config = get_preset(preset, image_size=(224, 224), d_model=64, n_heads=4, encoder_layers=1,
-                        decoder_layers=1, ffn_dim=128, num_slots=10, text_vocab_size=64)
+    config = get_preset(
+        preset,
+        image_size=(224, 224),
+        d_model=64,
+        n_heads=4,
+        encoder_layers=1,
+        decoder_layers=1,
+        ffn_dim=128,
+        num_slots=10,
+        text_vocab_size=64,
+    )
     mad = MAD.build(config, random_tokenizer(64))
     runner = TorchRunner(mad.network)
     image = synthetic_image((180, 240))
-    result = Pipeline(mad, runner)([Request(image, TASKS, score_threshold=0.0,
-                                            max_detections=2)])[0]
+    result = Pipeline(mad, runner)([Request(image, TASKS, score_threshold=0.0, max_detections=2)])[
+        0
+    ]
     assert len(result.detections) == 2 and len(result.masks) == 2
     assert result.keypoints is not None and isinstance(result.caption, str)
     # Keypoints for certain: the bench prompts them with person boxes.
@@ -87,8 +97,9 @@ def test_padded_decoding_equals_unpadded(micro_model):
         padded = torch.zeros(2 * layout.per_image, codec.seq_len, dtype=torch.long)
         padded[layout.rows] = tokens
         groups = layout.groups(torch.device("cpu"))
-        out = network.decode(memory, padded, groups.image_index, codec.vocab_slice(),
-                             groups=groups)[layout.rows]
+        out = network.decode(
+            memory, padded, groups.image_index, codec.vocab_slice(), groups=groups
+        )[layout.rows]
     torch.testing.assert_close(out, direct, atol=1e-5, rtol=1e-5)
     assert memory_signature(memory)[1][0] == 2
 
@@ -100,10 +111,22 @@ def test_answers_do_not_depend_on_batch_mates(micro_model):
     codec = micro_model.codecs["caption"]
     images = torch.rand(2, 3, *micro_model.config.image_size)
     ratios = [0.8, 0.5]
-    alone = masked_decode(runner, runner.encode(images[:1], torch.zeros(1, 96, 96, dtype=bool)),
-                          codec, codec.prompts(1), torch.tensor([0]), ratios)
-    together = masked_decode(runner, runner.encode(images, torch.zeros(2, 96, 96, dtype=bool)),
-                             codec, codec.prompts(2), torch.tensor([0, 1]), ratios)
+    alone = masked_decode(
+        runner,
+        runner.encode(images[:1], torch.zeros(1, 96, 96, dtype=bool)),
+        codec,
+        codec.prompts(1),
+        torch.tensor([0]),
+        ratios,
+    )
+    together = masked_decode(
+        runner,
+        runner.encode(images, torch.zeros(2, 96, 96, dtype=bool)),
+        codec,
+        codec.prompts(2),
+        torch.tensor([0, 1]),
+        ratios,
+    )
     torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -137,9 +160,21 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     """The command a GPU window runs, in its CPU smoke form: every section completes and the
     report holds what the README's GPU rows are read from."""
     done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu-check"), "--device", "cpu", "--quick",
-         "--out", str(tmp_path)], env={**os.environ, "PYTHON": sys.executable},
-        capture_output=True, text=True, timeout=1200, check=False)
+        [
+            "bash",
+            str(ROOT / "scripts" / "gpu-check"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("gpu-check-*-cpu.json")).read_text())
     assert report["errors"] == {} and report["device"]["name"] == "cpu"

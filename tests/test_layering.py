@@ -70,7 +70,9 @@ def test_the_exceptions_are_still_needed():
 
 def test_the_parser_sees_lazy_and_from_imports(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("import model.config\nfrom . import sibling\n"
-                      "def f():\n    from export.onnx_export import export_onnx\n"
-                      "    import runtime\n")
+    source.write_text(
+        "import model.config\nfrom . import sibling\n"
+        "def f():\n    from export.onnx_export import export_onnx\n"
+        "    import runtime\n"
+    )
     assert imported_packages(source) == {"model", "export", "runtime"}

@@ -35,13 +35,17 @@ def fake_targets(config, n_images=2):
         keypoints = torch.rand(2, 17, 3)
         keypoints[..., 2] = 2
         keypoints[0, :5, 2] = 0
-        targets.append({
-            "boxes": torch.tensor([[20 / W, 10 / H, 60 / W, 40 / H], [30 / W, 50 / H, 50 / W,
-                                                                      90 / H]]),
-            "labels": torch.tensor([0, b + 1]),  # class 0 is the person
-            "masks": masks, "keypoints": keypoints,
-            "captions": ["a red circle to the left of a blue square"] * 5,
-        })  # fmt: skip
+        targets.append(
+            {
+                "boxes": torch.tensor(
+                    [[20 / W, 10 / H, 60 / W, 40 / H], [30 / W, 50 / H, 50 / W, 90 / H]]
+                ),
+                "labels": torch.tensor([0, b + 1]),  # class 0 is the person
+                "masks": masks,
+                "keypoints": keypoints,
+                "captions": ["a red circle to the left of a blue square"] * 5,
+            }
+        )
     return targets
 
 
@@ -51,15 +55,17 @@ def test_config_round_trips_through_json(preset):
     assert ModelConfig.from_json(config.to_json()) == config
 
 
-@pytest.mark.parametrize("preset,size", [("tiny", 64), ("r50", 64), ("swin-b", 224),
-                                         ("vit-b", 224)])
+@pytest.mark.parametrize(
+    "preset,size", [("tiny", 64), ("r50", 64), ("swin-b", 224), ("vit-b", 224)]
+)
 def test_every_preset_encodes_and_decodes_every_task(preset, size, tokenizer):
     torch.manual_seed(0)
     mad = MAD.build(get_preset(preset, image_size=(size, size)), tokenizer)
     network = mad.network.eval()
     with torch.inference_mode():
-        memory = network.encode(torch.rand(2, 3, size, size),
-                                torch.zeros(2, size, size, dtype=torch.bool))
+        memory = network.encode(
+            torch.rand(2, 3, size, size), torch.zeros(2, size, size, dtype=torch.bool)
+        )
         for name, codec in mad.codecs.items():
             tokens = torch.full((3, codec.seq_len), mad.vocab.mask)
             logits = network.decode(memory, tokens, torch.tensor([0, 1, 1]), codec.vocab_slice())
@@ -68,8 +74,9 @@ def test_every_preset_encodes_and_decodes_every_task(preset, size, tokenizer):
             assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     d = mad.config.d_model
     k = memory.kv[0][0]
-    assert k.shape[0] == 2 and k.shape[1] * k.shape[3] == d and len(memory.kv) == len(
-        network.decoder)
+    assert (
+        k.shape[0] == 2 and k.shape[1] * k.shape[3] == d and len(memory.kv) == len(network.decoder)
+    )
 
 
 def test_loss_counts_only_masked_tokens(micro_model):
@@ -80,8 +87,9 @@ def test_loss_counts_only_masked_tokens(micro_model):
     network = micro_model.network.eval()
     with torch.no_grad():
         memory = network.encode(torch.rand(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=bool))
-        logits = network.decode(memory, seqs.inputs, seqs.image_index, codec.vocab_slice(),
-                                all_layers=True)
+        logits = network.decode(
+            memory, seqs.inputs, seqs.image_index, codec.vocab_slice(), all_layers=True
+        )
     before = sequence_loss(logits, seqs, codec)
     shown = seqs.weights == 0
     # Flip every shown token's target: the loss must not move.
@@ -105,8 +113,9 @@ def test_hungarian_matching_is_optimal_not_greedy():
     log_probs[0, :, :, 0] = -cost[:, 0, None]
     log_probs[0, :, :, 1] = -cost[:, 1, None]
     shown = torch.zeros(1, 2, 5, dtype=torch.bool)
-    [(slots, objs)] = match_slots(log_probs, torch.zeros(1, 2, 5, dtype=torch.long), shown,
-                                  objects, torch.tensor([2]))
+    [(slots, objs)] = match_slots(
+        log_probs, torch.zeros(1, 2, 5, dtype=torch.long), shown, objects, torch.tensor([2])
+    )
     assert dict(zip(slots.tolist(), objs.tolist(), strict=True)) == {0: 1, 1: 0}
 
 
@@ -131,7 +140,7 @@ def test_k0_is_a_single_pass(micro_model):
     body = torch.full((1, codec.body_len), micro_model.vocab.mask)
     single = runner.decode(memory, torch.cat([prompts, body], 1), index, codec.vocab_slice())
     decoded = masked_decode(runner, memory, codec, prompts, index, [])
-    assert torch.equal(decoded, single[:, codec.prompt_len:] + codec.constraint())
+    assert torch.equal(decoded, single[:, codec.prompt_len :] + codec.constraint())
     refined = masked_decode(runner, memory, codec, prompts, index, [0.8, 0.4])
     assert not torch.equal(refined, decoded)
 
@@ -202,8 +211,9 @@ def test_tiny_model_overfits_two_images(tmp_path):
     losses = []
     for _ in range(320):
         seqs = {n: c.training_sequences(targets, generator) for n, c in mad.codecs.items()}
-        loss = weighted_total(masked_training_losses(mad.network, images, pads, seqs,
-                                                     mad.codecs), config.task_weights)
+        loss = weighted_total(
+            masked_training_losses(mad.network, images, pads, seqs, mad.codecs), config.task_weights
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -217,8 +227,17 @@ def test_tiny_model_overfits_two_images(tmp_path):
         image = Image.open(tmp_path / "train2017" / info["file_name"]).convert("RGB")
         [result] = pipeline([Request(image, ("detection",), {}, 0.5, None)])
         anns = coco.imgToAnns[image_id]
-        gt = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                            a["bbox"][1] + a["bbox"][3]] for a in anns])
+        gt = torch.tensor(
+            [
+                [
+                    a["bbox"][0],
+                    a["bbox"][1],
+                    a["bbox"][0] + a["bbox"][2],
+                    a["bbox"][1] + a["bbox"][3],
+                ]
+                for a in anns
+            ]
+        )
         gt_labels = torch.tensor([a["category_id"] - 1 for a in anns])
         assert len(result.detections) == len(anns)
         iou = box_iou(gt, result.detections.boxes)
@@ -238,8 +257,9 @@ def test_folded_cross_attention_equals_per_sequence_memory(micro_model):
     codec = micro_model.codecs["detection"]
     tokens = torch.randint(codec.vocab_slice()[0], codec.vocab_slice()[1], (6, codec.seq_len))
     folded = network.decode(memory, tokens, image_index, codec.vocab_slice(), all_layers=True)
-    copied = network.decode(memory, tokens, image_index, codec.vocab_slice(), all_layers=True,
-                            fold=False)
+    copied = network.decode(
+        memory, tokens, image_index, codec.vocab_slice(), all_layers=True, fold=False
+    )
     assert torch.allclose(folded, copied, atol=1e-5)
     grads = []
     for fold in (True, False):

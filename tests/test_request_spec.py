@@ -22,26 +22,32 @@ ALL = ("detection", "segmentation", "keypoints", "caption")
 TWO = ("detection", "caption")  # a model without segmentation and keypoints
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    (None, ALL),
-    ([], ALL),
-    ([""], ALL),  # a form's empty field: none given
-    (["caption,detection"], ("detection", "caption")),  # model order
-    (["caption", "segmentation"], ("segmentation", "caption")),
-    ([" Caption , KEYPOINTS "], ("keypoints", "caption")),
-    (["detection,detection"], ("detection",)),
-])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (None, ALL),
+        ([], ALL),
+        ([""], ALL),  # a form's empty field: none given
+        (["caption,detection"], ("detection", "caption")),  # model order
+        (["caption", "segmentation"], ("segmentation", "caption")),
+        ([" Caption , KEYPOINTS "], ("keypoints", "caption")),
+        (["detection,detection"], ("detection",)),
+    ],
+)
 def test_tasks(values, expected):
     assert parse_tasks(values, ALL) == expected
 
 
-@pytest.mark.parametrize(("values", "model_tasks", "says"), [
-    (["panoptic"], ALL, "'panoptic'"),
-    (["detection,depth,panoptic"], ALL, "'depth', 'panoptic'"),
-    (["segmentation"], TWO, "this model has detection, caption"),
-    (["detection,"], ALL, "empty item"),
-    (["detection,,caption"], ALL, "empty item"),
-])
+@pytest.mark.parametrize(
+    ("values", "model_tasks", "says"),
+    [
+        (["panoptic"], ALL, "'panoptic'"),
+        (["detection,depth,panoptic"], ALL, "'depth', 'panoptic'"),
+        (["segmentation"], TWO, "this model has detection, caption"),
+        (["detection,"], ALL, "empty item"),
+        (["detection,,caption"], ALL, "empty item"),
+    ],
+)
 def test_bad_tasks(values, model_tasks, says):
     with pytest.raises(RequestError) as caught:
         parse_tasks(values, model_tasks)
@@ -49,41 +55,47 @@ def test_bad_tasks(values, model_tasks, says):
     assert says in str(caught.value)
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    (None, {}),
-    ([], {}),
-    (["", " "], {}),
-    (["2"], dict.fromkeys(TWO, 2)),
-    ([" 0 "], dict.fromkeys(TWO, 0)),
-    ([str(MAX_REFINE_STEPS)], dict.fromkeys(TWO, MAX_REFINE_STEPS)),
-    (["caption:3, detection:0"], {"caption": 3, "detection": 0}),
-    (["caption:3", "detection:1"], {"caption": 3, "detection": 1}),
-    (["Caption:1"], {"caption": 1}),
-    (["2,caption:3"], {"detection": 2, "caption": 3}),
-    (["caption:3", "2"], {"detection": 2, "caption": 3}),  # task:K wins, in any order
-])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (None, {}),
+        ([], {}),
+        (["", " "], {}),
+        (["2"], dict.fromkeys(TWO, 2)),
+        ([" 0 "], dict.fromkeys(TWO, 0)),
+        ([str(MAX_REFINE_STEPS)], dict.fromkeys(TWO, MAX_REFINE_STEPS)),
+        (["caption:3, detection:0"], {"caption": 3, "detection": 0}),
+        (["caption:3", "detection:1"], {"caption": 3, "detection": 1}),
+        (["Caption:1"], {"caption": 1}),
+        (["2,caption:3"], {"detection": 2, "caption": 3}),
+        (["caption:3", "2"], {"detection": 2, "caption": 3}),  # task:K wins, in any order
+    ],
+)
 def test_refine_steps(values, expected):
     assert parse_refine_steps(values, TWO) == expected
 
 
-@pytest.mark.parametrize(("values", "says"), [
-    (["abc"], "'abc' is not K or task:K (K an integer 0..8, task one of detection, caption)"),
-    (["2,"], "'2,' has an empty item"),
-    ([",2"], "empty item"),
-    (["caption:"], "'caption:' is not K or task:K"),
-    (["caption:many"], "'caption:many' is not K or task:K"),
-    (["2.5"], "is not K or task:K"),
-    (["+2"], "is not K or task:K"),
-    ([":2"], "unknown task '' in ':2'; this model has detection, caption"),
-    (["nosuchtask:2"], "unknown task 'nosuchtask' in 'nosuchtask:2'; this model has"),
-    (["segmentation:1"], "unknown task 'segmentation'"),  # not this model's
-    (["-1"], "-1 in '-1' is outside 0..8"),
-    (["caption:-1"], "-1 in 'caption:-1' is outside 0..8"),
-    (["9"], "9 in '9' is outside 0..8"),
-    (["caption:2,caption:3"], "caption:K given twice ('caption:2' and 'caption:3')"),
-    (["caption:2", "Caption:2"], "caption:K given twice"),
-    (["2", "3"], "K for every task given twice ('2' and '3')"),
-])
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        (["abc"], "'abc' is not K or task:K (K an integer 0..8, task one of detection, caption)"),
+        (["2,"], "'2,' has an empty item"),
+        ([",2"], "empty item"),
+        (["caption:"], "'caption:' is not K or task:K"),
+        (["caption:many"], "'caption:many' is not K or task:K"),
+        (["2.5"], "is not K or task:K"),
+        (["+2"], "is not K or task:K"),
+        ([":2"], "unknown task '' in ':2'; this model has detection, caption"),
+        (["nosuchtask:2"], "unknown task 'nosuchtask' in 'nosuchtask:2'; this model has"),
+        (["segmentation:1"], "unknown task 'segmentation'"),  # not this model's
+        (["-1"], "-1 in '-1' is outside 0..8"),
+        (["caption:-1"], "-1 in 'caption:-1' is outside 0..8"),
+        (["9"], "9 in '9' is outside 0..8"),
+        (["caption:2,caption:3"], "caption:K given twice ('caption:2' and 'caption:3')"),
+        (["caption:2", "Caption:2"], "caption:K given twice"),
+        (["2", "3"], "K for every task given twice ('2' and '3')"),
+    ],
+)
 def test_bad_refine_steps(values, says):
     with pytest.raises(RequestError) as caught:
         parse_refine_steps(values, TWO)
@@ -112,20 +124,32 @@ def image(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize(("args", "line"), [
-    (["eval", "--refine", "abc"], "mad eval: --refine: 'abc' is not K or task:K"),
-    (["eval", "--refine", "2,"], "mad eval: --refine: '2,' has an empty item"),
-    (["eval", "--refine", "caption:", "--refine", "1"], "mad eval: --refine: 'caption:'"),
-    (["eval", "--task", "panoptic"], "mad eval: --task: unknown task 'panoptic'; this model "
-                                     "has detection, segmentation, keypoints, caption"),
-    (["tune", "--task", "detection,"], "mad tune: --task: 'detection,' has an empty item"),
-    (["predict", "IMAGE", "--refine-steps", "nosuchtask:2"],
-     "mad predict: --refine-steps: unknown task 'nosuchtask'"),
-    (["predict", "IMAGE", "--max-detections", "7"],
-     "mad predict: --max-detections: 7 is outside 1..6"),
-    (["bench", "--quick", "--refine-steps", "-1"], "mad bench: --refine-steps: -1 in '-1' is "
-                                                   "outside 0..8"),
-])
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["eval", "--refine", "abc"], "mad eval: --refine: 'abc' is not K or task:K"),
+        (["eval", "--refine", "2,"], "mad eval: --refine: '2,' has an empty item"),
+        (["eval", "--refine", "caption:", "--refine", "1"], "mad eval: --refine: 'caption:'"),
+        (
+            ["eval", "--task", "panoptic"],
+            "mad eval: --task: unknown task 'panoptic'; this model "
+            "has detection, segmentation, keypoints, caption",
+        ),
+        (["tune", "--task", "detection,"], "mad tune: --task: 'detection,' has an empty item"),
+        (
+            ["predict", "IMAGE", "--refine-steps", "nosuchtask:2"],
+            "mad predict: --refine-steps: unknown task 'nosuchtask'",
+        ),
+        (
+            ["predict", "IMAGE", "--max-detections", "7"],
+            "mad predict: --max-detections: 7 is outside 1..6",
+        ),
+        (
+            ["bench", "--quick", "--refine-steps", "-1"],
+            "mad bench: --refine-steps: -1 in '-1' is outside 0..8",
+        ),
+    ],
+)
 def test_cli_request_errors_are_one_line(micro_checkpoint, image, tmp_path, args, line):
     args = [str(image) if a == "IMAGE" else a for a in args]
     if args[0] in ("eval", "tune"):

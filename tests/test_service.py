@@ -34,8 +34,11 @@ def openapi(client):
 
 def post_image(client, image_bytes=None, **fields) -> httpx.Response:
     data = image_bytes if image_bytes is not None else encode(scene_image())
-    return client.post("/predict", files={"image": ("scene.png", data, "image/png")},
-                       data={k: v for k, v in fields.items() if v is not None})
+    return client.post(
+        "/predict",
+        files={"image": ("scene.png", data, "image/png")},
+        data={k: v for k, v in fields.items() if v is not None},
+    )
 
 
 def metric_samples(client) -> dict[tuple, float]:
@@ -73,8 +76,9 @@ def check_detections(body: dict, asked: set[str], class_names: list[str]) -> Non
             assert np.asarray(det["keypoints"]).shape == (17, 3)
 
 
-@pytest.mark.parametrize("tasks", [("detection",), ("segmentation",), ("keypoints",),
-                                   ("caption",), ALL_TASKS])
+@pytest.mark.parametrize(
+    "tasks", [("detection",), ("segmentation",), ("keypoints",), ("caption",), ALL_TASKS]
+)
 def test_tasks_alone_and_together(client, openapi, tasks):
     response = post_image(client, tasks=",".join(tasks), score_threshold="0")
     assert response.status_code == 200, response.text
@@ -103,10 +107,16 @@ def test_tasks_alone_and_together(client, openapi, tasks):
 
 
 def test_repeated_tasks_fields_and_polygon_masks(client):
-    response = client.post("/predict", files={"image": ("s.png", encode(scene_image()))},
-                           data={"tasks": ["caption", "segmentation"],
-                                 "mask_format": "polygon", "max_detections": "2",
-                                 "score_threshold": "0"})
+    response = client.post(
+        "/predict",
+        files={"image": ("s.png", encode(scene_image()))},
+        data={
+            "tasks": ["caption", "segmentation"],
+            "mask_format": "polygon",
+            "max_detections": "2",
+            "score_threshold": "0",
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["tasks"] == ["detection", "segmentation", "caption"]
@@ -127,16 +137,18 @@ def test_default_tasks_are_all_the_model_has(client):
 def test_refine_steps_change_decoder_passes(client):
     before = metric_samples(client)
     few = post_image(client, tasks="caption", refine_steps="0").json()
-    many = post_image(client, tasks="caption,detection",
-                      refine_steps="caption:3,detection:2").json()
+    many = post_image(
+        client, tasks="caption,detection", refine_steps="caption:3,detection:2"
+    ).json()
     after = metric_samples(client)
     assert few["decoder_passes"] == {"caption": 1}
     assert many["decoder_passes"] == {"detection": 3, "caption": 4}
     assert delta(before, after, "mad_decoder_passes_total", task="caption") == 5
     assert delta(before, after, "mad_decoder_passes_total", task="detection") == 3
     # A bare K applies to every task.
-    assert post_image(client, tasks="detection", refine_steps="1").json()[
-        "decoder_passes"] == {"detection": 2}
+    assert post_image(client, tasks="detection", refine_steps="1").json()["decoder_passes"] == {
+        "detection": 2
+    }
 
 
 def test_metrics_count_what_was_sent(client):
@@ -165,15 +177,15 @@ def test_metrics_count_what_was_sent(client):
 def test_metric_names_are_exposed_and_pass_promtool(client):
     text = client.get("/metrics").text
     families = {f.name for f in text_string_to_metric_families(text)}
-    exposed = {n for f in text_string_to_metric_families(text) for n in
-               {s.name for s in f.samples}}
+    exposed = {n for f in text_string_to_metric_families(text) for n in {s.name for s in f.samples}}
     for name in METRIC_NAMES:
         assert name in exposed or name in families, name
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     if not shutil.which(promtool):
         pytest.skip("promtool not installed (apt-get install prometheus): lint not run")
-    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                            capture_output=True, timeout=30)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
@@ -196,7 +208,11 @@ def test_request_id_is_echoed_or_made_up(client):
     assert response.headers["x-request-id"] == "trace-42"
     made_up = client.get("/v1/model").headers["x-request-id"]
     assert len(made_up) == 32
-    error = post_image(client, b"", tasks="caption", ).json()
+    error = post_image(
+        client,
+        b"",
+        tasks="caption",
+    ).json()
     assert error["error"]["request_id"]
     hostile = client.get("/healthz", headers={"X-Request-ID": "a b\tc" * 50})
     assert hostile.headers["x-request-id"] != "a b\tc" * 50
@@ -209,8 +225,12 @@ def test_model_description(client, micro_model):
     assert body["class_names"] == config.class_names
     assert body["keypoint_names"] == config.keypoint_names
     assert body["skeleton"] == [list(p) for p in config.skeleton]
-    assert body["default_refine_steps"] == {"detection": 0, "segmentation": 0, "keypoints": 1,
-                                            "caption": 3}
+    assert body["default_refine_steps"] == {
+        "detection": 0,
+        "segmentation": 0,
+        "keypoints": 1,
+        "caption": 3,
+    }
     assert body["input_size"] == [96, 96] and body["max_detections"] == 6
     assert (body["device"], body["precision"], body["backend"]) == ("cpu", "fp32", "torch")
 
@@ -221,10 +241,12 @@ def test_openapi_documents_the_api(client, openapi):
     body_schema = post["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body_schema["$ref"].endswith("/PredictForm")
     assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/PredictResponse")
+        "/PredictResponse"
+    )
     for status in ("400", "413", "415", "422", "503", "504"):
-        assert post["responses"][status]["content"]["application/json"]["schema"][
-            "$ref"].endswith("/ErrorResponse")
+        assert post["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ErrorResponse"
+        )
     assert "mask" not in openapi["components"]["schemas"]["Detection"]["required"]
 
 
@@ -251,5 +273,4 @@ def test_exif_orientation_and_animation(client):
     assert rotated.json()["image"] == {"width": 20, "height": 40}
     frames = [scene_image(50, 30), scene_image(50, 30, "L").convert("RGB")]
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-    assert post_image(client, gif, tasks="caption").json()["image"] == {"width": 50,
-                                                                        "height": 30}
+    assert post_image(client, gif, tasks="caption").json()["image"] == {"width": 50, "height": 30}

@@ -47,7 +47,11 @@ def test_settings_defaults_and_environment(monkeypatch):
     defaults = Settings()
     assert defaults.checkpoint == REPO / "checkpoints" / "mad-tiny" == BUNDLED_CHECKPOINT
     assert (defaults.host, defaults.port, defaults.device, defaults.backend) == (
-        "0.0.0.0", 8000, "cpu", "torch")
+        "0.0.0.0",
+        8000,
+        "cpu",
+        "torch",
+    )
     assert (defaults.max_batch_size, defaults.batch_delay_ms, defaults.queue_size) == (8, 5, 64)
     assert defaults.max_upload_bytes == 20 * 2**20 and defaults.max_image_pixels == 40_000_000
     monkeypatch.setenv("MAD_PORT", "9001")
@@ -80,10 +84,26 @@ def test_mad_predict_prints_json_and_renders(micro_checkpoint, tmp_path):
         path = tmp_path / f"{name}.png"
         scene_image(*size).save(path)
         images.append(path)
-    result = CliRunner().invoke(mad_cli, [
-        "predict", *map(str, images), "--checkpoint", str(micro_checkpoint),
-        "--tasks", "detection,segmentation", "--tasks", "caption", "--score-threshold", "0",
-        "--refine-steps", "caption:2", "--json", "--render", str(tmp_path / "out.png")])
+    result = CliRunner().invoke(
+        mad_cli,
+        [
+            "predict",
+            *map(str, images),
+            "--checkpoint",
+            str(micro_checkpoint),
+            "--tasks",
+            "detection,segmentation",
+            "--tasks",
+            "caption",
+            "--score-threshold",
+            "0",
+            "--refine-steps",
+            "caption:2",
+            "--json",
+            "--render",
+            str(tmp_path / "out.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 2
@@ -101,8 +121,9 @@ def test_mad_predict_prints_json_and_renders(micro_checkpoint, tmp_path):
 def test_mad_predict_reports_unreadable_files(micro_checkpoint, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    result = CliRunner().invoke(mad_cli, ["predict", str(bad), "--checkpoint",
-                                          str(micro_checkpoint), "--tasks", "caption"])
+    result = CliRunner().invoke(
+        mad_cli, ["predict", str(bad), "--checkpoint", str(micro_checkpoint), "--tasks", "caption"]
+    )
     assert result.exit_code == 1 and "not an image" in result.output
 
 
@@ -113,11 +134,20 @@ def test_mad_serve_without_a_checkpoint_says_so(tmp_path):
 
 def test_mad_serve_runs_logs_json_and_stops_cleanly_on_sigterm(micro_checkpoint):
     port = free_port()
-    env = {**os.environ, "MAD_CHECKPOINT": str(micro_checkpoint), "OMP_NUM_THREADS": "1",
-           "MAD_HOST": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "MAD_CHECKPOINT": str(micro_checkpoint),
+        "OMP_NUM_THREADS": "1",
+        "MAD_HOST": "127.0.0.1",
+    }
     mad = Path(sys.executable).with_name("mad")
-    process = subprocess.Popen([str(mad), "serve", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(mad), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url, give_up = f"http://127.0.0.1:{port}", time.monotonic() + 90
         while time.monotonic() < give_up and process.poll() is None:
@@ -126,8 +156,12 @@ def test_mad_serve_runs_logs_json_and_stops_cleanly_on_sigterm(micro_checkpoint)
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        response = httpx.post(f"{url}/predict", files={"image": ("s.png", encode(
-            scene_image()))}, data={"tasks": "caption"}, headers={"X-Request-ID": "cli-1"})
+        response = httpx.post(
+            f"{url}/predict",
+            files={"image": ("s.png", encode(scene_image()))},
+            data={"tasks": "caption"},
+            headers={"X-Request-ID": "cli-1"},
+        )
         assert response.status_code == 200, response.text
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -150,27 +184,47 @@ def hand_made_result(height=60, width=80) -> Result:
     mask[10:30, 20:50] = True
     mask[15:20, 30:40] = False  # a hole
     boxes = torch.tensor([[20.0, 10.0, 50.0, 30.0], [5.0, 5.0, 15.0, 50.0]])
-    dets = Detections(boxes, boxes / 100, torch.tensor([0.9, 0.8]), torch.tensor([1, 0]),
-                      torch.zeros(2, 5, dtype=torch.long))
-    keypoints = torch.stack([torch.full((17,), 10.0), torch.linspace(8, 48, 17),
-                             torch.full((17,), 0.9)], -1)
-    outputs = {"detection": dets, "segmentation": [mask, torch.zeros_like(mask)],
-               "keypoints": [None, keypoints], "caption": "a circle and a person"}
-    return Result((height, width), tuple(outputs), outputs, timings={"encode": 0.01},
-                  passes={"detection": 1, "caption": 4})
+    dets = Detections(
+        boxes,
+        boxes / 100,
+        torch.tensor([0.9, 0.8]),
+        torch.tensor([1, 0]),
+        torch.zeros(2, 5, dtype=torch.long),
+    )
+    keypoints = torch.stack(
+        [torch.full((17,), 10.0), torch.linspace(8, 48, 17), torch.full((17,), 0.9)], -1
+    )
+    outputs = {
+        "detection": dets,
+        "segmentation": [mask, torch.zeros_like(mask)],
+        "keypoints": [None, keypoints],
+        "caption": "a circle and a person",
+    }
+    return Result(
+        (height, width),
+        tuple(outputs),
+        outputs,
+        timings={"encode": 0.01},
+        passes={"detection": 1, "caption": 4},
+    )
 
 
 def test_build_response_serializes_masks_and_person_keypoints():
     result = hand_made_result()
     body = build_response(result, MODEL, CODECS, "rle", {"queue": 0.002}).model_dump(
-        exclude_none=True)
+        exclude_none=True
+    )
     circle, person = body["detections"]
     assert (circle["label"], circle["category_id"], person["label"]) == ("circle", 1, "person")
     assert "keypoints" not in circle and np.asarray(person["keypoints"]).shape == (17, 3)
     decoded = mask_utils.decode(circle["mask"]).astype(bool)
     assert np.array_equal(decoded, result.masks[0].numpy())
-    assert body["decoder_passes"] == {"detection": 1, "segmentation": 0, "keypoints": 0,
-                                      "caption": 4}
+    assert body["decoder_passes"] == {
+        "detection": 1,
+        "segmentation": 0,
+        "keypoints": 0,
+        "caption": 4,
+    }
     assert body["timings_ms"] == {"queue": 2.0}
     polygons = build_response(result, MODEL, CODECS, "polygon", {}).detections[0].mask
     assert polygons == [[20.0, 10.0, 50.0, 10.0, 50.0, 30.0, 20.0, 30.0]]  # the hole dropped
@@ -181,8 +235,9 @@ def test_polygons_cover_exactly_the_mask_without_holes():
     for _ in range(60):
         mask = rng.random(tuple(rng.integers(1, 16, 2))) < rng.random()
         covered = np.zeros_like(mask)
-        centres = np.stack(np.meshgrid(np.arange(mask.shape[1]) + 0.5,
-                                       np.arange(mask.shape[0]) + 0.5), -1)
+        centres = np.stack(
+            np.meshgrid(np.arange(mask.shape[1]) + 0.5, np.arange(mask.shape[0]) + 0.5), -1
+        )
         for polygon in mask_to_polygons(mask):
             covered |= points_in_polygon(centres, polygon[0::2], polygon[1::2])
         # Outer boundaries of 4-connected regions: the mask with its holes filled.
@@ -192,9 +247,9 @@ def test_polygons_cover_exactly_the_mask_without_holes():
 def points_in_polygon(points: np.ndarray, xs, ys) -> np.ndarray:
     """Even-odd rule at each point of [..., 2]."""
     px, py, inside = points[..., 0], points[..., 1], np.zeros(points.shape[:-1], bool)
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True),
-                                  zip(xs[1:] + xs[:1], ys[1:] + ys[:1], strict=True),
-                                  strict=True):
+    for (x0, y0), (x1, y1) in zip(
+        zip(xs, ys, strict=True), zip(xs[1:] + xs[:1], ys[1:] + ys[:1], strict=True), strict=True
+    ):
         if y0 != y1:
             inside ^= ((y0 > py) != (y1 > py)) & (px < (x1 - x0) * (py - y0) / (y1 - y0) + x0)
     return inside
@@ -224,9 +279,14 @@ def test_cors_origins_are_configurable(tmp_path):
     async def preflight(origin: str) -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return await client.options("/predict", headers={
-                "Origin": origin, "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization"})
+            return await client.options(
+                "/predict",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            )
 
     allowed = asyncio.run(preflight("https://ui.example"))
     assert allowed.status_code == 200

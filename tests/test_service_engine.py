@@ -84,8 +84,9 @@ def test_requests_within_the_delay_share_a_batch_up_to_the_maximum():
 
 def test_a_full_queue_refuses_at_once_and_draining_refuses_new_work():
     async def scenario():
-        engine = BatchingEngine(RecordingPipeline(), max_batch_size=8, batch_delay_s=10,
-                                queue_size=2)
+        engine = BatchingEngine(
+            RecordingPipeline(), max_batch_size=8, batch_delay_s=10, queue_size=2
+        )
         engine.start()
         first, second = engine.submit(request()), engine.submit(request())
         with pytest.raises(QueueFull):
@@ -104,10 +105,14 @@ def test_a_failing_request_does_not_fail_its_batch_mates():
         pipeline = RecordingPipeline()
         engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=0.1, queue_size=8)
         engine.start()
-        good, bad, other = engine.submit(request()), engine.submit(request(True)), \
-            engine.submit(request())
-        outcomes = await asyncio.gather(good.future, bad.future, other.future,
-                                        return_exceptions=True)
+        good, bad, other = (
+            engine.submit(request()),
+            engine.submit(request(True)),
+            engine.submit(request()),
+        )
+        outcomes = await asyncio.gather(
+            good.future, bad.future, other.future, return_exceptions=True
+        )
         await engine.drain(5)
         return pipeline.batches, outcomes
 
@@ -134,20 +139,21 @@ def test_abandoned_requests_are_not_run():
 # --- through HTTP ---------------------------------------------------------------------------
 def post(url: str, tasks: str = "caption") -> httpx.Response:
     with httpx.Client(base_url=url, timeout=30) as client:
-        return client.post("/predict", files={"image": ("s.png", encode(scene_image()))},
-                           data={"tasks": tasks})
+        return client.post(
+            "/predict", files={"image": ("s.png", encode(scene_image()))}, data={"tasks": tasks}
+        )
 
 
 def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
     # The first request opens a 1.5 s batch window; three fit in the queue, the rest are
     # refused on arrival. All six arrive well inside the window.
-    settings = Settings(checkpoint=micro_checkpoint, queue_size=3, batch_delay_ms=1500,
-                        max_batch_size=8)
+    settings = Settings(
+        checkpoint=micro_checkpoint, queue_size=3, batch_delay_ms=1500, max_batch_size=8
+    )
     with running_server(settings) as server:
         start = time.monotonic()
         with ThreadPoolExecutor(6) as pool:
-            timed = list(pool.map(lambda _: (post(server.url), time.monotonic() - start),
-                                  range(6)))
+            timed = list(pool.map(lambda _: (post(server.url), time.monotonic() - start), range(6)))
         statuses = sorted(r.status_code for r, _ in timed)
         assert statuses == [200, 200, 200, 503, 503, 503]
         for response, elapsed in timed:
@@ -165,8 +171,7 @@ def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
 
 
 def test_request_past_its_deadline_gets_504(micro_checkpoint):
-    settings = Settings(checkpoint=micro_checkpoint, request_timeout_s=0.3,
-                        batch_delay_ms=1000)
+    settings = Settings(checkpoint=micro_checkpoint, request_timeout_s=0.3, batch_delay_ms=1000)
     with running_server(settings) as server:
         response = post(server.url)
         assert response.status_code == 504

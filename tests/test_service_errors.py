@@ -20,8 +20,12 @@ MAX_PIXELS = 1_000_000
 
 @pytest.fixture(scope="module")
 def server_settings(micro_checkpoint):
-    return Settings(checkpoint=micro_checkpoint, max_upload_bytes=MAX_UPLOAD,
-                    max_image_pixels=MAX_PIXELS, batch_delay_ms=1)
+    return Settings(
+        checkpoint=micro_checkpoint,
+        max_upload_bytes=MAX_UPLOAD,
+        max_image_pixels=MAX_PIXELS,
+        batch_delay_ms=1,
+    )
 
 
 def png() -> bytes:
@@ -32,8 +36,10 @@ def multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     for name, value in fields.items():
-        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-                   f'filename="{name}.png"\r\nContent-Type: image/png\r\n\r\n'.encode())
+        body.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{name}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+        )
         body.write(value + b"\r\n")
     body.write(f"--{boundary}--\r\n".encode())
     return body.getvalue(), f"multipart/form-data; boundary={boundary}"
@@ -94,30 +100,36 @@ FIELD_CASES = {
 
 @pytest.mark.parametrize("case", sorted(FIELD_CASES))
 def test_bad_parameters_are_422(client, case):
-    response = client.post("/predict", files={"image": ("x.png", png(), "image/png")},
-                           data=FIELD_CASES[case])
+    response = client.post(
+        "/predict", files={"image": ("x.png", png(), "image/png")}, data=FIELD_CASES[case]
+    )
     error = expect_error(response, 422, "validation_error")
     field = next(iter(FIELD_CASES[case]))
     assert field in error["message"] or "task" in error["message"]
 
 
 def test_missing_image_field(client):
-    error = expect_error(client.post("/predict", data={"tasks": "caption"},
-                                     files={"other": ("x.png", png())}), 422)
+    error = expect_error(
+        client.post("/predict", data={"tasks": "caption"}, files={"other": ("x.png", png())}), 422
+    )
     assert "image" in error["message"]
 
 
 def test_empty_multipart_body(client):
-    empty = client.post("/predict", content=b"",
-                        headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    empty = client.post(
+        "/predict", content=b"", headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
     assert "image" in expect_error(empty, 422, "validation_error")["message"]
-    no_boundary = client.post("/predict", content=b"",
-                              headers={"Content-Type": "multipart/form-data"})
+    no_boundary = client.post(
+        "/predict", content=b"", headers={"Content-Type": "multipart/form-data"}
+    )
     expect_error(no_boundary, 400, "bad_request")
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "image/png", None,
-                                          "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "text/plain", "image/png", None, "application/x-www-form-urlencoded"],
+)
 def test_not_multipart_is_415(client, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.post("/predict", content=png(), headers=headers)
@@ -150,15 +162,28 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
     expect_error(client.get("/predict"), 405, "method_not_allowed")
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.one_of(
-    st.binary(max_size=2000),
-    # Valid headers with random continuations reach deeper into the decoders.
-    st.tuples(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM",
-                               b"II*\x00", b"RIFF\x00\x00\x00\x00WEBPVP8 "]),
-              st.binary(max_size=2000)).map(lambda parts: parts[0] + parts[1]),
-))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.one_of(
+        st.binary(max_size=2000),
+        # Valid headers with random continuations reach deeper into the decoders.
+        st.tuples(
+            st.sampled_from(
+                [
+                    b"\x89PNG\r\n\x1a\n",
+                    b"\xff\xd8\xff\xe0",
+                    b"GIF89a",
+                    b"BM",
+                    b"II*\x00",
+                    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+                ]
+            ),
+            st.binary(max_size=2000),
+        ).map(lambda parts: parts[0] + parts[1]),
+    )
+)
 def test_arbitrary_bytes_never_cause_a_server_error(client, data):
     response = client.post("/predict", files={"image": ("x", data)}, data={"tasks": "caption"})
     assert response.status_code in (200, 400, 413), response.text
@@ -166,5 +191,9 @@ def test_arbitrary_bytes_never_cause_a_server_error(client, data):
 
 def test_still_ready_after_all_that(client):
     assert client.get("/readyz").json() == {"status": "ready"}
-    assert client.post("/predict", files={"image": ("x.png", png())},
-                       data={"tasks": "caption"}).status_code == 200
+    assert (
+        client.post(
+            "/predict", files={"image": ("x.png", png())}, data={"tasks": "caption"}
+        ).status_code
+        == 200
+    )

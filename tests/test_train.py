@@ -16,8 +16,17 @@ from model.evaluate import METRICS
 from model.train import TrainConfig, train
 from tests.helpers import free_port
 
-MICRO = {"d_model": 32, "n_heads": 4, "encoder_layers": 1, "decoder_layers": 2, "ffn_dim": 64,
-         "image_size": [96, 96], "num_bins": 96, "num_slots": 8, "caption_len": 12}
+MICRO = {
+    "d_model": 32,
+    "n_heads": 4,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "ffn_dim": 64,
+    "image_size": [96, 96],
+    "num_bins": 96,
+    "num_slots": 8,
+    "caption_len": 12,
+}
 
 
 def read_log(path: Path) -> dict[int, float]:
@@ -26,8 +35,19 @@ def read_log(path: Path) -> dict[int, float]:
 
 
 def config(data: Path, out: Path, **kwargs) -> TrainConfig:
-    values = dict(data=data, out=out, steps=4, batch_size=2, workers=0, warmup_steps=1,
-                  log_every=1, save_every=100, eval_images=2, overrides=dict(MICRO), lr=1e-3)
+    values = dict(
+        data=data,
+        out=out,
+        steps=4,
+        batch_size=2,
+        workers=0,
+        warmup_steps=1,
+        log_every=1,
+        save_every=100,
+        eval_images=2,
+        overrides=dict(MICRO),
+        lr=1e-3,
+    )
     values.update(kwargs)
     return TrainConfig(**values)
 
@@ -50,16 +70,42 @@ def test_training_writes_a_checkpoint_and_resumes_exactly(synth_data, tmp_path):
 
 def test_two_process_ddp_on_cpu(synth_data, tmp_path):
     out = tmp_path / "ddp"
-    sets = [arg for key, value in MICRO.items()
-            for arg in ("--set", f"{key}={json.dumps(value)}")]
+    sets = [arg for key, value in MICRO.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(free_port()), "-m", "mad.cli", "train", "--data", str(synth_data),
-         "--out", str(out), "--steps", "2", "--batch-size", "2", "--workers", "0",
-         "--device", "cpu",
-         "--warmup-steps", "1", "--eval-images", "2", *sets],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "mad.cli",
+            "train",
+            "--data",
+            str(synth_data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--warmup-steps",
+            "1",
+            "--eval-images",
+            "2",
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(read_log(out / "train_log.csv")) == [2]
@@ -69,9 +115,23 @@ def test_two_process_ddp_on_cpu(synth_data, tmp_path):
 def test_mad_eval_reports_every_metric(micro_checkpoint, synth_data, tmp_path):
     report = tmp_path / "eval.json"
     result = subprocess.run(
-        [sys.executable, "-m", "mad.cli", "eval", "--checkpoint", str(micro_checkpoint),
-         "--data", str(synth_data), "--refine", "caption:1", "--json", str(report)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mad.cli",
+            "eval",
+            "--checkpoint",
+            str(micro_checkpoint),
+            "--data",
+            str(synth_data),
+            "--refine",
+            "caption:1",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(report.read_text())["metrics"]

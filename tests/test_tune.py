@@ -11,15 +11,32 @@ from model.evaluate import evaluate
 from model.tune import Trial, choose
 
 
-def test_mad_tune_scores_schedules_and_writes_the_chosen_one(micro_checkpoint, synth_data,
-                                                              tmp_path):
+def test_mad_tune_scores_schedules_and_writes_the_chosen_one(
+    micro_checkpoint, synth_data, tmp_path
+):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(micro_checkpoint, checkpoint)
     result = subprocess.run(
-        [sys.executable, "-m", "mad.cli", "tune", "--checkpoint", str(checkpoint),
-         "--data", str(synth_data), "--task", "caption", "--max-steps", "1", "--limit", "2",
-         "--write"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mad.cli",
+            "tune",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(synth_data),
+            "--task",
+            "caption",
+            "--max-steps",
+            "1",
+            "--limit",
+            "2",
+            "--write",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = load_checkpoint(checkpoint)[1]

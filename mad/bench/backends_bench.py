@@ -18,11 +18,17 @@ from model.pipeline import Pipeline, Request
 from runtime.backends import create_runner
 
 
-def compare_backends(checkpoint: str | Path, images: list[Image.Image], tasks: tuple[str, ...],
-                     repeats: int = 20, warmup: int = 3, device: str = "cpu",
-                     refine_steps: dict[str, int] | None = None,
-                     backends: tuple[str, ...] = ("torch", "onnx"), **options: Any
-                     ) -> dict[str, Any]:
+def compare_backends(
+    checkpoint: str | Path,
+    images: list[Image.Image],
+    tasks: tuple[str, ...],
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+    refine_steps: dict[str, int] | None = None,
+    backends: tuple[str, ...] = ("torch", "onnx"),
+    **options: Any,
+) -> dict[str, Any]:
     """Time `Pipeline(requests)` for each backend on one batch holding `images`.
 
     -> {"backends": {name: {median_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms, n, describe}},
@@ -44,13 +50,17 @@ def compare_backends(checkpoint: str | Path, images: list[Image.Image], tasks: t
             if i >= warmup:
                 times[backend].append(time.perf_counter() - start)
     report: dict[str, Any] = {
-        "backends": {b: {**summarize(times[b]), "describe": pipelines[b].runner.describe()}
-                     for b in backends},
-        "images": len(images), "tasks": list(tasks), "repeats": repeats, "warmup": warmup,
-        "torch_threads": torch.get_num_threads()}
+        "backends": {
+            b: {**summarize(times[b]), "describe": pipelines[b].runner.describe()} for b in backends
+        },
+        "images": len(images),
+        "tasks": list(tasks),
+        "repeats": repeats,
+        "warmup": warmup,
+        "torch_threads": torch.get_num_threads(),
+    }
     if len(backends) == 2:
         first, second = (report["backends"][b]["median_ms"] for b in backends)
         report["ratio"] = first / second
         report["ratio_of"] = f"{backends[0]} median / {backends[1]} median"
     return report
-

@@ -40,10 +40,27 @@ class Sizes:
 
 
 # Defaults fit a 2-core CPU in well under 10 minutes; --quick is the smoke-test size.
-DEFAULTS = Sizes(repeats=20, warmup=3, ar_repeats=3, kept=7, fixed=100, concurrency="1,4,8",
-                 http_requests=200, http_seconds=8.0)
-QUICK = Sizes(repeats=3, warmup=1, ar_repeats=1, kept=2, fixed=10, concurrency="1,2",
-              http_requests=6, http_seconds=2.0, image_size="96x96")
+DEFAULTS = Sizes(
+    repeats=20,
+    warmup=3,
+    ar_repeats=3,
+    kept=7,
+    fixed=100,
+    concurrency="1,4,8",
+    http_requests=200,
+    http_seconds=8.0,
+)
+QUICK = Sizes(
+    repeats=3,
+    warmup=1,
+    ar_repeats=1,
+    kept=2,
+    fixed=10,
+    concurrency="1,2",
+    http_requests=6,
+    http_seconds=2.0,
+    image_size="96x96",
+)
 
 
 @dataclass(frozen=True)
@@ -76,40 +93,59 @@ def given_or(value: T | None, default: T) -> T:
 
 
 def bench(
-    preset: str | None = typer.Option(None, help="tiny, r50, swin-b or vit-b with random "
-                                      "weights (default: the bundled model if present, "
-                                      "else tiny)."),
-    checkpoint: Path | None = typer.Option(None, help="Checkpoint directory (default: the "
-                                           "bundled checkpoints/mad-tiny if present)."),
-    image_size: str | None = typer.Option(None, help="HxW of the input image and canvas "
-                                          "(default: the model's, r50: 800x1333)."),
+    preset: str | None = typer.Option(
+        None,
+        help="tiny, r50, swin-b or vit-b with random "
+        "weights (default: the bundled model if present, "
+        "else tiny).",
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, help="Checkpoint directory (default: the bundled checkpoints/mad-tiny if present)."
+    ),
+    image_size: str | None = typer.Option(
+        None, help="HxW of the input image and canvas (default: the model's, r50: 800x1333)."
+    ),
     backend: str = typer.Option("torch", help="torch, onnx or tensorrt."),
     device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch on CUDA)."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
     batch_size: int = typer.Option(1, min=1, help="Images per model call."),
-    refine_steps: list[str] = typer.Option([], help="K for every task, or task:K, "
-                                           "comma-separated or repeated (default: the "
-                                           "checkpoint's schedules)."),
+    refine_steps: list[str] = typer.Option(
+        [],
+        help="K for every task, or task:K, "
+        "comma-separated or repeated (default: the "
+        "checkpoint's schedules).",
+    ),
     repeats: int | None = typer.Option(None, min=1, help="Timed runs (20; quick 3)."),
     warmup: int | None = typer.Option(None, min=0, help="Untimed runs first (3; quick 1)."),
-    ar_repeats: int | None = typer.Option(None, min=1, help="Timed autoregressive runs "
-                                          "(CPU 3, GPU = repeats; quick 1)."),
-    kept: int | None = typer.Option(None, min=1, help="Detections per image prompting "
-                                    "segmentation and keypoints (7; quick 2)."),
-    fixed: int | None = typer.Option(None, min=1, help="Sequences of the fixed-slots "
-                                     "comparison (100, the paper's num_slots; quick 10)."),
-    concurrency: str | None = typer.Option(None, help="HTTP client concurrency levels "
-                                           "(1,4,8; quick 1,2)."),
-    http_requests: int | None = typer.Option(None, min=1, help="Most requests per HTTP "
-                                             "level (200; quick 6)."),
-    http_seconds: float | None = typer.Option(None, min=0.1, help="Most seconds per HTTP "
-                                              "level (8; quick 2)."),
+    ar_repeats: int | None = typer.Option(
+        None, min=1, help="Timed autoregressive runs (CPU 3, GPU = repeats; quick 1)."
+    ),
+    kept: int | None = typer.Option(
+        None, min=1, help="Detections per image prompting segmentation and keypoints (7; quick 2)."
+    ),
+    fixed: int | None = typer.Option(
+        None,
+        min=1,
+        help="Sequences of the fixed-slots comparison (100, the paper's num_slots; quick 10).",
+    ),
+    concurrency: str | None = typer.Option(
+        None, help="HTTP client concurrency levels (1,4,8; quick 1,2)."
+    ),
+    http_requests: int | None = typer.Option(
+        None, min=1, help="Most requests per HTTP level (200; quick 6)."
+    ),
+    http_seconds: float | None = typer.Option(
+        None, min=0.1, help="Most seconds per HTTP level (8; quick 2)."
+    ),
     http: bool = typer.Option(True, "--http/--no-http", help="End-to-end HTTP benchmark."),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Eager vs ONNX Runtime."),
     ar: bool = typer.Option(True, "--ar/--no-ar", help="Autoregressive baseline."),
-    variants: bool = typer.Option(True, "--variants/--no-variants",
-                                  help="GPU only: bf16, fp16, compile, CUDA graphs, TensorRT."),
+    variants: bool = typer.Option(
+        True,
+        "--variants/--no-variants",
+        help="GPU only: bf16, fp16, compile, CUDA graphs, TensorRT.",
+    ),
     out: Path = typer.Option(Path("benchmarks"), help="Report directory."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (smoke test)."),
 ) -> None:
@@ -128,21 +164,36 @@ def bench(
     size_text = given_or(image_size, base.image_size)
     try:
         size = parse_size(size_text) if size_text else None
-        levels = sorted({int(c) for c in given_or(concurrency, base.concurrency).split(",")
-                         if c.strip()})
+        levels = sorted(
+            {int(c) for c in given_or(concurrency, base.concurrency).split(",") if c.strip()}
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if quick and checkpoint is None and preset is None:
         preset = "tiny"  # never the bundled model: the smoke test must not depend on it
-    run = BenchRun(BenchSettings(
-        preset=preset, checkpoint=checkpoint, size=size, backend=backend, device=device,
-        precision=precision, compile=compile, batch_size=batch_size, refine=refine_steps,
-        levels=levels, sections={"http": http, "onnx": onnx, "ar": ar, "variants": variants},
-        quick=quick, repeats=given_or(repeats, base.repeats),
-        warmup=given_or(warmup, base.warmup), ar_repeats=given_or(ar_repeats, base.ar_repeats),
-        kept=given_or(kept, base.kept), fixed=given_or(fixed, base.fixed),
-        http_requests=given_or(http_requests, base.http_requests),
-        http_seconds=given_or(http_seconds, base.http_seconds)))
+    run = BenchRun(
+        BenchSettings(
+            preset=preset,
+            checkpoint=checkpoint,
+            size=size,
+            backend=backend,
+            device=device,
+            precision=precision,
+            compile=compile,
+            batch_size=batch_size,
+            refine=refine_steps,
+            levels=levels,
+            sections={"http": http, "onnx": onnx, "ar": ar, "variants": variants},
+            quick=quick,
+            repeats=given_or(repeats, base.repeats),
+            warmup=given_or(warmup, base.warmup),
+            ar_repeats=given_or(ar_repeats, base.ar_repeats),
+            kept=given_or(kept, base.kept),
+            fixed=given_or(fixed, base.fixed),
+            http_requests=given_or(http_requests, base.http_requests),
+            http_seconds=given_or(http_seconds, base.http_seconds),
+        )
+    )
     try:
         report = run.execute()
     except RequestError as exc:  # --refine-steps against the model's tasks
@@ -193,8 +244,7 @@ class BenchRun:
         self.report.update(schema="mad-bench/1", created=now(), environment=environment(ROOT))
         with tempfile.TemporaryDirectory(prefix="mad-bench-") as tmp:
             self.prepare(Path(tmp))
-            self.section("stage_latency",
-                         lambda: self.model().stage_latency(s.repeats, s.warmup))
+            self.section("stage_latency", lambda: self.model().stage_latency(s.repeats, s.warmup))
             if s.sections["ar"]:
                 self.section("mad_vs_ar", self.mad_vs_ar)
             else:
@@ -231,30 +281,56 @@ class BenchRun:
         # The JPEG round trip gives every section the pixels the service will decode.
         self.image = Image.open(io.BytesIO(self.payload)).convert("RGB")
         self.export_dir = None
-        wants_export = s.backend != "torch" or s.sections["onnx"] or (
-            s.device.startswith("cuda") and s.sections["variants"])
+        wants_export = (
+            s.backend != "torch"
+            or s.sections["onnx"]
+            or (s.device.startswith("cuda") and s.sections["variants"])
+        )
         if wants_export:
             self.export(tmp / "onnx")
-        mad, runner = load_runner(s.backend, self.checkpoint, s.device,
-                                  precision=s.precision, compile=s.compile,
-                                  export_dir=self.export_dir)
-        self.bench = ModelBench(mad, runner, [self.image] * s.batch_size, s.kept,
-                                schedules(mad, self.refine))
+        mad, runner = load_runner(
+            s.backend,
+            self.checkpoint,
+            s.device,
+            precision=s.precision,
+            compile=s.compile,
+            export_dir=self.export_dir,
+        )
+        self.bench = ModelBench(
+            mad, runner, [self.image] * s.batch_size, s.kept, schedules(mad, self.refine)
+        )
         self.report["model"] = {
-            "source": source, "name": config.name, "backbone": config.backbone,
-            "d_model": config.d_model, "layers": [config.encoder_layers, config.decoder_layers],
-            "num_slots": config.num_slots, "tasks": list(config.tasks),
+            "source": source,
+            "name": config.name,
+            "backbone": config.backbone,
+            "d_model": config.d_model,
+            "layers": [config.encoder_layers, config.decoder_layers],
+            "num_slots": config.num_slots,
+            "tasks": list(config.tasks),
             "parameters": parameters,
-            "runner": runner.describe(), "image_jpeg_bytes": len(self.payload)}
+            "runner": runner.describe(),
+            "image_jpeg_bytes": len(self.payload),
+        }
         self.report["settings"] = {
-            "preset": config.name, "image_size": list(size), "backend": s.backend,
-            "device": s.device, "precision": s.precision, "compile": s.compile,
-            "batch_size": s.batch_size, "refine_steps": self.refine,
-            "repeats": s.repeats, "warmup": s.warmup, "ar_repeats": s.ar_repeats,
-            "kept": s.kept, "fixed": s.fixed, "concurrency": s.levels,
-            "http_requests": s.http_requests, "http_seconds": s.http_seconds,
+            "preset": config.name,
+            "image_size": list(size),
+            "backend": s.backend,
+            "device": s.device,
+            "precision": s.precision,
+            "compile": s.compile,
+            "batch_size": s.batch_size,
+            "refine_steps": self.refine,
+            "repeats": s.repeats,
+            "warmup": s.warmup,
+            "ar_repeats": s.ar_repeats,
+            "kept": s.kept,
+            "fixed": s.fixed,
+            "concurrency": s.levels,
+            "http_requests": s.http_requests,
+            "http_seconds": s.http_seconds,
             "quick": s.quick,
-            "bundled_model": Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT.resolve()}
+            "bundled_model": Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT.resolve(),
+        }
 
     def export(self, target: Path) -> None:
         from export.onnx_export import export_onnx
@@ -293,9 +369,15 @@ class BenchRun:
             from mad.bench.backends_bench import compare_backends
 
             out["onnx_vs_eager"] = compare_backends(
-                self.checkpoint, [self.image] * s.batch_size, tuple(self.model().tasks),
-                s.repeats, s.warmup, device=s.device, refine_steps=self.refine,
-                export_dir=self.export_dir)
+                self.checkpoint,
+                [self.image] * s.batch_size,
+                tuple(self.model().tasks),
+                s.repeats,
+                s.warmup,
+                device=s.device,
+                refine_steps=self.refine,
+                export_dir=self.export_dir,
+            )
         if not s.device.startswith("cuda"):
             self.report["skipped"]["gpu_variants"] = "no CUDA device"
         elif not s.sections["variants"]:
@@ -304,8 +386,15 @@ class BenchRun:
             from mad.bench.model_bench import gpu_variants
 
             out["gpu_variants"] = gpu_variants(
-                self.checkpoint, s.device, [self.image] * s.batch_size, s.kept,
-                self.refine, s.repeats, s.warmup, self.export_dir)
+                self.checkpoint,
+                s.device,
+                [self.image] * s.batch_size,
+                s.kept,
+                self.refine,
+                s.repeats,
+                s.warmup,
+                self.export_dir,
+            )
         return out
 
     def http(self) -> dict[str, Any]:
@@ -313,12 +402,22 @@ class BenchRun:
 
         s = self.s
         return http_benchmark(
-            self.checkpoint, s.backend, s.device, self.payload,
+            self.checkpoint,
+            s.backend,
+            s.device,
+            self.payload,
             # The service refuses max_detections above the model's slots.
-            list(self.report["model"]["tasks"]), min(s.kept, self.report["model"]["num_slots"]),
-            self.refine, s.levels,
-            s.http_requests, s.http_seconds, s.repeats, s.warmup,
-            export_dir=self.export_dir if s.backend != "torch" else None, echo=self.echo)
+            list(self.report["model"]["tasks"]),
+            min(s.kept, self.report["model"]["num_slots"]),
+            self.refine,
+            s.levels,
+            s.http_requests,
+            s.http_seconds,
+            s.repeats,
+            s.warmup,
+            export_dir=self.export_dir if s.backend != "torch" else None,
+            echo=self.echo,
+        )
 
 
 def headline(report: dict[str, Any]) -> str:
@@ -333,22 +432,35 @@ def headline(report: dict[str, Any]) -> str:
     for key, value in (report.get("mad_vs_ar") or {}).get("ratios", {}).items():
         lines.append(f"{key}: {fmt(value, 'x')}")
     if kept := report.get("kept_vs_fixed"):
-        lines.append(f"fixed {kept['fixed']['per_image']} / kept {kept['kept']['per_image']}: "
-                     f"{fmt(kept['ratio'], 'x')}")
+        lines.append(
+            f"fixed {kept['fixed']['per_image']} / kept {kept['kept']['per_image']}: "
+            f"{fmt(kept['ratio'], 'x')}"
+        )
     if onnx := (report.get("backends") or {}).get("onnx_vs_eager"):
         lines.append(f"eager / onnx: {fmt(onnx.get('ratio'), 'x')}")
     http = report.get("http") or {}
     if overhead := http.get("overhead"):
         lines.append(f"service overhead share: {fmt(100 * overhead['share'], '%')}")
     if gain := http.get("batching_gain"):
-        lines.append(f"batching throughput gain at concurrency {gain['concurrency']}: "
-                     f"{fmt(gain['ratio'], 'x')}")
+        lines.append(
+            f"batching throughput gain at concurrency {gain['concurrency']}: "
+            f"{fmt(gain['ratio'], 'x')}"
+        )
     if ceiling := http.get("in_process_batching"):
-        lines.append(f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "
-                     f"{fmt(ceiling['ratio'], 'x')}")
-    rows = [[t["target"], t["goal"], fmt(t["measured"], t["unit"]),
-             "–" if t["met"] is None else ("yes" if t["met"] else "no"),
-             "yes" if t["applies"] else "no"] for t in report["targets"]]
+        lines.append(
+            f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "
+            f"{fmt(ceiling['ratio'], 'x')}"
+        )
+    rows = [
+        [
+            t["target"],
+            t["goal"],
+            fmt(t["measured"], t["unit"]),
+            "–" if t["met"] is None else ("yes" if t["met"] else "no"),
+            "yes" if t["applies"] else "no",
+        ]
+        for t in report["targets"]
+    ]
     lines.append(table(["target", "goal", "measured", "met", "conditions match"], rows))
     for name, error in report["errors"].items():
         lines.append(f"ERROR {name}: {error}")

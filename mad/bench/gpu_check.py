@@ -73,10 +73,20 @@ class CheckSettings:
         cuda = device.startswith("cuda")
         variants = tuple(VARIANTS) if cuda else ("fp32",)
         if quick:
-            return cls(device, True, budget_s or 600.0, 2, 1, 1, 2, (1, 2), (128, 192), 2,
-                       variants if cuda else ("fp32",))
-        return cls(device, False, budget_s or 450.0, 20, 3, 3, 7, (1, 8), (800, 1333), 8,
-                   variants)
+            return cls(
+                device,
+                True,
+                budget_s or 600.0,
+                2,
+                1,
+                1,
+                2,
+                (1, 2),
+                (128, 192),
+                2,
+                variants if cuda else ("fp32",),
+            )
+        return cls(device, False, budget_s or 450.0, 20, 3, 3, 7, (1, 8), (800, 1333), 8, variants)
 
 
 class Budget:
@@ -99,32 +109,43 @@ def free(*objects: object) -> None:
 
 def driver_version() -> str | None:
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
-                               "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=20, check=False)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout else None
 
 
 def device_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": device, "torch": torch.__version__,
-                            "cuda": torch.version.cuda,
-                            "cudnn": torch.backends.cudnn.version()
-                            if torch.backends.cudnn.is_available() else None}
+    info: dict[str, Any] = {
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1),
-                    multiprocessors=props.multi_processor_count, driver=driver_version())
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            driver=driver_version(),
+        )
     else:
         info["name"] = "cpu"
     return info
 
 
 # --- timing ---------------------------------------------------------------------------------
-def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, echo: Echo,
-                  ar: bool) -> dict[str, Any]:
+def time_variants(
+    checkpoint: Path, settings: CheckSettings, budget: Budget, echo: Echo, ar: bool
+) -> dict[str, Any]:
     """Stage latency of every variant at every batch size; the AR baseline at batch 1."""
     from mad.bench.model_bench import ModelBench, mad_vs_autoregressive, schedules
     from mad.bench.workload import load_model, synthetic_image
@@ -143,22 +164,25 @@ def time_variants(checkpoint: Path, settings: CheckSettings, budget: Budget, ech
                 continue
             started = time.perf_counter()
             try:
-                model, runner = create_runner("torch", checkpoint, settings.device,
-                                              **VARIANTS[name])
+                model, runner = create_runner(
+                    "torch", checkpoint, settings.device, **VARIANTS[name]
+                )
                 bench = ModelBench(model, runner, [image] * batch, settings.kept, ratios)
                 # Compiled variants compile (and graphs capture) during warm-up.
                 warmup = max(settings.warmup, 2 if name != "fp32" else 0)
                 result = bench.stage_latency(settings.repeats, warmup)
-                rows[name] = {"total": result["total"],
-                              "stages_ms": {k: v["median_ms"]
-                                            for k, v in result["stages"].items()},
-                              "passes": result["passes"], "sequences": result["sequences"],
-                              "runner": runner.describe()}
+                rows[name] = {
+                    "total": result["total"],
+                    "stages_ms": {k: v["median_ms"] for k, v in result["stages"].items()},
+                    "passes": result["passes"],
+                    "sequences": result["sequences"],
+                    "runner": runner.describe(),
+                }
                 if ar and batch == 1 and name == "fp32":
                     echo("  autoregressive baseline")
-                    out["mad_vs_ar"] = mad_vs_autoregressive(bench, settings.repeats,
-                                                             settings.ar_repeats,
-                                                             settings.warmup)
+                    out["mad_vs_ar"] = mad_vs_autoregressive(
+                        bench, settings.repeats, settings.ar_repeats, settings.warmup
+                    )
                 free(model, runner, bench)
             except Exception as exc:  # one variant failing must not cost the others
                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -180,8 +204,10 @@ def batch_gain(batches: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     if "1" not in batches or len(batches) < 2:
         return {}
     top = max(batches, key=int)
-    return {name: ratio(row.get("images_per_s"), batches["1"].get(name, {}).get("images_per_s"))
-            for name, row in batches[top].items()}
+    return {
+        name: ratio(row.get("images_per_s"), batches["1"].get(name, {}).get("images_per_s"))
+        for name, row in batches[top].items()
+    }
 
 
 def fmt_ms(row: dict[str, Any]) -> str:
@@ -199,8 +225,7 @@ def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
     from runtime.backends import create_runner
 
     sizes = [(256, 256), (192, 320), (320, 200), (240, 240)]
-    images = [synthetic_image(sizes[i % len(sizes)], seed=i)
-              for i in range(settings.parity_images)]
+    images = [synthetic_image(sizes[i % len(sizes)], seed=i) for i in range(settings.parity_images)]
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
     torch.backends.cudnn.allow_tf32 = False
@@ -228,30 +253,39 @@ def parity(checkpoint: Path, settings: CheckSettings) -> dict[str, Any]:
             want = cpu.decode(reference_memory, sequence, index, codec.vocab_slice())
             got = runner.decode(memory, sequence, index, codec.vocab_slice()).cpu()
             diff = (got - want).abs()
-            logits[task] = {"max_abs_diff": diff.max().item(),
-                            "mean_abs_diff": diff.mean().item(),
-                            "argmax_agreement": (got.argmax(-1) == want.argmax(-1))
-                            .float().mean().item()}
-        decoded = [compare_results(a, b, bin_px(mad.config, image.size[::-1]))
-                   for a, b, image in zip(reference, Pipeline(mad, runner)(requests), images,
-                                          strict=True)]
-        out[name] = {"logits": logits, "decoded": decoded,
-                     "same_decoded": sum(d["same"] for d in decoded)}
+            logits[task] = {
+                "max_abs_diff": diff.max().item(),
+                "mean_abs_diff": diff.mean().item(),
+                "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+            }
+        decoded = [
+            compare_results(a, b, bin_px(mad.config, image.size[::-1]))
+            for a, b, image in zip(reference, Pipeline(mad, runner)(requests), images, strict=True)
+        ]
+        out[name] = {
+            "logits": logits,
+            "decoded": decoded,
+            "same_decoded": sum(d["same"] for d in decoded),
+        }
         free(runner, memory)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    out["fp32_pass"] = (all(v["max_abs_diff"] <= FP32_LOGIT_ATOL
-                            for v in out["fp32"]["logits"].values())
-                        and out["fp32"]["same_decoded"] == len(images))
+    out["fp32_pass"] = all(
+        v["max_abs_diff"] <= FP32_LOGIT_ATOL for v in out["fp32"]["logits"].values()
+    ) and out["fp32"]["same_decoded"] == len(images)
     if "bf16" in out:
-        out["bf16_pass"] = all(v["mean_abs_diff"] <= BF16_MEAN_ABS_DIFF
-                               and v["argmax_agreement"] >= BF16_TOKEN_AGREEMENT
-                               for v in out["bf16"]["logits"].values())
-    out["tolerances"] = {"fp32_logit_atol": FP32_LOGIT_ATOL,
-                         "bf16_mean_abs_diff": BF16_MEAN_ABS_DIFF,
-                         "bf16_token_agreement": BF16_TOKEN_AGREEMENT,
-                         "decoded_same": "same labels and captions, boxes and keypoints "
-                                         "within one coordinate bin, masks within 0.5% of "
-                                         "pixels"}
+        out["bf16_pass"] = all(
+            v["mean_abs_diff"] <= BF16_MEAN_ABS_DIFF
+            and v["argmax_agreement"] >= BF16_TOKEN_AGREEMENT
+            for v in out["bf16"]["logits"].values()
+        )
+    out["tolerances"] = {
+        "fp32_logit_atol": FP32_LOGIT_ATOL,
+        "bf16_mean_abs_diff": BF16_MEAN_ABS_DIFF,
+        "bf16_token_agreement": BF16_TOKEN_AGREEMENT,
+        "decoded_same": "same labels and captions, boxes and keypoints "
+        "within one coordinate bin, masks within 0.5% of "
+        "pixels",
+    }
     return out
 
 
@@ -269,26 +303,53 @@ def compare_results(a: Result, b: Result, tolerance_px: float) -> dict[str, Any]
         raise ValueError("parity compares results that include detection")
     same_labels = len(da) == len(db) and torch.equal(da.labels, db.labels)
     box_diff = (da.boxes - db.boxes).abs().max().item() if same_labels and len(da) else 0.0
-    mask_diff = max((torch.ne(ma > 0.5, mb > 0.5).float().mean().item()
-                     for ma, mb in zip(a.masks or [], b.masks or [], strict=False)
-                     if ma is not None and mb is not None), default=0.0)
-    kp_diff = max(((ka[:, :2] - kb[:, :2]).abs().max().item()
-                   for ka, kb in zip(a.keypoints or [], b.keypoints or [], strict=False)
-                   if ka is not None and kb is not None), default=0.0)
+    mask_diff = max(
+        (
+            torch.ne(ma > 0.5, mb > 0.5).float().mean().item()
+            for ma, mb in zip(a.masks or [], b.masks or [], strict=False)
+            if ma is not None and mb is not None
+        ),
+        default=0.0,
+    )
+    kp_diff = max(
+        (
+            (ka[:, :2] - kb[:, :2]).abs().max().item()
+            for ka, kb in zip(a.keypoints or [], b.keypoints or [], strict=False)
+            if ka is not None and kb is not None
+        ),
+        default=0.0,
+    )
     tolerance_px += 1e-4  # the bin size itself, up to rounding
-    same = (same_labels and box_diff <= tolerance_px and mask_diff <= 0.005
-            and kp_diff <= tolerance_px and a.caption == b.caption)
-    return {"same": same, "detections": [len(da), len(db)],
-            "labels_equal": same_labels, "box_max_px": box_diff, "mask_pixels": mask_diff,
-            "keypoint_max_px": kp_diff, "captions": [a.caption, b.caption]}
+    same = (
+        same_labels
+        and box_diff <= tolerance_px
+        and mask_diff <= 0.005
+        and kp_diff <= tolerance_px
+        and a.caption == b.caption
+    )
+    return {
+        "same": same,
+        "detections": [len(da), len(db)],
+        "labels_equal": same_labels,
+        "box_max_px": box_diff,
+        "mask_pixels": mask_diff,
+        "keypoint_max_px": kp_diff,
+        "captions": [a.caption, b.caption],
+    }
 
 
 # --- the run --------------------------------------------------------------------------------
 SECTIONS = ("parity", "r50", "bundled", "http")
 
 
-def run_check(device: str, quick: bool, out_dir: Path, budget_s: float | None = None,
-              skip: tuple[str, ...] = (), echo: Echo = print) -> dict[str, Any]:
+def run_check(
+    device: str,
+    quick: bool,
+    out_dir: Path,
+    budget_s: float | None = None,
+    skip: tuple[str, ...] = (),
+    echo: Echo = print,
+) -> dict[str, Any]:
     import tempfile
 
     from mad.bench.report import environment, now
@@ -296,9 +357,16 @@ def run_check(device: str, quick: bool, out_dir: Path, budget_s: float | None = 
 
     settings = CheckSettings.make(device, quick, budget_s)
     budget = Budget(settings.budget_s)
-    report: dict[str, Any] = {"schema": SCHEMA, "created": now(), "settings": asdict(settings),
-                              "device": device_info(device), "environment": environment(ROOT),
-                              "errors": {}, "skipped": {}, "seconds": {}}
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": now(),
+        "settings": asdict(settings),
+        "device": device_info(device),
+        "environment": environment(ROOT),
+        "errors": {},
+        "skipped": {},
+        "seconds": {},
+    }
 
     def section(name: str, fn: Callable[[], dict[str, Any]], minimum_s: float = 30) -> None:
         if budget.left() < minimum_s:
@@ -326,8 +394,10 @@ def run_check(device: str, quick: bool, out_dir: Path, budget_s: float | None = 
             # The AR baseline of r50 takes minutes on a CPU: the quick run uses the small model.
             section("r50", lambda: time_variants(r50, settings, budget, echo, ar=not quick))
         if wanted("bundled"):
-            section("bundled", lambda: time_variants(BUNDLED_CHECKPOINT, settings, budget,
-                                                     echo, ar=quick))
+            section(
+                "bundled",
+                lambda: time_variants(BUNDLED_CHECKPOINT, settings, budget, echo, ar=quick),
+            )
     if wanted("http"):
         if importlib.util.find_spec("fastapi") is None:
             report["skipped"]["http"] = "FastAPI is not installed here"
@@ -352,25 +422,48 @@ def http_load(settings: CheckSettings, echo: Echo) -> dict[str, Any]:
     cuda = settings.device.startswith("cuda")
     options = VARIANTS["bf16+cuda-graphs"] if cuda else {}
     levels = [1, 2] if settings.quick else [1, 8]
-    return {"runner_options": options, **http_benchmark(
-        BUNDLED_CHECKPOINT, "torch", settings.device, payload, tasks, settings.kept, {},
-        levels, 4 if settings.quick else 200, 1.0 if settings.quick else 6.0,
-        settings.repeats, settings.warmup, batch_sizes=(1, max(settings.batches)),
-        echo=echo, runner_options=options)}
+    return {
+        "runner_options": options,
+        **http_benchmark(
+            BUNDLED_CHECKPOINT,
+            "torch",
+            settings.device,
+            payload,
+            tasks,
+            settings.kept,
+            {},
+            levels,
+            4 if settings.quick else 200,
+            1.0 if settings.quick else 6.0,
+            settings.repeats,
+            settings.warmup,
+            batch_sizes=(1, max(settings.batches)),
+            echo=echo,
+            runner_options=options,
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="scripts/gpu-check", description=__doc__.split(
-        "\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scripts/gpu-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     parser.add_argument("--quick", action="store_true", help="small sizes (the CI smoke run)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="report folder")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="seconds before later sections are skipped (450; quick 600)")
-    parser.add_argument("--skip", action="append", default=[], choices=SECTIONS,
-                        help="a section not to run (repeatable)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds before later sections are skipped (450; quick 600)",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=SECTIONS,
+        help="a section not to run (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.exit(2, "gpu-check: torch sees no CUDA device here; use --device cpu\n")
@@ -378,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     def echo(text: str) -> None:
         print(text, flush=True)
 
-    report = run_check(args.device, args.quick, args.out, args.budget_s, tuple(args.skip),
-                       echo)
+    report = run_check(args.device, args.quick, args.out, args.budget_s, tuple(args.skip), echo)
     from mad.bench.gpu_report import headline
 
     echo(headline(report))

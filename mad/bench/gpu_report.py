@@ -32,16 +32,39 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     gains = {k: v for k, v in (r50.get("throughput_batch_vs_1") or {}).items() if v is not None}
     gain_name = name if name in gains else (max(gains, key=lambda k: gains[k]) if gains else None)
     rows = [
-        (f"r50 800x1333, 4 tasks, default K, batch 1: model median ({name or '-'})",
-         "<= 25 ms", best, "ms", lambda v: v <= 25),
-        ("autoregressive (KV cache) / MAD, same network, fp32", ">= 25x", ar, "x",
-         lambda v: v >= 25),
-        (f"batch {max(s['batches'])} / batch 1 throughput ({gain_name or '-'})", ">= 4x",
-         gains.get(gain_name) if gain_name else None, "x", lambda v: v >= 4),
+        (
+            f"r50 800x1333, 4 tasks, default K, batch 1: model median ({name or '-'})",
+            "<= 25 ms",
+            best,
+            "ms",
+            lambda v: v <= 25,
+        ),
+        (
+            "autoregressive (KV cache) / MAD, same network, fp32",
+            ">= 25x",
+            ar,
+            "x",
+            lambda v: v >= 25,
+        ),
+        (
+            f"batch {max(s['batches'])} / batch 1 throughput ({gain_name or '-'})",
+            ">= 4x",
+            gains.get(gain_name) if gain_name else None,
+            "x",
+            lambda v: v >= 4,
+        ),
     ]
-    return [{"target": t, "goal": goal, "measured": value, "unit": unit,
-             "met": None if value is None else bool(test(value)), "applies": applies}
-            for t, goal, value, unit, test in rows]
+    return [
+        {
+            "target": t,
+            "goal": goal,
+            "measured": value,
+            "unit": unit,
+            "met": None if value is None else bool(test(value)),
+            "applies": applies,
+        }
+        for t, goal, value, unit, test in rows
+    ]
 
 
 def write_check_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
@@ -56,13 +79,21 @@ def write_check_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Pat
 
 
 def headline(report: dict[str, Any]) -> str:
-    lines = [f"{t['target']}: {fmt(t['measured'], t['unit'])} (goal {t['goal']}"
-             f"{'' if t['applies'] else ', conditions differ'})" for t in report["targets"]]
+    lines = [
+        f"{t['target']}: {fmt(t['measured'], t['unit'])} (goal {t['goal']}"
+        f"{'' if t['applies'] else ', conditions differ'})"
+        for t in report["targets"]
+    ]
     parity = report.get("parity") or {}
     if "fp32_pass" in parity:
-        lines.append(f"parity fp32: {'pass' if parity['fp32_pass'] else 'FAIL'}"
-                     + (f", bf16: {'pass' if parity['bf16_pass'] else 'FAIL'}"
-                        if "bf16_pass" in parity else ""))
+        lines.append(
+            f"parity fp32: {'pass' if parity['fp32_pass'] else 'FAIL'}"
+            + (
+                f", bf16: {'pass' if parity['bf16_pass'] else 'FAIL'}"
+                if "bf16_pass" in parity
+                else ""
+            )
+        )
     lines += [f"ERROR {k}: {v}" for k, v in report["errors"].items()]
     lines += [f"skipped {k}: {v}" for k, v in report["skipped"].items()]
     return "\n".join(lines)
@@ -71,29 +102,46 @@ def headline(report: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     d, env, s = report["device"], report["environment"], report["settings"]
     git = env.get("git") or {}
-    out = [f"# GPU check: {d.get('name')} ({s['device']})", "",
-           f"- created {report['created']}, took {report['duration_s']} s"
-           f" (budget {s['budget_s']:.0f} s){', quick' if s['quick'] else ''}",
-           f"- device: {d.get('name')}, capability {d.get('capability', '-')}, "
-           f"{d.get('memory_gib', '-')} GiB, driver {d.get('driver', '-')}",
-           f"- torch {d['torch']}, CUDA {d['cuda']}, cuDNN {d['cudnn']}; "
-           f"cpu: {env.get('cpu')} ({env.get('cpu_count')} cores)",
-           f"- git {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}",
-           f"- workload: {s['kept']} kept detections per image prompt segmentation and "
-           f"keypoints, default schedules, {s['repeats']} timed runs after {s['warmup']} "
-           "warm-up runs; model time = preprocess + encode + every task + postprocess",
-           "", "## Targets", ""]
-    out.append(table(["target", "goal", "measured", "met", "conditions match"], [
-        [t["target"], t["goal"], fmt(t["measured"], t["unit"]),
-         "-" if t["met"] is None else ("yes" if t["met"] else "no"),
-         "yes" if t["applies"] else "no"] for t in report["targets"]]))
+    out = [
+        f"# GPU check: {d.get('name')} ({s['device']})",
+        "",
+        f"- created {report['created']}, took {report['duration_s']} s"
+        f" (budget {s['budget_s']:.0f} s){', quick' if s['quick'] else ''}",
+        f"- device: {d.get('name')}, capability {d.get('capability', '-')}, "
+        f"{d.get('memory_gib', '-')} GiB, driver {d.get('driver', '-')}",
+        f"- torch {d['torch']}, CUDA {d['cuda']}, cuDNN {d['cudnn']}; "
+        f"cpu: {env.get('cpu')} ({env.get('cpu_count')} cores)",
+        f"- git {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}",
+        f"- workload: {s['kept']} kept detections per image prompt segmentation and "
+        f"keypoints, default schedules, {s['repeats']} timed runs after {s['warmup']} "
+        "warm-up runs; model time = preprocess + encode + every task + postprocess",
+        "",
+        "## Targets",
+        "",
+    ]
+    out.append(
+        table(
+            ["target", "goal", "measured", "met", "conditions match"],
+            [
+                [
+                    t["target"],
+                    t["goal"],
+                    fmt(t["measured"], t["unit"]),
+                    "-" if t["met"] is None else ("yes" if t["met"] else "no"),
+                    "yes" if t["applies"] else "no",
+                ]
+                for t in report["targets"]
+            ],
+        )
+    )
     if parity := report.get("parity"):
         out += ["", "## Parity with the CPU (bundled model)", "", parity_md(parity)]
-    for key, title in (("r50", f"r50 {s['r50_size'][0]}x{s['r50_size'][1]}, random weights"),
-                       ("bundled", "bundled model (mad-tiny, 256x256)")):
+    for key, title in (
+        ("r50", f"r50 {s['r50_size'][0]}x{s['r50_size'][1]}, random weights"),
+        ("bundled", "bundled model (mad-tiny, 256x256)"),
+    ):
         if section := report.get(key):
-            out += ["", f"## {title}: model time per batch (median ms)", "",
-                    variants_md(section)]
+            out += ["", f"## {title}: model time per batch (median ms)", "", variants_md(section)]
             if ar := section.get("mad_vs_ar"):
                 out += ["", ar_md(ar)]
     if http := report.get("http"):
@@ -109,18 +157,32 @@ def parity_md(parity: dict[str, Any]) -> str:
     rows = []
     for variant in ("fp32", "bf16"):
         for task, v in (parity.get(variant) or {}).get("logits", {}).items():
-            rows.append([variant, task, f"{v['max_abs_diff']:.2e}", f"{v['mean_abs_diff']:.2e}",
-                         f"{100 * v['argmax_agreement']:.2f}%"])
+            rows.append(
+                [
+                    variant,
+                    task,
+                    f"{v['max_abs_diff']:.2e}",
+                    f"{v['mean_abs_diff']:.2e}",
+                    f"{100 * v['argmax_agreement']:.2f}%",
+                ]
+            )
     header = ["variant", "task", "max abs logit diff", "mean abs diff", "argmax agreement"]
     lines = [table(header, rows), ""]
     n = len(parity["images"])
     for variant in ("fp32", "bf16"):
         if variant in parity:
-            lines.append(f"- {variant}: decoded results the same as on the CPU for "
-                         f"{parity[variant]['same_decoded']}/{n} images")
-    lines.append(f"- fp32 (TF32 off) {'pass' if parity.get('fp32_pass') else 'FAIL'}"
-                 + (f"; bf16 {'pass' if parity.get('bf16_pass') else 'FAIL'}"
-                    if "bf16_pass" in parity else ""))
+            lines.append(
+                f"- {variant}: decoded results the same as on the CPU for "
+                f"{parity[variant]['same_decoded']}/{n} images"
+            )
+    lines.append(
+        f"- fp32 (TF32 off) {'pass' if parity.get('fp32_pass') else 'FAIL'}"
+        + (
+            f"; bf16 {'pass' if parity.get('bf16_pass') else 'FAIL'}"
+            if "bf16_pass" in parity
+            else ""
+        )
+    )
     lines.append(f"- tolerances: {parity['tolerances']}")
     return "\n".join(lines)
 
@@ -128,15 +190,25 @@ def parity_md(parity: dict[str, Any]) -> str:
 def variants_md(section: dict[str, Any]) -> str:
     batches = section["batches"]
     names = list(next(iter(batches.values()), {}))
-    header = ["variant"] + [f"batch {b}" for b in batches] + [
-        f"images/s (batch {b})" for b in batches] + ["throughput gain"]
+    header = (
+        ["variant"]
+        + [f"batch {b}" for b in batches]
+        + [f"images/s (batch {b})" for b in batches]
+        + ["throughput gain"]
+    )
     rows = []
     for name in names:
         cells = [name]
-        cells += [fmt(median(batches[b][name].get("total")), "ms")
-                  if "total" in batches[b].get(name, {}) else
-                  (batches[b].get(name, {}).get("error")
-                   or batches[b].get(name, {}).get("skipped") or "-")[:80] for b in batches]
+        cells += [
+            fmt(median(batches[b][name].get("total")), "ms")
+            if "total" in batches[b].get(name, {})
+            else (
+                batches[b].get(name, {}).get("error")
+                or batches[b].get(name, {}).get("skipped")
+                or "-"
+            )[:80]
+            for b in batches
+        ]
         cells += [fmt(batches[b].get(name, {}).get("images_per_s")) for b in batches]
         cells.append(fmt((section.get("throughput_batch_vs_1") or {}).get(name), "x"))
         rows.append(cells)
@@ -145,33 +217,74 @@ def variants_md(section: dict[str, Any]) -> str:
     name, _ = best_variant(first)
     if name:
         stages = first[name]["stages_ms"]
-        lines += ["", f"Stages of the fastest batch-1 variant ({name}, median ms): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())]
+        lines += [
+            "",
+            f"Stages of the fastest batch-1 variant ({name}, median ms): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()),
+        ]
         if graphs := first[name]["runner"].get("cuda_graphs"):
             lines.append(f"CUDA graphs: {graphs}")
     return "\n".join(lines)
 
 
 def ar_md(ar: dict[str, Any]) -> str:
-    rows = [[task, v["sequences"], v["tokens"], fmt(median(v["mad_k0"])),
-             fmt(median(v["mad_schedule"])), fmt(median(v["ar_cache"])),
-             fmt(median(v["ar_no_cache"]))] for task, v in ar["tasks"].items()]
+    rows = [
+        [
+            task,
+            v["sequences"],
+            v["tokens"],
+            fmt(median(v["mad_k0"])),
+            fmt(median(v["mad_schedule"])),
+            fmt(median(v["ar_cache"])),
+            fmt(median(v["ar_no_cache"])),
+        ]
+        for task, v in ar["tasks"].items()
+    ]
     t = ar["totals_ms"]
-    rows.append(["encode + all tasks", "", "", fmt(t["mad_k0"]), fmt(t["mad_schedule"]),
-                 fmt(t["ar_cache"]), fmt(t["ar_no_cache"])])
+    rows.append(
+        [
+            "encode + all tasks",
+            "",
+            "",
+            fmt(t["mad_k0"]),
+            fmt(t["mad_schedule"]),
+            fmt(t["ar_cache"]),
+            fmt(t["ar_no_cache"]),
+        ]
+    )
     ratios = ", ".join(f"{k} {fmt(v, 'x')}" for k, v in ar["ratios"].items())
-    return ("MAD vs autoregressive on the same network (fp32, batch 1, median ms):\n\n"
-            + table(["task", "sequences", "tokens", "MAD K=0", "MAD schedule", "AR + KV cache",
-                     "AR no cache"], rows) + f"\n\n{ratios}")
+    return (
+        "MAD vs autoregressive on the same network (fp32, batch 1, median ms):\n\n"
+        + table(
+            [
+                "task",
+                "sequences",
+                "tokens",
+                "MAD K=0",
+                "MAD schedule",
+                "AR + KV cache",
+                "AR no cache",
+            ],
+            rows,
+        )
+        + f"\n\n{ratios}"
+    )
 
 
 def http_md(http: dict[str, Any]) -> str:
     rows = []
     for mode, data in http.get("modes", {}).items():
         for level, r in data["levels"].items():
-            rows.append([mode, level, fmt(r.get("throughput_rps")),
-                         fmt(median(r.get("latency"))),
-                         fmt((r.get("latency") or {}).get("p99_ms")),
-                         sum(r.get("errors", {}).values())])
-    return (f"Runner options: {http.get('runner_options')}\n\n"
-            + table(["mode", "concurrency", "req/s", "p50 ms", "p99 ms", "errors"], rows))
+            rows.append(
+                [
+                    mode,
+                    level,
+                    fmt(r.get("throughput_rps")),
+                    fmt(median(r.get("latency"))),
+                    fmt((r.get("latency") or {}).get("p99_ms")),
+                    sum(r.get("errors", {}).values()),
+                ]
+            )
+    return f"Runner options: {http.get('runner_options')}\n\n" + table(
+        ["mode", "concurrency", "req/s", "p50 ms", "p99 ms", "errors"], rows
+    )

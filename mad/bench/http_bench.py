@@ -43,28 +43,52 @@ def free_port() -> int:
 class Server:
     """`mad serve` in a subprocess, bound to 127.0.0.1 only; stopped with SIGTERM (drain)."""
 
-    def __init__(self, checkpoint: Path, backend: str, device: str, env: dict[str, str],
-                 export_dir: Path | None = None):
+    def __init__(
+        self,
+        checkpoint: Path,
+        backend: str,
+        device: str,
+        env: dict[str, str],
+        export_dir: Path | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Open as long as the server lives; closed (and deleted) by stop().
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            "w+", prefix="mad-bench-serve-", suffix=".log")
-        command = [sys.executable, "-m", "mad.cli", "serve", "--checkpoint", str(checkpoint),
-                   "--backend", backend, "--device", device, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", "1"]
+            "w+", prefix="mad-bench-serve-", suffix=".log"
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "mad.cli",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--backend",
+            backend,
+            "--device",
+            device,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         extra = {"MAD_LOG_LEVEL": "warning", **env}
         if export_dir is not None:
             extra["MAD_EXPORT_DIR"] = str(export_dir)
-        self.process = subprocess.Popen(command, env={**os.environ, **extra},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **extra}, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mad serve exited ({self.process.returncode}):\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"mad serve exited ({self.process.returncode}):\n{self.log_tail()}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -106,8 +130,14 @@ def form_fields(tasks: list[str], kept: int, refine: dict[str, int]) -> dict[str
     return fields
 
 
-async def load(url: str, payload: bytes, fields: dict[str, str], concurrency: int,
-               max_requests: int, duration_s: float) -> dict[str, Any]:
+async def load(
+    url: str,
+    payload: bytes,
+    fields: dict[str, str],
+    concurrency: int,
+    max_requests: int,
+    duration_s: float,
+) -> dict[str, Any]:
     """`concurrency` closed-loop clients until `max_requests` were sent or `duration_s` is up
     -> latency percentiles, throughput, errors and the server's median stage timings."""
     latencies: list[float] = []
@@ -124,16 +154,17 @@ async def load(url: str, payload: bytes, fields: dict[str, str], concurrency: in
                 issued += 1
                 start = time.perf_counter()
                 try:
-                    response = await client.post(f"{url}/predict", data=fields,
-                                                 files={"image": ("bench.jpg", payload,
-                                                                  "image/jpeg")})
+                    response = await client.post(
+                        f"{url}/predict",
+                        data=fields,
+                        files={"image": ("bench.jpg", payload, "image/jpeg")},
+                    )
                     body = response.json()  # parsing is part of what a client pays
                 except httpx.HTTPError as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     continue
                 if response.status_code != 200:
-                    errors[str(response.status_code)] = errors.get(str(response.status_code),
-                                                                   0) + 1
+                    errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
                     continue
                 latencies.append(time.perf_counter() - start)
                 for stage, ms in body.get("timings_ms", {}).items():
@@ -142,22 +173,35 @@ async def load(url: str, payload: bytes, fields: dict[str, str], concurrency: in
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": issued, "ok": len(latencies),
-            "errors": errors, "seconds": elapsed, "throughput_rps": len(latencies) / elapsed,
-            "latency": summarize(latencies),
-            "server_timings_ms": {k: summarize([v / 1000 for v in vals])["median_ms"]
-                                  for k, vals in stage_ms.items()}}
+    return {
+        "concurrency": concurrency,
+        "requests": issued,
+        "ok": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "throughput_rps": len(latencies) / elapsed,
+        "latency": summarize(latencies),
+        "server_timings_ms": {
+            k: summarize([v / 1000 for v in vals])["median_ms"] for k, vals in stage_ms.items()
+        },
+    }
 
 
-def bench_request(payload: bytes, tasks: list[str], kept: int, refine: dict[str, int]
-                  ) -> Request:
+def bench_request(payload: bytes, tasks: list[str], kept: int, refine: dict[str, int]) -> Request:
     """The benchmark's request, its image decoded as the service decodes it."""
     image = Image.open(io.BytesIO(payload)).convert("RGB")
     return Request(image, tuple(tasks), dict(refine), 0.0, kept)
 
 
-def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
-               refine: dict[str, int], repeats: int, warmup: int) -> dict[str, Any]:
+def in_process(
+    pipeline: Pipeline,
+    payload: bytes,
+    tasks: list[str],
+    kept: int,
+    refine: dict[str, int],
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
     """The same request through the Pipeline in this process (decoded image as the service
     decodes it): the model's share of a request."""
     request = bench_request(payload, tasks, kept, refine)
@@ -171,9 +215,16 @@ def in_process(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
     return summarize(times)
 
 
-def in_process_batching(pipeline: Pipeline, payload: bytes, tasks: list[str], kept: int,
-                        refine: dict[str, int], batch: int, repeats: int, warmup: int
-                        ) -> dict[str, Any]:
+def in_process_batching(
+    pipeline: Pipeline,
+    payload: bytes,
+    tasks: list[str],
+    kept: int,
+    refine: dict[str, int],
+    batch: int,
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
     """The ceiling on what dynamic batching can gain: `batch` requests run one by one vs as
     one batch, in this process (no HTTP). On a small CPU, per-image model cost does not fall
     with batch size, so neither can the service's throughput rise."""
@@ -193,17 +244,31 @@ def in_process_batching(pipeline: Pipeline, payload: bytes, tasks: list[str], ke
             run()
             times.append(time.perf_counter() - start)
         timings[name] = summarize(times)
-    return {"batch": batch, **timings,
-            "ratio": ratio(median(timings["one_by_one"]), median(timings["batched"]))}
+    return {
+        "batch": batch,
+        **timings,
+        "ratio": ratio(median(timings["one_by_one"]), median(timings["batched"])),
+    }
 
 
-def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
-                   tasks: list[str], kept: int, refine: dict[str, int],
-                   concurrency: list[int], max_requests: int, duration_s: float,
-                   repeats: int, warmup: int, export_dir: Path | None = None,
-                   batch_sizes: tuple[int, ...] = (1, 8),
-                   echo: Callable[[str], object] = print,
-                   runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def http_benchmark(
+    checkpoint: Path,
+    backend: str,
+    device: str,
+    payload: bytes,
+    tasks: list[str],
+    kept: int,
+    refine: dict[str, int],
+    concurrency: list[int],
+    max_requests: int,
+    duration_s: float,
+    repeats: int,
+    warmup: int,
+    export_dir: Path | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    echo: Callable[[str], object] = print,
+    runner_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """runner_options: torch runner options (precision, compile, cuda_graphs) for the
     in-process baseline and, as MAD_* settings, for the server."""
     from service.model_cache import load_runner
@@ -212,8 +277,9 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
     mad, runner = load_runner(backend, checkpoint, device, export_dir=export_dir, **options)
     pipeline = Pipeline(mad, runner)
     pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
-    ceiling = in_process_batching(pipeline, payload, tasks, kept, refine, max(batch_sizes),
-                                  repeats, min(warmup, 1))
+    ceiling = in_process_batching(
+        pipeline, payload, tasks, kept, refine, max(batch_sizes), repeats, min(warmup, 1)
+    )
     del pipeline
     del mad, runner  # the server loads its own copy
     gc.collect()
@@ -223,26 +289,37 @@ def http_benchmark(checkpoint: Path, backend: str, device: str, payload: bytes,
     modes: dict[str, Any] = {}
     for batch in batch_sizes:
         name = "batching_off" if batch == 1 else f"batching_{batch}"
-        env = {"MAD_MAX_BATCH_SIZE": str(batch), "MAD_QUEUE_SIZE": str(4 * max(concurrency)),
-               **{f"MAD_{k.upper()}": str(v).lower() for k, v in options.items()}}
+        env = {
+            "MAD_MAX_BATCH_SIZE": str(batch),
+            "MAD_QUEUE_SIZE": str(4 * max(concurrency)),
+            **{f"MAD_{k.upper()}": str(v).lower() for k, v in options.items()},
+        }
         echo(f"  starting mad serve (MAD_MAX_BATCH_SIZE={batch})")
         with Server(checkpoint, backend, device, env, export_dir) as server:
             asyncio.run(load(server.url, payload, fields, 1, max(warmup, 1), 60.0))  # warm
             levels: dict[str, dict[str, Any]] = {}
             for c in concurrency:
-                result = asyncio.run(load(server.url, payload, fields, c, max_requests,
-                                          duration_s))
-                echo(f"    concurrency {c:>3}: {result['throughput_rps']:.2f} req/s, "
-                     f"p50 {median(result['latency']) or float('nan'):.1f} ms, "
-                     f"{sum(result['errors'].values())} errors")
+                result = asyncio.run(load(server.url, payload, fields, c, max_requests, duration_s))
+                echo(
+                    f"    concurrency {c:>3}: {result['throughput_rps']:.2f} req/s, "
+                    f"p50 {median(result['latency']) or float('nan'):.1f} ms, "
+                    f"{sum(result['errors'].values())} errors"
+                )
                 levels[str(c)] = result
         modes[name] = {"max_batch_size": batch, "levels": levels}
-    return {"pipeline_in_process": pipeline_ms, "in_process_batching": ceiling, "form": fields,
-            "image_bytes": len(payload), "modes": modes, **summary(modes, pipeline_ms, concurrency)}
+    return {
+        "pipeline_in_process": pipeline_ms,
+        "in_process_batching": ceiling,
+        "form": fields,
+        "image_bytes": len(payload),
+        "modes": modes,
+        **summary(modes, pipeline_ms, concurrency),
+    }
 
 
-def summary(modes: dict[str, Any], pipeline_ms: dict[str, float], concurrency: list[int]
-            ) -> dict[str, Any]:
+def summary(
+    modes: dict[str, Any], pipeline_ms: dict[str, float], concurrency: list[int]
+) -> dict[str, Any]:
     """Overhead share (concurrency 1, batching off) and batching's throughput gain at the
     highest concurrency measured."""
     out: dict[str, Any] = {}
@@ -252,8 +329,10 @@ def summary(modes: dict[str, Any], pipeline_ms: dict[str, float], concurrency: l
         client, model = median(base["latency"]), median(pipeline_ms)
         if client is not None and model is not None:
             out["overhead"] = {
-                "client_median_ms": client, "pipeline_median_ms": model,
-                "overhead_ms": client - model, "share": (client - model) / client,
+                "client_median_ms": client,
+                "pipeline_median_ms": model,
+                "overhead_ms": client - model,
+                "share": (client - model) / client,
                 # Alternative from the server's own stage timings (image decoding counts as
                 # preprocess there, so this share leaves it out):
                 "share_from_timings": timings_share(base),
@@ -262,16 +341,19 @@ def summary(modes: dict[str, Any], pipeline_ms: dict[str, float], concurrency: l
     batched = [m for name, m in modes.items() if name != "batching_off"]
     if off.get(top) and batched and batched[-1]["levels"].get(top):
         on = batched[-1]["levels"][top]
-        out["batching_gain"] = {"concurrency": int(top),
-                                "throughput_off_rps": off[top]["throughput_rps"],
-                                "throughput_on_rps": on["throughput_rps"],
-                                "ratio": ratio(on["throughput_rps"], off[top]["throughput_rps"])}
+        out["batching_gain"] = {
+            "concurrency": int(top),
+            "throughput_off_rps": off[top]["throughput_rps"],
+            "throughput_on_rps": on["throughput_rps"],
+            "ratio": ratio(on["throughput_rps"], off[top]["throughput_rps"]),
+        }
     return out
 
 
 def timings_share(level: dict[str, Any]) -> float | None:
     stages = level["server_timings_ms"]
-    model = sum(v for k, v in stages.items()
-                if k not in ("queue", "postprocess", "total") and v is not None)
+    model = sum(
+        v for k, v in stages.items() if k not in ("queue", "postprocess", "total") and v is not None
+    )
     client = median(level["latency"])
     return None if not client else (client - model) / client

@@ -33,17 +33,21 @@ from model.stopwatch import Stopwatch
 def schedules(mad: MAD, refine_steps: dict[str, int]) -> dict[str, list[float]]:
     """Mask-ratio schedule per task: K from `refine_steps`, else the checkpoint's default."""
     default = mad.config.schedules
-    return {task: mask_schedule(refine_steps.get(task, len(default.get(task, []))),
-                                default.get(task, []))
-            for task in mad.config.tasks}
+    return {
+        task: mask_schedule(
+            refine_steps.get(task, len(default.get(task, []))), default.get(task, [])
+        )
+        for task in mad.config.tasks
+    }
 
 
 # One task's sequences: (prompts [S, P], image_index [S], codec.decode kwargs, contexts [S]).
 Sequences = tuple[torch.Tensor, torch.Tensor, dict[str, Any], list[DecodeContext]]
 
 
-def measure_laps(fn: Callable[[], dict[str, float]], repeats: int, warmup: int
-                 ) -> dict[str, dict[str, float]]:
+def measure_laps(
+    fn: Callable[[], dict[str, float]], repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
     """fn() -> {stage: seconds}; -> {stage: summary} over `repeats` runs after warm-up."""
     for _ in range(warmup):
         fn()
@@ -54,8 +58,14 @@ def measure_laps(fn: Callable[[], dict[str, float]], repeats: int, warmup: int
 class ModelBench:
     """One model, one runner, one batch of images; every task with a controlled workload."""
 
-    def __init__(self, mad: MAD, runner: Runner[Any], images: list[Image.Image], kept: int,
-                 ratios: dict[str, list[float]]) -> None:
+    def __init__(
+        self,
+        mad: MAD,
+        runner: Runner[Any],
+        images: list[Image.Image],
+        kept: int,
+        ratios: dict[str, list[float]],
+    ) -> None:
         self.mad, self.runner, self.images, self.kept = mad, runner, images, kept
         self.ratios = ratios
         self.device = torch.device(getattr(runner, "device", "cpu"))
@@ -64,18 +74,19 @@ class ModelBench:
     def preprocess(self) -> ImageBatch:
         return prepare_batch(self.images, self.mad.config.image_size, self.device)
 
-    def sequences(self, task: str, contexts: list[DecodeContext], per_image: int | None = None
-                  ) -> Sequences:
+    def sequences(
+        self, task: str, contexts: list[DecodeContext], per_image: int | None = None
+    ) -> Sequences:
         """-> (prompts [S, P], image_index [S], codec.decode kwargs, contexts of the S)."""
         codec = self.mad.codecs[task]
         if codec.prompted_by_detections:
             tokens, owners, boxes, ctx = detection_prompts(
-                self.mad, self.kept if per_image is None else per_image, contexts)
+                self.mad, self.kept if per_image is None else per_image, contexts
+            )
             return codec.prompts(tokens), owners, {"boxes": boxes}, ctx
         return codec.prompts(len(contexts)), torch.arange(len(contexts)), {}, contexts
 
-    def decode(self, task: str, memory: Any, seqs: Sequences, ratios: list[float]
-               ) -> torch.Tensor:
+    def decode(self, task: str, memory: Any, seqs: Sequences, ratios: list[float]) -> torch.Tensor:
         prompts, owners = seqs[0].to(self.device), seqs[1].to(self.device)
         return masked_decode(self.runner, memory, self.mad.codecs[task], prompts, owners, ratios)
 
@@ -106,10 +117,13 @@ class ModelBench:
     def stage_latency(self, repeats: int, warmup: int) -> dict[str, Any]:
         stages = measure_laps(self.run, repeats, warmup)
         _, _, contexts = self.preprocess()
-        return {"stages": stages, "total": stages.pop("total"),
-                "passes": {t: self.passes(t) for t in self.tasks},
-                "sequences": {t: len(self.sequences(t, contexts)[0]) for t in self.tasks},
-                "schedules": {t: self.ratios[t] for t in self.tasks}}
+        return {
+            "stages": stages,
+            "total": stages.pop("total"),
+            "passes": {t: self.passes(t) for t in self.tasks},
+            "sequences": {t: len(self.sequences(t, contexts)[0]) for t in self.tasks},
+            "schedules": {t: self.ratios[t] for t in self.tasks},
+        }
 
     def encoded(self) -> tuple[tuple[torch.Tensor, torch.Tensor], Any, list[DecodeContext]]:
         """-> ((images, pad_mask), the runner's encoding of them, their contexts)."""
@@ -117,15 +131,17 @@ class ModelBench:
         return (tensors, pads), self.runner.encode(tensors, pads), contexts
 
 
-def mad_vs_autoregressive(bench: ModelBench, repeats: int, ar_repeats: int,
-                          warmup: int) -> dict[str, Any]:
+def mad_vs_autoregressive(
+    bench: ModelBench, repeats: int, ar_repeats: int, warmup: int
+) -> dict[str, Any]:
     """Per task: masked decoding with K=0 and with the schedule vs greedy autoregressive
     decoding of the same sequences, with and without the self-attention KV cache. Totals add
     the (shared) image encoding, so they are the model's time for all tasks."""
     runner = bench.runner
     if not isinstance(runner, EagerRunner):
-        raise TypeError(f"autoregressive decoding needs the PyTorch network, not a "
-                        f"{type(runner).__name__}")
+        raise TypeError(
+            f"autoregressive decoding needs the PyTorch network, not a {type(runner).__name__}"
+        )
     inputs, memory, contexts = bench.encoded()
     device = bench.device
     encode = measure(lambda: runner.encode(*inputs), repeats, warmup, device)
@@ -133,8 +149,9 @@ def mad_vs_autoregressive(bench: ModelBench, repeats: int, ar_repeats: int,
     def ar(task: str, seqs: Sequences, cache: bool) -> torch.Tensor:
         prompts, owners = seqs[0].to(device), seqs[1].to(device)
         with runner.autocast():
-            return autoregressive_decode(runner.network, memory, bench.mad.codecs[task],
-                                         prompts, owners, use_cache=cache)
+            return autoregressive_decode(
+                runner.network, memory, bench.mad.codecs[task], prompts, owners, use_cache=cache
+            )
 
     modes = ("mad_k0", "mad_schedule", "ar_cache", "ar_no_cache")
     tasks: dict[str, dict[str, Any]] = {}
@@ -143,29 +160,38 @@ def mad_vs_autoregressive(bench: ModelBench, repeats: int, ar_repeats: int,
     for task in bench.tasks:
         seqs = bench.sequences(task, contexts)
         tasks[task] = {
-            "sequences": len(seqs[0]), "tokens": bench.mad.codecs[task].body_len,
-            "mad_k0": measure(partial(bench.decode, task, memory, seqs, []),
-                              repeats, warmup, device),
-            "mad_schedule": measure(partial(bench.decode, task, memory, seqs, bench.ratios[task]),
-                                    repeats, warmup, device),
+            "sequences": len(seqs[0]),
+            "tokens": bench.mad.codecs[task].body_len,
+            "mad_k0": measure(
+                partial(bench.decode, task, memory, seqs, []), repeats, warmup, device
+            ),
+            "mad_schedule": measure(
+                partial(bench.decode, task, memory, seqs, bench.ratios[task]),
+                repeats,
+                warmup,
+                device,
+            ),
             "ar_cache": measure(partial(ar, task, seqs, True), ar_repeats, ar_warmup, device),
-            "ar_no_cache": measure(partial(ar, task, seqs, False), ar_repeats, ar_warmup,
-                                   device),
+            "ar_no_cache": measure(partial(ar, task, seqs, False), ar_repeats, ar_warmup, device),
         }
         for mode in modes:
             totals[mode] += tasks[task][mode]["median_ms"]
-    return {"encode": encode, "tasks": tasks, "totals_ms": totals,
-            "ratios": {
-                "ar_cache_vs_mad_schedule": ratio(totals["ar_cache"], totals["mad_schedule"]),
-                "ar_cache_vs_mad_k0": ratio(totals["ar_cache"], totals["mad_k0"]),
-                "ar_no_cache_vs_mad_schedule": ratio(totals["ar_no_cache"],
-                                                     totals["mad_schedule"]),
-                "ar_no_cache_vs_ar_cache": ratio(totals["ar_no_cache"], totals["ar_cache"]),
-            }}
+    return {
+        "encode": encode,
+        "tasks": tasks,
+        "totals_ms": totals,
+        "ratios": {
+            "ar_cache_vs_mad_schedule": ratio(totals["ar_cache"], totals["mad_schedule"]),
+            "ar_cache_vs_mad_k0": ratio(totals["ar_cache"], totals["mad_k0"]),
+            "ar_no_cache_vs_mad_schedule": ratio(totals["ar_no_cache"], totals["mad_schedule"]),
+            "ar_no_cache_vs_ar_cache": ratio(totals["ar_no_cache"], totals["ar_cache"]),
+        },
+    }
 
 
-def kept_vs_fixed(bench: ModelBench, kept: int, fixed: int, repeats: int, warmup: int
-                  ) -> dict[str, Any]:
+def kept_vs_fixed(
+    bench: ModelBench, kept: int, fixed: int, repeats: int, warmup: int
+) -> dict[str, Any]:
     """The tasks prompted by detections (segmentation, keypoints) prompted by `kept`
     detections per image vs by `fixed` (the paper decodes all num_slots=100 sequences),
     decoding and postprocessing timed apart."""
@@ -187,15 +213,21 @@ def kept_vs_fixed(bench: ModelBench, kept: int, fixed: int, repeats: int, warmup
 
         out[name] = {"per_image": count, **measure_laps(run, repeats, warmup)}
     out["ratio"] = ratio(median(out["fixed"]["total"]), median(out["kept"]["total"]))
-    out["ratio_decode_only"] = ratio(median(out["fixed"]["decode"]),
-                                     median(out["kept"]["decode"]))
+    out["ratio_decode_only"] = ratio(median(out["fixed"]["decode"]), median(out["kept"]["decode"]))
     return out
 
 
 # --- GPU variants -------------------------------------------------------------------------
-def gpu_variants(checkpoint: Path, device: str, images: list[Image.Image], kept: int,
-                 refine: dict[str, int], repeats: int, warmup: int, export_dir: Path | None
-                 ) -> dict[str, dict[str, Any]]:
+def gpu_variants(
+    checkpoint: Path,
+    device: str,
+    images: list[Image.Image],
+    kept: int,
+    refine: dict[str, int],
+    repeats: int,
+    warmup: int,
+    export_dir: Path | None,
+) -> dict[str, dict[str, Any]]:
     """The same workload under each GPU option present: bf16 / fp16 autocast, torch.compile,
     CUDA graphs (compile mode reduce-overhead), ONNX Runtime (CUDA/TensorRT providers) and
     TensorRT engines. One failing option (missing library, unsupported op) is recorded, not
@@ -215,8 +247,9 @@ def gpu_variants(checkpoint: Path, device: str, images: list[Image.Image], kept:
             out[name] = {"error": "no ONNX export (it failed or was not made)"}
             continue
         try:
-            out[name] = time_variant(checkpoint, device, backend, options, images, kept,
-                                     refine, repeats, warmup)
+            out[name] = time_variant(
+                checkpoint, device, backend, options, images, kept, refine, repeats, warmup
+            )
         except Exception as exc:  # report what could not run and go on
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
@@ -229,9 +262,17 @@ def gpu_variants(checkpoint: Path, device: str, images: list[Image.Image], kept:
     return out
 
 
-def time_variant(checkpoint: Path, device: str, backend: str, options: dict[str, Any],
-                 images: list[Image.Image], kept: int, refine: dict[str, int], repeats: int,
-                 warmup: int) -> dict[str, Any]:
+def time_variant(
+    checkpoint: Path,
+    device: str,
+    backend: str,
+    options: dict[str, Any],
+    images: list[Image.Image],
+    kept: int,
+    refine: dict[str, int],
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
     """One GPU variant's stage latency (see gpu_variants)."""
     from service.model_cache import load_runner
 
@@ -245,8 +286,11 @@ def time_variant(checkpoint: Path, device: str, backend: str, options: dict[str,
     bench = ModelBench(mad, runner, images, kept, schedules(mad, refine))
     # Compiled variants compile (and capture graphs) during warm-up.
     result = bench.stage_latency(repeats, max(warmup, 3 if backend == "torch" else 1))
-    return {"total": result["total"], "encode": result["stages"]["encode"],
-            "describe": runner.describe()}
+    return {
+        "total": result["total"],
+        "encode": result["stages"]["encode"],
+        "describe": runner.describe(),
+    }
 
 
 def use_cuda_graphs(runner: EagerRunner) -> None:

@@ -19,15 +19,30 @@ from mad.bench.stats import median
 from runtime.onnx_runner import cpu_name
 
 SCHEMA = "mad-bench/1"
-PACKAGES = ("mad-serve", "torch", "torchvision", "numpy", "pillow", "onnx", "onnxruntime",
-            "onnxruntime-gpu", "tensorrt", "timm", "fastapi", "uvicorn", "httpx")
+PACKAGES = (
+    "mad-serve",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "timm",
+    "fastapi",
+    "uvicorn",
+    "httpx",
+)
 
 
 def git_commit(root: Path) -> dict[str, Any]:
     """Read-only git queries: the commit and whether tracked files differ from it."""
+
     def git(*args: str) -> str | None:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=False)
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
         return done.stdout.strip() if done.returncode == 0 else None
 
     try:
@@ -58,19 +73,30 @@ def environment(root: Path) -> dict[str, Any]:
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-               "count": torch.cuda.device_count()}
+        gpu = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count(),
+        }
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "hostname": platform.node(), "platform": platform.platform(),
-        "python": platform.python_version(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-        "memory_gib": memory_gib(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": memory_gib(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
         # Other work on the machine skews CPU numbers; the load average says how much there was.
         "load_average": list(load) if load else None,
-        "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-                        if k in os.environ},
-        "versions": versions, "git": git_commit(root),
+        "threads_env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+        },
+        "versions": versions,
+        "git": git_commit(root),
     }
 
 
@@ -88,25 +114,66 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     http = report.get("http") or {}
     bundled = s.get("bundled_model", False)
     rows = [
-        ("GPU: r50 800x1333, 4 tasks, default K, batch 1: model median", "<= 25 ms",
-         median(stage.get("total")), "ms", lambda v: v <= 25, on_gpu and paper),
-        ("GPU: autoregressive (KV cache) / MAD, same network", ">= 25x",
-         ar.get("ar_cache_vs_mad_schedule"), "x", lambda v: v >= 25, on_gpu and paper),
-        ("CPU: fixed 100 / kept detections (segmentation + keypoints)", ">= 5x",
-         kept.get("ratio"), "x", lambda v: v >= 5,
-         not on_gpu and kept.get("fixed", {}).get("per_image") == 100),
-        ("CPU: eager PyTorch / ONNX Runtime", ">= 1.3x", onnx.get("ratio"), "x",
-         lambda v: v >= 1.3, not on_gpu),
-        ("CPU: service overhead share of a request (bundled model)", "<= 10%",
-         _pct(http.get("overhead", {}).get("share")), "%", lambda v: v <= 10,
-         not on_gpu and bundled),
-        ("CPU: dynamic batching throughput gain at concurrency 8", ">= 1.5x",
-         http.get("batching_gain", {}).get("ratio"), "x", lambda v: v >= 1.5,
-         not on_gpu and http.get("batching_gain", {}).get("concurrency") == 8),
+        (
+            "GPU: r50 800x1333, 4 tasks, default K, batch 1: model median",
+            "<= 25 ms",
+            median(stage.get("total")),
+            "ms",
+            lambda v: v <= 25,
+            on_gpu and paper,
+        ),
+        (
+            "GPU: autoregressive (KV cache) / MAD, same network",
+            ">= 25x",
+            ar.get("ar_cache_vs_mad_schedule"),
+            "x",
+            lambda v: v >= 25,
+            on_gpu and paper,
+        ),
+        (
+            "CPU: fixed 100 / kept detections (segmentation + keypoints)",
+            ">= 5x",
+            kept.get("ratio"),
+            "x",
+            lambda v: v >= 5,
+            not on_gpu and kept.get("fixed", {}).get("per_image") == 100,
+        ),
+        (
+            "CPU: eager PyTorch / ONNX Runtime",
+            ">= 1.3x",
+            onnx.get("ratio"),
+            "x",
+            lambda v: v >= 1.3,
+            not on_gpu,
+        ),
+        (
+            "CPU: service overhead share of a request (bundled model)",
+            "<= 10%",
+            _pct(http.get("overhead", {}).get("share")),
+            "%",
+            lambda v: v <= 10,
+            not on_gpu and bundled,
+        ),
+        (
+            "CPU: dynamic batching throughput gain at concurrency 8",
+            ">= 1.5x",
+            http.get("batching_gain", {}).get("ratio"),
+            "x",
+            lambda v: v >= 1.5,
+            not on_gpu and http.get("batching_gain", {}).get("concurrency") == 8,
+        ),
     ]
-    return [{"target": name, "goal": goal, "measured": value, "unit": unit,
-             "met": None if value is None else bool(test(value)), "applies": applies}
-            for name, goal, value, unit, test, applies in rows]
+    return [
+        {
+            "target": name,
+            "goal": goal,
+            "measured": value,
+            "unit": unit,
+            "met": None if value is None else bool(test(value)),
+            "applies": applies,
+        }
+        for name, goal, value, unit, test, applies in rows
+    ]
 
 
 def _pct(share: float | None) -> float | None:
@@ -152,44 +219,80 @@ def markdown(report: dict[str, Any]) -> str:
     env, s = report["environment"], report["settings"]
     gpu = env["gpu"]["name"] if env.get("gpu") else "none"
     git = env["git"]
-    out = [f"# mad bench — {s['preset']} {s['image_size'][0]}x{s['image_size'][1]} on "
-           f"{s['device']}\n",
-           f"- created: {report['created']}, took {fmt(report.get('duration_s'), 's', 0)}",
-           f"- git: {git.get('commit') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}",
-           f"- hardware: {env['cpu']} ({env['cpu_count']} cores, {env['memory_gib']} GiB), "
-           f"GPU: {gpu}; load average at start: {env.get('load_average')}",
-           "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-           f"- model: {report['model']['source']}",
-           "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + "\n"]
-    out += ["## Targets\n", table(
-        ["target", "goal", "measured", "met", "conditions of the target"],
-        [[t["target"], t["goal"], fmt(t["measured"], t["unit"]),
-          "–" if t["met"] is None else ("yes" if t["met"] else "no"),
-          "this run" if t["applies"] else "differ (indicative only)"]
-         for t in report["targets"]])]
+    out = [
+        f"# mad bench — {s['preset']} {s['image_size'][0]}x{s['image_size'][1]} on {s['device']}\n",
+        f"- created: {report['created']}, took {fmt(report.get('duration_s'), 's', 0)}",
+        f"- git: {git.get('commit') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}",
+        f"- hardware: {env['cpu']} ({env['cpu_count']} cores, {env['memory_gib']} GiB), "
+        f"GPU: {gpu}; load average at start: {env.get('load_average')}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- model: {report['model']['source']}",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + "\n",
+    ]
+    out += [
+        "## Targets\n",
+        table(
+            ["target", "goal", "measured", "met", "conditions of the target"],
+            [
+                [
+                    t["target"],
+                    t["goal"],
+                    fmt(t["measured"], t["unit"]),
+                    "–" if t["met"] is None else ("yes" if t["met"] else "no"),
+                    "this run" if t["applies"] else "differ (indicative only)",
+                ]
+                for t in report["targets"]
+            ],
+        ),
+    ]
     if stage := report.get("stage_latency"):
-        rows = [[name, *stats_cells(v), stage["passes"].get(name, ""),
-                 stage["sequences"].get(name, "")] for name, v in stage["stages"].items()]
+        rows = [
+            [name, *stats_cells(v), stage["passes"].get(name, ""), stage["sequences"].get(name, "")]
+            for name, v in stage["stages"].items()
+        ]
         rows.append(["**total**", *stats_cells(stage["total"]), "", ""])
-        out += ["## Stage latency (ms)\n",
-                table(["stage", "median", "p90", "p99", "passes", "sequences"], rows)]
+        out += [
+            "## Stage latency (ms)\n",
+            table(["stage", "median", "p90", "p99", "passes", "sequences"], rows),
+        ]
     if ar := report.get("mad_vs_ar"):
         modes = ("mad_k0", "mad_schedule", "ar_cache", "ar_no_cache")
-        rows = [[t, v["sequences"], v["tokens"], *(fmt(median(v[m])) for m in modes)]
-                for t, v in ar["tasks"].items()]
+        rows = [
+            [t, v["sequences"], v["tokens"], *(fmt(median(v[m])) for m in modes)]
+            for t, v in ar["tasks"].items()
+        ]
         rows.append(["encode + all tasks", "", "", *(fmt(ar["totals_ms"][m]) for m in modes)])
-        out += ["## MAD vs autoregressive, same network (median ms)\n",
-                table(["task", "sequences", "tokens", "MAD K=0", "MAD schedule",
-                       "AR + KV cache", "AR no cache"], rows),
-                "\n".join(f"- {k}: {fmt(v, 'x')}" for k, v in ar["ratios"].items()) + "\n"]
+        out += [
+            "## MAD vs autoregressive, same network (median ms)\n",
+            table(
+                [
+                    "task",
+                    "sequences",
+                    "tokens",
+                    "MAD K=0",
+                    "MAD schedule",
+                    "AR + KV cache",
+                    "AR no cache",
+                ],
+                rows,
+            ),
+            "\n".join(f"- {k}: {fmt(v, 'x')}" for k, v in ar["ratios"].items()) + "\n",
+        ]
     if kept := report.get("kept_vs_fixed"):
-        rows = [[name, kept[name]["per_image"], *(fmt(median(kept[name][k]))
-                                                  for k in ("decode", "postprocess", "total"))]
-                for name in ("kept", "fixed")]
-        out += [f"## Kept detections vs fixed sequences ({', '.join(kept['tasks'])}; median ms)\n",
-                table(["prompts", "per image", "decode", "postprocess", "total"], rows),
-                f"- ratio: {fmt(kept['ratio'], 'x')} (decode only "
-                f"{fmt(kept['ratio_decode_only'], 'x')})\n"]
+        rows = [
+            [
+                name,
+                kept[name]["per_image"],
+                *(fmt(median(kept[name][k])) for k in ("decode", "postprocess", "total")),
+            ]
+            for name in ("kept", "fixed")
+        ]
+        out += [
+            f"## Kept detections vs fixed sequences ({', '.join(kept['tasks'])}; median ms)\n",
+            table(["prompts", "per image", "decode", "postprocess", "total"], rows),
+            f"- ratio: {fmt(kept['ratio'], 'x')} (decode only "
+            f"{fmt(kept['ratio_decode_only'], 'x')})\n",
+        ]
     out += backends_md(report.get("backends") or {})
     out += http_md(report.get("http") or {})
     if report.get("skipped"):
@@ -201,16 +304,25 @@ def backends_md(backends: dict[str, Any]) -> list[str]:
     out = []
     if onnx := backends.get("onnx_vs_eager"):
         rows = [[name, *stats_cells(v)] for name, v in onnx["backends"].items()]
-        out += ["## Eager PyTorch vs ONNX Runtime (pipeline, ms)\n",
-                table(["backend", "median", "p90", "p99"], rows),
-                f"- ratio ({onnx.get('ratio_of', 'torch / onnx')}): "
-                f"{fmt(onnx.get('ratio'), 'x')}\n"]
+        out += [
+            "## Eager PyTorch vs ONNX Runtime (pipeline, ms)\n",
+            table(["backend", "median", "p90", "p99"], rows),
+            f"- ratio ({onnx.get('ratio_of', 'torch / onnx')}): {fmt(onnx.get('ratio'), 'x')}\n",
+        ]
     if variants := backends.get("gpu_variants"):
-        rows = [[name, *(stats_cells(v.get("total")) if "total" in v else ["–"] * 3),
-                 fmt(v.get("speedup_vs_fp32"), "x"), v.get("error", "")]
-                for name, v in variants.items()]
-        out += ["## GPU variants (model total, ms)\n",
-                table(["variant", "median", "p90", "p99", "vs fp32", "error"], rows)]
+        rows = [
+            [
+                name,
+                *(stats_cells(v.get("total")) if "total" in v else ["–"] * 3),
+                fmt(v.get("speedup_vs_fp32"), "x"),
+                v.get("error", ""),
+            ]
+            for name, v in variants.items()
+        ]
+        out += [
+            "## GPU variants (model total, ms)\n",
+            table(["variant", "median", "p90", "p99", "vs fp32", "error"], rows),
+        ]
     return out
 
 
@@ -221,23 +333,38 @@ def http_md(http: dict[str, Any]) -> list[str]:
     for mode, entry in http["modes"].items():
         for c, level in entry["levels"].items():
             errors = sum(level["errors"].values())
-            rows.append([mode, c, level["ok"], errors, f"{level['throughput_rps']:.2f}",
-                         *stats_cells(level["latency"])])
-    out = ["## HTTP end to end (`mad serve` on loopback)\n",
-           table(["mode", "concurrency", "ok", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"],
-                 rows)]
+            rows.append(
+                [
+                    mode,
+                    c,
+                    level["ok"],
+                    errors,
+                    f"{level['throughput_rps']:.2f}",
+                    *stats_cells(level["latency"]),
+                ]
+            )
+    out = [
+        "## HTTP end to end (`mad serve` on loopback)\n",
+        table(["mode", "concurrency", "ok", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"], rows),
+    ]
     if overhead := http.get("overhead"):
-        out.append(f"- service overhead at concurrency 1: {fmt(overhead['overhead_ms'], 'ms')} "
-                   f"of {fmt(overhead['client_median_ms'], 'ms')} = "
-                   f"{fmt(_pct(overhead['share']), '%')} (in-process pipeline "
-                   f"{fmt(overhead['pipeline_median_ms'], 'ms')}; from the server's stage "
-                   f"timings: {fmt(_pct(overhead['share_from_timings']), '%')})")
+        out.append(
+            f"- service overhead at concurrency 1: {fmt(overhead['overhead_ms'], 'ms')} "
+            f"of {fmt(overhead['client_median_ms'], 'ms')} = "
+            f"{fmt(_pct(overhead['share']), '%')} (in-process pipeline "
+            f"{fmt(overhead['pipeline_median_ms'], 'ms')}; from the server's stage "
+            f"timings: {fmt(_pct(overhead['share_from_timings']), '%')})"
+        )
     if gain := http.get("batching_gain"):
-        out.append(f"- dynamic batching at concurrency {gain['concurrency']}: "
-                   f"{gain['throughput_on_rps']:.2f} vs {gain['throughput_off_rps']:.2f} req/s "
-                   f"= {fmt(gain['ratio'], 'x')}")
+        out.append(
+            f"- dynamic batching at concurrency {gain['concurrency']}: "
+            f"{gain['throughput_on_rps']:.2f} vs {gain['throughput_off_rps']:.2f} req/s "
+            f"= {fmt(gain['ratio'], 'x')}"
+        )
     if ceiling := http.get("in_process_batching"):
-        out.append(f"- its ceiling, in process without HTTP: {ceiling['batch']} requests one by "
-                   f"one {fmt(median(ceiling['one_by_one']), 'ms')} vs one batch "
-                   f"{fmt(median(ceiling['batched']), 'ms')} = {fmt(ceiling['ratio'], 'x')}")
+        out.append(
+            f"- its ceiling, in process without HTTP: {ceiling['batch']} requests one by "
+            f"one {fmt(median(ceiling['one_by_one']), 'ms')} vs one batch "
+            f"{fmt(median(ceiling['batched']), 'ms')} = {fmt(ceiling['ratio'], 'x')}"
+        )
     return [*out, ""]

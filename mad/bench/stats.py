@@ -32,9 +32,15 @@ def summarize(seconds: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in seconds]
     if not ms:
         return {"n": 0}
-    return {"median_ms": statistics.median(ms), "p90_ms": percentile(ms, 90),
-            "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms), "min_ms": min(ms),
-            "max_ms": max(ms), "n": len(ms)}
+    return {
+        "median_ms": statistics.median(ms),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": statistics.fmean(ms),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "n": len(ms),
+    }
 
 
 def time_call(fn: Callable[[], object], device: str | torch.device | None = None) -> float:
@@ -46,8 +52,9 @@ def time_call(fn: Callable[[], object], device: str | torch.device | None = None
     return time.perf_counter() - start
 
 
-def measure(fn: Callable[[], object], repeats: int, warmup: int,
-            device: str | torch.device | None = None) -> dict[str, float]:
+def measure(
+    fn: Callable[[], object], repeats: int, warmup: int, device: str | torch.device | None = None
+) -> dict[str, float]:
     """Run `fn` warmup times untimed (lazy init, allocator, autotuning), then `repeats` timed."""
     for _ in range(warmup):
         fn()

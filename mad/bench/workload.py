@@ -28,7 +28,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"800x1333" -> (800, 1333) (height x width)."""
+    """ "800x1333" -> (800, 1333) (height x width)."""
     height, sep, width = text.lower().partition("x")
     if not sep or not height.strip().isdigit() or not width.strip().isdigit():
         raise ValueError(f"image size must be HxW, e.g. 800x1333, not {text!r}")
@@ -63,8 +63,9 @@ def resolve_checkpoint(preset: str | None, checkpoint: Path | None) -> Path | No
     return None
 
 
-def prepare_checkpoint(preset: str | None, checkpoint: Path | None,
-                       image_size: tuple[int, int] | None, workdir: Path) -> tuple[Path, str]:
+def prepare_checkpoint(
+    preset: str | None, checkpoint: Path | None, image_size: tuple[int, int] | None, workdir: Path
+) -> tuple[Path, str]:
     """-> (checkpoint dir whose canvas is `image_size`, where it came from).
 
     A given checkpoint with another canvas is copied with its config changed (the canvas is
@@ -100,8 +101,9 @@ def synthetic_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     from model.data.synth import render_synthetic_image
 
     pixels, _, _ = render_synthetic_image(np.random.default_rng(seed))
-    return Image.fromarray(pixels).convert("RGB").resize((size[1], size[0]),
-                                                         Image.Resampling.BILINEAR)
+    return (
+        Image.fromarray(pixels).convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    )
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
@@ -110,8 +112,9 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def detection_prompts(mad: MAD, count: int, contexts: list[DecodeContext]) -> tuple[
-        torch.Tensor, torch.Tensor, list[torch.Tensor], list[DecodeContext]]:
+def detection_prompts(
+    mad: MAD, count: int, contexts: list[DecodeContext]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[DecodeContext]]:
     """`count` boxes per image as if detected (a grid over the canvas, all persons so that
     keypoints run for each) -> (tokens [S, 5], image_index [S], pixel boxes, contexts [S])."""
     vocab = mad.vocab

@@ -26,8 +26,9 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def build_codecs(config: ModelConfig, vocab: VocabLayout,
-                 tokenizer: CaptionTokenizer | None = None) -> dict[str, TaskCodec]:
+def build_codecs(
+    config: ModelConfig, vocab: VocabLayout, tokenizer: CaptionTokenizer | None = None
+) -> dict[str, TaskCodec]:
     """The model's codecs, in the order its tasks run (config.tasks): detection before every
     task it prompts."""
     unknown = [t for t in config.tasks if t not in CODECS]
@@ -36,10 +37,21 @@ def build_codecs(config: ModelConfig, vocab: VocabLayout,
     codecs = {name: CODECS[name](config, vocab, tokenizer) for name in config.tasks}
     for position, (name, codec) in enumerate(codecs.items()):
         if codec.prompted_by_detections and DetectionCodec.name not in config.tasks[:position]:
-            raise ValueError(f"{name} is prompted by detections: the model's tasks must list "
-                             f"{DetectionCodec.name!r} before it")
+            raise ValueError(
+                f"{name} is prompted by detections: the model's tasks must list "
+                f"{DetectionCodec.name!r} before it"
+            )
     return codecs
 
 
-__all__ = ["CODECS", "DecodeContext", "DetectionCodec", "JsonOptions", "TaskCodec", "TaskEvaluator",
-           "TrainSequences", "build_codecs", "register_codec"]
+__all__ = [
+    "CODECS",
+    "DecodeContext",
+    "DetectionCodec",
+    "JsonOptions",
+    "TaskCodec",
+    "TaskEvaluator",
+    "TrainSequences",
+    "build_codecs",
+    "register_codec",
+]

@@ -129,8 +129,9 @@ class TaskCodec:
     # What `evaluator` reports; `mad tune` maximises the first.
     metrics: ClassVar[tuple[str, ...]]
 
-    def __init__(self, config: ModelConfig, vocab: VocabLayout,
-                 tokenizer: CaptionTokenizer | None = None):
+    def __init__(
+        self, config: ModelConfig, vocab: VocabLayout, tokenizer: CaptionTokenizer | None = None
+    ):
         self.config = config
         self.vocab = vocab
         self.tokenizer = tokenizer
@@ -228,15 +229,19 @@ class TaskCodec:
     def _prompt_batch_size(self, source: int | torch.Tensor) -> int:
         """`prompts`' source, for a task with one sequence per image: the batch size."""
         if isinstance(source, torch.Tensor):
-            raise TypeError(f"{self.name} has one sequence per image: its prompts take the "
-                            "batch size, not detection tokens")
+            raise TypeError(
+                f"{self.name} has one sequence per image: its prompts take the "
+                "batch size, not detection tokens"
+            )
         return source
 
     def _prompt_detections(self, source: int | torch.Tensor) -> torch.Tensor:
         """`prompts`' source, for a task prompted by detections: their tokens [S, 5]."""
         if not isinstance(source, torch.Tensor):
-            raise TypeError(f"{self.name} is prompted by detections: its prompts take their "
-                            "tokens [S, 5], not a batch size")
+            raise TypeError(
+                f"{self.name} is prompted by detections: its prompts take their "
+                "tokens [S, 5], not a batch size"
+            )
         return source
 
     def applies_to(self, labels: torch.Tensor) -> torch.Tensor:
@@ -249,8 +254,13 @@ class TaskCodec:
         re-mask (the lowest); by default the argmax token's probability."""
         return confidence
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], **kwargs: Any) -> list[Any]:
+    def decode(
+        self,
+        logits: torch.Tensor,
+        prompts: torch.Tensor | None,
+        contexts: list[DecodeContext],
+        **kwargs: Any,
+    ) -> list[Any]:
         """[S, body_len, V_slice] logits -> one output per sequence. Tasks prompted by
         detections also get `boxes`: the [4] pixel box of each sequence's detection."""
         raise NotImplementedError
@@ -271,8 +281,9 @@ class TaskCodec:
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------
-    def masked_copy(self, body: torch.Tensor, ratio: float, generator: torch.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def masked_copy(
+        self, body: torch.Tensor, ratio: float, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a uniform random `ratio` of each row's body tokens.
 
         body [S, L] -> (masked body [S, L], masked positions [S, L] bool). At least one token
@@ -285,23 +296,25 @@ class TaskCodec:
         masked.scatter_(1, order[:, :n_mask], True)
         return torch.where(masked, torch.full_like(body, self.vocab.mask), body), masked
 
-    def fully_and_partly_masked(self, prompt: torch.Tensor, body: torch.Tensor,
-                                generator: torch.Generator
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fully_and_partly_masked(
+        self, prompt: torch.Tensor, body: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """prompt [S, P], body [S, L] -> inputs [2S, T] and weights [2S, T] (full first)."""
         full = torch.full_like(body, self.vocab.mask)
         partial, masked = self.masked_copy(body, self.config.train_mask_ratio, generator)
         inputs = torch.cat([torch.cat([prompt, full], 1), torch.cat([prompt, partial], 1)])
         zeros = torch.zeros_like(prompt, dtype=torch.float)
-        weights = torch.cat([
-            torch.cat([zeros, torch.ones_like(body, dtype=torch.float)], 1),
-            torch.cat([zeros, masked.float()], 1),
-        ])  # fmt: skip
+        weights = torch.cat(
+            [
+                torch.cat([zeros, torch.ones_like(body, dtype=torch.float)], 1),
+                torch.cat([zeros, masked.float()], 1),
+            ]
+        )
         return inputs, weights
 
-    def fully_or_partly_masked(self, prompt: torch.Tensor, body: torch.Tensor,
-                               generator: torch.Generator
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fully_or_partly_masked(
+        self, prompt: torch.Tensor, body: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Half the cost of fully_and_partly_masked for long bodies: each sequence is fully
         masked with probability 1/2, else partly. prompt [S, P], body [S, L] -> inputs [S, T],
         weights [S, T]."""
@@ -315,4 +328,3 @@ class TaskCodec:
 def box_tokens(vocab: VocabLayout, boxes: torch.Tensor) -> torch.Tensor:
     """[N, 4] normalised xyxy -> [N, 4] coordinate tokens."""
     return vocab.quantize(boxes.clamp(0, 1))
-

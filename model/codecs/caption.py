@@ -100,8 +100,9 @@ class CaptionCodec(TaskCodec):
             image_index=torch.cat([index, index.repeat_interleave(REFERENCES)]),
         )
 
-    def swap_random_word(self, body: torch.Tensor, shown: torch.Tensor,
-                         generator: torch.Generator) -> torch.Tensor:
+    def swap_random_word(
+        self, body: torch.Tensor, shown: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """Replace one shown token per row with a random (non-pad) word."""
         body = body.clone()
         scores = torch.rand(body.shape, generator=generator).masked_fill(~shown, -1.0)
@@ -112,8 +113,13 @@ class CaptionCodec(TaskCodec):
         body[rows, pos[has_shown]] = self.vocab.text_token(words[has_shown])
         return body
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], **_: Any) -> list[str]:
+    def decode(
+        self,
+        logits: torch.Tensor,
+        prompts: torch.Tensor | None,
+        contexts: list[DecodeContext],
+        **_: Any,
+    ) -> list[str]:
         """[B, L, V_text] -> one caption string per image (cut at the first end token)."""
         ids = logits.argmax(-1)  # local ids are text ids
         return [self.text_tokenizer.decode(row.tolist()) for row in ids]

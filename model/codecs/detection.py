@@ -54,8 +54,13 @@ class Detections:
         return len(self.scores)
 
     def select(self, keep: torch.Tensor) -> Detections:
-        return Detections(self.boxes[keep], self.boxes_norm[keep], self.scores[keep],
-                          self.labels[keep], self.tokens[keep])
+        return Detections(
+            self.boxes[keep],
+            self.boxes_norm[keep],
+            self.scores[keep],
+            self.labels[keep],
+            self.tokens[keep],
+        )
 
 
 def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -109,8 +114,13 @@ class DetectionCodec(TaskCodec):
             if len(gt) > slots:  # keep a random subset; the rest cannot be expressed
                 gt = gt[torch.randperm(len(gt), generator=generator)[:slots]]
             noise_labels = torch.randint(self.config.num_classes, (slots, 1), generator=generator)
-            body = torch.cat([box_tokens(self.vocab, random_boxes(slots, generator)),
-                              self.vocab.class_token(noise_labels)], 1)
+            body = torch.cat(
+                [
+                    box_tokens(self.vocab, random_boxes(slots, generator)),
+                    self.vocab.class_token(noise_labels),
+                ],
+                1,
+            )
             body[torch.randperm(slots, generator=generator)[: len(gt)]] = gt
             bodies.append(body.flatten())
             objects[b, : len(gt)], counts[b] = gt, len(gt)
@@ -125,19 +135,25 @@ class DetectionCodec(TaskCodec):
         )
 
     @torch.no_grad()
-    def assign_targets(self, log_probs: torch.Tensor, seqs: TrainSequences
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def assign_targets(
+        self, log_probs: torch.Tensor, seqs: TrainSequences
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hungarian-match slots to objects, per sequence, on this layer's predictions."""
         P, slots = self.prompt_len, self.config.num_slots
         body_lp = log_probs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT, -1)
         inputs = seqs.inputs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT)
         shown = seqs.weights[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT) == 0
-        assignment = match_slots(body_lp, self.to_local(inputs), shown,
-                                 self.to_local(seqs.extra["objects"]).clamp(min=0),
-                                 seqs.extra["num_objects"])
+        assignment = match_slots(
+            body_lp,
+            self.to_local(inputs),
+            shown,
+            self.to_local(seqs.extra["objects"]).clamp(min=0),
+            seqs.extra["num_objects"],
+        )
         # Default target: "no object" in the class position, coordinates carry no loss.
-        targets = torch.zeros(len(seqs), slots, TOKENS_PER_SLOT, dtype=torch.long,
-                              device=log_probs.device)
+        targets = torch.zeros(
+            len(seqs), slots, TOKENS_PER_SLOT, dtype=torch.long, device=log_probs.device
+        )
         targets[..., 4] = self.vocab.no_object
         counts = torch.zeros_like(targets, dtype=torch.float)
         counts[..., 4] = self.config.no_object_weight  # DETR's eos_coef: most slots are empty
@@ -146,13 +162,19 @@ class DetectionCodec(TaskCodec):
             counts[s, slot_idx] = 1.0
         prompt_targets = torch.full((len(seqs), P), self.vocab_slice()[0], device=targets.device)
         full = torch.cat([prompt_targets, targets.flatten(1)], 1)
-        weights = seqs.weights * torch.cat([torch.zeros_like(prompt_targets, dtype=torch.float),
-                                            counts.flatten(1)], 1)
+        weights = seqs.weights * torch.cat(
+            [torch.zeros_like(prompt_targets, dtype=torch.float), counts.flatten(1)], 1
+        )
         return self.to_local(full).clamp(min=0), weights  # weightless positions: any id
 
     # --- inference --------------------------------------------------------------------------
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], **_: Any) -> list[Detections]:
+    def decode(
+        self,
+        logits: torch.Tensor,
+        prompts: torch.Tensor | None,
+        contexts: list[DecodeContext],
+        **_: Any,
+    ) -> list[Detections]:
         """[B, body_len, V_slice] -> one Detections per image: every slot, sorted by score
         (`select` applies each request's threshold and maximum count)."""
         v = self.vocab
@@ -165,13 +187,21 @@ class DetectionCodec(TaskCodec):
         results = []
         for b, context in enumerate(contexts):
             xy = v.dequantize(coord_tokens[b])
-            boxes = torch.cat([torch.minimum(xy[:, :2], xy[:, 2:]),
-                               torch.maximum(xy[:, :2], xy[:, 2:])], 1)
+            boxes = torch.cat(
+                [torch.minimum(xy[:, :2], xy[:, 2:]), torch.maximum(xy[:, :2], xy[:, 2:])], 1
+            )
             order = scores[b].argsort(descending=True)
             box_tok = v.quantize(boxes[order])
             tokens = torch.cat([box_tok, v.class_token(labels[b][order]).unsqueeze(1)], 1)
-            results.append(Detections(context.to_pixels(boxes[order]), boxes[order],
-                                      scores[b][order], labels[b][order], tokens))
+            results.append(
+                Detections(
+                    context.to_pixels(boxes[order]),
+                    boxes[order],
+                    scores[b][order],
+                    labels[b][order],
+                    tokens,
+                )
+            )
         return results
 
     def select(self, output: Detections, request: Request) -> Detections:
@@ -182,8 +212,9 @@ class DetectionCodec(TaskCodec):
         keep = (output.scores >= request.score_threshold).nonzero().flatten()
         iou = self.config.nms_iou if request.nms_iou is None else request.nms_iou
         if iou < 1.0 and len(keep) > 1:
-            kept = batched_nms(boxes[keep].float(), output.scores[keep].float(),
-                               output.labels[keep], iou)
+            kept = batched_nms(
+                boxes[keep].float(), output.scores[keep].float(), output.labels[keep], iou
+            )
             keep = keep[kept.sort().values]  # scores were sorted: index order is score order
         return output.select(keep[: request.max_detections])
 
@@ -191,10 +222,17 @@ class DetectionCodec(TaskCodec):
     def to_json(self, output: Detections, options: JsonOptions) -> list[dict[str, Any]]:
         """-> one object per detection (the tasks it prompted add their fields to it)."""
         names = self.config.class_names
-        return [{"label": names[label], "category_id": label, "score": round(score, 5),
-                 "box": [round(v, 2) for v in box]}
-                for box, score, label in zip(output.boxes.tolist(), output.scores.tolist(),
-                                             output.labels.tolist(), strict=True)]
+        return [
+            {
+                "label": names[label],
+                "category_id": label,
+                "score": round(score, 5),
+                "box": [round(v, 2) for v in box],
+            }
+            for box, score, label in zip(
+                output.boxes.tolist(), output.scores.tolist(), output.labels.tolist(), strict=True
+            )
+        ]
 
     def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
         from model.evaluate import CocoAP  # pycocotools' evaluator only when evaluating
@@ -203,5 +241,7 @@ class DetectionCodec(TaskCodec):
 
     def coco_boxes(self, result: Result) -> list[list[float]]:
         """Each detection's box as COCO's [x, y, width, height]."""
-        return [[x0, y0, x1 - x0, y1 - y0]
-                for x0, y0, x1, y1 in result.outputs[self.name].boxes.tolist()]
+        return [
+            [x0, y0, x1 - x0, y1 - y0]
+            for x0, y0, x1, y1 in result.outputs[self.name].boxes.tolist()
+        ]

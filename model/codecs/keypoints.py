@@ -110,8 +110,13 @@ class KeypointCodec(TaskCodec):
         scores[:, 0::3], scores[:, 1::3] = vis_score, vis_score
         return scores
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], **_: Any) -> list[torch.Tensor]:
+    def decode(
+        self,
+        logits: torch.Tensor,
+        prompts: torch.Tensor | None,
+        contexts: list[DecodeContext],
+        **_: Any,
+    ) -> list[torch.Tensor]:
         """[S, K*3, V_slice] -> per sequence [K, 3] (x, y in original pixels, score)."""
         v, start = self.vocab, self.vocab_slice()[0]
         probs = logits.float().softmax(-1)

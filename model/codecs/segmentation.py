@@ -58,8 +58,9 @@ def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int
     xs = ((torch.arange(x0, x1) + 0.5 - float(box[0])) / bw) * 2 - 1
     ys = ((torch.arange(y0, y1) + 0.5 - float(box[1])) / bh) * 2 - 1
     grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1).unsqueeze(0)
-    sampled = F.grid_sample(prob[None, None].float(), grid, align_corners=False,
-                            padding_mode="border")
+    sampled = F.grid_sample(
+        prob[None, None].float(), grid, align_corners=False, padding_mode="border"
+    )
     out[y0:y1, x0:x1] = sampled[0, 0] >= 0.5
     return out
 
@@ -112,19 +113,27 @@ class SegmentationCodec(TaskCodec):
         if not prompts:
             return TrainSequences.empty(self.seq_len)
         # 256 mask tokens make these the costliest sequences: one masked copy each, not two.
-        inputs, weights = self.fully_or_partly_masked(torch.cat(prompts), torch.cat(bodies),
-                                                      generator)
+        inputs, weights = self.fully_or_partly_masked(
+            torch.cat(prompts), torch.cat(bodies), generator
+        )
         targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1)
         return TrainSequences(inputs, targets_.unsqueeze(1), weights, torch.cat(image_index))
 
-    def decode(self, logits: torch.Tensor, prompts: torch.Tensor | None,
-               contexts: list[DecodeContext], boxes: list[torch.Tensor] | None = None,
-               **_: Any) -> list[torch.Tensor]:
+    def decode(
+        self,
+        logits: torch.Tensor,
+        prompts: torch.Tensor | None,
+        contexts: list[DecodeContext],
+        boxes: list[torch.Tensor] | None = None,
+        **_: Any,
+    ) -> list[torch.Tensor]:
         """[S, m*m, 2] logits -> a bool [H, W] mask per sequence, pasted into its box
         (`boxes`: [4] pixel boxes of the detections that prompted each sequence)."""
         if boxes is None:
-            raise ValueError("segmentation decodes need `boxes`, those of the detections that "
-                             "prompted its sequences")
+            raise ValueError(
+                "segmentation decodes need `boxes`, those of the detections that "
+                "prompted its sequences"
+            )
         fg = self.mask_probabilities(logits)
         return [paste_mask(fg[s], boxes[s], ctx.image_size) for s, ctx in enumerate(contexts)]
 
@@ -134,8 +143,9 @@ class SegmentationCodec(TaskCodec):
         return logits.float().softmax(-1)[..., 0].reshape(-1, m, m)
 
     # --- response and metric ----------------------------------------------------------------
-    def to_json(self, output: torch.Tensor, options: JsonOptions
-                ) -> dict[str, Any] | list[list[float]]:
+    def to_json(
+        self, output: torch.Tensor, options: JsonOptions
+    ) -> dict[str, Any] | list[list[float]]:
         """bool [H, W] -> COCO compressed RLE, or outer-boundary polygons."""
         if options.mask_format == "polygon":
             return mask_to_polygons(output)

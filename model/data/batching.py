@@ -31,8 +31,9 @@ class Samples(Protocol):
     def __getitem__(self, index: int) -> Sample: ...
 
 
-def to_canvas(image: torch.Tensor, target: Target, canvas: tuple[int, int]
-              ) -> tuple[torch.Tensor, torch.Tensor, Target]:
+def to_canvas(
+    image: torch.Tensor, target: Target, canvas: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, Target]:
     """One (uint8 image [3, h, w], pixel target) -> (canvas image, pad mask, normalised
     target: boxes [N, 4] and keypoints [N, K, 3] in [0, 1] of the canvas, masks [N, H, W])."""
     pixels, pad, scale = letterbox(image, canvas)

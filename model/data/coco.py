@@ -72,8 +72,11 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         self.keypoint_names: list[str] = []
         self.skeleton: list[list[int]] = []
         for source in (self.coco_kps, self.coco):
-            kp_cats = [c for c in (source.dataset.get("categories", []) if source else [])
-                       if c.get("keypoints")]  # fmt: skip
+            kp_cats = [
+                c
+                for c in (source.dataset.get("categories", []) if source else [])
+                if c.get("keypoints")
+            ]
             if kp_cats:
                 self.keypoint_names = list(kp_cats[0]["keypoints"])
                 self.skeleton = [list(p) for p in kp_cats[0].get("skeleton", [])]

@@ -27,10 +27,15 @@ KEYPOINT_NAMES = list(COCO_KEYPOINT_NAMES)
 SKELETON = [[a + 1, b + 1] for a, b in COCO_SKELETON]  # COCO files use 1-based indices
 # Saturated colours, far from the pastel/grey backgrounds.
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
-    "yellow": (245, 215, 20), "purple": (140, 40, 180), "orange": (250, 130, 20),
-    "cyan": (20, 200, 215), "black": (20, 20, 20),
-}  # fmt: skip
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 215, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 20),
+    "cyan": (20, 200, 215),
+    "black": (20, 20, 20),
+}
 COLOUR_NAMES = list(COLOURS)
 SPLIT_ID_BASE = {"train2017": 0, "val2017": 5_000_000}  # image ids unique across splits
 MIN_VISIBLE_PIXELS = 20
@@ -84,42 +89,50 @@ def _regular_polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list
     ]
 
 
-def draw_circle(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
-                size: float) -> None:
+def draw_circle(
+    d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
+) -> None:
     r = size / 2
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
 
 
-def draw_square(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
-                size: float) -> None:
+def draw_square(
+    d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
+) -> None:
     # Mild rotation only: at 45 degrees a square reads as a diamond.
     rot = math.pi / 4 + rng.uniform(-0.35, 0.35)
     d.polygon(_regular_polygon(cx, cy, size / math.sqrt(2), 4, rot), fill=1)
 
 
-def draw_triangle(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
-                  size: float) -> None:
+def draw_triangle(
+    d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
+) -> None:
     rot = -math.pi / 2 + rng.uniform(-0.5, 0.5)
     d.polygon(_regular_polygon(cx, cy, size / 2, 3, rot), fill=1)
 
 
-def draw_star(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
-              size: float) -> None:
+def draw_star(
+    d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
+) -> None:
     rot = -math.pi / 2 + rng.uniform(-0.6, 0.6)
     outer = _regular_polygon(cx, cy, size / 2, 5, rot)
     inner = _regular_polygon(cx, cy, size / 2 * 0.45, 5, rot + math.pi / 5)
     d.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=1)
 
 
-def draw_hexagon(d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float,
-                 size: float) -> None:
+def draw_hexagon(
+    d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
+) -> None:
     d.polygon(_regular_polygon(cx, cy, size / 2, 6, rng.uniform(0, math.pi / 3)), fill=1)
 
 
 SHAPE_DRAWERS = {
-    "circle": draw_circle, "square": draw_square, "triangle": draw_triangle,
-    "star": draw_star, "hexagon": draw_hexagon,
-}  # fmt: skip
+    "circle": draw_circle,
+    "square": draw_square,
+    "triangle": draw_triangle,
+    "star": draw_star,
+    "hexagon": draw_hexagon,
+}
 
 
 def person_joints(rng: np.random.Generator, cx: float, top: float, h: float) -> np.ndarray:
@@ -280,9 +293,12 @@ def _keypoint_visibility(joints: np.ndarray, owner: np.ndarray, index: int) -> n
 
 
 INFO = {
-    "description": "MAD Serve synthetic shapes and stick figures", "version": "1.0",
-    "year": 2017, "contributor": "mad-serve", "date_created": "2017-01-01",
-}  # fmt: skip
+    "description": "MAD Serve synthetic shapes and stick figures",
+    "version": "1.0",
+    "year": 2017,
+    "contributor": "mad-serve",
+    "date_created": "2017-01-01",
+}
 LICENSES = [
     {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
 ]
@@ -303,8 +319,11 @@ def _render_one(job: tuple[Path, str, int, int]) -> dict:
     anns = []
     for obj in objects:
         category_id = CATEGORIES.index(obj["category"]) + 1
-        ann = {"image_id": image_id, "category_id": category_id,
-               "segmentation": encode_rle(obj["mask"])}
+        ann = {
+            "image_id": image_id,
+            "category_id": category_id,
+            "segmentation": encode_rle(obj["mask"]),
+        }
         ann |= {"area": obj["area"], "bbox": obj["bbox"], "iscrowd": 0}
         if "keypoints" in obj:
             kps = obj["keypoints"]

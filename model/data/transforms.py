@@ -70,8 +70,7 @@ class RandomHorizontalFlip:
     """
 
     def __init__(
-        self, p: float = 0.5, flip_pairs: Sequence[tuple[int, int]] = (),
-        swap_captions: bool = True
+        self, p: float = 0.5, flip_pairs: Sequence[tuple[int, int]] = (), swap_captions: bool = True
     ) -> None:
         self.p = p
         self.flip_pairs = list(flip_pairs)
@@ -99,8 +98,9 @@ class RandomHorizontalFlip:
         return image, target
 
 
-def _resize(image: torch.Tensor, target: Target, new_h: int, new_w: int
-            ) -> tuple[torch.Tensor, Target]:
+def _resize(
+    image: torch.Tensor, target: Target, new_h: int, new_w: int
+) -> tuple[torch.Tensor, Target]:
     h, w = _image_size(image)
     if (new_h, new_w) == (h, w):
         return image, target
@@ -168,8 +168,9 @@ class RandomCrop:
         return crop(image, target, top, left, ch, cw)
 
 
-def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int, width: int
-         ) -> tuple[torch.Tensor, Target]:
+def crop(
+    image: torch.Tensor, target: Target, top: int, left: int, height: int, width: int
+) -> tuple[torch.Tensor, Target]:
     """Crop image and target to the window; see RandomCrop for the target rules."""
     target = dict(target)
     image = F.crop(image, top, left, height, width)
@@ -177,12 +178,16 @@ def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int, 
     # v2 clamps crop results only softly; clamp hard to the new canvas.
     boxes = tv_tensors.wrap(
         torch.stack(
-            [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)],
+            [
+                boxes[:, 0].clamp(0, width),
+                boxes[:, 1].clamp(0, height),
+                boxes[:, 2].clamp(0, width),
+                boxes[:, 3].clamp(0, height),
+            ],
             dim=1,
         ),
         like=boxes,
-    )  # fmt: skip
+    )
     target["boxes"] = boxes
     target["masks"] = F.crop(target["masks"], top, left, height, width)
 
@@ -202,8 +207,9 @@ def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int, 
     return image, _select(target, keep)
 
 
-def build_transforms(train: bool, max_size: int, flip_pairs: Sequence[tuple[int, int]] = ()
-                     ) -> Compose:
+def build_transforms(
+    train: bool, max_size: int, flip_pairs: Sequence[tuple[int, int]] = ()
+) -> Compose:
     """Train: flip, crop (p=0.5), multi-scale resize to [0.6, 1.0] * max_size longest side.
     Eval: resize the longest side to exactly max_size. Images stay uint8."""
     if not train:

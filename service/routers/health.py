@@ -17,8 +17,12 @@ async def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", response_model=Readiness, summary="Readiness: loaded, warm, not draining",
-            responses={503: {"model": Readiness, "description": "Loading or draining."}})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: loaded, warm, not draining",
+    responses={503: {"model": Readiness, "description": "Loading or draining."}},
+)
 async def readyz(state: StateDep) -> Readiness | JSONResponse:
     if state.draining:
         return JSONResponse(Readiness(status="draining").model_dump(), 503)
@@ -27,14 +31,22 @@ async def readyz(state: StateDep) -> Readiness | JSONResponse:
     return Readiness(status="ready")
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE: {}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}}},
+)
 async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/model", response_model=ModelDescription, summary="What is being served",
-            dependencies=[Depends(require_api_key)],
-            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+@router.get(
+    "/v1/model",
+    response_model=ModelDescription,
+    summary="What is being served",
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
 async def model_description(model: ModelDep) -> ModelDescription:
     return model.description

@@ -38,14 +38,24 @@ ERROR_TEXTS = {
     504: "Not done within REQUEST_TIMEOUT_S.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text} for status, text in ERROR_TEXTS.items()}
+    status: {"model": ErrorResponse, "description": text} for status, text in ERROR_TEXTS.items()
+}
 
 
-@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             responses=ERRORS, summary="Run the model on one image")
-async def predict(request: Request,
-                  form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
-                  state: StateDep, engine: EngineDep, model: ModelDep) -> Response:
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    summary="Run the model on one image",
+)
+async def predict(
+    request: Request,
+    form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
+    state: StateDep,
+    engine: EngineDep,
+    model: ModelDep,
+) -> Response:
     """Detection, instance segmentation, person keypoints and captioning (the model's tasks)
     in one call.
 
@@ -73,21 +83,29 @@ async def predict(request: Request,
     try:
         job = engine.submit(job_request)
     except QueueFull:
-        raise APIError(503, "queue_full", "the server is at capacity; retry shortly",
-                       headers={"Retry-After": "1"}) from None
+        raise APIError(
+            503,
+            "queue_full",
+            "the server is at capacity; retry shortly",
+            headers={"Retry-After": "1"},
+        ) from None
     except Draining:
-        raise APIError(503, "draining", "the server is shutting down",
-                       headers={"Retry-After": "1"}) from None
+        raise APIError(
+            503, "draining", "the server is shutting down", headers={"Retry-After": "1"}
+        ) from None
     remaining = settings.request_timeout_s - (time.perf_counter() - arrived)
     try:
         result = await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
     except TimeoutError:
         job.future.cancel()  # still waiting: the engine skips it; running: result dropped
-        raise APIError(504, "timeout",
-                       f"not done within {settings.request_timeout_s} s") from None
+        raise APIError(504, "timeout", f"not done within {settings.request_timeout_s} s") from None
     except Draining:
-        raise APIError(503, "draining", "the server shut down before this request ran",
-                       headers={"Retry-After": "1"}) from None
+        raise APIError(
+            503,
+            "draining",
+            "the server shut down before this request ran",
+            headers={"Retry-After": "1"},
+        ) from None
     except RuntimeError:
         raise APIError(500, "inference_failed", "the model failed on this request") from None
 
@@ -95,8 +113,9 @@ async def predict(request: Request,
     stages = request_stages(result)
     stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
     timings = {"queue": job.queue_seconds, **stages}
-    response = await run_in_threadpool(build_response, result, model.description.ref(),
-                                       model.mad.codecs, form.mask_format, timings)
+    response = await run_in_threadpool(
+        build_response, result, model.description.ref(), model.mad.codecs, form.mask_format, timings
+    )
     end = time.perf_counter()
     response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
     response.timings_ms["total"] = round((end - arrived) * 1000, 3)
