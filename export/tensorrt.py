@@ -48,6 +48,41 @@ class Profile:
         )
 
 
+def encoder_shapes(profile: Profile, model: dict[str, Any]) -> dict[str, list[Shape]]:
+    """Encoder inputs -> [min, opt, max] shapes: one image down to min_image, opt_batch and
+    max_batch images at the canvas (`profile` resolved)."""
+    height, width = model["image_size"]
+    (min_h, min_w), b = profile.min_image, profile
+    images: list[Shape] = [
+        (1, 3, min_h, min_w),
+        (b.opt_batch, 3, height, width),
+        (b.max_batch, 3, height, width),
+    ]
+    return {"images": images, "pad_mask": [(s[0], *s[2:]) for s in images]}
+
+
+def decoder_shapes(
+    profile: Profile, memory: dict[str, int], features: list[int], seq_len: int
+) -> dict[str, list[Shape]]:
+    """A task's decoder inputs -> [min, opt, max] shapes. features: image features N the
+    encoder gives at its min/opt/max shapes; a call has 1..max_sequences sequences of seq_len
+    tokens (the minimum is one token, so any prefix length fits)."""
+    b = profile
+    batches = (1, b.opt_batch, b.max_batch)
+    sequences = (1, b.opt_sequences, b.max_sequences)
+    kv: list[Shape] = [
+        (memory["layers"], n, memory["heads"], f, memory["head_dim"])
+        for n, f in zip(batches, features, strict=True)
+    ]
+    return {
+        "keys": kv,
+        "values": kv,
+        "mask": [(n, 1, 1, f) for n, f in zip(batches, features, strict=True)],
+        "tokens": [(1, 1), (sequences[1], seq_len), (sequences[2], seq_len)],
+        "image_index": [(s,) for s in sequences],
+    }
+
+
 def build_engines(
     export_dir: str | Path,
     profile: Profile | None = None,
@@ -60,7 +95,7 @@ def build_engines(
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     profile = (profile or Profile()).resolved(manifest["model"])
-    key = cache_key(trt, device_index)
+    key = cache_key(trt, device_index, manifest["checkpoint"]["sha256"])
     entry = manifest.get("tensorrt", {}).get(key)
     if (
         entry
@@ -73,17 +108,8 @@ def build_engines(
     logger = trt.Logger(trt.Logger.WARNING)
     out = export_dir / ENGINE_DIR / key
     out.mkdir(parents=True, exist_ok=True)
-    graphs, model = manifest["graphs"], manifest["model"]
-    height, width = model["image_size"]
-    (min_h, min_w), b = profile.min_image, profile
-    shapes: dict[str, list[Shape]] = {
-        "images": [
-            (1, 3, min_h, min_w),
-            (b.opt_batch, 3, height, width),
-            (b.max_batch, 3, height, width),
-        ]
-    }
-    shapes["pad_mask"] = [(s[0], *s[2:]) for s in shapes["images"]]
+    graphs = manifest["graphs"]
+    shapes = encoder_shapes(profile, manifest["model"])
     engines = {
         "encoder": _build(
             trt,
@@ -95,21 +121,8 @@ def build_engines(
         )
     }
     features = _feature_counts(trt, logger, out / "encoder.engine", shapes)
-    memory = manifest["memory"]
     for task, graph in graphs["decoders"].items():
-        batches = (1, b.opt_batch, b.max_batch)
-        seqs, length = (1, b.opt_sequences, b.max_sequences), graph["seq_len"]
-        kv: list[Shape] = [
-            (memory["layers"], n, memory["heads"], f, memory["head_dim"])
-            for n, f in zip(batches, features, strict=True)
-        ]
-        shapes = {
-            "keys": kv,
-            "values": kv,
-            "mask": [(n, 1, 1, f) for n, f in zip(batches, features, strict=True)],
-            "tokens": [(1, 1), (seqs[1], length), (seqs[2], length)],
-            "image_index": [(s,) for s in seqs],
-        }
+        shapes = decoder_shapes(profile, manifest["memory"], features, graph["seq_len"])
         engines[task] = _build(
             trt,
             logger,

@@ -1,10 +1,11 @@
 """TensorRT backend: runs the FP16 engines that export/tensorrt.py built from the ONNX graphs.
 
-Engines are specific to a GPU model and a TensorRT version: the manifest records them under
-`cache_key` (`<gpu>-sm<cc>-trt<version>`), and this runner loads the entry for the GPU it runs
-on; it builds nothing. `tensorrt` is imported lazily: nothing here is needed unless this
-backend is chosen. Weak typing (BuilderFlag.FP16) is what TensorRT 10 offers; TensorRT 11
-removed it, and is refused with a clear message (see docs/export.md).
+Engines are specific to a GPU model, a TensorRT version and the checkpoint: the manifest
+records them under `cache_key` (`<gpu>-sm<cc>-trt<version>-<checkpoint sha256[:12]>`), and
+this runner loads the entry for the GPU it runs on; it builds nothing. `tensorrt` is imported
+lazily: nothing here is needed unless this backend is chosen. Weak typing (BuilderFlag.FP16)
+is what TensorRT 10 offers; TensorRT 11 removed it, and is refused with a clear message (see
+docs/export.md).
 """
 
 from __future__ import annotations
@@ -44,11 +45,25 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def cache_key(trt: Any, device_index: int = 0) -> str:
-    """The manifest key of the engines for this GPU model and TensorRT version."""
-    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device_index).lower()).strip("-")
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return f"{name}-sm{major}{minor}-trt{trt.__version__}"
+def engine_key(
+    gpu_name: str, capability: tuple[int, int], tensorrt_version: str, checkpoint_sha256: str
+) -> str:
+    """The manifest key of a set of engines: GPU model, compute capability, TensorRT version
+    and the checkpoint the graphs came from (an export dir re-exported from another checkpoint
+    never reuses old engines)."""
+    name = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    major, minor = capability
+    return f"{name}-sm{major}{minor}-trt{tensorrt_version}-{checkpoint_sha256[:12]}"
+
+
+def cache_key(trt: Any, device_index: int, checkpoint_sha256: str) -> str:
+    """engine_key for this process's GPU `device_index` and TensorRT."""
+    return engine_key(
+        torch.cuda.get_device_name(device_index),
+        torch.cuda.get_device_capability(device_index),
+        trt.__version__,
+        checkpoint_sha256,
+    )
 
 
 def cuda_device(device: str) -> torch.device:
@@ -114,7 +129,7 @@ class TensorRTRunner:
         index = self.device.index or 0
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
-        key = cache_key(trt, index)
+        key = cache_key(trt, index, manifest["checkpoint"]["sha256"])
         entry = manifest.get("tensorrt", {}).get(key)
         if entry is None or not all(
             (self.export_dir / f).is_file() for f in entry["engines"].values()
