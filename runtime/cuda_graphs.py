@@ -18,6 +18,7 @@ the buckets, or past the graph budget, return None and the caller runs the eager
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ class GraphedDecoder:
         self.decode, self.autocast = decode, autocast
         self.buckets, self.max_graphs = buckets, max_graphs
         self.passes: dict[tuple, CapturedPass] = {}
-        self.static: dict[tuple, tuple[ImageMemory, ImageMemory]] = {}  # sig -> (source, copy)
+        # signature -> (weak reference to the encode result copied, the static copy)
+        self.static: dict[tuple, tuple[weakref.ref[ImageMemory], ImageMemory]] = {}
         # graph_pool_handle()'s type, which torch names only privately.
         self.pool: torch.cuda._POOL_HANDLE | None = None
         self.layout_of: tuple[torch.Tensor, PaddedLayout | None, torch.Tensor | None] | None = None
@@ -112,14 +114,20 @@ class GraphedDecoder:
     ) -> tuple[PaddedLayout | None, torch.Tensor | None]:
         """The layout of this image_index, computed on the host once per decoding call (the
         refinement steps of one call pass the same tensor)."""
-        if self.layout_of is None or self.layout_of[0] is not image_index:
+        cached = self.layout_of
+        if (
+            cached is None
+            or cached[0] is not image_index
+            or (cached[1] is not None and cached[1].batch != batch)
+        ):
             layout = PaddedLayout.of(image_index.cpu(), batch, self.buckets)
             rows = None if layout is None else layout.rows.to(image_index.device)
-            self.layout_of = (image_index, layout, rows)
-        return self.layout_of[1], self.layout_of[2]
+            cached = self.layout_of = (image_index, layout, rows)
+        return cached[1], cached[2]
 
-    def static_memory(self, memory: ImageMemory) -> tuple[tuple, ImageMemory]:
-        """The static copy graphs read, refreshed when a new encode result comes in."""
+    def static_memory(self, memory: ImageMemory) -> ImageMemory:
+        """The static copy graphs read, refreshed when a new encode result comes in (the
+        source is remembered by a weak reference: it is not kept alive for this)."""
         sig = memory_signature(memory)
         entry = self.static.get(sig)
         if entry is None:
@@ -127,17 +135,17 @@ class GraphedDecoder:
                 [(k.clone(), v.clone()) for k, v in memory.kv],
                 None if memory.mask is None else memory.mask.clone(),
             )
-            self.static[sig] = (memory, copy)
-            return sig, copy
+            self.static[sig] = (weakref.ref(memory), copy)
+            return copy
         source, copy = entry
-        if source is not memory:
+        if source() is not memory:
             for (k, v), (sk, sv) in zip(memory.kv, copy.kv, strict=True):
                 sk.copy_(k)
                 sv.copy_(v)
             if memory.mask is not None and copy.mask is not None:
                 copy.mask.copy_(memory.mask)
-            self.static[sig] = (memory, copy)
-        return sig, copy
+            self.static[sig] = (weakref.ref(memory), copy)
+        return copy
 
     def capture(
         self, memory: ImageMemory, layout: PaddedLayout, length: int, vocab_slice: tuple[int, int]
@@ -179,13 +187,14 @@ class GraphedDecoder:
         if layout is None or rows is None:
             self.fallbacks += 1
             return None
-        sig, static = self.static_memory(memory)
+        sig = memory_signature(memory)
         key = (sig, layout.batch, layout.per_image, tokens.shape[1], tuple(vocab_slice))
         captured = self.passes.get(key)
+        if captured is None and len(self.passes) >= self.max_graphs:
+            self.fallbacks += 1  # checked first: a fallback copies no image memory
+            return None
+        static = self.static_memory(memory)
         if captured is None:
-            if len(self.passes) >= self.max_graphs:
-                self.fallbacks += 1
-                return None
             captured = self.passes[key] = self.capture(static, layout, tokens.shape[1], vocab_slice)
         captured.tokens.index_copy_(0, rows, tokens)
         captured.graph.replay()

@@ -82,7 +82,7 @@ def cached_export(
             and manifest["simplified"] == simplify
         ):
             return target
-        shutil.rmtree(target)
+        shutil.rmtree(target, ignore_errors=True)  # a concurrent start may remove it first
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=target.parent))
     try:

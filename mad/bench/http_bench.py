@@ -122,9 +122,14 @@ class Server:
 
 
 def form_fields(tasks: list[str], kept: int, refine: dict[str, int]) -> dict[str, str]:
-    """Threshold 0 with max_detections=kept: exactly `kept` detections prompt segmentation
-    and keypoints whatever the weights, like the in-process benchmarks."""
-    fields = {"tasks": ",".join(tasks), "score_threshold": "0", "max_detections": str(kept)}
+    """Threshold 0, NMS off and max_detections=kept: exactly `kept` detections prompt
+    segmentation and keypoints whatever the weights, like the in-process benchmarks."""
+    fields = {
+        "tasks": ",".join(tasks),
+        "score_threshold": "0",
+        "nms_iou": "1",
+        "max_detections": str(kept),
+    }
     if refine:
         fields["refine_steps"] = ",".join(f"{t}:{k}" for t, k in refine.items())
     return fields
