@@ -422,7 +422,7 @@ class BenchRun:
 
 def headline(report: dict[str, Any]) -> str:
     """The ratios and targets, for the terminal."""
-    from mad.bench.report import fmt, table
+    from mad.bench.report import fmt, targets_table
     from mad.bench.stats import median
 
     lines = []
@@ -451,17 +451,7 @@ def headline(report: dict[str, Any]) -> str:
             f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "
             f"{fmt(ceiling['ratio'], 'x')}"
         )
-    rows = [
-        [
-            t["target"],
-            t["goal"],
-            fmt(t["measured"], t["unit"]),
-            "–" if t["met"] is None else ("yes" if t["met"] else "no"),
-            "yes" if t["applies"] else "no",
-        ]
-        for t in report["targets"]
-    ]
-    lines.append(table(["target", "goal", "measured", "met", "conditions match"], rows))
+    lines.append(targets_table(report["targets"], ("this run", "differ")))
     for name, error in report["errors"].items():
         lines.append(f"ERROR {name}: {error}")
     return "\n".join(lines)

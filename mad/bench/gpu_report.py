@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mad.bench.report import fmt, table
+from mad.bench.report import fmt, table, targets_table
 from mad.bench.stats import median
 
 
@@ -119,21 +119,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Targets",
         "",
     ]
-    out.append(
-        table(
-            ["target", "goal", "measured", "met", "conditions match"],
-            [
-                [
-                    t["target"],
-                    t["goal"],
-                    fmt(t["measured"], t["unit"]),
-                    "-" if t["met"] is None else ("yes" if t["met"] else "no"),
-                    "yes" if t["applies"] else "no",
-                ]
-                for t in report["targets"]
-            ],
-        )
-    )
+    out.append(targets_table(report["targets"], ("this run", "differ")))
     if parity := report.get("parity"):
         out += ["", "## Parity with the CPU (bundled model)", "", parity_md(parity)]
     for key, title in (

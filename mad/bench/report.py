@@ -210,6 +210,25 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_table(
+    targets: list[dict[str, Any]],
+    applies: tuple[str, str] = ("this run", "differ (indicative only)"),
+) -> str:
+    """The targets as a Markdown table; `applies`: the cell when the run's conditions are the
+    target's, and when they are not."""
+    rows = [
+        [
+            t["target"],
+            t["goal"],
+            fmt(t["measured"], t["unit"]),
+            "–" if t["met"] is None else ("yes" if t["met"] else "no"),
+            applies[0] if t["applies"] else applies[1],
+        ]
+        for t in targets
+    ]
+    return table(["target", "goal", "measured", "met", "conditions of the target"], rows)
+
+
 def stats_cells(stats: dict[str, Any] | None) -> list[str]:
     stats = stats or {}
     return [fmt(stats.get(k)) for k in ("median_ms", "p90_ms", "p99_ms")]
@@ -231,19 +250,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     out += [
         "## Targets\n",
-        table(
-            ["target", "goal", "measured", "met", "conditions of the target"],
-            [
-                [
-                    t["target"],
-                    t["goal"],
-                    fmt(t["measured"], t["unit"]),
-                    "–" if t["met"] is None else ("yes" if t["met"] else "no"),
-                    "this run" if t["applies"] else "differ (indicative only)",
-                ]
-                for t in report["targets"]
-            ],
-        ),
+        targets_table(report["targets"]),
     ]
     if stage := report.get("stage_latency"):
         rows = [
