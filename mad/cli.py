@@ -155,6 +155,7 @@ def evaluate_command(
     from model.checkpoint import load_checkpoint
     from model.evaluate import evaluate, format_table
 
+    require_checkpoint("eval", checkpoint)
     mad, _ = load_checkpoint(checkpoint, device)
     try:
         steps = parse_refine_steps(refine, mad.config.tasks)
@@ -162,6 +163,7 @@ def evaluate_command(
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
+    require_split("eval", data, split)
     metrics = evaluate(
         mad, data, split, device, steps, limit, batch_size, tasks=tasks, nms_iou=nms_iou
     )
@@ -176,6 +178,29 @@ def evaluate_command(
             "metrics": metrics,
         }
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def require_checkpoint(command: str, checkpoint: Path) -> None:
+    """Not a checkpoint directory: one line saying so, exit 2 (no traceback)."""
+    if not (checkpoint / "config.json").is_file():
+        typer.echo(
+            f"mad {command}: --checkpoint: {checkpoint} is not a checkpoint directory "
+            "(no config.json)",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def require_split(command: str, data: Path, split: str) -> None:
+    """No annotations for the split: one line naming the file and what --data must be."""
+    annotations = data / "annotations" / f"instances_{split}.json"
+    if not annotations.is_file():
+        typer.echo(
+            f"mad {command}: --data: {annotations} not found; --data must be a dataset in the "
+            f"COCO 2017 layout (e.g. written by `mad data synth`) with a {split} split",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 @app.command("tune")
@@ -201,11 +226,13 @@ def tune_command(
     from model.checkpoint import load_checkpoint, write_schedules
     from model.tune import Trial, tune_schedules
 
+    require_checkpoint("tune", checkpoint)
     mad, _ = load_checkpoint(checkpoint, device)
     try:
         tasks = parse_tasks(task, mad.config.tasks)
     except RequestError as exc:
         request_error("tune", exc, {"tasks": "--task"})
+    require_split("tune", data, split)
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
     def report(name: str, trial: Trial) -> None:

@@ -150,6 +150,7 @@ def predict(
         cache_dir=settings.cache_dir,
         precision=settings.precision,
         compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
         export_dir=settings.export_dir,
     )
     config = mad.config
