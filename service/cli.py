@@ -128,8 +128,13 @@ def serve(
         app, host=settings.host, port=settings.port, access_log=False, log_config=logging
     )
     server = DrainingServer(config, app.state.service)
-    server.run(sockets=[sock])
-    if not server.started:  # start-up failed (e.g. the backend could not load the model)
+    try:
+        server.run(sockets=[sock])  # a failed start-up exits (status 3) from in here
+    finally:
+        error = app.state.service.startup_error
+        if error is not None:  # an expected one: its line again, last, for the terminal
+            raise StartupError(error)
+    if not server.started:
         raise SystemExit(3)
 
 

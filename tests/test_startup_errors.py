@@ -157,3 +157,26 @@ def test_device_auto(micro_checkpoint, image):
     args = ["predict", "--device", "auto", "--checkpoint", str(micro_checkpoint), str(image)]
     result = CliRunner().invoke(mad_cli, args)
     assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_failure_while_the_server_loads_the_model(micro_checkpoint, tmp_path):
+    """What only the load finds (here: an export dir that is none) fails the server's start:
+    the service logs one JSON line, no traceback, and `mad serve` ends with the sentence."""
+    process = subprocess.run(
+        [sys.executable, "-m", "mad.cli", "serve", "--backend", "onnx", "--port", "0"],
+        cwd=REPO,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "MAD_CHECKPOINT": str(micro_checkpoint),
+            "MAD_EXPORT_DIR": str(tmp_path),
+            "MAD_HOST": "127.0.0.1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 3 and "Traceback" not in process.stderr
+    *logs, last = process.stderr.strip().splitlines()
+    assert last.startswith(f"mad serve: {tmp_path} is not a MAD export")
+    failed = [json.loads(line) for line in logs if '"start-up failed"' in line]
+    assert failed and "is not a MAD export" in failed[0]["error"]
