@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from model.startup import StartupError
+
 
 def export(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
@@ -26,13 +28,14 @@ def export(
     FP16 TensorRT engines from them."""
     if format not in ("onnx", "tensorrt"):
         raise typer.BadParameter(f"unknown format {format!r}; choose onnx or tensorrt")
+    if not (checkpoint / "config.json").is_file():
+        raise StartupError(
+            f"no checkpoint at {checkpoint} (config.json missing); check --checkpoint"
+        )
     if format == "tensorrt":
         from runtime.tensorrt_runner import import_tensorrt
 
-        try:
-            import_tensorrt()  # fail before minutes of export work, not after
-        except RuntimeError as e:
-            raise SystemExit(f"mad export: {e}") from e
+        import_tensorrt()  # fail before minutes of export work, not after
     from export.onnx_export import export_onnx
 
     manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)

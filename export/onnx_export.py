@@ -25,6 +25,7 @@ from export import graphs as g
 from model.checkpoint import CONFIG, checkpoint_digest, load_checkpoint
 from model.codecs import TaskCodec
 from model.network import ImageMemory, MADNetwork
+from model.startup import StartupError
 from runtime.manifest import FORMAT, write_manifest
 
 if TYPE_CHECKING:
@@ -51,9 +52,17 @@ def export_onnx(
     fail unless they match eager PyTorch within VERIFY_TOLERANCE.
     """
     if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+        raise StartupError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
     if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+        raise StartupError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise StartupError(
+                "the dynamo exporter needs onnxscript (`pip install onnxscript`); "
+                "or use --exporter torchscript, the default"
+            ) from e
     checkpoint, out = Path(checkpoint), Path(out)
     mad, meta = load_checkpoint(checkpoint, "cpu")
     network = mad.required_network().eval()
@@ -157,10 +166,6 @@ def _export(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         if exporter == "dynamo":
-            try:
-                import onnxscript  # noqa: F401
-            except ImportError as e:
-                raise RuntimeError("the dynamo exporter needs `pip install onnxscript`") from e
             dim = torch.export.Dim.DYNAMIC
             shapes = tuple({i: dim for i in axes.get(name, {})} for name in inputs)
             program = torch.onnx.export(

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import click
 import typer
 
 from export.cli import export
 from mad.bench.cli import bench
 from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
+from model.startup import StartupError
 from service.cli import predict, request_error, serve
 
 app = typer.Typer(
@@ -20,10 +26,47 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.command()(serve)
-app.command()(predict)
-app.command()(export)
-app.command()(bench)
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def debugging() -> bool:
+    return os.environ.get("MAD_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def one_line_errors(command: Command) -> Command:
+    """A StartupError (model/startup.py) from `command`: its message as one line on stderr
+    and exit status 3; with --debug (MAD_DEBUG=1), the traceback as well."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StartupError as exc:
+            if debugging():
+                raise
+            context = click.get_current_context(silent=True)
+            name = context.info_name if context is not None else command.__name__
+            print(f"mad {name}: {exc}", file=sys.stderr)
+            raise typer.Exit(3) from None
+
+    return run  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show tracebacks for start-up errors too [env MAD_DEBUG]."
+    ),
+) -> None:
+    """MAD Serve: the Masked AutoDecoder vision generalist."""
+    if debug:
+        os.environ["MAD_DEBUG"] = "1"  # worker processes inherit it
+
+
+app.command()(one_line_errors(serve))
+app.command()(one_line_errors(predict))
+app.command()(one_line_errors(export))
+app.command()(one_line_errors(bench))
 
 
 @data_app.command("synth")
@@ -56,6 +99,7 @@ def parse_overrides(values: list[str]) -> dict[str, Any]:
 
 
 @app.command()
+@one_line_errors
 def train(
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     out: Path = typer.Option(..., help="Checkpoint directory to write."),
@@ -132,6 +176,7 @@ def train(
 
 
 @app.command("eval")
+@one_line_errors
 def evaluate_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
@@ -204,6 +249,7 @@ def require_split(command: str, data: Path, split: str) -> None:
 
 
 @app.command("tune")
+@one_line_errors
 def tune_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
     data: Path = typer.Option(

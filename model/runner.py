@@ -11,12 +11,17 @@ from typing import Any
 import torch
 
 from model.network import ImageMemory, MADNetwork
+from model.startup import StartupError, resolve_device
 
 
 def torch_device(device: str) -> torch.device:
-    """ "cpu" or "cuda[:N]", refused when torch sees no CUDA device."""
+    """ "cpu", "cuda[:N]" or "auto" (model/startup.py), refused when torch sees no CUDA
+    device."""
+    device = resolve_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        raise StartupError(
+            f"device {device!r} requested but torch sees no CUDA device; use --device cpu (or auto)"
+        )
     return torch.device(device)
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import MAD, TOKENIZER, WEIGHTS, checkpoint_digest, load_checkpoint
+from model.checkpoint import CONFIG, MAD, TOKENIZER, WEIGHTS, checkpoint_digest, load_checkpoint
 from model.codecs import build_codecs
 from model.config import ModelConfig
 from model.decoding import Runner
+from model.startup import StartupError, install_hint
 from model.tokenizer import CaptionTokenizer
 from model.vocab import VocabLayout
 from runtime.manifest import is_export, read_manifest
-from runtime.torch_runner import TorchRunner
+from runtime.torch_runner import TorchRunner, check_torch_options
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 
@@ -40,11 +41,9 @@ def create_runner(
     For onnx/tensorrt the bundle carries config, vocabulary, tokenizer and codecs but
     network=None: the weights live in the graphs, not in this process.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_options(backend, checkpoint, device, **options)
     if backend == "torch":
-        if checkpoint is None:
-            raise ValueError("the torch backend needs a checkpoint")
+        assert checkpoint is not None  # check_options says so otherwise
         mad, _ = load_checkpoint(checkpoint, "cpu")
         return mad, TorchRunner(
             mad.required_network(),
@@ -53,10 +52,6 @@ def create_runner(
             options.get("compile", False),
             options.get("cuda_graphs", False),
         )
-    if backend == "tensorrt":
-        from runtime.tensorrt_runner import import_tensorrt
-
-        import_tensorrt()  # before anything else: say what is missing first
     export_dir = resolve_export_dir(checkpoint, options.get("export_dir"), backend)
     runner: Runner[Any]
     if backend == "onnx":
@@ -66,8 +61,49 @@ def create_runner(
     else:
         from runtime.tensorrt_runner import TensorRTRunner
 
-        runner = TensorRTRunner(export_dir, "cuda" if device == "auto" else device)
+        runner = TensorRTRunner(export_dir, device)
     return load_bundle(export_dir), runner
+
+
+def check_options(
+    backend: str, checkpoint: str | Path | None, device: str = "cpu", **options: Any
+) -> None:
+    """The start-up checks that need no model, each a StartupError naming the fix: they take
+    milliseconds, so they run before a server binds its port or an export starts. Options
+    as create_runner's."""
+    if backend not in BACKENDS:
+        raise StartupError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if checkpoint is not None and not (Path(checkpoint) / CONFIG).is_file():
+        raise StartupError(
+            f"no checkpoint or export at {checkpoint} ({CONFIG} missing); "
+            "check --checkpoint (or MAD_CHECKPOINT)"
+        )
+    if backend == "torch":
+        if checkpoint is None:
+            raise StartupError("the torch backend needs a checkpoint; pass --checkpoint")
+        if is_export(checkpoint):
+            raise StartupError(
+                f"{checkpoint} is an ONNX export, not a checkpoint: run it with --backend onnx "
+                "(or tensorrt), or pass the checkpoint it was exported from"
+            )
+        check_torch_options(
+            device, options.get("precision", "fp32"), options.get("cuda_graphs", False)
+        )
+    elif backend == "tensorrt":
+        from runtime.tensorrt_runner import cuda_device, import_tensorrt
+
+        import_tensorrt()  # before anything else: say what is missing first
+        cuda_device(device)
+    elif not options.get("providers"):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise StartupError(
+                f"the onnx backend needs ONNX Runtime: {install_hint('onnx')}"
+            ) from e
+        from runtime.onnx_runner import choose_providers
+
+        choose_providers(device, ort.get_available_providers())
 
 
 def resolve_export_dir(
@@ -79,7 +115,7 @@ def resolve_export_dir(
         export_dir, checkpoint = checkpoint, None
     if export_dir is None:
         where = f"{checkpoint} is a checkpoint, not an export" if checkpoint else "none given"
-        raise ValueError(
+        raise StartupError(
             f"the {backend} backend runs an ONNX export ({where}): pass export_dir, "
             "or an export dir as the checkpoint (make one with `mad export`)"
         )
@@ -87,7 +123,7 @@ def resolve_export_dir(
     if checkpoint is not None and (Path(checkpoint) / WEIGHTS).is_file():
         digest = checkpoint_digest(checkpoint)
         if manifest["checkpoint"]["sha256"] != digest:
-            raise ValueError(
+            raise StartupError(
                 f"{export_dir} was exported from checkpoint "
                 f"{manifest['checkpoint']['sha256'][:16]}, not from {checkpoint} "
                 f"({digest[:16]}); re-export it or drop one of the two"

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from model.startup import StartupError
+
 MANIFEST = "manifest.json"
 FORMAT = "mad-export/1"
 
@@ -19,12 +21,15 @@ def is_export(directory: str | Path) -> bool:
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise StartupError(
             f"{directory} is not a MAD export: {MANIFEST} missing (make one with `mad export`)"
         )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported export format {manifest.get('format')!r}")
+        raise StartupError(
+            f"{path}: unsupported export format {manifest.get('format')!r}; "
+            "re-export it with `mad export`"
+        )
     return manifest
 
 

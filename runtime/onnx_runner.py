@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from model.startup import StartupError, install_hint
 from runtime.manifest import read_manifest
 
 if TYPE_CHECKING:
@@ -40,11 +41,14 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device != "auto" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r} for the onnx backend (cpu, cuda[:N], auto)")
+        raise StartupError(
+            f"unknown device {device!r} for the onnx backend; choose cpu, cuda[:N] or auto"
+        )
     if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-        raise RuntimeError(
+        raise StartupError(
             f"device {device!r} asked for, but this ONNX Runtime has no CUDAExecutionProvider "
-            f"(available: {available}); install onnxruntime-gpu or use --device cpu"
+            f"(available: {', '.join(available)}); use --device cpu, or install "
+            f"onnxruntime-gpu: {install_hint('gpu')}"
         )
     return [p for p in PROVIDER_ORDER if p in available]
 
@@ -75,8 +79,9 @@ class OnnxRunner:
         if providers:
             missing = [p for p in providers if p not in available]
             if missing:
-                raise RuntimeError(
-                    f"ONNX Runtime providers {missing} not available (available: {available})"
+                raise StartupError(
+                    f"ONNX Runtime providers {missing} not available (available: {available}); "
+                    "choose among those"
                 )
         else:
             providers = choose_providers(device, available)
@@ -120,7 +125,10 @@ class OnnxRunner:
         self.providers = self.encoder.get_providers()  # what ORT really enabled
         on_gpu = self.providers[0] in GPU_PROVIDERS
         if device.startswith("cuda") and not on_gpu:
-            raise RuntimeError(f"ONNX Runtime fell back to {self.providers} on {device!r}")
+            raise StartupError(
+                f"ONNX Runtime fell back to {self.providers} on {device!r}; check the CUDA "
+                "install or use --device cpu"
+            )
         self.io_device = "cuda" if on_gpu else "cpu"
         self.device = torch.device("cpu")  # where the pipeline keeps prompts and logits
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from model.startup import StartupError, install_hint, resolve_device
 from runtime.manifest import read_manifest
 
 # The encoder's outputs as the decoders take them: "keys", "values", "mask" on the GPU.
@@ -28,17 +29,17 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise RuntimeError(
-            "the tensorrt backend needs NVIDIA TensorRT 10 (`pip install 'mad-serve[tensorrt]'`) "
-            "and a CUDA GPU; TensorRT is not installed here (onnx and torch need neither)"
+        raise StartupError(
+            "the tensorrt backend needs NVIDIA TensorRT 10 and a CUDA GPU, and TensorRT is not "
+            f"installed here: {install_hint('tensorrt')} (onnx and torch need neither)"
         ) from e
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise StartupError(
             "TensorRT is installed but torch sees no CUDA GPU to build or run "
-            "engines on (the onnx and torch backends run on CPU)"
+            "engines on; use --backend onnx or torch, which run on CPU"
         )
     if not hasattr(trt.BuilderFlag, "FP16"):
-        raise RuntimeError(
+        raise StartupError(
             f"TensorRT {trt.__version__} has no weakly typed FP16 builds "
             "(removed in TensorRT 11); install tensorrt>=10,<11"
         )
@@ -68,8 +69,9 @@ def cache_key(trt: Any, device_index: int, checkpoint_sha256: str) -> str:
 
 def cuda_device(device: str) -> torch.device:
     """The CUDA device the engines run on; anything else is refused."""
+    device = resolve_device(device)
     if not device.startswith("cuda"):
-        raise ValueError(
+        raise StartupError(
             f"the tensorrt backend runs on CUDA GPUs only, not {device!r}; pass --device cuda"
         )
     return torch.device(device)

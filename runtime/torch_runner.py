@@ -12,7 +12,26 @@ import torch
 
 from model.network import ImageMemory, MADNetwork
 from model.runner import EagerRunner, torch_device
+from model.startup import StartupError
 from runtime.cuda_graphs import GraphedDecoder
+
+
+def check_torch_options(device: str, precision: str = "fp32", cuda_graphs: bool = False) -> str:
+    """-> the device ("auto" resolved); a StartupError for options that do not go together."""
+    device = str(torch_device(device))  # checked first: no CUDA says so, whatever else
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise StartupError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+    if precision != "fp32" and not device.startswith("cuda"):
+        raise StartupError(
+            f"{precision} autocast runs on CUDA only, and the device is {device}; "
+            "use --precision fp32 on CPU"
+        )
+    if cuda_graphs and not device.startswith("cuda"):
+        raise StartupError(
+            f"CUDA graphs need a CUDA device, and the device is {device}; "
+            "turn them off (MAD_CUDA_GRAPHS=false) on CPU"
+        )
+    return device
 
 
 class TorchRunner(EagerRunner):
@@ -24,13 +43,7 @@ class TorchRunner(EagerRunner):
         compile: bool = False,
         cuda_graphs: bool = False,
     ):
-        torch_device(device)  # checked first: no CUDA says so whatever else is asked
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"unknown precision {precision!r}")
-        if precision != "fp32" and not device.startswith("cuda"):
-            raise ValueError(f"{precision} autocast is only supported on CUDA here")
-        if cuda_graphs and not device.startswith("cuda"):
-            raise ValueError("CUDA graphs need a CUDA device")
+        device = check_torch_options(device, precision, cuda_graphs)
         super().__init__(network, device)
         self.precision = precision
         if compile:

@@ -20,6 +20,7 @@ from PIL import Image
 from model.decoding import Runner
 from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
+from model.startup import StartupError
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
@@ -87,7 +88,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_batch=state.metrics.batch_size.observe,
     )
     # All torch work (loading, warm-up, requests) happens on the one model thread.
-    model = await engine.run_on_model_thread(load_model, s)
+    try:
+        model = await engine.run_on_model_thread(load_model, s)
+    except StartupError as exc:  # one log line; `mad serve` prints it and exits
+        state.startup_error = str(exc)
+        log.error("start-up failed", extra={"error": str(exc)})
+        raise
     state.model = model
     pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
     d = model.description

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,6 +24,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
+from model.startup import StartupError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,11 +42,31 @@ def load_settings(**options: Any) -> Settings:
         raise typer.BadParameter(str(exc)) from None
 
 
-def require_checkpoint(settings: Settings) -> None:
-    if not (Path(settings.checkpoint) / "config.json").is_file():
-        raise SystemExit(
-            f"mad: no checkpoint at {settings.checkpoint} (set --checkpoint or MAD_CHECKPOINT)"
-        )
+def check_settings(settings: Settings) -> None:
+    """The start-up checks that need no model (runtime.backends.check_options): a wrong
+    option, a missing GPU or library fails in milliseconds, as one line."""
+    from runtime.backends import check_options
+
+    check_options(
+        settings.backend,
+        settings.checkpoint,
+        settings.device,
+        precision=settings.precision,
+        cuda_graphs=settings.cuda_graphs,
+    )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use says so at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}; "
+            "stop whatever uses it "
+            "or choose another --port (MAD_PORT)"
+        ) from None
 
 
 def request_error(
@@ -60,7 +82,9 @@ def request_error(
 def serve(
     checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
     backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
-    device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE; default cpu]."),
+    device: str | None = typer.Option(
+        None, help="cpu, cuda[:N] or auto (CUDA if present) [MAD_DEVICE; default cpu]."
+    ),
     precision: str | None = typer.Option(None, help="fp32, bf16, fp16 [MAD_PRECISION]."),
     host: str | None = typer.Option(None, help="Bind address [MAD_HOST; default 0.0.0.0]."),
     port: int | None = typer.Option(None, help="Port [MAD_PORT; default 8000]."),
@@ -81,10 +105,12 @@ def serve(
         port=port,
         workers=workers,
     )
-    require_checkpoint(settings)
+    check_settings(settings)
+    sock = listen(settings.host, settings.port)
     configure(settings.log_level)
     logging = log_config(settings.log_level)
     if settings.workers > 1:
+        sock.close()  # uvicorn's workers share a socket of its own
         # Each worker process builds its own app (and model) from the environment.
         os.environ.update(settings.env())
         uvicorn.run(
@@ -102,8 +128,13 @@ def serve(
         app, host=settings.host, port=settings.port, access_log=False, log_config=logging
     )
     server = DrainingServer(config, app.state.service)
-    server.run()
-    if not server.started:  # start-up failed (e.g. the backend could not load the model)
+    try:
+        server.run(sockets=[sock])  # a failed start-up exits (status 3) from in here
+    finally:
+        error = app.state.service.startup_error
+        if error is not None:  # an expected one: its line again, last, for the terminal
+            raise StartupError(error)
+    if not server.started:
         raise SystemExit(3)
 
 
@@ -127,7 +158,10 @@ def predict(
     ),
     checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
     backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
-    device: str | None = typer.Option(None, help="cpu or cuda [MAD_DEVICE]."),
+    device: str | None = typer.Option(
+        None, help="cpu, cuda[:N] or auto (CUDA if present) [MAD_DEVICE]."
+    ),
+    precision: str | None = typer.Option(None, help="fp32, bf16, fp16 [MAD_PRECISION]."),
 ) -> None:
     """Run the model on image files, without a server."""
     from model.pipeline import Pipeline
@@ -141,8 +175,10 @@ def predict(
 
     if mask_format not in ("rle", "polygon"):
         raise typer.BadParameter("--mask-format must be rle or polygon")
-    settings = load_settings(checkpoint=checkpoint, backend=backend, device=device)
-    require_checkpoint(settings)
+    settings = load_settings(
+        checkpoint=checkpoint, backend=backend, device=device, precision=precision
+    )
+    check_settings(settings)
     mad, runner = load_runner(
         settings.backend,
         Path(settings.checkpoint),

@@ -15,9 +15,10 @@ from typing import Any
 
 from model.checkpoint import MAD, checkpoint_digest
 from model.decoding import Runner
-from runtime.backends import create_runner, resolve_export_dir
+from model.startup import StartupError
+from runtime.backends import check_options, create_runner, resolve_export_dir
 from runtime.manifest import FORMAT, MANIFEST, is_export, read_manifest
-from runtime.tensorrt_runner import cuda_device, import_tensorrt
+from runtime.tensorrt_runner import cuda_device
 
 
 def load_runner(
@@ -37,8 +38,7 @@ def load_runner(
     """
     if backend not in ("onnx", "tensorrt") or checkpoint is None:
         return create_runner(backend, checkpoint, device, **options)
-    if backend == "tensorrt":
-        import_tensorrt()  # before any export work: say what is missing first
+    check_options(backend, checkpoint, device, **options)  # before any export work
     export_dir = options.pop("export_dir", None)
     opset, simplify = options.pop("opset", 17), options.pop("simplify", False)
     if export_dir is None and not is_export(checkpoint):
@@ -53,7 +53,7 @@ def load_runner(
 
         checkpoint = resolve_export_dir(checkpoint, export_dir, backend)
         export_dir = None
-        index = cuda_device("cuda" if device == "auto" else device).index or 0
+        index = cuda_device(device).index or 0
         build_engines(
             checkpoint, options.pop("profile", None), index, rebuild=options.pop("rebuild", False)
         )
@@ -73,7 +73,7 @@ def cached_export(
     if (target / MANIFEST).is_file():
         try:
             manifest = read_manifest(target)
-        except ValueError:
+        except StartupError:
             manifest = {}
         if (
             manifest.get("format") == FORMAT

@@ -27,7 +27,11 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(BUNDLED_CHECKPOINT, description="Checkpoint directory to serve.")
     backend: Backend = Field("torch", description="Runtime: torch, onnx or tensorrt.")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu or cuda[:N].")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+        description="cpu, cuda[:N] or auto (CUDA when present, else CPU).",
+    )
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16 (CUDA only).")
     compile: bool = Field(False, description="torch.compile the network (torch backend).")
     cuda_graphs: bool = Field(

@@ -32,6 +32,7 @@ class ServiceState:
     engine: BatchingEngine | None = None  # None until warmed up: requests run from then on
     ready: bool = False  # loaded and warmed up
     draining: bool = False  # shutting down: finish accepted work, take no more
+    startup_error: str | None = None  # an expected start-up failure (model/startup.py)
 
     def begin_drain(self) -> None:
         self.draining = True

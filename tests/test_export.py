@@ -16,6 +16,7 @@ from export.onnx_export import export_onnx
 from mad.bench.backends_bench import compare_backends
 from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, save_checkpoint
 from model.pipeline import Pipeline, Request
+from model.startup import StartupError
 from runtime.backends import create_runner
 from runtime.manifest import MANIFEST, read_manifest
 from runtime.onnx_runner import OnnxRunner
@@ -148,7 +149,7 @@ def test_load_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, mon
 def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):
     """Making an export is the caller's decision: runtime refuses a bare checkpoint."""
     monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match="runs an ONNX export"):
+    with pytest.raises(StartupError, match="runs an ONNX export"):
         create_runner("onnx", micro_checkpoint)
     assert not any(tmp_path.iterdir())
 
@@ -168,20 +169,20 @@ def test_export_dir_of_another_checkpoint_is_refused(exported, micro_model, tmp_
     with torch.no_grad():
         other.network.head.logit_scale.add_(1.0)
     path = save_checkpoint(other, tmp_path / "other")
-    with pytest.raises(ValueError, match="exported from checkpoint"):
+    with pytest.raises(StartupError, match="exported from checkpoint"):
         create_runner("onnx", path, export_dir=exported)
 
 
 def test_unavailable_devices_fail_at_startup(micro_checkpoint, exported):
     import onnxruntime as ort
 
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(StartupError, match="unknown backend"):
         create_runner("openvino", micro_checkpoint)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        with pytest.raises(StartupError, match="CUDAExecutionProvider"):
             create_runner("onnx", micro_checkpoint, device="cuda", export_dir=exported)
     if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(RuntimeError, match="TensorRT is not installed"):
+        with pytest.raises(StartupError, match="TensorRT is not installed"):
             create_runner("tensorrt", micro_checkpoint, device="cuda", export_dir=exported)
 
 
@@ -210,7 +211,7 @@ def test_cli_export_simplified(micro_checkpoint, tmp_path):
                 "tensorrt",
             ],
         )
-        assert result.exit_code != 0 and "TensorRT is not installed" in str(result.exception)
+        assert result.exit_code == 3 and "TensorRT is not installed" in result.stderr
         assert not (tmp_path / "trt").exists()  # refused before any export work
 
 

@@ -20,6 +20,7 @@ from model.config import COCO_CLASS_NAMES, PRESETS, get_preset
 from model.decoding import masked_decode
 from model.pipeline import Pipeline, Request
 from model.preprocess import letterbox, pil_to_tensor, prepare_batch
+from model.startup import StartupError
 from model.stopwatch import Stopwatch
 from runtime.cuda_graphs import PaddedLayout, bucket, memory_signature
 from runtime.torch_runner import TorchRunner
@@ -151,7 +152,7 @@ def test_prepare_batch_is_the_letterbox():
 
 
 def test_cuda_graphs_need_cuda(micro_model):
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+    with pytest.raises(StartupError, match="CUDA graphs need a CUDA device"):
         TorchRunner(micro_model.network, "cpu", cuda_graphs=True)
 
 

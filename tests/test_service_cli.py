@@ -129,7 +129,7 @@ def test_mad_predict_reports_unreadable_files(micro_checkpoint, tmp_path):
 
 def test_mad_serve_without_a_checkpoint_says_so(tmp_path):
     result = CliRunner().invoke(mad_cli, ["serve", "--checkpoint", str(tmp_path / "none")])
-    assert result.exit_code != 0 and "no checkpoint" in str(result.exception or result.output)
+    assert result.exit_code == 3 and "no checkpoint" in result.stderr
 
 
 def test_mad_serve_runs_logs_json_and_stops_cleanly_on_sigterm(micro_checkpoint):

@@ -1,0 +1,182 @@
+"""Expected start-up failures (a wrong option, a missing GPU, library, file or port) are one
+line on stderr and exit status 3, no traceback; `mad --debug` (MAD_DEBUG=1) shows it. Every
+case here fails before a model loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mad.cli import app as mad_cli
+from model.startup import StartupError, resolve_device
+from runtime.manifest import MANIFEST
+from service.settings import Settings
+from tests.helpers import encode, scene_image
+
+REPO = Path(__file__).resolve().parents[1]
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+
+
+def onnx_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def one_line_failure(args: list[str]) -> str:
+    """Run `mad ARGS` in-process; -> its stderr, checked to be one line and exit status 3."""
+    result = CliRunner().invoke(mad_cli, args)
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "scene.png"
+    path.write_bytes(encode(scene_image()))
+    return path
+
+
+@pytest.mark.parametrize("command", ["serve", "predict"])
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
+def test_tensorrt_not_installed(command, micro_checkpoint, image):
+    args = [command, "--backend", "tensorrt", "--checkpoint", str(micro_checkpoint)]
+    stderr = one_line_failure(args + ([str(image)] if command == "predict" else []))
+    assert stderr.startswith(f"mad {command}: ") and "TensorRT is not installed" in stderr
+    assert (
+        "pip install 'mad-serve[tensorrt]'" in stderr and "pip install -e '.[tensorrt]'" in stderr
+    )
+
+
+@NO_CUDA
+@pytest.mark.parametrize("command", ["serve", "predict"])
+def test_cuda_without_a_gpu(command, micro_checkpoint, image):
+    args = [command, "--device", "cuda", "--checkpoint", str(micro_checkpoint)]
+    stderr = one_line_failure(args + ([str(image)] if command == "predict" else []))
+    assert "no CUDA device" in stderr and "--device cpu" in stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "predict"])
+def test_onnx_on_cuda_without_cuda_provider(command, micro_checkpoint, image):
+    if onnx_has_cuda():
+        pytest.skip("this ONNX Runtime has CUDA")
+    args = [command, "--backend", "onnx", "--device", "cuda", "--checkpoint", str(micro_checkpoint)]
+    stderr = one_line_failure(args + ([str(image)] if command == "predict" else []))
+    assert "CUDAExecutionProvider" in stderr and "--device cpu" in stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "predict"])
+def test_half_precision_on_cpu(command, micro_checkpoint, image):
+    args = [
+        command,
+        "--precision",
+        "bf16",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        str(micro_checkpoint),
+    ]
+    stderr = one_line_failure(args + ([str(image)] if command == "predict" else []))
+    assert "bf16" in stderr and "--precision fp32" in stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is not None, reason="onnxscript present")
+def test_dynamo_exporter_without_onnxscript(micro_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    args = ["export", "--exporter", "dynamo", "--checkpoint", str(micro_checkpoint)]
+    stderr = one_line_failure([*args, "--out", str(out)])
+    assert "onnxscript" in stderr and "--exporter torchscript" in stderr
+    assert not out.exists()  # refused before any export work
+
+
+def test_export_of_a_missing_checkpoint(tmp_path):
+    args = ["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    assert "no checkpoint" in one_line_failure(args)
+
+
+def test_torch_backend_given_an_export(micro_checkpoint, tmp_path):
+    export = tmp_path / "export"  # what `mad export` writes, as far as the check looks
+    export.mkdir()
+    (export / "config.json").write_text((micro_checkpoint / "config.json").read_text())
+    (export / MANIFEST).write_text(json.dumps({"format": "mad-export/1"}))
+    stderr = one_line_failure(["serve", "--backend", "torch", "--checkpoint", str(export)])
+    assert "is an ONNX export, not a checkpoint" in stderr and "--backend onnx" in stderr
+
+
+def test_port_in_use_is_refused_before_the_model_loads(micro_checkpoint, monkeypatch):
+    import service.app
+
+    def never(*_):
+        raise AssertionError("the model loaded before the port was bound")
+
+    monkeypatch.setattr(service.app, "load_model", never)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        stderr = one_line_failure([*args, "--checkpoint", str(micro_checkpoint)])
+    assert f"127.0.0.1:{port}" in stderr and "Address already in use" in stderr
+    assert "--port" in stderr
+
+
+def test_debug_shows_the_traceback(micro_checkpoint, monkeypatch):
+    monkeypatch.setenv("MAD_DEBUG", "0")  # restored after the test: --debug sets it
+    args = ["serve", "--precision", "fp16", "--checkpoint", str(micro_checkpoint)]
+    result = CliRunner().invoke(mad_cli, ["--debug", *args])
+    assert isinstance(result.exception, StartupError)
+
+
+def test_the_real_command_prints_one_line(micro_checkpoint):
+    """No JSON log line, no traceback: the process's whole stderr is the one sentence."""
+    process = subprocess.run(
+        [sys.executable, "-m", "mad.cli", "serve", "--precision", "bf16"],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "MAD_CHECKPOINT": str(micro_checkpoint)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 3
+    assert process.stderr.count("\n") == 1 and "Traceback" not in process.stderr
+    assert process.stderr.startswith("mad serve: bf16 autocast runs on CUDA only")
+
+
+def test_device_auto(micro_checkpoint, image):
+    assert Settings(device="auto").device == "auto"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cuda:1") == "cuda:1"
+    args = ["predict", "--device", "auto", "--checkpoint", str(micro_checkpoint), str(image)]
+    result = CliRunner().invoke(mad_cli, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_failure_while_the_server_loads_the_model(micro_checkpoint, tmp_path):
+    """What only the load finds (here: an export dir that is none) fails the server's start:
+    the service logs one JSON line, no traceback, and `mad serve` ends with the sentence."""
+    process = subprocess.run(
+        [sys.executable, "-m", "mad.cli", "serve", "--backend", "onnx", "--port", "0"],
+        cwd=REPO,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "MAD_CHECKPOINT": str(micro_checkpoint),
+            "MAD_EXPORT_DIR": str(tmp_path),
+            "MAD_HOST": "127.0.0.1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 3 and "Traceback" not in process.stderr
+    *logs, last = process.stderr.strip().splitlines()
+    assert last.startswith(f"mad serve: {tmp_path} is not a MAD export")
+    failed = [json.loads(line) for line in logs if '"start-up failed"' in line]
+    assert failed and "is not a MAD export" in failed[0]["error"]
