@@ -24,7 +24,7 @@ from model.startup import StartupError
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
-from service.model_cache import load_runner
+from service.model_cache import load_configured
 from service.routers import health, predict
 from service.schemas import model_openapi
 from service.settings import Settings
@@ -49,16 +49,7 @@ def load_model(s: Settings) -> LoadedModel:
             "precision": s.precision,
         },
     )
-    mad, runner = load_runner(
-        s.backend,
-        Path(s.checkpoint),
-        s.device,
-        cache_dir=s.cache_dir,
-        precision=s.precision,
-        compile=s.compile,
-        cuda_graphs=s.cuda_graphs,
-        export_dir=s.export_dir,
-    )
+    mad, runner = load_configured(s)
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 

@@ -168,7 +168,7 @@ def predict(
     from model.pipeline import Request as ModelRequest
     from service.errors import APIError
     from service.images import decode_image
-    from service.model_cache import load_runner
+    from service.model_cache import load_configured
     from service.postprocess import build_response, request_stages
     from service.render import render as draw
     from service.state import describe_model
@@ -179,16 +179,7 @@ def predict(
         checkpoint=checkpoint, backend=backend, device=device, precision=precision
     )
     check_settings(settings)
-    mad, runner = load_runner(
-        settings.backend,
-        Path(settings.checkpoint),
-        settings.device,
-        cache_dir=settings.cache_dir,
-        precision=settings.precision,
-        compile=settings.compile,
-        cuda_graphs=settings.cuda_graphs,
-        export_dir=settings.export_dir,
-    )
+    mad, runner = load_configured(settings)
     config = mad.config
     try:
         task_names = parse_tasks(tasks, config.tasks)

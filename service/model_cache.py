@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.checkpoint import MAD, checkpoint_digest
 from model.decoding import Runner
@@ -19,6 +19,24 @@ from model.startup import StartupError
 from runtime.backends import check_options, create_runner, resolve_export_dir
 from runtime.manifest import FORMAT, MANIFEST, is_export, read_manifest
 from runtime.tensorrt_runner import cuda_device
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+
+def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
+    """The model the settings describe (backend, checkpoint, device, precision, compile,
+    CUDA graphs, export dir, cache): what `mad serve` and `mad predict` both run."""
+    return load_runner(
+        settings.backend,
+        Path(settings.checkpoint),
+        settings.device,
+        cache_dir=settings.cache_dir,
+        precision=settings.precision,
+        compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
+        export_dir=settings.export_dir,
+    )
 
 
 def load_runner(

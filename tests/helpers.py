@@ -31,6 +31,20 @@ TINY_CAPTIONS = [
 ] * 10
 
 
+# A micro model's ModelConfig overrides for tests that train or serve it end to end.
+MICRO_OVERRIDES = {
+    "d_model": 32,
+    "n_heads": 4,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "ffn_dim": 64,
+    "image_size": [96, 96],
+    "num_bins": 96,
+    "num_slots": 8,
+    "caption_len": 12,
+}
+
+
 def micro_config(**overrides):
     """Smaller than the tiny preset: for fast tests of shapes and plumbing."""
     values = dict(

@@ -30,19 +30,8 @@ from model.train import TrainConfig, train
 from model.tune import tune_schedules
 from runtime.torch_runner import TorchRunner
 from service.settings import Settings
+from tests.helpers import MICRO_OVERRIDES as MICRO
 from tests.helpers import encode, running_server, scene_image, synthetic_images
-
-MICRO = {
-    "d_model": 32,
-    "n_heads": 4,
-    "encoder_layers": 1,
-    "decoder_layers": 2,
-    "ffn_dim": 64,
-    "image_size": [96, 96],
-    "num_bins": 96,
-    "num_slots": 8,
-    "caption_len": 12,
-}
 
 
 class CountAccuracy:

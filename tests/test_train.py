@@ -14,19 +14,8 @@ import pytest
 from model.checkpoint import load_checkpoint
 from model.evaluate import METRICS
 from model.train import TrainConfig, train
+from tests.helpers import MICRO_OVERRIDES as MICRO
 from tests.helpers import free_port
-
-MICRO = {
-    "d_model": 32,
-    "n_heads": 4,
-    "encoder_layers": 1,
-    "decoder_layers": 2,
-    "ffn_dim": 64,
-    "image_size": [96, 96],
-    "num_bins": 96,
-    "num_slots": 8,
-    "caption_len": 12,
-}
 
 
 def read_log(path: Path) -> dict[int, float]:

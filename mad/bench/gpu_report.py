@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mad.bench.report import fmt, table, targets_table
+from mad.bench.report import ar_table, fmt, table, targets_table
 from mad.bench.stats import median
 
 
@@ -214,45 +214,10 @@ def variants_md(section: dict[str, Any]) -> str:
 
 
 def ar_md(ar: dict[str, Any]) -> str:
-    rows = [
-        [
-            task,
-            v["sequences"],
-            v["tokens"],
-            fmt(median(v["mad_k0"])),
-            fmt(median(v["mad_schedule"])),
-            fmt(median(v["ar_cache"])),
-            fmt(median(v["ar_no_cache"])),
-        ]
-        for task, v in ar["tasks"].items()
-    ]
-    t = ar["totals_ms"]
-    rows.append(
-        [
-            "encode + all tasks",
-            "",
-            "",
-            fmt(t["mad_k0"]),
-            fmt(t["mad_schedule"]),
-            fmt(t["ar_cache"]),
-            fmt(t["ar_no_cache"]),
-        ]
-    )
     ratios = ", ".join(f"{k} {fmt(v, 'x')}" for k, v in ar["ratios"].items())
     return (
         "MAD vs autoregressive on the same network (fp32, batch 1, median ms):\n\n"
-        + table(
-            [
-                "task",
-                "sequences",
-                "tokens",
-                "MAD K=0",
-                "MAD schedule",
-                "AR + KV cache",
-                "AR no cache",
-            ],
-            rows,
-        )
+        + ar_table(ar)
         + f"\n\n{ratios}"
     )
 

@@ -229,6 +229,18 @@ def targets_table(
     return table(["target", "goal", "measured", "met", "conditions of the target"], rows)
 
 
+def ar_table(ar: dict[str, Any]) -> str:
+    """mad_vs_autoregressive's result as a Markdown table: per task and in total (median ms)."""
+    modes = ("mad_k0", "mad_schedule", "ar_cache", "ar_no_cache")
+    rows = [
+        [t, v["sequences"], v["tokens"], *(fmt(median(v[m])) for m in modes)]
+        for t, v in ar["tasks"].items()
+    ]
+    rows.append(["encode + all tasks", "", "", *(fmt(ar["totals_ms"][m]) for m in modes)])
+    header = ["task", "sequences", "tokens", "MAD K=0", "MAD schedule", "AR + KV cache"]
+    return table([*header, "AR no cache"], rows)
+
+
 def stats_cells(stats: dict[str, Any] | None) -> list[str]:
     stats = stats or {}
     return [fmt(stats.get(k)) for k in ("median_ms", "p90_ms", "p99_ms")]
@@ -263,26 +275,9 @@ def markdown(report: dict[str, Any]) -> str:
             table(["stage", "median", "p90", "p99", "passes", "sequences"], rows),
         ]
     if ar := report.get("mad_vs_ar"):
-        modes = ("mad_k0", "mad_schedule", "ar_cache", "ar_no_cache")
-        rows = [
-            [t, v["sequences"], v["tokens"], *(fmt(median(v[m])) for m in modes)]
-            for t, v in ar["tasks"].items()
-        ]
-        rows.append(["encode + all tasks", "", "", *(fmt(ar["totals_ms"][m]) for m in modes)])
         out += [
             "## MAD vs autoregressive, same network (median ms)\n",
-            table(
-                [
-                    "task",
-                    "sequences",
-                    "tokens",
-                    "MAD K=0",
-                    "MAD schedule",
-                    "AR + KV cache",
-                    "AR no cache",
-                ],
-                rows,
-            ),
+            ar_table(ar),
             "\n".join(f"- {k}: {fmt(v, 'x')}" for k, v in ar["ratios"].items()) + "\n",
         ]
     if kept := report.get("kept_vs_fixed"):
