@@ -23,6 +23,7 @@ app = typer.Typer(
     help="MAD Serve: the Masked AutoDecoder vision generalist.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[env MAD_X]" must not read as markup
 )
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

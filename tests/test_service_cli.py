@@ -293,3 +293,16 @@ def test_cors_origins_are_configurable(tmp_path):
     assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
     refused = asyncio.run(preflight("https://evil.example"))
     assert "access-control-allow-origin" not in refused.headers
+
+
+def test_help_keeps_bracketed_text():
+    """Help texts are plain text: "[env MAD_CHECKPOINT; ...]" is shown, not eaten as markup."""
+    from typer.testing import CliRunner
+
+    from mad.cli import app
+
+    for command in ("serve", "predict"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0
+        text = " ".join(result.output.split())
+        assert "[env MAD_CHECKPOINT; default: the bundled mad-tiny]" in text
