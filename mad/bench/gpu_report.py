@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mad.bench.report import ar_table, fmt, table, targets_table
+from mad.bench.report import Target, ar_table, fmt, table, target_rows, targets_table
 from mad.bench.stats import median
 
 
@@ -31,13 +31,14 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     ar = (r50.get("mad_vs_ar") or {}).get("ratios", {}).get("ar_cache_vs_mad_schedule")
     gains = {k: v for k, v in (r50.get("throughput_batch_vs_1") or {}).items() if v is not None}
     gain_name = name if name in gains else (max(gains, key=lambda k: gains[k]) if gains else None)
-    rows = [
+    rows: list[Target] = [
         (
             f"r50 800x1333, 4 tasks, default K, batch 1: model median ({name or '-'})",
             "<= 25 ms",
             best,
             "ms",
             lambda v: v <= 25,
+            applies,
         ),
         (
             "autoregressive (KV cache) / MAD, same network, fp32",
@@ -45,6 +46,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             ar,
             "x",
             lambda v: v >= 25,
+            applies,
         ),
         (
             f"batch {max(s['batches'])} / batch 1 throughput ({gain_name or '-'})",
@@ -52,19 +54,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             gains.get(gain_name) if gain_name else None,
             "x",
             lambda v: v >= 4,
+            applies,
         ),
     ]
-    return [
-        {
-            "target": t,
-            "goal": goal,
-            "measured": value,
-            "unit": unit,
-            "met": None if value is None else bool(test(value)),
-            "applies": applies,
-        }
-        for t, goal, value, unit, test in rows
-    ]
+    return target_rows(rows)
 
 
 def write_check_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

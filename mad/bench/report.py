@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -101,6 +102,25 @@ def environment(root: Path) -> dict[str, Any]:
 
 
 # --- targets ------------------------------------------------------------------------------
+Target = tuple[str, str, float | None, str, Callable[[float], bool], bool]
+
+
+def target_rows(rows: list[Target]) -> list[dict[str, Any]]:
+    """(name, goal, measured, unit, test, conditions apply) -> the report's target entries;
+    met is None when nothing was measured."""
+    return [
+        {
+            "target": name,
+            "goal": goal,
+            "measured": value,
+            "unit": unit,
+            "met": None if value is None else bool(test(value)),
+            "applies": applies,
+        }
+        for name, goal, value, unit, test, applies in rows
+    ]
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets: reported, never asserted. `applies` says whether this run's
     conditions (device, preset, size) are the ones the target was set for."""
@@ -163,17 +183,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             not on_gpu and http.get("batching_gain", {}).get("concurrency") == 8,
         ),
     ]
-    return [
-        {
-            "target": name,
-            "goal": goal,
-            "measured": value,
-            "unit": unit,
-            "met": None if value is None else bool(test(value)),
-            "applies": applies,
-        }
-        for name, goal, value, unit, test, applies in rows
-    ]
+    return target_rows(rows)
 
 
 def _pct(share: float | None) -> float | None:
