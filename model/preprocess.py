@@ -53,18 +53,24 @@ class ImageBatch(NamedTuple):
     contexts: list[DecodeContext]
 
 
+def decode_context(image: Image.Image, canvas: tuple[int, int]) -> DecodeContext:
+    """How `image`'s canvas coordinates map back to its pixels once letterboxed."""
+    size = (image.height, image.width)
+    return DecodeContext(canvas, fit_scale(size, canvas), size)
+
+
 def prepare_batch(
     images: list[Image.Image], canvas: tuple[int, int], device: torch.device | str = "cpu"
 ) -> ImageBatch:
-    """PIL images -> one letterboxed batch. For a CUDA device the batch is written into
-    pinned host memory, so the runner's copy to the device does not block the host."""
-    canvases, pads, contexts = [], [], []
+    """PIL images (at least one) -> one letterboxed batch. For a CUDA device the batch is
+    written into pinned host memory, so the runner's copy to the device does not block the
+    host."""
+    canvases, pads = [], []
     for image in images:
-        pixels = pil_to_tensor(image)
-        canvas_pixels, pad, scale = letterbox(pixels, canvas)
+        canvas_pixels, pad, _ = letterbox(pil_to_tensor(image), canvas)
         canvases.append(canvas_pixels)
         pads.append(pad)
-        contexts.append(DecodeContext(canvas, scale, (pixels.shape[-2], pixels.shape[-1])))
+    contexts = [decode_context(image, canvas) for image in images]
     pin = torch.device(device).type == "cuda"
     return ImageBatch(stack(canvases, pin), stack(pads, pin), contexts)
 
