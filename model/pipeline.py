@@ -238,6 +238,7 @@ class BatchRun:
             if not asked:
                 continue
             groups = self.start(codec, asked)
+            self.stage.lap(task)  # building its prompts (a task with none still has a stage)
             for group in groups:
                 self.advance(group)
             if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -18,13 +19,16 @@ from fastapi.responses import HTMLResponse
 from PIL import Image
 
 from model.decoding import Runner
-from model.pipeline import Pipeline
+from model.feature_cache import FeatureCache
+from model.pipeline import Pipeline, Result
 from model.pipeline import Request as ModelRequest
 from model.startup import StartupError
+from service.anytime import CostModel, RefinementPlanner
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
+from service.postprocess import build_response
 from service.routers import health, predict
 from service.schemas import model_openapi
 from service.settings import Settings
@@ -53,12 +57,28 @@ def load_model(s: Settings) -> LoadedModel:
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
-def warm_up(pipeline: Pipeline) -> None:
+def warm_up(pipeline: Pipeline, max_detections: int | None = None) -> Result:
     """Run every task once so the first request pays no lazy initialisation (allocator,
     kernels, torch.compile). Threshold 0 keeps detections, so prompted tasks run too."""
     height, width = pipeline.config.image_size
     image = Image.new("RGB", (width, height), (128, 128, 128))
-    pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
+    tasks = tuple(pipeline.config.tasks)
+    request = ModelRequest(image, tasks, score_threshold=0.0, max_detections=max_detections)
+    return pipeline([request])[0]
+
+
+# Objects per image of the calibration request: COCO's mean (what `mad bench` uses).
+TYPICAL_DETECTIONS = 7
+
+
+def calibrate(pipeline: Pipeline, costs: CostModel, model: LoadedModel) -> None:
+    """Seed the cost estimates the latency budgets plan with: a warmed-up request of every
+    task (with a typical number of detections) measured, and its response built."""
+    costs.clear()  # the warm-up paid lazy initialisation
+    result = warm_up(pipeline, min(TYPICAL_DETECTIONS, pipeline.config.num_slots))
+    start = time.perf_counter()
+    build_response(result, model.description.ref(), model.mad.codecs, "rle", {})
+    costs.observe("postprocess", 1, time.perf_counter() - start)
 
 
 def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
@@ -86,8 +106,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("start-up failed", extra={"error": str(exc)})
         raise
     state.model = model
-    pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
     d = model.description
+    if s.feature_cache_mb > 0:
+        state.features = FeatureCache(int(s.feature_cache_mb * 2**20), d.version)
+        state.metrics.track_feature_cache(state.features)
+    pipeline = await engine.load(
+        lambda: Pipeline(model.mad, model.runner, state.features, state.costs.observe)
+    )
     state.metrics.model_info.info(
         {
             "name": d.name,
@@ -101,6 +126,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
     # Compiled graphs and CUDA state belong to the model thread too.
     await engine.run_on_model_thread(warm_up, pipeline)
+    await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
+    engine.planner = RefinementPlanner(
+        pipeline.tasks_to_run,
+        d.default_refine_steps,
+        state.costs,
+        s.queue_size,
+        s.degrade_depth(),
+        record=state.metrics.record_plan,
+    )
     engine.start()
     state.engine, state.ready = engine, True
     log.info("ready", extra={"model": d.name, "version": d.version})

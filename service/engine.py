@@ -4,6 +4,11 @@ The event loop only queues and collects; the model runs on one dedicated thread 
 network, so no locking and no CUDA context juggling). A batch starts when it is full or when
 its oldest request has waited `batch_delay`. Requests waiting for the model count against a
 bounded queue, so overload answers at once (503) instead of piling up latency.
+
+How many refinement steps each request gets (its latency budget, degradation under load) is
+the planner's decision (service/anytime.py): on arrival and when its batch starts. The model
+thread hands each request over as soon as its own last pass ran, and skips the remaining
+passes of one whose caller went away (its future is done: cancelled, timed out).
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from model.pipeline import Request, Result
+from service.anytime import Admission, RefinementPlanner
 
 log = logging.getLogger("mad.engine")
 
 T = TypeVar("T")
 Batch = Callable[[list[Request]], list[Result]]  # the pipeline: one Result per Request
+B = TypeVar("B", bound=Batch)
 
 
 class QueueFull(Exception):
@@ -40,6 +47,27 @@ class Job:
     future: asyncio.Future[Result]
     enqueued: float = field(default_factory=time.perf_counter)
     queue_seconds: float = 0.0
+    admission: Admission | None = None  # the planner's decisions (its plan once the batch starts)
+    on_partial: Callable[[Result, int], None] | None = None  # called on the event loop
+
+
+class JobProgress:
+    """The pipeline's view of a job (model.pipeline.Progress), from the model thread: results
+    go to the event loop; the job is cancelled once its future is done (the caller gave up)."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        self.job, self.loop = job, loop
+        self.partials = job.on_partial is not None
+
+    def cancelled(self) -> bool:
+        return self.job.future.done()
+
+    def partial(self, result: Result, round: int) -> None:
+        if self.job.on_partial is not None:
+            self.loop.call_soon_threadsafe(self.job.on_partial, result, round)
+
+    def finished(self, result: Result) -> None:
+        self.loop.call_soon_threadsafe(BatchingEngine._settle, self.job, result)
 
 
 class BatchingEngine:
@@ -51,8 +79,10 @@ class BatchingEngine:
         batch_delay_s: float = 0.005,
         queue_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        planner: RefinementPlanner | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.planner = planner
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size
         self.on_batch = on_batch or (lambda size: None)
@@ -64,7 +94,7 @@ class BatchingEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def load(self, factory: Callable[[], Batch]) -> Batch:
+    async def load(self, factory: Callable[[], B]) -> B:
         """Build the pipeline on the model thread. On CPU this matters for speed: every
         thread that runs torch ops gets its own OpenMP team, and a second team (the loader's)
         made each request ~40% slower on 2 cores. -> the pipeline."""
@@ -101,13 +131,35 @@ class BatchingEngine:
         return finished
 
     # --- requests ---------------------------------------------------------------------------
-    def submit(self, request: Request) -> Job:
-        """Queue a request; await `job.future` for its Result. Raises QueueFull / Draining."""
+    def submit(
+        self,
+        request: Request,
+        *,
+        budget_s: float | None = None,
+        arrived: float | None = None,
+        on_partial: Callable[[Result, int], None] | None = None,
+    ) -> Job:
+        """Queue a request; await `job.future` for its Result. budget_s: its latency budget,
+        counted from `arrived` (time.perf_counter(); default now); on_partial(result, round):
+        called with its results after the draft and every refinement round. Raises QueueFull,
+        Draining, or service.anytime.BudgetTooSmall."""
         if self.draining:
             raise Draining("the server is shutting down")
         if len(self.waiting) >= self.queue_size:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-        job = Job(request, asyncio.get_running_loop().create_future())
+        now = time.perf_counter()
+        admission = None
+        if self.planner is not None:
+            admission = self.planner.admit(
+                request.tasks,
+                request.refine_steps,
+                budget_s,
+                now if arrived is None else arrived,
+                now,
+                len(self.waiting),
+            )
+        job = Job(request, asyncio.get_running_loop().create_future(), now, 0.0, admission)
+        job.on_partial = on_partial
         self.waiting.append(job)
         self._started().set()
         return job
@@ -155,10 +207,22 @@ class BatchingEngine:
         if any(job.future.done() for job in self.waiting):
             self.waiting = deque(job for job in self.waiting if not job.future.done())
 
+    def _prepare(self, job: Job, batch_size: int, now: float) -> None:
+        """Fix the job's refinement steps (the planner's plan) and let the pipeline report to
+        it."""
+        request, admission = job.request, job.admission
+        if self.planner is not None and admission is not None:
+            admission.plan = self.planner.plan(
+                request.tasks, request.refine_steps, admission, batch_size, now
+            )
+            request = replace(request, refine_steps=admission.plan.steps)
+        job.request = replace(request, progress=JobProgress(job, asyncio.get_running_loop()))
+
     async def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         for job in batch:
             job.queue_seconds = started - job.enqueued
+            self._prepare(job, len(batch), started)
         self.running = len(batch)
         self.on_batch(len(batch))
         try:
@@ -171,7 +235,8 @@ class BatchingEngine:
                 # One bad request must not fail its batch mates: retry each on its own.
                 log.warning("batch of %d failed; retrying one by one", len(batch))
                 for job in batch:
-                    await self._run_alone(job)
+                    if not job.future.done():  # answered before the failure, or gone
+                        await self._run_alone(job)
         else:
             for job, result in zip(batch, results, strict=True):
                 self._settle(job, result)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The bundled model lives at the repository root, beside the packages.
@@ -50,6 +50,25 @@ class Settings(BaseSettings):
     batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
     queue_size: int = Field(64, ge=1, description="Requests waiting for the model, at most.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one /predict.")
+    degrade: bool = Field(
+        True,
+        description="Under load, give new requests fewer refinement steps before refusing any.",
+    )
+    degrade_queue_depth: int | None = Field(
+        None,
+        ge=0,
+        description="Queue depth past which requests are degraded (default: half the queue).",
+    )
+    refine_early_stop: bool = Field(
+        False,
+        description="Default of refine_early_stop: a sequence stops refining once a step "
+        "changes none of its tokens.",
+    )
+    feature_cache_mb: float = Field(
+        0.0,
+        ge=0,
+        description="Encoded image features kept for later requests on the same image (0: off).",
+    )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
     api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
@@ -85,6 +104,23 @@ class Settings(BaseSettings):
     def blank_key_is_none(cls, value: Any) -> Any:
         # An empty MAD_API_KEY (common in templated manifests) means "no key", not "key ''".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def watermark_below_the_queue(self) -> Settings:
+        if self.degrade_queue_depth is not None and self.degrade_queue_depth >= self.queue_size:
+            raise ValueError(
+                f"degrade_queue_depth ({self.degrade_queue_depth}) must be below queue_size "
+                f"({self.queue_size}): degradation starts before the queue is full"
+            )
+        return self
+
+    def degrade_depth(self) -> int | None:
+        """The queue depth past which requests are degraded; None when degradation is off."""
+        if not self.degrade:
+            return None
+        return (
+            self.queue_size // 2 if self.degrade_queue_depth is None else self.degrade_queue_depth
+        )
 
     def env(self) -> dict[str, str]:
         """These settings as MAD_* variables, for worker processes that rebuild them."""

@@ -8,6 +8,8 @@ from typing import Any
 
 from model.checkpoint import MAD, WEIGHTS, checkpoint_digest, read_checkpoint_config
 from model.decoding import Runner
+from model.feature_cache import FeatureCache
+from service.anytime import CostModel
 from service.engine import BatchingEngine
 from service.metrics import Metrics
 from service.schemas import ModelDescription
@@ -33,6 +35,8 @@ class ServiceState:
     ready: bool = False  # loaded and warmed up
     draining: bool = False  # shutting down: finish accepted work, take no more
     startup_error: str | None = None  # an expected start-up failure (model/startup.py)
+    costs: CostModel = field(default_factory=CostModel)  # what the latency budgets plan with
+    features: FeatureCache[Any] | None = None  # encoded images kept (MAD_FEATURE_CACHE_MB)
 
     def begin_drain(self) -> None:
         self.draining = True
