@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 # Weight of a new measurement in a stage's running average: about the last 10 count.
 SMOOTHING = 0.2
+SLACK_S = 1e-6  # sums of estimates are compared with this tolerance (float rounding)
 
 
 class BudgetTooSmall(ValueError):
@@ -138,7 +139,7 @@ class RefinementPlanner:
         if budget_s is not None:
             stages = self.draft_seconds(tasks)
             spent, needed = now - arrived, sum(stages.values())
-            if spent + needed > budget_s:
+            if spent + needed > budget_s + SLACK_S:
                 parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items() if v > 0)
                 raise BudgetTooSmall(
                     f"latency_budget_ms={1000 * budget_s:g} cannot hold one decoder pass of "
@@ -192,7 +193,7 @@ class RefinementPlanner:
         while growing:  # round by round, as the pipeline runs them
             depth += 1
             for task in list(growing):
-                if cost + pass_s[task] > left:
+                if cost + pass_s[task] > left + SLACK_S:
                     growing.remove(task)  # no room: this task stops here
                     continue
                 steps[task], cost = depth, cost + pass_s[task]
