@@ -144,6 +144,9 @@ def predict(
         [], help="Tasks, comma-separated or repeated (default: all the model has)."
     ),
     refine_steps: list[str] = typer.Option([], help="K for every task, or task:K."),
+    refine_early_stop: bool = typer.Option(
+        False, "--refine-early-stop", help="Stop refining once a step changes no token."
+    ),
     score_threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     max_detections: int | None = typer.Option(None, min=1),
     nms_iou: float | None = typer.Option(
@@ -200,7 +203,17 @@ def predict(
             failed += 1
             continue
         [result] = pipeline(
-            [ModelRequest(image, task_names, steps, score_threshold, max_detections, nms_iou)]
+            [
+                ModelRequest(
+                    image,
+                    task_names,
+                    steps,
+                    score_threshold,
+                    max_detections,
+                    nms_iou,
+                    early_stop=refine_early_stop,
+                )
+            ]
         )
         response = build_response(
             result, model_ref, mad.codecs, mask_format, request_stages(result)
