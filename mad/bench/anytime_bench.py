@@ -97,7 +97,7 @@ def budget_ladder(one_pass_ms: float, full_ms: float) -> list[float]:
     ladder = [0.5 * one_pass_ms, 1.1 * one_pass_ms]
     ladder += [one_pass_ms + f * span for f in (0.35, 0.6, 0.85)]
     ladder += [1.15 * full_ms, 2.0 * full_ms]
-    return [round(b, 1) for b in ladder]
+    return sorted(round(b, 1) for b in ladder)
 
 
 def budgets(
