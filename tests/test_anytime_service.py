@@ -57,31 +57,32 @@ def test_a_generous_budget_keeps_the_default_steps(client):
 
 
 def test_a_budget_cuts_steps_to_fit_the_estimates(client, server):
-    # A draft of about 200 ms and 100 ms per caption step: 350 ms buys one step.
-    set_costs(server, preprocess=0, encode=100, caption=100, postprocess=0)
+    # A draft of 2 s and 1 s per caption step: 3.5 s buys one step (unless receiving the
+    # request took over 0.5 s).
+    set_costs(server, preprocess=0, encode=1000, caption=1000, postprocess=0)
     before = metric_samples(client)
-    body = post(client, tasks="caption", latency_budget_ms="350").json()
+    body = post(client, tasks="caption", latency_budget_ms="3500").json()
     assert body["refine_steps_applied"] == {"caption": 1}
     assert body["decoder_passes"] == {"caption": 2}
-    assert body["budget"]["cut"] is True and body["budget"]["estimated_ms"] <= 350
+    assert body["budget"]["cut"] is True and body["budget"]["estimated_ms"] <= 3500
     after = metric_samples(client)
     assert delta(before, after, "mad_budget_cut_requests_total") == 1
     assert delta(before, after, "mad_refinement_steps_applied_sum", task="caption") == 1
     # Explicit steps win over the budget.
-    set_costs(server, preprocess=0, encode=100, caption=100, postprocess=0)
-    body = post(client, tasks="caption", refine_steps="caption:2", latency_budget_ms="250").json()
+    set_costs(server, preprocess=0, encode=1000, caption=1000, postprocess=0)
+    body = post(client, tasks="caption", refine_steps="caption:2", latency_budget_ms="2500").json()
     assert body["refine_steps_applied"] == {"caption": 2} and body["budget"]["cut"] is False
 
 
 def test_the_header_gives_a_budget_and_the_form_field_wins(client, server):
-    set_costs(server, preprocess=0, encode=100, caption=100, postprocess=0)
-    body = post(client, tasks="caption", headers={"X-Latency-Budget-Ms": "250"}).json()
-    assert body["budget"]["latency_budget_ms"] == 250 and body["refine_steps_applied"] == {
+    set_costs(server, preprocess=0, encode=1000, caption=1000, postprocess=0)
+    body = post(client, tasks="caption", headers={"X-Latency-Budget-Ms": "2500"}).json()
+    assert body["budget"]["latency_budget_ms"] == 2500 and body["refine_steps_applied"] == {
         "caption": 0
     }
-    set_costs(server, preprocess=0, encode=100, caption=100, postprocess=0)
+    set_costs(server, preprocess=0, encode=1000, caption=1000, postprocess=0)
     body = post(
-        client, tasks="caption", latency_budget_ms="600000", headers={"X-Latency-Budget-Ms": "250"}
+        client, tasks="caption", latency_budget_ms="600000", headers={"X-Latency-Budget-Ms": "2500"}
     ).json()
     assert body["budget"]["latency_budget_ms"] == 600000
 
@@ -237,11 +238,13 @@ def test_a_deep_queue_degrades_new_requests_before_refusing_them(micro_checkpoin
 
         with ThreadPoolExecutor(5) as pool:
             responses = list(pool.map(send, range(5)))
-        statuses = [r.status_code for r in responses]
+        # Which request found which depth is the server's arrival order.
+        statuses = sorted(r.status_code for r in responses)
         assert statuses == [200, 200, 200, 200, 503], statuses
-        bodies = [r.json() for r in responses[:4]]
-        assert [b["refine_steps_applied"]["caption"] for b in bodies] == [3, 3, 3, 1]
-        assert [b.get("degraded", False) for b in bodies] == [False, False, False, True]
+        bodies = [r.json() for r in responses if r.status_code == 200]
+        outcomes = sorted((b["refine_steps_applied"]["caption"], "degraded" in b) for b in bodies)
+        assert outcomes == [(1, True), (3, False), (3, False), (3, False)]
+        assert all(b["degraded"] is True for b in bodies if "degraded" in b)
         metrics = metric_samples(c)
         assert metrics[("mad_degraded_requests_total", ())] == 1
         # Drained: full quality again.

@@ -45,13 +45,19 @@ class Quality:
         self.mad, _ = load_checkpoint(checkpoint, "cpu")
         self.data, self.device, self.limit = data, device, limit
         self.cache: dict[Steps, dict[str, float]] = {}
+        self.tasks: tuple[str, ...] | None = None  # None: all the model's
 
     def __call__(self, steps: Steps) -> dict[str, float]:
         from model.evaluate import evaluate
 
         if steps not in self.cache:
             self.cache[steps] = evaluate(
-                self.mad, self.data, device=self.device, refine_steps=dict(steps), limit=self.limit
+                self.mad,
+                self.data,
+                device=self.device,
+                refine_steps=dict(steps),
+                limit=self.limit,
+                tasks=self.tasks,
             )
         return self.cache[steps]
 
@@ -103,24 +109,46 @@ def budget_ladder(one_pass_ms: float, full_ms: float) -> list[float]:
 def budgets(
     url: str, payloads: list[bytes], tasks: str, count: int, quality: Quality
 ) -> dict[str, Any]:
-    """The latency/quality curve: per budget, what was applied, latencies, the metrics."""
-    plain = asyncio.run(sequential(url, payloads, {"tasks": tasks}, count))
-    one_pass = asyncio.run(sequential(url, payloads, {"tasks": tasks, "refine_steps": "0"}, count))
-    full_ms = median(latency_of(plain)) or 0.0
-    one_pass_ms = median(latency_of(one_pass)) or 0.0
-    levels = []
-    for budget in budget_ladder(one_pass_ms, full_ms):
-        fields = {"tasks": tasks, "latency_budget_ms": str(budget)}
-        outcomes = asyncio.run(sequential(url, payloads, fields, count))
-        ok = [body for status, _, body in outcomes if status == 200]
+    """The latency/quality curve: per budget, what was applied, latencies, the metrics.
+    The ladder comes from a first short round of default and one-pass requests; then every
+    image is sent at every level in turn, so load that varies over time (a shared machine)
+    weighs on every level alike."""
+    fields = {"tasks": tasks}
+    one_pass_fields = {**fields, "refine_steps": "0"}
+    probe = max(3, count // 4)
+    full_ms = median(latency_of(asyncio.run(sequential(url, payloads, fields, probe)))) or 0.0
+    one_ms = median(latency_of(asyncio.run(sequential(url, payloads, one_pass_fields, probe))))
+    ladder = budget_ladder(one_ms or 0.0, full_ms)
+    variants: dict[str, dict[str, str]] = {"full": fields, "one_pass": one_pass_fields}
+    variants |= {str(b): {**fields, "latency_budget_ms": str(b)} for b in ladder}
+
+    async def run() -> dict[str, list[tuple[int, float, dict[str, Any]]]]:
+        out: dict[str, list[tuple[int, float, dict[str, Any]]]] = {k: [] for k in variants}
+        async with httpx.AsyncClient(timeout=120) as client:
+            for i in range(count):
+                for name, form in variants.items():
+                    out[name].append(await send(client, url, payloads[i % len(payloads)], form))
+        return out
+
+    outcomes = asyncio.run(run())
+
+    def reference(name: str) -> dict[str, Any]:
+        ok = [body for status, _, body in outcomes[name] if status == 200]
         applied = Counter(steps_key(body["refine_steps_applied"]) for body in ok)
-        seconds = [s for status, s, _ in outcomes if status == 200]
+        return {"latency": latency_of(outcomes[name]), "metrics": quality.mix(applied)}
+
+    levels = []
+    for budget in ladder:
+        runs = outcomes[str(budget)]
+        ok = [body for status, _, body in runs if status == 200]
+        applied = Counter(steps_key(body["refine_steps_applied"]) for body in ok)
+        seconds = [s for status, s, _ in runs if status == 200]
         mode = applied.most_common(1)[0] if applied else None
         levels.append(
             {
                 "budget_ms": budget,
-                "requests": len(outcomes),
-                "refused": sum(status == 422 for status, _, _ in outcomes),
+                "requests": len(runs),
+                "refused": sum(status == 422 for status, _, _ in runs),
                 "cut": sum(body["budget"]["cut"] for body in ok),
                 "within_budget": sum(s * 1000 <= budget for s in seconds),
                 "latency": summarize(seconds),
@@ -128,17 +156,14 @@ def budgets(
                 "typical_steps": dict(mode[0]) if mode else None,
                 "typical_share": mode[1] / len(ok) if mode else None,
                 "metrics": quality(mode[0]) if mode else {},
+                "metrics_of_the_mix": quality.mix(applied),
             }
         )
-    default_steps = Counter(steps_key(body["refine_steps_applied"]) for _, _, body in plain)
     return {
         "tasks": tasks,
         "requests_per_level": count,
-        "full": {"latency": latency_of(plain), "metrics": quality.mix(default_steps)},
-        "one_pass": {
-            "latency": latency_of(one_pass),
-            "metrics": quality(steps_key({t: 0 for t in tasks.split(",")})),
-        },
+        "full": reference("full"),
+        "one_pass": reference("one_pass"),
         "levels": levels,
     }
 
@@ -259,7 +284,6 @@ def anytime_benchmark(
     eval_images: int,
     requests: int,
     overload_requests: int,
-    queue_size: int = 16,
     export_dir: Path | None = None,
     echo: Callable[[str], object] = print,
 ) -> dict[str, Any]:
@@ -272,8 +296,13 @@ def anytime_benchmark(
         truth = GroundTruth.load(data, "val2017")
         payloads = [jpeg_bytes(truth.image(i).convert("RGB")) for i in truth.image_ids]
         quality = Quality(checkpoint, data, device, eval_images)
-        tasks = ",".join(quality.mad.config.tasks)
-        out: dict[str, Any] = {"eval_images": eval_images, "slo_s": SLO_S}
+        # The tasks the model refines (its default schedules have steps): what a budget or
+        # degradation can trade; with none, every task.
+        config = quality.mad.config
+        refined = tuple(t for t in config.tasks if config.schedules.get(t))
+        quality.tasks = refined or tuple(config.tasks)
+        tasks = ",".join(quality.tasks)
+        out: dict[str, Any] = {"eval_images": eval_images, "slo_s": SLO_S, "tasks": tasks}
 
         env = {"MAD_MAX_BATCH_SIZE": "1"}
         echo("  starting mad serve (budgets, progressive results)")
@@ -284,6 +313,8 @@ def anytime_benchmark(
             out["progressive"] = progressive(server.url, payloads, tasks, requests)
         full_ms = median(out["budgets"]["full"]["latency"]) or 100.0
         rate = 2000.0 / full_ms  # twice what the server sustains at full quality
+        # A queue holding about one SLO of full-quality work (at least 8).
+        queue_size = max(8, round(SLO_S * 1000 / full_ms))
         out["overload"] = {"rate_rps": rate, "queue_size": queue_size, "runs": {}}
         for degrade in (False, True):
             name = "degradation_on" if degrade else "degradation_off"

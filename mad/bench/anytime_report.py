@@ -22,7 +22,10 @@ def metric_cells(metrics: dict[str, float]) -> list[str]:
 
 
 def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
-    out = ["## Anytime serving (`mad serve`, concurrency 1 unless said)\n"]
+    out = [
+        "## Anytime serving (`mad serve`, concurrency 1 unless said)\n",
+        f"Requests ask for the tasks the model refines: {anytime.get('tasks', 'all')}.\n",
+    ]
     names = [label for _, label in CURVE_METRICS]
     if budgets := anytime.get("budgets"):
         rows = [
@@ -46,8 +49,9 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
             )
         header = ["request", "422", "cut", "in budget", "p50 ms", "p90 ms", "p99 ms"]
         out += [
-            f"### Latency budgets ({budgets['requests_per_level']} requests per row, metrics on "
-            f"{anytime['eval_images']} validation images at the steps most requests got)\n",
+            f"### Latency budgets ({budgets['requests_per_level']} requests per row, each image "
+            f"at every row in turn; metrics on {anytime['eval_images']} validation images at the "
+            "steps most requests got)\n",
             table([*header, "steps (share)", *names], rows),
         ]
         if plot:
