@@ -9,6 +9,9 @@ so the service trades quality for latency per request instead of only queueing o
   (encoder + one pass of every task) is always run; then steps are added round by round, as
   the pipeline runs them (every task's first step, then every task's second, ...), each task
   up to its default schedule. A budget that cannot hold the draft is refused on arrival.
+  What the stage estimates miss (waiting for the CPU between stages, serialising the answer)
+  is learnt too: the running average of each answer's measured minus estimated latency
+  (`MISSED`) is added to every estimate.
 - **Degradation under load.** Past a queue depth watermark W (of a queue of size Q), a new
   request's default steps shrink with the depth d it finds: K' = floor(K * (Q - d) / (Q - W)),
   down to one pass, before the queue is full and answers 503. Steps the caller gave are kept.
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 # Weight of a new measurement in a stage's running average: about the last 10 count.
 SMOOTHING = 0.2
 SLACK_S = 1e-6  # sums of estimates are compared with this tolerance (float rounding)
+MISSED = "missed"  # the CostModel entry of measured minus estimated latency, per answer
 
 
 class BudgetTooSmall(ValueError):
@@ -78,7 +82,7 @@ class Plan:
     steps: dict[str, int]
     degraded: bool = False  # queue pressure lowered some task's default steps
     budget_cut: bool = False  # the budget lowered some task's steps
-    estimated_s: float | None = None  # the expected latency, when a budget was given
+    estimated_s: float | None = None  # the expected latency from arrival to answer
 
 
 @dataclass
@@ -119,10 +123,12 @@ class RefinementPlanner:
         return max(0.0, (self.queue_size - depth) / (self.queue_size - watermark))
 
     def draft_seconds(self, tasks: tuple[str, ...], images: int = 1) -> dict[str, float]:
-        """Estimated seconds of each stage of the one-pass answer (batch of `images`)."""
+        """Estimated seconds of each stage of the one-pass answer (batch of `images`), and
+        what estimates missed lately (negative when they overestimate)."""
         stages = ("preprocess", "encode", *self.tasks_to_run(tasks))
         estimate = {stage: self.costs.estimate(stage, images) for stage in stages}
         estimate["postprocess"] = self.costs.estimate("postprocess", 1)
+        estimate[MISSED] = max(self.costs.estimate(MISSED, 1), -sum(estimate.values()))
         return estimate
 
     def admit(
@@ -140,7 +146,7 @@ class RefinementPlanner:
             stages = self.draft_seconds(tasks)
             spent, needed = now - arrived, sum(stages.values())
             if spent + needed > budget_s + SLACK_S:
-                parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items() if v > 0)
+                parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items() if v != 0)
                 raise BudgetTooSmall(
                     f"latency_budget_ms={1000 * budget_s:g} cannot hold one decoder pass of "
                     f"each task: about {1000 * needed:.1f} ms ({parts}) after "
@@ -180,11 +186,13 @@ class RefinementPlanner:
                 else math.floor(default * admission.quality + 1e-9)
             )
         degraded = any(wanted[t] < self.default_steps.get(t, 0) for t in run if t not in explicit)
-        if admission.budget_s is None:
-            return Plan(wanted, degraded)
         pass_s = {task: self.costs.estimate(task, batch_size) for task in run}
         draft = sum(self.draft_seconds(tasks, batch_size).values())
         spent = now - admission.arrived
+        if admission.budget_s is None:  # estimated anyway: what the estimates miss is learnt
+            return Plan(
+                wanted, degraded, False, spent + draft + sum(wanted[t] * pass_s[t] for t in run)
+            )
         left = admission.budget_s - spent - draft
         steps = {t: (wanted[t] if t in explicit else 0) for t in run}
         cost = sum(steps[t] * pass_s[t] for t in run)  # the caller's own steps come first

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.anytime import BudgetTooSmall, CostModel, Plan, RefinementPlanner
+from service.anytime import MISSED, BudgetTooSmall, CostModel, Plan, RefinementPlanner
 
 TASKS = ("detection", "segmentation", "keypoints", "caption")
 DEFAULTS = {"detection": 0, "segmentation": 0, "keypoints": 2, "caption": 3}
@@ -72,6 +72,15 @@ def test_time_already_spent_counts_against_the_budget():
     p, _ = planner()
     assert plan(p, ("caption",), 27).steps == {"caption": 2}  # draft 16, steps 4 each
     assert plan(p, ("caption",), 27, spent_ms=5).steps == {"caption": 1}
+
+
+def test_what_the_estimates_missed_lately_is_planned_for():
+    model = costs(**COSTS)
+    model.observe(MISSED, 1, 4 * MS)  # answers took 4 ms longer than estimated
+    p, _ = planner(model)
+    assert plan(p, ("caption",), 27).steps == {"caption": 1}  # draft 16 + 4: 7 ms left
+    model.observe(MISSED, 1, -1.0)  # a wild overestimate never makes the draft free
+    assert plan(p, ("caption",), 27).estimated_s >= 0
 
 
 def test_explicit_steps_win_and_are_paid_first():

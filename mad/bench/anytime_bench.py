@@ -152,6 +152,7 @@ def budgets(
                 "cut": sum(body["budget"]["cut"] for body in ok),
                 "within_budget": sum(s * 1000 <= budget for s in seconds),
                 "latency": summarize(seconds),
+                "planned": summarize([body["budget"]["estimated_ms"] / 1000 for body in ok]),
                 "applied": {json.dumps(dict(k)): n for k, n in applied.items()},
                 "typical_steps": dict(mode[0]) if mode else None,
                 "typical_share": mode[1] / len(ok) if mode else None,

@@ -29,7 +29,16 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
     names = [label for _, label in CURVE_METRICS]
     if budgets := anytime.get("budgets"):
         rows = [
-            [name, "–", "–", "–", *stats_cells(ref["latency"]), "–", *metric_cells(ref["metrics"])]
+            [
+                name,
+                "–",
+                "–",
+                "–",
+                "–",
+                *stats_cells(ref["latency"]),
+                "–",
+                *metric_cells(ref["metrics"]),
+            ]
             for name, ref in (("default steps", budgets["full"]), ("one pass", budgets["one_pass"]))
         ]
         for level in budgets["levels"]:
@@ -41,17 +50,19 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
                     f"{level['refused']}/{n}",
                     f"{level['cut']}/{answered}",
                     f"{level['within_budget']}/{answered}",
+                    fmt(median(level["planned"])),
                     *stats_cells(level["latency"]),
                     f"{steps_text(level['typical_steps'])} "
                     f"({fmt(100 * (level['typical_share'] or 0), '%', 0)})",
-                    *metric_cells(level["metrics"]),
+                    *metric_cells(level["metrics_of_the_mix"]),
                 ]
             )
-        header = ["request", "422", "cut", "in budget", "p50 ms", "p90 ms", "p99 ms"]
+        header = ["request", "422", "cut", "in budget", "planned ms", "p50 ms", "p90 ms"]
+        header.append("p99 ms")
         out += [
             f"### Latency budgets ({budgets['requests_per_level']} requests per row, each image "
             f"at every row in turn; metrics on {anytime['eval_images']} validation images at the "
-            "steps most requests got)\n",
+            "steps the answers got, weighted by how many got each; steps: the most common)\n",
             table([*header, "steps (share)", *names], rows),
         ]
         if plot:
@@ -106,7 +117,7 @@ def anytime_headline(anytime: dict[str, Any]) -> list[str]:
                 f"budget {level['budget_ms']:g} ms: p50 {fmt(median(level['latency']), 'ms')}, "
                 f"steps {steps_text(level['typical_steps'])}, "
                 + ", ".join(
-                    f"{label} {fmt(level['metrics'].get(name), '', 3)}"
+                    f"{label} {fmt(level['metrics_of_the_mix'].get(name), '', 3)}"
                     for name, label in CURVE_METRICS
                 )
             )
@@ -127,9 +138,9 @@ def anytime_headline(anytime: dict[str, Any]) -> list[str]:
 
 
 def plot_budgets(anytime: dict[str, Any], path: Path) -> Path | None:
-    """Latency (p50, with the p99 as a bar) against each curve metric, one point per budget
-    and for the default and one-pass answers. None when matplotlib is missing or there is
-    nothing to plot."""
+    """Latency p50 (a bar to the p99) against each curve metric (of the answers' steps), one
+    point per budget joined in budget order, and the default and one-pass answers. None
+    when matplotlib is missing or there is nothing to plot."""
     budgets = anytime.get("budgets")
     if not budgets:
         return None
@@ -140,28 +151,43 @@ def plot_budgets(anytime: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    points = [
-        (f"{lv['budget_ms']:g} ms", lv["latency"], lv["metrics"])
-        for lv in budgets["levels"]
-        if lv["latency"].get("n")
-    ]
-    points += [
-        ("one pass", budgets["one_pass"]["latency"], budgets["one_pass"]["metrics"]),
-        ("default", budgets["full"]["latency"], budgets["full"]["metrics"]),
-    ]
+    levels = [lv for lv in budgets["levels"] if lv["latency"].get("n")]
     figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4.2))
     for axis, (name, label) in zip(axes, CURVE_METRICS, strict=True):
-        for text, latency, metrics in points:
-            if name not in metrics:
-                continue
+        curve = [(lv["latency"], lv["metrics_of_the_mix"].get(name), lv) for lv in levels]
+        curve = [(lat, value, lv) for lat, value, lv in curve if value is not None]
+        if curve:
+            axis.plot([c[0]["median_ms"] for c in curve], [c[1] for c in curve], "-", alpha=0.4)
+        for i, (latency, value, level) in enumerate(curve):
             p50, p99 = latency["median_ms"], latency["p99_ms"]
-            marker = "s" if text in ("one pass", "default") else "o"
-            axis.errorbar(p50, metrics[name], xerr=[[0], [p99 - p50]], fmt=marker, capsize=3)
-            axis.annotate(text, (p50, metrics[name]), textcoords="offset points", xytext=(4, 4))
+            axis.errorbar(p50, value, xerr=[[0], [p99 - p50]], fmt="o", capsize=3, color="C0")
+            offset = (4, 6 if i % 2 else -12)  # alternate, so neighbours' labels do not collide
+            axis.annotate(
+                f"{level['budget_ms']:g}",
+                (p50, value),
+                textcoords="offset points",
+                xytext=offset,
+                fontsize=8,
+            )
+        for ref, colour in (("one_pass", "C3"), ("full", "C2")):
+            metrics, latency = budgets[ref]["metrics"], budgets[ref]["latency"]
+            if name in metrics and latency.get("n"):
+                p50, p99 = latency["median_ms"], latency["p99_ms"]
+                text = "one pass" if ref == "one_pass" else "default steps"
+                axis.errorbar(
+                    p50,
+                    metrics[name],
+                    xerr=[[0], [p99 - p50]],
+                    fmt="s",
+                    capsize=3,
+                    color=colour,
+                    label=text,
+                )
         axis.set_xlabel("latency, ms (p50; bar to p99)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    figure.suptitle("What a latency budget buys (labels: the budget)")
+        axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle("What a latency budget buys (points: budgets in ms)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

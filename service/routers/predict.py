@@ -22,7 +22,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from service.anytime import BudgetTooSmall
+from service.anytime import MISSED, BudgetTooSmall
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
 from service.engine import Draining, Job, QueueFull
 from service.errors import APIError
@@ -198,6 +198,9 @@ async def answer(
         response.partial = PartialInfo(stage=stage, round=partial_round)
     else:
         state.costs.observe("postprocess", 1, end - post_start)
+        plan = job.admission.plan if job.admission is not None else None
+        if plan is not None and plan.estimated_s is not None:
+            state.costs.observe(MISSED, 1, (end - arrived) - plan.estimated_s)
         record(state, response)
     return response
 
