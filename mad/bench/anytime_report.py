@@ -85,16 +85,19 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
                     fmt(100 * run["share_503"], "%", 0),
                     fmt(100 * run["goodput"], "%", 0),
                     f"{run['goodput_rps']:.2f}",
+                    f"{run.get('answers_per_s', 0):.2f}",
                     *stats_cells(run["latency"])[::2],  # p50, p99
                     run["degraded"],
                     *metric_cells(run["metrics"]),
                 ]
             )
-        header = ["server", "answered", "503", "goodput", "good req/s", "p50 ms", "p99 ms"]
+        header = ["server", "answered", "503", "goodput", "good req/s", "answers/s", "p50 ms"]
+        header.append("p99 ms")
         out += [
             f"### Overload: {overload['rate_rps']:.1f} req/s offered (Poisson, twice what the "
-            f"server sustains at full quality), queue {overload['queue_size']}, goodput = "
-            f"answered within {anytime['slo_s']:g} s\n",
+            f"server sustains at full quality), queue {overload['queue_size']}, "
+            f"{overload.get('blocks', 1)} alternating blocks; goodput = answered within "
+            f"{anytime['slo_s']:g} s\n",
             table([*header, "degraded", *names], rows),
         ]
     if cache := anytime.get("feature_cache"):
