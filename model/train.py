@@ -22,13 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
 from model.checkpoint import MAD, load_checkpoint, save_checkpoint
-from model.config import ModelConfig, get_preset
+from model.config import PRESETS, ModelConfig, get_preset
 from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import build_transforms, flip_pairs_from_names
 from model.losses import masked_training_losses, weighted_total
 from model.tokenizer import CaptionTokenizer
 from model.train_state import has_train_state, load_train_state, save_train_state
+from model.transfer import carry_weights, unknown_word_share
 
 
 @dataclass
@@ -133,7 +134,7 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
         mad, meta = load_checkpoint(cfg.resume)
         return mad, meta.get("step", 0)
     if cfg.init:
-        return _initialised(cfg.init, cfg.overrides or {}), 0
+        return _initialised(cfg, dataset, rank), 0
     overrides = dict(cfg.overrides or {})
     overrides.setdefault("class_names", dataset.class_names)
     if dataset.keypoint_names:
@@ -145,20 +146,33 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
     return MAD.build(config, tokenizer_for(dataset, cfg, config, rank)), 0
 
 
-def _initialised(source: Path, overrides: dict[str, Any]) -> MAD:
-    """The checkpoint's model with config overrides applied; parameters the overrides add
-    (e.g. decoder_final_norm) start fresh, every other one comes from the checkpoint."""
-    mad, _ = load_checkpoint(source)
-    if not overrides:
+def _initialised(cfg: TrainConfig, dataset: CocoMultiTaskDataset, rank: int) -> MAD:
+    """The --init checkpoint's model, changed where asked: --set overrides (new parameters
+    start fresh) and, when the training captions have words its tokenizer does not know (or
+    --tokenizer is given), a new tokenizer whose shared pieces keep their embeddings."""
+    assert cfg.init is not None
+    mad, _ = load_checkpoint(cfg.init)
+    tokenizer = mad.tokenizer
+    if "caption" in mad.config.tasks:
+        captions = [c for image_id in dataset.ids for c in dataset.captions(image_id)]
+        unknown = unknown_word_share(mad, captions)
+        if cfg.tokenizer or unknown > 0:
+            if unknown > 0:
+                tqdm.write(
+                    f"--init {cfg.init}: {unknown:.1%} of the training captions have words "
+                    "its tokenizer does not know; training a new one"
+                )
+            preset = PRESETS[mad.config.name]() if mad.config.name in PRESETS else mad.config
+            size = max(mad.config.text_vocab_size, preset.text_vocab_size)
+            tokenizer = tokenizer_for(
+                dataset, cfg, dataclasses.replace(mad.config, text_vocab_size=size), rank
+            )
+    if not cfg.overrides and tokenizer is mad.tokenizer:
         return mad
-    changed = MAD.build(dataclasses.replace(mad.config, **overrides), mad.tokenizer)
-    missing, unexpected = changed.required_network().load_state_dict(
-        mad.required_network().state_dict(), strict=False
-    )
-    if unexpected:
-        raise ValueError(f"--set {overrides} removes weights of {source}: {unexpected[:5]}")
-    if missing:
-        tqdm.write(f"--init {source}: new parameters start fresh: {', '.join(missing)}")
+    changed = MAD.build(dataclasses.replace(mad.config, **(cfg.overrides or {})), tokenizer)
+    fresh = carry_weights(mad, changed)
+    if fresh:
+        tqdm.write(f"--init {cfg.init}: these start fresh: {', '.join(fresh)}")
     return changed
 
 

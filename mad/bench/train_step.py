@@ -71,11 +71,11 @@ def main() -> None:
     for _ in range(args.steps):
         for bf16 in (False, True):
             times[bf16].append(step(bf16))
-    fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
+    fp32_s, bf16_s = statistics.median(times[False]), statistics.median(times[True])
     print(
         f"{args.checkpoint.name}, batch {args.batch_size}, {size}px, {args.device}, "
-        f"{torch.get_num_threads()} threads: fp32 {fp32:.3f} s/step, bf16 {bf16:.3f} s/step, "
-        f"bf16 speed-up {fp32 / bf16:.2f}x"
+        f"{torch.get_num_threads()} threads: fp32 {fp32_s:.3f} s/step, "
+        f"bf16 {bf16_s:.3f} s/step, bf16 speed-up {fp32_s / bf16_s:.2f}x"
     )
 
 
