@@ -28,7 +28,7 @@ import httpx
 import torch
 from PIL import Image
 
-from mad.bench.stats import median, ratio, summarize
+from mad.bench.stats import median, percentile, ratio, summarize
 from model.pipeline import Pipeline, Request
 
 READY_TIMEOUT_S = 300.0  # a fresh r50 on CPU loads and warms up for a while
@@ -146,6 +146,7 @@ async def load(
     """`concurrency` closed-loop clients until `max_requests` were sent or `duration_s` is up
     -> latency percentiles, throughput, errors and the server's median stage timings."""
     latencies: list[float] = []
+    detections: list[float] = []
     stage_ms: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     issued = 0
@@ -172,6 +173,7 @@ async def load(
                     errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
                     continue
                 latencies.append(time.perf_counter() - start)
+                detections.append(len(body.get("detections") or []))
                 for stage, ms in body.get("timings_ms", {}).items():
                     stage_ms.setdefault(stage, []).append(ms)
 
@@ -186,6 +188,7 @@ async def load(
         "seconds": elapsed,
         "throughput_rps": len(latencies) / elapsed,
         "latency": summarize(latencies),
+        "detections_median": percentile(detections, 50) if detections else None,
         "server_timings_ms": {
             k: summarize([v / 1000 for v in vals])["median_ms"] for k, vals in stage_ms.items()
         },
@@ -282,6 +285,9 @@ def http_benchmark(
     mad, runner = load_runner(backend, checkpoint, device, export_dir=export_dir, **options)
     pipeline = Pipeline(mad, runner)
     pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
+    # What the requests cost depends on how many detections prompt the other tasks: up to
+    # `kept`, fewer where the model finds fewer boxes with an area (random weights: none).
+    found = pipeline([bench_request(payload, tasks, kept, refine)])[0].detections
     ceiling = in_process_batching(
         pipeline, payload, tasks, kept, refine, max(batch_sizes), repeats, min(warmup, 1)
     )
@@ -314,6 +320,7 @@ def http_benchmark(
         modes[name] = {"max_batch_size": batch, "levels": levels}
     return {
         "pipeline_in_process": pipeline_ms,
+        "detections": None if found is None else len(found),
         "in_process_batching": ceiling,
         "form": fields,
         "image_bytes": len(payload),
