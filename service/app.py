@@ -55,10 +55,12 @@ def load_model(s: Settings) -> LoadedModel:
 
 def warm_up(pipeline: Pipeline) -> None:
     """Run every task once so the first request pays no lazy initialisation (allocator,
-    kernels, torch.compile). Threshold 0 keeps detections, so prompted tasks run too."""
+    kernels, torch.compile), on the canvas and on its transpose (portrait images). Threshold
+    0 keeps detections, so prompted tasks run too."""
     height, width = pipeline.config.image_size
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
+    for size in dict.fromkeys([(width, height), (height, width)]):
+        image = Image.new("RGB", size, (128, 128, 128))
+        pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
 
 
 def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
@@ -87,6 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     state.model = model
     pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
+    engine.batch_key = pipeline.canvas  # portrait and landscape images batch apart
     d = model.description
     state.metrics.model_info.info(
         {
