@@ -26,6 +26,7 @@ log = logging.getLogger("mad.engine")
 
 T = TypeVar("T")
 Batch = Callable[[list[Request]], list[Result]]  # the pipeline: one Result per Request
+P = TypeVar("P", bound=Batch)
 
 
 class QueueFull(Exception):
@@ -68,7 +69,7 @@ class BatchingEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def load(self, factory: Callable[[], Batch]) -> Batch:
+    async def load(self, factory: Callable[[], P]) -> P:
         """Build the pipeline on the model thread. On CPU this matters for speed: every
         thread that runs torch ops gets its own OpenMP team, and a second team (the loader's)
         made each request ~40% slower on 2 cores. -> the pipeline."""
