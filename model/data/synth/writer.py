@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.data.synth import v1
+from model.data.synth import v1, v2
 from model.data.synth.common import CATEGORIES, KEYPOINT_NAMES, SKELETON, image_rng
 from model.mask_formats import encode_rle
 
 Renderer = Callable[[np.random.Generator], tuple[np.ndarray, list[dict], list[str]]]
-WORLDS: dict[str, Renderer] = {"v1": v1.render_image}
-DEFAULT_WORLD = "v1"
+WORLDS: dict[str, Renderer] = {"v1": v1.render_image, "v2": v2.render_image}
+DEFAULT_WORLD = "v2"
 SPLIT_ID_BASE = {"train2017": 0, "val2017": 5_000_000}  # image ids unique across splits
 
 _INFO_BASE = {"year": 2017, "contributor": "mad-serve", "date_created": "2017-01-01"}
