@@ -107,6 +107,7 @@ def train(
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
     steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
     stop_at: int | None = typer.Option(None, help="Stop (and save) at this step; resume later."),
+    log_every: int = typer.Option(10, min=1, help="Steps between train_log.csv rows."),
     max_minutes: float | None = typer.Option(
         None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
     ),
@@ -159,6 +160,7 @@ def train(
             steps=steps,
             stop_at=stop_at,
             max_minutes=max_minutes,
+            log_every=log_every,
             batch_size=batch_size,
             lr=lr,
             backbone_lr_scale=backbone_lr_scale,
