@@ -77,12 +77,36 @@ def data_synth(
     val: int = typer.Option(500, min=0, help="Validation images."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
     workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
+    world: str = typer.Option(
+        "v2",
+        help="v2: randomised styles, poses, backgrounds and distractors; v1: the first world, "
+        "reproduced exactly.",
+    ),
 ) -> None:
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
     and captions."""
-    from model.data.synth import main
+    from model.data.synth import WORLDS, main
 
-    main(out, train, val, seed, workers)
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    main(out, train, val, seed, workers, world)
+
+
+@data_app.command("sheet")
+def data_sheet(
+    out: Path = typer.Option(..., help="PNG to write."),
+    world: str = typer.Option("v2", help="Synthetic world: v1 or v2."),
+    seed: int = typer.Option(0, help="Random seed."),
+    count: int = typer.Option(16, min=1, max=64, help="Images on the sheet."),
+) -> None:
+    """Write a contact sheet of synthetic images with their boxes, masks, keypoints and
+    first caption drawn on."""
+    from model.data.synth import WORLDS
+    from model.data.synth.sheet import main
+
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    main(out, world, seed, count)
 
 
 def parse_overrides(values: list[str]) -> dict[str, Any]:
