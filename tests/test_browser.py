@@ -1,8 +1,10 @@
-"""The demo page in a real headless Chromium: it submits an image and draws the result.
+"""The demo page and the API docs in a real headless Chromium, with the network blocked.
 
 `/?demo=1` makes the page build a test scene on a canvas and submit it through the same code
 path as a picked file. Chromium's --dump-dom prints the DOM once the page has settled; with
---virtual-time-budget it first waits for the page's fetches and timers.
+--virtual-time-budget it first waits for the page's fetches and timers. Every host but the
+loopback is unreachable (a dead proxy, names that resolve nowhere): what the pages need must
+come from the server, as on a machine without internet.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def dump_dom(url: str, profile) -> str:
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={profile}",
+        "--proxy-server=127.0.0.1:9",  # loopback bypasses proxies; all else goes nowhere
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--virtual-time-budget=20000",
         "--dump-dom",
         url,
@@ -59,3 +63,15 @@ def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_p
     # The page's model description came from /v1/model; the request reached the server.
     assert "tiny step0-" in dom
     assert 'mad_requests_total{status="200",task="detection"} 1.0' in metrics
+
+
+def test_api_docs_render_offline(micro_checkpoint, tmp_path):
+    """Swagger UI (/docs) lists the operations and ReDoc (/redoc) renders them, from assets
+    the server ships (fastapi-offline), not a CDN."""
+    with running_server(Settings(checkpoint=micro_checkpoint)) as server:
+        swagger = dump_dom(f"{server.url}/docs", tmp_path / "profile")
+        redoc = dump_dom(f"{server.url}/redoc", tmp_path / "profile")
+    paths = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', swagger))
+    assert {"/predict", "/v1/model", "/healthz", "/readyz", "/metrics"} <= paths, swagger[-2000:]
+    assert 'data-section-id="operation/predict_predict_post"' in redoc, redoc[-2000:]
+    assert "cdn." not in swagger + redoc

@@ -305,4 +305,4 @@ def test_help_keeps_bracketed_text():
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0
         text = " ".join(result.output.split())
-        assert "[env MAD_CHECKPOINT; default: the bundled mad-tiny]" in text
+        assert "[env MAD_CHECKPOINT; default: checkpoints/mad-tiny]" in text
