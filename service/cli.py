@@ -7,6 +7,7 @@ service/settings.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -35,6 +36,8 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.schemas import PredictResponse
+
+log = logging.getLogger("mad.service")
 
 
 def check_settings(settings: Settings) -> None:
@@ -87,18 +90,20 @@ def serve(**options: Any) -> None:
     check_settings(settings)
     sock = listen(settings.host, settings.port)  # before the model loads: a port in use fails now
     configure(settings.log_level)
-    logging = log_config(settings.log_level)
+    host, port = sock.getsockname()[:2]
+    log.info("listening", extra={"url": f"http://{host}:{port}"})  # the port, if 0 was asked
+    logs = log_config(settings.log_level)
     if settings.workers > 1:
         from service.workers import serve_workers
 
-        serve_workers(settings, sock, logging)
+        serve_workers(settings, sock, logs)
         return
     import uvicorn
 
     from service.app import DrainingServer, create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(app, access_log=False, log_config=logging)
+    config = uvicorn.Config(app, access_log=False, log_config=logs)
     server = DrainingServer(config, app.state.service)
     server.run(sockets=[sock])  # listens at once; the model loads meanwhile
     error = app.state.service.startup_error
