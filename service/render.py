@@ -117,7 +117,8 @@ def draw_prediction(
         if det.keypoints:
             draw_skeleton(draw, det.keypoints, skeleton, colour(det.category_id), line)
     # Labels last, so nothing covers them; the best-scored are placed first.
-    labels, placed = [], []
+    labels: list[Label] = []
+    placed: list[Box] = []
     for det in sorted(detections, key=lambda d: -d.score):
         text = f"{det.label} {det.score:.2f}"
         size = label_extent(draw, text, label_font)
