@@ -100,6 +100,9 @@ def train(
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
     steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
     stop_at: int | None = typer.Option(None, help="Stop (and save) at this step; resume later."),
+    max_minutes: float | None = typer.Option(
+        None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
+    ),
     batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
     lr: float = typer.Option(1e-4),
     backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
@@ -108,7 +111,9 @@ def train(
     grad_clip: float = typer.Option(0.1),
     workers: int = typer.Option(2, min=0, help="Data loader processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: str = typer.Option("bf16", help="Autocast on CUDA: bf16, fp16 or none."),
+    amp: str = typer.Option(
+        "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA) or none."
+    ),
     seed: int = typer.Option(0),
     split: str = typer.Option("train2017"),
     val_split: str = typer.Option("val2017"),
@@ -146,6 +151,7 @@ def train(
             val_split=val_split,
             steps=steps,
             stop_at=stop_at,
+            max_minutes=max_minutes,
             batch_size=batch_size,
             lr=lr,
             backbone_lr_scale=backbone_lr_scale,
