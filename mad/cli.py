@@ -85,7 +85,7 @@ def data_synth(
     main(out, train, val, seed, workers, world)
 
 
-@data_app.command("sheet")
+@data_app.command("sheet", cls=PlainHelpCommand)
 def data_sheet(
     out: Path = typer.Option(..., help="PNG to write."),
     world: str = typer.Option("v2", help="Synthetic world: v1 or v2."),
