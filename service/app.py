@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import uvicorn
@@ -25,10 +25,13 @@ from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
-from service.routers import health, predict
+from service.routers import health, predict, v2
 from service.schemas import model_openapi
 from service.settings import Settings
 from service.state import LoadedModel, ServiceState, describe_model
+
+if TYPE_CHECKING:
+    from service.grpc_server import GrpcServer
 
 log = logging.getLogger("mad.service")
 STATIC = Path(__file__).parent / "static"
@@ -61,6 +64,15 @@ def warm_up(pipeline: Pipeline) -> None:
     pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
 
 
+def bind_grpc(state: ServiceState, version: str) -> GrpcServer | None:
+    """The gRPC service's server, its port bound (None: MAD_GRPC_PORT unset)."""
+    if state.settings.grpc_port is None:
+        return None
+    from service.grpc_server import GrpcServer  # grpcio and the generated code: only when on
+
+    return GrpcServer(state, version)
+
+
 def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
     device = getattr(runner, "device", torch.device("cpu"))
     if getattr(device, "type", "cpu") == "cuda":
@@ -80,6 +92,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     # All torch work (loading, warm-up, requests) happens on the one model thread.
     try:
+        grpc = bind_grpc(state, app.version)  # before loading: a port in use fails at once
         model = await engine.run_on_model_thread(load_model, s)
     except StartupError as exc:  # one log line; `mad serve` prints it and exits
         state.startup_error = str(exc)
@@ -102,6 +115,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Compiled graphs and CUDA state belong to the model thread too.
     await engine.run_on_model_thread(warm_up, pipeline)
     engine.start()
+    if grpc is not None:
+        await grpc.start()
     state.engine, state.ready = engine, True
     log.info("ready", extra={"model": d.name, "version": d.version})
     try:
@@ -109,6 +124,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         # uvicorn has finished in-flight requests by now; this catches any stragglers.
         state.draining = True
+        if grpc is not None:  # its calls in flight still need the engine
+            await grpc.stop(s.request_timeout_s)
         finished = await engine.drain(s.request_timeout_s)
         state.ready = False
         log.info("stopped", extra={"drained": finished})
@@ -129,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(v2.router)
 
     def openapi() -> dict[str, Any]:
         """The OpenAPI document of the loaded model (its task names and outputs); before it
@@ -136,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
+        v2.document_request_body(schema)
         if state.model is None:
             app.openapi_schema = None
         else:

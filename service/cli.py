@@ -89,8 +89,12 @@ def serve(
     host: str | None = typer.Option(None, help="Bind address [MAD_HOST; default 0.0.0.0]."),
     port: int | None = typer.Option(None, help="Port [MAD_PORT; default 8000]."),
     workers: int | None = typer.Option(None, help="Processes, one model each [MAD_WORKERS]."),
+    grpc_port: int | None = typer.Option(
+        None, help="Also serve the KServe v2 gRPC API on this port [MAD_GRPC_PORT; default off]."
+    ),
 ) -> None:
-    """Serve the model over HTTP (POST /predict, /docs, a demo page at /)."""
+    """Serve the model over HTTP (POST /predict, the KServe v2 API under /v2, /docs, a demo
+    page at /) and, with --grpc-port, gRPC."""
     import uvicorn
 
     from service.app import DrainingServer, create_app
@@ -104,6 +108,7 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        grpc_port=grpc_port,
     )
     check_settings(settings)
     sock = listen(settings.host, settings.port)

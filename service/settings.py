@@ -50,13 +50,22 @@ class Settings(BaseSettings):
     batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
     queue_size: int = Field(64, ge=1, description="Requests waiting for the model, at most.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one /predict.")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body.")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest request body (HTTP) or message (gRPC)."
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
     api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins (comma-separated or JSON)."
     )
     log_level: LogLevel = Field("info", description="Log level.")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol (KServe v2) gRPC service, on host "
+        "(0: any free port). Unset: no gRPC service.",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -79,6 +88,11 @@ class Settings(BaseSettings):
     def blank_cache_is_default(cls, value: Any) -> Any:
         # An empty MAD_CACHE_DIR (a blank in a templated manifest) means the default.
         return DEFAULT_CACHE_DIR if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def blank_port_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="before")
     @classmethod
