@@ -58,4 +58,4 @@ def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_p
     assert '"decoder_passes"' in dom  # the JSON response is shown beneath the drawing
     # The page's model description came from /v1/model; the request reached the server.
     assert "tiny step0-" in dom
-    assert 'mad_requests_total{status="200",task="detection",protocol="native"} 1.0' in metrics
+    assert 'mad_requests_total{protocol="native",status="200",task="detection"} 1.0' in metrics
