@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from model.pipeline import Pipeline, Result
+from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
 from model.request_spec import (
     RequestError,
@@ -45,9 +45,10 @@ from model.request_spec import (
     parse_tasks,
 )
 from service.dependencies import not_ready
-from service.engine import BatchingEngine, Draining, Job, QueueFull
+from service.engine import BatchingEngine
 from service.errors import APIError
 from service.images import decode_image
+from service.jobs import submit_all, wait_all
 from service.postprocess import build_response, request_stages
 from service.schemas import PredictForm
 from service.state import LoadedModel, ServiceState
@@ -346,47 +347,6 @@ def decode_images(data: list[bytes], max_pixels: int) -> list[tuple[Image.Image,
             raise
         decoded.append((image, time.perf_counter() - start))
     return decoded
-
-
-def submit_all(engine: BatchingEngine, requests: list[ModelRequest]) -> list[Job]:
-    """Queue every image, or none (503 when the queue is full or the server is stopping)."""
-    jobs: list[Job] = []
-    try:
-        for request in requests:
-            jobs.append(engine.submit(request))
-    except (QueueFull, Draining) as exc:
-        for job in jobs:
-            job.future.cancel()
-        full = isinstance(exc, QueueFull)
-        raise APIError(
-            503,
-            "queue_full" if full else "draining",
-            "the server is at capacity; retry shortly" if full else "the server is shutting down",
-            headers={"Retry-After": "1"},
-        ) from None
-    return jobs
-
-
-async def wait_all(jobs: list[Job], remaining_s: float, limit_s: float) -> list[Result]:
-    """Every job's Result, or an APIError; jobs not finished are cancelled either way."""
-    try:
-        waiting = asyncio.gather(*(asyncio.shield(job.future) for job in jobs))
-        return list(await asyncio.wait_for(waiting, max(remaining_s, 0.0)))
-    except TimeoutError:
-        raise APIError(504, "timeout", f"not done within {limit_s:g} s") from None
-    except Draining:
-        raise APIError(
-            503,
-            "draining",
-            "the server shut down before this request ran",
-            headers={"Retry-After": "1"},
-        ) from None
-    except RuntimeError:
-        raise APIError(500, "inference_failed", "the model failed on this request") from None
-    finally:
-        for job in jobs:  # still waiting: the engine skips it; running: its result is dropped
-            if not job.future.done():
-                job.future.cancel()
 
 
 async def run(
