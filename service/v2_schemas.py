@@ -3,11 +3,14 @@ its routes accept and answer, and their OpenAPI schema."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-Parameters = dict[str, Any]
+# Some clients send `"parameters": null` for none.
+Parameters = Annotated[
+    dict[str, Any], BeforeValidator(lambda value: {} if value is None else value)
+]
 
 
 class Strict(BaseModel):

@@ -148,6 +148,9 @@ def test_the_protocols_json_example(client, model_name, openapi):
         assert det["box"] == pytest.approx(box.tolist(), abs=0.01)
         assert det["score"] == pytest.approx(float(score), abs=1e-5)
         assert det["category_id"] == label
+    # Some clients send null for "no parameters".
+    nulls = {"parameters": None, "inputs": [{**image_input(png()), "parameters": None}]}
+    assert set(outputs(infer(client, model_name, nulls))) >= {"image_size", "json"}
 
 
 @pytest.mark.parametrize("tasks", [(t,) for t in ALL_TASKS] + [ALL_TASKS], ids=[*ALL_TASKS, "all"])

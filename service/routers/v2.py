@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from service import v2_infer
 from service.dependencies import StateDep, require_api_key
 from service.errors import APIError, validation_details
-from service.v2_infer import InferRequest, InferResponse, InputTensor
+from service.v2_infer import InferRequest, InferResponse, InputTensor, bad_request
 from service.v2_schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -51,10 +51,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "Not done within the deadline.",
     }.items()
 }
-
-
-def bad_request(message: str) -> APIError:
-    return v2_infer.bad_request(message)
 
 
 @router.get("/health/live", response_model=ServerLive, summary="Server liveness")
@@ -211,17 +207,20 @@ def parse_request(body: bytes, request: Request, name: str, version: str) -> Inf
     except ValidationError as exc:
         first = validation_details(exc.errors())[0]
         where = ".".join(first["loc"])
-        raise bad_request(f"invalid inference request: {where}: {first['msg']}") from None
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        raise bad_request(f"invalid inference request: {message}") from None
     inputs, at = [], 0
     for tensor in parsed.inputs:
         parameters = tensor.parameters
         v2_infer.check_tensor_parameters("input", tensor.name, parameters, "binary_data_size")
-        size = tensor.parameters.get("binary_data_size")
+        size = parameters.get("binary_data_size")
         if size is not None:
             if tensor.data is not None:
                 raise bad_request(f"input {tensor.name!r} has both data and binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise bad_request(f"input {tensor.name!r}: binary_data_size {size!r}")
+                raise bad_request(
+                    f"input {tensor.name!r}: binary_data_size is not a byte count: {size!r}"
+                )
             if at + size > len(binary):
                 raise bad_request(
                     f"input {tensor.name!r}: binary_data_size {size} is past the end of the "
