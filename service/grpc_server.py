@@ -8,10 +8,11 @@ API key (metadata `authorization: Bearer <key>`), one set of metrics (protocol="
 The protocol itself is service/v2_infer.py, shared with REST; its errors carry HTTP
 statuses, mapped here to gRPC codes.
 
-Life cycle: the port is bound at start-up, before the model loads (a port in use fails at
-once); the service starts with the HTTP server, once the model is warm; from the shutdown
-signal on, health says NOT_SERVING, new calls are refused and calls in flight get
-REQUEST_TIMEOUT_S to finish, while the HTTP side drains.
+Life cycle: the port is bound at start-up, before the model loads (a port in use fails the
+start at once), and serves from then on, as HTTP does: ServerReady false and health
+NOT_SERVING until the model is warm. From the shutdown signal on, health says NOT_SERVING,
+new calls are refused and calls in flight get REQUEST_TIMEOUT_S to finish, while the HTTP
+side drains.
 
 Import this module only when gRPC is on: a process can hold only one definition of the
 `inference` protobuf package, and a client library (tritonclient.grpc) brings its own.
@@ -58,7 +59,7 @@ CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 QUIET_METHODS = ("ServerLive", "ServerReady", "ModelReady")  # probes: debug level only
-DRAIN_POLL_S = 0.1
+STATE_POLL_S = 0.1  # how soon health and the drain follow the service's state
 
 
 @dataclass
@@ -278,14 +279,22 @@ class GrpcServer:
 
     async def start(self) -> None:
         await self.server.start()
-        for service in ("", SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._watcher = asyncio.create_task(self._watch_drain(), name="mad-grpc-drain")
-        log.info("gRPC ready", extra={"port": self.port})
+        self._watcher = asyncio.create_task(self._follow_state(), name="mad-grpc-health")
+        log.info("listening for gRPC", extra={"port": self.port})
 
-    async def _watch_drain(self) -> None:
+    async def _follow_state(self) -> None:
+        """Health follows readiness (SERVING once the model is warm); the shutdown signal
+        stops the server."""
+        serving: bool | None = None
         while not self.state.draining:
-            await asyncio.sleep(DRAIN_POLL_S)
+            if self.state.ready != serving:
+                serving = self.state.ready
+                status = health_pb2.HealthCheckResponse
+                for service in ("", SERVICE):
+                    await self.health.set(
+                        service, status.SERVING if serving else status.NOT_SERVING
+                    )
+            await asyncio.sleep(STATE_POLL_S)
         self.begin_stop(self.state.settings.request_timeout_s)
 
     def begin_stop(self, grace_s: float) -> asyncio.Task[None]:

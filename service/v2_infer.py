@@ -49,7 +49,7 @@ from service.engine import BatchingEngine
 from service.errors import APIError
 from service.images import decode_image
 from service.jobs import submit_all, wait_all
-from service.postprocess import build_response, request_stages
+from service.postprocess import request_stages, respond
 from service.schemas import PredictForm
 from service.state import LoadedModel, ServiceState
 from service.v2_tensors import OutputSpec, Tensor, output_specs, output_tensor
@@ -373,33 +373,37 @@ async def run(
     jobs = submit_all(plan.engine, requests)
     results = await wait_all(jobs, limit_s - (time.perf_counter() - arrived), limit_s)
     post_start = time.perf_counter()
-    timings = []  # seconds per stage of each image, as POST /predict reports them
-    for (_, decode_s), job, result in zip(decoded, jobs, results, strict=True):
-        stages = request_stages(result)
-        stages["preprocess"] = stages.get("preprocess", 0.0) + decode_s
-        timings.append({"queue": job.queue_seconds, **stages})
+    decode_seconds = [seconds for _, seconds in decoded]
 
     def json_bodies() -> list[bytes]:
         """Each image's POST /predict response."""
-        model, bodies = plan.model, []
-        for result, stages in zip(results, timings, strict=True):
-            response = build_response(
-                result, model.description.ref(), model.mad.codecs, plan.mask_format, stages
+        model = plan.model
+        return [
+            respond(
+                result,
+                model.description.ref(),
+                model.mad.codecs,
+                plan.mask_format,
+                arrived=arrived,
+                queue_seconds=job.queue_seconds,
+                decode_seconds=decode_s,
             )
-            now = time.perf_counter()
-            response.timings_ms["postprocess"] = round((now - post_start) * 1000, 3)
-            response.timings_ms["total"] = round((now - arrived) * 1000, 3)
-            bodies.append(response.model_dump_json(exclude_none=True).encode())
-        return bodies
+            .model_dump_json(exclude_none=True)
+            .encode()
+            for result, job, decode_s in zip(results, jobs, decode_seconds, strict=True)
+        ]
 
     def tensors() -> list[tuple[Tensor, bool]]:
         return [(output_tensor(spec, results, json_bodies), b) for spec, b in plan.outputs]
 
     outputs = await asyncio.to_thread(tensors)
-    postprocess_ms = (time.perf_counter() - post_start) * 1000
-    for result, stages in zip(results, timings, strict=True):
+    postprocess_s = time.perf_counter() - post_start
+    for result, job, decode_s in zip(results, jobs, decode_seconds, strict=True):
+        stages = request_stages(result)  # as POST /predict reports them
+        stages["preprocess"] = stages.get("preprocess", 0.0) + decode_s
+        seconds = {"queue": job.queue_seconds, **stages, "postprocess": postprocess_s}
         state.metrics.observe_stages(
-            {**{k: v * 1000 for k, v in stages.items()}, "postprocess": postprocess_ms},
+            {stage: s * 1000 for stage, s in seconds.items()},
             {task: result.passes.get(task, 0) for task in result.tasks},
         )
     served = plan.model.description
