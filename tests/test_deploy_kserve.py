@@ -47,7 +47,7 @@ def test_kserve_manifests(monkeypatch):
     assert port["containerPort"] == settings.port
 
     routes = set(create_app(settings).openapi()["paths"])
-    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for kind in ("livenessProbe", "readinessProbe"):
         probe = container[kind]["httpGet"]
         assert probe["path"] in routes and probe["path"].startswith("/v2/health/"), kind
         assert probe["port"] == settings.port
