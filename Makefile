@@ -1,10 +1,11 @@
 # Two commands do everything on a fresh machine: `make serve` and `make test`.
+# `make docker-test` builds the Docker images and runs them (scripts/docker-test).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint
+.PHONY: install serve test test-fast lint docker-test
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +28,6 @@ test: lint
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+docker-test: $(STAMP)
+	PYTHON=$(BIN)/python scripts/docker-test
