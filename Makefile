@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint docker-test
+.PHONY: install serve test test-fast lint proto docker-test
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ test-fast: $(STAMP)
 
 docker-test: $(STAMP)
 	PYTHON=$(BIN)/python scripts/docker-test
+
+# The gRPC code of the Open Inference Protocol, from its .proto (commit the result;
+# tests/test_v2_grpc.py checks it is up to date).
+PROTO := service/proto/grpc_predict_v2.proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)

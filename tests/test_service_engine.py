@@ -164,8 +164,8 @@ def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
         with httpx.Client(base_url=server.url) as client:
             metrics = client.get("/metrics").text
             assert client.get("/readyz").status_code == 200
-        assert 'mad_requests_total{status="503",task="caption"} 3.0' in metrics
-        assert 'mad_requests_total{status="200",task="caption"} 3.0' in metrics
+        assert 'mad_requests_total{protocol="native",status="503",task="caption"} 3.0' in metrics
+        assert 'mad_requests_total{protocol="native",status="200",task="caption"} 3.0' in metrics
         # One warm-up-free batch of three: the accepted requests were encoded together.
         assert "mad_batch_size_count 1.0" in metrics and "mad_batch_size_sum 3.0" in metrics
 
