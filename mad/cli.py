@@ -10,22 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import click
 import typer
 
 from export.cli import export
 from mad.bench.cli import bench
+from mad.help import PlainHelpCommand, command_name, new_app
 from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
 from model.startup import StartupError
 from service.cli import predict, request_error, serve
 
-app = typer.Typer(
-    help="MAD Serve: the Masked AutoDecoder vision generalist.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts are plain: "[env MAD_X]" must not read as markup
-)
-data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
+data_app = new_app(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -45,9 +40,7 @@ def one_line_errors(command: Command) -> Command:
         except StartupError as exc:
             if debugging():
                 raise
-            context = click.get_current_context(silent=True)
-            name = context.info_name if context is not None else command.__name__
-            print(f"mad {name}: {exc}", file=sys.stderr)
+            print(f"{command_name()}: {exc}", file=sys.stderr)
             raise typer.Exit(3) from None
 
     return run  # type: ignore[return-value]
@@ -64,25 +57,49 @@ def main(
         os.environ["MAD_DEBUG"] = "1"  # worker processes inherit it
 
 
-app.command()(one_line_errors(serve))
-app.command()(one_line_errors(predict))
-app.command()(one_line_errors(export))
-app.command()(one_line_errors(bench))
+app.command(cls=PlainHelpCommand)(one_line_errors(serve))
+app.command(cls=PlainHelpCommand)(one_line_errors(predict))
+app.command(cls=PlainHelpCommand)(one_line_errors(export))
+app.command(cls=PlainHelpCommand)(one_line_errors(bench))
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=PlainHelpCommand)
 def data_synth(
     out: Path = typer.Option(..., help="Output directory (COCO 2017 layout)."),
     train: int = typer.Option(3000, min=0, help="Training images."),
     val: int = typer.Option(500, min=0, help="Validation images."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
     workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
+    world: str = typer.Option(
+        "v2",
+        help="v2: randomised styles, poses, backgrounds and distractors; v1: the first world, "
+        "reproduced exactly.",
+    ),
 ) -> None:
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
     and captions."""
-    from model.data.synth import main
+    from model.data.synth import WORLDS, main
 
-    main(out, train, val, seed, workers)
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    main(out, train, val, seed, workers, world)
+
+
+@data_app.command("sheet", cls=PlainHelpCommand)
+def data_sheet(
+    out: Path = typer.Option(..., help="PNG to write."),
+    world: str = typer.Option("v2", help="Synthetic world: v1 or v2."),
+    seed: int = typer.Option(0, help="Random seed."),
+    count: int = typer.Option(16, min=1, max=64, help="Images on the sheet."),
+) -> None:
+    """Write a contact sheet of synthetic images with their boxes, masks, keypoints and
+    first caption drawn on."""
+    from model.data.synth import WORLDS
+    from model.data.synth.sheet import main
+
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    main(out, world, seed, count)
 
 
 def parse_overrides(values: list[str]) -> dict[str, Any]:
@@ -99,7 +116,7 @@ def parse_overrides(values: list[str]) -> dict[str, Any]:
     return out
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 @one_line_errors
 def train(
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
@@ -107,6 +124,10 @@ def train(
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
     steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
     stop_at: int | None = typer.Option(None, help="Stop (and save) at this step; resume later."),
+    log_every: int = typer.Option(10, min=1, help="Steps between train_log.csv rows."),
+    max_minutes: float | None = typer.Option(
+        None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
+    ),
     batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
     lr: float = typer.Option(1e-4),
     backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
@@ -115,7 +136,9 @@ def train(
     grad_clip: float = typer.Option(0.1),
     workers: int = typer.Option(2, min=0, help="Data loader processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: str = typer.Option("bf16", help="Autocast on CUDA: bf16, fp16 or none."),
+    amp: str = typer.Option(
+        "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA) or none."
+    ),
     seed: int = typer.Option(0),
     split: str = typer.Option("train2017"),
     val_split: str = typer.Option("val2017"),
@@ -153,6 +176,8 @@ def train(
             val_split=val_split,
             steps=steps,
             stop_at=stop_at,
+            max_minutes=max_minutes,
+            log_every=log_every,
             batch_size=batch_size,
             lr=lr,
             backbone_lr_scale=backbone_lr_scale,
@@ -176,7 +201,7 @@ def train(
     )
 
 
-@app.command("eval")
+@app.command("eval", cls=PlainHelpCommand)
 @one_line_errors
 def evaluate_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
@@ -249,7 +274,7 @@ def require_split(command: str, data: Path, split: str) -> None:
         raise typer.Exit(2)
 
 
-@app.command("tune")
+@app.command("tune", cls=PlainHelpCommand)
 @one_line_errors
 def tune_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),

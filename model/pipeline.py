@@ -1,13 +1,15 @@
 """Inference pipeline: images in, results of the asked tasks out.
 
 One batch of requests is encoded together (or its images' features come from the feature
-cache); then the tasks are decoded in batches across the requests that asked for them
-(grouped by refinement schedule, model.task_groups). A task runs one sequence per image, or,
-when its codec is prompted by detections, one per kept detection the codec applies to.
-Detection comes first and runs its whole schedule, so its kept boxes (each request's score
-threshold and max count) prompt the tasks after it and no decoding is paid for objects nobody
-will see. Detection is the one task the pipeline names, as the provider of those prompts (and
-Result has typed views of the built-in tasks' outputs); everything else comes from the codecs.
+cache). The images of one batch share a canvas: a portrait image on a landscape canvas runs
+on the transposed one, in a batch of its own. Then the tasks are decoded in batches across the
+requests that asked for them (grouped by refinement schedule, model.task_groups). A task runs
+one sequence per image, or, when its codec is prompted by detections, one per kept detection
+the codec applies to. Detection comes first and runs its whole schedule, so its kept boxes
+(each request's score threshold and max count) prompt the tasks after it and no decoding is
+paid for objects nobody will see. Detection is the one task the pipeline names, as the
+provider of those prompts (and Result has typed views of the built-in tasks' outputs);
+everything else comes from the codecs.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -36,7 +38,7 @@ from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
 from model.decoding import Memory, Runner, mask_schedule, refinement
 from model.feature_cache import FeatureCache, SplitsMemory
-from model.preprocess import decode_context, prepare_batch
+from model.preprocess import canvas_groups, decode_context, image_canvas, prepare_batch
 from model.stopwatch import Stopwatch
 from model.task_groups import Schedule, TaskGroup
 
@@ -157,7 +159,25 @@ class Pipeline(Generic[Memory]):
         default = self.config.schedules.get(task, [])
         return tuple(mask_schedule(request.refine_steps.get(task, len(default)), default))
 
+    def canvas(self, request: Request) -> tuple[int, int]:
+        """(H, W) of the canvas the request's image runs on (model.preprocess.image_canvas)."""
+        return image_canvas((request.image.height, request.image.width), self.config.image_size)
+
     def __call__(self, requests: list[Request]) -> list[Result]:
+        """One Result per request. Images that run on different canvases (portrait and
+        landscape, model.preprocess) are encoded and decoded as separate batches."""
+        sizes = [(r.image.height, r.image.width) for r in requests]
+        groups = list(canvas_groups(sizes, self.config.image_size).values())
+        if len(groups) == 1:
+            return self.run_batch(requests)
+        results: list[Result | None] = [None] * len(requests)
+        for group in groups:
+            for i, result in zip(group, self.run_batch([requests[i] for i in group]), strict=True):
+                results[i] = result
+        return [result for result in results if result is not None]
+
+    def run_batch(self, requests: list[Request]) -> list[Result]:
+        """Requests whose images share a canvas -> their Results."""
         start = time.perf_counter()
         stage = Stopwatch(self.device, start)
         results = [Result((0, 0), self.tasks_to_run(r.tasks)) for r in requests]

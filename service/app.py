@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -9,13 +11,14 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from model.decoding import Runner
@@ -29,10 +32,13 @@ from service.errors import install_error_handlers
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
 from service.postprocess import build_response
-from service.routers import health, predict
+from service.routers import health, predict, v2
 from service.schemas import model_openapi
 from service.settings import Settings
 from service.state import LoadedModel, ServiceState, describe_model
+
+if TYPE_CHECKING:
+    from service.grpc_server import GrpcServer
 
 log = logging.getLogger("mad.service")
 STATIC = Path(__file__).parent / "static"
@@ -59,12 +65,15 @@ def load_model(s: Settings) -> LoadedModel:
 
 def warm_up(pipeline: Pipeline, max_detections: int | None = None) -> Result:
     """Run every task once so the first request pays no lazy initialisation (allocator,
-    kernels, torch.compile). Threshold 0 keeps detections, so prompted tasks run too."""
+    kernels, torch.compile), on the canvas and on its transpose (portrait images). Threshold
+    0 keeps detections, so prompted tasks run too."""
     height, width = pipeline.config.image_size
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    tasks = tuple(pipeline.config.tasks)
-    request = ModelRequest(image, tasks, score_threshold=0.0, max_detections=max_detections)
-    return pipeline([request])[0]
+    tasks, results = tuple(pipeline.config.tasks), []
+    for size in dict.fromkeys([(width, height), (height, width)]):
+        image = Image.new("RGB", size, (128, 128, 128))
+        request = ModelRequest(image, tasks, score_threshold=0.0, max_detections=max_detections)
+        results.extend(pipeline([request]))
+    return results[0]
 
 
 # Objects per image of the calibration request: COCO's mean (what `mad bench` uses).
@@ -88,6 +97,81 @@ def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
     return lambda: 0
 
 
+async def serve_grpc(state: ServiceState, version: str) -> GrpcServer | None:
+    """The gRPC service (MAD_GRPC_PORT), serving from now on as HTTP does (health
+    NOT_SERVING until the model is warm). None when it is off, or when its port cannot be
+    bound: the start then fails, as for a model that does not load."""
+    if state.settings.grpc_port is None:
+        return None
+    from service.grpc_server import GrpcServer  # grpcio and the generated code: only when on
+
+    try:
+        server = GrpcServer(state, version)
+    except StartupError as exc:
+        log.error("start-up failed", extra={"error": str(exc)})
+        state.fail_start(str(exc))
+        return None
+    await server.start()
+    return server
+
+
+async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
+    """Load the model, warm it up and start the engine, while the server already answers
+    (/healthz 200; /readyz and /predict 503 until ready). A failure stops the server
+    (ServiceState.fail_start) and `mad serve` exits with its message."""
+    s = state.settings
+    if state.startup_error is not None:  # the start failed already (the gRPC port)
+        return
+    try:
+        # All torch work (loading, warm-up, requests) happens on the one model thread.
+        model = await engine.run_on_model_thread(load_model, s)
+        state.model = model
+        d = model.description
+        if s.feature_cache_mb > 0:
+            state.features = FeatureCache(int(s.feature_cache_mb * 2**20), d.version)
+            state.metrics.track_feature_cache(state.features)
+        pipeline = await engine.load(
+            lambda: Pipeline(model.mad, model.runner, state.features, state.costs.observe)
+        )
+        engine.batch_key = pipeline.canvas  # portrait and landscape images batch apart
+        state.metrics.model_info.info(
+            {
+                "name": d.name,
+                "version": d.version,
+                "backend": d.backend,
+                "device": d.device,
+                "precision": d.precision,
+            }
+        )
+        state.metrics.track_queue(lambda: len(engine.waiting))
+        state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
+        # Compiled graphs and CUDA state belong to the model thread too.
+        await engine.run_on_model_thread(warm_up, pipeline)
+        await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
+        engine.planner = RefinementPlanner(
+            pipeline.tasks_to_run,
+            d.default_refine_steps,
+            state.costs,
+            s.queue_size,
+            s.degrade_depth(),
+            record=state.metrics.record_plan,
+        )
+    except StartupError as exc:  # expected (model/startup.py): one log line, no traceback
+        log.error("start-up failed", extra={"error": str(exc)})
+        state.fail_start(str(exc))
+        return
+    except Exception as exc:  # a bug: the traceback goes to the log
+        log.exception("start-up failed")
+        state.fail_start(
+            f"loading the model failed ({type(exc).__name__}: {exc}); "
+            "the traceback is in the log above"
+        )
+        return
+    engine.start()
+    state.engine, state.ready = engine, True
+    log.info("ready", extra={"model": d.name, "version": d.version})
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
@@ -98,51 +182,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue_size=s.queue_size,
         on_batch=state.metrics.batch_size.observe,
     )
-    # All torch work (loading, warm-up, requests) happens on the one model thread.
-    try:
-        model = await engine.run_on_model_thread(load_model, s)
-    except StartupError as exc:  # one log line; `mad serve` prints it and exits
-        state.startup_error = str(exc)
-        log.error("start-up failed", extra={"error": str(exc)})
-        raise
-    state.model = model
-    d = model.description
-    if s.feature_cache_mb > 0:
-        state.features = FeatureCache(int(s.feature_cache_mb * 2**20), d.version)
-        state.metrics.track_feature_cache(state.features)
-    pipeline = await engine.load(
-        lambda: Pipeline(model.mad, model.runner, state.features, state.costs.observe)
-    )
-    state.metrics.model_info.info(
-        {
-            "name": d.name,
-            "version": d.version,
-            "backend": d.backend,
-            "device": d.device,
-            "precision": d.precision,
-        }
-    )
-    state.metrics.track_queue(lambda: len(engine.waiting))
-    state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
-    # Compiled graphs and CUDA state belong to the model thread too.
-    await engine.run_on_model_thread(warm_up, pipeline)
-    await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
-    engine.planner = RefinementPlanner(
-        pipeline.tasks_to_run,
-        d.default_refine_steps,
-        state.costs,
-        s.queue_size,
-        s.degrade_depth(),
-        record=state.metrics.record_plan,
-    )
-    engine.start()
-    state.engine, state.ready = engine, True
-    log.info("ready", extra={"model": d.name, "version": d.version})
+    grpc = await serve_grpc(state, app.version)  # before loading: a taken port fails at once
+    # Serve at once: probes get answers (liveness 200, readiness 503) while the model loads.
+    loading = asyncio.create_task(load_and_warm_up(state, engine), name="mad-load")
     try:
         yield
     finally:
         # uvicorn has finished in-flight requests by now; this catches any stragglers.
         state.draining = True
+        if grpc is not None:  # its calls in flight still need the engine
+            await grpc.stop(s.request_timeout_s)
+        if not loading.done():
+            loading.cancel()  # a load step under way still ends on the model thread
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
         finished = await engine.drain(s.request_timeout_s)
         state.ready = False
         log.info("stopped", extra={"drained": finished})
@@ -151,7 +204,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServiceState(settings)
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc from the package, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="MAD Serve",
         version=SERVICE_VERSION,
         lifespan=lifespan,
@@ -163,6 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(v2.router)
 
     def openapi() -> dict[str, Any]:
         """The OpenAPI document of the loaded model (its task names and outputs); before it
@@ -170,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
+        v2.document_request_body(schema)
         if state.model is None:
             app.openapi_schema = None
         else:
@@ -198,22 +254,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def create_app_from_env() -> FastAPI:
-    """Import-string factory for multi-worker uvicorn: each worker reads MAD_* itself."""
-    from service.logging import configure
-
-    settings = Settings()
-    configure(settings.log_level)
-    return create_app(settings)
-
-
 class DrainingServer(uvicorn.Server):
     """Marks the app as draining the moment a shutdown signal arrives, so /readyz fails and
-    new work is refused while uvicorn finishes the requests in flight."""
+    new work is refused while uvicorn finishes the requests in flight; stops when the model
+    fails to load."""
 
     def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
         super().__init__(config)
         self.service_state = state
+        state.stop_server = self.stop
+
+    def stop(self, reason: str) -> None:
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.service_state.begin_drain()

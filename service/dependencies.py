@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine import BatchingEngine
 from service.errors import APIError
+from service.settings import Settings
 from service.state import LoadedModel, ServiceState
 
 bearer = HTTPBearer(auto_error=False, description="Needed when the server sets MAD_API_KEY.")
@@ -23,15 +24,18 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+def api_key_accepted(settings: Settings, given: str) -> bool:
+    """True when the server has no key, or `given` (the bearer token sent) is it."""
+    key = settings.api_key
+    # Constant-time comparison: response timing must not leak the key prefix.
+    return key is None or secrets.compare_digest(given.encode(), key.get_secret_value().encode())
+
+
 def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], state: StateDep
 ) -> None:
-    key = state.settings.api_key
-    if key is None:
-        return
     given = credentials.credentials if credentials is not None else ""
-    # Constant-time comparison: response timing must not leak the key prefix.
-    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+    if not api_key_accepted(state.settings, given):
         raise APIError(
             401,
             "unauthorized",

@@ -1,6 +1,8 @@
-"""Service configuration: every field can be set by a `MAD_<NAME>` environment variable.
+"""Service configuration: every field can be set by a `MAD_<NAME>` environment variable and
+is an option of `mad serve` (service/setting_options.py makes the options and the table of
+docs/service.md from these fields and their descriptions).
 
-The k8s manifests and docs/service.md reference these exact names; rename nothing lightly.
+The k8s manifests reference these exact names; rename nothing lightly.
 """
 
 from __future__ import annotations
@@ -25,57 +27,104 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAD_", extra="ignore")
 
-    checkpoint: Path = Field(BUNDLED_CHECKPOINT, description="Checkpoint directory to serve.")
-    backend: Backend = Field("torch", description="Runtime: torch, onnx or tensorrt.")
+    checkpoint: Path = Field(
+        BUNDLED_CHECKPOINT,
+        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt backends).",
+    )
+    backend: Backend = Field("torch", description="Runtime: `torch`, `onnx` or `tensorrt`.")
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|auto|cuda(:\d+)?)$",
-        description="cpu, cuda[:N] or auto (CUDA when present, else CPU).",
+        description="`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present, else CPU).",
     )
-    precision: Precision = Field("fp32", description="fp32, bf16 or fp16 (CUDA only).")
-    compile: bool = Field(False, description="torch.compile the network (torch backend).")
+    precision: Precision = Field(
+        "fp32", description="`fp32`, `bf16` or `fp16` (the half precisions: torch on CUDA)."
+    )
+    compile: bool = Field(False, description="`torch.compile` the network (torch backend).")
     cuda_graphs: bool = Field(
-        False, description="Replay decoder passes from CUDA graphs (torch backend on CUDA)."
+        False,
+        description="Replay decoder passes from CUDA graphs (torch backend on CUDA; captured "
+        "per shape bucket on first use, eager beyond the buckets).",
     )
-    export_dir: Path | None = Field(None, description="Exported engines (onnx/tensorrt).")
+    export_dir: Path | None = Field(
+        None,
+        description="A ready ONNX/TensorRT export to run (onnx, tensorrt backends); unset: "
+        "the checkpoint is exported into the cache dir at start-up.",
+    )
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR,
-        description="Where onnx/tensorrt export the "
-        "checkpoint at start-up when export_dir is unset.",
+        description="Where onnx/tensorrt export the checkpoint (and build TensorRT engines) "
+        "at start-up when no export dir is given; later starts reuse them.",
     )
-    host: str = Field("0.0.0.0", description="Address to bind.")
-    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
-    workers: int = Field(1, ge=1, description="Server processes, each with its own model.")
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    workers: int = Field(
+        1, ge=1, description="Server processes, each with its own model and metrics."
+    )
     max_batch_size: int = Field(8, ge=1, description="Most images encoded together.")
-    batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
-    queue_size: int = Field(64, ge=1, description="Requests waiting for the model, at most.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one /predict.")
+    batch_delay_ms: float = Field(
+        5.0, ge=0, description="How long the oldest waiting request waits for a batch to fill."
+    )
+    queue_size: int = Field(
+        64, ge=1, description="Most requests waiting for the model; beyond: 503."
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline of one inference request (`/predict`, v2 REST or gRPC), from "
+        "its arrival; beyond: 504.",
+    )
     degrade: bool = Field(
         True,
-        description="Under load, give new requests fewer refinement steps before refusing any.",
+        description="Past the queue depth `MAD_DEGRADE_QUEUE_DEPTH`, new requests get fewer "
+        "default refinement steps (down to one pass) before any is refused with 503.",
     )
     degrade_queue_depth: int | None = Field(
         None,
         ge=0,
-        description="Queue depth past which requests are degraded (default: half the queue).",
+        description="The queue depth past which requests are degraded (below the queue "
+        "size); unset: half the queue.",
     )
     refine_early_stop: bool = Field(
         False,
-        description="Default of refine_early_stop: a sequence stops refining once a step "
-        "changes none of its tokens.",
+        description="Default of the `refine_early_stop` field: a task's refinement stops once "
+        "a step changes none of its tokens.",
     )
     feature_cache_mb: float = Field(
         0.0,
         ge=0,
-        description="Encoded image features kept for later requests on the same image (0: off).",
+        description="MiB of encoded image features kept for later requests on the same image "
+        "(0: off).",
     )
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
-    api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1,
+        description="Largest request body (bytes), and gRPC message; beyond: 413.",
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width × height); beyond: 413."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set (non-empty), requests need `Authorization: Bearer <key>`; "
+        "`/healthz`, `/readyz`, `/metrics`, `/`, `/docs`, `/redoc`, `/openapi.json` and the v2 "
+        "health and readiness routes stay open (gRPC: metadata `authorization`). Prefer the "
+        "variable: a command line is visible to other users.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Allowed CORS origins (comma-separated or JSON)."
+        default_factory=list,
+        description="Browser origins allowed to call the API: comma-separated or a JSON list.",
     )
-    log_level: LogLevel = Field("info", description="Log level.")
+    log_level: LogLevel = Field(
+        "info", description="`debug`, `info`, `warning`, `error` or `critical`."
+    )
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol (KServe v2) over gRPC on this port "
+        "(0: any free port; docs/kserve.md). Unset: no gRPC.",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -98,6 +147,12 @@ class Settings(BaseSettings):
     def blank_cache_is_default(cls, value: Any) -> Any:
         # An empty MAD_CACHE_DIR (a blank in a templated manifest) means the default.
         return DEFAULT_CACHE_DIR if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def blank_port_is_none(cls, value: Any) -> Any:
+        # An empty MAD_GRPC_PORT (a blank in a templated manifest) means "no gRPC".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -10,14 +10,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from model.checkpoint import MAD
 from model.config import get_preset
+from model.data.batching import CanvasCollate
+from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import render_synthetic_image
+from model.losses import sequence_loss
 from service.app import DrainingServer, create_app
 from service.settings import Settings
 from service.state import ServiceState
@@ -62,6 +68,35 @@ def micro_config(**overrides):
     return get_preset("tiny", **values)
 
 
+def fit_detection_decoder(
+    mad: MAD, data: Path, steps: int = 120, images: int = 8, lr: float = 5e-3
+) -> None:
+    """Fit a random-weight model's decoder to the detection sequences of the first `images`
+    training images of `data` (backbone and encoder frozen, so they are encoded once: a few
+    seconds for the micro model). Untrained, every slot decodes one shared coordinate bin,
+    i.e. boxes without area, which decoding drops; after this, most boxes have an extent."""
+    network, codec = mad.required_network().eval(), mad.codecs["detection"]
+    dataset = CocoMultiTaskDataset(data, "train2017")
+    samples = [dataset[i] for i in range(min(images, len(dataset)))]
+    pixels, pads, targets = CanvasCollate(mad.config.image_size)(samples)
+    with torch.no_grad():
+        memory = network.encode(pixels, pads)
+    trained = ("decoder.", "final_norm.", "token_embedding.", "seq_pos.", "head.")
+    params = [p for name, p in network.named_parameters() if name.startswith(trained)]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        seqs = codec.training_sequences(targets, generator)
+        logits = network.decode(
+            memory, seqs.inputs, seqs.image_index, codec.vocab_slice(), all_layers=True
+        )
+        loss = sequence_loss(logits, seqs, codec)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    network.zero_grad(set_to_none=True)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers started in a subprocess)."""
     with socket.socket() as sock:
@@ -86,8 +121,11 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(settings: Settings, start_timeout_s: float = 60.0) -> Iterator[RunningServer]:
-    """Serve `settings` on a free 127.0.0.1 port until the block ends."""
+def running_server(
+    settings: Settings, start_timeout_s: float = 60.0, ready: bool = True
+) -> Iterator[RunningServer]:
+    """Serve `settings` on a free 127.0.0.1 port until the block ends; from when its model is
+    ready, or (ready=False) from when it listens."""
     app = create_app(settings)
     # Bind here and hand the socket over: no race for the port between probe and bind.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -101,10 +139,14 @@ def running_server(settings: Settings, start_timeout_s: float = 60.0) -> Iterato
     )
     thread.start()
     give_up = time.monotonic() + start_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > give_up:
+    state: ServiceState = app.state.service
+    # It listens at once and loads the model meanwhile: wait until it is ready.
+    while not (server.started and (state.ready or not ready)):
+        if not thread.is_alive() or time.monotonic() > give_up or state.startup_error:
+            server.should_exit = True
+            thread.join(start_timeout_s)
             sock.close()
-            raise RuntimeError("the test server did not start (see the log above)")
+            raise RuntimeError(f"the test server did not start: {state.startup_error}")
         time.sleep(0.02)
     running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
     try:
@@ -131,6 +173,6 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 
 def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
-    """`n` images of the synthetic dataset (shapes and persons), deterministic in `seed`."""
+    """`n` images of synthetic world v1 (shapes and persons), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(render_synthetic_image(rng)[0]) for _ in range(n)]
+    return [Image.fromarray(render_synthetic_image(rng, world="v1")[0]) for _ in range(n)]

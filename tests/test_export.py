@@ -3,6 +3,7 @@ logit and end-to-end parity with eager PyTorch, the export cache, start-up error
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -142,6 +143,22 @@ def test_onnx_features_split_and_join_for_the_feature_cache(runners):
     assert [r.caption for r in mixed] == [r.caption for r in expected]
 
 
+def test_portrait_images_run_on_the_transposed_canvas(runners):
+    """The graphs take any image size: with a 64x96 canvas, a portrait image runs at 96x64
+    through ONNX Runtime with the same results as PyTorch."""
+    mad, torch_runner, onnx_runner = runners
+    landscape = dataclasses.replace(
+        mad, config=dataclasses.replace(mad.config, image_size=(64, 96))
+    )
+    portrait = synthetic_images(1)[0].resize((60, 90))
+    request = Request(portrait, ALL_TASKS, score_threshold=0.0)
+    expected = Pipeline(landscape, torch_runner)
+    assert expected.canvas(request) == (96, 64)
+    got = Pipeline(landscape, onnx_runner)([request])
+    assert len(got[0].detections) > 0
+    assert_same_results(expected([request]), got)
+
+
 def test_load_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
     mad, runner = load_runner("onnx", micro_checkpoint)
@@ -275,3 +292,13 @@ def test_bundled_model_parity(tmp_path):
     ]
     expected = Pipeline(mad, torch_runner)(requests)
     assert_same_results(expected, Pipeline(mad, onnx_runner)(requests))
+
+
+def test_an_export_reports_the_version_of_its_checkpoint(micro_checkpoint, exported):
+    """Served from its export dir, a model has the same version as its checkpoint (the
+    training step and the weights digest), not `stepN-none`."""
+    from service.state import model_version
+
+    version = model_version(exported)
+    assert version == model_version(micro_checkpoint)
+    assert version == f"step0-{checkpoint_digest(micro_checkpoint)[:12]}"

@@ -2,11 +2,11 @@
 buys (the latency/quality curve), degradation under overload against plain shedding,
 progressive results (time to the draft vs to the final answer) and the feature cache.
 
-Requests carry real images of the synthetic validation distribution (`mad data synth`, seed
-1, as `data/synth-val`), so detection counts, and with them segmentation and keypoint work,
-vary as in use. Quality is the model's own metrics (`mad eval`'s evaluate, in process) at the
-refinement steps the server actually applied: per budget, the steps most requests got; under
-overload, the mix of steps the answered requests got, weighted by how many got each.
+Requests ask for the tasks the model refines by default and carry images of the synthetic
+validation distribution (`mad data synth --world v1`, seed 1, as `data/synth-val`), so
+detection counts, and with them the prompted tasks' work, vary as in use. Quality is the
+model's own metrics (`mad eval`'s evaluate, in process) at the refinement steps the server
+actually applied to the answers: the mix of steps they got, weighted by how many got each.
 """
 
 from __future__ import annotations
@@ -296,7 +296,8 @@ def anytime_benchmark(
 
     with tempfile.TemporaryDirectory(prefix="mad-bench-anytime-") as tmp:
         data = Path(tmp) / "val"
-        write_synthetic_dataset(data, train=0, val=eval_images, seed=1)
+        # World v1, the bundled model's (as mad.bench.workload's images are).
+        write_synthetic_dataset(data, train=0, val=eval_images, seed=1, world="v1")
         truth = GroundTruth.load(data, "val2017")
         payloads = [jpeg_bytes(truth.image(i).convert("RGB")) for i in truth.image_ids]
         quality = Quality(checkpoint, data, device, eval_images)

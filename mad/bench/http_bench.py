@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import httpx
 import torch
 from PIL import Image
 
-from mad.bench.stats import median, ratio, summarize
+from mad.bench.stats import median, percentile, ratio, summarize
 from model.pipeline import Pipeline, Request
 
 READY_TIMEOUT_S = 300.0  # a fresh r50 on CPU loads and warms up for a while
@@ -135,49 +135,37 @@ def form_fields(tasks: list[str], kept: int, refine: dict[str, int]) -> dict[str
     return fields
 
 
-async def load(
-    url: str,
-    payload: bytes,
-    fields: dict[str, str],
-    concurrency: int,
-    max_requests: int,
-    duration_s: float,
+class RequestFailed(Exception):
+    """A request the server answered with an error; str(): the errors table's key for it."""
+
+
+async def closed_loop(
+    send: Callable[[], Awaitable[object]], concurrency: int, max_requests: int, duration_s: float
 ) -> dict[str, Any]:
-    """`concurrency` closed-loop clients until `max_requests` were sent or `duration_s` is up
-    -> latency percentiles, throughput, errors and the server's median stage timings."""
+    """`concurrency` clients each calling `send` back to back until `max_requests` were sent
+    or `duration_s` is up -> latency percentiles of the successes, throughput, errors (by
+    status or exception type)."""
     latencies: list[float] = []
-    stage_ms: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     issued = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        deadline = time.perf_counter() + duration_s
+    deadline = time.perf_counter() + duration_s
 
-        async def client_loop() -> None:
-            nonlocal issued
-            while issued < max_requests and time.perf_counter() < deadline:
-                issued += 1
-                start = time.perf_counter()
-                try:
-                    response = await client.post(
-                        f"{url}/predict",
-                        data=fields,
-                        files={"image": ("bench.jpg", payload, "image/jpeg")},
-                    )
-                    body = response.json()  # parsing is part of what a client pays
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    continue
-                if response.status_code != 200:
-                    errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
-                    continue
-                latencies.append(time.perf_counter() - start)
-                for stage, ms in body.get("timings_ms", {}).items():
-                    stage_ms.setdefault(stage, []).append(ms)
+    async def client_loop() -> None:
+        nonlocal issued
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            start = time.perf_counter()
+            try:
+                await send()
+            except Exception as exc:
+                key = str(exc) if isinstance(exc, RequestFailed) else type(exc).__name__
+                errors[key] = errors.get(key, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
     return {
         "concurrency": concurrency,
         "requests": issued,
@@ -186,6 +174,41 @@ async def load(
         "seconds": elapsed,
         "throughput_rps": len(latencies) / elapsed,
         "latency": summarize(latencies),
+    }
+
+
+async def load(
+    url: str,
+    payload: bytes,
+    fields: dict[str, str],
+    concurrency: int,
+    max_requests: int,
+    duration_s: float,
+) -> dict[str, Any]:
+    """Closed-loop POST /predict clients -> closed_loop's figures, the median count of
+    detections per response and the server's median stage timings."""
+    stage_ms: dict[str, list[float]] = {}
+    detections: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def send() -> None:
+            response = await client.post(
+                f"{url}/predict",
+                data=fields,
+                files={"image": ("bench.jpg", payload, "image/jpeg")},
+            )
+            body = response.json()  # parsing is part of what a client pays
+            if response.status_code != 200:
+                raise RequestFailed(str(response.status_code))
+            detections.append(len(body.get("detections") or []))
+            for stage, ms in body.get("timings_ms", {}).items():
+                stage_ms.setdefault(stage, []).append(ms)
+
+        result = await closed_loop(send, concurrency, max_requests, duration_s)
+    return {
+        **result,
+        "detections_median": percentile(detections, 50) if detections else None,
         "server_timings_ms": {
             k: summarize([v / 1000 for v in vals])["median_ms"] for k, vals in stage_ms.items()
         },
@@ -282,6 +305,9 @@ def http_benchmark(
     mad, runner = load_runner(backend, checkpoint, device, export_dir=export_dir, **options)
     pipeline = Pipeline(mad, runner)
     pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
+    # What the requests cost depends on how many detections prompt the other tasks: up to
+    # `kept`, fewer where the model finds fewer boxes with an area (random weights: none).
+    found = pipeline([bench_request(payload, tasks, kept, refine)])[0].detections
     ceiling = in_process_batching(
         pipeline, payload, tasks, kept, refine, max(batch_sizes), repeats, min(warmup, 1)
     )
@@ -314,6 +340,7 @@ def http_benchmark(
         modes[name] = {"max_batch_size": batch, "levels": levels}
     return {
         "pipeline_in_process": pipeline_ms,
+        "detections": None if found is None else len(found),
         "in_process_batching": ceiling,
         "form": fields,
         "image_bytes": len(payload),

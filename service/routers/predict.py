@@ -27,7 +27,7 @@ from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
 from service.engine import Draining, Job, QueueFull
 from service.errors import APIError
 from service.images import decode_image
-from service.postprocess import build_response, report_plan, request_stages
+from service.postprocess import report_plan, respond
 from service.schemas import ErrorResponse, PartialInfo, PredictForm, PredictResponse
 from service.state import LoadedModel, ServiceState
 from service.streaming import PartialResults, stream_format, streaming_response
@@ -182,26 +182,28 @@ async def answer(
 ) -> PredictResponse:
     """The response for `result`: the final one (partial_round None; counted in the
     metrics), or a partial one after that refinement round (0: the draft)."""
-    post_start = time.perf_counter()
-    stages = request_stages(result)
-    stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
-    timings = {"queue": job.queue_seconds, **stages}
     response = await run_in_threadpool(
-        build_response, result, model.description.ref(), model.mad.codecs, mask_format, timings
+        lambda: respond(
+            result,
+            model.description.ref(),
+            model.mad.codecs,
+            mask_format,
+            arrived=arrived,
+            queue_seconds=job.queue_seconds,
+            decode_seconds=decode_seconds,
+        )
     )
     report_plan(response, job.admission)
-    end = time.perf_counter()
-    response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
-    response.timings_ms["total"] = round((end - arrived) * 1000, 3)
     if partial_round is not None:
         stage = "draft" if partial_round == 0 else "refine"
         response.partial = PartialInfo(stage=stage, round=partial_round)
-    else:
-        state.costs.observe("postprocess", 1, end - post_start)
-        plan = job.admission.plan if job.admission is not None else None
-        if plan is not None and plan.estimated_s is not None:
-            state.costs.observe(MISSED, 1, (end - arrived) - plan.estimated_s)
-        record(state, response)
+        return response
+    # What the latency budgets learn from: building the answer, and what was not foreseen.
+    state.costs.observe("postprocess", 1, response.timings_ms["postprocess"] / 1000)
+    plan = job.admission.plan if job.admission is not None else None
+    if plan is not None and plan.estimated_s is not None:
+        state.costs.observe(MISSED, 1, response.timings_ms["total"] / 1000 - plan.estimated_s)
+    record(state, response)
     return response
 
 
