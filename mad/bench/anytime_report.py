@@ -9,6 +9,7 @@ from typing import Any
 from mad.bench.report import fmt, stats_cells, table
 from mad.bench.stats import median
 
+MIN_PLOTTED = 3  # answers a budget needs to be a point of the plot
 # The metrics the refined tasks move (the bundled model refines keypoints and captions).
 CURVE_METRICS = (("caption_BLEU4", "caption BLEU-4"), ("keypoints_AP", "keypoint AP"))
 
@@ -142,8 +143,8 @@ def anytime_headline(anytime: dict[str, Any]) -> list[str]:
 
 def plot_budgets(anytime: dict[str, Any], path: Path) -> Path | None:
     """Latency p50 (a bar to the p99) against each curve metric (of the answers' steps), one
-    point per budget joined in budget order, and the default and one-pass answers. None
-    when matplotlib is missing or there is nothing to plot."""
+    point per budget with enough answers, joined in budget order, and the default and
+    one-pass answers. None when matplotlib is missing or there is nothing to plot."""
     budgets = anytime.get("budgets")
     if not budgets:
         return None
@@ -154,7 +155,8 @@ def plot_budgets(anytime: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    levels = [lv for lv in budgets["levels"] if lv["latency"].get("n")]
+    # A budget most requests could not hold (refused) has too few answers to plot.
+    levels = [lv for lv in budgets["levels"] if lv["latency"].get("n", 0) >= MIN_PLOTTED]
     figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4.2))
     for axis, (name, label) in zip(axes, CURVE_METRICS, strict=True):
         curve = [(lv["latency"], lv["metrics_of_the_mix"].get(name), lv) for lv in levels]
