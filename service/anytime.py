@@ -10,8 +10,9 @@ so the service trades quality for latency per request instead of only queueing o
   the pipeline runs them (every task's first step, then every task's second, ...), each task
   up to its default schedule. A budget that cannot hold the draft is refused on arrival.
   What the stage estimates miss (waiting for the CPU between stages, serialising the answer)
-  is learnt too: the running average of each answer's measured minus estimated latency
-  (`MISSED`) is added to every estimate.
+  is learnt too: the median of the last answers' measured minus estimated latency is added
+  when steps are chosen (a median, so one stalled request does not starve the next ones;
+  not when refusing, which only the draft's own estimate decides).
 - **Degradation under load.** Past a queue depth watermark W (of a queue of size Q), a new
   request's default steps shrink with the depth d it finds: K' = floor(K * (Q - d) / (Q - W)),
   down to one pass, before the queue is full and answers 503. Steps the caller gave are kept.
@@ -23,14 +24,16 @@ Both are decided in one place, `RefinementPlanner`, which the engine calls for e
 from __future__ import annotations
 
 import math
+import statistics
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 # Weight of a new measurement in a stage's running average: about the last 10 count.
 SMOOTHING = 0.2
 SLACK_S = 1e-6  # sums of estimates are compared with this tolerance (float rounding)
-MISSED = "missed"  # the CostModel entry of measured minus estimated latency, per answer
+MISSED_WINDOW = 20  # answers whose estimate errors `CostModel.missed` takes the median of
 
 
 class BudgetTooSmall(ValueError):
@@ -46,7 +49,18 @@ class CostModel:
     def __init__(self, smoothing: float = SMOOTHING) -> None:
         self.smoothing = smoothing
         self.averages: dict[str, dict[int, float]] = {}
+        self.errors: deque[float] = deque(maxlen=MISSED_WINDOW)
         self.lock = threading.Lock()
+
+    def observe_missed(self, seconds: float) -> None:
+        """An answer took `seconds` longer than estimated (negative: shorter)."""
+        with self.lock:
+            self.errors.append(seconds)
+
+    def missed(self) -> float:
+        """The median of the last answers' estimate errors (0 before any)."""
+        with self.lock:
+            return statistics.median(self.errors) if self.errors else 0.0
 
     def observe(self, stage: str, images: int, seconds: float) -> None:
         with self.lock:
@@ -69,6 +83,7 @@ class CostModel:
     def clear(self) -> None:
         with self.lock:
             self.averages.clear()
+            self.errors.clear()
 
     def snapshot(self) -> dict[str, dict[int, float]]:
         with self.lock:
@@ -123,12 +138,10 @@ class RefinementPlanner:
         return max(0.0, (self.queue_size - depth) / (self.queue_size - watermark))
 
     def draft_seconds(self, tasks: tuple[str, ...], images: int = 1) -> dict[str, float]:
-        """Estimated seconds of each stage of the one-pass answer (batch of `images`), and
-        what estimates missed lately (negative when they overestimate)."""
+        """Estimated seconds of each stage of the one-pass answer (batch of `images`)."""
         stages = ("preprocess", "encode", *self.tasks_to_run(tasks))
         estimate = {stage: self.costs.estimate(stage, images) for stage in stages}
         estimate["postprocess"] = self.costs.estimate("postprocess", 1)
-        estimate[MISSED] = max(self.costs.estimate(MISSED, 1), -sum(estimate.values()))
         return estimate
 
     def admit(
@@ -146,7 +159,7 @@ class RefinementPlanner:
             stages = self.draft_seconds(tasks)
             spent, needed = now - arrived, sum(stages.values())
             if spent + needed > budget_s + SLACK_S:
-                parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items() if v != 0)
+                parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items() if v > 0)
                 raise BudgetTooSmall(
                     f"latency_budget_ms={1000 * budget_s:g} cannot hold one decoder pass of "
                     f"each task: about {1000 * needed:.1f} ms ({parts}) after "
@@ -188,6 +201,7 @@ class RefinementPlanner:
         degraded = any(wanted[t] < self.default_steps.get(t, 0) for t in run if t not in explicit)
         pass_s = {task: self.costs.estimate(task, batch_size) for task in run}
         draft = sum(self.draft_seconds(tasks, batch_size).values())
+        draft = max(draft + self.costs.missed(), 0.0)  # never a free draft
         spent = now - admission.arrived
         if admission.budget_s is None:  # estimated anyway: what the estimates miss is learnt
             return Plan(

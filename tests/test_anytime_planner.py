@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.anytime import MISSED, BudgetTooSmall, CostModel, Plan, RefinementPlanner
+from service.anytime import BudgetTooSmall, CostModel, Plan, RefinementPlanner
 
 TASKS = ("detection", "segmentation", "keypoints", "caption")
 DEFAULTS = {"detection": 0, "segmentation": 0, "keypoints": 2, "caption": 3}
@@ -76,10 +76,14 @@ def test_time_already_spent_counts_against_the_budget():
 
 def test_what_the_estimates_missed_lately_is_planned_for():
     model = costs(**COSTS)
-    model.observe(MISSED, 1, 4 * MS)  # answers took 4 ms longer than estimated
+    for ms in (4, 4, 900):  # answers took 4 ms longer than estimated, one stalled
+        model.observe_missed(ms * MS)
     p, _ = planner(model)
+    assert model.missed() == pytest.approx(4 * MS)  # the median: the stall weighs nothing
     assert plan(p, ("caption",), 27).steps == {"caption": 1}  # draft 16 + 4: 7 ms left
-    model.observe(MISSED, 1, -1.0)  # a wild overestimate never makes the draft free
+    assert plan(p, ("caption",), 20).steps == {"caption": 0}  # refused only below 16 ms
+    for _ in range(5):
+        model.observe_missed(-1.0)  # wild overestimates never make the draft free
     assert plan(p, ("caption",), 27).estimated_s >= 0
 
 

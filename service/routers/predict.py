@@ -22,7 +22,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from service.anytime import MISSED, BudgetTooSmall
+from service.anytime import BudgetTooSmall
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
 from service.engine import Draining, Job, QueueFull
 from service.errors import APIError
@@ -202,7 +202,7 @@ async def answer(
     state.costs.observe("postprocess", 1, response.timings_ms["postprocess"] / 1000)
     plan = job.admission.plan if job.admission is not None else None
     if plan is not None and plan.estimated_s is not None:
-        state.costs.observe(MISSED, 1, response.timings_ms["total"] / 1000 - plan.estimated_s)
+        state.costs.observe_missed(response.timings_ms["total"] / 1000 - plan.estimated_s)
     record(state, response)
     return response
 
