@@ -153,7 +153,11 @@ def budgets(
                 "refused": sum(status == 422 for status, _, _ in runs),
                 "cut": sum(body["budget"]["cut"] for body in ok),
                 "within_budget": sum(s * 1000 <= budget for s in seconds),
+                # By the server's own clock (arrival to answer built, its timings_ms.total):
+                # what the budget counts; the client also pays the network and HTTP around it.
+                "within_budget_server": sum(b["timings_ms"]["total"] <= budget for b in ok),
                 "latency": summarize(seconds),
+                "server_latency": summarize([b["timings_ms"]["total"] / 1000 for b in ok]),
                 "planned": summarize([body["budget"]["estimated_ms"] / 1000 for body in ok]),
                 "applied": {json.dumps(dict(k)): n for k, n in applied.items()},
                 "typical_steps": dict(mode[0]) if mode else None,

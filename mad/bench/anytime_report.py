@@ -32,10 +32,7 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
         rows = [
             [
                 name,
-                "–",
-                "–",
-                "–",
-                "–",
+                *["–"] * 6,
                 *stats_cells(ref["latency"]),
                 "–",
                 *metric_cells(ref["metrics"]),
@@ -51,15 +48,17 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
                     f"{level['refused']}/{n}",
                     f"{level['cut']}/{answered}",
                     f"{level['within_budget']}/{answered}",
+                    f"{level.get('within_budget_server', '–')}/{answered}",
                     fmt(median(level["planned"])),
+                    fmt(median(level.get("server_latency"))),
                     *stats_cells(level["latency"]),
                     f"{steps_text(level['typical_steps'])} "
                     f"({fmt(100 * (level['typical_share'] or 0), '%', 0)})",
                     *metric_cells(level["metrics_of_the_mix"]),
                 ]
             )
-        header = ["request", "422", "cut", "in budget", "planned ms", "p50 ms", "p90 ms"]
-        header.append("p99 ms")
+        header = ["request", "422", "cut", "in budget", "in budget (server)", "planned ms"]
+        header += ["server p50 ms", "p50 ms", "p90 ms", "p99 ms"]
         out += [
             f"### Latency budgets ({budgets['requests_per_level']} requests per row, each image "
             f"at every row in turn; metrics on {anytime['eval_images']} validation images at the "
