@@ -8,7 +8,8 @@ so the service trades quality for latency per request instead of only queueing o
   that fit what is left of the budget, from live cost estimates (`CostModel`): the draft
   (encoder + one pass of every task) is always run; then steps are added round by round, as
   the pipeline runs them (every task's first step, then every task's second, ...), each task
-  up to its default schedule. A budget that cannot hold the draft is refused on arrival.
+  up to its default schedule. A budget that cannot hold the draft, even at the fastest each
+  stage ran lately, is refused on arrival.
   What the stage estimates miss (waiting for the CPU between stages, serialising the answer)
   is learnt too: the median of the last answers' measured minus estimated latency is added
   when steps are chosen (a median, so one stalled request does not starve the next ones;
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 SMOOTHING = 0.2
 SLACK_S = 1e-6  # sums of estimates are compared with this tolerance (float rounding)
 MISSED_WINDOW = 20  # answers whose estimate errors `CostModel.missed` takes the median of
+RECENT = 20  # measurements per stage whose least decides whether a budget is refused
 
 
 class BudgetTooSmall(ValueError):
@@ -49,6 +51,7 @@ class CostModel:
     def __init__(self, smoothing: float = SMOOTHING) -> None:
         self.smoothing = smoothing
         self.averages: dict[str, dict[int, float]] = {}
+        self.recent: dict[str, dict[int, deque[float]]] = {}  # the last RECENT measurements
         self.errors: deque[float] = deque(maxlen=MISSED_WINDOW)
         self.lock = threading.Lock()
 
@@ -67,22 +70,25 @@ class CostModel:
             sizes = self.averages.setdefault(stage, {})
             old = sizes.get(images)
             sizes[images] = seconds if old is None else old + self.smoothing * (seconds - old)
+            recent = self.recent.setdefault(stage, {})
+            recent.setdefault(images, deque(maxlen=RECENT)).append(seconds)
 
-    def estimate(self, stage: str, images: int) -> float:
-        """Seconds of `stage` for `images` images: its average at that batch size, else the
-        nearest size measured scaled linearly; 0 for a stage never measured."""
+    def estimate(self, stage: str, images: int, fastest: bool = False) -> float:
+        """Seconds of `stage` for `images` images: its average at that batch size (fastest:
+        the least of its last RECENT measurements), else the nearest size measured scaled
+        linearly; 0 for a stage never measured."""
         with self.lock:
             sizes = self.averages.get(stage)
             if not sizes:
                 return 0.0
-            if images in sizes:
-                return sizes[images]
             nearest = min(sizes, key=lambda size: (abs(size - images), size))
-            return sizes[nearest] * images / nearest
+            value = min(self.recent[stage][nearest]) if fastest else sizes[nearest]
+            return value * images / nearest
 
     def clear(self) -> None:
         with self.lock:
             self.averages.clear()
+            self.recent.clear()
             self.errors.clear()
 
     def snapshot(self) -> dict[str, dict[int, float]]:
@@ -137,11 +143,14 @@ class RefinementPlanner:
             return 1.0
         return max(0.0, (self.queue_size - depth) / (self.queue_size - watermark))
 
-    def draft_seconds(self, tasks: tuple[str, ...], images: int = 1) -> dict[str, float]:
-        """Estimated seconds of each stage of the one-pass answer (batch of `images`)."""
+    def draft_seconds(
+        self, tasks: tuple[str, ...], images: int = 1, fastest: bool = False
+    ) -> dict[str, float]:
+        """Estimated seconds of each stage of the one-pass answer (batch of `images`; fastest:
+        at the least each stage took lately)."""
         stages = ("preprocess", "encode", *self.tasks_to_run(tasks))
-        estimate = {stage: self.costs.estimate(stage, images) for stage in stages}
-        estimate["postprocess"] = self.costs.estimate("postprocess", 1)
+        estimate = {stage: self.costs.estimate(stage, images, fastest) for stage in stages}
+        estimate["postprocess"] = self.costs.estimate("postprocess", 1, fastest)
         return estimate
 
     def admit(
@@ -154,9 +163,11 @@ class RefinementPlanner:
         depth: int,
     ) -> Admission:
         """Decide what can be on arrival; BudgetTooSmall when the budget cannot hold the
-        draft (what was spent already, receiving and decoding the image, included)."""
+        draft even if every stage ran as fast as it did lately (what was spent already,
+        receiving and decoding the image, included): only a clearly impossible budget is
+        refused."""
         if budget_s is not None:
-            stages = self.draft_seconds(tasks)
+            stages = self.draft_seconds(tasks, fastest=True)
             spent, needed = now - arrived, sum(stages.values())
             if spent + needed > budget_s + SLACK_S:
                 parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items() if v > 0)

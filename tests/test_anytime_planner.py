@@ -87,6 +87,16 @@ def test_what_the_estimates_missed_lately_is_planned_for():
     assert plan(p, ("caption",), 27).estimated_s >= 0
 
 
+def test_only_a_budget_below_the_fastest_draft_lately_is_refused():
+    model = costs(**COSTS)
+    model.observe("encode", 1, 60 * MS)  # one slow encode: the average is 20 ms, the least 10
+    p, _ = planner(model)
+    result = plan(p, ("caption",), 17)  # holds the fastest draft (16 ms), not the average
+    assert result.steps == {"caption": 0} and result.budget_cut
+    with pytest.raises(BudgetTooSmall):
+        plan(p, ("caption",), 15)
+
+
 def test_explicit_steps_win_and_are_paid_first():
     p, _ = planner()
     # caption:3 given (12 ms of steps) leaves 2 ms of a 35 ms budget: keypoints gets none.
@@ -139,3 +149,5 @@ def test_cost_estimates_average_and_scale_to_unseen_batch_sizes():
     model.observe("encode", 8, 0.080)
     assert model.estimate("encode", 6) == pytest.approx(0.060)  # nearest: 8
     assert model.estimate("encode", 8) == pytest.approx(0.080)
+    assert model.estimate("encode", 1, fastest=True) == pytest.approx(0.010)
+    assert model.estimate("encode", 2, fastest=True) == pytest.approx(0.020)
