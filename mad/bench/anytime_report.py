@@ -32,7 +32,8 @@ def anytime_md(anytime: dict[str, Any], plot: str | None) -> list[str]:
         rows = [
             [
                 name,
-                *["–"] * 6,
+                *["–"] * 5,
+                fmt(median(ref.get("server_latency"))),
                 *stats_cells(ref["latency"]),
                 "–",
                 *metric_cells(ref["metrics"]),
