@@ -115,10 +115,10 @@ def model_ms(outcomes: list[tuple[int, float, dict[str, Any]]]) -> list[float]:
 
 
 def budget_ladder(draft_ms: float, one_pass_ms: float, full_ms: float) -> list[float]:
-    """Budgets from below any draft (half the fastest one-pass model time: refused) to above
-    the full answer, by the server's clock."""
+    """Budgets from far below any draft (a tenth of the fastest one-pass model time: must be
+    refused) to above the full answer, by the server's clock."""
     span = max(full_ms - one_pass_ms, 1.0)
-    ladder = [0.5 * draft_ms, 1.1 * one_pass_ms]
+    ladder = [0.1 * draft_ms, 1.1 * one_pass_ms]
     ladder += [one_pass_ms + f * span for f in (0.35, 0.6, 0.85)]
     ladder += [1.15 * full_ms, 2.0 * full_ms]
     return sorted(round(b, 1) for b in ladder)
