@@ -7,11 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
@@ -23,10 +21,12 @@ from model.pipeline import Request as ModelRequest
 from model.startup import StartupError
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
+from service.guards import ClientGuardMiddleware
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
 from service.routers import health, predict
 from service.schemas import model_openapi
+from service.server import SHUTDOWN_MARGIN_S
 from service.settings import Settings
 from service.state import LoadedModel, ServiceState, describe_model
 
@@ -53,12 +53,13 @@ def load_model(s: Settings) -> LoadedModel:
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
-def warm_up(pipeline: Pipeline) -> None:
-    """Run every task once so the first request pays no lazy initialisation (allocator,
-    kernels, torch.compile). Threshold 0 keeps detections, so prompted tasks run too."""
+def warm_up_request(pipeline: Pipeline) -> ModelRequest:
+    """Every task on a grey image: run once at start-up, so the first request pays no lazy
+    initialisation (allocator, kernels, torch.compile), and as the model's self-test
+    (service/model_health.py). Threshold 0 keeps detections, so prompted tasks run too."""
     height, width = pipeline.config.image_size
     image = Image.new("RGB", (width, height), (128, 128, 128))
-    pipeline([ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)])
+    return ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)
 
 
 def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
@@ -72,11 +73,18 @@ def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     s = state.settings
+    metrics, health = state.metrics, state.health
+
+    def on_outcome(error: BaseException | None) -> None:
+        metrics.count_model_failure(error)
+        health.record(error)
+
     engine = BatchingEngine(
         max_batch_size=s.max_batch_size,
         batch_delay_s=s.batch_delay_ms / 1000,
         queue_size=s.queue_size,
-        on_batch=state.metrics.batch_size.observe,
+        on_batch=metrics.batch_size.observe,
+        on_outcome=on_outcome,
     )
     # All torch work (loading, warm-up, requests) happens on the one model thread.
     try:
@@ -97,19 +105,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "precision": d.precision,
         }
     )
-    state.metrics.track_queue(lambda: len(engine.waiting))
-    state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
+    metrics.track_queue(lambda: len(engine.waiting), lambda: engine.running)
+    metrics.track_gpu_memory(gpu_memory_reader(model.runner))
     # Compiled graphs and CUDA state belong to the model thread too.
-    await engine.run_on_model_thread(warm_up, pipeline)
+    warm_up = warm_up_request(pipeline)
+    await engine.run_on_model_thread(pipeline, [warm_up])
+    health.self_test = lambda: engine.run_alone(warm_up)
     engine.start()
     state.engine, state.ready = engine, True
     log.info("ready", extra={"model": d.name, "version": d.version})
     try:
         yield
     finally:
-        # uvicorn has finished in-flight requests by now; this catches any stragglers.
+        # uvicorn has finished the requests in flight by now (or given up on them after
+        # their deadline): what is left is at most a batch nobody waits for.
         state.draining = True
-        finished = await engine.drain(s.request_timeout_s)
+        finished = await engine.drain(SHUTDOWN_MARGIN_S)
         state.ready = False
         log.info("stopped", extra={"drained": finished})
 
@@ -149,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def demo_page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text())
 
-    # Added innermost first: RequestContext wraps everything, so even 413/415 answers
+    # Added innermost first: RequestContext wraps everything, so even 413/415/431/503 answers
     # carry the request id and are counted.
     app.add_middleware(UploadGuardMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.cors_origins:
@@ -160,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(ClientGuardMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
 
@@ -171,16 +183,3 @@ def create_app_from_env() -> FastAPI:
     settings = Settings()
     configure(settings.log_level)
     return create_app(settings)
-
-
-class DrainingServer(uvicorn.Server):
-    """Marks the app as draining the moment a shutdown signal arrives, so /readyz fails and
-    new work is refused while uvicorn finishes the requests in flight."""
-
-    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
-        super().__init__(config)
-        self.service_state = state
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.service_state.begin_drain()
-        super().handle_exit(sig, frame)

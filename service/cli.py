@@ -93,8 +93,9 @@ def serve(
     """Serve the model over HTTP (POST /predict, /docs, a demo page at /)."""
     import uvicorn
 
-    from service.app import DrainingServer, create_app
+    from service.app import create_app
     from service.logging import configure, log_config
+    from service.server import DrainingServer, uvicorn_options
 
     settings = load_settings(
         checkpoint=checkpoint,
@@ -108,26 +109,17 @@ def serve(
     check_settings(settings)
     sock = listen(settings.host, settings.port)
     configure(settings.log_level)
-    logging = log_config(settings.log_level)
+    options = {**uvicorn_options(settings), "log_config": log_config(settings.log_level)}
     if settings.workers > 1:
         sock.close()  # uvicorn's workers share a socket of its own
         # Each worker process builds its own app (and model) from the environment.
         os.environ.update(settings.env())
         uvicorn.run(
-            "service.app:create_app_from_env",
-            factory=True,
-            workers=settings.workers,
-            host=settings.host,
-            port=settings.port,
-            access_log=False,
-            log_config=logging,
+            "service.app:create_app_from_env", factory=True, workers=settings.workers, **options
         )
         return
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, access_log=False, log_config=logging
-    )
-    server = DrainingServer(config, app.state.service)
+    server = DrainingServer(uvicorn.Config(app, **options), app.state.service)
     try:
         server.run(sockets=[sock])  # a failed start-up exits (status 3) from in here
     finally:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from service.engine import BatchingEngine
 from service.errors import APIError
@@ -23,15 +24,18 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+def key_matches(key: SecretStr, given: str) -> bool:
+    # Constant-time comparison: response timing must not leak the key prefix.
+    return secrets.compare_digest(given.encode(), key.get_secret_value().encode())
+
+
 def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], state: StateDep
 ) -> None:
     key = state.settings.api_key
     if key is None:
         return
-    given = credentials.credentials if credentials is not None else ""
-    # Constant-time comparison: response timing must not leak the key prefix.
-    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+    if not key_matches(key, credentials.credentials if credentials is not None else ""):
         raise APIError(
             401,
             "unauthorized",
@@ -52,12 +56,19 @@ def get_model(state: StateDep) -> LoadedModel:
 
 
 def get_engine(state: StateDep) -> BatchingEngine:
-    """The engine of a server with its model loaded and warm; 503 before. Not refused while
-    draining: a request that reached us before the shutdown signal is in flight and must
-    still be answered (the engine refuses new work only once uvicorn has finished its
-    connections)."""
+    """The engine of a server with its model loaded and warm; 503 before, and once the model
+    is found broken (service/model_health.py). Not refused while draining: requests that
+    arrive during the drain delay are served (the engine refuses new work only once uvicorn
+    has finished its connections)."""
     if state.engine is None:
         raise not_ready()
+    if state.health.problem is not None:
+        raise APIError(
+            503,
+            "unhealthy",
+            f"the model is not working ({state.health.problem}); retry on another server",
+            headers={"Retry-After": "1"},
+        )
     return state.engine
 
 

@@ -4,6 +4,9 @@ The event loop only queues and collects; the model runs on one dedicated thread 
 network, so no locking and no CUDA context juggling). A batch starts when it is full or when
 its oldest request has waited `batch_delay`. Requests waiting for the model count against a
 bounded queue, so overload answers at once (503) instead of piling up latency.
+
+A caller that stops waiting (deadline, client gone) cancels `job.future`: a waiting job leaves
+the queue at once and never reaches the model; a running one has its result dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 from model.pipeline import Request, Result
 
 log = logging.getLogger("mad.engine")
 
 T = TypeVar("T")
 Batch = Callable[[list[Request]], list[Result]]  # the pipeline: one Result per Request
+B = TypeVar("B", bound=Batch)
 
 
 class QueueFull(Exception):
@@ -34,7 +40,24 @@ class Draining(Exception):
     """The engine is shutting down and takes no new work."""
 
 
-@dataclass
+class InferenceFailed(RuntimeError):
+    """The model raised on this request, run on its own; `cause` is what it raised."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"inference failed: {type(cause).__name__}: {cause}")
+        self.cause = cause
+
+    @property
+    def out_of_memory(self) -> bool:
+        return is_out_of_memory(self.cause)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """GPU (torch) or host memory exhausted: may pass on a retry, unlike other errors."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
+
+
+@dataclass(eq=False)  # jobs are compared by identity (the queue removes a given one)
 class Job:
     request: Request
     future: asyncio.Future[Result]
@@ -51,11 +74,14 @@ class BatchingEngine:
         batch_delay_s: float = 0.005,
         queue_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        on_outcome: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size
         self.on_batch = on_batch or (lambda size: None)
+        # Once per request the model ran: None, or what it raised (service/model_health.py).
+        self.on_outcome = on_outcome or (lambda error: None)
         self.waiting: deque[Job] = deque()
         self.running = 0  # requests inside the model right now
         self.draining = False
@@ -64,7 +90,7 @@ class BatchingEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def load(self, factory: Callable[[], Batch]) -> Batch:
+    async def load(self, factory: Callable[[], B]) -> B:
         """Build the pipeline on the model thread. On CPU this matters for speed: every
         thread that runs torch ops gets its own OpenMP team, and a second team (the loader's)
         made each request ~40% slower on 2 cores. -> the pipeline."""
@@ -75,6 +101,12 @@ class BatchingEngine:
     async def run_on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` where the model lives (warm-up, compilation) and wait for it."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def run_alone(self, request: Request) -> Result:
+        """Run one request now, outside the queue, and raise what the model raises (the
+        self-test of service/model_health.py)."""
+        [result] = await self.run_on_model_thread(self._infer, [request])
+        return result
 
     def start(self) -> None:
         self._arrived = asyncio.Event()
@@ -109,8 +141,16 @@ class BatchingEngine:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already")
         job = Job(request, asyncio.get_running_loop().create_future())
         self.waiting.append(job)
+        job.future.add_done_callback(lambda _: self._forget(job))
         self._started().set()
         return job
+
+    def _forget(self, job: Job) -> None:
+        """A job cancelled while it waits leaves the queue now, not when the next batch forms
+        (the queue bound and `mad_queue_depth` count only requests someone waits for)."""
+        if job.future.cancelled():
+            with contextlib.suppress(ValueError):  # already taken into a batch
+                self.waiting.remove(job)
 
     # --- the collector ----------------------------------------------------------------------
     def _started(self) -> asyncio.Event:
@@ -123,6 +163,16 @@ class BatchingEngine:
         if self.pipeline is None:
             raise RuntimeError("the engine has no pipeline: pass one or call load() first")
         return self.pipeline
+
+    def _infer(self, requests: list[Request]) -> list[Result]:
+        """One model call, on the model thread."""
+        try:
+            return self._loaded()(requests)
+        except torch.OutOfMemoryError:
+            # Hand torch's cached blocks back, so a retry with fewer images can fit.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
 
     async def _collect(self) -> None:
         while True:
@@ -162,14 +212,16 @@ class BatchingEngine:
         self.running = len(batch)
         self.on_batch(len(batch))
         try:
-            results = await self.run_on_model_thread(self._loaded(), [j.request for j in batch])
-        except Exception:
+            results = await self.run_on_model_thread(self._infer, [j.request for j in batch])
+        except Exception as exc:
             if len(batch) == 1:
-                log.exception("inference failed")
-                self._settle(batch[0], RuntimeError("inference failed"))
+                self._failed(batch[0], exc)
             else:
-                # One bad request must not fail its batch mates: retry each on its own.
-                log.warning("batch of %d failed; retrying one by one", len(batch))
+                # One bad request must not fail its batch mates, and a batch too big for the
+                # free GPU memory may fit one image at a time: retry each on its own.
+                log.warning(
+                    "batch of %d failed (%s); retrying one by one", len(batch), type(exc).__name__
+                )
                 for job in batch:
                     await self._run_alone(job)
         else:
@@ -179,17 +231,22 @@ class BatchingEngine:
             self.running = 0
 
     async def _run_alone(self, job: Job) -> None:
+        if job.future.done():  # its caller gave up while the batch ran
+            return
         try:
-            [result] = await self.run_on_model_thread(self._loaded(), [job.request])
-        except Exception:
-            log.exception("inference failed")
-            self._settle(job, RuntimeError("inference failed"))
+            [result] = await self.run_on_model_thread(self._infer, [job.request])
+        except Exception as exc:
+            self._failed(job, exc)
         else:
             self._settle(job, result)
 
-    @staticmethod
-    def _settle(job: Job, outcome: Result | Exception) -> None:
-        if job.future.done():  # the caller timed out meanwhile
+    def _failed(self, job: Job, exc: Exception) -> None:
+        log.error("inference failed", exc_info=exc)
+        self._settle(job, InferenceFailed(exc))
+
+    def _settle(self, job: Job, outcome: Result | InferenceFailed) -> None:
+        self.on_outcome(outcome.cause if isinstance(outcome, InferenceFailed) else None)
+        if job.future.done():  # the caller gave up meanwhile
             return
         if isinstance(outcome, Exception):
             job.future.set_exception(outcome)

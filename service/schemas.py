@@ -155,11 +155,13 @@ class ModelDescription(Strict):
 
 
 class Health(Strict):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unhealthy"] = "ok"
+    reason: str | None = Field(None, description="Why the model is unhealthy.")
 
 
 class Readiness(Strict):
-    status: Literal["ready", "loading", "draining"]
+    status: Literal["ready", "loading", "draining", "unhealthy"]
+    reason: str | None = Field(None, description="Why the model is unhealthy.")
 
 
 class ErrorDetail(Strict):

@@ -52,6 +52,29 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one /predict.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
+    # Clients and shutdown (service/guards.py, service/server.py; docs/service.md, "Failure
+    # behaviour").
+    drain_delay_s: float = Field(
+        5.0, ge=0, description="After SIGTERM: keep serving (readyz 503) this long, then drain."
+    )
+    limit_concurrency: int = Field(
+        256, ge=1, description="Requests handled at once (probes aside); beyond: 503."
+    )
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="Longest pause while a client sends a request; beyond: 408."
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="Idle connections (no complete request head) close after this."
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head (line + headers); beyond: 431."
+    )
+    public_docs: bool = Field(
+        True, description="/docs, /redoc and /openapi.json open without the API key."
+    )
+    max_consecutive_failures: int = Field(
+        5, ge=0, description="Model failures in a row before a self-test (0: never)."
+    )
     api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins (comma-separated or JSON)."

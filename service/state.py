@@ -10,6 +10,7 @@ from model.checkpoint import MAD, WEIGHTS, checkpoint_digest, read_checkpoint_co
 from model.decoding import Runner
 from service.engine import BatchingEngine
 from service.metrics import Metrics
+from service.model_health import ModelHealth
 from service.schemas import ModelDescription
 from service.settings import Settings
 
@@ -33,6 +34,10 @@ class ServiceState:
     ready: bool = False  # loaded and warmed up
     draining: bool = False  # shutting down: finish accepted work, take no more
     startup_error: str | None = None  # an expected start-up failure (model/startup.py)
+    health: ModelHealth = field(init=False)  # the engine's outcomes: is the model working?
+
+    def __post_init__(self) -> None:
+        self.health = ModelHealth(self.settings.max_consecutive_failures)
 
     def begin_drain(self) -> None:
         self.draining = True

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 
 from model.config import get_preset
 from model.data.synth import render_synthetic_image
-from service.app import DrainingServer, create_app
+from service.app import create_app
+from service.server import DrainingServer, uvicorn_options
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -94,7 +95,10 @@ def running_server(settings: Settings, start_timeout_s: float = 60.0) -> Iterato
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=30)
+    options = uvicorn_options(settings)
+    if "keep_alive_timeout_s" not in settings.model_fields_set:
+        options["timeout_keep_alive"] = 30  # module-scoped clients keep idle connections
+    config = uvicorn.Config(app, **{**options, "log_config": None})
     server = DrainingServer(config, app.state.service)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"

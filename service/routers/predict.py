@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -19,9 +18,10 @@ from model.request_spec import (
     parse_tasks,
 )
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
-from service.engine import Draining, QueueFull
-from service.errors import APIError
+from service.engine import Draining, InferenceFailed, QueueFull
+from service.errors import CLIENT_CLOSED, APIError
 from service.images import decode_image
+from service.jobs import ClientGone, wait_for_job
 from service.postprocess import build_response, request_stages
 from service.schemas import ErrorResponse, PredictForm, PredictResponse
 from service.state import ServiceState
@@ -31,10 +31,12 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 ERROR_TEXTS = {
     400: "The file is not a readable image.",
     401: "API key missing or wrong (only when the server has one).",
+    408: "The body stalled for READ_TIMEOUT_S, or was still arriving at REQUEST_TIMEOUT_S.",
     413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
     415: "The body is not multipart/form-data.",
     422: "Unknown task, or a parameter out of range.",
-    503: "Queue full, model loading, or shutting down: retry after Retry-After seconds.",
+    503: "Queue full, overloaded, out of memory, model loading or broken, or shutting down: "
+    "retry after Retry-After seconds.",
     504: "Not done within REQUEST_TIMEOUT_S.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -95,9 +97,10 @@ async def predict(
         ) from None
     remaining = settings.request_timeout_s - (time.perf_counter() - arrived)
     try:
-        result = await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
+        result = await wait_for_job(job, request, remaining)
+    except ClientGone:
+        raise APIError(CLIENT_CLOSED, "client_closed_request", "the client went away") from None
     except TimeoutError:
-        job.future.cancel()  # still waiting: the engine skips it; running: result dropped
         raise APIError(504, "timeout", f"not done within {settings.request_timeout_s} s") from None
     except Draining:
         raise APIError(
@@ -106,7 +109,11 @@ async def predict(
             "the server shut down before this request ran",
             headers={"Retry-After": "1"},
         ) from None
-    except RuntimeError:
+    except InferenceFailed as exc:
+        if exc.out_of_memory:
+            raise APIError(
+                503, "out_of_memory", "the model ran out of memory", headers={"Retry-After": "1"}
+            ) from None
         raise APIError(500, "inference_failed", "the model failed on this request") from None
 
     post_start = time.perf_counter()
