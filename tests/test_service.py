@@ -235,6 +235,12 @@ def test_model_description(client, micro_model):
     assert (body["device"], body["precision"], body["backend"]) == ("cpu", "fp32", "torch")
 
 
+def test_public_docs_are_open_without_the_key(server):
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            assert anonymous.get(path).status_code == 200, path
+
+
 def test_openapi_documents_the_api(client, openapi):
     assert client.get("/docs").status_code == 200
     post = openapi["paths"]["/predict"]["post"]
