@@ -7,14 +7,16 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.config import get_preset
 from model.data.synth import render_synthetic_image
@@ -138,3 +140,25 @@ def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
     """`n` images of the synthetic dataset (shapes and persons), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(render_synthetic_image(rng)[0]) for _ in range(n)]
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} from /metrics."""
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: dict[tuple, float], after: dict[tuple, float], name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def until(condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
+    """Wait for `condition` (polled); fail with `what` after `timeout_s`."""
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < give_up, what
+        time.sleep(0.01)

@@ -88,6 +88,12 @@ def test_settings_defaults_and_environment(monkeypatch):
         Settings()
 
 
+def test_every_setting_is_documented():
+    documented = (REPO / "docs" / "service.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`MAD_{name.upper()}`" not in documented]
+    assert not missing, f"not in docs/service.md: {missing}"
+
+
 def test_mad_predict_prints_json_and_renders(micro_checkpoint, tmp_path):
     images = []
     for name, size in (("a", (160, 120)), ("b", (90, 200))):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.helpers import encode, scene_image
+from tests.helpers import delta, encode, metric_samples, scene_image, until
 
 API_KEY = "clients-key"
 READ_TIMEOUT_S = 0.5
@@ -112,6 +112,22 @@ def test_a_stalled_body_gets_408_and_the_connection_closes(server):
         assert "stalled" in error["error"]["message"]
         assert headers["connection"] == "close"
         assert closed_by_server(sock)
+
+
+def test_a_client_that_leaves_while_uploading_counts_as_499(server, client):
+    before = metric_samples(client)
+    request = predict_request(server.url)
+    with connection(server.url) as sock:
+        sock.sendall(raw_head(request) + request.read()[:100])
+    until(
+        lambda: (
+            delta(before, metric_samples(client), "mad_requests_total", status="499", task="none")
+            == 1
+        ),
+        "the disconnect was not counted",
+    )
+    after = metric_samples(client)
+    assert after[("mad_inflight_requests", ())] == 0
 
 
 def test_slow_uploaders_are_cut_off_at_the_deadline_and_others_keep_their_latency(server, client):

@@ -18,8 +18,15 @@ import torch
 from model.pipeline import Request, Result
 from service.engine import Batch
 from service.settings import Settings
-from tests.helpers import RunningServer, encode, running_server, scene_image
-from tests.test_service import delta, metric_samples
+from tests.helpers import (
+    RunningServer,
+    delta,
+    encode,
+    metric_samples,
+    running_server,
+    scene_image,
+    until,
+)
 
 # The width of an uploaded image picks its fault (the model sees the image as uploaded).
 RAISES, OUT_OF_MEMORY, HANGS = 131, 137, 139
@@ -69,13 +76,6 @@ def injected(server: RunningServer) -> Iterator[FaultyPipeline]:
 def post(client: httpx.Client, width: int = 160) -> httpx.Response:
     image = encode(scene_image(width, 120))
     return client.post("/predict", files={"image": ("s.png", image)}, data={"tasks": "caption"})
-
-
-def until(condition, what: str, timeout_s: float = 20.0) -> None:
-    give_up = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < give_up, what
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +145,7 @@ def test_a_model_that_keeps_failing_is_reported_unhealthy(micro_checkpoint, capl
         assert post(client).status_code == 500
         assert client.get("/readyz").status_code == 200  # one failure says little
         assert post(client).status_code == 500
-        give_up = time.monotonic() + 10
-        while server.state.health.problem is None and time.monotonic() < give_up:
-            time.sleep(0.05)
+        until(lambda: server.state.health.problem is not None, "no verdict from the self-test")
         ready, live = client.get("/readyz"), client.get("/healthz")
         assert ready.status_code == 503 and ready.json()["status"] == "unhealthy"
         assert live.status_code == 503 and live.json()["status"] == "unhealthy"
