@@ -47,7 +47,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
-        "http": GuardedH11Protocol,
+        # By name: worker processes import it once running (importing this module, which
+        # loads torch, while unpickling would outlast uvicorn's worker health check).
+        "http": f"{__name__}:GuardedH11Protocol",
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         # A backstop: requests end by their deadline; a client that will not read its

@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import encode, free_port, scene_image
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a process start (model load) each
 
 
 @contextmanager
@@ -144,3 +146,17 @@ def test_a_second_signal_exits_at_once(micro_checkpoint):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == -signal.SIGINT, stderr[-3000:]
     assert any(e["message"].startswith("second signal") for e in logs(stderr))
+
+
+def test_worker_processes_serve_with_the_same_limits(micro_checkpoint):
+    with mad_serve(micro_checkpoint, MAD_WORKERS="2", MAD_MAX_HEADER_BYTES="4096") as (
+        process,
+        url,
+    ):
+        assert post(url).status_code == 200
+        oversized = httpx.get(f"{url}/healthz", headers={"X-Padding": "a" * 5000})
+        assert oversized.status_code == 431
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "died" not in stderr  # uvicorn's supervisor restarted no worker
