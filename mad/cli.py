@@ -77,12 +77,36 @@ def data_synth(
     val: int = typer.Option(500, min=0, help="Validation images."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
     workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
+    world: str = typer.Option(
+        "v2",
+        help="v2: randomised styles, poses, backgrounds and distractors; v1: the first world, "
+        "reproduced exactly.",
+    ),
 ) -> None:
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
     and captions."""
-    from model.data.synth import main
+    from model.data.synth import WORLDS, main
 
-    main(out, train, val, seed, workers)
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    main(out, train, val, seed, workers, world)
+
+
+@data_app.command("sheet")
+def data_sheet(
+    out: Path = typer.Option(..., help="PNG to write."),
+    world: str = typer.Option("v2", help="Synthetic world: v1 or v2."),
+    seed: int = typer.Option(0, help="Random seed."),
+    count: int = typer.Option(16, min=1, max=64, help="Images on the sheet."),
+) -> None:
+    """Write a contact sheet of synthetic images with their boxes, masks, keypoints and
+    first caption drawn on."""
+    from model.data.synth import WORLDS
+    from model.data.synth.sheet import main
+
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    main(out, world, seed, count)
 
 
 def parse_overrides(values: list[str]) -> dict[str, Any]:
@@ -107,6 +131,10 @@ def train(
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
     steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
     stop_at: int | None = typer.Option(None, help="Stop (and save) at this step; resume later."),
+    log_every: int = typer.Option(10, min=1, help="Steps between train_log.csv rows."),
+    max_minutes: float | None = typer.Option(
+        None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
+    ),
     batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
     lr: float = typer.Option(1e-4),
     backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
@@ -115,7 +143,9 @@ def train(
     grad_clip: float = typer.Option(0.1),
     workers: int = typer.Option(2, min=0, help="Data loader processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: str = typer.Option("bf16", help="Autocast on CUDA: bf16, fp16 or none."),
+    amp: str = typer.Option(
+        "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA) or none."
+    ),
     seed: int = typer.Option(0),
     split: str = typer.Option("train2017"),
     val_split: str = typer.Option("val2017"),
@@ -153,6 +183,8 @@ def train(
             val_split=val_split,
             steps=steps,
             stop_at=stop_at,
+            max_minutes=max_minutes,
+            log_every=log_every,
             batch_size=batch_size,
             lr=lr,
             backbone_lr_scale=backbone_lr_scale,

@@ -51,6 +51,9 @@ class ResNetBackbone(Backbone):
         net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
         if weights:
             load_local_weights(net, weights)
+        if frozen_bn:  # a pretrained backbone: its stem stays fixed too (reference: freeze_at=1)
+            for param in [*net.conv1.parameters(), *net.bn1.parameters()]:
+                param.requires_grad_(False)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4][:last_stage]
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
         self.out_channels = RESNET_CHANNELS[name][last_stage - 1]

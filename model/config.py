@@ -159,6 +159,9 @@ class ModelConfig:
     decoder_layers: int = 6
     ffn_dim: int = 2048
     dropout: float = 0.1
+    # A LayerNorm shared by all decoder layers' outputs before the head, as the reference's
+    # decoder has; False only for checkpoints from before it existed (the presets set True).
+    decoder_final_norm: bool = False
     # Images are letterboxed into this canvas (height, width); coordinates are binned over it.
     image_size: tuple[int, int] = (800, 1333)
     # Sequence language.
@@ -240,15 +243,17 @@ class ModelConfig:
 
 
 def _r50() -> ModelConfig:
-    return ModelConfig()
+    return ModelConfig(decoder_final_norm=True)
 
 
 def _swin_b() -> ModelConfig:
-    return ModelConfig(name="swin-b", backbone="timm:swin_base_patch4_window7_224")
+    return ModelConfig(
+        name="swin-b", backbone="timm:swin_base_patch4_window7_224", decoder_final_norm=True
+    )
 
 
 def _vit_b() -> ModelConfig:
-    return ModelConfig(name="vit-b", backbone="timm:vit_base_patch16_224")
+    return ModelConfig(name="vit-b", backbone="timm:vit_base_patch16_224", decoder_final_norm=True)
 
 
 def _tiny() -> ModelConfig:
@@ -268,6 +273,7 @@ def _tiny() -> ModelConfig:
         decoder_layers=3,
         ffn_dim=512,
         dropout=0.0,
+        decoder_final_norm=True,
         image_size=(256, 256),
         num_bins=256,
         num_slots=20,

@@ -87,6 +87,9 @@ class MADNetwork(nn.Module):
             DecoderLayer(d, config.n_heads, config.ffn_dim, config.dropout)
             for _ in range(config.decoder_layers)
         )
+        # One LayerNorm shared by every decoder layer's output on its way to the head (the
+        # reference's post_norm_layer); configs from before it existed run without it.
+        self.final_norm = nn.LayerNorm(d) if config.decoder_final_norm else nn.Identity()
         self.token_embedding = nn.Embedding(vocab.size, d)
         self.seq_pos = nn.Embedding(max_seq_len, d)  # shared by every task, truncated per task
         self.head = VocabularyHead(d)
@@ -168,7 +171,7 @@ class MADNetwork(nn.Module):
         hidden = []
         for layer, kv in zip(self.decoder, memory.kv, strict=True):
             x, _ = layer(x, pos, kv, memory.mask, causal=causal, groups=groups)
-            hidden.append(x)
+            hidden.append(self.final_norm(x))
         embeddings = self.token_embedding.weight[vocab_slice[0] : vocab_slice[1]]
         if all_layers:
             return self.head(torch.stack(hidden), embeddings)
@@ -199,4 +202,4 @@ class MADNetwork(nn.Module):
             )
             new_cache.append(kv)
         embeddings = self.token_embedding.weight[vocab_slice[0] : vocab_slice[1]]
-        return self.head(x, embeddings), new_cache
+        return self.head(self.final_norm(x), embeddings), new_cache

@@ -66,6 +66,9 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    def piece(self, text_id: int) -> str:
+        return str(self._sp.id_to_piece(text_id))
+
     def encode(self, text: str, length: int) -> list[int]:
         """Text -> exactly `length` ids: its pieces, cut or padded with PAD_ID."""
         ids = [i for i in self._sp.encode(normalize(text)) if i != PAD_ID][:length]

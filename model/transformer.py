@@ -1,8 +1,11 @@
 """Transformer layers of MAD: a DETR-style encoder and a bidirectional sequence decoder.
 
-Attention goes through `F.scaled_dot_product_attention` (fused kernels on GPU). The decoder's
-cross-attention keys/values of the image are computed once per image (`image_kv`) and reused
-by every task and every refinement step.
+Attention goes through `F.scaled_dot_product_attention` (fused kernels on GPU), except under
+CPU bf16 autocast (training), where plain matmuls with an fp32 softmax are several times
+faster than the CPU's fused kernel at these short lengths. The decoder's cross-attention
+keys/values of the image are computed once per image (`image_kv`) and reused by every task
+and every refinement step. As in the reference (detrex layers), attention outputs join the
+residual without dropout; dropout acts on attention weights and inside the FFN.
 """
 
 from __future__ import annotations
@@ -37,10 +40,34 @@ class Attention(nn.Module):
         (True = may attend) -> [B, L, D]"""
         q = self.split(self.q(query))
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], attn_mask=mask, dropout_p=drop, is_causal=causal
-        )
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            out = matmul_attention(q, kv[0], kv[1], mask, drop, causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, kv[0], kv[1], attn_mask=mask, dropout_p=drop, is_causal=causal
+            )
         return self.out(out.transpose(1, 2).flatten(2))
+
+
+def matmul_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    causal: bool,
+) -> torch.Tensor:
+    """What `F.scaled_dot_product_attention` computes, as explicit matmuls with the softmax in
+    fp32: q [B, h, L, d], k, v [B, h, N, d], mask broadcastable to [B, h, L, N] (True = may
+    attend) -> [B, h, L, d]."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+        scores = scores.masked_fill(future.triu(1), float("-inf"))
+    weights = F.dropout(scores.softmax(-1), dropout)
+    return weights.to(v.dtype) @ v
 
 
 class FeedForward(nn.Sequential):
@@ -68,7 +95,7 @@ class EncoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x, pos [B, N, D]; mask [B, 1, 1, N] (True = real pixel) -> [B, N, D]"""
         qk = x + pos
-        x = self.norm1(x + self.drop(self.attn(qk, self.attn.project_kv(qk, x), mask)))
+        x = self.norm1(x + self.attn(qk, self.attn.project_kv(qk, x), mask))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -109,8 +136,8 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.project_kv(qk, x)
         if self_cache is not None:
             k, v = torch.cat([self_cache[0], k], 2), torch.cat([self_cache[1], v], 2)
-        x = self.norm1(x + self.drop(self.self_attn(qk, (k, v), causal=causal)))
-        x = self.norm2(x + self.drop(self.cross_attend(x + seq_pos, image_kv, image_mask, groups)))
+        x = self.norm1(x + self.self_attn(qk, (k, v), causal=causal))
+        x = self.norm2(x + self.cross_attend(x + seq_pos, image_kv, image_mask, groups))
         return self.norm3(x + self.drop(self.ffn(x))), (k, v)
 
     def cross_attend(

@@ -137,9 +137,9 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 
 def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
-    """`n` images of the synthetic dataset (shapes and persons), deterministic in `seed`."""
+    """`n` images of synthetic world v1 (shapes and persons), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(render_synthetic_image(rng)[0]) for _ in range(n)]
+    return [Image.fromarray(render_synthetic_image(rng, world="v1")[0]) for _ in range(n)]
 
 
 def metric_samples(client: httpx.Client) -> dict[tuple, float]:

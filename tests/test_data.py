@@ -127,11 +127,12 @@ def test_keypoints(synth):
         # Visible joints lie on the figure's own visible pixels.
         m = mask_utils.decode(ann["segmentation"])
         assert all(m[y, x] for x, y, _ in vis)
-        # Person faces the viewer: left shoulder on the image right.
+        # COCO sides: facing the viewer, the left shoulder is on the image right (sideways
+        # figures of world v2 have both shoulders at about the same x).
         ls = kps[KEYPOINT_NAMES.index("left_shoulder")]
         rs = kps[KEYPOINT_NAMES.index("right_shoulder")]
         if ls[2] and rs[2]:
-            assert ls[0] > rs[0]
+            assert ls[0] >= rs[0]
     assert found_visible
     # Instances and keypoint files share annotation ids.
     inst_ids = {a["id"] for a in _load(synth, "instances")["annotations"]}

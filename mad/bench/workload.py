@@ -96,11 +96,12 @@ def load_model(checkpoint: Path) -> MAD:
 
 
 def synthetic_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A deterministic scene of shapes and stick figures (the synthetic dataset's renderer),
-    resized to (height, width): real edges and colours, so JPEG sizes are realistic."""
+    """A deterministic scene of shapes and stick figures (synthetic world v1, so figures stay
+    comparable), resized to (height, width): real edges and colours, so JPEG sizes are
+    realistic."""
     from model.data.synth import render_synthetic_image
 
-    pixels, _, _ = render_synthetic_image(np.random.default_rng(seed))
+    pixels, _, _ = render_synthetic_image(np.random.default_rng(seed), world="v1")
     return (
         Image.fromarray(pixels).convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
     )

@@ -1,30 +1,27 @@
-"""Deterministic synthetic dataset in the COCO 2017 layout.
+"""World v1: the first synthetic world, kept exactly reproducible (`mad data synth --world v1`).
 
-Each image holds 1-8 coloured shapes and stick-figure persons on a pastel/grey background.
-Labels cover detection, instance segmentation (RLE of the *visible* pixels), person
-keypoints (17 COCO joints) and five template captions. Everything derives from
-(seed, split, index), so output is identical for any number of workers.
+Each image holds 1-8 shapes and stick-figure persons in eight saturated colours on a
+pastel/grey background: one drawing style, no distractors, no empty images. Do not change
+what this module draws: tests pin its output byte for byte, so earlier model-card rows can
+be re-run.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
-from multiprocessing import Pool
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model.config import COCO_KEYPOINT_NAMES, COCO_SKELETON, SYNTH_CLASS_NAMES
-from model.data.captions import make_captions
-from model.mask_formats import encode_rle
+from model.data.synth.captions_v1 import make_captions
+from model.data.synth.common import (
+    CATEGORIES,
+    KEYPOINT_NAMES,
+    MIN_VISIBLE_PIXELS,
+    regular_polygon,
+)
 
-CATEGORIES = list(SYNTH_CLASS_NAMES)  # COCO ids 1..6
-KEYPOINT_NAMES = list(COCO_KEYPOINT_NAMES)
-SKELETON = [[a + 1, b + 1] for a, b in COCO_SKELETON]  # COCO files use 1-based indices
 # Saturated colours, far from the pastel/grey backgrounds.
 COLOURS = {
     "red": (220, 30, 30),
@@ -37,13 +34,6 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 COLOUR_NAMES = list(COLOURS)
-SPLIT_ID_BASE = {"train2017": 0, "val2017": 5_000_000}  # image ids unique across splits
-MIN_VISIBLE_PIXELS = 20
-
-
-def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """Independent stream per image, so generation order and worker count do not matter."""
-    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
 # --------------------------------------------------------------------------- background
@@ -82,13 +72,6 @@ def _background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, s
 # Each shape function draws a filled shape (value 1) on an "L" canvas for its mask.
 
 
-def _regular_polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple]:
-    return [
-        (cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
-        for k in range(n)
-    ]
-
-
 def draw_circle(
     d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
 ) -> None:
@@ -101,29 +84,29 @@ def draw_square(
 ) -> None:
     # Mild rotation only: at 45 degrees a square reads as a diamond.
     rot = math.pi / 4 + rng.uniform(-0.35, 0.35)
-    d.polygon(_regular_polygon(cx, cy, size / math.sqrt(2), 4, rot), fill=1)
+    d.polygon(regular_polygon(cx, cy, size / math.sqrt(2), 4, rot), fill=1)
 
 
 def draw_triangle(
     d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
 ) -> None:
     rot = -math.pi / 2 + rng.uniform(-0.5, 0.5)
-    d.polygon(_regular_polygon(cx, cy, size / 2, 3, rot), fill=1)
+    d.polygon(regular_polygon(cx, cy, size / 2, 3, rot), fill=1)
 
 
 def draw_star(
     d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
 ) -> None:
     rot = -math.pi / 2 + rng.uniform(-0.6, 0.6)
-    outer = _regular_polygon(cx, cy, size / 2, 5, rot)
-    inner = _regular_polygon(cx, cy, size / 2 * 0.45, 5, rot + math.pi / 5)
+    outer = regular_polygon(cx, cy, size / 2, 5, rot)
+    inner = regular_polygon(cx, cy, size / 2 * 0.45, 5, rot + math.pi / 5)
     d.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=1)
 
 
 def draw_hexagon(
     d: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, size: float
 ) -> None:
-    d.polygon(_regular_polygon(cx, cy, size / 2, 6, rng.uniform(0, math.pi / 3)), fill=1)
+    d.polygon(regular_polygon(cx, cy, size / 2, 6, rng.uniform(0, math.pi / 3)), fill=1)
 
 
 SHAPE_DRAWERS = {
@@ -202,7 +185,7 @@ def draw_person(d: ImageDraw.ImageDraw, joints: np.ndarray, h: float) -> None:
 # --------------------------------------------------------------------------- image
 
 
-def render_synthetic_image(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], list[str]]:
+def render_image(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], list[str]]:
     """Render one image. Returns (HxWx3 uint8, visible objects, five captions).
 
     Object dicts: category, colour, mask (bool HxW, visible pixels), bbox (xywh), area,
@@ -287,110 +270,3 @@ def _keypoint_visibility(joints: np.ndarray, owner: np.ndarray, index: int) -> n
             continue
         kps[k] = (x, y, 1 if owner[y, x] > index else 2)
     return kps
-
-
-# --------------------------------------------------------------------------- writer
-
-
-INFO = {
-    "description": "MAD Serve synthetic shapes and stick figures",
-    "version": "1.0",
-    "year": 2017,
-    "contributor": "mad-serve",
-    "date_created": "2017-01-01",
-}
-LICENSES = [
-    {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
-]
-COCO_CATEGORIES = [
-    {"id": i + 1, "name": name, "supercategory": "person" if i == 0 else "shape"}
-    | ({"keypoints": KEYPOINT_NAMES, "skeleton": SKELETON} if name == "person" else {})
-    for i, name in enumerate(CATEGORIES)
-]
-
-
-def _render_one(job: tuple[Path, str, int, int]) -> dict:
-    """Render, save the PNG and return picklable annotation material for one image."""
-    out_dir, split, seed, index = job
-    img, objects, captions = render_synthetic_image(image_rng(seed, split, index))
-    image_id = SPLIT_ID_BASE.get(split, 0) + index + 1
-    file_name = f"{image_id:012d}.png"
-    Image.fromarray(img).save(out_dir / split / file_name, compress_level=3)
-    anns = []
-    for obj in objects:
-        category_id = CATEGORIES.index(obj["category"]) + 1
-        ann = {
-            "image_id": image_id,
-            "category_id": category_id,
-            "segmentation": encode_rle(obj["mask"]),
-        }
-        ann |= {"area": obj["area"], "bbox": obj["bbox"], "iscrowd": 0}
-        if "keypoints" in obj:
-            kps = obj["keypoints"]
-            ann["keypoints"] = [int(v) for v in kps.reshape(-1)]
-            ann["num_keypoints"] = int((kps[:, 2] > 0).sum())
-        anns.append(ann)
-    image = {"id": image_id, "file_name": file_name, "width": img.shape[1], "height": img.shape[0]}
-    return {"image": image, "anns": anns, "captions": captions}
-
-
-def write_split(out_dir: Path, split: str, count: int, seed: int, workers: int = 1) -> dict:
-    """Write one split's images and its three annotation files; returns counts."""
-    (out_dir / split).mkdir(parents=True, exist_ok=True)
-    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, split, seed, i) for i in range(count)]
-    if workers > 1 and count > 1:
-        with Pool(workers) as pool:  # imap keeps order, so ids are worker-independent
-            results = list(pool.imap(_render_one, jobs, chunksize=16))
-    else:
-        results = [_render_one(job) for job in jobs]
-
-    # Ids are assigned here, in image order, so they do not depend on the worker count.
-    images = [res["image"] for res in results]
-    instances = [ann for res in results for ann in res["anns"]]
-    for ann_id, ann in enumerate(instances, start=1):
-        ann["id"] = ann_id
-    persons = [ann for ann in instances if "keypoints" in ann]
-    captions: list[dict[str, Any]] = []
-    for res in results:
-        for text in res["captions"]:
-            captions.append(
-                {"id": len(captions) + 1, "image_id": res["image"]["id"], "caption": text}
-            )
-
-    files = {
-        "instances": {"annotations": instances, "categories": COCO_CATEGORIES},
-        "person_keypoints": {"annotations": persons, "categories": COCO_CATEGORIES[:1]},
-        # No categories here, as in COCO: pycocotools' COCO() fails on caption files with them.
-        "captions": {"annotations": captions},
-    }
-    for kind, body in files.items():
-        doc = {"info": INFO, "licenses": LICENSES, "images": images, **body}
-        path = out_dir / "annotations" / f"{kind}_{split}.json"
-        path.write_text(json.dumps(doc, separators=(",", ":")))
-    return {"images": len(images), "objects": len(instances), "persons": len(persons)}
-
-
-def write_synthetic_dataset(
-    out_dir: Path, train: int, val: int, seed: int, workers: int = 1
-) -> dict[str, dict]:
-    """Write train2017/val2017 images and annotations under out_dir; returns per-split counts.
-
-    Splits use separate random streams (split name enters every image's seed), so train
-    and val never share images. A split with 0 images gets valid, empty annotation files.
-    """
-    out_dir = Path(out_dir)
-    return {
-        "train2017": write_split(out_dir, "train2017", train, seed, workers),
-        "val2017": write_split(out_dir, "val2017", val, seed, workers),
-    }
-
-
-def main(out: Path, train: int, val: int, seed: int, workers: int = 1) -> None:
-    """CLI entry (`mad data synth`): write the dataset and print a one-line summary."""
-    stats = write_synthetic_dataset(out, train, val, seed, workers)
-    total = {k: sum(s[k] for s in stats.values()) for k in ("images", "objects", "persons")}
-    print(
-        f"wrote {total['images']} images ({train} train, {val} val), {total['objects']} objects, "
-        f"{total['persons']} persons to {out}"
-    )

@@ -1,4 +1,5 @@
-"""Template captions for the synthetic world: counts, colours, shapes and a spatial relation."""
+"""World v1 captions (also the source of the relation and place phrases v2 reuses): counts,
+colours, shapes and a spatial relation."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _centre(obj: dict) -> tuple[float, float]:
     return x + w / 2, y + h / 2
 
 
-def _relation(a: dict, b: dict) -> str:
+def relation_words(a: dict, b: dict) -> str:
     """Where a is relative to b, from box centres (image left/right, viewer's frame)."""
     (ax, ay), (bx, by) = _centre(a), _centre(b)
     dx, dy = ax - bx, ay - by
@@ -43,7 +44,7 @@ def _relation(a: dict, b: dict) -> str:
     return "above" if dy < 0 else "below"
 
 
-def _position(obj: dict, w: int, h: int) -> str:
+def place_words(obj: dict, w: int, h: int) -> str:
     cx, cy = _centre(obj)
     col = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else ""
     row = "top" if cy < h / 3 else "bottom" if cy > 2 * h / 3 else ""
@@ -73,14 +74,14 @@ def make_captions(rng: np.random.Generator, objects: list[dict], w: int, h: int,
                 return text
             k -= 1
 
-    position = f"{a_text} {_position(a, w, h)}"
+    position = f"{a_text} {place_words(a, w, h)}"
     pool = [listing("a picture of"), listing(suffix=f"on a {bg} background")]
     pool.append(listing("an image with"))
     if len(by_area) > 1:
         b = by_area[1]
         b_text = _phrase(b["category"], b["colour"])
-        relation = f"{a_text} {_relation(a, b)} {b_text}"
-        pool.append(f"{b_text} {_relation(b, a)} {a_text}")
+        relation = f"{a_text} {relation_words(a, b)} {b_text}"
+        pool.append(f"{b_text} {relation_words(b, a)} {a_text}")
         pool.append(f"{NUMBER_WORDS[len(objects)]} objects including {group_phrases[0]}")
         pool.append(position)
     else:  # a lone object: its place in the image is the spatial fact

@@ -1,0 +1,117 @@
+"""Training speed paths: CPU bf16 autocast, the matmul attention it uses, wall-time stops, and
+starting from a checkpoint with config overrides that add parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import MAD, load_checkpoint, save_checkpoint
+from model.data.batching import CanvasCollate
+from model.data.coco import CocoMultiTaskDataset
+from model.data.transforms import build_transforms
+from model.losses import masked_training_losses, weighted_total
+from model.train import TrainConfig, train
+from model.transformer import matmul_attention
+from tests.helpers import MICRO_OVERRIDES, micro_config
+
+
+def test_matmul_attention_computes_what_sdpa_does():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    mask = torch.rand(2, 1, 1, 7) > 0.3
+    mask[..., 0] = True  # every query can attend somewhere
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(matmul_attention(q, k, v, mask, 0.0, False), expected, atol=1e-5)
+    k, v = k[:, :, :5], v[:, :, :5]
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(matmul_attention(q, k, v, None, 0.0, True), expected, atol=1e-5)
+
+
+def _loss_and_grads(mad: MAD, batch, sequences, bf16: bool) -> tuple[float, torch.Tensor]:
+    network = mad.required_network()
+    network.zero_grad()
+    images, pads, _ = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
+    loss = weighted_total(losses, mad.config.task_weights)
+    loss.backward()
+    grads = [p.grad.flatten() for p in network.parameters() if p.grad is not None]
+    return loss.item(), torch.cat(grads)
+
+
+def test_bf16_cpu_training_step_stays_close_to_fp32(synth_data, tokenizer):
+    torch.manual_seed(0)
+    mad = MAD.build(micro_config(), tokenizer)
+    mad.required_network().train()
+    dataset = CocoMultiTaskDataset(synth_data, "train2017", build_transforms(False, 96))
+    batch = CanvasCollate(mad.config.image_size)([dataset[i] for i in range(4)])
+    generator = torch.Generator().manual_seed(0)
+    sequences = {n: c.training_sequences(batch[2], generator) for n, c in mad.codecs.items()}
+    loss32, grads32 = _loss_and_grads(mad, batch, sequences, bf16=False)
+    loss16, grads16 = _loss_and_grads(mad, batch, sequences, bf16=True)
+    assert abs(loss16 - loss32) / loss32 < 0.02
+    assert F.cosine_similarity(grads16, grads32, dim=0) > 0.98
+
+
+def test_training_stops_and_saves_after_its_wall_time(synth_data, tmp_path):
+    cfg = TrainConfig(
+        data=synth_data,
+        out=tmp_path / "run",
+        steps=50,
+        batch_size=2,
+        workers=0,
+        warmup_steps=1,
+        save_every=100,
+        eval_images=2,
+        overrides=dict(MICRO_OVERRIDES),
+        max_minutes=1e-6,
+    )
+    train(cfg)
+    _, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 1  # stopped (and saved) after the first step, not at 50
+
+
+def test_init_with_overrides_keeps_the_weights_and_adds_new_parameters(
+    synth_data, tokenizer, tmp_path
+):
+    torch.manual_seed(0)
+    old = MAD.build(dataclasses.replace(micro_config(), decoder_final_norm=False), tokenizer)
+    save_checkpoint(old, tmp_path / "old")
+    cfg = TrainConfig(
+        data=synth_data,
+        out=tmp_path / "new",
+        steps=1,
+        batch_size=2,
+        workers=0,
+        warmup_steps=1,
+        lr=0.0,
+        init=tmp_path / "old",
+        overrides={"decoder_final_norm": True},
+    )
+    train(cfg)
+    new, _ = load_checkpoint(tmp_path / "new")
+    assert new.config.decoder_final_norm
+    state = new.required_network().state_dict()
+    assert "final_norm.weight" in state
+    # The synthetic captions have words the old tokenizer (trained on TINY_CAPTIONS) lacks:
+    # a new tokenizer was trained, and every piece both know kept its embedding.
+    assert old.tokenizer is not None and new.tokenizer is not None
+    assert new.tokenizer.vocab_size > old.tokenizer.vocab_size
+    old_state = old.required_network().state_dict()
+    for key, value in old_state.items():
+        if key != "token_embedding.weight" and "running" not in key and "batches" not in key:
+            assert torch.equal(value, state[key]), key  # (BatchNorm statistics move)
+    old_rows, new_rows = old_state["token_embedding.weight"], state["token_embedding.weight"]
+    old_pieces = {old.tokenizer.piece(i): i for i in range(old.tokenizer.vocab_size)}
+    shared = 0
+    for i in range(new.tokenizer.vocab_size):
+        if new.tokenizer.piece(i) in old_pieces:
+            j = old_pieces[new.tokenizer.piece(i)]
+            assert torch.equal(new_rows[new.vocab.text_token(i)], old_rows[old.vocab.text_token(j)])
+            shared += 1
+    assert shared >= 10
+    start = old.vocab.text_start  # specials, classes and coordinates keep their rows
+    assert torch.equal(new_rows[:start], old_rows[:start])
