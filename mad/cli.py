@@ -10,22 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import click
 import typer
 
 from export.cli import export
 from mad.bench.cli import bench
+from mad.help import PlainHelpCommand, command_name, new_app
 from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
 from model.startup import StartupError
 from service.cli import predict, request_error, serve
 
-app = typer.Typer(
-    help="MAD Serve: the Masked AutoDecoder vision generalist.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts are plain: "[env MAD_X]" must not read as markup
-)
-data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
+data_app = new_app(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -45,9 +40,7 @@ def one_line_errors(command: Command) -> Command:
         except StartupError as exc:
             if debugging():
                 raise
-            context = click.get_current_context(silent=True)
-            name = context.info_name if context is not None else command.__name__
-            print(f"mad {name}: {exc}", file=sys.stderr)
+            print(f"{command_name()}: {exc}", file=sys.stderr)
             raise typer.Exit(3) from None
 
     return run  # type: ignore[return-value]
@@ -64,13 +57,13 @@ def main(
         os.environ["MAD_DEBUG"] = "1"  # worker processes inherit it
 
 
-app.command()(one_line_errors(serve))
-app.command()(one_line_errors(predict))
-app.command()(one_line_errors(export))
-app.command()(one_line_errors(bench))
+app.command(cls=PlainHelpCommand)(one_line_errors(serve))
+app.command(cls=PlainHelpCommand)(one_line_errors(predict))
+app.command(cls=PlainHelpCommand)(one_line_errors(export))
+app.command(cls=PlainHelpCommand)(one_line_errors(bench))
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=PlainHelpCommand)
 def data_synth(
     out: Path = typer.Option(..., help="Output directory (COCO 2017 layout)."),
     train: int = typer.Option(3000, min=0, help="Training images."),
@@ -92,7 +85,7 @@ def data_synth(
     main(out, train, val, seed, workers, world)
 
 
-@data_app.command("sheet")
+@data_app.command("sheet", cls=PlainHelpCommand)
 def data_sheet(
     out: Path = typer.Option(..., help="PNG to write."),
     world: str = typer.Option("v2", help="Synthetic world: v1 or v2."),
@@ -123,7 +116,7 @@ def parse_overrides(values: list[str]) -> dict[str, Any]:
     return out
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 @one_line_errors
 def train(
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
@@ -208,7 +201,7 @@ def train(
     )
 
 
-@app.command("eval")
+@app.command("eval", cls=PlainHelpCommand)
 @one_line_errors
 def evaluate_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
@@ -281,7 +274,7 @@ def require_split(command: str, data: Path, split: str) -> None:
         raise typer.Exit(2)
 
 
-@app.command("tune")
+@app.command("tune", cls=PlainHelpCommand)
 @one_line_errors
 def tune_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.codecs import TaskCodec, build_codecs
 from model.config import ModelConfig
 from model.network import MADNetwork
+from model.startup import StartupError
 from model.tokenizer import CaptionTokenizer
 from model.vocab import VocabLayout
 
@@ -114,7 +116,21 @@ def load_checkpoint(
     tokenizer = CaptionTokenizer.load(directory / meta["tokenizer"]) if meta["tokenizer"] else None
     mad = MAD.build(config, tokenizer)
     network = mad.required_network()
-    network.load_state_dict(load_file(directory / WEIGHTS, device="cpu"))
+    weights = directory / WEIGHTS
+    try:
+        state = load_file(weights, device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise StartupError(
+            f"{weights} cannot be read ({exc}): it is damaged or incomplete; copy it again"
+        ) from exc
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:  # names or shapes that are not this config's network
+        problem = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise StartupError(
+            f"{weights} does not fit the network {CONFIG} describes ({problem}); "
+            "keep each checkpoint's files together"
+        ) from exc
     network.to(device).eval()
     return mad, meta
 

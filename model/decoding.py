@@ -95,7 +95,7 @@ def content_noise(predicted: torch.Tensor, step: int) -> torch.Tensor:
     the same image always gets the same positions (the same request, the same answer), an
     answer never depends on its batch mates, different images get different positions (one
     pattern shared by every image scored caption BLEU-4 0.212 on the bundled model's validation
-    images, per-image patterns 0.262; see the README's model card), and nothing leaves the
+    images, per-image patterns 0.262; see docs/model-card.md), and nothing leaves the
     device. REFINE_SEED offsets the hash."""
     position = torch.arange(predicted.shape[1], device=predicted.device)
     tokens = mix(predicted.long() + position * 0x9E3779B9 + REFINE_SEED) >> 8  # sum fits

@@ -78,6 +78,18 @@ def check_options(
             f"no checkpoint or export at {checkpoint} ({CONFIG} missing); "
             "check --checkpoint (or MAD_CHECKPOINT)"
         )
+    export_dir = options.get("export_dir") if backend != "torch" else None
+    if export_dir is not None:
+        read_manifest(export_dir)  # raises when it is not an export
+    elif (
+        checkpoint is not None
+        and not is_export(checkpoint)
+        and not (Path(checkpoint) / WEIGHTS).is_file()
+    ):  # a checkpoint is run (torch) or exported at start-up (onnx, tensorrt): weights needed
+        raise StartupError(
+            f"{checkpoint} has a {CONFIG} but no {WEIGHTS}: an incomplete checkpoint (an "
+            "interrupted copy or training run?); check --checkpoint (or MAD_CHECKPOINT)"
+        )
     if backend == "torch":
         if checkpoint is None:
             raise StartupError("the torch backend needs a checkpoint; pass --checkpoint")

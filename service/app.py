@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from model.decoding import Runner
@@ -69,6 +72,48 @@ def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
     return lambda: 0
 
 
+async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
+    """Load the model, warm it up and start the engine, while the server already answers
+    (/healthz 200; /readyz and /predict 503 until ready). A failure stops the server
+    (ServiceState.fail_start) and `mad serve` exits with its message."""
+    s = state.settings
+    try:
+        # All torch work (loading, warm-up, requests) happens on the one model thread.
+        model = await engine.run_on_model_thread(load_model, s)
+        state.model = model
+        pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
+        d = model.description
+        state.metrics.model_info.info(
+            {
+                "name": d.name,
+                "version": d.version,
+                "backend": d.backend,
+                "device": d.device,
+                "precision": d.precision,
+            }
+        )
+        state.metrics.track_queue(lambda: len(engine.waiting), lambda: engine.running)
+        state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
+        # Compiled graphs and CUDA state belong to the model thread too.
+        warm_up = warm_up_request(pipeline)
+        await engine.run_on_model_thread(pipeline, [warm_up])
+        state.health.self_test = lambda: engine.run_alone(warm_up)
+    except StartupError as exc:  # expected (model/startup.py): one log line, no traceback
+        log.error("start-up failed", extra={"error": str(exc)})
+        state.fail_start(str(exc))
+        return
+    except Exception as exc:  # a bug: the traceback goes to the log
+        log.exception("start-up failed")
+        state.fail_start(
+            f"loading the model failed ({type(exc).__name__}: {exc}); "
+            "the traceback is in the log above"
+        )
+        return
+    engine.start()
+    state.engine, state.ready = engine, True
+    log.info("ready", extra={"model": d.name, "version": d.version})
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
@@ -86,40 +131,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_batch=metrics.batch_size.observe,
         on_outcome=on_outcome,
     )
-    # All torch work (loading, warm-up, requests) happens on the one model thread.
-    try:
-        model = await engine.run_on_model_thread(load_model, s)
-    except StartupError as exc:  # one log line; `mad serve` prints it and exits
-        state.startup_error = str(exc)
-        log.error("start-up failed", extra={"error": str(exc)})
-        raise
-    state.model = model
-    pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
-    d = model.description
-    state.metrics.model_info.info(
-        {
-            "name": d.name,
-            "version": d.version,
-            "backend": d.backend,
-            "device": d.device,
-            "precision": d.precision,
-        }
-    )
-    metrics.track_queue(lambda: len(engine.waiting), lambda: engine.running)
-    metrics.track_gpu_memory(gpu_memory_reader(model.runner))
-    # Compiled graphs and CUDA state belong to the model thread too.
-    warm_up = warm_up_request(pipeline)
-    await engine.run_on_model_thread(pipeline, [warm_up])
-    health.self_test = lambda: engine.run_alone(warm_up)
-    engine.start()
-    state.engine, state.ready = engine, True
-    log.info("ready", extra={"model": d.name, "version": d.version})
+    # Serve at once: probes get answers (liveness 200, readiness 503) while the model loads.
+    loading = asyncio.create_task(load_and_warm_up(state, engine), name="mad-load")
     try:
         yield
     finally:
         # uvicorn has finished the requests in flight by now (or given up on them after
         # their deadline): what is left is at most a batch nobody waits for.
         state.draining = True
+        if not loading.done():
+            loading.cancel()  # a load step under way still ends on the model thread
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
         finished = await engine.drain(SHUTDOWN_MARGIN_S)
         state.ready = False
         log.info("stopped", extra={"drained": finished})
@@ -128,7 +151,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServiceState(settings)
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc from the package, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="MAD Serve",
         version=SERVICE_VERSION,
         lifespan=lifespan,
@@ -174,12 +198,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ClientGuardMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
-
-
-def create_app_from_env() -> FastAPI:
-    """Import-string factory for multi-worker uvicorn: each worker reads MAD_* itself."""
-    from service.logging import configure
-
-    settings = Settings()
-    configure(settings.log_level)
-    return create_app(settings)

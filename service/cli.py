@@ -7,14 +7,15 @@ service/settings.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 
 from model.request_spec import (
     RequestError,
@@ -25,21 +26,18 @@ from model.request_spec import (
     parse_tasks,
 )
 from model.startup import StartupError
+from service.setting_options import (
+    MODEL_SETTINGS,
+    settings_from_options,
+    usage_error,
+    with_setting_options,
+)
 from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.schemas import PredictResponse
 
-CHECKPOINT_HELP = "Checkpoint directory [env MAD_CHECKPOINT; default: the bundled mad-tiny]."
-
-
-def load_settings(**options: Any) -> Settings:
-    """Settings from the given options (None: not given), then MAD_*, then the defaults;
-    pydantic validates the values."""
-    try:
-        return Settings(**{k: v for k, v in options.items() if v is not None})
-    except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from None
+log = logging.getLogger("mad.service")
 
 
 def check_settings(settings: Settings) -> None:
@@ -53,6 +51,7 @@ def check_settings(settings: Settings) -> None:
         settings.device,
         precision=settings.precision,
         cuda_graphs=settings.cuda_graphs,
+        export_dir=settings.export_dir,
     )
 
 
@@ -79,97 +78,79 @@ def request_error(
     raise typer.Exit(2)
 
 
-def serve(
-    checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
-    backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda[:N] or auto (CUDA if present) [MAD_DEVICE; default cpu]."
-    ),
-    precision: str | None = typer.Option(None, help="fp32, bf16, fp16 [MAD_PRECISION]."),
-    host: str | None = typer.Option(None, help="Bind address [MAD_HOST; default 0.0.0.0]."),
-    port: int | None = typer.Option(None, help="Port [MAD_PORT; default 8000]."),
-    workers: int | None = typer.Option(None, help="Processes, one model each [MAD_WORKERS]."),
-) -> None:
-    """Serve the model over HTTP (POST /predict, /docs, a demo page at /)."""
+@with_setting_options()
+def serve(**options: Any) -> None:
+    """Serve the model over HTTP: POST /predict, docs at /docs, a demo page at /.
+
+    Every option is also a MAD_* variable (docs/service.md, "Configuration"); an option
+    given here wins over the variable."""
+    from service.logging import configure, log_config
+
+    settings = settings_from_options("serve", options)
+    check_settings(settings)
+    sock = listen(settings.host, settings.port)  # before the model loads: a port in use fails now
+    configure(settings.log_level)
+    host, port = sock.getsockname()[:2]
+    log.info("listening", extra={"url": f"http://{host}:{port}"})  # the port, if 0 was asked
+    logs = log_config(settings.log_level)
+    if settings.workers > 1:
+        from service.workers import serve_workers
+
+        serve_workers(settings, sock, logs)
+        return
     import uvicorn
 
     from service.app import create_app
-    from service.logging import configure, log_config
     from service.server import DrainingServer, uvicorn_options
 
-    settings = load_settings(
-        checkpoint=checkpoint,
-        backend=backend,
-        device=device,
-        precision=precision,
-        host=host,
-        port=port,
-        workers=workers,
-    )
-    check_settings(settings)
-    sock = listen(settings.host, settings.port)
-    configure(settings.log_level)
-    options = {**uvicorn_options(settings), "log_config": log_config(settings.log_level)}
-    if settings.workers > 1:
-        sock.close()  # uvicorn's workers share a socket of its own
-        # Each worker process builds its own app (and model) from the environment.
-        os.environ.update(settings.env())
-        uvicorn.run(
-            "service.app:create_app_from_env", factory=True, workers=settings.workers, **options
-        )
-        return
     app = create_app(settings)
-    server = DrainingServer(uvicorn.Config(app, **options), app.state.service)
-    try:
-        server.run(sockets=[sock])  # a failed start-up exits (status 3) from in here
-    finally:
-        error = app.state.service.startup_error
-        if error is not None:  # an expected one: its line again, last, for the terminal
-            raise StartupError(error)
-    if not server.started:
-        raise SystemExit(3)
+    config = uvicorn.Config(app, **uvicorn_options(settings), log_config=logs)
+    server = DrainingServer(config, app.state.service)
+    server.run(sockets=[sock])  # listens at once; the model loads meanwhile
+    error = app.state.service.startup_error
+    if error is not None:  # the model did not load: the server stopped
+        raise StartupError(error)
 
 
+@with_setting_options(MODEL_SETTINGS)
 def predict(
-    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files."),
+    images: list[Path] = typer.Argument(
+        ..., exists=True, dir_okay=False, metavar="IMAGE", help="Image files."
+    ),
     tasks: list[str] = typer.Option(
         [], help="Tasks, comma-separated or repeated (default: all the model has)."
     ),
-    refine_steps: list[str] = typer.Option([], help="K for every task, or task:K."),
+    refine_steps: list[str] = typer.Option(
+        [], help="Refinement steps: K for every task, or task:K (default: the model's)."
+    ),
     score_threshold: float = typer.Option(0.5, min=0.0, max=1.0),
-    max_detections: int | None = typer.Option(None, min=1),
+    max_detections: int | None = typer.Option(None, min=1, help="Keep at most this many."),
     nms_iou: float | None = typer.Option(
         None, help="Class-wise NMS IoU, 0..1 (1: off; default: the model's)."
     ),
-    mask_format: str = typer.Option("rle", help="rle or polygon (for --json)."),
+    mask_format: str = typer.Option("rle", metavar="rle|polygon", help="Masks in --json."),
     render: Path | None = typer.Option(
         None, help="Draw the result into this PNG (several images: OUT-<image name>.png)."
     ),
     json_output: bool = typer.Option(
-        False, "--json", help="Print the API's JSON response, one line per image."
+        False, "--json", help="Print POST /predict's JSON response, one line per image."
     ),
-    checkpoint: Path | None = typer.Option(None, help=CHECKPOINT_HELP),
-    backend: str | None = typer.Option(None, help="torch, onnx or tensorrt [MAD_BACKEND]."),
-    device: str | None = typer.Option(
-        None, help="cpu, cuda[:N] or auto (CUDA if present) [MAD_DEVICE]."
-    ),
-    precision: str | None = typer.Option(None, help="fp32, bf16, fp16 [MAD_PRECISION]."),
+    **options: Any,
 ) -> None:
-    """Run the model on image files, without a server."""
+    """Run the model on image files, without a server. The model options are also MAD_*
+    variables, as for `mad serve`."""
     from model.pipeline import Pipeline
     from model.pipeline import Request as ModelRequest
     from service.errors import APIError
     from service.images import decode_image
     from service.model_cache import load_configured
-    from service.postprocess import build_response, request_stages
+    from service.postprocess import respond
     from service.render import render as draw
     from service.state import describe_model
 
     if mask_format not in ("rle", "polygon"):
-        raise typer.BadParameter("--mask-format must be rle or polygon")
-    settings = load_settings(
-        checkpoint=checkpoint, backend=backend, device=device, precision=precision
-    )
+        usage_error("predict", f"--mask-format: {mask_format!r}: expected rle or polygon")
+    settings = settings_from_options("predict", options)
     check_settings(settings)
     mad, runner = load_configured(settings)
     config = mad.config
@@ -185,20 +166,28 @@ def predict(
     model_ref = description.ref()
     pipeline, failed = Pipeline(mad, runner), 0
     for path in images:
+        arrived = time.perf_counter()
         try:
             image = decode_image(path.read_bytes(), settings.max_image_pixels)
         except APIError as exc:
             typer.echo(f"{path}: {exc.message}", err=True)
             failed += 1
             continue
+        decode_seconds = time.perf_counter() - arrived
         [result] = pipeline(
             [ModelRequest(image, task_names, steps, score_threshold, max_detections, nms_iou)]
         )
-        response = build_response(
-            result, model_ref, mad.codecs, mask_format, request_stages(result)
+        response = respond(
+            result,
+            model_ref,
+            mad.codecs,
+            mask_format,
+            arrived=arrived,
+            queue_seconds=0.0,  # no queue: the images run one after another
+            decode_seconds=decode_seconds,
         )
         if json_output:
-            typer.echo(json.dumps(response.model_dump(exclude_none=True)))
+            typer.echo(response.model_dump_json(exclude_none=True))
         else:
             typer.echo(summary(path, response))
         if render is not None:

@@ -42,15 +42,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class DropStartupTraceback(logging.Filter):
-    """uvicorn logs a failed lifespan's traceback; for an expected start-up failure the
-    service has already logged its one line (service/app.py lifespan)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.msg if isinstance(record.msg, str) else ""
-        return not (message.startswith("Traceback") and "StartupError: " in message)
-
-
 def log_config(level: str) -> dict[str, Any]:
     """A logging.config dict for uvicorn: its loggers and ours all write JSON to stderr.
 
@@ -61,12 +52,11 @@ def log_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
-        "filters": {"startup": {"()": DropStartupTraceback}},
         "handlers": {"json": handler},
         "loggers": {
             "uvicorn": logger,
             # -> "uvicorn"
-            "uvicorn.error": {"level": level.upper(), "propagate": True, "filters": ["startup"]},
+            "uvicorn.error": {"level": level.upper(), "propagate": True},
             "uvicorn.access": logger,
             "mad": logger,
         },

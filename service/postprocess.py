@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,3 +55,27 @@ def request_stages(result: Result) -> dict[str, float]:
     """Model stages that concern this request. A batch's timings cover every task anyone in
     it asked for; the others' tasks are not this request's latency."""
     return {k: v for k, v in result.timings.items() if k in MODEL_STAGES or k in result.tasks}
+
+
+def respond(
+    result: Result,
+    model: ModelRef,
+    codecs: Mapping[str, TaskCodec],
+    mask_format: str,
+    *,
+    arrived: float,
+    queue_seconds: float,
+    decode_seconds: float,
+) -> PredictResponse:
+    """The response to one image, with every timing of `timings_ms`: queue, preprocess
+    (decoding the upload, letterboxing), the model's stages, postprocess (building this
+    response), total (from `arrived`, a perf_counter reading, to now)."""
+    post_start = time.perf_counter()
+    stages = request_stages(result)
+    stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
+    timings = {"queue": queue_seconds, **stages}
+    response = build_response(result, model, codecs, mask_format, timings)
+    end = time.perf_counter()
+    response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
+    response.timings_ms["total"] = round((end - arrived) * 1000, 3)
+    return response

@@ -60,12 +60,16 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with the drain described above."""
+    """uvicorn's server with the drain described above; stops when the model fails to load."""
 
     def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
         super().__init__(config)
         self.service_state = state
         self.drain_ends: float | None = None  # time.monotonic() at which the listener closes
+        state.stop_server = self.stop
+
+    def stop(self, reason: str) -> None:
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_ends is not None:

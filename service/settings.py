@@ -1,6 +1,8 @@
-"""Service configuration: every field can be set by a `MAD_<NAME>` environment variable.
+"""Service configuration: every field can be set by a `MAD_<NAME>` environment variable and
+is an option of `mad serve` (service/setting_options.py makes the options and the table of
+docs/service.md from these fields and their descriptions).
 
-The k8s manifests and docs/service.md reference these exact names; rename nothing lightly.
+The k8s manifests reference these exact names; rename nothing lightly.
 """
 
 from __future__ import annotations
@@ -25,61 +27,110 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAD_", extra="ignore")
 
-    checkpoint: Path = Field(BUNDLED_CHECKPOINT, description="Checkpoint directory to serve.")
-    backend: Backend = Field("torch", description="Runtime: torch, onnx or tensorrt.")
+    checkpoint: Path = Field(
+        BUNDLED_CHECKPOINT,
+        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt backends).",
+    )
+    backend: Backend = Field("torch", description="Runtime: `torch`, `onnx` or `tensorrt`.")
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|auto|cuda(:\d+)?)$",
-        description="cpu, cuda[:N] or auto (CUDA when present, else CPU).",
+        description="`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present, else CPU).",
     )
-    precision: Precision = Field("fp32", description="fp32, bf16 or fp16 (CUDA only).")
-    compile: bool = Field(False, description="torch.compile the network (torch backend).")
+    precision: Precision = Field(
+        "fp32", description="`fp32`, `bf16` or `fp16` (the half precisions: torch on CUDA)."
+    )
+    compile: bool = Field(False, description="`torch.compile` the network (torch backend).")
     cuda_graphs: bool = Field(
-        False, description="Replay decoder passes from CUDA graphs (torch backend on CUDA)."
+        False,
+        description="Replay decoder passes from CUDA graphs (torch backend on CUDA; captured "
+        "per shape bucket on first use, eager beyond the buckets).",
     )
-    export_dir: Path | None = Field(None, description="Exported engines (onnx/tensorrt).")
+    export_dir: Path | None = Field(
+        None,
+        description="A ready ONNX/TensorRT export to run (onnx, tensorrt backends); unset: "
+        "the checkpoint is exported into the cache dir at start-up.",
+    )
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR,
-        description="Where onnx/tensorrt export the "
-        "checkpoint at start-up when export_dir is unset.",
+        description="Where onnx/tensorrt export the checkpoint (and build TensorRT engines) "
+        "at start-up when no export dir is given; later starts reuse them.",
     )
-    host: str = Field("0.0.0.0", description="Address to bind.")
-    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
-    workers: int = Field(1, ge=1, description="Server processes, each with its own model.")
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    workers: int = Field(
+        1, ge=1, description="Server processes, each with its own model and metrics."
+    )
     max_batch_size: int = Field(8, ge=1, description="Most images encoded together.")
-    batch_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill.")
-    queue_size: int = Field(64, ge=1, description="Requests waiting for the model, at most.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one /predict.")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image.")
-    # Clients and shutdown (service/guards.py, service/server.py; docs/service.md, "Failure
-    # behaviour").
+    batch_delay_ms: float = Field(
+        5.0, ge=0, description="How long the oldest waiting request waits for a batch to fill."
+    )
+    queue_size: int = Field(
+        64, ge=1, description="Most requests waiting for the model; beyond: 503."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one `/predict`, from its arrival; beyond: 504."
+    )
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest request body (bytes); beyond: 413."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width × height); beyond: 413."
+    )
+    # Clients, shutdown and failures (service/guards.py, service/server.py,
+    # service/model_health.py; docs/service.md, "Failure behaviour").
     drain_delay_s: float = Field(
-        5.0, ge=0, description="After SIGTERM: keep serving (readyz 503) this long, then drain."
+        5.0,
+        ge=0,
+        description="After SIGTERM, how long the server keeps serving (with `/readyz` at 503) "
+        "before it stops listening, finishes what it accepted and exits 0.",
     )
     limit_concurrency: int = Field(
-        256, ge=1, description="Requests handled at once (probes aside); beyond: 503."
+        256,
+        ge=1,
+        description="Most requests handled at once (probes and `/metrics` aside); beyond: 503 "
+        "`overloaded`. Keep it above the queue size plus the batch size.",
     )
     read_timeout_s: float = Field(
-        10.0, gt=0, description="Longest pause while a client sends a request; beyond: 408."
+        10.0,
+        gt=0,
+        description="Longest pause while a request body arrives; beyond: 408. The whole body "
+        "must also arrive within the request timeout.",
     )
     keep_alive_timeout_s: int = Field(
-        5, ge=1, description="Idle connections (no complete request head) close after this."
+        5,
+        ge=1,
+        description="A connection closes when it has not sent a complete request head this "
+        "long after opening or after its last response (a partial head gets 408). Behind a "
+        "proxy that keeps connections open, set it above the proxy's idle timeout.",
     )
     max_header_bytes: int = Field(
-        16 * 1024, ge=1024, description="Largest request head (line + headers); beyond: 431."
-    )
-    public_docs: bool = Field(
-        True, description="/docs, /redoc and /openapi.json open without the API key."
+        16 * 1024, ge=1024, description="Largest request line + headers (bytes); beyond: 431."
     )
     max_consecutive_failures: int = Field(
-        5, ge=0, description="Model failures in a row before a self-test (0: never)."
+        5,
+        ge=0,
+        description="Model failures in a row that trigger a self-test; if it fails too, "
+        "`/healthz` and `/readyz` answer 503 (0: never).",
     )
-    api_key: SecretStr | None = Field(None, description="Bearer token required when set.")
+    public_docs: bool = Field(
+        True,
+        description="`/docs`, `/redoc`, `/docs/oauth2-redirect` and `/openapi.json` need no "
+        "API key; false: they need it too.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set (non-empty), requests need `Authorization: Bearer <key>`; "
+        "`/healthz`, `/readyz`, `/metrics` and `/` stay open, and the documentation unless "
+        "public docs are off. Prefer the variable: a command line is visible to other users.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Allowed CORS origins (comma-separated or JSON)."
+        default_factory=list,
+        description="Browser origins allowed to call the API: comma-separated or a JSON list.",
     )
-    log_level: LogLevel = Field("info", description="Log level.")
+    log_level: LogLevel = Field(
+        "info", description="`debug`, `info`, `warning`, `error` or `critical`."
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import MAD, WEIGHTS, checkpoint_digest, read_checkpoint_config
+from model.checkpoint import MAD, checkpoint_digest, read_checkpoint_config
 from model.decoding import Runner
+from runtime.manifest import is_export, read_manifest
 from service.engine import BatchingEngine
 from service.metrics import Metrics
 from service.model_health import ModelHealth
@@ -33,7 +35,9 @@ class ServiceState:
     engine: BatchingEngine | None = None  # None until warmed up: requests run from then on
     ready: bool = False  # loaded and warmed up
     draining: bool = False  # shutting down: finish accepted work, take no more
-    startup_error: str | None = None  # an expected start-up failure (model/startup.py)
+    startup_error: str | None = None  # why the model did not load (the server then stops)
+    # Stops the server this app runs in; set by whoever runs it (DrainingServer, a worker).
+    stop_server: Callable[[str], None] = lambda message: None
     health: ModelHealth = field(init=False)  # the engine's outcomes: is the model working?
 
     def __post_init__(self) -> None:
@@ -42,6 +46,11 @@ class ServiceState:
     def begin_drain(self) -> None:
         self.draining = True
 
+    def fail_start(self, message: str) -> None:
+        """The model cannot be served: record why and stop the server."""
+        self.startup_error = message
+        self.stop_server(message)
+
 
 def model_version(checkpoint: Path) -> str:
     """The checkpoint's own version string when it has one, else training step + weights
@@ -49,8 +58,11 @@ def model_version(checkpoint: Path) -> str:
     meta = read_checkpoint_config(checkpoint)
     if meta.get("version"):
         return str(meta["version"])
-    digest = checkpoint_digest(checkpoint)[:12] if (checkpoint / WEIGHTS).is_file() else "none"
-    return f"step{meta.get('step', 0)}-{digest}"
+    if is_export(checkpoint):  # the version of the checkpoint it was exported from
+        digest = read_manifest(checkpoint)["checkpoint"]["sha256"]
+    else:
+        digest = checkpoint_digest(checkpoint)
+    return f"step{meta.get('step', 0)}-{digest[:12]}"
 
 
 def describe_model(mad: MAD, runner: Runner[Any], settings: Settings) -> ModelDescription:

@@ -89,8 +89,11 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(settings: Settings, start_timeout_s: float = 60.0) -> Iterator[RunningServer]:
-    """Serve `settings` on a free 127.0.0.1 port until the block ends."""
+def running_server(
+    settings: Settings, start_timeout_s: float = 60.0, ready: bool = True
+) -> Iterator[RunningServer]:
+    """Serve `settings` on a free 127.0.0.1 port until the block ends; from when its model is
+    ready, or (ready=False) from when it listens."""
     app = create_app(settings)
     # Bind here and hand the socket over: no race for the port between probe and bind.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -107,10 +110,14 @@ def running_server(settings: Settings, start_timeout_s: float = 60.0) -> Iterato
     )
     thread.start()
     give_up = time.monotonic() + start_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > give_up:
+    state: ServiceState = app.state.service
+    # It listens at once and loads the model meanwhile: wait until it is ready.
+    while not (server.started and (state.ready or not ready)):
+        if not thread.is_alive() or time.monotonic() > give_up or state.startup_error:
+            server.should_exit = True
+            thread.join(start_timeout_s)
             sock.close()
-            raise RuntimeError("the test server did not start (see the log above)")
+            raise RuntimeError(f"the test server did not start: {state.startup_error}")
         time.sleep(0.02)
     running = RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
     try:

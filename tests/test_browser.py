@@ -1,61 +1,168 @@
-"""The demo page in a real headless Chromium: it submits an image and draws the result.
+"""The demo page and the API docs in a real headless Chromium (tests/chromium.py), with the
+network blocked but for the loopback.
 
 `/?demo=1` makes the page build a test scene on a canvas and submit it through the same code
-path as a picked file. Chromium's --dump-dom prints the DOM once the page has settled; with
---virtual-time-budget it first waits for the page's fetches and timers.
+path as a picked file; `runDemo()` does the same on demand. The tests act as a user would:
+tick boxes, type a key (set the field and fire its change event), and read what the page
+shows.
 """
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
+import json
 
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.settings import BUNDLED_CHECKPOINT, Settings
+from tests.chromium import CHROMIUM, Browser
 from tests.helpers import running_server
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)"
 )
 
+STATUS = "document.getElementById('status')"
+DONE = f"{STATUS}.dataset.state === 'done' && {STATUS}.textContent"
 
-def dump_dom(url: str, profile) -> str:
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=20000",
-        "--dump-dom",
-        url,
-    ]
-    done = subprocess.run(command, capture_output=True, timeout=90, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+
+def predict_count(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("mad_requests_total{")
+    )
+
+
+def type_key(browser: Browser, key: str) -> None:
+    value = json.dumps(key)
+    browser.evaluate(
+        "(() => { const k = document.getElementById('key'); "
+        f"k.value = {value}; k.dispatchEvent(new Event('change')); }})()"
+    )
 
 
 def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_path):
-    with running_server(Settings(checkpoint=micro_checkpoint)) as server:
-        dom = dump_dom(f"{server.url}/?demo=1&threshold=0", tmp_path / "profile")
+    with (
+        running_server(Settings(checkpoint=micro_checkpoint)) as server,
+        Browser(tmp_path / "profile") as browser,
+    ):
+        browser.open(f"{server.url}/?demo=1&threshold=0")
+        text = browser.wait_for(DONE)
+        status = browser.evaluate(f"({{...{STATUS}.dataset}})")
+        page = browser.evaluate(
+            """(() => {
+              const canvas = document.getElementById('canvas');
+              const band = canvas.getContext('2d').getImageData(1, canvas.height - 2, 1, 1).data;
+              return {height: canvas.height, width: canvas.width, band: [...band.slice(0, 3)],
+                      labels: JSON.parse(canvas.dataset.labels),
+                      json: document.getElementById('json').textContent,
+                      model: document.getElementById('model').textContent,
+                      timings: document.querySelector('#refined table').textContent,
+                      download: document.getElementById('download').hidden};
+            })()"""
+        )
+        downloaded = browser.evaluate(
+            "fetch(document.getElementById('download').href).then(r => r.text())"
+        )
         metrics = httpx.get(f"{server.url}/metrics").text
-    status = re.search(r'<p id="status"([^>]*)>([^<]*)</p>', dom)
-    assert status, dom[-3000:]
-    attributes, text = status.groups()
-    assert 'data-state="done"' in attributes, text
     # Threshold 0 keeps all 6 slots of the micro model; every one was drawn on the canvas.
-    assert 'data-detections="6"' in attributes and 'data-drawn-boxes="6"' in attributes
-    assert "data-caption=" in attributes and "6 detections" in text
-    assert '"decoder_passes"' in dom  # the JSON response is shown beneath the drawing
-    # The page's model description came from /v1/model; the request reached the server.
-    assert "tiny step0-" in dom
+    assert status["detections"] == "6" and status["drawnBoxes"] == "6", status
+    assert "caption" in status and "6 detections" in text
+    assert '"decoder_passes"' in page["json"]  # the JSON response is shown beneath
+    assert page["model"].startswith("tiny step0-")  # from /v1/model
     assert 'mad_requests_total{status="200",task="detection"} 1.0' in metrics
+    # The caption is on a band below the 320x240 image; the labels are inside the image
+    # and do not cover each other.
+    assert page["width"] == 320 and page["height"] > 240 and page["band"] == [24, 24, 24]
+    labels = page["labels"]
+    assert len(labels) == 6
+    for i, (x0, y0, x1, y1) in enumerate(labels):
+        assert 0 <= x0 < x1 <= 320 and 0 <= y0 < y1 <= 240
+        for a0, b0, a1, b1 in labels[i + 1 :]:
+            assert not (x0 < a1 and a0 < x1 and y0 < b1 and b0 < y1)
+    # Per-stage timings, and the JSON to download.
+    for stage in ("queue", "preprocess", "encode", "detection", "caption", "total"):
+        assert stage in page["timings"]
+    assert not page["download"] and json.loads(downloaded) == json.loads(page["json"])
+
+
+def test_no_task_ticked_asks_for_one(micro_checkpoint, tmp_path):
+    with (
+        running_server(Settings(checkpoint=micro_checkpoint)) as server,
+        Browser(tmp_path / "profile") as browser,
+    ):
+        browser.open(f"{server.url}/")
+        browser.wait_for("document.querySelectorAll('input[name=task]').length > 0")
+        before = predict_count(server.url)
+        browser.evaluate(
+            "document.querySelectorAll('input[name=task]').forEach(c => c.checked = false)"
+        )
+        browser.evaluate("runDemo()")
+        state, text = browser.evaluate(f"[{STATUS}.dataset.state, {STATUS}.textContent]")
+        assert (state, text) == ("error", "Choose at least one task.")
+        assert predict_count(server.url) == before  # nothing was sent
+
+
+def test_api_key_is_asked_for_and_the_error_clears_once_it_works(micro_checkpoint, tmp_path):
+    settings = Settings(checkpoint=micro_checkpoint, api_key="s3cret")
+    with running_server(settings) as server, Browser(tmp_path / "profile") as browser:
+        browser.open(f"{server.url}/")
+        asking = browser.wait_for(f"{STATUS}.dataset.state === 'needs-key' && {STATUS}.textContent")
+        assert asking == "This server needs an API key: enter it under Options."
+        colour = browser.evaluate(f"getComputedStyle({STATUS}).color")
+        assert colour == "rgb(176, 0, 32)"  # shown in red
+        type_key(browser, "wrong")
+        refused = browser.wait_for(f"{STATUS}.textContent.includes('not accepted')")
+        assert refused
+        type_key(browser, "s3cret")
+        browser.wait_for(f"{STATUS}.dataset.state === 'idle'")
+        assert browser.evaluate(f"{STATUS}.textContent") == ""  # the error is gone
+        assert browser.evaluate("document.getElementById('model').textContent").startswith("tiny")
+        browser.evaluate("runDemo()")
+        assert "detections in" in browser.wait_for(DONE)
+
+
+def test_one_pass_and_refined_side_by_side(tmp_path):
+    """With "compare" ticked the page asks for K = 0 and the model's default and shows both;
+    the bundled model refines captions and keypoints by default."""
+    with (
+        running_server(Settings(checkpoint=BUNDLED_CHECKPOINT)) as server,
+        Browser(tmp_path / "profile") as browser,
+    ):
+        browser.open(f"{server.url}/?demo=1&compare=1&tasks=detection,caption")
+        browser.wait_for(DONE)
+        page = browser.evaluate(
+            """(() => {
+              const box = (id) => document.getElementById(id).getBoundingClientRect();
+              return {onepass: !document.getElementById('onepass').hidden,
+                      left: box('onepass').left, right: box('refined').left,
+                      top: [box('onepass').top, box('refined').top],
+                      json: JSON.parse(document.getElementById('json').textContent)};
+            })()"""
+        )
+    assert page["onepass"] and page["left"] < page["right"] and page["top"][0] == page["top"][1]
+    assert page["json"]["one_pass"]["decoder_passes"]["caption"] == 1
+    assert page["json"]["refined"]["decoder_passes"]["caption"] == 4
+
+
+def test_api_docs_render_offline(micro_checkpoint, tmp_path):
+    """Swagger UI (/docs) lists the operations and ReDoc (/redoc) renders them, from assets
+    the server ships (fastapi-offline), not a CDN."""
+    with (
+        running_server(Settings(checkpoint=micro_checkpoint)) as server,
+        Browser(tmp_path / "profile") as browser,
+    ):
+        browser.open(f"{server.url}/docs")
+        paths = browser.wait_for(
+            "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.dataset.path)"
+        )
+        assert {"/predict", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(paths)
+        browser.open(f"{server.url}/redoc")
+        assert browser.wait_for(
+            "document.querySelector('[data-section-id=\"operation/predict_predict_post\"]')"
+            " !== null"
+        )
+        scripts = browser.evaluate("[...document.scripts].map(s => s.src).filter(Boolean)")
+        assert scripts and all(src.startswith(server.url) for src in scripts)

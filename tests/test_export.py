@@ -258,3 +258,13 @@ def test_bundled_model_parity(tmp_path):
     ]
     expected = Pipeline(mad, torch_runner)(requests)
     assert_same_results(expected, Pipeline(mad, onnx_runner)(requests))
+
+
+def test_an_export_reports_the_version_of_its_checkpoint(micro_checkpoint, exported):
+    """Served from its export dir, a model has the same version as its checkpoint (the
+    training step and the weights digest), not `stepN-none`."""
+    from service.state import model_version
+
+    version = model_version(exported)
+    assert version == model_version(micro_checkpoint)
+    assert version == f"step0-{checkpoint_digest(micro_checkpoint)[:12]}"

@@ -159,7 +159,7 @@ def test_cuda_graphs_need_cuda(micro_model):
 @pytest.mark.slow
 def test_gpu_check_quick_on_cpu(tmp_path):
     """The command a GPU window runs, in its CPU smoke form: every section completes and the
-    report holds what the README's GPU rows are read from."""
+    report holds what docs/performance.md's GPU rows are read from."""
     done = subprocess.run(
         [
             "bash",

@@ -245,7 +245,7 @@ def test_openapi_documents_the_api(client, openapi):
 def test_demo_page_is_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert 'fetch("/predict"' in page.text
+    assert 'fetchJson("/predict"' in page.text
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "1", "LA", "F"])

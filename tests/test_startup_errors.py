@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from mad.cli import app as mad_cli
+from model.checkpoint import WEIGHTS
 from model.startup import StartupError, resolve_device
 from runtime.manifest import MANIFEST
 from service.settings import Settings
@@ -159,24 +160,90 @@ def test_device_auto(micro_checkpoint, image):
     assert result.exit_code == 0, (result.output, result.exception)
 
 
-def test_failure_while_the_server_loads_the_model(micro_checkpoint, tmp_path):
-    """What only the load finds (here: an export dir that is none) fails the server's start:
-    the service logs one JSON line, no traceback, and `mad serve` ends with the sentence."""
-    process = subprocess.run(
-        [sys.executable, "-m", "mad.cli", "serve", "--backend", "onnx", "--port", "0"],
+def damaged_checkpoint(micro_checkpoint: Path, where: Path) -> Path:
+    """A copy of the micro checkpoint whose weights file was cut short: only loading it finds
+    out (the checks before the server starts look at which files exist)."""
+    where.mkdir()
+    for source in micro_checkpoint.iterdir():
+        (where / source.name).write_bytes(source.read_bytes())
+    weights = where / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:4000])
+    return where
+
+
+def run_mad(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mad.cli", *args],
         cwd=REPO,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "MAD_CHECKPOINT": str(micro_checkpoint),
-            "MAD_EXPORT_DIR": str(tmp_path),
-            "MAD_HOST": "127.0.0.1",
-        },
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
+
+
+def test_failure_while_the_server_loads_the_model(micro_checkpoint, tmp_path):
+    """What only the load finds fails the server's start: the server, listening already,
+    logs one JSON line without a traceback and stops; `mad serve` ends with the sentence."""
+    damaged = damaged_checkpoint(micro_checkpoint, tmp_path / "damaged")
+    process = run_mad("serve", "--port", "0", MAD_CHECKPOINT=str(damaged), MAD_HOST="127.0.0.1")
     assert process.returncode == 3 and "Traceback" not in process.stderr
     *logs, last = process.stderr.strip().splitlines()
-    assert last.startswith(f"mad serve: {tmp_path} is not a MAD export")
+    assert last.startswith(f"mad serve: {damaged / WEIGHTS} cannot be read")
     failed = [json.loads(line) for line in logs if '"start-up failed"' in line]
-    assert failed and "is not a MAD export" in failed[0]["error"]
+    assert len(failed) == 1 and "damaged or incomplete" in failed[0]["error"]
+
+
+@pytest.mark.slow
+def test_failure_of_a_worker_stops_every_worker(micro_checkpoint, tmp_path):
+    """With --workers 2, a worker whose model cannot load ends `mad serve` (exit 3, its
+    message last) instead of being restarted for ever."""
+    damaged = damaged_checkpoint(micro_checkpoint, tmp_path / "damaged")
+    process = run_mad(
+        "serve", "--port", "0", "--workers", "2", MAD_CHECKPOINT=str(damaged), MAD_HOST="127.0.0.1"
+    )
+    assert process.returncode == 3 and "Traceback" not in process.stderr
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mad serve: {damaged / WEIGHTS} cannot be read"), last
+
+
+@pytest.mark.parametrize("command", ["serve", "predict"])
+def test_checkpoint_without_weights(command, micro_checkpoint, image, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((micro_checkpoint / "config.json").read_text())
+    args = [command, "--checkpoint", str(partial)] + ([str(image)] if command == "predict" else [])
+    stderr = one_line_failure(args)
+    assert f"{partial} has a config.json but no {WEIGHTS}" in stderr
+
+
+def test_export_dir_that_is_not_an_export(micro_checkpoint, tmp_path):
+    args = ["serve", "--backend", "onnx", "--checkpoint", str(micro_checkpoint)]
+    stderr = one_line_failure([*args, "--export-dir", str(tmp_path)])
+    assert f"{tmp_path} is not a MAD export" in stderr
+
+
+def usage_failure(args: list[str], **env: str) -> str:
+    """Run `mad ARGS`; -> its stderr, checked to be one line and exit status 2."""
+    result = CliRunner().invoke(mad_cli, args, env=env)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_invalid_setting_values_are_one_line():
+    stderr = usage_failure(["serve", "--device", "gpu"])
+    assert stderr.startswith("mad serve: --device: 'gpu': expected cpu, cuda, cuda:N or auto")
+    # From the environment, the variable is named instead of the option.
+    assert usage_failure(["serve"], MAD_DEVICE="gpu").startswith("mad serve: MAD_DEVICE: 'gpu'")
+    stderr = usage_failure(["serve", "--backend", "tf"])
+    assert "--backend: 'tf': Input should be 'torch', 'onnx' or 'tensorrt'" in stderr
+    assert "--workers: 0" in usage_failure(["serve", "--workers", "0"])
+
+
+def test_other_usage_errors_are_one_line(image):
+    assert "'--port'" in usage_failure(["serve", "--port", "eighty"])
+    assert "(see mad serve --help)" in usage_failure(["serve", "--no-such-option"])
+    assert "Missing argument 'IMAGE'" in usage_failure(["predict"])
+    assert "expected rle or polygon" in usage_failure(["predict", str(image), "--mask-format", "x"])

@@ -18,6 +18,7 @@ from model.data.synth import (
     write_synthetic_dataset,
 )
 from model.data.synth.common import MIN_VISIBLE_PIXELS
+from model.data.synth.grammar import grammar_errors
 from model.data.synth.paint import COLOUR_NAMES, SHAPE_STYLES
 from model.data.synth.persons import POSES
 
@@ -110,33 +111,6 @@ def test_v2_is_varied(sample):
         assert all({"no", "without", "nothing", "empty"} & set(c.split()) for c in caps), caps
 
 
-# A tiny parser for the captions' grammar: determiners and the noun they govern.
-SINGULAR = set(CATEGORIES)
-PLURAL = {"people", "objects", "shapes"} | {c + "s" for c in CATEGORIES[1:]}
-NUMBERS = {"two", "three", "four", "five", "six", "seven", "eight", "no", "any"}  # take plurals
-
-
-def grammar_errors(caption: str) -> list[str]:
-    words, errors = caption.split(), []
-    for i, word in enumerate(words):
-        if word in ("a", "an") and (word == "an") != (words[i + 1][0] in "aeiou"):
-            errors.append(f"{word} {words[i + 1]}")
-        if word in ("a", "an") or word in NUMBERS:
-            for nxt in words[i + 1 :]:
-                if nxt in ("a", "an") or nxt in NUMBERS:
-                    break
-                if nxt in SINGULAR | PLURAL:
-                    if (nxt in PLURAL) != (word in NUMBERS):
-                        errors.append(f"{word} ... {nxt}")
-                    break
-        if word in ("is", "are") and i > 0 and words[i - 1] == "there":
-            if (word == "is") != (words[i + 1] in ("a", "an")):
-                errors.append(f"there {word} {words[i + 1]}")
-        elif word == "is" and words[0] not in ("a", "an"):
-            errors.append(f"{words[0]} ... is")
-    return errors
-
-
 def test_grammar_checker_catches_disagreement():
     assert grammar_errors("a objects including a person in red") == ["a objects", "a ... objects"]
     assert grammar_errors("a squares") == ["a ... squares"]
@@ -148,6 +122,7 @@ def test_grammar_checker_catches_disagreement():
     assert grammar_errors("there is two people") == ["there is two"]
     assert grammar_errors("two people in red is sitting") == ["two ... is"]
     assert grammar_errors("there are two people and an orange star") == []
+    assert grammar_errors("a red circle and a") == ["ends with 'a'"]
 
 
 def test_v2_captions_are_grammatical(sample):

@@ -22,7 +22,7 @@ from service.engine import Draining, InferenceFailed, QueueFull
 from service.errors import CLIENT_CLOSED, APIError
 from service.images import decode_image
 from service.jobs import ClientGone, wait_for_job
-from service.postprocess import build_response, request_stages
+from service.postprocess import respond
 from service.schemas import ErrorResponse, PredictForm, PredictResponse
 from service.state import ServiceState
 
@@ -116,16 +116,17 @@ async def predict(
             ) from None
         raise APIError(500, "inference_failed", "the model failed on this request") from None
 
-    post_start = time.perf_counter()
-    stages = request_stages(result)
-    stages["preprocess"] = stages.get("preprocess", 0.0) + decode_seconds
-    timings = {"queue": job.queue_seconds, **stages}
     response = await run_in_threadpool(
-        build_response, result, model.description.ref(), model.mad.codecs, form.mask_format, timings
+        lambda: respond(
+            result,
+            model.description.ref(),
+            model.mad.codecs,
+            form.mask_format,
+            arrived=arrived,
+            queue_seconds=job.queue_seconds,
+            decode_seconds=decode_seconds,
+        )
     )
-    end = time.perf_counter()
-    response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
-    response.timings_ms["total"] = round((end - arrived) * 1000, 3)
     record(state, response)
     # Already a validated PredictResponse: serialise it once, here, rather than have FastAPI
     # validate it again against response_model (which still documents it in OpenAPI).

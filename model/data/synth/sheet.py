@@ -73,5 +73,6 @@ def contact_sheet(world: str = DEFAULT_WORLD, seed: int = 0, count: int = 16) ->
 
 def main(out: Path, world: str = DEFAULT_WORLD, seed: int = 0, count: int = 16) -> None:
     """CLI entry (`mad data sheet`)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(world, seed, count).save(out)
     print(f"wrote a contact sheet of {count} world {world} images to {out}")
