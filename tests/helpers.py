@@ -163,9 +163,11 @@ def delta(before: dict[tuple, float], after: dict[tuple, float], name: str, **la
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def until(condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
-    """Wait for `condition` (polled); fail with `what` after `timeout_s`."""
+def until(
+    condition: Callable[[], object], what: str, timeout_s: float = 20.0, every_s: float = 0.01
+) -> None:
+    """Wait for `condition` (polled every `every_s`); fail with `what` after `timeout_s`."""
     give_up = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < give_up, what
-        time.sleep(0.01)
+        time.sleep(every_s)

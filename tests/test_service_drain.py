@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import encode, free_port, scene_image
+from tests.helpers import encode, free_port, scene_image, until
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # a process start (model load) each
@@ -41,6 +41,7 @@ def mad_serve(checkpoint: Path, **env: str) -> Iterator[tuple[subprocess.Popen[s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its worker processes, if any, can be killed with it
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -56,7 +57,7 @@ def mad_serve(checkpoint: Path, **env: str) -> Iterator[tuple[subprocess.Popen[s
         yield process, url
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
 
 
@@ -153,7 +154,8 @@ def test_worker_processes_serve_with_the_same_limits(micro_checkpoint):
         process,
         url,
     ):
-        assert post(url).status_code == 200
+        # /readyz answered for one worker; the other may still be loading its model (503).
+        until(lambda: post(url).status_code == 200, "no worker served /predict", 120, 0.2)
         oversized = httpx.get(f"{url}/healthz", headers={"X-Padding": "a" * 5000})
         assert oversized.status_code == 431
         process.send_signal(signal.SIGTERM)
