@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI
@@ -27,11 +27,14 @@ from service.errors import install_error_handlers
 from service.guards import ClientGuardMiddleware
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
-from service.routers import health, predict
+from service.routers import health, predict, v2
 from service.schemas import model_openapi
 from service.server import SHUTDOWN_MARGIN_S
 from service.settings import Settings
 from service.state import LoadedModel, ServiceState, describe_model
+
+if TYPE_CHECKING:
+    from service.grpc_server import GrpcServer
 
 log = logging.getLogger("mad.service")
 STATIC = Path(__file__).parent / "static"
@@ -72,11 +75,31 @@ def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
     return lambda: 0
 
 
+async def serve_grpc(state: ServiceState, version: str) -> GrpcServer | None:
+    """The gRPC service (MAD_GRPC_PORT), serving from now on as HTTP does (health
+    NOT_SERVING until the model is warm). None when it is off, or when its port cannot be
+    bound: the start then fails, as for a model that does not load."""
+    if state.settings.grpc_port is None:
+        return None
+    from service.grpc_server import GrpcServer  # grpcio and the generated code: only when on
+
+    try:
+        server = GrpcServer(state, version)
+    except StartupError as exc:
+        log.error("start-up failed", extra={"error": str(exc)})
+        state.fail_start(str(exc))
+        return None
+    await server.start()
+    return server
+
+
 async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
     """Load the model, warm it up and start the engine, while the server already answers
     (/healthz 200; /readyz and /predict 503 until ready). A failure stops the server
     (ServiceState.fail_start) and `mad serve` exits with its message."""
     s = state.settings
+    if state.startup_error is not None:  # the start failed already (the gRPC port)
+        return
     try:
         # All torch work (loading, warm-up, requests) happens on the one model thread.
         model = await engine.run_on_model_thread(load_model, s)
@@ -131,6 +154,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_batch=metrics.batch_size.observe,
         on_outcome=on_outcome,
     )
+    grpc = await serve_grpc(state, app.version)  # before loading: a taken port fails at once
     # Serve at once: probes get answers (liveness 200, readiness 503) while the model loads.
     loading = asyncio.create_task(load_and_warm_up(state, engine), name="mad-load")
     try:
@@ -139,6 +163,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # uvicorn has finished the requests in flight by now (or given up on them after
         # their deadline): what is left is at most a batch nobody waits for.
         state.draining = True
+        if grpc is not None:  # its calls in flight still need the engine
+            await grpc.stop(s.request_timeout_s)
         if not loading.done():
             loading.cancel()  # a load step under way still ends on the model thread
             with contextlib.suppress(asyncio.CancelledError):
@@ -164,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(v2.router)
 
     def openapi() -> dict[str, Any]:
         """The OpenAPI document of the loaded model (its task names and outputs); before it
@@ -171,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # builds and keeps app.openapi_schema
+        v2.document_request_body(schema)
         if state.model is None:
             app.openapi_schema = None
         else:

@@ -80,7 +80,8 @@ def request_error(
 
 @with_setting_options()
 def serve(**options: Any) -> None:
-    """Serve the model over HTTP: POST /predict, docs at /docs, a demo page at /.
+    """Serve the model over HTTP: POST /predict, the KServe v2 API under /v2 (and over gRPC
+    with --grpc-port), docs at /docs, a demo page at /.
 
     Every option is also a MAD_* variable (docs/service.md, "Configuration"); an option
     given here wins over the variable."""

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
 
 from service.engine import BatchingEngine
 from service.errors import APIError
+from service.settings import Settings
 from service.state import LoadedModel, ServiceState
 
 bearer = HTTPBearer(auto_error=False, description="Needed when the server sets MAD_API_KEY.")
@@ -24,18 +24,18 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def key_matches(key: SecretStr, given: str) -> bool:
+def api_key_accepted(settings: Settings, given: str) -> bool:
+    """True when the server has no key, or `given` (the bearer token sent) is it."""
+    key = settings.api_key
     # Constant-time comparison: response timing must not leak the key prefix.
-    return secrets.compare_digest(given.encode(), key.get_secret_value().encode())
+    return key is None or secrets.compare_digest(given.encode(), key.get_secret_value().encode())
 
 
 def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], state: StateDep
 ) -> None:
-    key = state.settings.api_key
-    if key is None:
-        return
-    if not key_matches(key, credentials.credentials if credentials is not None else ""):
+    given = credentials.credentials if credentials is not None else ""
+    if not api_key_accepted(state.settings, given):
         raise APIError(
             401,
             "unauthorized",

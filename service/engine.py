@@ -116,12 +116,16 @@ class BatchingEngine:
         """Stop taking work, finish what was accepted. -> True when nothing was left over."""
         self.draining = True
         if self._arrived is not None:
-            self._arrived.set()  # a batch waiting to fill goes now
+            self._arrived.set()  # a batch waiting to fill goes now; an idle collector ends
         give_up = time.monotonic() + timeout_s
         while (self.waiting or self.running) and time.monotonic() < give_up:
             await asyncio.sleep(0.01)
         finished = not (self.waiting or self.running)
         if self._collector is not None:
+            # With nothing left it ends by itself; cancelled only when the model overran. (Not
+            # cancelled right after the event is set: Python 3.11's wait_for can swallow a
+            # cancellation that coincides with its wait ending, and the collector would hang.)
+            await asyncio.wait({self._collector}, timeout=1.0 if finished else 0.0)
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
@@ -175,7 +179,7 @@ class BatchingEngine:
             raise
 
     async def _collect(self) -> None:
-        while True:
+        while not (self.draining and not self.waiting):
             batch = await self._next_batch()
             if batch:
                 await self._run(batch)
@@ -184,6 +188,8 @@ class BatchingEngine:
         arrived = self._started()
         self._discard_abandoned()
         while not self.waiting:
+            if self.draining:
+                return []
             arrived.clear()
             await arrived.wait()
             self._discard_abandoned()

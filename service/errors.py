@@ -1,7 +1,9 @@
 """One JSON shape for every error: {"error": {"code", "message", "request_id"[, "details"]}}.
 
 FastAPI's own validation errors and Starlette's HTTP errors (404, 405, ...) are rewritten into
-the same shape, so clients parse exactly one format.
+the same shape, so clients parse exactly one format. The exception: routes under /v2 (the
+Open Inference Protocol) answer in that protocol's shape, {"error": "message"}; the request
+id is in the X-Request-ID header there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.logging import request_id_var
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the answer reached no one
+V2_PREFIX = "/v2"
 
 CODES = {
     400: "bad_request",
@@ -66,13 +69,23 @@ def error_body(
     return {"error": error}
 
 
+def is_v2_path(path: str) -> bool:
+    """A route of the Open Inference Protocol (service/routers/v2.py)."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
 def error_response(
     status: int,
     message: str,
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
     details: list[dict[str, Any]] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
+    """The error body for a request to `path`: the v2 protocol's shape under /v2."""
+    if is_v2_path(path):
+        return JSONResponse({"error": message}, status, headers=headers)
     return JSONResponse(error_body(status, message, code, details), status, headers=headers)
 
 
@@ -89,12 +102,15 @@ def validation_details(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, An
 
 
 async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.code, exc.headers, exc.details)
+    return error_response(
+        exc.status, exc.message, exc.code, exc.headers, exc.details, path=request.url.path
+    )
 
 
 async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    return error_response(exc.status_code, message, headers=headers, path=request.url.path)
 
 
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -102,7 +118,7 @@ async def handle_validation_error(request: Request, exc: RequestValidationError)
     first: dict[str, Any] = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(p for p in first["loc"] if p != "body")
     message = f"{where}: {first['msg']}" if where else first["msg"]
-    return error_response(422, message, details=details)
+    return error_response(422, message, details=details, path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

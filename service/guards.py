@@ -23,12 +23,12 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.dependencies import key_matches
+from service.dependencies import api_key_accepted
 from service.errors import error_response
 from service.state import ServiceState
 
 # Never refused for load: the orchestrator's probes and the scraper.
-PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 # The OpenAPI documentation, its UI pages and what they load.
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 
@@ -58,18 +58,19 @@ class ClientGuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        settings = self.state.settings
+        settings, path = self.state.settings, scope["path"]
         if head_bytes(scope) > settings.max_header_bytes:
             message = f"request head over the limit of {settings.max_header_bytes} bytes"
-            return await error_response(431, message)(scope, receive, send)
-        if is_docs(scope["path"]) and not settings.public_docs and not self.authorized(scope):
+            return await error_response(431, message, path=path)(scope, receive, send)
+        if is_docs(path) and not settings.public_docs and not self.authorized(scope):
             return await error_response(
                 401,
                 "the documentation needs the API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
+                path=path,
             )(scope, receive, send)
         send = self.closing_while_draining(send)
-        if scope["path"] in PROBE_PATHS:
+        if path in PROBE_PATHS:
             return await self.app(scope, receive, send)
         if self.active >= settings.limit_concurrency:
             return await error_response(
@@ -77,6 +78,7 @@ class ClientGuardMiddleware:
                 f"the server is handling {self.active} requests already; retry shortly",
                 code="overloaded",
                 headers={"Retry-After": "1"},
+                path=path,
             )(scope, receive, send)
         self.active += 1
         started = False
@@ -91,18 +93,18 @@ class ClientGuardMiddleware:
         except ReadTimeout as exc:  # raised outside FastAPI's handlers
             if started:
                 raise
-            await error_response(408, exc.detail, headers=exc.headers)(scope, receive, send)
+            await error_response(408, exc.detail, headers=exc.headers, path=path)(
+                scope, receive, send
+            )
         finally:
             self.active -= 1
 
     def authorized(self, scope: Scope) -> bool:
-        key = self.state.settings.api_key
-        if key is None:
-            return True
         scheme, credentials = get_authorization_scheme_param(
             Headers(scope=scope).get("authorization")
         )
-        return scheme.lower() == "bearer" and key_matches(key, credentials)
+        given = credentials if scheme.lower() == "bearer" else ""
+        return api_key_accepted(self.state.settings, given)
 
     def closing_while_draining(self, send: Send) -> Send:
         async def closing_send(message: Message) -> None:

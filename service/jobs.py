@@ -1,24 +1,43 @@
-"""Waiting for an engine job on behalf of an HTTP request: until its result, its deadline, or
-its client leaving, whichever comes first.
+"""Requests in and out of the engine, as the HTTP status a client gets: queue them (503 when
+the queue is full or the server stops) and wait for them until their results, their deadline
+(504), or their client leaving (499), whichever comes first. For requests of several images,
+all of them or none.
 
-Every route that runs the model waits through `wait_for_job`, so a request nobody waits for
-any more never reaches the model (or has its result dropped when it already runs); the request
-is counted as 499, not 200 (service/middleware.py).
+Every route that runs the model goes through here (POST /predict, the v2 protocol over REST
+and gRPC), so whatever ends the wait cancels the jobs left: the engine drops a job that still
+waits (it never reaches the model) and discards the result of one that runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import Request as HTTPRequest
 from starlette.types import Receive
 
-from model.pipeline import Result
-from service.engine import Job
+from model.pipeline import Request, Result
+from service.engine import BatchingEngine, Draining, InferenceFailed, Job, QueueFull
+from service.errors import CLIENT_CLOSED, APIError
 
 
-class ClientGone(Exception):
-    """The client closed its connection before its answer was ready."""
+def submit_all(engine: BatchingEngine, requests: list[Request]) -> list[Job]:
+    """Queue every image, or none (503 when the queue is full or the server is stopping)."""
+    jobs: list[Job] = []
+    try:
+        for request in requests:
+            jobs.append(engine.submit(request))
+    except (QueueFull, Draining) as exc:
+        for job in jobs:
+            job.future.cancel()
+        full = isinstance(exc, QueueFull)
+        raise APIError(
+            503,
+            "queue_full" if full else "draining",
+            "the server is at capacity; retry shortly" if full else "the server is shutting down",
+            headers={"Retry-After": "1"},
+        ) from None
+    return jobs
 
 
 async def disconnected(receive: Receive) -> None:
@@ -28,26 +47,45 @@ async def disconnected(receive: Receive) -> None:
         pass
 
 
-async def wait_for_job(job: Job, request: Request, timeout_s: float) -> Result:
-    """The job's Result. Raises TimeoutError after `timeout_s`, ClientGone when the client
-    leaves first, or what the job failed with (engine.InferenceFailed, engine.Draining). In
-    every case but a result the job is cancelled: the engine drops it while it waits and
-    discards its result if it is running.
-
-    Call it after the request body has been read (FastAPI reads forms and JSON bodies before
-    the endpoint runs)."""
-    client_left = asyncio.ensure_future(disconnected(request.receive))
+async def wait_all(
+    jobs: list[Job], remaining_s: float, limit_s: float, client: HTTPRequest | None = None
+) -> list[Result]:
+    """Every job's Result, or an APIError: 504 after `remaining_s`, 499 when `client` (an
+    HTTP request whose body has been read) disconnects first, 503 when the server shut down
+    or the model ran out of memory, 500 when the model failed. Jobs not finished are
+    cancelled either way (also when the caller is cancelled: a gRPC client gone)."""
+    results = asyncio.gather(*(asyncio.shield(job.future) for job in jobs))
+    client_left = asyncio.ensure_future(disconnected(client.receive)) if client else None
     try:
+        waited: set[asyncio.Future[Any]] = {results}
+        if client_left is not None:
+            waited.add(client_left)
         done, _ = await asyncio.wait(
-            (job.future, client_left),
-            timeout=max(timeout_s, 0.0),
-            return_when=asyncio.FIRST_COMPLETED,
+            waited, timeout=max(remaining_s, 0.0), return_when=asyncio.FIRST_COMPLETED
         )
         if client_left in done:
-            raise ClientGone
-        if job.future in done:
-            return job.future.result()
-        raise TimeoutError
+            raise APIError(CLIENT_CLOSED, "client_closed_request", "the client went away")
+        if results not in done:
+            raise APIError(504, "timeout", f"not done within {limit_s:g} s")
+        return list(results.result())
+    except Draining:
+        raise APIError(
+            503,
+            "draining",
+            "the server shut down before this request ran",
+            headers={"Retry-After": "1"},
+        ) from None
+    except InferenceFailed as exc:
+        if exc.out_of_memory:
+            raise APIError(
+                503, "out_of_memory", "the model ran out of memory", headers={"Retry-After": "1"}
+            ) from None
+        raise APIError(500, "inference_failed", "the model failed on this request") from None
     finally:
-        client_left.cancel()
-        job.future.cancel()  # nothing when it has a result
+        if client_left is not None:
+            client_left.cancel()
+        results.cancel()
+        # Retrieved, so that asyncio does not log it: nobody waits for it any more.
+        results.add_done_callback(lambda f: f.cancelled() or f.exception())
+        for job in jobs:  # still waiting: the engine drops it; running: its result is dropped
+            job.future.cancel()

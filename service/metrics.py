@@ -5,7 +5,7 @@ The names are a contract with deploy/ (alerts, Grafana): see METRIC_NAMES.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -62,13 +62,15 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "mad_requests_total",
-            "Predict requests, one count per task asked, by HTTP status.",
-            ["status", "task"],
+            "Inference requests, one count per task asked, by HTTP status (gRPC: its HTTP "
+            "equivalent) and protocol.",
+            ["status", "task", "protocol"],
             registry=r,
         )
         self.request_duration = Histogram(
             "mad_request_duration_seconds",
-            "End-to-end /predict latency.",
+            "End-to-end inference request latency, by protocol.",
+            ["protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -88,7 +90,7 @@ class Metrics:
             "mad_running_requests", "Requests in the batch the model is running.", registry=r
         )
         self.inflight = Gauge(
-            "mad_inflight_requests", "Predict requests being handled.", registry=r
+            "mad_inflight_requests", "Inference requests being handled (all protocols).", registry=r
         )
         self.batch_size = Histogram(
             "mad_batch_size", "Images per model batch.", buckets=BATCH_BUCKETS, registry=r
@@ -124,10 +126,23 @@ class Metrics:
     def track_gpu_memory(self, allocated: Callable[[], int]) -> None:
         self.gpu_memory.set_function(allocated)
 
-    def count_request(self, status: int, tasks: tuple[str, ...], seconds: float) -> None:
+    def count_request(
+        self, status: int, tasks: tuple[str, ...], seconds: float, protocol: str
+    ) -> None:
+        """protocol: native (POST /predict), v2_rest or v2_grpc (the Open Inference
+        Protocol)."""
         for task in tasks or ("none",):
-            self.requests.labels(status=str(status), task=task).inc()
-        self.request_duration.observe(seconds)
+            self.requests.labels(status=str(status), task=task, protocol=protocol).inc()
+        self.request_duration.labels(protocol=protocol).observe(seconds)
+
+    def observe_stages(self, timings_ms: Mapping[str, float], passes: Mapping[str, int]) -> None:
+        """One image's stage latencies (milliseconds; `total` is left to count_request) and
+        decoder passes per task."""
+        for stage, ms in timings_ms.items():
+            if stage != "total":
+                self.stage_duration.labels(stage=stage).observe(ms / 1000)
+        for task, count in passes.items():
+            self.decoder_passes.labels(task=task).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,11 +1,13 @@
 """Pure ASGI middleware (streaming-safe, unlike BaseHTTPMiddleware).
 
 RequestContext: request id (accepted from X-Request-ID or made up), echoed on the response,
-one JSON log line per request, /predict metrics, and a last-resort JSON 500. A request whose
-client left before its response was complete is logged and counted as 499, whatever the app
-answered into the closed connection.
-UploadGuard: POST /predict must be multipart and at most MAX_UPLOAD_BYTES, judged from
-Content-Length before anything is read and again from the bytes actually received.
+one JSON log line per request, inference metrics (POST /predict and the v2 infer routes,
+labelled by protocol), and a last-resort JSON 500. A request whose client left before its
+response was complete is logged and counted as 499, whatever the app answered into the closed
+connection.
+UploadGuard: an inference request is at most MAX_UPLOAD_BYTES, judged from Content-Length
+before anything is read and again from the bytes actually received; POST /predict must also
+be multipart.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from service.metrics import Metrics
 log = logging.getLogger("mad.access")
 
 PREDICT_PATH = "/predict"
+V2_INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapes: debug level only
 # An incoming id is echoed into headers and logs: accept only short, plain tokens.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -33,6 +36,15 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 def is_predict(scope: Scope) -> bool:
     return scope["method"] == "POST" and scope["path"] == PREDICT_PATH
+
+
+def inference_protocol(scope: Scope) -> str | None:
+    """The `protocol` metrics label of an inference request (None: not one)."""
+    if scope["method"] != "POST":
+        return None
+    if scope["path"] == PREDICT_PATH:
+        return "native"
+    return "v2_rest" if V2_INFER_PATH.match(scope["path"]) else None
 
 
 class RequestContextMiddleware:
@@ -48,7 +60,7 @@ class RequestContextMiddleware:
         request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         state["request_id"], state["arrived"] = request_id, start
-        predict = is_predict(scope)
+        protocol = inference_protocol(scope)
         status, started, complete, client_left = 500, False, False, False
 
         async def send_with_id(message: Message) -> None:
@@ -66,7 +78,7 @@ class RequestContextMiddleware:
             client_left = client_left or (message["type"] == "http.disconnect" and not complete)
             return message
 
-        if predict:
+        if protocol:
             self.metrics.inflight.inc()
         try:
             await self.app(scope, receive_watched, send_with_id)
@@ -74,14 +86,16 @@ class RequestContextMiddleware:
             log.exception("unhandled error")
             if started:
                 raise  # the response is half sent: only closing the connection is left
-            await error_response(500, "internal server error")(scope, receive, send_with_id)
+            await error_response(500, "internal server error", path=scope["path"])(
+                scope, receive, send_with_id
+            )
         finally:
             if client_left:
                 status = CLIENT_CLOSED
             seconds = time.perf_counter() - start
-            if predict:
+            if protocol:
                 self.metrics.inflight.dec()
-                self.metrics.count_request(status, state.get("tasks", ()), seconds)
+                self.metrics.count_request(status, state.get("tasks", ()), seconds, protocol)
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             log.log(
                 level,
@@ -110,11 +124,11 @@ class UploadGuardMiddleware:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_predict(scope):
+        if scope["type"] != "http" or not inference_protocol(scope):
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "multipart/form-data":
+        if is_predict(scope) and media_type != "multipart/form-data":
             message = (
                 f"expected multipart/form-data with an 'image' file, got "
                 f"{media_type or 'no content type'}"
@@ -123,9 +137,8 @@ class UploadGuardMiddleware:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             # Rejected unread; uvicorn discards the rest of the body for keep-alive.
-            return await error_response(413, BodyTooLarge(self.max_bytes).detail)(
-                scope, receive, send
-            )
+            too_large = BodyTooLarge(self.max_bytes).detail
+            return await error_response(413, too_large, path=scope["path"])(scope, receive, send)
         received, started = 0, False
 
         async def counted_receive() -> Message:
@@ -147,4 +160,4 @@ class UploadGuardMiddleware:
         except BodyTooLarge as exc:
             if started:
                 raise
-            await error_response(413, exc.detail)(scope, receive, send)
+            await error_response(413, exc.detail, path=scope["path"])(scope, receive, send)

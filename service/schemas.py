@@ -159,8 +159,11 @@ class Health(Strict):
     reason: str | None = Field(None, description="Why the model is unhealthy.")
 
 
+ReadinessStatus = Literal["ready", "loading", "draining", "unhealthy"]
+
+
 class Readiness(Strict):
-    status: Literal["ready", "loading", "draining", "unhealthy"]
+    status: ReadinessStatus
     reason: str | None = Field(None, description="Why the model is unhealthy.")
 
 

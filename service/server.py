@@ -80,7 +80,7 @@ class DrainingServer(uvicorn.Server):
         state.begin_drain()
         self.drain_ends = time.monotonic() + delay
         if delay == 0:
-            self.should_exit = True
+            self.stop_listening()
         # Not passed on to uvicorn, which would re-raise the signal after its shutdown: a
         # completed drain exits with status 0.
         log.info(
@@ -90,8 +90,14 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_ends is not None and time.monotonic() >= self.drain_ends:
-            self.should_exit = True
+            self.stop_listening()
         return await super().on_tick(counter)
+
+    def stop_listening(self) -> None:
+        """The end of the delay: uvicorn closes its listener and finishes its connections;
+        the gRPC server (if any) stops taking calls too (service/grpc_server.py)."""
+        self.service_state.stopping = True
+        self.should_exit = True
 
 
 def exit_now(sig: int) -> NoReturn:

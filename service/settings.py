@@ -69,10 +69,15 @@ class Settings(BaseSettings):
         64, ge=1, description="Most requests waiting for the model; beyond: 503."
     )
     request_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline of one `/predict`, from its arrival; beyond: 504."
+        30.0,
+        gt=0,
+        description="Deadline of one inference request (`/predict`, v2 REST or gRPC), from "
+        "its arrival; beyond: 504.",
     )
     max_upload_bytes: int = Field(
-        20 * 1024 * 1024, ge=1, description="Largest request body (bytes); beyond: 413."
+        20 * 1024 * 1024,
+        ge=1,
+        description="Largest request body (bytes), and gRPC message; beyond: 413.",
     )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest image (width × height); beyond: 413."
@@ -121,8 +126,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="When set (non-empty), requests need `Authorization: Bearer <key>`; "
-        "`/healthz`, `/readyz`, `/metrics` and `/` stay open, and the documentation unless "
-        "public docs are off. Prefer the variable: a command line is visible to other users.",
+        "`/healthz`, `/readyz`, `/metrics`, `/` and the v2 health and readiness routes stay "
+        "open, and the documentation unless public docs are off (gRPC: metadata "
+        "`authorization`). Prefer the variable: a command line is visible to other users.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -130,6 +136,13 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field(
         "info", description="`debug`, `info`, `warning`, `error` or `critical`."
+    )
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol (KServe v2) over gRPC on this port "
+        "(0: any free port; docs/kserve.md). Unset: no gRPC.",
     )
 
     @field_validator("cors_origins", mode="before")
@@ -153,6 +166,12 @@ class Settings(BaseSettings):
     def blank_cache_is_default(cls, value: Any) -> Any:
         # An empty MAD_CACHE_DIR (a blank in a templated manifest) means the default.
         return DEFAULT_CACHE_DIR if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def blank_port_is_none(cls, value: Any) -> Any:
+        # An empty MAD_GRPC_PORT (a blank in a templated manifest) means "no gRPC".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="before")
     @classmethod

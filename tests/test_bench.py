@@ -39,6 +39,7 @@ REPORT_KEYS = {
     "kept_vs_fixed",
     "backends",
     "http",
+    "protocols",
     "targets",
     "errors",
     "skipped",
@@ -141,7 +142,8 @@ def test_targets_report_without_sections():
 @pytest.mark.slow
 def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     """The whole command at smoke size: every section (ONNX export, a real `mad serve` on
-    loopback with batching off and on) runs and the report files hold the expected keys."""
+    loopback with batching off and on, then with gRPC for native vs v2 REST vs v2 gRPC) runs
+    and the report files hold the expected keys."""
     out = tmp_path / "benchmarks"
     result = CliRunner().invoke(
         app,
@@ -172,6 +174,13 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     assert level["ok"] > 0 and level["errors"] == {}
     assert {"queue", "encode", "total"} <= set(level["server_timings_ms"])
     assert "share" in http["overhead"] and "ratio" in http["batching_gain"]
+    protocols = report["protocols"]
+    assert set(protocols["levels"]) == {"native", "v2_rest", "v2_grpc"}
+    for levels in protocols["levels"].values():
+        assert set(levels) == {"1", "4"}
+        assert levels["1"]["ok"] > 0 and levels["1"]["errors"] == {}
+    assert "boxes" in protocols["v2_outputs"] and "json" not in protocols["v2_outputs"]
+    assert all(r > 0 for r in protocols["p50_vs_native"].values())
     assert len(report["targets"]) == 6
     text = md_path.read_text()
     for heading in (
@@ -181,6 +190,7 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
         "## Kept detections",
         "## Eager PyTorch vs ONNX Runtime",
         "## HTTP",
+        "## Protocols",
     ):
         assert heading in text
     assert markdown(report) == text

@@ -72,7 +72,7 @@ def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_p
     assert "caption" in status and "6 detections" in text
     assert '"decoder_passes"' in page["json"]  # the JSON response is shown beneath
     assert page["model"].startswith("tiny step0-")  # from /v1/model
-    assert 'mad_requests_total{status="200",task="detection"} 1.0' in metrics
+    assert 'mad_requests_total{protocol="native",status="200",task="detection"} 1.0' in metrics
     # The caption is on a band below the 320x240 image; the labels are inside the image
     # and do not cover each other.
     assert page["width"] == 320 and page["height"] > 240 and page["band"] == [24, 24, 24]

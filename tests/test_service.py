@@ -144,11 +144,25 @@ def test_metrics_count_what_was_sent(client):
     assert post_image(client, b"not an image", tasks="caption").status_code == 400
     assert client.post("/predict", json={"image": "x"}).status_code == 415
     after = metric_samples(client)
-    assert delta(before, after, "mad_requests_total", status="200", task="detection") == 2
-    assert delta(before, after, "mad_requests_total", status="200", task="caption") == 2
-    assert delta(before, after, "mad_requests_total", status="400", task="caption") == 1
-    assert delta(before, after, "mad_requests_total", status="415", task="none") == 1
-    assert delta(before, after, "mad_request_duration_seconds_count") == 4
+    assert (
+        delta(
+            before, after, "mad_requests_total", status="200", task="detection", protocol="native"
+        )
+        == 2
+    )
+    assert (
+        delta(before, after, "mad_requests_total", status="200", task="caption", protocol="native")
+        == 2
+    )
+    assert (
+        delta(before, after, "mad_requests_total", status="400", task="caption", protocol="native")
+        == 1
+    )
+    assert (
+        delta(before, after, "mad_requests_total", status="415", task="none", protocol="native")
+        == 1
+    )
+    assert delta(before, after, "mad_request_duration_seconds_count", protocol="native") == 4
     for stage in ("queue", "preprocess", "encode", "detection", "caption", "postprocess"):
         assert delta(before, after, "mad_stage_duration_seconds_count", stage=stage) == 2
     assert delta(before, after, "mad_stage_duration_seconds_count", stage="keypoints") == 0

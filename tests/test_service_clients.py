@@ -121,7 +121,14 @@ def test_a_client_that_leaves_while_uploading_counts_as_499(server, client):
         sock.sendall(raw_head(request) + request.read()[:100])
     until(
         lambda: (
-            delta(before, metric_samples(client), "mad_requests_total", status="499", task="none")
+            delta(
+                before,
+                metric_samples(client),
+                "mad_requests_total",
+                status="499",
+                task="none",
+                protocol="native",
+            )
             == 1
         ),
         "the disconnect was not counted",

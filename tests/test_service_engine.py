@@ -141,6 +141,22 @@ def test_abandoned_requests_leave_the_queue_at_once_and_are_not_run():
     assert batches == [2]
 
 
+def test_drain_ends_promptly_after_the_last_waiting_request_left():
+    """Its collector, waiting for a batch to fill, must end with the drain (a cancellation
+    that coincides with the wake-up used to be lost, and the drain hung)."""
+
+    async def scenario():
+        engine = BatchingEngine(RecordingPipeline(), batch_delay_s=10, queue_size=4)
+        engine.start()
+        job = engine.submit(request())
+        await asyncio.sleep(0.05)  # the collector waits for the batch to fill
+        job.future.cancel()
+        await asyncio.sleep(0)
+        return await asyncio.wait_for(engine.drain(5), 3)
+
+    assert asyncio.run(scenario()) is True
+
+
 # --- through HTTP ---------------------------------------------------------------------------
 def post(url: str, tasks: str = "caption") -> httpx.Response:
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -169,14 +185,15 @@ def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
         with httpx.Client(base_url=server.url) as client:
             metrics = client.get("/metrics").text
             assert client.get("/readyz").status_code == 200
-        assert 'mad_requests_total{status="503",task="caption"} 3.0' in metrics
-        assert 'mad_requests_total{status="200",task="caption"} 3.0' in metrics
+        assert 'mad_requests_total{protocol="native",status="503",task="caption"} 3.0' in metrics
+        assert 'mad_requests_total{protocol="native",status="200",task="caption"} 3.0' in metrics
         # One warm-up-free batch of three: the accepted requests were encoded together.
         assert "mad_batch_size_count 1.0" in metrics and "mad_batch_size_sum 3.0" in metrics
 
 
 def test_request_past_its_deadline_gets_504(micro_checkpoint):
-    settings = Settings(checkpoint=micro_checkpoint, request_timeout_s=0.3, batch_delay_ms=1000)
+    # The body is in well before the deadline; the batch window outlasts it.
+    settings = Settings(checkpoint=micro_checkpoint, request_timeout_s=1.0, batch_delay_ms=3000)
     with running_server(settings) as server:
         response = post(server.url)
         assert response.status_code == 504

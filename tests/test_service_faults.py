@@ -104,9 +104,18 @@ def test_failing_requests_do_not_fail_their_batch_mates(server, client):
     assert oom.headers["retry-after"] == "1"
     assert delta(before, after, "mad_model_failures_total", kind="error") == 1
     assert delta(before, after, "mad_model_failures_total", kind="out_of_memory") == 1
-    assert delta(before, after, "mad_requests_total", status="500", task="caption") == 1
-    assert delta(before, after, "mad_requests_total", status="503", task="caption") == 1
-    assert delta(before, after, "mad_requests_total", status="200", task="caption") == 2
+    assert (
+        delta(before, after, "mad_requests_total", status="500", task="caption", protocol="native")
+        == 1
+    )
+    assert (
+        delta(before, after, "mad_requests_total", status="503", task="caption", protocol="native")
+        == 1
+    )
+    assert (
+        delta(before, after, "mad_requests_total", status="200", task="caption", protocol="native")
+        == 2
+    )
     assert client.get("/readyz").json() == {"status": "ready"}
 
 
@@ -206,8 +215,14 @@ def test_requests_whose_clients_left_never_reach_the_model(micro_checkpoint):
         assert live.status_code == 200, live.text
         after = metric_samples(client)
     assert faulty.widths == [150, 170]  # the one running when its client left, then the live one
-    assert delta(before, after, "mad_requests_total", status="499", task="caption") == abandoned
-    assert delta(before, after, "mad_requests_total", status="200", task="caption") == 1
+    assert (
+        delta(before, after, "mad_requests_total", status="499", task="caption", protocol="native")
+        == abandoned
+    )
+    assert (
+        delta(before, after, "mad_requests_total", status="200", task="caption", protocol="native")
+        == 1
+    )
     assert after[("mad_queue_depth", ())] == 0
     assert after[("mad_running_requests", ())] == 0
     assert after[("mad_inflight_requests", ())] == 0

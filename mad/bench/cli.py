@@ -77,7 +77,7 @@ class BenchSettings:
     batch_size: int
     refine: list[str]
     levels: list[int]
-    sections: dict[str, bool]  # http, onnx, ar, variants: run or skip
+    sections: dict[str, bool]  # http, protocols, onnx, ar, variants: run or skip
     quick: bool
     repeats: int
     warmup: int
@@ -139,6 +139,11 @@ def bench(
         None, min=0.1, help="Most seconds per HTTP level (8; quick 2)."
     ),
     http: bool = typer.Option(True, "--http/--no-http", help="End-to-end HTTP benchmark."),
+    protocols: bool = typer.Option(
+        True,
+        "--protocols/--no-protocols",
+        help="POST /predict vs KServe v2 REST vs v2 gRPC (needs tritonclient).",
+    ),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Eager vs ONNX Runtime."),
     ar: bool = typer.Option(True, "--ar/--no-ar", help="Autoregressive baseline."),
     variants: bool = typer.Option(
@@ -151,7 +156,8 @@ def bench(
 ) -> None:
     """Benchmark the model and the service: stage latency, MAD vs autoregressive, kept vs
     fixed sequences, eager vs ONNX Runtime (and GPU variants), HTTP latency and throughput
-    with and without dynamic batching. Prints the ratios; writes JSON + Markdown to --out."""
+    with and without dynamic batching, native vs KServe v2 REST vs v2 gRPC. Prints the
+    ratios; writes JSON + Markdown to --out."""
     import torch
 
     from mad.bench.workload import parse_size
@@ -183,7 +189,13 @@ def bench(
             batch_size=batch_size,
             refine=refine_steps,
             levels=levels,
-            sections={"http": http, "onnx": onnx, "ar": ar, "variants": variants},
+            sections={
+                "http": http,
+                "protocols": protocols,
+                "onnx": onnx,
+                "ar": ar,
+                "variants": variants,
+            },
             quick=quick,
             repeats=given_or(repeats, base.repeats),
             warmup=given_or(warmup, base.warmup),
@@ -256,6 +268,12 @@ class BenchRun:
                 self.section("http", self.http)
             else:
                 self.report["skipped"]["http"] = "--no-http"
+            if not s.sections["protocols"]:
+                self.report["skipped"]["protocols"] = "--no-protocols"
+            elif not tritonclient_installed():
+                self.report["skipped"]["protocols"] = "no tritonclient (the dev extra)"
+            else:
+                self.section("protocols", self.protocols)
         self.report["duration_s"] = time.perf_counter() - started
         self.report["targets"] = targets(self.report)
         return self.report
@@ -419,6 +437,34 @@ class BenchRun:
             echo=self.echo,
         )
 
+    def protocols(self) -> dict[str, Any]:
+        from mad.bench.protocols_bench import protocols_benchmark
+
+        s = self.s
+        return protocols_benchmark(
+            self.checkpoint,
+            s.backend,
+            s.device,
+            self.payload,
+            list(self.report["model"]["tasks"]),
+            min(s.kept, self.report["model"]["num_slots"]),
+            self.refine,
+            s.http_requests,
+            s.http_seconds,
+            s.warmup,
+            export_dir=self.export_dir if s.backend != "torch" else None,
+            echo=self.echo,
+        )
+
+
+def tritonclient_installed() -> bool:
+    import importlib.util
+
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("tritonclient", "tritonclient.http.aio", "tritonclient.grpc.aio")
+    )
+
 
 def headline(report: dict[str, Any]) -> str:
     """The ratios and targets, for the terminal."""
@@ -451,6 +497,12 @@ def headline(report: dict[str, Any]) -> str:
             f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "
             f"{fmt(ceiling['ratio'], 'x')}"
         )
+    if protocols := report.get("protocols"):
+        p50 = [
+            f"{p} {fmt(median(by_level.get('1', {}).get('latency')), 'ms')}"
+            for p, by_level in protocols["levels"].items()
+        ]
+        lines.append("p50 at concurrency 1: " + ", ".join(p50))
     lines.append(targets_table(report["targets"], ("this run", "differ")))
     for name, error in report["errors"].items():
         lines.append(f"ERROR {name}: {error}")

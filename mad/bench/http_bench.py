@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,49 +136,37 @@ def form_fields(tasks: list[str], kept: int, refine: dict[str, int]) -> dict[str
     return fields
 
 
-async def load(
-    url: str,
-    payload: bytes,
-    fields: dict[str, str],
-    concurrency: int,
-    max_requests: int,
-    duration_s: float,
+class RequestFailed(Exception):
+    """A request the server answered with an error; str(): the errors table's key for it."""
+
+
+async def closed_loop(
+    send: Callable[[], Awaitable[object]], concurrency: int, max_requests: int, duration_s: float
 ) -> dict[str, Any]:
-    """`concurrency` closed-loop clients until `max_requests` were sent or `duration_s` is up
-    -> latency percentiles, throughput, errors and the server's median stage timings."""
+    """`concurrency` clients each calling `send` back to back until `max_requests` were sent
+    or `duration_s` is up -> latency percentiles of the successes, throughput, errors (by
+    status or exception type)."""
     latencies: list[float] = []
-    stage_ms: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     issued = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        deadline = time.perf_counter() + duration_s
+    deadline = time.perf_counter() + duration_s
 
-        async def client_loop() -> None:
-            nonlocal issued
-            while issued < max_requests and time.perf_counter() < deadline:
-                issued += 1
-                start = time.perf_counter()
-                try:
-                    response = await client.post(
-                        f"{url}/predict",
-                        data=fields,
-                        files={"image": ("bench.jpg", payload, "image/jpeg")},
-                    )
-                    body = response.json()  # parsing is part of what a client pays
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    continue
-                if response.status_code != 200:
-                    errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
-                    continue
-                latencies.append(time.perf_counter() - start)
-                for stage, ms in body.get("timings_ms", {}).items():
-                    stage_ms.setdefault(stage, []).append(ms)
+    async def client_loop() -> None:
+        nonlocal issued
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            start = time.perf_counter()
+            try:
+                await send()
+            except Exception as exc:
+                key = str(exc) if isinstance(exc, RequestFailed) else type(exc).__name__
+                errors[key] = errors.get(key, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
     return {
         "concurrency": concurrency,
         "requests": issued,
@@ -187,6 +175,38 @@ async def load(
         "seconds": elapsed,
         "throughput_rps": len(latencies) / elapsed,
         "latency": summarize(latencies),
+    }
+
+
+async def load(
+    url: str,
+    payload: bytes,
+    fields: dict[str, str],
+    concurrency: int,
+    max_requests: int,
+    duration_s: float,
+) -> dict[str, Any]:
+    """Closed-loop POST /predict clients -> closed_loop's figures and the server's median
+    stage timings."""
+    stage_ms: dict[str, list[float]] = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def send() -> None:
+            response = await client.post(
+                f"{url}/predict",
+                data=fields,
+                files={"image": ("bench.jpg", payload, "image/jpeg")},
+            )
+            body = response.json()  # parsing is part of what a client pays
+            if response.status_code != 200:
+                raise RequestFailed(str(response.status_code))
+            for stage, ms in body.get("timings_ms", {}).items():
+                stage_ms.setdefault(stage, []).append(ms)
+
+        result = await closed_loop(send, concurrency, max_requests, duration_s)
+    return {
+        **result,
         "server_timings_ms": {
             k: summarize([v / 1000 for v in vals])["median_ms"] for k, vals in stage_ms.items()
         },

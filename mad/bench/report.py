@@ -307,6 +307,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     out += backends_md(report.get("backends") or {})
     out += http_md(report.get("http") or {})
+    out += protocols_md(report.get("protocols") or {})
     if report.get("skipped"):
         out += ["## Skipped\n"] + [f"- {k}: {v}" for k, v in report["skipped"].items()] + [""]
     return "\n".join(out) + "\n"
@@ -380,3 +381,29 @@ def http_md(http: dict[str, Any]) -> list[str]:
             f"{fmt(median(ceiling['batched']), 'ms')} = {fmt(ceiling['ratio'], 'x')}"
         )
     return [*out, ""]
+
+
+def protocols_md(protocols: dict[str, Any]) -> list[str]:
+    if not protocols:
+        return []
+    rows = [
+        [
+            protocol,
+            c,
+            level["ok"],
+            sum(level["errors"].values()),
+            f"{level['throughput_rps']:.2f}",
+            *stats_cells(level["latency"]),
+        ]
+        for protocol, levels in protocols["levels"].items()
+        for c, level in levels.items()
+    ]
+    header = ["protocol", "concurrency", "ok", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"]
+    versus = ", ".join(f"{p} {fmt(r, 'x')}" for p, r in protocols["p50_vs_native"].items())
+    return [
+        "## Protocols: POST /predict vs KServe v2 REST vs v2 gRPC (same image, one server)\n",
+        table(header, rows),
+        f"- v2 outputs asked for: {', '.join(protocols['v2_outputs'])}",
+        f"- p50 over native /predict at concurrency 1: {versus}",
+        "",
+    ]

@@ -34,13 +34,10 @@ async def healthz(state: StateDep) -> Health | JSONResponse:
     responses={503: {"model": Readiness, "description": "Loading, unhealthy or draining."}},
 )
 async def readyz(state: StateDep) -> Readiness | JSONResponse:
-    problem = state.health.problem
-    if problem is not None:
-        return JSONResponse(Readiness(status="unhealthy", reason=problem).model_dump(), 503)
-    if state.draining:
-        return JSONResponse(Readiness(status="draining").model_dump(exclude_none=True), 503)
-    if not state.ready:
-        return JSONResponse(Readiness(status="loading").model_dump(exclude_none=True), 503)
+    status, reason = state.readiness()
+    if status != "ready":
+        body = Readiness(status=status, reason=reason).model_dump(exclude_none=True)
+        return JSONResponse(body, 503)
     return Readiness(status="ready")
 
 

@@ -18,10 +18,9 @@ from model.request_spec import (
     parse_tasks,
 )
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
-from service.engine import Draining, InferenceFailed, QueueFull
-from service.errors import CLIENT_CLOSED, APIError
+from service.errors import APIError
 from service.images import decode_image
-from service.jobs import ClientGone, wait_for_job
+from service.jobs import submit_all, wait_all
 from service.postprocess import respond
 from service.schemas import ErrorResponse, PredictForm, PredictResponse
 from service.state import ServiceState
@@ -82,39 +81,9 @@ async def predict(
     decode_seconds = time.perf_counter() - decode_start
 
     job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections, nms_iou)
-    try:
-        job = engine.submit(job_request)
-    except QueueFull:
-        raise APIError(
-            503,
-            "queue_full",
-            "the server is at capacity; retry shortly",
-            headers={"Retry-After": "1"},
-        ) from None
-    except Draining:
-        raise APIError(
-            503, "draining", "the server is shutting down", headers={"Retry-After": "1"}
-        ) from None
-    remaining = settings.request_timeout_s - (time.perf_counter() - arrived)
-    try:
-        result = await wait_for_job(job, request, remaining)
-    except ClientGone:
-        raise APIError(CLIENT_CLOSED, "client_closed_request", "the client went away") from None
-    except TimeoutError:
-        raise APIError(504, "timeout", f"not done within {settings.request_timeout_s} s") from None
-    except Draining:
-        raise APIError(
-            503,
-            "draining",
-            "the server shut down before this request ran",
-            headers={"Retry-After": "1"},
-        ) from None
-    except InferenceFailed as exc:
-        if exc.out_of_memory:
-            raise APIError(
-                503, "out_of_memory", "the model ran out of memory", headers={"Retry-After": "1"}
-            ) from None
-        raise APIError(500, "inference_failed", "the model failed on this request") from None
+    [job] = submit_all(engine, [job_request])
+    limit_s = settings.request_timeout_s
+    [result] = await wait_all([job], limit_s - (time.perf_counter() - arrived), limit_s, request)
 
     response = await run_in_threadpool(
         lambda: respond(
