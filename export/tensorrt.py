@@ -25,14 +25,15 @@ Shape = tuple[int, ...]  # one input's dimensions
 
 @dataclass
 class Profile:
-    """The shapes an engine accepts. Serving letterboxes every image to the canvas, so the
-    canvas is the optimum; smaller images (down to min_image) stay valid."""
+    """The shapes an engine accepts. Serving letterboxes every image to the canvas or, for a
+    portrait image on a landscape canvas, to its transpose: the canvas is the optimum, both
+    orientations are inside, smaller images (down to min_image) stay valid."""
 
     max_batch: int = 8  # images per encoder call (the service's max batch)
     opt_batch: int = 1
     max_sequences: int = 0  # sequences per decoder call; 0: max_batch * num_slots
     opt_sequences: int = 0  # 0: num_slots (one image's detections)
-    min_image: tuple[int, int] = (0, 0)  # 0: half the canvas
+    min_image: tuple[int, int] = (0, 0)  # 0: half the canvas's shorter side, both sides
 
     def resolved(self, model: dict[str, Any]) -> Profile:
         """Zeros replaced by their defaults for this model (the manifest's "model" entry)."""
@@ -44,19 +45,21 @@ class Profile:
             min(self.opt_batch, self.max_batch),
             max_sequences,
             min(self.opt_sequences or slots, max_sequences),
-            (min_h, min_w) if min_h and min_w else (canvas[0] // 2, canvas[1] // 2),
+            (min_h, min_w) if min_h and min_w else (min(canvas) // 2, min(canvas) // 2),
         )
 
 
 def encoder_shapes(profile: Profile, model: dict[str, Any]) -> dict[str, list[Shape]]:
-    """Encoder inputs -> [min, opt, max] shapes: one image down to min_image, opt_batch and
-    max_batch images at the canvas (`profile` resolved)."""
+    """Encoder inputs -> [min, opt, max] shapes: one image down to min_image, opt_batch
+    images at the canvas, max_batch images at up to the canvas's longer side in both
+    dimensions, so the transposed canvas fits too (`profile` resolved)."""
     height, width = model["image_size"]
     (min_h, min_w), b = profile.min_image, profile
+    longest = max(height, width)
     images: list[Shape] = [
         (1, 3, min_h, min_w),
         (b.opt_batch, 3, height, width),
-        (b.max_batch, 3, height, width),
+        (b.max_batch, 3, longest, longest),
     ]
     return {"images": images, "pad_mask": [(s[0], *s[2:]) for s in images]}
 

@@ -141,6 +141,7 @@ COCO_CLASS_NAMES = [
     "toothbrush",
 ]
 SYNTH_CLASS_NAMES = ["person", "circle", "square", "triangle", "star", "hexagon"]
+AUGMENTATIONS = ("fit", "multiscale")
 
 
 @dataclass
@@ -186,7 +187,14 @@ class ModelConfig:
     )
     train_mask_ratio: float = 0.7
     no_object_weight: float = 0.1  # loss weight of an unmatched slot's "no object" (DETR: 0.1)
+    # Training augmentation (model.data.transforms.training_transforms): "multiscale", the
+    # reference's scales (short side 480..800, max 1333, crops; the presets but tiny), or
+    # "fit": every image fitted to the canvas (tiny, and checkpoints from before this field).
+    train_augmentation: str = "fit"
     max_instances_per_image: int = 10  # segmentation / keypoint sequences per image
+    # Masked copies of each instance's segmentation sequence: 1, fully or partly masked (even
+    # odds); 2, both, as the reference (twice the decoder work of the longest sequences).
+    segmentation_masked_copies: int = 1
     # Class-wise NMS IoU after detection decoding (1.0: off); a request may override it.
     nms_iou: float = 1.0
     # Masked inference: default mask-ratio schedule per task (K = len(schedule)).
@@ -205,6 +213,13 @@ class ModelConfig:
         self.skeleton = [(a, b) for a, b in self.skeleton]
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
+        if self.train_augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"train_augmentation must be one of {AUGMENTATIONS}, "
+                f"not {self.train_augmentation!r}"
+            )
+        if self.segmentation_masked_copies not in (1, 2):
+            raise ValueError("segmentation_masked_copies must be 1 or 2")
 
     @property
     def num_classes(self) -> int:
@@ -243,17 +258,25 @@ class ModelConfig:
 
 
 def _r50() -> ModelConfig:
-    return ModelConfig(decoder_final_norm=True)
+    return ModelConfig(decoder_final_norm=True, train_augmentation="multiscale")
 
 
 def _swin_b() -> ModelConfig:
     return ModelConfig(
-        name="swin-b", backbone="timm:swin_base_patch4_window7_224", decoder_final_norm=True
+        name="swin-b",
+        backbone="timm:swin_base_patch4_window7_224",
+        decoder_final_norm=True,
+        train_augmentation="multiscale",
     )
 
 
 def _vit_b() -> ModelConfig:
-    return ModelConfig(name="vit-b", backbone="timm:vit_base_patch16_224", decoder_final_norm=True)
+    return ModelConfig(
+        name="vit-b",
+        backbone="timm:vit_base_patch16_224",
+        decoder_final_norm=True,
+        train_augmentation="multiscale",
+    )
 
 
 def _tiny() -> ModelConfig:

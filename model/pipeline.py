@@ -1,13 +1,14 @@
 """Inference pipeline: images in, results of the asked tasks out.
 
-One batch of requests is encoded together; then every codec of the model runs in the
-model's task order, decoding in batches across the requests that asked for it (grouped by
-refinement schedule). A task runs one sequence per image, or, when its codec is prompted by
-detections, one per kept detection the codec applies to. Detection comes first, so its kept
-boxes (each request's score threshold and max count) prompt the tasks after it and no
-decoding is paid for objects nobody will see. Detection is the one task the pipeline names,
-as the provider of those prompts (and Result has typed views of the built-in tasks' outputs);
-everything else comes from the codecs.
+One batch of requests is encoded together (the images that share a canvas: a portrait
+image on a landscape canvas runs on the transposed one, in a batch of its own); then every
+codec of the model runs in the model's task order, decoding in batches across the requests
+that asked for it (grouped by refinement schedule). A task runs one sequence per image, or,
+when its codec is prompted by detections, one per kept detection the codec applies to.
+Detection comes first, so its kept boxes (each request's score threshold and max count)
+prompt the tasks after it and no decoding is paid for objects nobody will see. Detection is
+the one task the pipeline names, as the provider of those prompts (and Result has typed views
+of the built-in tasks' outputs); everything else comes from the codecs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from model.codecs.detection import Detections
 from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
 from model.decoding import Memory, Runner, decoder_passes, mask_schedule, masked_decode
-from model.preprocess import prepare_batch
+from model.preprocess import canvas_groups, image_canvas, prepare_batch
 from model.stopwatch import Stopwatch
 
 Schedule = tuple[float, ...]  # mask ratios of the refinement steps
@@ -106,7 +107,25 @@ class Pipeline(Generic[Memory]):
         default = self.config.schedules.get(task, [])
         return tuple(mask_schedule(request.refine_steps.get(task, len(default)), default))
 
+    def canvas(self, request: Request) -> tuple[int, int]:
+        """(H, W) of the canvas the request's image runs on (model.preprocess.image_canvas)."""
+        return image_canvas((request.image.height, request.image.width), self.config.image_size)
+
     def __call__(self, requests: list[Request]) -> list[Result]:
+        """One Result per request. Images that run on different canvases (portrait and
+        landscape, model.preprocess) are encoded and decoded as separate batches."""
+        sizes = [(r.image.height, r.image.width) for r in requests]
+        groups = list(canvas_groups(sizes, self.config.image_size).values())
+        if len(groups) == 1:
+            return self.run_batch(requests)
+        results: list[Result | None] = [None] * len(requests)
+        for group in groups:
+            for i, result in zip(group, self.run_batch([requests[i] for i in group]), strict=True):
+                results[i] = result
+        return [result for result in results if result is not None]
+
+    def run_batch(self, requests: list[Request]) -> list[Result]:
+        """Requests whose images share a canvas -> their Results."""
         start = time.perf_counter()
         batch = prepare_batch([r.image for r in requests], self.config.image_size, self.device)
         contexts = batch.contexts

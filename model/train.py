@@ -23,9 +23,9 @@ from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (typ
 
 from model.checkpoint import MAD, load_checkpoint, save_checkpoint
 from model.config import PRESETS, ModelConfig, get_preset
-from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler
+from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, transposed_images
 from model.data.coco import CocoMultiTaskDataset
-from model.data.transforms import build_transforms, flip_pairs_from_names
+from model.data.transforms import flip_pairs_from_names, training_transforms
 from model.losses import masked_training_losses, weighted_total
 from model.tokenizer import CaptionTokenizer
 from model.train_state import has_train_state, load_train_state, save_train_state
@@ -186,17 +186,18 @@ def train(cfg: TrainConfig) -> Path:
     config = mad.config
     flip_pairs = flip_pairs_from_names(config.keypoint_names)
     dataset = CocoMultiTaskDataset(
-        cfg.data, cfg.split, transforms=build_transforms(True, max(config.image_size), flip_pairs)
+        cfg.data, cfg.split, transforms=training_transforms(config, flip_pairs)
     )
     last_step = min(cfg.steps, cfg.stop_at or cfg.steps)
+    transposed = transposed_images(dataset.image_sizes(), config.image_size)
     sampler = StepBatchSampler(
-        len(dataset), cfg.batch_size, cfg.seed, start_step, last_step, rank, world
+        len(dataset), cfg.batch_size, cfg.seed, start_step, last_step, rank, world, transposed
     )
     loader = DataLoader(
         SeededDataset(dataset),
         batch_sampler=sampler,
         num_workers=cfg.workers,
-        collate_fn=CanvasCollate(config.image_size),
+        collate_fn=CanvasCollate.for_config(config),
         persistent_workers=cfg.workers > 0,
     )
     network = mad.required_network().to(device).train()

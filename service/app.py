@@ -59,13 +59,17 @@ def load_model(s: Settings) -> LoadedModel:
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
-def warm_up_request(pipeline: Pipeline) -> ModelRequest:
-    """Every task on a grey image: run once at start-up, so the first request pays no lazy
-    initialisation (allocator, kernels, torch.compile), and as the model's self-test
-    (service/model_health.py). Threshold 0 keeps detections, so prompted tasks run too."""
+def warm_up_requests(pipeline: Pipeline) -> list[ModelRequest]:
+    """Every task on a grey image, on the canvas and on its transpose (portrait images): run
+    once at start-up, so the first request pays no lazy initialisation (allocator, kernels,
+    torch.compile); the first is also the model's self-test (service/model_health.py).
+    Threshold 0 keeps detections, so prompted tasks run too."""
     height, width = pipeline.config.image_size
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    return ModelRequest(image, tuple(pipeline.config.tasks), score_threshold=0.0)
+    tasks = tuple(pipeline.config.tasks)
+    return [
+        ModelRequest(Image.new("RGB", size, (128, 128, 128)), tasks, score_threshold=0.0)
+        for size in dict.fromkeys([(width, height), (height, width)])
+    ]
 
 
 def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
@@ -105,6 +109,7 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         model = await engine.run_on_model_thread(load_model, s)
         state.model = model
         pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
+        engine.batch_key = pipeline.canvas  # portrait and landscape images batch apart
         d = model.description
         state.metrics.model_info.info(
             {
@@ -118,9 +123,10 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         state.metrics.track_queue(lambda: len(engine.waiting), lambda: engine.running)
         state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
         # Compiled graphs and CUDA state belong to the model thread too.
-        warm_up = warm_up_request(pipeline)
-        await engine.run_on_model_thread(pipeline, [warm_up])
-        state.health.self_test = lambda: engine.run_alone(warm_up)
+        warm_ups = warm_up_requests(pipeline)
+        for warm_up in warm_ups:  # one canvas per batch
+            await engine.run_on_model_thread(pipeline, [warm_up])
+        state.health.self_test = lambda: engine.run_alone(warm_ups[0])
     except StartupError as exc:  # expected (model/startup.py): one log line, no traceback
         log.error("start-up failed", extra={"error": str(exc)})
         state.fail_start(str(exc))

@@ -2,8 +2,10 @@
 
 The event loop only queues and collects; the model runs on one dedicated thread (it owns the
 network, so no locking and no CUDA context juggling). A batch starts when it is full or when
-its oldest request has waited `batch_delay`. Requests waiting for the model count against a
-bounded queue, so overload answers at once (503) instead of piling up latency.
+its oldest request has waited `batch_delay`. A batch holds requests of one `batch_key` (the
+service's: the image's canvas, so portrait and landscape images are not encoded together);
+the others wait for the next. Requests waiting for the model count against a bounded queue,
+so overload answers at once (503) instead of piling up latency.
 
 A caller that stops waiting (deadline, client gone) cancels `job.future`: a waiting job leaves
 the queue at once and never reaches the model; a running one has its result dropped.
@@ -16,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,7 +31,7 @@ log = logging.getLogger("mad.engine")
 
 T = TypeVar("T")
 Batch = Callable[[list[Request]], list[Result]]  # the pipeline: one Result per Request
-B = TypeVar("B", bound=Batch)
+P = TypeVar("P", bound=Batch)
 
 
 class QueueFull(Exception):
@@ -75,8 +77,10 @@ class BatchingEngine:
         queue_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
         on_outcome: Callable[[BaseException | None], None] | None = None,
+        batch_key: Callable[[Request], Hashable] | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.batch_key: Callable[[Request], Hashable] = batch_key or (lambda request: None)
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size
         self.on_batch = on_batch or (lambda size: None)
@@ -90,7 +94,7 @@ class BatchingEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def load(self, factory: Callable[[], B]) -> B:
+    async def load(self, factory: Callable[[], P]) -> P:
         """Build the pipeline on the model thread. On CPU this matters for speed: every
         thread that runs torch ops gets its own OpenMP team, and a second team (the loader's)
         made each request ~40% slower on 2 cores. -> the pipeline."""
@@ -203,8 +207,20 @@ class BatchingEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrived.wait(), remaining)
         self._discard_abandoned()
-        count = min(self.max_batch_size, len(self.waiting))
-        return [self.waiting.popleft() for _ in range(count)]
+        return self._take_batch()
+
+    def _take_batch(self) -> list[Job]:
+        """Up to max_batch_size waiting jobs with the oldest one's batch key, oldest first."""
+        if not self.waiting:
+            return []
+        key = self.batch_key(self.waiting[0].request)
+        batch: list[Job] = []
+        rest: deque[Job] = deque()
+        for job in self.waiting:
+            fits = len(batch) < self.max_batch_size and self.batch_key(job.request) == key
+            (batch if fits else rest).append(job)
+        self.waiting = rest
+        return batch
 
     def _discard_abandoned(self) -> None:
         """Drop requests whose caller gave up (deadline passed, client gone)."""

@@ -143,7 +143,8 @@ class ModelDescription(Strict):
     )
     schedules: dict[str, list[float]] = Field(description="Default mask-ratio schedules.")
     input_size: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
-        description="[height, width] of the letterboxed network input."
+        description="[height, width] of the canvas images are letterboxed into; a portrait "
+        "image on a landscape canvas runs on the transposed one ([width, height])."
     )
     max_detections: int = Field(description="Detection slots: the most objects per image.")
     nms_iou: float = Field(description="Default class-wise NMS IoU of /predict (1: off).")

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random-weight checkpoint, a tiny synthetic dataset, and the real
-service with an HTTP client for it.
+"""Shared fixtures: a tiny, barely trained checkpoint, a tiny synthetic dataset, and the
+real service with an HTTP client for it.
 
 The service fixtures serve `server_settings`; a test module that needs other settings
 (an API key, upload limits) overrides that one fixture.
@@ -18,7 +18,7 @@ from model.checkpoint import MAD, save_checkpoint
 from model.data.synth import write_synthetic_dataset
 from model.tokenizer import CaptionTokenizer
 from service.settings import Settings
-from tests.helpers import TINY_CAPTIONS, micro_config, running_server
+from tests.helpers import TINY_CAPTIONS, fit_detection_decoder, micro_config, running_server
 
 torch.set_num_threads(1)  # a training job shares this machine
 
@@ -37,12 +37,14 @@ def tokenizer() -> CaptionTokenizer:
 
 
 @pytest.fixture(scope="session")
-def micro_model(tokenizer) -> MAD:
-    """Shared by many tests: in eval mode from the start, so no test depends on another
-    having switched it."""
+def micro_model(tokenizer, synth_data) -> MAD:
+    """Shared by many tests: random weights but a decoder fitted to a few images' detection
+    sequences, so its boxes have width and height; in eval mode from the start, so no test
+    depends on another having switched it."""
     torch.manual_seed(0)
     mad = MAD.build(micro_config(), tokenizer)
-    mad.network.eval()
+    fit_detection_decoder(mad, synth_data)
+    mad.required_network().eval()
     return mad
 
 

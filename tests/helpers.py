@@ -10,16 +10,22 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.checkpoint import MAD
 from model.config import get_preset
+from model.data.batching import CanvasCollate
+from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import render_synthetic_image
+from model.losses import sequence_loss
 from service.app import create_app
 from service.server import DrainingServer, uvicorn_options
 from service.settings import Settings
@@ -63,6 +69,35 @@ def micro_config(**overrides):
     )
     values.update(overrides)
     return get_preset("tiny", **values)
+
+
+def fit_detection_decoder(
+    mad: MAD, data: Path, steps: int = 120, images: int = 8, lr: float = 5e-3
+) -> None:
+    """Fit a random-weight model's decoder to the detection sequences of the first `images`
+    training images of `data` (backbone and encoder frozen, so they are encoded once: a few
+    seconds for the micro model). Untrained, every slot decodes one shared coordinate bin,
+    i.e. boxes without area, which decoding drops; after this, most boxes have an extent."""
+    network, codec = mad.required_network().eval(), mad.codecs["detection"]
+    dataset = CocoMultiTaskDataset(data, "train2017")
+    samples = [dataset[i] for i in range(min(images, len(dataset)))]
+    pixels, pads, targets = CanvasCollate(mad.config.image_size)(samples)
+    with torch.no_grad():
+        memory = network.encode(pixels, pads)
+    trained = ("decoder.", "final_norm.", "token_embedding.", "seq_pos.", "head.")
+    params = [p for name, p in network.named_parameters() if name.startswith(trained)]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        seqs = codec.training_sequences(targets, generator)
+        logits = network.decode(
+            memory, seqs.inputs, seqs.image_index, codec.vocab_slice(), all_layers=True
+        )
+        loss = sequence_loss(logits, seqs, codec)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    network.zero_grad(set_to_none=True)
 
 
 def free_port() -> int:

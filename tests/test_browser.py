@@ -67,9 +67,11 @@ def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_p
             "fetch(document.getElementById('download').href).then(r => r.text())"
         )
         metrics = httpx.get(f"{server.url}/metrics").text
-    # Threshold 0 keeps all 6 slots of the micro model; every one was drawn on the canvas.
-    assert status["detections"] == "6" and status["drawnBoxes"] == "6", status
-    assert "caption" in status and "6 detections" in text
+    # Threshold 0 keeps every slot of the micro model whose box has an area (up to 6); every
+    # one was drawn on the canvas.
+    found = status["detections"]
+    assert 0 < int(found) <= 6 and status["drawnBoxes"] == found, status
+    assert "caption" in status and f"{found} detections" in text
     assert '"decoder_passes"' in page["json"]  # the JSON response is shown beneath
     assert page["model"].startswith("tiny step0-")  # from /v1/model
     assert 'mad_requests_total{protocol="native",status="200",task="detection"} 1.0' in metrics
@@ -77,7 +79,7 @@ def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_p
     # and do not cover each other.
     assert page["width"] == 320 and page["height"] > 240 and page["band"] == [24, 24, 24]
     labels = page["labels"]
-    assert len(labels) == 6
+    assert len(labels) == int(found)
     for i, (x0, y0, x1, y1) in enumerate(labels):
         assert 0 <= x0 < x1 <= 320 and 0 <= y0 < y1 <= 240
         for a0, b0, a1, b1 in labels[i + 1 :]:

@@ -1,5 +1,5 @@
 """What a request keeps of the decoded detections: threshold, class-wise NMS, count, and only
-boxes the asked tasks can use."""
+boxes the asked tasks can use; decoding drops boxes without area."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.codecs import DecodeContext
 from model.codecs.detection import Detections
 from model.pipeline import Pipeline, Request
 from model.request_spec import RequestError, check_nms_iou
@@ -76,3 +77,25 @@ def test_max_detections_counts_what_the_asked_tasks_use(micro_model):
     assert pipeline.usable(found, request).labels.tolist() == [0]
     both = Request(IMAGE, ("keypoints", "segmentation"))
     assert pipeline.usable(found, both).labels.tolist() == [1, 0, 2]
+
+
+def test_boxes_without_area_are_dropped(micro_model):
+    """Decoding keeps only boxes with a width and a height in the image's pixels: not a box
+    whose x0 and x1 share a bin, nor one that lies in the letterbox padding below a wide
+    image (clipped to the image, it has no height)."""
+    codec, vocab = micro_model.codecs["detection"], micro_model.vocab
+    slots = micro_model.config.num_slots
+    body = torch.full((slots, 5), vocab.coord_start)  # unused slots: every coordinate in bin 0
+    body[:, 4] = vocab.no_object
+    kept, thin, below = [10, 10, 40, 30], [20, 10, 20, 30], [10, 70, 40, 90]  # bins
+    for slot, box in enumerate((kept, thin, below)):
+        body[slot, :4] = vocab.coord_start + torch.tensor(box)
+        body[slot, 4] = vocab.class_token(torch.tensor(1))
+    start, stop = codec.vocab_slice()
+    logits = torch.full((1, slots * 5, stop - start), -10.0)
+    logits[0].scatter_(-1, codec.to_local(body.flatten()).unsqueeze(-1), 10.0)
+    canvas = micro_model.config.image_size  # 96x96, a bin per pixel
+    wide = DecodeContext(canvas, 1.0, (48, 96))  # a 96x48 image fills the canvas's top half
+    [found] = codec.decode(logits + codec.constraint(), None, [wide])
+    assert len(found) == 1 and found.labels.tolist() == [1]
+    assert found.boxes.tolist() == [[10.5, 10.5, 40.5, 30.5]]  # bin centres

@@ -24,15 +24,17 @@ from model.startup import StartupError
 from model.stopwatch import Stopwatch
 from runtime.cuda_graphs import PaddedLayout, bucket, memory_signature
 from runtime.torch_runner import TorchRunner
+from tests.helpers import fit_detection_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("detection", "segmentation", "keypoints", "caption")
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_runs_all_four_tasks(preset):
+def test_every_preset_runs_all_four_tasks(preset, synth_data):
     """Each preset's own backbone and sequence language, with a narrow transformer and a small
-    canvas so the test stays fast."""
+    canvas so the test stays fast; its decoder fitted to two images' detections, so it
+    decodes boxes with an area."""
     config = get_preset(
         preset,
         image_size=(224, 224),
@@ -45,6 +47,7 @@ def test_every_preset_runs_all_four_tasks(preset):
         text_vocab_size=64,
     )
     mad = MAD.build(config, random_tokenizer(64))
+    fit_detection_decoder(mad, synth_data, steps=60, images=2)
     runner = TorchRunner(mad.network)
     image = synthetic_image((180, 240))
     result = Pipeline(mad, runner)([Request(image, TASKS, score_threshold=0.0, max_detections=2)])[

@@ -157,6 +157,37 @@ def test_drain_ends_promptly_after_the_last_waiting_request_left():
     assert asyncio.run(scenario()) is True
 
 
+def test_a_batch_holds_requests_of_one_key_the_others_wait():
+    """The service keys requests by canvas: portrait and landscape images never share an
+    encoder batch; the oldest request's key goes first, order kept within a key."""
+
+    def shaped(width: int, height: int) -> Request:
+        return Request(Image.new("RGB", (width, height)), ("caption",))
+
+    async def scenario():
+        seen: list[list[tuple[int, int]]] = []
+
+        def pipeline(requests: list[Request]) -> list[Result]:
+            seen.append([r.image.size for r in requests])
+            return [Result((1, 1), r.tasks) for r in requests]
+
+        engine = BatchingEngine(
+            pipeline,
+            max_batch_size=2,
+            batch_delay_s=0.2,
+            queue_size=8,
+            batch_key=lambda r: r.image.width >= r.image.height,
+        )
+        engine.start()
+        sizes = [(8, 4), (4, 8), (9, 4), (4, 9), (10, 4)]
+        jobs = [engine.submit(shaped(*size)) for size in sizes]
+        await asyncio.gather(*(job.future for job in jobs))
+        await engine.drain(5)
+        return seen
+
+    assert run(scenario()) == [[(8, 4), (9, 4)], [(4, 8), (4, 9)], [(10, 4)]]
+
+
 # --- through HTTP ---------------------------------------------------------------------------
 def post(url: str, tasks: str = "caption") -> httpx.Response:
     with httpx.Client(base_url=url, timeout=30) as client:

@@ -22,15 +22,20 @@ def test_profile_defaults_follow_the_model():
     profile = Profile().resolved(MODEL)
     assert (profile.max_batch, profile.opt_batch) == (8, 1)
     assert (profile.max_sequences, profile.opt_sequences) == (800, 100)
-    assert profile.min_image == (400, 666)
+    assert profile.min_image == (400, 400)
     small = Profile(max_batch=2, opt_batch=4, max_sequences=16).resolved(MODEL)
     assert small.opt_batch == 2 and small.opt_sequences == 16  # opt never above max
 
 
 def test_encoder_shapes_cover_one_small_image_to_a_full_batch():
     shapes = encoder_shapes(Profile().resolved(MODEL), MODEL)
-    assert shapes["images"] == [(1, 3, 400, 666), (1, 3, 800, 1333), (8, 3, 800, 1333)]
-    assert shapes["pad_mask"] == [(1, 400, 666), (1, 800, 1333), (8, 800, 1333)]
+    assert shapes["images"] == [(1, 3, 400, 400), (1, 3, 800, 1333), (8, 3, 1333, 1333)]
+    assert shapes["pad_mask"] == [(1, 400, 400), (1, 800, 1333), (8, 1333, 1333)]
+    low, _, high = shapes["images"]
+    for canvas in ((800, 1333), (1333, 800)):  # landscape and portrait images
+        for batch in (1, 8):
+            shape = (batch, 3, *canvas)
+            assert all(a <= b <= c for a, b, c in zip(low, shape, high, strict=True)), shape
 
 
 def test_decoder_shapes_follow_the_encoder_features():

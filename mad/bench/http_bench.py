@@ -28,7 +28,7 @@ import httpx
 import torch
 from PIL import Image
 
-from mad.bench.stats import median, ratio, summarize
+from mad.bench.stats import median, percentile, ratio, summarize
 from model.pipeline import Pipeline, Request
 
 READY_TIMEOUT_S = 300.0  # a fresh r50 on CPU loads and warms up for a while
@@ -186,9 +186,10 @@ async def load(
     max_requests: int,
     duration_s: float,
 ) -> dict[str, Any]:
-    """Closed-loop POST /predict clients -> closed_loop's figures and the server's median
-    stage timings."""
+    """Closed-loop POST /predict clients -> closed_loop's figures, the median count of
+    detections per response and the server's median stage timings."""
     stage_ms: dict[str, list[float]] = {}
+    detections: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
@@ -201,12 +202,14 @@ async def load(
             body = response.json()  # parsing is part of what a client pays
             if response.status_code != 200:
                 raise RequestFailed(str(response.status_code))
+            detections.append(len(body.get("detections") or []))
             for stage, ms in body.get("timings_ms", {}).items():
                 stage_ms.setdefault(stage, []).append(ms)
 
         result = await closed_loop(send, concurrency, max_requests, duration_s)
     return {
         **result,
+        "detections_median": percentile(detections, 50) if detections else None,
         "server_timings_ms": {
             k: summarize([v / 1000 for v in vals])["median_ms"] for k, vals in stage_ms.items()
         },
@@ -303,6 +306,9 @@ def http_benchmark(
     mad, runner = load_runner(backend, checkpoint, device, export_dir=export_dir, **options)
     pipeline = Pipeline(mad, runner)
     pipeline_ms = in_process(pipeline, payload, tasks, kept, refine, repeats, warmup)
+    # What the requests cost depends on how many detections prompt the other tasks: up to
+    # `kept`, fewer where the model finds fewer boxes with an area (random weights: none).
+    found = pipeline([bench_request(payload, tasks, kept, refine)])[0].detections
     ceiling = in_process_batching(
         pipeline, payload, tasks, kept, refine, max(batch_sizes), repeats, min(warmup, 1)
     )
@@ -335,6 +341,7 @@ def http_benchmark(
         modes[name] = {"max_batch_size": batch, "levels": levels}
     return {
         "pipeline_in_process": pipeline_ms,
+        "detections": None if found is None else len(found),
         "in_process_batching": ceiling,
         "form": fields,
         "image_bytes": len(payload),

@@ -175,8 +175,10 @@ class DetectionCodec(TaskCodec):
         contexts: list[DecodeContext],
         **_: Any,
     ) -> list[Detections]:
-        """[B, body_len, V_slice] -> one Detections per image: every slot, sorted by score
-        (`select` applies each request's threshold and maximum count)."""
+        """[B, body_len, V_slice] -> one Detections per image: every slot whose box has an
+        area in the image's pixels (zero width or height, e.g. off the image, is dropped, as
+        the reference does), sorted by score (`select` applies each request's threshold and
+        maximum count)."""
         v = self.vocab
         slots = logits.reshape(len(logits), self.config.num_slots, TOKENS_PER_SLOT, -1).float()
         start = self.vocab_slice()[0]
@@ -191,11 +193,14 @@ class DetectionCodec(TaskCodec):
                 [torch.minimum(xy[:, :2], xy[:, 2:]), torch.maximum(xy[:, :2], xy[:, 2:])], 1
             )
             order = scores[b].argsort(descending=True)
+            pixels = context.to_pixels(boxes[order])
+            has_area = (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
+            order, pixels = order[has_area], pixels[has_area]
             box_tok = v.quantize(boxes[order])
             tokens = torch.cat([box_tok, v.class_token(labels[b][order]).unsqueeze(1)], 1)
             results.append(
                 Detections(
-                    context.to_pixels(boxes[order]),
+                    pixels,
                     boxes[order],
                     scores[b][order],
                     labels[b][order],

@@ -112,12 +112,14 @@ class SegmentationCodec(TaskCodec):
             image_index.append(torch.full((len(keep),), b))
         if not prompts:
             return TrainSequences.empty(self.seq_len)
-        # 256 mask tokens make these the costliest sequences: one masked copy each, not two.
-        inputs, weights = self.fully_or_partly_masked(
-            torch.cat(prompts), torch.cat(bodies), generator
-        )
-        targets_ = torch.cat([torch.cat(prompts), torch.cat(bodies)], 1)
-        return TrainSequences(inputs, targets_.unsqueeze(1), weights, torch.cat(image_index))
+        prompt, body, index = torch.cat(prompts), torch.cat(bodies), torch.cat(image_index)
+        targets_ = torch.cat([prompt, body], 1).unsqueeze(1)
+        if self.config.segmentation_masked_copies == 2:  # the reference's: both copies
+            inputs, weights = self.fully_and_partly_masked(prompt, body, generator)
+            return TrainSequences(inputs, targets_.repeat(2, 1, 1), weights, index.repeat(2))
+        # 256 mask tokens make these the costliest sequences: by default one masked copy each.
+        inputs, weights = self.fully_or_partly_masked(prompt, body, generator)
+        return TrainSequences(inputs, targets_, weights, index)
 
     def decode(
         self,

@@ -1,6 +1,11 @@
 """Training batches: letterbox images into the model canvas and normalise targets to it.
 
-Also a deterministic sampler: the (image, augmentation seed) of every sample is a function of
+A batch runs on one canvas: the model's, or its transpose for portrait images on a landscape
+canvas (model.preprocess.image_canvas). The sampler therefore draws each batch from one
+orientation group (as detectron2's aspect-ratio grouping does for the reference), and the
+collate puts the rare image whose augmentation changed its orientation on its batch's canvas.
+
+The sampler is deterministic: the (image, augmentation seed) of every sample is a function of
 (seed, global step, rank), so training resumes exactly and any worker count gives the same
 batches.
 """
@@ -8,14 +13,15 @@ batches.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from model.preprocess import letterbox
+from model.config import ModelConfig
+from model.preprocess import Size, canvas_groups, image_canvas, letterbox
 
 # One training sample: uint8 image [3, h, w] and its target (tensors, captions, ids).
 Target = dict[str, Any]
@@ -32,11 +38,12 @@ class Samples(Protocol):
 
 
 def to_canvas(
-    image: torch.Tensor, target: Target, canvas: tuple[int, int]
+    image: torch.Tensor, target: Target, canvas: Size, upscale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, Target]:
     """One (uint8 image [3, h, w], pixel target) -> (canvas image, pad mask, normalised
-    target: boxes [N, 4] and keypoints [N, K, 3] in [0, 1] of the canvas, masks [N, H, W])."""
-    pixels, pad, scale = letterbox(image, canvas)
+    target: boxes [N, 4] and keypoints [N, K, 3] in [0, 1] of the canvas, masks [N, H, W]).
+    upscale=False keeps an image that fits at its size (`letterbox`)."""
+    pixels, pad, scale = letterbox(image, canvas, upscale)
     H, W = canvas
     h, w = image.shape[-2:]
     nh, nw = int((~pad).any(1).sum()), int((~pad).any(0).sum())
@@ -60,16 +67,40 @@ def to_canvas(
     return pixels, pad, normalised
 
 
+def batch_canvas(sizes: list[Size], canvas: Size) -> Size:
+    """The canvas of a batch of (h, w) images: the one most of them run on (the model's
+    `canvas` on a tie)."""
+    groups = canvas_groups(sizes, canvas)
+    return max(groups, key=lambda c: (len(groups[c]), c == canvas), default=canvas)
+
+
 class CanvasCollate:
-    def __init__(self, canvas: tuple[int, int]):
+    """[(image, target)] -> one batch on the canvas most of its images run on. upscale: fit
+    every image to the canvas (the "fit" augmentation), else keep the size the augmentation
+    chose ("multiscale")."""
+
+    def __init__(self, canvas: Size, upscale: bool = True):
         height, width = canvas
-        self.canvas = (height, width)
+        self.canvas, self.upscale = (height, width), upscale
+
+    @classmethod
+    def for_config(cls, config: ModelConfig) -> CanvasCollate:
+        return cls(config.image_size, upscale=config.train_augmentation == "fit")
 
     def __call__(self, batch: list[Sample]) -> Batch:
         """[(image, target)] -> (images [B, 3, H, W], pad masks [B, H, W], list of targets)"""
-        items = [to_canvas(image, target, self.canvas) for image, target in batch]
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image, _ in batch]
+        canvas = batch_canvas(sizes, self.canvas)
+        items = [to_canvas(image, target, canvas, self.upscale) for image, target in batch]
         images, pads, targets = zip(*items, strict=True)
         return torch.stack(images), torch.stack(pads), list(targets)
+
+
+def transposed_images(sizes: Sequence[Size], canvas: Size) -> list[bool] | None:
+    """Which of the (h, w) images run on the transposed canvas (the sampler's orientation
+    groups); None when none does (a square canvas, or one orientation only)."""
+    flags = [image_canvas(size, canvas) != canvas for size in sizes]
+    return flags if any(flags) else None
 
 
 class SeededDataset(Dataset[Sample]):
@@ -91,8 +122,13 @@ class SeededDataset(Dataset[Sample]):
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields the batches of steps start_step.. as lists of (index, seed).
 
-    Global sample g of rank r at step s is g = (s * world + r) * batch + j; its image is the
-    (g mod N)-th of epoch g // N's permutation, and its augmentation seed is derived from g.
+    Rank r's batch at step s is batch n = s * world + r; its sample j is global sample
+    g = n * batch + j, whose augmentation seed is derived from g. Its image is the (g mod N)-th
+    of epoch g // N's permutation of the N images; or, given `transposed` (the orientation
+    group of each image, `transposed_images`), each batch comes from one group: with T
+    transposed images, batch n is a transposed one when floor((n + 1) T / N) > floor(n T / N)
+    (such batches spread evenly at the group's share) and takes the next images of its
+    group's own sequence of permutations.
     """
 
     def __init__(
@@ -104,25 +140,49 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         total_steps: int | None = None,
         rank: int = 0,
         world: int = 1,
+        transposed: Sequence[bool] | None = None,
     ):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
         self.rank, self.world = rank, world
-        self._epoch, self._perm = -1, torch.zeros(0, dtype=torch.long)
+        flags = list(transposed) if transposed is not None else [False] * size
+        if len(flags) != size:
+            raise ValueError(f"{len(flags)} orientation flags for {size} images")
+        # The images of each group (0: the model's canvas, 1: transposed).
+        self.members = [
+            torch.tensor([i for i, flag in enumerate(flags) if flag == group], dtype=torch.long)
+            for group in (False, True)
+        ]
+        self.grouped = 0 < len(self.members[1]) < size
+        self._orders: dict[int, tuple[int, torch.Tensor]] = {}  # group -> (epoch, order)
 
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
-        return self._perm
+    def permutation(self, epoch: int, group: int = 0) -> torch.Tensor:
+        """Epoch `epoch`'s order of the data set, or of a group's members when grouped."""
+        cached = self._orders.get(group)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch + group * 1_000_033)
+            count = len(self.members[group]) if self.grouped else self.size
+            cached = self._orders[group] = (epoch, torch.randperm(count, generator=g))
+        return cached[1]
 
     def batch(self, step: int) -> list[tuple[int, int]]:
+        n, size = step * self.world + self.rank, self.batch_size
+        seeds = [self.seed * 1_000_003 + n * size + j for j in range(size)]
+        if not self.grouped:
+            samples = range(n * size, (n + 1) * size)
+            return [
+                (int(self.permutation(g // self.size)[g % self.size]), seed)
+                for g, seed in zip(samples, seeds, strict=True)
+            ]
+        transposed = len(self.members[1])
+        before = n * transposed // self.size  # transposed batches before batch n
+        group = int((n + 1) * transposed // self.size > before)
+        members = self.members[group]
+        first = (before if group else n - before) * size  # the group's images drawn so far
         out = []
-        for j in range(self.batch_size):
-            g = (step * self.world + self.rank) * self.batch_size + j
-            out.append(
-                (int(self.permutation(g // self.size)[g % self.size]), self.seed * 1_000_003 + g)
-            )
+        for k, seed in zip(range(first, first + size), seeds, strict=True):
+            order = self.permutation(k // len(members), group)
+            out.append((int(members[order[k % len(members)]]), seed))
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

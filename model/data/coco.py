@@ -149,6 +149,12 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
             "orig_size": (h, w),
         }
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image, in index order, from the annotation file."""
+        return [
+            (int(self.coco.imgs[i]["height"]), int(self.coco.imgs[i]["width"])) for i in self.ids
+        ]
+
     def captions(self, image_id: int) -> list[str]:
         return list(self._captions.get(image_id, []))
 

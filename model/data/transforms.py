@@ -16,6 +16,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from model.config import ModelConfig
+
 
 def flip_pairs_from_names(keypoint_names: list[str]) -> list[tuple[int, int]]:
     """Index pairs ("left_x", "right_x") to swap on a horizontal flip."""
@@ -207,11 +209,105 @@ def crop(
     return image, _select(target, keep)
 
 
+class RandomApply:
+    """Apply `transforms` in turn with probability p, else nothing."""
+
+    def __init__(self, transforms: Sequence[Transform], p: float = 0.5) -> None:
+        self.transforms, self.p = Compose(transforms), p
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        if torch.rand(()) >= self.p:
+            return image, target
+        return self.transforms(image, target)
+
+
+def _choice(values: Sequence[int]) -> int:
+    return values[int(torch.randint(len(values), ()))]
+
+
+class ResizeShortestEdge:
+    """Resize (aspect kept) so the short side is a random choice of `lengths`, unless the
+    long side would then pass `max_size`: then the long side is max_size (detectron2's
+    ResizeShortestEdge, sample_style "choice")."""
+
+    def __init__(self, lengths: Sequence[int], max_size: int | None = None) -> None:
+        self.lengths, self.max_size = list(lengths), max_size
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        h, w = _image_size(image)
+        scale = _choice(self.lengths) / min(h, w)
+        if self.max_size is not None and max(h, w) * scale > self.max_size:
+            scale = self.max_size / max(h, w)
+        return _resize(image, target, max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+class RandomSizeCrop:
+    """Crop a window whose height and width are each uniform in [min_size, max_size] pixels
+    (at most the image's), at a uniform position (detectron2's RandomCrop, crop type
+    "absolute_range"); the target follows `crop`'s rules."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        h, w = _image_size(image)
+        ch = int(torch.randint(min(h, self.min_size), min(h, self.max_size) + 1, ()))
+        cw = int(torch.randint(min(w, self.min_size), min(w, self.max_size) + 1, ()))
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return crop(image, target, top, left, ch, cw)
+
+
+# The reference's training scales (DETR's), at a canvas whose short side is 800.
+REFERENCE_SHORT_SIDE = 800
+REFERENCE_SCALES = tuple(range(480, 801, 32))  # final short side
+REFERENCE_CROP_RESIZE = (400, 500, 600)  # short side before the random crop
+REFERENCE_CROP = (384, 600)  # crop height and width range
+
+
+def multiscale_transforms(
+    canvas: tuple[int, int], flip_pairs: Sequence[tuple[int, int]] = ()
+) -> Compose:
+    """The reference's training augmentation, scaled to `canvas` (exact on r50's 800x1333):
+    flip; half the time, resize the short side to 400, 500 or 600 and crop a random window of
+    384..600 pixels a side; then resize the short side to one of 480, 512, ..., 800, the long
+    side at most the canvas's longer side (1333). Images keep their size on the canvas (no
+    fitting), so the model trains at all these scales."""
+    factor = min(canvas) / REFERENCE_SHORT_SIDE
+
+    def scaled(sizes: Sequence[int]) -> list[int]:
+        return [max(1, round(size * factor)) for size in sizes]
+
+    crop_min, crop_max = scaled(REFERENCE_CROP)
+    return Compose(
+        [
+            RandomHorizontalFlip(0.5, flip_pairs),
+            RandomApply(
+                [
+                    ResizeShortestEdge(scaled(REFERENCE_CROP_RESIZE)),
+                    RandomSizeCrop(crop_min, crop_max),
+                ],
+                p=0.5,
+            ),
+            ResizeShortestEdge(scaled(REFERENCE_SCALES), max(canvas)),
+        ]
+    )
+
+
+def training_transforms(config: ModelConfig, flip_pairs: Sequence[tuple[int, int]] = ()) -> Compose:
+    """The augmentation `config.train_augmentation` names: "multiscale" (the reference's
+    scales, the r50/swin-b/vit-b presets) or "fit" (the tiny preset's, `build_transforms`)."""
+    if config.train_augmentation == "multiscale":
+        return multiscale_transforms(config.image_size, flip_pairs)
+    return build_transforms(True, max(config.image_size), flip_pairs)
+
+
 def build_transforms(
     train: bool, max_size: int, flip_pairs: Sequence[tuple[int, int]] = ()
 ) -> Compose:
-    """Train: flip, crop (p=0.5), multi-scale resize to [0.6, 1.0] * max_size longest side.
-    Eval: resize the longest side to exactly max_size. Images stay uint8."""
+    """Train (the "fit" augmentation): flip, crop (p=0.5), resize the longest side to
+    [0.6, 1.0] * max_size; the collate then fits every image to the canvas, so crops are
+    seen zoomed in. Eval: resize the longest side to exactly max_size. Images stay uint8."""
     if not train:
         return Compose([ResizeLongest(max_size)])
     return Compose(
