@@ -1,55 +1,68 @@
-# syntax=docker/dockerfile:1.7
+# MAD Serve images. Two targets on one Debian bookworm + Python 3.11 base, both installing
+# the way the README and CI do (`pip install -c constraints.txt ...`, the same pinned set),
+# non-editable and without the dev extra:
 #
-# MAD Serve images. Two targets, both installing exactly as the README and CI do
-# (`pip install -c constraints.txt ...`, the same pinned set), but non-editable and
-# without the dev extra:
+#   docker build -t mad-serve:gpu .                 # default: CUDA 13 wheels, onnxruntime-gpu, TensorRT 10
+#   docker build -t mad-serve:cpu --target cpu .    # onnxruntime (CPU)
 #
-#   docker build -t mad-serve:gpu .                 # default: CUDA 13 + cuDNN 9, onnxruntime-gpu, TensorRT
-#   docker build -t mad-serve:cpu --target cpu .    # python:3.11-slim, onnxruntime (CPU)
-#
-# onnxruntime-gpu and TensorRT cannot be installed on the CI machines, so they are not in
-# constraints.txt; deploy/constraints-gpu.txt pins them (and torch's CUDA wheels) for the
-# GPU image. tests/test_deploy_docker.py keeps these install lines and the Makefile's in step.
-# See docs/deploy.md.
+# No CUDA base image: torch's CUDA 13 build from the package index brings the CUDA runtime,
+# cuDNN, cuBLAS and NCCL as pip wheels, onnxruntime-gpu uses those, and TensorRT comes as
+# pip wheels too; the host's NVIDIA driver comes in through the NVIDIA Container Toolkit at
+# run time. `make docker-test` builds both targets and runs the CPU one (docs/deploy.md).
 
+# Any Debian-based Python 3.11 (what constraints.txt is resolved for) with `python3.11`,
+# `groupadd` and `useradd`; scripts/docker-base bootstraps one where no registry is reachable.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# CUDA 13.0 matches the cu130 torch wheel, onnxruntime-gpu 1.31 and TensorRT 10 (cu13).
-# Needs NVIDIA driver >= 580 on the host; A100 (sm80) and H100 (sm90) are supported.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
+
+FROM ${PYTHON_IMAGE} AS base
+ARG MAD_UID=10001
+RUN groupadd --system --gid ${MAD_UID} mad \
+ && useradd --system --uid ${MAD_UID} --gid mad --home-dir /home/mad --create-home mad \
+ && mkdir -p /models /cache \
+ && chown mad:mad /models /cache
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+######################################################################## shared dependencies
+# torch and the project's other runtime dependencies, pinned, in a layer that both images
+# share and that only changes with the dependency list or constraints.txt (not with the
+# code or the rest of pyproject.toml).
+FROM base AS requirements
+COPY pyproject.toml /src/
+RUN python3.11 -c "import tomllib; \
+        print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+    >/requirements.txt
+
+FROM base AS deps
+# Optional, CPU image only: an extra index for torch, e.g. https://download.pytorch.org/whl/cpu,
+# to get the CPU-only torch 2.14.1+cpu wheel (several GB smaller; satisfies the torch==2.14.1
+# pin). Empty (the default) installs from the package index exactly like CI.
+ARG TORCH_INDEX_URL=""
+WORKDIR /src
+COPY --from=requirements /requirements.txt requirements.txt
+COPY constraints.txt ./
+RUN python3.11 -m venv /opt/venv \
+ && /opt/venv/bin/pip install -q --upgrade pip \
+ && /opt/venv/bin/pip install --progress-bar off ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        -c constraints.txt -r requirements.txt
 
 ############################################################################ CPU target
-FROM ${PYTHON_IMAGE} AS cpu-builder
-# Optional: an extra index for torch, e.g. https://download.pytorch.org/whl/cpu, to get the
-# CPU-only torch 2.14.1+cpu wheel (several GB smaller; satisfies the torch==2.14.1 pin).
-# Empty (the default) installs from PyPI exactly like CI.
-ARG TORCH_INDEX_URL=""
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
-RUN python3.11 -m venv /opt/venv
-WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+FROM deps AS cpu
+COPY pyproject.toml README.md ./
 COPY mad/ mad/
 COPY model/ model/
 COPY runtime/ runtime/
 COPY export/ export/
 COPY service/ service/
-RUN /opt/venv/bin/pip install -q --upgrade pip \
- && /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-        -c constraints.txt ".[onnx]" \
+RUN /opt/venv/bin/pip install -q -c constraints.txt ".[onnx]" \
  && /opt/venv/bin/pip check \
- && /opt/venv/bin/mad --help >/dev/null
-
-FROM ${PYTHON_IMAGE} AS cpu
-ARG MAD_UID=10001
-RUN groupadd --system --gid ${MAD_UID} mad \
- && useradd --system --uid ${MAD_UID} --gid mad --home-dir /home/mad --create-home mad \
- && mkdir -p /models /cache \
- && chown -R mad:mad /cache
-COPY --from=cpu-builder /opt/venv /opt/venv
+ && /opt/venv/bin/mad --help >/dev/null \
+ && rm -rf /src
 # The bundled checkpoint (read-only, owned by root). User checkpoints go in /models.
 COPY checkpoints/mad-tiny /opt/mad/checkpoints/mad-tiny
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/mad \
     XDG_CACHE_HOME=/cache \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
@@ -73,48 +86,23 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["mad", "serve"]
 
 ############################################################################ GPU target
-# Python 3.11 (what constraints.txt is resolved for) from the deadsnakes PPA; the PPA is
-# added in a throwaway stage so software-properties-common stays out of the image.
-FROM ${CUDA_IMAGE} AS deadsnakes
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        software-properties-common gpg-agent \
- && add-apt-repository -y ppa:deadsnakes/ppa
-
-FROM ${CUDA_IMAGE} AS gpu-base
-COPY --from=deadsnakes /etc/apt/sources.list.d/ /etc/apt/sources.list.d/
-COPY --from=deadsnakes /etc/apt/trusted.gpg.d/ /etc/apt/trusted.gpg.d/
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ca-certificates python3.11 python3.11-venv \
- && rm -rf /var/lib/apt/lists/*
-
-FROM gpu-base AS gpu-builder
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
-RUN python3.11 -m venv /opt/venv
-WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+FROM deps AS gpu
+# TensorRT's libraries come from NVIDIA's pip index only (see deploy/constraints-gpu.txt);
+# where it cannot be reached, `--build-arg GPU_EXTRAS=gpu` builds the image without TensorRT.
+ARG GPU_EXTRAS=gpu,tensorrt
 COPY deploy/constraints-gpu.txt deploy/constraints-gpu.txt
+COPY pyproject.toml README.md ./
 COPY mad/ mad/
 COPY model/ model/
 COPY runtime/ runtime/
 COPY export/ export/
 COPY service/ service/
-RUN /opt/venv/bin/pip install -q --upgrade pip \
- && /opt/venv/bin/pip install -c constraints.txt -c deploy/constraints-gpu.txt ".[gpu,tensorrt]" \
- && /opt/venv/bin/pip check
-
-FROM gpu-base AS gpu
-ARG MAD_UID=10001
-RUN groupadd --system --gid ${MAD_UID} mad \
- && useradd --system --uid ${MAD_UID} --gid mad --home-dir /home/mad --create-home mad \
- && mkdir -p /models /cache \
- && chown -R mad:mad /cache
-COPY --from=gpu-builder /opt/venv /opt/venv
+RUN /opt/venv/bin/pip install -q -c constraints.txt -c deploy/constraints-gpu.txt ".[${GPU_EXTRAS}]" \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/mad --help >/dev/null \
+ && rm -rf /src
 COPY checkpoints/mad-tiny /opt/mad/checkpoints/mad-tiny
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/mad \
     XDG_CACHE_HOME=/cache \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \

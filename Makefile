@@ -1,10 +1,11 @@
 # Two commands do everything on a fresh machine: `make serve` and `make test`.
+# `make docker-test` builds the Docker images and runs them (scripts/docker-test).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint proto
+.PHONY: install serve test test-fast lint proto docker-test
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ test: lint
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+docker-test: $(STAMP)
+	PYTHON=$(BIN)/python scripts/docker-test
 
 # The gRPC code of the Open Inference Protocol, from its .proto (commit the result;
 # tests/test_v2_grpc.py checks it is up to date).

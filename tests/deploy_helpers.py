@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -33,91 +32,6 @@ PROMETHEUS = shutil.which("prometheus")
 
 
 # --------------------------------------------------------------------------- helpers
-def dockerfile_stages() -> list[tuple[str, list[tuple[str, str]]]]:
-    """[(stage name, [(INSTRUCTION, arguments), ...]), ...], continuation lines joined."""
-    instructions, current = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if current and stripped.startswith("#"):
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        current += stripped
-        keyword, _, args = current.partition(" ")
-        instructions.append((keyword.upper(), args.strip()))
-        current = ""
-    stages: list[tuple[str, list[tuple[str, str]]]] = [("<global>", [])]
-    for keyword, args in instructions:
-        if keyword == "FROM":
-            match = re.search(r"\s+AS\s+(\S+)\s*$", args, re.IGNORECASE)
-            stages.append((match.group(1) if match else f"<stage {len(stages)}>", []))
-        stages[-1][1].append((keyword, args))
-    return stages
-
-
-def stage(name: str) -> list[tuple[str, str]]:
-    for stage_name, instructions in dockerfile_stages():
-        if stage_name == name:
-            return instructions
-    raise AssertionError(f"Dockerfile has no stage {name!r}")
-
-
-def stage_env(name: str) -> dict[str, str]:
-    env = {}
-    for keyword, args in stage(name):
-        if keyword == "ENV":
-            for token in shlex.split(args):
-                key, _, value = token.partition("=")
-                env[key] = value
-    return env
-
-
-def pip_installs(shell: str) -> list[dict]:
-    """Every `pip install` in a shell command line: its constraints, flags and targets."""
-    # `${VAR:+--extra-index-url "$VAR"}`: an optional index for torch wheels, nothing else.
-    for optional in re.findall(r"\$\{\w+:\+([^}]*)\}", shell):
-        assert shlex.split(optional)[0] == "--extra-index-url", optional
-    shell = re.sub(r"\$\{\w+:\+[^}]*\}", "", shell)
-    out = []
-    for command in re.split(r"&&|;|\|\|", shell):
-        words = shlex.split(command)
-        for i, word in enumerate(words[:-1]):
-            if word.endswith("pip") and words[i + 1] == "install":
-                rest = words[i + 2 :]
-                break
-        else:
-            continue
-        install = {"constraints": [], "targets": [], "flags": [], "editable": False}
-        j = 0
-        while j < len(rest):
-            word = rest[j]
-            if word in ("-c", "--constraint"):
-                install["constraints"].append(rest[j + 1])
-                j += 2
-                continue
-            if word in ("-e", "--editable"):
-                install["editable"] = True
-            elif word.startswith("-"):
-                install["flags"].append(word)
-            else:
-                install["targets"].append(word)
-            j += 1
-        out.append(install)
-    return out
-
-
-def project_install(install: dict) -> set[str] | None:
-    """The extras of a `.[a,b]` target, or None when the install is not of the project."""
-    for target in install["targets"]:
-        match = re.fullmatch(r"\.(?:\[([\w,\-]*)\])?", target)
-        if match:
-            return {e for e in (match.group(1) or "").split(",") if e}
-    return None
-
-
 def read_pins(path: Path) -> dict[str, str]:
     pins = {}
     for line in path.read_text().splitlines():
@@ -214,27 +128,6 @@ def exported_series(exposition: str) -> set[str]:
     return names
 
 
-def dockerignored(path: str) -> bool:
-    """Whether .dockerignore keeps `path` out of the build context (last match wins)."""
-    excluded = False
-    for raw in (ROOT / ".dockerignore").read_text().splitlines():
-        pattern = raw.strip()
-        if not pattern or pattern.startswith("#"):
-            continue
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").strip("/")
-        regex = ""
-        for part in re.split(r"(\*\*/?|\*|\?)", pattern):
-            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
-                part, re.escape(part)
-            )
-        parts = path.strip("/").split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
-            excluded = not negate
-    return excluded
-
-
 def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -267,6 +160,3 @@ def stop(proc: subprocess.Popen):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
-
-
-# --------------------------------------------------------------------------- Dockerfile

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import urllib.error
@@ -27,7 +26,6 @@ from tests.deploy_helpers import (
     dashboard_metric_refs,
     exported_series,
     get,
-    stage,
     stop,
     wait_for,
 )
@@ -169,12 +167,6 @@ def test_prometheus_scrapes_a_running_mad_serve(micro_checkpoint, tmp_path):
             lambda: get(f"{base}/readyz")[0] == 200, 120, "mad serve /readyz", procs[0], serve_log
         )
         assert get(f"{base}/healthz")[0] == 200
-
-        # The image's HEALTHCHECK command passes against a ready service.
-        health = [a for k, a in stage("gpu") if k == "HEALTHCHECK"][-1]
-        check = shlex.split(health.split(" CMD ", 1)[1])[2]
-        result = subprocess.run([sys.executable, "-c", check], env=env, timeout=30)
-        assert result.returncode == 0
 
         # The repo's Prometheus config, with the compose DNS target swapped for loopback.
         config = yaml.safe_load(PROMETHEUS_YML.read_text())
