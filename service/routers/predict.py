@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -19,9 +18,9 @@ from model.request_spec import (
     parse_tasks,
 )
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
-from service.engine import Draining, QueueFull
 from service.errors import APIError
 from service.images import decode_image
+from service.jobs import submit_all, wait_all
 from service.postprocess import respond
 from service.schemas import ErrorResponse, PredictForm, PredictResponse
 from service.state import ServiceState
@@ -31,10 +30,12 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 ERROR_TEXTS = {
     400: "The file is not a readable image.",
     401: "API key missing or wrong (only when the server has one).",
+    408: "The body stalled for READ_TIMEOUT_S, or was still arriving at REQUEST_TIMEOUT_S.",
     413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
     415: "The body is not multipart/form-data.",
     422: "Unknown task, or a parameter out of range.",
-    503: "Queue full, model loading, or shutting down: retry after Retry-After seconds.",
+    503: "Queue full, overloaded, out of memory, model loading or broken, or shutting down: "
+    "retry after Retry-After seconds.",
     504: "Not done within REQUEST_TIMEOUT_S.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -80,34 +81,9 @@ async def predict(
     decode_seconds = time.perf_counter() - decode_start
 
     job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections, nms_iou)
-    try:
-        job = engine.submit(job_request)
-    except QueueFull:
-        raise APIError(
-            503,
-            "queue_full",
-            "the server is at capacity; retry shortly",
-            headers={"Retry-After": "1"},
-        ) from None
-    except Draining:
-        raise APIError(
-            503, "draining", "the server is shutting down", headers={"Retry-After": "1"}
-        ) from None
-    remaining = settings.request_timeout_s - (time.perf_counter() - arrived)
-    try:
-        result = await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
-    except TimeoutError:
-        job.future.cancel()  # still waiting: the engine skips it; running: result dropped
-        raise APIError(504, "timeout", f"not done within {settings.request_timeout_s} s") from None
-    except Draining:
-        raise APIError(
-            503,
-            "draining",
-            "the server shut down before this request ran",
-            headers={"Retry-After": "1"},
-        ) from None
-    except RuntimeError:
-        raise APIError(500, "inference_failed", "the model failed on this request") from None
+    [job] = submit_all(engine, [job_request])
+    limit_s = settings.request_timeout_s
+    [result] = await wait_all([job], limit_s - (time.perf_counter() - arrived), limit_s, request)
 
     response = await run_in_threadpool(
         lambda: respond(
