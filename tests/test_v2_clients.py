@@ -210,7 +210,7 @@ def check_tensors(result, tasks: tuple[str, ...], names: set[str]) -> None:
         points = result.as_numpy("keypoints")[0]
         for det, rows in zip(detections, points, strict=True):
             if "keypoints" in det:
-                assert rows.tolist() == pytest.approx(det["keypoints"], abs=0.01)
+                np.testing.assert_allclose(rows, det["keypoints"], atol=0.01)
             else:
                 assert not rows.any()
 

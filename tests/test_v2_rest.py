@@ -185,7 +185,7 @@ def test_each_task_alone_and_together(client, model_name, tasks):
         assert points.shape[0] == len(detections)
         for det, rows in zip(detections, points, strict=True):
             if "keypoints" in det:
-                assert rows.tolist() == pytest.approx(det["keypoints"], abs=0.01)
+                np.testing.assert_allclose(rows, det["keypoints"], atol=0.01)
             else:  # not a person: zeros
                 assert not rows.any()
 
