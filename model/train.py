@@ -316,10 +316,15 @@ def _save(mad: MAD, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: in
     save_train_state(cfg.out, optimizer, step)
 
 
+def _has_split(cfg: TrainConfig) -> bool:
+    return (cfg.data / "annotations" / f"instances_{cfg.val_split}.json").is_file()
+
+
 def _evaluate(
     mad: MAD, cfg: TrainConfig, device: torch.device, log: CsvLog | None, step: int
 ) -> None:
-    if not (cfg.data / "annotations" / f"instances_{cfg.val_split}.json").is_file():
+    val = CocoMultiTaskDataset(cfg.data, cfg.val_split) if _has_split(cfg) else None
+    if val is None or not val.ids:  # no validation split, or an empty one (--val 0)
         return
     from model.evaluate import evaluate  # evaluation pulls in COCOeval only when needed
 

@@ -10,11 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
@@ -23,17 +21,19 @@ from PIL import Image
 
 from model.decoding import Runner
 from model.feature_cache import FeatureCache
-from model.pipeline import Pipeline, Result
+from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
 from model.startup import StartupError
 from service.anytime import CostModel, RefinementPlanner
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
+from service.guards import ClientGuardMiddleware
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
 from service.postprocess import build_response
 from service.routers import health, predict, v2
 from service.schemas import model_openapi
+from service.server import SHUTDOWN_MARGIN_S
 from service.settings import Settings
 from service.state import LoadedModel, ServiceState, describe_model
 
@@ -63,17 +63,22 @@ def load_model(s: Settings) -> LoadedModel:
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
-def warm_up(pipeline: Pipeline, max_detections: int | None = None) -> Result:
-    """Run every task once so the first request pays no lazy initialisation (allocator,
-    kernels, torch.compile), on the canvas and on its transpose (portrait images). Threshold
-    0 keeps detections, so prompted tasks run too."""
+def warm_up_requests(pipeline: Pipeline, max_detections: int | None = None) -> list[ModelRequest]:
+    """Every task on a grey image, on the canvas and on its transpose (portrait images): run
+    once at start-up, so the first request pays no lazy initialisation (allocator, kernels,
+    torch.compile); the first is also the model's self-test (service/model_health.py).
+    Threshold 0 keeps detections, so prompted tasks run too."""
     height, width = pipeline.config.image_size
-    tasks, results = tuple(pipeline.config.tasks), []
-    for size in dict.fromkeys([(width, height), (height, width)]):
-        image = Image.new("RGB", size, (128, 128, 128))
-        request = ModelRequest(image, tasks, score_threshold=0.0, max_detections=max_detections)
-        results.extend(pipeline([request]))
-    return results[0]
+    tasks = tuple(pipeline.config.tasks)
+    return [
+        ModelRequest(
+            Image.new("RGB", size, (128, 128, 128)),
+            tasks,
+            score_threshold=0.0,
+            max_detections=max_detections,
+        )
+        for size in dict.fromkeys([(width, height), (height, width)])
+    ]
 
 
 # Objects per image of the calibration request: COCO's mean (what `mad bench` uses).
@@ -84,7 +89,8 @@ def calibrate(pipeline: Pipeline, costs: CostModel, model: LoadedModel) -> None:
     """Seed the cost estimates the latency budgets plan with: a warmed-up request of every
     task (with a typical number of detections) measured, and its response built."""
     costs.clear()  # the warm-up paid lazy initialisation
-    result = warm_up(pipeline, min(TYPICAL_DETECTIONS, pipeline.config.num_slots))
+    detections = min(TYPICAL_DETECTIONS, pipeline.config.num_slots)
+    [result] = pipeline(warm_up_requests(pipeline, detections)[:1])
     start = time.perf_counter()
     build_response(result, model.description.ref(), model.mad.codecs, "rle", {})
     costs.observe("postprocess", 1, time.perf_counter() - start)
@@ -143,10 +149,13 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
                 "precision": d.precision,
             }
         )
-        state.metrics.track_queue(lambda: len(engine.waiting))
+        state.metrics.track_queue(lambda: len(engine.waiting), lambda: engine.running)
         state.metrics.track_gpu_memory(gpu_memory_reader(model.runner))
         # Compiled graphs and CUDA state belong to the model thread too.
-        await engine.run_on_model_thread(warm_up, pipeline)
+        warm_ups = warm_up_requests(pipeline)
+        for warm_up in warm_ups:  # one canvas per batch
+            await engine.run_on_model_thread(pipeline, [warm_up])
+        state.health.self_test = lambda: engine.run_alone(warm_ups[0])
         await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
         engine.planner = RefinementPlanner(
             pipeline.tasks_to_run,
@@ -176,11 +185,18 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     s = state.settings
+    metrics, health = state.metrics, state.health
+
+    def on_outcome(error: BaseException | None) -> None:
+        metrics.count_model_failure(error)
+        health.record(error)
+
     engine = BatchingEngine(
         max_batch_size=s.max_batch_size,
         batch_delay_s=s.batch_delay_ms / 1000,
         queue_size=s.queue_size,
-        on_batch=state.metrics.batch_size.observe,
+        on_batch=metrics.batch_size.observe,
+        on_outcome=on_outcome,
     )
     grpc = await serve_grpc(state, app.version)  # before loading: a taken port fails at once
     # Serve at once: probes get answers (liveness 200, readiness 503) while the model loads.
@@ -188,7 +204,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        # uvicorn has finished in-flight requests by now; this catches any stragglers.
+        # uvicorn has finished the requests in flight by now (or given up on them after
+        # their deadline): what is left is at most a batch nobody waits for.
         state.draining = True
         if grpc is not None:  # its calls in flight still need the engine
             await grpc.stop(s.request_timeout_s)
@@ -196,7 +213,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loading.cancel()  # a load step under way still ends on the model thread
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
-        finished = await engine.drain(s.request_timeout_s)
+        finished = await engine.drain(SHUTDOWN_MARGIN_S)
         state.ready = False
         log.info("stopped", extra={"drained": finished})
 
@@ -239,7 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def demo_page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text())
 
-    # Added innermost first: RequestContext wraps everything, so even 413/415 answers
+    # Added innermost first: RequestContext wraps everything, so even 413/415/431/503 answers
     # carry the request id and are counted.
     app.add_middleware(UploadGuardMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.cors_origins:
@@ -250,23 +267,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(ClientGuardMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
-
-
-class DrainingServer(uvicorn.Server):
-    """Marks the app as draining the moment a shutdown signal arrives, so /readyz fails and
-    new work is refused while uvicorn finishes the requests in flight; stops when the model
-    fails to load."""
-
-    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
-        super().__init__(config)
-        self.service_state = state
-        state.stop_server = self.stop
-
-    def stop(self, reason: str) -> None:
-        self.should_exit = True
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.service_state.begin_drain()
-        super().handle_exit(sig, frame)

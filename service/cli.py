@@ -101,10 +101,11 @@ def serve(**options: Any) -> None:
         return
     import uvicorn
 
-    from service.app import DrainingServer, create_app
+    from service.app import create_app
+    from service.server import DrainingServer, uvicorn_options
 
     app = create_app(settings)
-    config = uvicorn.Config(app, access_log=False, log_config=logs)
+    config = uvicorn.Config(app, **uvicorn_options(settings), log_config=logs)
     server = DrainingServer(config, app.state.service)
     server.run(sockets=[sock])  # listens at once; the model loads meanwhile
     error = app.state.service.startup_error

@@ -56,12 +56,19 @@ def get_model(state: StateDep) -> LoadedModel:
 
 
 def get_engine(state: StateDep) -> BatchingEngine:
-    """The engine of a server with its model loaded and warm; 503 before. Not refused while
-    draining: a request that reached us before the shutdown signal is in flight and must
-    still be answered (the engine refuses new work only once uvicorn has finished its
-    connections)."""
+    """The engine of a server with its model loaded and warm; 503 before, and once the model
+    is found broken (service/model_health.py). Not refused while draining: requests that
+    arrive during the drain delay are served (the engine refuses new work only once uvicorn
+    has finished its connections)."""
     if state.engine is None:
         raise not_ready()
+    if state.health.problem is not None:
+        raise APIError(
+            503,
+            "unhealthy",
+            f"the model is not working ({state.health.problem}); retry on another server",
+            headers={"Retry-After": "1"},
+        )
     return state.engine
 
 

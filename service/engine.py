@@ -9,8 +9,9 @@ so overload answers at once (503) instead of piling up latency.
 
 How many refinement steps each request gets (its latency budget, degradation under load) is
 the planner's decision (service/anytime.py): on arrival and when its batch starts. The model
-thread hands each request over as soon as its own last pass ran, and skips the remaining
-passes of one whose caller went away (its future is done: cancelled, timed out).
+thread hands each request over as soon as its own last pass ran. A caller that stops
+waiting (deadline, client gone) cancels `job.future`: a waiting job leaves the queue at once
+and never reaches the model; a running one gets no further passes and its result is dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+
+import torch
 
 from model.pipeline import Request, Result
 from service.anytime import Admission, RefinementPlanner
@@ -43,7 +46,24 @@ class Draining(Exception):
     """The engine is shutting down and takes no new work."""
 
 
-@dataclass
+class InferenceFailed(RuntimeError):
+    """The model raised on this request, run on its own; `cause` is what it raised."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"inference failed: {type(cause).__name__}: {cause}")
+        self.cause = cause
+
+    @property
+    def out_of_memory(self) -> bool:
+        return is_out_of_memory(self.cause)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """GPU (torch) or host memory exhausted: may pass on a retry, unlike other errors."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
+
+
+@dataclass(eq=False)  # jobs are compared by identity (the queue removes a given one)
 class Job:
     request: Request
     future: asyncio.Future[Result]
@@ -57,8 +77,13 @@ class JobProgress:
     """The pipeline's view of a job (model.pipeline.Progress), from the model thread: results
     go to the event loop; the job is cancelled once its future is done (the caller gave up)."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
-        self.job, self.loop = job, loop
+    def __init__(
+        self,
+        job: Job,
+        loop: asyncio.AbstractEventLoop,
+        settle: Callable[[Job, Result], None],
+    ) -> None:
+        self.job, self.loop, self.settle = job, loop, settle
         self.partials = job.on_partial is not None
 
     def cancelled(self) -> bool:
@@ -69,7 +94,7 @@ class JobProgress:
             self.loop.call_soon_threadsafe(self.job.on_partial, result, round)
 
     def finished(self, result: Result) -> None:
-        self.loop.call_soon_threadsafe(BatchingEngine._settle, self.job, result)
+        self.loop.call_soon_threadsafe(self.settle, self.job, result)
 
 
 class BatchingEngine:
@@ -81,6 +106,7 @@ class BatchingEngine:
         batch_delay_s: float = 0.005,
         queue_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        on_outcome: Callable[[BaseException | None], None] | None = None,
         batch_key: Callable[[Request], Hashable] | None = None,
         planner: RefinementPlanner | None = None,
     ) -> None:
@@ -90,6 +116,8 @@ class BatchingEngine:
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size
         self.on_batch = on_batch or (lambda size: None)
+        # Once per request the model ran: None, or what it raised (service/model_health.py).
+        self.on_outcome = on_outcome or (lambda error: None)
         self.waiting: deque[Job] = deque()
         self.running = 0  # requests inside the model right now
         self.draining = False
@@ -110,6 +138,12 @@ class BatchingEngine:
         """Run `fn` where the model lives (warm-up, compilation) and wait for it."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def run_alone(self, request: Request) -> Result:
+        """Run one request now, outside the queue, and raise what the model raises (the
+        self-test of service/model_health.py)."""
+        [result] = await self.run_on_model_thread(self._infer, [request])
+        return result
+
     def start(self) -> None:
         self._arrived = asyncio.Event()
         self._collector = asyncio.create_task(self._collect(), name="mad-batch-collector")
@@ -118,12 +152,16 @@ class BatchingEngine:
         """Stop taking work, finish what was accepted. -> True when nothing was left over."""
         self.draining = True
         if self._arrived is not None:
-            self._arrived.set()  # a batch waiting to fill goes now
+            self._arrived.set()  # a batch waiting to fill goes now; an idle collector ends
         give_up = time.monotonic() + timeout_s
         while (self.waiting or self.running) and time.monotonic() < give_up:
             await asyncio.sleep(0.01)
         finished = not (self.waiting or self.running)
         if self._collector is not None:
+            # With nothing left it ends by itself; cancelled only when the model overran. (Not
+            # cancelled right after the event is set: Python 3.11's wait_for can swallow a
+            # cancellation that coincides with its wait ending, and the collector would hang.)
+            await asyncio.wait({self._collector}, timeout=1.0 if finished else 0.0)
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
@@ -165,8 +203,16 @@ class BatchingEngine:
         job = Job(request, asyncio.get_running_loop().create_future(), now, 0.0, admission)
         job.on_partial = on_partial
         self.waiting.append(job)
+        job.future.add_done_callback(lambda _: self._forget(job))
         self._started().set()
         return job
+
+    def _forget(self, job: Job) -> None:
+        """A job cancelled while it waits leaves the queue now, not when the next batch forms
+        (the queue bound and `mad_queue_depth` count only requests someone waits for)."""
+        if job.future.cancelled():
+            with contextlib.suppress(ValueError):  # already taken into a batch
+                self.waiting.remove(job)
 
     # --- the collector ----------------------------------------------------------------------
     def _started(self) -> asyncio.Event:
@@ -180,8 +226,18 @@ class BatchingEngine:
             raise RuntimeError("the engine has no pipeline: pass one or call load() first")
         return self.pipeline
 
+    def _infer(self, requests: list[Request]) -> list[Result]:
+        """One model call, on the model thread."""
+        try:
+            return self._loaded()(requests)
+        except torch.OutOfMemoryError:
+            # Hand torch's cached blocks back, so a retry with fewer images can fit.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+
     async def _collect(self) -> None:
-        while True:
+        while not (self.draining and not self.waiting):
             batch = await self._next_batch()
             if batch:
                 await self._run(batch)
@@ -190,6 +246,8 @@ class BatchingEngine:
         arrived = self._started()
         self._discard_abandoned()
         while not self.waiting:
+            if self.draining:
+                return []
             arrived.clear()
             await arrived.wait()
             self._discard_abandoned()
@@ -232,7 +290,8 @@ class BatchingEngine:
                 request.tasks, request.refine_steps, admission, batch_size, now
             )
             request = replace(request, refine_steps=admission.plan.steps)
-        job.request = replace(request, progress=JobProgress(job, asyncio.get_running_loop()))
+        progress = JobProgress(job, asyncio.get_running_loop(), self._settle)
+        job.request = replace(request, progress=progress)
 
     async def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
@@ -242,14 +301,16 @@ class BatchingEngine:
         self.running = len(batch)
         self.on_batch(len(batch))
         try:
-            results = await self.run_on_model_thread(self._loaded(), [j.request for j in batch])
-        except Exception:
+            results = await self.run_on_model_thread(self._infer, [j.request for j in batch])
+        except Exception as exc:
             if len(batch) == 1:
-                log.exception("inference failed")
-                self._settle(batch[0], RuntimeError("inference failed"))
+                self._failed(batch[0], exc)
             else:
-                # One bad request must not fail its batch mates: retry each on its own.
-                log.warning("batch of %d failed; retrying one by one", len(batch))
+                # One bad request must not fail its batch mates, and a batch too big for the
+                # free GPU memory may fit one image at a time: retry each on its own.
+                log.warning(
+                    "batch of %d failed (%s); retrying one by one", len(batch), type(exc).__name__
+                )
                 for job in batch:
                     if not job.future.done():  # answered before the failure, or gone
                         await self._run_alone(job)
@@ -260,17 +321,24 @@ class BatchingEngine:
             self.running = 0
 
     async def _run_alone(self, job: Job) -> None:
+        if job.future.done():  # its caller gave up while the batch ran
+            return
         try:
-            [result] = await self.run_on_model_thread(self._loaded(), [job.request])
-        except Exception:
-            log.exception("inference failed")
-            self._settle(job, RuntimeError("inference failed"))
+            [result] = await self.run_on_model_thread(self._infer, [job.request])
+        except Exception as exc:
+            self._failed(job, exc)
         else:
             self._settle(job, result)
 
-    @staticmethod
-    def _settle(job: Job, outcome: Result | Exception) -> None:
-        if job.future.done():  # the caller timed out meanwhile
+    def _failed(self, job: Job, exc: Exception) -> None:
+        log.error("inference failed", exc_info=exc)
+        self._settle(job, InferenceFailed(exc))
+
+    def _settle(self, job: Job, outcome: Result | InferenceFailed) -> None:
+        # A job handed over early (service/engine.JobProgress) is settled twice: its success
+        # is recorded twice, which changes nothing (model_health counts failures in a row).
+        self.on_outcome(outcome.cause if isinstance(outcome, InferenceFailed) else None)
+        if job.future.done():  # handed over already, or the caller gave up meanwhile
             return
         if isinstance(outcome, Exception):
             job.future.set_exception(outcome)

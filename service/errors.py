@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.logging import request_id_var
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": the answer reached no one
 V2_PREFIX = "/v2"
 
 CODES = {
@@ -31,6 +32,8 @@ CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
+    431: "request_header_fields_too_large",
+    CLIENT_CLOSED: "client_closed_request",
     500: "internal_error",
     503: "unavailable",
     504: "timeout",

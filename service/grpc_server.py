@@ -259,7 +259,9 @@ class GrpcServer:
                 # Several worker processes share the port (the kernel spreads connections);
                 # one alone must not silently share it with a stray process.
                 ("grpc.so_reuseport", int(settings.workers > 1)),
-            ]
+            ],
+            # As over HTTP (service/guards.py): beyond it, calls get RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=settings.limit_concurrency,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(state, version), self.server
@@ -284,12 +286,14 @@ class GrpcServer:
         log.info("listening for gRPC", extra={"port": self.port})
 
     async def _follow_state(self) -> None:
-        """Health follows readiness (SERVING once the model is warm); the shutdown signal
-        stops the server."""
+        """Health follows readiness (SERVING once the model is warm, NOT_SERVING from the
+        shutdown signal on); the end of the drain delay stops the server, as it closes the
+        HTTP listener (service/server.py)."""
         serving: bool | None = None
-        while not self.state.draining:
-            if self.state.ready != serving:
-                serving = self.state.ready
+        while not self.state.stopping:
+            ready = v2_infer.server_ready(self.state)
+            if ready != serving:
+                serving = ready
                 status = health_pb2.HealthCheckResponse
                 for service in ("", SERVICE):
                     await self.health.set(

@@ -22,15 +22,18 @@ from prometheus_client.registry import Collector
 
 from model.request_spec import MAX_REFINE_STEPS
 from service.anytime import Plan
+from service.engine import is_out_of_memory
 
 METRIC_NAMES = (
     "mad_requests_total",
     "mad_request_duration_seconds",
     "mad_stage_duration_seconds",
     "mad_queue_depth",
+    "mad_running_requests",
     "mad_inflight_requests",
     "mad_batch_size",
     "mad_decoder_passes_total",
+    "mad_model_failures_total",
     "mad_model_info",
     "mad_gpu_memory_bytes",
     "mad_refinement_steps_applied",
@@ -98,6 +101,7 @@ class FeatureCacheCollector(Collector):
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+FAILURE_KINDS = ("out_of_memory", "error")
 
 
 class Metrics:
@@ -125,7 +129,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("mad_queue_depth", "Requests waiting for the model.", registry=r)
+        self.queue_depth = Gauge(
+            "mad_queue_depth",
+            "Requests waiting for the model (not those in the batch it is running).",
+            registry=r,
+        )
+        self.running = Gauge(
+            "mad_running_requests", "Requests in the batch the model is running.", registry=r
+        )
         self.inflight = Gauge(
             "mad_inflight_requests", "Inference requests being handled (all protocols).", registry=r
         )
@@ -135,6 +146,14 @@ class Metrics:
         self.decoder_passes = Counter(
             "mad_decoder_passes_total", "Decoder passes run, by task.", ["task"], registry=r
         )
+        self.model_failures = Counter(
+            "mad_model_failures_total",
+            "Requests the model raised on (run alone), by kind: out_of_memory or error.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in FAILURE_KINDS:  # exported at 0 from the start, so rate() sees the first
+            self.model_failures.labels(kind=kind)
         # Info appends `_info` itself.
         self.model_info = Info("mad_model", "The model being served.", registry=r)
         self.gpu_memory = Gauge(
@@ -161,8 +180,15 @@ class Metrics:
         self.feature_cache = FeatureCacheCollector()
         r.register(self.feature_cache)
 
-    def track_queue(self, depth: Callable[[], int]) -> None:
-        self.queue_depth.set_function(depth)
+    def track_queue(self, waiting: Callable[[], int], running: Callable[[], int]) -> None:
+        self.queue_depth.set_function(waiting)
+        self.running.set_function(running)
+
+    def count_model_failure(self, error: BaseException | None) -> None:
+        """engine.on_outcome: count what the model raised."""
+        if error is not None:
+            kind = "out_of_memory" if is_out_of_memory(error) else "error"
+            self.model_failures.labels(kind=kind).inc()
 
     def track_gpu_memory(self, allocated: Callable[[], int]) -> None:
         self.gpu_memory.set_function(allocated)

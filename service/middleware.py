@@ -2,7 +2,9 @@
 
 RequestContext: request id (accepted from X-Request-ID or made up), echoed on the response,
 one JSON log line per request, inference metrics (POST /predict and the v2 infer routes,
-labelled by protocol), and a last-resort JSON 500.
+labelled by protocol), and a last-resort JSON 500. A request whose client left before its
+response was complete is logged and counted as 499, whatever the app answered into the closed
+connection.
 UploadGuard: an inference request is at most MAX_UPLOAD_BYTES, judged from Content-Length
 before anything is read and again from the bytes actually received; POST /predict must also
 be multipart.
@@ -19,7 +21,7 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import CLIENT_CLOSED, error_response
 from service.logging import request_id_var
 from service.metrics import Metrics
 
@@ -59,19 +61,27 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["arrived"] = request_id, start
         protocol = inference_protocol(scope)
-        status, started = 500, False
+        status, started, complete, client_left = 500, False, False, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, complete
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
             await send(message)
+
+        async def receive_watched() -> Message:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or (message["type"] == "http.disconnect" and not complete)
+            return message
 
         if protocol:
             self.metrics.inflight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         except Exception:
             log.exception("unhandled error")
             if started:
@@ -80,6 +90,8 @@ class RequestContextMiddleware:
                 scope, receive, send_with_id
             )
         finally:
+            if client_left:
+                status = CLIENT_CLOSED
             seconds = time.perf_counter() - start
             if protocol:
                 self.metrics.inflight.dec()

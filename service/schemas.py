@@ -196,11 +196,16 @@ class ModelDescription(Strict):
 
 
 class Health(Strict):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unhealthy"] = "ok"
+    reason: str | None = Field(None, description="Why the model is unhealthy.")
+
+
+ReadinessStatus = Literal["ready", "loading", "draining", "unhealthy"]
 
 
 class Readiness(Strict):
-    status: Literal["ready", "loading", "draining"]
+    status: ReadinessStatus
+    reason: str | None = Field(None, description="Why the model is unhealthy.")
 
 
 class ErrorDetail(Strict):

@@ -104,12 +104,53 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest image (width × height); beyond: 413."
     )
+    # Clients, shutdown and failures (service/guards.py, service/server.py,
+    # service/model_health.py; docs/service.md, "Failure behaviour").
+    drain_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description="After SIGTERM, how long the server keeps serving (with `/readyz` at 503) "
+        "before it stops listening, finishes what it accepted and exits 0.",
+    )
+    limit_concurrency: int = Field(
+        256,
+        ge=1,
+        description="Most requests handled at once (probes and `/metrics` aside); beyond: 503 "
+        "`overloaded`. Keep it above the queue size plus the batch size.",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest pause while a request body arrives; beyond: 408. The whole body "
+        "must also arrive within the request timeout.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        description="A connection closes when it has not sent a complete request head this "
+        "long after opening or after its last response (a partial head gets 408). Behind a "
+        "proxy that keeps connections open, set it above the proxy's idle timeout.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request line + headers (bytes); beyond: 431."
+    )
+    max_consecutive_failures: int = Field(
+        5,
+        ge=0,
+        description="Model failures in a row that trigger a self-test; if it fails too, "
+        "`/healthz` and `/readyz` answer 503 (0: never).",
+    )
+    public_docs: bool = Field(
+        True,
+        description="`/docs`, `/redoc`, `/docs/oauth2-redirect` and `/openapi.json` need no "
+        "API key; false: they need it too.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="When set (non-empty), requests need `Authorization: Bearer <key>`; "
-        "`/healthz`, `/readyz`, `/metrics`, `/`, `/docs`, `/redoc`, `/openapi.json` and the v2 "
-        "health and readiness routes stay open (gRPC: metadata `authorization`). Prefer the "
-        "variable: a command line is visible to other users.",
+        "`/healthz`, `/readyz`, `/metrics`, `/` and the v2 health and readiness routes stay "
+        "open, and the documentation unless public docs are off (gRPC: metadata "
+        "`authorization`). Prefer the variable: a command line is visible to other users.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

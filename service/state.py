@@ -14,7 +14,8 @@ from runtime.manifest import is_export, read_manifest
 from service.anytime import CostModel
 from service.engine import BatchingEngine
 from service.metrics import Metrics
-from service.schemas import ModelDescription
+from service.model_health import ModelHealth
+from service.schemas import ModelDescription, ReadinessStatus
 from service.settings import Settings
 
 
@@ -35,15 +36,29 @@ class ServiceState:
     model: LoadedModel | None = None  # None while loading
     engine: BatchingEngine | None = None  # None until warmed up: requests run from then on
     ready: bool = False  # loaded and warmed up
-    draining: bool = False  # shutting down: finish accepted work, take no more
+    draining: bool = False  # shutdown signal received: readiness fails, serving goes on
+    stopping: bool = False  # the drain delay is over: listeners close, accepted work finishes
     startup_error: str | None = None  # why the model did not load (the server then stops)
     # Stops the server this app runs in; set by whoever runs it (DrainingServer, a worker).
     stop_server: Callable[[str], None] = lambda message: None
     costs: CostModel = field(default_factory=CostModel)  # what the latency budgets plan with
     features: FeatureCache[Any] | None = None  # encoded images kept (MAD_FEATURE_CACHE_MB)
+    health: ModelHealth = field(init=False)  # the engine's outcomes: is the model working?
+
+    def __post_init__(self) -> None:
+        self.health = ModelHealth(self.settings.max_consecutive_failures)
 
     def begin_drain(self) -> None:
         self.draining = True
+
+    def readiness(self) -> tuple[ReadinessStatus, str | None]:
+        """Whether the server should get traffic (/readyz, the v2 protocol's readiness, gRPC
+        health): "ready", or why not, with the reason when the model is broken."""
+        if self.health.problem is not None:
+            return "unhealthy", self.health.problem
+        if self.draining:
+            return "draining", None
+        return ("ready" if self.ready else "loading"), None
 
     def fail_start(self, message: str) -> None:
         """The model cannot be served: record why and stop the server."""

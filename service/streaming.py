@@ -20,8 +20,9 @@ from typing import Any, Literal
 from fastapi.responses import StreamingResponse
 
 from model.pipeline import Result
-from service.engine import Draining, Job
+from service.engine import Draining, InferenceFailed, Job
 from service.errors import error_body
+from service.jobs import failure_error
 from service.schemas import PredictResponse
 
 Format = Literal["ndjson", "sse"]
@@ -74,13 +75,9 @@ async def events(
                 continue
             try:
                 final = job.future.result()
-            except Draining:
-                yield "error", error_body(503, "the server shut down before this request ran")
-            except RuntimeError:
-                yield (
-                    "error",
-                    error_body(500, "the model failed on this request", "inference_failed"),
-                )
+            except (Draining, InferenceFailed) as exc:
+                error = failure_error(exc)
+                yield "error", error_body(error.status, error.message, error.code)
             else:
                 yield "final", await respond(final, None)
             return

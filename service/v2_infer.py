@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from PIL import Image
+from starlette.requests import Request as HTTPRequest
 
 from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
@@ -137,7 +138,7 @@ def bad_request(message: str) -> APIError:
 
 # --- health and metadata --------------------------------------------------------------------
 def server_ready(state: ServiceState) -> bool:
-    return state.ready and not state.draining
+    return state.readiness()[0] == "ready"
 
 
 def served_model(state: ServiceState, name: str, version: str = "") -> LoadedModel:
@@ -364,10 +365,15 @@ def decode_images(data: list[bytes], max_pixels: int) -> list[tuple[Image.Image,
 
 
 async def run(
-    state: ServiceState, plan: Plan, arrived: float, client_deadline_s: float | None = None
+    state: ServiceState,
+    plan: Plan,
+    arrived: float,
+    client_deadline_s: float | None = None,
+    client: HTTPRequest | None = None,
 ) -> InferResponse:
     """Run a planned request that arrived at `arrived` (time.perf_counter()). Its deadline:
-    REQUEST_TIMEOUT_S, the `timeout` parameter or the client's (gRPC), whichever is first."""
+    REQUEST_TIMEOUT_S, the `timeout` parameter or the client's (gRPC), whichever is first.
+    `client`: the REST request, watched for a disconnect (gRPC cancels the call instead)."""
     settings = state.settings
     limit_s = min(
         t for t in (settings.request_timeout_s, plan.timeout_s, client_deadline_s) if t is not None
@@ -386,7 +392,7 @@ async def run(
         for image, _ in decoded
     ]
     jobs = submit_all(plan.engine, requests, plan.budget_s, arrived)
-    results = await wait_all(jobs, limit_s - (time.perf_counter() - arrived), limit_s)
+    results = await wait_all(jobs, limit_s - (time.perf_counter() - arrived), limit_s, client)
     post_start = time.perf_counter()
     decode_seconds = [seconds for _, seconds in decoded]
 

@@ -23,6 +23,7 @@ from uvicorn.supervisors import Multiprocess
 
 from model.startup import StartupError
 from service.app import create_app
+from service.server import uvicorn_options
 from service.settings import Settings
 
 ERROR_FILE_VARIABLE = "MAD_WORKER_ERROR_FILE"  # not a setting: serve_workers sets it
@@ -62,7 +63,7 @@ def serve_workers(settings: Settings, sock: socket.socket, log_config: dict[str,
             "service.workers:create_worker_app",
             factory=True,
             workers=settings.workers,
-            access_log=False,
+            **uvicorn_options(settings),
             log_config=log_config,
         )
         supervisor = Multiprocess(config, sockets=[sock])

@@ -7,16 +7,18 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import MAD
 from model.config import get_preset
@@ -24,7 +26,8 @@ from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import render_synthetic_image
 from model.losses import sequence_loss
-from service.app import DrainingServer, create_app
+from service.app import create_app
+from service.server import DrainingServer, uvicorn_options
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -132,7 +135,10 @@ def running_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=30)
+    options = uvicorn_options(settings)
+    if "keep_alive_timeout_s" not in settings.model_fields_set:
+        options["timeout_keep_alive"] = 30  # module-scoped clients keep idle connections
+    config = uvicorn.Config(app, **{**options, "log_config": None})
     server = DrainingServer(config, app.state.service)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"
@@ -176,3 +182,27 @@ def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
     """`n` images of synthetic world v1 (shapes and persons), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(render_synthetic_image(rng, world="v1")[0]) for _ in range(n)]
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} from /metrics."""
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: dict[tuple, float], after: dict[tuple, float], name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def until(
+    condition: Callable[[], object], what: str, timeout_s: float = 20.0, every_s: float = 0.01
+) -> None:
+    """Wait for `condition` (polled every `every_s`); fail with `what` after `timeout_s`."""
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < give_up, what
+        time.sleep(every_s)

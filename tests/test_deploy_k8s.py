@@ -48,11 +48,14 @@ def test_k8s_manifests(monkeypatch):
     assert probes["livenessProbe"]["path"] == "/healthz"
     for probe in probes.values():
         assert probe["port"] in ("http", settings.port)
-    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    sleep_s = int(pre_stop[1])
-    grace = spec["terminationGracePeriodSeconds"]
-    assert grace > sleep_s + settings.request_timeout_s, "grace must outlast the drain"
+    # The server waits for the endpoint removal itself (MAD_DRAIN_DELAY_S): no preStop sleep.
+    assert "preStop" not in container.get("lifecycle", {})
+    assert settings.drain_delay_s >= 5, "endpoint removal takes seconds to propagate"
+    from service.server import SHUTDOWN_MARGIN_S
+
+    drain = settings.drain_delay_s + settings.request_timeout_s + 2 * SHUTDOWN_MARGIN_S
+    assert spec["terminationGracePeriodSeconds"] >= drain, "grace must outlast the drain"
+    assert settings.limit_concurrency > settings.queue_size + settings.max_batch_size
     assert spec["securityContext"]["runAsNonRoot"] is True
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"

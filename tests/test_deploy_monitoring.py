@@ -135,7 +135,6 @@ def test_dashboard_panels_and_provisioning():
 def test_prometheus_scrapes_a_running_mad_serve(micro_checkpoint, tmp_path):
     """`mad serve` on the micro checkpoint; a real Prometheus with the repo's config (targets
     pointed at loopback) scrapes it and `up` is 1; the dashboard's metrics are all there."""
-    mad = Path(sys.executable).parent / "mad"
     port, prom_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAD_")}
     env.update(
@@ -148,6 +147,7 @@ def test_prometheus_scrapes_a_running_mad_serve(micro_checkpoint, tmp_path):
         MAD_WORKERS="1",
         MAD_LOG_LEVEL="warning",
         MAD_CACHE_DIR=str(tmp_path / "cache"),
+        MAD_DRAIN_DELAY_S="0",
     )
     serve_log, prom_log = tmp_path / "serve.log", tmp_path / "prometheus.log"
     procs = []
@@ -155,7 +155,8 @@ def test_prometheus_scrapes_a_running_mad_serve(micro_checkpoint, tmp_path):
         with serve_log.open("wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [str(mad), "serve"],
+                    [sys.executable, "-m", "mad.cli", "serve"],  # this checkout's code
+                    cwd=Path(__file__).resolve().parents[1],
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

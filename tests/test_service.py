@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from service.metrics import METRIC_NAMES
 from service.schemas import ModelDescription, PredictResponse
 from service.settings import Settings
-from tests.helpers import ALL_TASKS, encode, scene_image
+from tests.helpers import ALL_TASKS, delta, encode, metric_samples, scene_image
 
 API_KEY = "test-key-123"
 
@@ -39,20 +39,6 @@ def post_image(client, image_bytes=None, **fields) -> httpx.Response:
         files={"image": ("scene.png", data, "image/png")},
         data={k: v for k, v in fields.items() if v is not None},
     )
-
-
-def metric_samples(client) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} from /metrics."""
-    out = {}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def delta(before, after, name, **labels) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def check_against_openapi(body: dict, openapi: dict, component: str) -> None:
@@ -248,6 +234,12 @@ def test_model_description(client, micro_model):
     }
     assert body["input_size"] == [96, 96] and body["max_detections"] == 6
     assert (body["device"], body["precision"], body["backend"]) == ("cpu", "fp32", "torch")
+
+
+def test_public_docs_are_open_without_the_key(server):
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            assert anonymous.get(path).status_code == 200, path
 
 
 def test_openapi_documents_the_api(client, openapi):

@@ -115,3 +115,21 @@ def test_init_with_overrides_keeps_the_weights_and_adds_new_parameters(
     assert shared >= 10
     start = old.vocab.text_start  # specials, classes and coordinates keep their rows
     assert torch.equal(new_rows[:start], old_rows[:start])
+
+
+def test_an_empty_validation_split_is_not_evaluated(tmp_path):
+    from model.data.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", train=2, val=0, seed=0)
+    cfg = TrainConfig(
+        data=tmp_path / "data",
+        out=tmp_path / "run",
+        steps=1,
+        batch_size=2,
+        workers=0,
+        warmup_steps=1,
+        overrides=dict(MICRO_OVERRIDES),
+    )
+    train(cfg)
+    log = (tmp_path / "run" / "train_log.csv").read_text()
+    assert "val_" not in log  # no row of zero metrics from an empty split

@@ -15,10 +15,16 @@ import jsonschema
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
-from tests.helpers import ALL_TASKS, encode, running_server, scene_image, synthetic_images
+from tests.helpers import (
+    ALL_TASKS,
+    encode,
+    metric_samples,
+    running_server,
+    scene_image,
+    synthetic_images,
+)
 
 API_KEY = "v2-key"
 MAX_UPLOAD = 300_000
@@ -179,7 +185,7 @@ def test_each_task_alone_and_together(client, model_name, tasks):
         assert points.shape[0] == len(detections)
         for det, rows in zip(detections, points, strict=True):
             if "keypoints" in det:
-                assert rows.tolist() == pytest.approx(det["keypoints"], abs=0.01)
+                np.testing.assert_allclose(rows, det["keypoints"], atol=0.01)
             else:  # not a person: zeros
                 assert not rows.any()
 
@@ -465,14 +471,6 @@ def test_api_key_is_required_except_for_health(server, model_name):
             assert response.status_code == 401
             assert response.headers["www-authenticate"] == "Bearer"
             assert "API key" in response.json()["error"]
-
-
-def metric_samples(client) -> dict[tuple, float]:
-    out = {}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def test_metrics_count_v2_requests_by_protocol(client, model_name):

@@ -75,7 +75,8 @@ class Server:
             "--workers",
             "1",
         ]
-        extra = {"MAD_LOG_LEVEL": "warning", **env}
+        # No load balancer to wait for: stop() drains at once.
+        extra = {"MAD_LOG_LEVEL": "warning", "MAD_DRAIN_DELAY_S": "0", **env}
         if export_dir is not None:
             extra["MAD_EXPORT_DIR"] = str(export_dir)
         self.process = subprocess.Popen(

@@ -12,22 +12,32 @@ from service.schemas import ErrorResponse, Health, ModelDescription, Readiness
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
+@router.get(
+    "/healthz",
+    response_model=Health,
+    response_model_exclude_none=True,
+    summary="Liveness: the process answers and the model works",
+    responses={503: {"model": Health, "description": "The model failed its self-test."}},
+)
+async def healthz(state: StateDep) -> Health | JSONResponse:
+    problem = state.health.problem
+    if problem is not None:
+        return JSONResponse(Health(status="unhealthy", reason=problem).model_dump(), 503)
     return Health()
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Readiness: loaded, warm, not draining",
-    responses={503: {"model": Readiness, "description": "Loading or draining."}},
+    response_model_exclude_none=True,
+    summary="Readiness: loaded, warm, working, not draining",
+    responses={503: {"model": Readiness, "description": "Loading, unhealthy or draining."}},
 )
 async def readyz(state: StateDep) -> Readiness | JSONResponse:
-    if state.draining:
-        return JSONResponse(Readiness(status="draining").model_dump(), 503)
-    if not state.ready:
-        return JSONResponse(Readiness(status="loading").model_dump(), 503)
+    status, reason = state.readiness()
+    if status != "ready":
+        body = Readiness(status=status, reason=reason).model_dump(exclude_none=True)
+        return JSONResponse(body, 503)
     return Readiness(status="ready")
 
 

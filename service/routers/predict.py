@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from typing import Annotated, Any
@@ -22,11 +21,11 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from service.anytime import BudgetTooSmall
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
-from service.engine import Draining, Job, QueueFull
+from service.engine import Job
 from service.errors import APIError
 from service.images import decode_image
+from service.jobs import submit_all, wait_all
 from service.postprocess import report_plan, respond
 from service.schemas import ErrorResponse, PartialInfo, PredictForm, PredictResponse
 from service.state import LoadedModel, ServiceState
@@ -37,10 +36,12 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 ERROR_TEXTS = {
     400: "The file is not a readable image.",
     401: "API key missing or wrong (only when the server has one).",
+    408: "The body stalled for READ_TIMEOUT_S, or was still arriving at REQUEST_TIMEOUT_S.",
     413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
     415: "The body is not multipart/form-data.",
     422: "Unknown task, a parameter out of range, or a latency budget too small for one pass.",
-    503: "Queue full, model loading, or shutting down: retry after Retry-After seconds.",
+    503: "Queue full, overloaded, out of memory, model loading or broken, or shutting down: "
+    "retry after Retry-After seconds.",
     504: "Not done within REQUEST_TIMEOUT_S.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -113,52 +114,23 @@ async def predict(
         digest,
     )
     partials = PartialResults() if stream else None
-    try:
-        job = engine.submit(
-            job_request,
-            budget_s=None if budget_ms is None else budget_ms / 1000,
-            arrived=arrived,
-            on_partial=partials.put if partials is not None else None,
-        )
-    except BudgetTooSmall as exc:
-        raise APIError(422, "budget_too_small", str(exc)) from None
-    except QueueFull:
-        raise APIError(
-            503,
-            "queue_full",
-            "the server is at capacity; retry shortly",
-            headers={"Retry-After": "1"},
-        ) from None
-    except Draining:
-        raise APIError(
-            503, "draining", "the server is shutting down", headers={"Retry-After": "1"}
-        ) from None
+    [job] = submit_all(
+        engine,
+        [job_request],
+        None if budget_ms is None else budget_ms / 1000,
+        arrived,
+        on_partial=partials.put if partials is not None else None,
+    )
 
     async def respond(result: Result, partial_round: int | None = None) -> PredictResponse:
         return await answer(
             state, model, job, result, form.mask_format, decode_seconds, arrived, partial_round
         )
 
-    deadline = arrived + settings.request_timeout_s
+    limit_s = settings.request_timeout_s
     if stream is not None and partials is not None:
-        return streaming_response(
-            stream, job, partials, respond, deadline, settings.request_timeout_s
-        )
-    remaining = deadline - time.perf_counter()
-    try:
-        result = await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
-    except TimeoutError:
-        job.future.cancel()  # still waiting: the engine skips it; running: result dropped
-        raise APIError(504, "timeout", f"not done within {settings.request_timeout_s} s") from None
-    except Draining:
-        raise APIError(
-            503,
-            "draining",
-            "the server shut down before this request ran",
-            headers={"Retry-After": "1"},
-        ) from None
-    except RuntimeError:
-        raise APIError(500, "inference_failed", "the model failed on this request") from None
+        return streaming_response(stream, job, partials, respond, arrived + limit_s, limit_s)
+    [result] = await wait_all([job], limit_s - (time.perf_counter() - arrived), limit_s, request)
 
     response = await respond(result)
     # Already a validated PredictResponse: serialise it once, here, rather than have FastAPI

@@ -171,7 +171,7 @@ async def infer_version(
     body = decompressed(await request.body(), request, state.settings.max_upload_bytes)
     plan = v2_infer.plan(state, parse_request(body, request, model_name, model_version))
     request.state.tasks = plan.tasks  # the metrics middleware counts per task asked
-    return encode_response(await v2_infer.run(state, plan, request.state.arrived))
+    return encode_response(await v2_infer.run(state, plan, request.state.arrived, client=request))
 
 
 # --- the wire format ------------------------------------------------------------------------
