@@ -4,10 +4,17 @@ Step 0 decodes the fully masked body. Step k re-masks the r_k * L least confiden
 (random positions for captions: a hash of the sequence's own prediction), decodes again, and
 averages the new logits of re-masked positions with the previous ones; shown positions keep
 theirs.
+
+`refinement` is the loop, as an iterator that yields the logits after every pass, so a caller
+can show each improvement, stop sequences whose caller went away (`Decoding.stop`), or let a
+sequence stop when a step changes none of its tokens (early stop). `masked_decode` runs it to
+the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -104,7 +111,92 @@ def content_noise(predicted: torch.Tensor, step: int) -> torch.Tensor:
     return (x >> 38).float() / float(1 << 24)
 
 
+@dataclass
+class Decoding:
+    """The state of a refinement loop between passes.
+
+    logits: [S, L, V_slice] each sequence's current body logits (a stopped sequence keeps its
+            last ones); passes: [S] decoder passes each sequence has had; active: [S] bool,
+            the sequences a next step will refine (all False after the schedule's last step;
+            passes and active live on the host).
+    """
+
+    logits: torch.Tensor
+    passes: torch.Tensor
+    active: torch.Tensor
+
+    @torch.inference_mode()
+    def stop(self, rows: torch.Tensor) -> None:
+        """No further passes for these sequences (indices or a bool mask [S], on the host)."""
+        self.active[rows] = False
+
+
 @torch.inference_mode()
+def refinement(
+    runner: Runner[Memory],
+    memory: Memory,
+    codec: TaskCodec,
+    prompts: torch.Tensor,
+    image_index: torch.Tensor,
+    ratios: list[float],
+    early_stop: bool = False,
+) -> Iterator[Decoding]:
+    """prompts [S, P] of images image_index [S] -> the Decoding after the first pass, then
+    after each of the len(ratios) refinement steps (one Decoding, updated in place). Each
+    position's logits are restricted to the ids it may take. A step decodes only the active
+    sequences; with early_stop a sequence stops once a step changed none of its tokens (the
+    argmax of every position). The loop ends with the schedule or when none is active."""
+    P, L = prompts.shape[1], codec.body_len
+    device = prompts.device
+    constraint = codec.constraint().to(device)
+    mask_id = codec.vocab.mask
+
+    def run(rows: torch.Tensor | None, body: torch.Tensor) -> torch.Tensor:
+        """Decode `body` [s, L] of the sequences `rows` (None: all)."""
+        chosen, index = (
+            (prompts, image_index) if rows is None else (prompts[rows], image_index[rows])
+        )
+        logits = runner.decode(memory, torch.cat([chosen, body], 1), index, codec.vocab_slice())
+        return logits[:, P:].float() + constraint
+
+    counts = [c for c in (remask_count(r, L) for r in ratios) if c > 0]
+    S = len(prompts)
+    state = Decoding(
+        run(None, torch.full((S, L), mask_id, device=device)),
+        torch.ones(S, dtype=torch.long),
+        torch.full((S,), bool(counts)),
+    )
+    yield state
+    for step, count in enumerate(counts):
+        if not state.active.any():  # the caller stopped them all, or they stopped early
+            return
+        # Every sequence (the usual case) without gathering; else only the active ones.
+        rows = None if state.active.all() else state.active.nonzero().flatten()
+        on_device = None if rows is None else rows.to(device)
+        logits = state.logits if on_device is None else state.logits[on_device]
+        probs = logits.softmax(-1)
+        confidence, predicted = probs.max(-1)
+        if codec.random_remask:
+            scores = content_noise(predicted, step)
+        else:
+            scores = codec.remask_scores(probs, confidence)
+        remask = lowest(scores, count)
+        body = torch.where(remask, mask_id, codec.to_global(predicted))
+        logits = torch.where(remask.unsqueeze(-1), (logits + run(on_device, body)) / 2, logits)
+        if on_device is None:
+            state.logits = logits
+            state.passes += 1
+        else:
+            state.logits[on_device] = logits
+            state.passes[rows] += 1
+        if step == len(counts) - 1:
+            state.active[:] = False
+        elif early_stop:
+            unchanged = (logits.argmax(-1) == predicted).all(1).cpu()
+            state.stop(unchanged if rows is None else rows[unchanged])
+        yield state
+
+
 def masked_decode(
     runner: Runner[Memory],
     memory: Memory,
@@ -115,26 +207,8 @@ def masked_decode(
 ) -> torch.Tensor:
     """prompts [S, P] of images image_index [S] -> body logits [S, L, V_slice] after
     len(ratios) refinement steps; each position's logits restricted to the ids it may take."""
-    P, L = prompts.shape[1], codec.body_len
-    device = prompts.device
-    constraint = codec.constraint().to(device)
-    mask_id = codec.vocab.mask
-
-    def run(body: torch.Tensor) -> torch.Tensor:
-        tokens = torch.cat([prompts, body], 1)
-        logits = runner.decode(memory, tokens, image_index, codec.vocab_slice())
-        return logits[:, P:].float() + constraint
-
-    counts = [c for c in (remask_count(r, L) for r in ratios) if c > 0]
-    logits = run(torch.full((len(prompts), L), mask_id, device=device))
-    for step, count in enumerate(counts):
-        probs = logits.softmax(-1)
-        confidence, predicted = probs.max(-1)
-        if codec.random_remask:
-            scores = content_noise(predicted, step)
-        else:
-            scores = codec.remask_scores(probs, confidence)
-        remask = lowest(scores, count)
-        body = torch.where(remask, mask_id, codec.to_global(predicted))
-        logits = torch.where(remask.unsqueeze(-1), (logits + run(body)) / 2, logits)
-    return logits
+    steps = refinement(runner, memory, codec, prompts, image_index, ratios)
+    state = next(steps)  # the same Decoding after every pass
+    for _ in steps:
+        pass
+    return state.logits

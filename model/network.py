@@ -39,6 +39,37 @@ class ImageMemory:
         mask = None if self.mask is None else self.mask.index_select(0, image_index)
         return ImageMemory(kv, mask)
 
+    def split(self) -> list[ImageMemory]:
+        """One memory per image, each a copy (a view would keep the whole batch alive)."""
+        images = self.kv[0][0].shape[0]
+        return [
+            ImageMemory(
+                [(k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in self.kv],
+                None if self.mask is None else self.mask[i : i + 1].clone(),
+            )
+            for i in range(images)
+        ]
+
+    @staticmethod
+    def join(parts: list[ImageMemory]) -> ImageMemory:
+        """Memories of images of one canvas -> one batch, in this order."""
+        kv = [
+            (torch.cat([p.kv[layer][0] for p in parts]), torch.cat([p.kv[layer][1] for p in parts]))
+            for layer in range(len(parts[0].kv))
+        ]
+        shape = next((p.mask for p in parts if p.mask is not None), None)
+        if shape is None:
+            return ImageMemory(kv, None)
+        # An image without a mask has no padding: every feature is real.
+        masks = [torch.ones_like(shape) if p.mask is None else p.mask for p in parts]
+        return ImageMemory(kv, torch.cat(masks))
+
+    def nbytes(self) -> int:
+        tensors = [t for pair in self.kv for t in pair]
+        if self.mask is not None:
+            tensors.append(self.mask)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class VocabularyHead(nn.Module):
     """2-layer MLP, L2-normalised, cosine similarity with the (normalised) token embeddings,

@@ -1,22 +1,31 @@
 """Inference pipeline: images in, results of the asked tasks out.
 
-One batch of requests is encoded together (the images that share a canvas: a portrait
-image on a landscape canvas runs on the transposed one, in a batch of its own); then every
-codec of the model runs in the model's task order, decoding in batches across the requests
-that asked for it (grouped by refinement schedule). A task runs one sequence per image, or,
-when its codec is prompted by detections, one per kept detection the codec applies to.
-Detection comes first, so its kept boxes (each request's score threshold and max count)
-prompt the tasks after it and no decoding is paid for objects nobody will see. Detection is
-the one task the pipeline names, as the provider of those prompts (and Result has typed views
-of the built-in tasks' outputs); everything else comes from the codecs.
+One batch of requests is encoded together (or its images' features come from the feature
+cache). The images of one batch share a canvas: a portrait image on a landscape canvas runs
+on the transposed one, in a batch of its own. Then the tasks are decoded in batches across the
+requests that asked for them (grouped by refinement schedule, model.task_groups). A task runs
+one sequence per image, or, when its codec is prompted by detections, one per kept detection
+the codec applies to. Detection comes first and runs its whole schedule, so its kept boxes
+(each request's score threshold and max count) prompt the tasks after it and no decoding is
+paid for objects nobody will see. Detection is the one task the pipeline names, as the
+provider of those prompts (and Result has typed views of the built-in tasks' outputs);
+everything else comes from the codecs.
+
+The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
+k-th refinement step of every sequence still refining. A request is finished, and its result
+handed over (`Progress.finished`), as soon as its own last pass has run, before its batch
+mates'; a request that follows its progress gets a result after the draft and every round; a
+request whose caller went away (`Progress.cancelled`) gets no further passes. The order of the
+passes changes no answer: each sequence's loop is its own.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic
+from typing import Any, Generic, Protocol, cast
 
 import torch
 from PIL import Image
@@ -27,11 +36,35 @@ from model.codecs.caption import CaptionCodec
 from model.codecs.detection import Detections
 from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
-from model.decoding import Memory, Runner, decoder_passes, mask_schedule, masked_decode
-from model.preprocess import canvas_groups, image_canvas, prepare_batch
+from model.decoding import Memory, Runner, mask_schedule, refinement
+from model.feature_cache import FeatureCache, SplitsMemory
+from model.preprocess import canvas_groups, decode_context, image_canvas, prepare_batch
 from model.stopwatch import Stopwatch
+from model.task_groups import Schedule, TaskGroup
 
-Schedule = tuple[float, ...]  # mask ratios of the refinement steps
+# Called on the model thread with (stage, images, seconds) for the encoder and each decoder
+# pass: what the service's cost estimates learn from.
+StageObserver = Callable[[str, int, float], None]
+
+
+class Progress(Protocol):
+    """How a caller follows one request through its batch (the service: streaming, early
+    answers, disconnected clients). Called on the thread that runs the pipeline."""
+
+    partials: bool  # wants a result after the draft and after every refinement round
+
+    def cancelled(self) -> bool:
+        """True once nobody waits for the answer: the request gets no further passes."""
+        ...
+
+    def partial(self, result: Result, round: int) -> None:
+        """The result as it stands after round `round` (0: the draft), the request still
+        refining."""
+        ...
+
+    def finished(self, result: Result) -> None:
+        """The final result, as soon as the request's last pass has run."""
+        ...
 
 
 @dataclass
@@ -44,6 +77,9 @@ class Request:
     score_threshold: float = 0.5
     max_detections: int | None = None
     nms_iou: float | None = None  # None: the model's default (config.nms_iou)
+    early_stop: bool = False  # a sequence stops refining once a step changes none of its tokens
+    image_key: str | None = None  # digest of the image's bytes: its features may be cached
+    progress: Progress | None = None
 
 
 @dataclass
@@ -54,7 +90,8 @@ class Result:
     sequence per image (Detections, a caption), a list for a task prompted by detections whose
     entry j belongs to detections[j] (None where the codec does not apply, e.g. keypoints of a
     non-person). The properties below are typed views of the built-in tasks (None when not run).
-    timings are seconds per stage; passes counts decoder passes per task.
+    timings are seconds per stage; passes counts decoder passes per task; refine_steps is the
+    length of each task's schedule; cancelled: the caller went away and the work stopped.
     """
 
     image_size: tuple[int, int]
@@ -62,6 +99,8 @@ class Result:
     outputs: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
+    refine_steps: dict[str, int] = field(default_factory=dict)
+    cancelled: bool = False
 
     @property
     def detections(self) -> Detections | None:
@@ -89,12 +128,25 @@ class Result:
 
 
 class Pipeline(Generic[Memory]):
-    """Generic in what its runner's encode returns (model.network.ImageMemory for torch)."""
+    """Generic in what its runner's encode returns (model.network.ImageMemory for torch).
 
-    def __init__(self, mad: MAD, runner: Runner[Memory]) -> None:
+    features: a cache of encoded images (its runner must implement SplitsMemory); observer:
+    told the seconds of the encoder and of every decoder pass."""
+
+    def __init__(
+        self,
+        mad: MAD,
+        runner: Runner[Memory],
+        features: FeatureCache[Memory] | None = None,
+        observer: StageObserver | None = None,
+    ) -> None:
         self.mad, self.runner = mad, runner
         self.config, self.codecs = mad.config, mad.codecs
         self.device: torch.device = getattr(runner, "device", torch.device("cpu"))
+        if features is not None and not isinstance(runner, SplitsMemory):
+            raise TypeError(f"the {runner.name} runner cannot split its features for a cache")
+        self.features = features
+        self.observer: StageObserver = observer or (lambda stage, images, seconds: None)
 
     def tasks_to_run(self, asked: tuple[str, ...]) -> tuple[str, ...]:
         """Asked tasks plus detection when a task prompted by detections needs it, model order."""
@@ -127,79 +179,49 @@ class Pipeline(Generic[Memory]):
     def run_batch(self, requests: list[Request]) -> list[Result]:
         """Requests whose images share a canvas -> their Results."""
         start = time.perf_counter()
-        batch = prepare_batch([r.image for r in requests], self.config.image_size, self.device)
-        contexts = batch.contexts
-        results = [
-            Result(c.image_size, self.tasks_to_run(r.tasks))
-            for r, c in zip(requests, contexts, strict=True)
-        ]
         stage = Stopwatch(self.device, start)
-        stage.lap("preprocess")
-        memory = self.runner.encode(batch.images, batch.pad_mask)
-        stage.lap("encode")
-        for task, codec in self.codecs.items():  # model order: detection before those it prompts
-            if not any(task in r.tasks for r in results):
-                continue
-            if codec.prompted_by_detections:
-                self.run_per_detection(codec, requests, results, memory, contexts)
-            else:
-                self.run_per_image(codec, requests, results, memory, contexts)
-            stage.lap(task)
-        for result in results:  # the batch shares the work: every result gets its timings
-            result.timings.update(stage.times)
+        results = [Result((0, 0), self.tasks_to_run(r.tasks)) for r in requests]
+        memory, contexts = self.encode(requests, stage)
+        for result, context in zip(results, contexts, strict=True):
+            result.image_size = context.image_size
+        BatchRun(self, requests, results, memory, contexts, stage).run()
         return results
 
-    # --- tasks ------------------------------------------------------------------------------
-    def groups(
-        self, task: str, requests: list[Request], results: list[Result]
-    ) -> list[tuple[Schedule, list[int]]]:
-        """Images asking for `task`, grouped by their mask-ratio schedule."""
-        groups: dict[Schedule, list[int]] = defaultdict(list)
-        for i, (request, result) in enumerate(zip(requests, results, strict=True)):
-            if task in result.tasks:
-                groups[self.ratios(request, task)].append(i)
-        return list(groups.items())
-
-    def decode(
-        self,
-        codec: TaskCodec,
-        memory: Memory,
-        prompts: torch.Tensor,
-        owners: list[int],
-        ratios: Schedule,
-        results: list[Result],
-    ) -> torch.Tensor:
-        """Masked decoding of sequences `prompts` [S, P] of images `owners` [S] -> body logits
-        [S, L, V_slice] on the host; counts the passes of every image involved."""
-        logits = masked_decode(
-            self.runner,
-            memory,
-            codec,
-            prompts.to(self.device),
-            torch.tensor(owners, device=self.device),
-            list(ratios),
-        )
-        for i in set(owners):
-            results[i].passes[codec.name] = decoder_passes(list(ratios), codec.body_len)
-        return logits.cpu()
-
-    def run_per_image(
-        self,
-        codec: TaskCodec,
-        requests: list[Request],
-        results: list[Result],
-        memory: Memory,
-        contexts: list[DecodeContext],
-    ) -> None:
-        """One sequence per image; each request keeps what its options allow (codec.select)."""
-        for ratios, idx in self.groups(codec.name, requests, results):
-            prompts = codec.prompts(len(idx))
-            logits = self.decode(codec, memory, prompts, idx, ratios, results)
-            outputs = codec.decode(logits, prompts, [contexts[i] for i in idx])
-            for i, output in zip(idx, outputs, strict=True):
-                if isinstance(output, Detections) and codec.name not in requests[i].tasks:
-                    output = self.usable(output, requests[i])
-                results[i].outputs[codec.name] = codec.select(output, requests[i])
+    def encode(
+        self, requests: list[Request], stage: Stopwatch
+    ) -> tuple[Memory, list[DecodeContext]]:
+        """Letterbox and encode the images the feature cache does not hold. -> the batch's
+        memory, each image's decode context."""
+        canvas = self.config.image_size
+        contexts = [decode_context(r.image, canvas) for r in requests]
+        if self.features is None:
+            batch = prepare_batch([r.image for r in requests], canvas, self.device)
+            stage.lap("preprocess")
+            memory = self.runner.encode(batch.images, batch.pad_mask)
+            self.observer("encode", len(requests), stage.lap("encode"))
+            return memory, contexts
+        features, store = self.features, cast(SplitsMemory[Memory], self.runner)
+        parts = [features.get(r.image_key) if r.image_key else None for r in requests]
+        missing = [i for i, part in enumerate(parts) if part is None]
+        if missing:
+            batch = prepare_batch([requests[i].image for i in missing], canvas, self.device)
+            stage.lap("preprocess")
+            fresh = self.runner.encode(batch.images, batch.pad_mask)
+            self.observer("encode", len(missing), stage.lap("encode"))
+            # Split to keep each image's features, or to join them with the cached ones.
+            if len(missing) < len(requests) or any(requests[i].image_key for i in missing):
+                for i, part in zip(missing, store.split_memory(fresh), strict=True):
+                    parts[i] = part
+                    if key := requests[i].image_key:
+                        features.put(key, part, store.memory_bytes(part))
+            if len(missing) == len(requests):
+                return fresh, contexts
+        else:
+            stage.lap("preprocess")
+        kept = [part for part in parts if part is not None]
+        memory = kept[0] if len(kept) == 1 else store.join_memory(kept)
+        stage.lap("encode")
+        return memory, contexts
 
     def usable(self, detections: Detections, request: Request) -> Detections:
         """Detections run only to prompt other tasks keep what those tasks apply to, so a
@@ -211,33 +233,195 @@ class Pipeline(Generic[Memory]):
                 usable |= codec.applies_to(detections.labels)
         return detections.select(usable.nonzero().flatten())
 
-    def run_per_detection(
+
+class BatchRun:
+    """One batch's decoding, in rounds (see the module docstring)."""
+
+    def __init__(
         self,
-        codec: TaskCodec,
+        pipeline: Pipeline[Any],
         requests: list[Request],
         results: list[Result],
-        memory: Memory,
+        memory: Any,
         contexts: list[DecodeContext],
+        stage: Stopwatch,
     ) -> None:
-        """One sequence per kept detection the codec applies to, prompted by its tokens."""
-        for result in results:
-            if codec.name in result.tasks:
-                result.outputs[codec.name] = [None] * len(result.required_detections())
-        for ratios, idx in self.groups(codec.name, requests, results):
-            owners: list[int] = []  # (image, detection) of each sequence
-            which: list[int] = []
-            for i in idx:
-                applies = codec.applies_to(results[i].required_detections().labels)
-                for j in applies.nonzero().flatten().tolist():
-                    owners.append(i)
-                    which.append(j)
-            if not owners:
+        self.pipeline, self.requests, self.results = pipeline, requests, results
+        self.memory, self.contexts, self.stage = memory, contexts, stage
+        self.groups: list[TaskGroup] = []
+        self.open = set(range(len(requests)))  # neither finished nor cancelled
+
+    def run(self) -> None:
+        for task, codec in self.pipeline.codecs.items():  # the draft, in model order
+            self.drop_cancelled()
+            asked = [i for i in sorted(self.open) if task in self.results[i].tasks]
+            if not asked:
                 continue
-            detections = [results[i].required_detections() for i in owners]
-            tokens = torch.stack([d.tokens[j] for d, j in zip(detections, which, strict=True)])
-            prompts = codec.prompts(tokens)
-            logits = self.decode(codec, memory, prompts, owners, ratios, results)
-            boxes = [d.boxes[j] for d, j in zip(detections, which, strict=True)]
-            outputs = codec.decode(logits, prompts, [contexts[i] for i in owners], boxes=boxes)
-            for i, j, output in zip(owners, which, outputs, strict=True):
-                results[i].outputs[codec.name][j] = output
+            groups = self.start(codec, asked)
+            self.stage.lap(task)  # building its prompts (a task with none still has a stage)
+            for group in groups:
+                self.advance(group)
+            if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now
+                while any([self.advance(group) for group in groups]):
+                    pass
+                self.set_detections(groups)
+        self.finish_ready()
+        self.report(0)
+        round = 0
+        while self.open:
+            round += 1
+            self.drop_cancelled()
+            ran = [self.advance(group) for group in self.groups]
+            self.finish_ready()
+            if not any(ran):
+                break
+            self.report(round)
+        for i in sorted(self.open):  # only cancelled ones can be left; nothing to run
+            self.finish(i)
+
+    # --- groups -----------------------------------------------------------------------------
+    def start(self, codec: TaskCodec, asked: list[int]) -> list[TaskGroup]:
+        """The groups of one task over the images `asked`, by refinement schedule."""
+        by_schedule: dict[tuple[Schedule, bool], list[int]] = defaultdict(list)
+        for i in asked:
+            request = self.requests[i]
+            schedule = self.pipeline.ratios(request, codec.name)
+            self.results[i].refine_steps[codec.name] = len(schedule)
+            by_schedule[(schedule, request.early_stop)].append(i)
+        groups = []
+        for (schedule, early_stop), images in by_schedule.items():
+            if codec.prompted_by_detections:
+                group = self.prompted_group(codec, schedule, images, early_stop)
+            else:
+                prompts = codec.prompts(len(images))
+                group = self.group(codec, schedule, images, prompts, early_stop)
+            if group is not None:
+                groups.append(group)
+        self.groups += groups
+        return groups
+
+    def prompted_group(
+        self, codec: TaskCodec, schedule: Schedule, images: list[int], early_stop: bool
+    ) -> TaskGroup | None:
+        """One sequence per kept detection the codec applies to, prompted by its tokens."""
+        owners: list[int] = []  # (image, detection) of each sequence
+        which: list[int] = []
+        for i in images:
+            kept = self.results[i].required_detections()
+            self.results[i].outputs[codec.name] = [None] * len(kept)
+            for j in codec.applies_to(kept.labels).nonzero().flatten().tolist():
+                owners.append(i)
+                which.append(j)
+        if not owners:
+            return None
+        prompting = [self.results[i].required_detections() for i in owners]
+        tokens = torch.stack([d.tokens[j] for d, j in zip(prompting, which, strict=True)])
+        boxes = [d.boxes[j] for d, j in zip(prompting, which, strict=True)]
+        group = self.group(codec, schedule, owners, codec.prompts(tokens), early_stop)
+        group.which, group.boxes = which, boxes
+        return group
+
+    def group(
+        self,
+        codec: TaskCodec,
+        schedule: Schedule,
+        owners: list[int],
+        prompts: torch.Tensor,
+        early_stop: bool,
+    ) -> TaskGroup:
+        device = self.pipeline.device
+        steps = refinement(
+            self.pipeline.runner,
+            self.memory,
+            codec,
+            prompts.to(device),
+            torch.tensor(owners, device=device),
+            list(schedule),
+            early_stop,
+        )
+        return TaskGroup(codec, schedule, owners, prompts, steps)
+
+    def advance(self, group: TaskGroup) -> bool:
+        """One pass of `group`, timed under its task. -> whether a pass ran."""
+        if not group.advance():
+            return False
+        self.pipeline.observer(group.task, group.images, self.stage.lap(group.task))
+        return True
+
+    # --- results ----------------------------------------------------------------------------
+    def set_detections(self, groups: list[TaskGroup]) -> None:
+        """Detection's final outputs, which the later tasks' prompts read."""
+        for group in groups:
+            for i, _, output in group.decode(sorted(set(group.owners)), self.contexts):
+                self.results[i].outputs[group.task] = self.keep(i, group.task, output)
+                self.results[i].passes[group.task] = group.passes(i)
+
+    def keep(self, i: int, task: str, output: Any) -> Any:
+        """What request i keeps of its image's output of a per-image task."""
+        request, codec = self.requests[i], self.pipeline.codecs[task]
+        if isinstance(output, Detections) and task not in request.tasks:
+            output = self.pipeline.usable(output, request)
+        return codec.select(output, request)
+
+    def outputs(self, i: int, into: Result) -> None:
+        """Request i's outputs, from its groups' logits as they stand, into `into`."""
+        for group in self.groups:
+            if group.task == DetectionCodec.name:
+                continue  # set once, before the tasks it prompts
+            decoded = group.decode([i], self.contexts)
+            if not decoded:
+                continue
+            into.passes[group.task] = group.passes(i)
+            if group.which is None:
+                into.outputs[group.task] = self.keep(i, group.task, decoded[0][2])
+                continue
+            if into is not self.results[i]:  # a snapshot: its own list
+                into.outputs[group.task] = list(into.outputs[group.task])
+            for _, j, output in decoded:
+                into.outputs[group.task][j] = output
+        for task in into.tasks:  # a prompted task with nothing to prompt it ran no pass
+            into.passes.setdefault(task, 0)
+
+    def finish_ready(self) -> None:
+        """Hand over every open request none of whose sequences is still refining."""
+        for i in sorted(self.open):
+            if not any(g.refining(i) for g in self.groups):
+                self.finish(i)
+
+    def finish(self, i: int) -> None:
+        self.open.discard(i)
+        result = self.results[i]
+        result.timings.update(self.stage.times)  # the batch shares the work
+        if result.cancelled:
+            return
+        self.outputs(i, result)
+        if (progress := self.requests[i].progress) is not None:
+            progress.finished(result)
+
+    def report(self, round: int) -> None:
+        """A snapshot of each open request that follows its progress."""
+        for i in sorted(self.open):
+            progress = self.requests[i].progress
+            if progress is None or not progress.partials:
+                continue
+            result = self.results[i]
+            snapshot = Result(
+                result.image_size,
+                result.tasks,
+                dict(result.outputs),
+                dict(self.stage.times),
+                dict(result.passes),
+                dict(result.refine_steps),
+            )
+            self.outputs(i, snapshot)
+            progress.partial(snapshot, round)
+
+    def drop_cancelled(self) -> None:
+        """No further passes for requests whose caller went away."""
+        for i in sorted(self.open):
+            progress = self.requests[i].progress
+            if progress is not None and progress.cancelled():
+                self.results[i].cancelled = True
+                for group in self.groups:
+                    group.stop(i)
+                self.finish(i)

@@ -82,23 +82,30 @@ class ImageBatch(NamedTuple):
     contexts: list[DecodeContext]
 
 
+def decode_context(image: Image.Image, canvas: Size) -> DecodeContext:
+    """How `image`'s coordinates on its canvas (`image_canvas` of the model's `canvas`) map
+    back to its pixels once letterboxed."""
+    size = (image.height, image.width)
+    own = image_canvas(size, canvas)
+    return DecodeContext(own, fit_scale(size, own), size)
+
+
 def prepare_batch(
     images: list[Image.Image], canvas: Size, device: torch.device | str = "cpu"
 ) -> ImageBatch:
-    """PIL images that share a canvas (`canvas_groups`; `canvas` is the model's) -> one
-    letterboxed batch. For a CUDA device the batch is written into pinned host memory, so the
-    runner's copy to the device does not block the host."""
+    """PIL images (at least one) that share a canvas (`canvas_groups`; `canvas` is the
+    model's) -> one letterboxed batch. For a CUDA device the batch is written into pinned
+    host memory, so the runner's copy to the device does not block the host."""
     groups = canvas_groups([(image.height, image.width) for image in images], canvas)
     if len(groups) > 1:
         raise ValueError(f"images of one batch must share a canvas; these need {list(groups)}")
-    canvas = next(iter(groups), canvas)
-    canvases, pads, contexts = [], [], []
+    contexts = [decode_context(image, canvas) for image in images]
+    own = next(iter(groups), canvas)
+    canvases, pads = [], []
     for image in images:
-        pixels = pil_to_tensor(image)
-        canvas_pixels, pad, scale = letterbox(pixels, canvas)
+        canvas_pixels, pad, _ = letterbox(pil_to_tensor(image), own)
         canvases.append(canvas_pixels)
         pads.append(pad)
-        contexts.append(DecodeContext(canvas, scale, (pixels.shape[-2], pixels.shape[-1])))
     pin = torch.device(device).type == "cuda"
     return ImageBatch(stack(canvases, pin), stack(pads, pin), contexts)
 

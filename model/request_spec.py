@@ -11,6 +11,9 @@ message. Task names are always checked against the loaded model's tasks.
     score_threshold 0..1
     max_detections  1..the model's detection slots, or None (all)
     nms_iou         0..1 (1: no suppression), or None (the model's default)
+    latency_budget_ms  milliseconds from arrival to answer, 0 < ms <= MAX_LATENCY_BUDGET_MS,
+                    or None (no budget); as text (an HTTP header) a plain decimal number
+    refine_early_stop  a refinement loop stops once a step changes no token (a bool)
 
 A blank value is the same as none given (a form's empty field); an empty item inside a
 value ("2,", "detection,,caption") is an error. Task names are case-insensitive.
@@ -22,7 +25,9 @@ import re
 from collections.abc import Iterable, Sequence
 
 MAX_REFINE_STEPS = 8
+MAX_LATENCY_BUDGET_MS = 600_000.0  # ten minutes: longer is no budget
 STEPS = re.compile(r"-?[0-9]+")
+DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
 
 class RequestError(ValueError):
@@ -116,3 +121,23 @@ def check_max_detections(value: int | None, num_slots: int) -> int | None:
             f"{value} is outside 1..{num_slots} (this model has {num_slots} detection slots)",
         )
     return value
+
+
+def check_latency_budget(value: float | None) -> float | None:
+    """None: no budget; else milliseconds in (0, MAX_LATENCY_BUDGET_MS]."""
+    if value is not None and not 0.0 < value <= MAX_LATENCY_BUDGET_MS:  # also refuses NaN
+        raise RequestError(
+            "latency_budget_ms",
+            f"{value:g} is outside 0 < ms <= {MAX_LATENCY_BUDGET_MS:g} (milliseconds from "
+            "arrival to answer)",
+        )
+    return value
+
+
+def parse_latency_budget(text: str | None) -> float | None:
+    """ "250" or "62.5" (an X-Latency-Budget-Ms header) -> milliseconds; blank -> None."""
+    if text is None or not text.strip():
+        return None
+    if not DECIMAL.fullmatch(text.strip()):
+        raise RequestError("latency_budget_ms", f"{text!r} is not a number of milliseconds")
+    return check_latency_budget(float(text))

@@ -62,6 +62,16 @@ class EagerRunner:
             logits = self._decode(memory, tokens, image_index, vocab_slice)
         return logits.float()
 
+    # What a feature cache needs (model.feature_cache.SplitsMemory).
+    def split_memory(self, memory: ImageMemory) -> list[ImageMemory]:
+        return memory.split()
+
+    def join_memory(self, parts: list[ImageMemory]) -> ImageMemory:
+        return ImageMemory.join(parts)
+
+    def memory_bytes(self, memory: ImageMemory) -> int:
+        return memory.nbytes()
+
     def describe(self) -> dict[str, Any]:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {

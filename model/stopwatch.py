@@ -27,11 +27,14 @@ class Stopwatch:
         synchronize(device)
         self.start = self.last = time.perf_counter() if start is None else start
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str) -> float:
+        """Close the stage `name` now. -> this lap's seconds."""
         synchronize(self.device)
         now = time.perf_counter()
-        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        seconds = now - self.last
+        self.times[name] = self.times.get(name, 0.0) + seconds
         self.last = now
+        return seconds
 
     def total(self) -> float:
         return self.last - self.start

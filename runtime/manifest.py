@@ -38,3 +38,13 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(path)  # readers never see a half-written manifest
+
+
+def encoder_batch_axes(manifest: dict[str, Any]) -> dict[str, int]:
+    """Which axis of each encoder output is the image (the dynamic axis named "batch"), for
+    taking a batch's features apart and putting them together (a feature cache)."""
+    outputs = manifest["graphs"]["encoder"]["outputs"]
+    axes = {o["name"]: o["shape"].index("batch") for o in outputs if "batch" in o["shape"]}
+    if len(axes) != len(outputs):
+        raise StartupError("the export's manifest names no batch axis for every encoder output")
+    return axes

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.startup import StartupError, install_hint
-from runtime.manifest import read_manifest
+from runtime.manifest import encoder_batch_axes, read_manifest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,6 +182,42 @@ class OnnxRunner:
         self._bind_outputs(binding, session)
         session.run_with_iobinding(binding)
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+
+    # What a feature cache needs (model.feature_cache.SplitsMemory). The parts are copied
+    # through host memory (numpy), which on CUDA costs a transfer each way.
+    def split_memory(self, memory: OnnxMemory) -> list[OnnxMemory]:
+        arrays = {name: getattr(memory, name).numpy() for name in ("keys", "values", "mask")}
+        axes = encoder_batch_axes(self.manifest)
+        images = arrays["mask"].shape[axes["mask"]]
+        return [
+            OnnxMemory(
+                *(
+                    self._ortvalue(arrays[name].take([i], axis=axes[name]))
+                    for name in ("keys", "values", "mask")
+                )
+            )
+            for i in range(images)
+        ]
+
+    def join_memory(self, parts: list[OnnxMemory]) -> OnnxMemory:
+        import numpy as np
+
+        axes = encoder_batch_axes(self.manifest)
+        joined = (
+            self._ortvalue(
+                np.concatenate([getattr(p, name).numpy() for p in parts], axis=axes[name])
+            )
+            for name in ("keys", "values", "mask")
+        )
+        return OnnxMemory(*joined)
+
+    def memory_bytes(self, memory: OnnxMemory) -> int:
+        return sum(getattr(memory, name).numpy().nbytes for name in ("keys", "values", "mask"))
+
+    def _ortvalue(self, array: np.ndarray) -> OrtValue:
+        from onnxruntime import OrtValue
+
+        return OrtValue.ortvalue_from_numpy(array, self.io_device, self.device_id)
 
     def describe(self) -> dict[str, Any]:
         return {

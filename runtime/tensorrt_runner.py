@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from model.startup import StartupError, install_hint, resolve_device
-from runtime.manifest import read_manifest
+from runtime.manifest import encoder_batch_axes, read_manifest
 
 # The encoder's outputs as the decoders take them: "keys", "values", "mask" on the GPU.
 TensorRTMemory = dict[str, torch.Tensor]
@@ -141,6 +141,7 @@ class TensorRTRunner:
                 "here with `mad export --format tensorrt`, or let `mad serve` build them"
             )
         self.entry: dict[str, Any] = entry
+        self.batch_axes = encoder_batch_axes(manifest)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engines = {k: self.export_dir / v for k, v in entry["engines"].items()}
         self.encoder = Engine(trt, runtime, engines["encoder"], self.device)
@@ -165,6 +166,20 @@ class TensorRTRunner:
         if engine is None:
             raise KeyError(f"no decoder engine for vocabulary slice {vocab_slice}")
         return engine({**memory, "tokens": tokens, "image_index": image_index})["logits"].float()
+
+    # What a feature cache needs (model.feature_cache.SplitsMemory).
+    def split_memory(self, memory: TensorRTMemory) -> list[TensorRTMemory]:
+        images = memory["mask"].shape[self.batch_axes["mask"]]
+        return [
+            {k: v.narrow(self.batch_axes[k], i, 1).clone() for k, v in memory.items()}
+            for i in range(images)
+        ]
+
+    def join_memory(self, parts: list[TensorRTMemory]) -> TensorRTMemory:
+        return {k: torch.cat([p[k] for p in parts], self.batch_axes[k]) for k in parts[0]}
+
+    def memory_bytes(self, memory: TensorRTMemory) -> int:
+        return sum(v.numel() * v.element_size() for v in memory.values())
 
     def describe(self) -> dict[str, Any]:
         return {

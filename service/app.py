@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -19,14 +20,17 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from model.decoding import Runner
+from model.feature_cache import FeatureCache
 from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
 from model.startup import StartupError
+from service.anytime import CostModel, RefinementPlanner
 from service.engine import BatchingEngine
 from service.errors import install_error_handlers
 from service.guards import ClientGuardMiddleware
 from service.middleware import RequestContextMiddleware, UploadGuardMiddleware
 from service.model_cache import load_configured
+from service.postprocess import build_response
 from service.routers import health, predict, v2
 from service.schemas import model_openapi
 from service.server import SHUTDOWN_MARGIN_S
@@ -59,7 +63,7 @@ def load_model(s: Settings) -> LoadedModel:
     return LoadedModel(mad, runner, describe_model(mad, runner, s))
 
 
-def warm_up_requests(pipeline: Pipeline) -> list[ModelRequest]:
+def warm_up_requests(pipeline: Pipeline, max_detections: int | None = None) -> list[ModelRequest]:
     """Every task on a grey image, on the canvas and on its transpose (portrait images): run
     once at start-up, so the first request pays no lazy initialisation (allocator, kernels,
     torch.compile); the first is also the model's self-test (service/model_health.py).
@@ -67,9 +71,29 @@ def warm_up_requests(pipeline: Pipeline) -> list[ModelRequest]:
     height, width = pipeline.config.image_size
     tasks = tuple(pipeline.config.tasks)
     return [
-        ModelRequest(Image.new("RGB", size, (128, 128, 128)), tasks, score_threshold=0.0)
+        ModelRequest(
+            Image.new("RGB", size, (128, 128, 128)),
+            tasks,
+            score_threshold=0.0,
+            max_detections=max_detections,
+        )
         for size in dict.fromkeys([(width, height), (height, width)])
     ]
+
+
+# Objects per image of the calibration request: COCO's mean (what `mad bench` uses).
+TYPICAL_DETECTIONS = 7
+
+
+def calibrate(pipeline: Pipeline, costs: CostModel, model: LoadedModel) -> None:
+    """Seed the cost estimates the latency budgets plan with: a warmed-up request of every
+    task (with a typical number of detections) measured, and its response built."""
+    costs.clear()  # the warm-up paid lazy initialisation
+    detections = min(TYPICAL_DETECTIONS, pipeline.config.num_slots)
+    [result] = pipeline(warm_up_requests(pipeline, detections)[:1])
+    start = time.perf_counter()
+    build_response(result, model.description.ref(), model.mad.codecs, "rle", {})
+    costs.observe("postprocess", 1, time.perf_counter() - start)
 
 
 def gpu_memory_reader(runner: Runner[Any]) -> Callable[[], int]:
@@ -108,9 +132,14 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         # All torch work (loading, warm-up, requests) happens on the one model thread.
         model = await engine.run_on_model_thread(load_model, s)
         state.model = model
-        pipeline = await engine.load(lambda: Pipeline(model.mad, model.runner))
-        engine.batch_key = pipeline.canvas  # portrait and landscape images batch apart
         d = model.description
+        if s.feature_cache_mb > 0:
+            state.features = FeatureCache(int(s.feature_cache_mb * 2**20), d.version)
+            state.metrics.track_feature_cache(state.features)
+        pipeline = await engine.load(
+            lambda: Pipeline(model.mad, model.runner, state.features, state.costs.observe)
+        )
+        engine.batch_key = pipeline.canvas  # portrait and landscape images batch apart
         state.metrics.model_info.info(
             {
                 "name": d.name,
@@ -127,6 +156,15 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         for warm_up in warm_ups:  # one canvas per batch
             await engine.run_on_model_thread(pipeline, [warm_up])
         state.health.self_test = lambda: engine.run_alone(warm_ups[0])
+        await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
+        engine.planner = RefinementPlanner(
+            pipeline.tasks_to_run,
+            d.default_refine_steps,
+            state.costs,
+            s.queue_size,
+            s.degrade_depth(),
+            record=state.metrics.record_plan,
+        )
     except StartupError as exc:  # expected (model/startup.py): one log line, no traceback
         log.error("start-up failed", extra={"error": str(exc)})
         state.fail_start(str(exc))

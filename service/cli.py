@@ -124,6 +124,11 @@ def predict(
     refine_steps: list[str] = typer.Option(
         [], help="Refinement steps: K for every task, or task:K (default: the model's)."
     ),
+    refine_early_stop: bool | None = typer.Option(
+        None,
+        "--refine-early-stop/--no-refine-early-stop",
+        help="Stop refining once a step changes no token (default: MAD_REFINE_EARLY_STOP).",
+    ),
     score_threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     max_detections: int | None = typer.Option(None, min=1, help="Keep at most this many."),
     nms_iou: float | None = typer.Option(
@@ -176,7 +181,21 @@ def predict(
             continue
         decode_seconds = time.perf_counter() - arrived
         [result] = pipeline(
-            [ModelRequest(image, task_names, steps, score_threshold, max_detections, nms_iou)]
+            [
+                ModelRequest(
+                    image,
+                    task_names,
+                    steps,
+                    score_threshold,
+                    max_detections,
+                    nms_iou,
+                    early_stop=(
+                        settings.refine_early_stop
+                        if refine_early_stop is None
+                        else refine_early_stop
+                    ),
+                )
+            ]
         )
         response = respond(
             result,

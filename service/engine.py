@@ -7,8 +7,11 @@ service's: the image's canvas, so portrait and landscape images are not encoded 
 the others wait for the next. Requests waiting for the model count against a bounded queue,
 so overload answers at once (503) instead of piling up latency.
 
-A caller that stops waiting (deadline, client gone) cancels `job.future`: a waiting job leaves
-the queue at once and never reaches the model; a running one has its result dropped.
+How many refinement steps each request gets (its latency budget, degradation under load) is
+the planner's decision (service/anytime.py): on arrival and when its batch starts. The model
+thread hands each request over as soon as its own last pass ran. A caller that stops
+waiting (deadline, client gone) cancels `job.future`: a waiting job leaves the queue at once
+and never reaches the model; a running one gets no further passes and its result is dropped.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
 
 from model.pipeline import Request, Result
+from service.anytime import Admission, RefinementPlanner
 
 log = logging.getLogger("mad.engine")
 
@@ -65,6 +69,32 @@ class Job:
     future: asyncio.Future[Result]
     enqueued: float = field(default_factory=time.perf_counter)
     queue_seconds: float = 0.0
+    admission: Admission | None = None  # the planner's decisions (its plan once the batch starts)
+    on_partial: Callable[[Result, int], None] | None = None  # called on the event loop
+
+
+class JobProgress:
+    """The pipeline's view of a job (model.pipeline.Progress), from the model thread: results
+    go to the event loop; the job is cancelled once its future is done (the caller gave up)."""
+
+    def __init__(
+        self,
+        job: Job,
+        loop: asyncio.AbstractEventLoop,
+        settle: Callable[[Job, Result], None],
+    ) -> None:
+        self.job, self.loop, self.settle = job, loop, settle
+        self.partials = job.on_partial is not None
+
+    def cancelled(self) -> bool:
+        return self.job.future.done()
+
+    def partial(self, result: Result, round: int) -> None:
+        if self.job.on_partial is not None:
+            self.loop.call_soon_threadsafe(self.job.on_partial, result, round)
+
+    def finished(self, result: Result) -> None:
+        self.loop.call_soon_threadsafe(self.settle, self.job, result)
 
 
 class BatchingEngine:
@@ -78,9 +108,11 @@ class BatchingEngine:
         on_batch: Callable[[int], None] | None = None,
         on_outcome: Callable[[BaseException | None], None] | None = None,
         batch_key: Callable[[Request], Hashable] | None = None,
+        planner: RefinementPlanner | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.batch_key: Callable[[Request], Hashable] = batch_key or (lambda request: None)
+        self.planner = planner
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
         self.queue_size = queue_size
         self.on_batch = on_batch or (lambda size: None)
@@ -141,13 +173,35 @@ class BatchingEngine:
         return finished
 
     # --- requests ---------------------------------------------------------------------------
-    def submit(self, request: Request) -> Job:
-        """Queue a request; await `job.future` for its Result. Raises QueueFull / Draining."""
+    def submit(
+        self,
+        request: Request,
+        *,
+        budget_s: float | None = None,
+        arrived: float | None = None,
+        on_partial: Callable[[Result, int], None] | None = None,
+    ) -> Job:
+        """Queue a request; await `job.future` for its Result. budget_s: its latency budget,
+        counted from `arrived` (time.perf_counter(); default now); on_partial(result, round):
+        called with its results after the draft and every refinement round. Raises QueueFull,
+        Draining, or service.anytime.BudgetTooSmall."""
         if self.draining:
             raise Draining("the server is shutting down")
         if len(self.waiting) >= self.queue_size:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-        job = Job(request, asyncio.get_running_loop().create_future())
+        now = time.perf_counter()
+        admission = None
+        if self.planner is not None:
+            admission = self.planner.admit(
+                request.tasks,
+                request.refine_steps,
+                budget_s,
+                now if arrived is None else arrived,
+                now,
+                len(self.waiting),
+            )
+        job = Job(request, asyncio.get_running_loop().create_future(), now, 0.0, admission)
+        job.on_partial = on_partial
         self.waiting.append(job)
         job.future.add_done_callback(lambda _: self._forget(job))
         self._started().set()
@@ -227,10 +281,23 @@ class BatchingEngine:
         if any(job.future.done() for job in self.waiting):
             self.waiting = deque(job for job in self.waiting if not job.future.done())
 
+    def _prepare(self, job: Job, batch_size: int, now: float) -> None:
+        """Fix the job's refinement steps (the planner's plan) and let the pipeline report to
+        it."""
+        request, admission = job.request, job.admission
+        if self.planner is not None and admission is not None:
+            admission.plan = self.planner.plan(
+                request.tasks, request.refine_steps, admission, batch_size, now
+            )
+            request = replace(request, refine_steps=admission.plan.steps)
+        progress = JobProgress(job, asyncio.get_running_loop(), self._settle)
+        job.request = replace(request, progress=progress)
+
     async def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         for job in batch:
             job.queue_seconds = started - job.enqueued
+            self._prepare(job, len(batch), started)
         self.running = len(batch)
         self.on_batch(len(batch))
         try:
@@ -245,7 +312,8 @@ class BatchingEngine:
                     "batch of %d failed (%s); retrying one by one", len(batch), type(exc).__name__
                 )
                 for job in batch:
-                    await self._run_alone(job)
+                    if not job.future.done():  # answered before the failure, or gone
+                        await self._run_alone(job)
         else:
             for job, result in zip(batch, results, strict=True):
                 self._settle(job, result)
@@ -267,8 +335,10 @@ class BatchingEngine:
         self._settle(job, InferenceFailed(exc))
 
     def _settle(self, job: Job, outcome: Result | InferenceFailed) -> None:
+        # A job handed over early (service/engine.JobProgress) is settled twice: its success
+        # is recorded twice, which changes nothing (model_health counts failures in a row).
         self.on_outcome(outcome.cause if isinstance(outcome, InferenceFailed) else None)
-        if job.future.done():  # the caller gave up meanwhile
+        if job.future.done():  # handed over already, or the caller gave up meanwhile
             return
         if isinstance(outcome, Exception):
             job.future.set_exception(outcome)

@@ -11,22 +11,37 @@ waits (it never reaches the model) and discards the result of one that runs.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request as HTTPRequest
 from starlette.types import Receive
 
 from model.pipeline import Request, Result
+from service.anytime import BudgetTooSmall
 from service.engine import BatchingEngine, Draining, InferenceFailed, Job, QueueFull
 from service.errors import CLIENT_CLOSED, APIError
 
 
-def submit_all(engine: BatchingEngine, requests: list[Request]) -> list[Job]:
-    """Queue every image, or none (503 when the queue is full or the server is stopping)."""
+def submit_all(
+    engine: BatchingEngine,
+    requests: list[Request],
+    budget_s: float | None = None,
+    arrived: float | None = None,
+    on_partial: Callable[[Result, int], None] | None = None,
+) -> list[Job]:
+    """Queue every image, or none (503 when the queue is full or the server is stopping;
+    422 when the latency budget `budget_s`, from `arrived`, cannot hold one pass).
+    on_partial: as BatchingEngine.submit's, for every job."""
     jobs: list[Job] = []
     try:
         for request in requests:
-            jobs.append(engine.submit(request))
+            job = engine.submit(request, budget_s=budget_s, arrived=arrived, on_partial=on_partial)
+            jobs.append(job)
+    except BudgetTooSmall as exc:
+        for job in jobs:
+            job.future.cancel()
+        raise APIError(422, "budget_too_small", str(exc)) from None
     except (QueueFull, Draining) as exc:
         for job in jobs:
             job.future.cancel()
@@ -38,6 +53,23 @@ def submit_all(engine: BatchingEngine, requests: list[Request]) -> list[Job]:
             headers={"Retry-After": "1"},
         ) from None
     return jobs
+
+
+def failure_error(exc: Draining | InferenceFailed) -> APIError:
+    """What a client gets when its job's future raised: 503 when the server shut down before
+    it ran or the model ran out of memory (a retry may pass), 500 when the model failed."""
+    if isinstance(exc, Draining):
+        return APIError(
+            503,
+            "draining",
+            "the server shut down before this request ran",
+            headers={"Retry-After": "1"},
+        )
+    if exc.out_of_memory:
+        return APIError(
+            503, "out_of_memory", "the model ran out of memory", headers={"Retry-After": "1"}
+        )
+    return APIError(500, "inference_failed", "the model failed on this request")
 
 
 async def disconnected(receive: Receive) -> None:
@@ -68,19 +100,8 @@ async def wait_all(
         if results not in done:
             raise APIError(504, "timeout", f"not done within {limit_s:g} s")
         return list(results.result())
-    except Draining:
-        raise APIError(
-            503,
-            "draining",
-            "the server shut down before this request ran",
-            headers={"Retry-After": "1"},
-        ) from None
-    except InferenceFailed as exc:
-        if exc.out_of_memory:
-            raise APIError(
-                503, "out_of_memory", "the model ran out of memory", headers={"Retry-After": "1"}
-            ) from None
-        raise APIError(500, "inference_failed", "the model failed on this request") from None
+    except (Draining, InferenceFailed) as exc:
+        raise failure_error(exc) from None
     finally:
         if client_left is not None:
             client_left.cancel()

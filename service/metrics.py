@@ -5,7 +5,8 @@ The names are a contract with deploy/ (alerts, Grafana): see METRIC_NAMES.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,7 +17,11 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from model.request_spec import MAX_REFINE_STEPS
+from service.anytime import Plan
 from service.engine import is_out_of_memory
 
 METRIC_NAMES = (
@@ -31,6 +36,13 @@ METRIC_NAMES = (
     "mad_model_failures_total",
     "mad_model_info",
     "mad_gpu_memory_bytes",
+    "mad_refinement_steps_applied",
+    "mad_degraded_requests_total",
+    "mad_budget_cut_requests_total",
+    "mad_feature_cache_hits_total",
+    "mad_feature_cache_misses_total",
+    "mad_feature_cache_evictions_total",
+    "mad_feature_cache_bytes",
 )
 # Latency buckets from 1 ms (a stage of a tiny model) to 60 s (past the default deadline).
 LATENCY_BUCKETS = (
@@ -51,6 +63,42 @@ LATENCY_BUCKETS = (
     60.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+STEP_BUCKETS = tuple(range(MAX_REFINE_STEPS + 1))
+
+
+class CacheStats(Protocol):
+    """What the feature cache metrics read (model.feature_cache.FeatureCache)."""
+
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+
+
+class FeatureCacheCollector(Collector):
+    """The feature cache's counters, read at each scrape (zeros while there is no cache)."""
+
+    def __init__(self) -> None:
+        self.cache: CacheStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.cache
+        for name, text, value in (
+            ("hits", "Images whose encoded features came from the cache.", "hits"),
+            ("misses", "Images looked up in the cache and encoded.", "misses"),
+            (
+                "evictions",
+                "Cache entries dropped to stay within MAD_FEATURE_CACHE_MB.",
+                "evictions",
+            ),
+        ):
+            family = CounterMetricFamily(f"mad_feature_cache_{name}", text)
+            family.add_metric([], getattr(cache, value) if cache is not None else 0)
+            yield family
+        size = GaugeMetricFamily("mad_feature_cache_bytes", "Bytes of features the cache holds.")
+        size.add_metric([], cache.bytes if cache is not None else 0)
+        yield size
+
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FAILURE_KINDS = ("out_of_memory", "error")
@@ -112,6 +160,25 @@ class Metrics:
             "mad_gpu_memory_bytes", "GPU memory allocated by torch (0 off CUDA).", registry=r
         )
         self.gpu_memory.set(0)
+        self.refinement_steps = Histogram(
+            "mad_refinement_steps_applied",
+            "Refinement steps each request got, per task (after budgets and degradation).",
+            ["task"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.degraded = Counter(
+            "mad_degraded_requests_total",
+            "Requests that got fewer refinement steps because the queue was deep.",
+            registry=r,
+        )
+        self.budget_cut = Counter(
+            "mad_budget_cut_requests_total",
+            "Requests whose latency budget lowered their refinement steps.",
+            registry=r,
+        )
+        self.feature_cache = FeatureCacheCollector()
+        r.register(self.feature_cache)
 
     def track_queue(self, waiting: Callable[[], int], running: Callable[[], int]) -> None:
         self.queue_depth.set_function(waiting)
@@ -125,6 +192,17 @@ class Metrics:
 
     def track_gpu_memory(self, allocated: Callable[[], int]) -> None:
         self.gpu_memory.set_function(allocated)
+
+    def track_feature_cache(self, cache: CacheStats) -> None:
+        self.feature_cache.cache = cache
+
+    def record_plan(self, plan: Plan) -> None:
+        for task, steps in plan.steps.items():
+            self.refinement_steps.labels(task=task).observe(steps)
+        if plan.degraded:
+            self.degraded.inc()
+        if plan.budget_cut:
+            self.budget_cut.inc()
 
     def count_request(
         self, status: int, tasks: tuple[str, ...], seconds: float, protocol: str

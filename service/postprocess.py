@@ -8,7 +8,8 @@ from typing import Any
 
 from model.codecs import DetectionCodec, JsonOptions, TaskCodec
 from model.pipeline import Result
-from service.schemas import ImageSize, ModelRef, PredictResponse
+from service.anytime import Admission
+from service.schemas import BudgetReport, ImageSize, ModelRef, PredictResponse
 
 MODEL_STAGES = ("preprocess", "encode")
 
@@ -46,6 +47,7 @@ def build_response(
         image=ImageSize(width=result.image_size[1], height=result.image_size[0]),
         tasks=list(result.tasks),
         decoder_passes={task: result.passes.get(task, 0) for task in result.tasks},
+        refine_steps_applied={task: result.refine_steps.get(task, 0) for task in result.tasks},
         timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
         **outputs_json(result, codecs, JsonOptions(mask_format)),
     )
@@ -79,3 +81,18 @@ def respond(
     response.timings_ms["postprocess"] = round((end - post_start) * 1000, 3)
     response.timings_ms["total"] = round((end - arrived) * 1000, 3)
     return response
+
+
+def report_plan(response: PredictResponse, admission: Admission | None) -> None:
+    """Say in the response what its latency budget and degradation under load decided."""
+    plan = admission.plan if admission is not None else None
+    if admission is None or plan is None:
+        return
+    if admission.budget_s is not None:
+        response.budget = BudgetReport(
+            latency_budget_ms=round(admission.budget_s * 1000, 3),
+            estimated_ms=round((plan.estimated_s or 0.0) * 1000, 3),
+            cut=plan.budget_cut,
+        )
+    if plan.degraded:
+        response.degraded = True

@@ -17,7 +17,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.codecs import TaskCodec
-from model.request_spec import MAX_REFINE_STEPS
+from model.request_spec import MAX_LATENCY_BUDGET_MS, MAX_REFINE_STEPS
 
 
 class Strict(BaseModel):
@@ -58,6 +58,19 @@ class PredictForm(Strict):
     )
     mask_format: Literal["rle", "polygon"] = Field(
         "rle", description="rle: COCO compressed RLE; polygon: outer boundary polygons."
+    )
+    latency_budget_ms: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_LATENCY_BUDGET_MS,
+        description="Milliseconds from arrival to answer: each task not given in refine_steps "
+        "gets the refinement steps that fit (at least one pass per task; a budget too small "
+        "for that is refused with 422). Also the X-Latency-Budget-Ms header; the field wins.",
+    )
+    refine_early_stop: bool | None = Field(
+        None,
+        description="Stop a task's refinement once a step changes none of its tokens "
+        "(decoder_passes says what ran). Default: the server's MAD_REFINE_EARLY_STOP.",
     )
 
 
@@ -106,6 +119,21 @@ class ImageSize(Strict):
     height: int
 
 
+class BudgetReport(Strict):
+    latency_budget_ms: float = Field(description="The budget asked for.")
+    estimated_ms: float = Field(
+        description="What the chosen steps were expected to take, from arrival to answer."
+    )
+    cut: bool = Field(description="Whether the budget lowered some task's refinement steps.")
+
+
+class PartialInfo(Strict):
+    stage: Literal["draft", "refine"] = Field(
+        description="draft: every task after one pass; refine: after a refinement round."
+    )
+    round: int = Field(description="0 for the draft, then the refinement step just run.")
+
+
 class PredictResponse(Strict):
     """The outputs of the tasks run (tasks other than the built-in ones: extra fields)."""
 
@@ -120,6 +148,18 @@ class PredictResponse(Strict):
     detections: list[Detection] | None = Field(None, description="When detection ran.")
     caption: str | None = Field(None, description="When caption was asked.")
     decoder_passes: dict[str, int] = Field(description="Decoder passes run, per task.")
+    refine_steps_applied: dict[str, int] = Field(
+        description="Refinement steps each task was given (its schedule's length), after the "
+        "latency budget and degradation under load."
+    )
+    budget: BudgetReport | None = Field(None, description="When a latency budget was given.")
+    degraded: bool | None = Field(
+        None, description="True when a deep queue lowered the default refinement steps."
+    )
+    partial: PartialInfo | None = Field(
+        None,
+        description="Streamed results only: present on every object but the final one.",
+    )
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: queue, preprocess, encode, each task, "
         "postprocess, total."

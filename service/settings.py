@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The bundled model lives at the repository root, beside the packages.
@@ -73,6 +73,28 @@ class Settings(BaseSettings):
         gt=0,
         description="Deadline of one inference request (`/predict`, v2 REST or gRPC), from "
         "its arrival; beyond: 504.",
+    )
+    degrade: bool = Field(
+        True,
+        description="Past the queue depth `MAD_DEGRADE_QUEUE_DEPTH`, new requests get fewer "
+        "default refinement steps (down to one pass) before any is refused with 503.",
+    )
+    degrade_queue_depth: int | None = Field(
+        None,
+        ge=0,
+        description="The queue depth past which requests are degraded (below the queue "
+        "size); unset: half the queue.",
+    )
+    refine_early_stop: bool = Field(
+        False,
+        description="Default of the `refine_early_stop` field: a task's refinement stops once "
+        "a step changes none of its tokens.",
+    )
+    feature_cache_mb: float = Field(
+        0.0,
+        ge=0,
+        description="MiB of encoded image features kept for later requests on the same image "
+        "(0: off).",
     )
     max_upload_bytes: int = Field(
         20 * 1024 * 1024,
@@ -178,6 +200,23 @@ class Settings(BaseSettings):
     def blank_key_is_none(cls, value: Any) -> Any:
         # An empty MAD_API_KEY (common in templated manifests) means "no key", not "key ''".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def watermark_below_the_queue(self) -> Settings:
+        if self.degrade_queue_depth is not None and self.degrade_queue_depth >= self.queue_size:
+            raise ValueError(
+                f"degrade_queue_depth ({self.degrade_queue_depth}) must be below queue_size "
+                f"({self.queue_size}): degradation starts before the queue is full"
+            )
+        return self
+
+    def degrade_depth(self) -> int | None:
+        """The queue depth past which requests are degraded; None when degradation is off."""
+        if not self.degrade:
+            return None
+        return (
+            self.queue_size // 2 if self.degrade_queue_depth is None else self.degrade_queue_depth
+        )
 
     def env(self) -> dict[str, str]:
         """These settings as MAD_* variables, for worker processes that rebuild them."""

@@ -9,7 +9,9 @@ from typing import Any
 
 from model.checkpoint import MAD, checkpoint_digest, read_checkpoint_config
 from model.decoding import Runner
+from model.feature_cache import FeatureCache
 from runtime.manifest import is_export, read_manifest
+from service.anytime import CostModel
 from service.engine import BatchingEngine
 from service.metrics import Metrics
 from service.model_health import ModelHealth
@@ -39,6 +41,8 @@ class ServiceState:
     startup_error: str | None = None  # why the model did not load (the server then stops)
     # Stops the server this app runs in; set by whoever runs it (DrainingServer, a worker).
     stop_server: Callable[[str], None] = lambda message: None
+    costs: CostModel = field(default_factory=CostModel)  # what the latency budgets plan with
+    features: FeatureCache[Any] | None = None  # encoded images kept (MAD_FEATURE_CACHE_MB)
     health: ModelHealth = field(init=False)  # the engine's outcomes: is the model working?
 
     def __post_init__(self) -> None:

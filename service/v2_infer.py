@@ -18,6 +18,9 @@ Request parameters read the request grammar of model/request_spec.py, as POST /p
     nms_iou             number 0..1 (1: no NMS)
     mask_format         "rle" or "polygon": how the `json` output writes masks
     timeout             integer, microseconds: a shorter deadline than REQUEST_TIMEOUT_S
+    latency_budget_ms   number: each task not given in refine_steps gets the refinement steps
+                        that fit (docs/service.md, "Latency budgets"); 422 when not one pass fits
+    refine_early_stop   bool: a task stops refining once a step changes none of its tokens
     binary_data_output  bool (REST): outputs that do not say otherwise come as binary data
 
 Numbers may be strings too ("0.3"), for clients whose .proto has no double parameter.
@@ -39,6 +42,7 @@ from model.pipeline import Pipeline
 from model.pipeline import Request as ModelRequest
 from model.request_spec import (
     RequestError,
+    check_latency_budget,
     check_max_detections,
     check_nms_iou,
     check_score_threshold,
@@ -50,7 +54,7 @@ from service.engine import BatchingEngine
 from service.errors import APIError
 from service.images import decode_image
 from service.jobs import submit_all, wait_all
-from service.postprocess import request_stages, respond
+from service.postprocess import report_plan, request_stages, respond
 from service.schemas import PredictForm
 from service.state import LoadedModel, ServiceState
 from service.v2_tensors import OutputSpec, Tensor, output_specs, output_tensor
@@ -66,6 +70,8 @@ PARAMETERS = (
     "nms_iou",
     "mask_format",
     "timeout",
+    "latency_budget_ms",
+    "refine_early_stop",
     "binary_data_output",
 )
 MASK_FORMATS = ("rle", "polygon")
@@ -122,6 +128,8 @@ class Plan:
     mask_format: str
     outputs: list[tuple[OutputSpec, bool]]
     timeout_s: float | None
+    budget_s: float | None = None  # latency_budget_ms
+    early_stop: bool = False
 
 
 def bad_request(message: str) -> APIError:
@@ -294,6 +302,7 @@ def plan(state: ServiceState, request: InferRequest) -> Plan:
             given(params, "max_detections", integer), config.num_slots
         )
         nms_iou = check_nms_iou(given(params, "nms_iou", number))
+        budget_ms = check_latency_budget(given(params, "latency_budget_ms", number))
     except RequestError as exc:
         raise bad_request(str(exc)) from None
     mask_format = text("mask_format", params.get("mask_format", "rle"))
@@ -304,6 +313,9 @@ def plan(state: ServiceState, request: InferRequest) -> Plan:
         raise bad_request(f"parameter timeout: {microseconds} microseconds is not a deadline")
     timeout_s = None if microseconds is None else microseconds / 1e6
     binary = flag("binary_data_output", params.get("binary_data_output", False))
+    early_stop = flag(
+        "refine_early_stop", params.get("refine_early_stop", state.settings.refine_early_stop)
+    )
 
     runs = Pipeline(model.mad, model.runner).tasks_to_run(tasks)
     if requested is None:
@@ -331,6 +343,8 @@ def plan(state: ServiceState, request: InferRequest) -> Plan:
         mask_format,
         outputs,
         timeout_s,
+        None if budget_ms is None else budget_ms / 1000,
+        early_stop,
     )
 
 
@@ -373,10 +387,11 @@ async def run(
             plan.score_threshold,
             plan.max_detections,
             plan.nms_iou,
+            plan.early_stop,
         )
         for image, _ in decoded
     ]
-    jobs = submit_all(plan.engine, requests)
+    jobs = submit_all(plan.engine, requests, plan.budget_s, arrived)
     results = await wait_all(jobs, limit_s - (time.perf_counter() - arrived), limit_s, client)
     post_start = time.perf_counter()
     decode_seconds = [seconds for _, seconds in decoded]
@@ -384,8 +399,9 @@ async def run(
     def json_bodies() -> list[bytes]:
         """Each image's POST /predict response."""
         model = plan.model
-        return [
-            respond(
+        bodies = []
+        for result, job, decode_s in zip(results, jobs, decode_seconds, strict=True):
+            response = respond(
                 result,
                 model.description.ref(),
                 model.mad.codecs,
@@ -394,10 +410,9 @@ async def run(
                 queue_seconds=job.queue_seconds,
                 decode_seconds=decode_s,
             )
-            .model_dump_json(exclude_none=True)
-            .encode()
-            for result, job, decode_s in zip(results, jobs, decode_seconds, strict=True)
-        ]
+            report_plan(response, job.admission)
+            bodies.append(response.model_dump_json(exclude_none=True).encode())
+        return bodies
 
     def tensors() -> list[tuple[Tensor, bool]]:
         return [(output_tensor(spec, results, json_bodies), b) for spec, b in plan.outputs]

@@ -142,8 +142,8 @@ def test_targets_report_without_sections():
 @pytest.mark.slow
 def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     """The whole command at smoke size: every section (ONNX export, a real `mad serve` on
-    loopback with batching off and on, then with gRPC for native vs v2 REST vs v2 gRPC) runs
-    and the report files hold the expected keys."""
+    loopback with batching off and on, then with gRPC for native vs v2 REST vs v2 gRPC, the
+    anytime section's servers) runs and the report files hold the expected keys."""
     out = tmp_path / "benchmarks"
     result = CliRunner().invoke(
         app,
@@ -182,6 +182,20 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     assert "boxes" in protocols["v2_outputs"] and "json" not in protocols["v2_outputs"]
     assert all(r > 0 for r in protocols["p50_vs_native"].values())
     assert len(report["targets"]) == 6
+    anytime = report["anytime"]
+    assert len(anytime["budgets"]["levels"]) == 7
+    refused = anytime["budgets"]["levels"][0]  # far below any draft
+    assert refused["refused"] == refused["requests"] and refused["latency"] == {"n": 0}
+    generous = anytime["budgets"]["levels"][-1]  # twice the full latency
+    assert generous["refused"] == 0 and generous["typical_steps"] is not None
+    assert {"caption_BLEU4", "keypoints_AP", "bbox_AP"} <= set(generous["metrics"])
+    assert set(anytime["overload"]["runs"]) == {"degradation_off", "degradation_on"}
+    for run in anytime["overload"]["runs"].values():
+        assert run["ok"] + run["shed_503"] + run["other_errors"] == run["requests"]
+    assert anytime["progressive"]["objects_per_request"] >= 2  # the micro model refines
+    assert anytime["feature_cache"]["encode_on_hit"]["n"] > 0
+    [plot] = out.glob("bench-*-budgets.png")
+    assert plot.stat().st_size > 0
     text = md_path.read_text()
     for heading in (
         "## Targets",
@@ -191,7 +205,10 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
         "## Eager PyTorch vs ONNX Runtime",
         "## HTTP",
         "## Protocols",
+        "## Anytime serving",
+        "### Latency budgets",
+        "### Overload",
     ):
         assert heading in text
-    assert markdown(report) == text
+    assert markdown(report, plot.name) == text and f"]({plot.name})" in text
     assert "ar_cache_vs_mad_schedule" in result.output  # the ratios are printed

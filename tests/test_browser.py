@@ -149,6 +149,40 @@ def test_one_pass_and_refined_side_by_side(tmp_path):
     assert page["json"]["refined"]["decoder_passes"]["caption"] == 4
 
 
+def test_the_draft_is_drawn_first_then_each_refinement(micro_checkpoint, tmp_path):
+    """The page reads the answer as a stream: the one-pass draft is drawn as soon as it
+    exists, then each caption refinement (the micro model refines captions 3 times), then
+    the final answer, which is the plain one."""
+    with (
+        running_server(Settings(checkpoint=micro_checkpoint)) as server,
+        Browser(tmp_path / "profile") as browser,
+    ):
+        browser.open(f"{server.url}/")
+        browser.wait_for("document.querySelectorAll('input[name=task]').length > 0")
+        # Record what the refined figure showed at each stage, as the page drew it.
+        browser.evaluate(
+            """(() => {
+              window.seen = [];
+              const caption = document.querySelector('#refined figcaption');
+              new MutationObserver(() => window.seen.push(caption.textContent))
+                .observe(caption, {childList: true, characterData: true, subtree: true});
+            })()"""
+        )
+        browser.evaluate("runDemo()")
+        browser.wait_for(DONE)
+        stages = browser.evaluate(f"{STATUS}.dataset.stages")
+        seen = browser.evaluate("window.seen")
+        final = json.loads(browser.evaluate("document.getElementById('json').textContent"))
+    assert stages == "draft,refine,refine,final"
+    assert seen == [
+        "Draft: one pass per task",
+        "Refining: step 1",
+        "Refining: step 2",
+        "Refined (the model's default K)",
+    ]
+    assert "partial" not in final and final["decoder_passes"]["caption"] == 4
+
+
 def test_api_docs_render_offline(micro_checkpoint, tmp_path):
     """Swagger UI (/docs) lists the operations and ReDoc (/redoc) renders them, from assets
     the server ships (fastapi-offline), not a CDN."""

@@ -16,6 +16,7 @@ from export import graphs
 from export.onnx_export import export_onnx
 from mad.bench.backends_bench import compare_backends
 from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, save_checkpoint
+from model.feature_cache import FeatureCache
 from model.pipeline import Pipeline, Request
 from model.startup import StartupError
 from runtime.backends import create_runner
@@ -124,6 +125,22 @@ def test_pipeline_results_match(runners, steps, monkeypatch):
     assert all(len(r.detections) > 0 and "keypoints" in r.passes for r in got)
     assert_same_results(expected, got)
     assert got[0].passes["caption"] == 1 + steps
+
+
+def test_onnx_features_split_and_join_for_the_feature_cache(runners):
+    """A cached image decodes to what it decodes freshly encoded, in a batch with a new one."""
+    mad, _, onnx_runner = runners
+    a, b = synthetic_images(2, seed=4)
+    plain = Pipeline(mad, onnx_runner)
+    cache: FeatureCache = FeatureCache(2**24, "v")
+    cached = Pipeline(mad, onnx_runner, features=cache)
+    cached([Request(a, ("caption",), image_key="a")])
+    mixed = cached(
+        [Request(b, ("caption",), image_key="b"), Request(a, ("caption",), image_key="a")]
+    )
+    assert (cache.hits, cache.misses, len(cache)) == (1, 2, 2) and cache.bytes > 0
+    expected = plain([Request(b, ("caption",)), Request(a, ("caption",))])
+    assert [r.caption for r in mixed] == [r.caption for r in expected]
 
 
 def test_portrait_images_run_on_the_transposed_canvas(runners):

@@ -162,7 +162,7 @@ def test_decoding_is_deterministic_in_eval_mode(micro_model):
     assert first.caption == second.caption
     assert all(torch.equal(a, b) for a, b in zip(first.masks, second.masks, strict=True))
     # Keypoints run only when a person was detected (random weights: maybe none).
-    assert first.passes.pop("keypoints", 3) == 3
+    assert first.passes.pop("keypoints") in (0, 3)
     assert first.passes == {"detection": 1, "segmentation": 1, "caption": 4}
 
 

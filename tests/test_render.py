@@ -37,6 +37,7 @@ def crowded(width: int, height: int, caption: str | None = CAPTION) -> PredictRe
         detections=detections,
         caption=caption,
         decoder_passes={"detection": 1, "caption": 1},
+        refine_steps_applied={"detection": 0, "caption": 0},
         timings_ms={},
     )
 

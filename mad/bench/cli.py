@@ -36,10 +36,14 @@ class Sizes:
     concurrency: str
     http_requests: int
     http_seconds: float
+    anytime_images: int
+    anytime_requests: int
+    anytime_overload: int
     image_size: str | None = None  # None: the model's
 
 
-# Defaults fit a 2-core CPU in well under 10 minutes; --quick is the smoke-test size.
+# Defaults fit a 2-core CPU in well under 10 minutes (15 with the anytime section); --quick
+# is the smoke-test size.
 DEFAULTS = Sizes(
     repeats=20,
     warmup=3,
@@ -49,6 +53,9 @@ DEFAULTS = Sizes(
     concurrency="1,4,8",
     http_requests=200,
     http_seconds=8.0,
+    anytime_images=100,
+    anytime_requests=20,
+    anytime_overload=150,
 )
 QUICK = Sizes(
     repeats=3,
@@ -59,6 +66,9 @@ QUICK = Sizes(
     concurrency="1,2",
     http_requests=6,
     http_seconds=2.0,
+    anytime_images=4,
+    anytime_requests=2,
+    anytime_overload=8,
     image_size="96x96",
 )
 
@@ -77,7 +87,7 @@ class BenchSettings:
     batch_size: int
     refine: list[str]
     levels: list[int]
-    sections: dict[str, bool]  # http, protocols, onnx, ar, variants: run or skip
+    sections: dict[str, bool]  # http, protocols, onnx, ar, variants, anytime: run or skip
     quick: bool
     repeats: int
     warmup: int
@@ -86,6 +96,9 @@ class BenchSettings:
     fixed: int
     http_requests: int
     http_seconds: float
+    anytime_images: int
+    anytime_requests: int
+    anytime_overload: int
 
 
 def given_or(value: T | None, default: T) -> T:
@@ -151,6 +164,20 @@ def bench(
         "--variants/--no-variants",
         help="GPU only: bf16, fp16, compile, CUDA graphs, TensorRT.",
     ),
+    anytime: bool = typer.Option(
+        True,
+        "--anytime/--no-anytime",
+        help="Latency budgets, degradation under overload, progressive results, feature cache.",
+    ),
+    anytime_images: int | None = typer.Option(
+        None, min=1, help="Validation images the anytime metrics are computed on (100; quick 4)."
+    ),
+    anytime_requests: int | None = typer.Option(
+        None, min=1, help="Requests per budget level and progressive run (20; quick 2)."
+    ),
+    anytime_overload: int | None = typer.Option(
+        None, min=1, help="Requests of each overload run (150; quick 8)."
+    ),
     out: Path = typer.Option(Path("benchmarks"), help="Report directory."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (smoke test)."),
 ) -> None:
@@ -195,6 +222,7 @@ def bench(
                 "onnx": onnx,
                 "ar": ar,
                 "variants": variants,
+                "anytime": anytime,
             },
             quick=quick,
             repeats=given_or(repeats, base.repeats),
@@ -204,6 +232,9 @@ def bench(
             fixed=given_or(fixed, base.fixed),
             http_requests=given_or(http_requests, base.http_requests),
             http_seconds=given_or(http_seconds, base.http_seconds),
+            anytime_images=given_or(anytime_images, base.anytime_images),
+            anytime_requests=given_or(anytime_requests, base.anytime_requests),
+            anytime_overload=given_or(anytime_overload, base.anytime_overload),
         )
     )
     try:
@@ -274,6 +305,10 @@ class BenchRun:
                 self.report["skipped"]["protocols"] = "no tritonclient (the dev extra)"
             else:
                 self.section("protocols", self.protocols)
+            if s.sections["anytime"]:
+                self.section("anytime", self.anytime)
+            else:
+                self.report["skipped"]["anytime"] = "--no-anytime"
         self.report["duration_s"] = time.perf_counter() - started
         self.report["targets"] = targets(self.report)
         return self.report
@@ -346,6 +381,9 @@ class BenchRun:
             "concurrency": s.levels,
             "http_requests": s.http_requests,
             "http_seconds": s.http_seconds,
+            "anytime_images": s.anytime_images,
+            "anytime_requests": s.anytime_requests,
+            "anytime_overload": s.anytime_overload,
             "quick": s.quick,
             "bundled_model": Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT.resolve(),
         }
@@ -456,6 +494,21 @@ class BenchRun:
             echo=self.echo,
         )
 
+    def anytime(self) -> dict[str, Any]:
+        from mad.bench.anytime_bench import anytime_benchmark
+
+        s = self.s
+        return anytime_benchmark(
+            self.checkpoint,
+            s.backend,
+            s.device,
+            s.anytime_images,
+            s.anytime_requests,
+            s.anytime_overload,
+            export_dir=self.export_dir if s.backend != "torch" else None,
+            echo=self.echo,
+        )
+
 
 def tritonclient_installed() -> bool:
     import importlib.util
@@ -503,6 +556,10 @@ def headline(report: dict[str, Any]) -> str:
             for p, by_level in protocols["levels"].items()
         ]
         lines.append("p50 at concurrency 1: " + ", ".join(p50))
+    if anytime := report.get("anytime"):
+        from mad.bench.anytime_report import anytime_headline
+
+        lines += anytime_headline(anytime)
     lines.append(targets_table(report["targets"], ("this run", "differ")))
     for name, error in report["errors"].items():
         lines.append(f"ERROR {name}: {error}")

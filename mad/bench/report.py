@@ -198,7 +198,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     stem = f"bench-{stamp}-{s['preset']}-{s['device'].replace(':', '')}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md_path.write_text(markdown(report))
+    plot = None
+    if anytime := report.get("anytime"):
+        from mad.bench.anytime_report import plot_budgets
+
+        plot = plot_budgets(anytime, out_dir / f"{stem}-budgets.png")
+    md_path.write_text(markdown(report, plot.name if plot else None))
     return json_path, md_path
 
 
@@ -256,7 +261,8 @@ def stats_cells(stats: dict[str, Any] | None) -> list[str]:
     return [fmt(stats.get(k)) for k in ("median_ms", "p90_ms", "p99_ms")]
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], plot: str | None = None) -> str:
+    """The report as Markdown; `plot`: the file name of the latency/quality plot, if any."""
     env, s = report["environment"], report["settings"]
     gpu = env["gpu"]["name"] if env.get("gpu") else "none"
     git = env["git"]
@@ -308,6 +314,10 @@ def markdown(report: dict[str, Any]) -> str:
     out += backends_md(report.get("backends") or {})
     out += http_md(report.get("http") or {})
     out += protocols_md(report.get("protocols") or {})
+    if anytime := report.get("anytime"):
+        from mad.bench.anytime_report import anytime_md
+
+        out += anytime_md(anytime, plot)
     if report.get("skipped"):
         out += ["## Skipped\n"] + [f"- {k}: {v}" for k, v in report["skipped"].items()] + [""]
     return "\n".join(out) + "\n"

@@ -1,29 +1,35 @@
-"""POST /predict: one image in, the asked tasks' results out."""
+"""POST /predict: one image in, the asked tasks' results out (or streamed, draft first)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request, Response
+from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from model.pipeline import Request as ModelRequest
+from model.pipeline import Result
 from model.request_spec import (
     RequestError,
+    check_latency_budget,
     check_max_detections,
     check_nms_iou,
     check_score_threshold,
+    parse_latency_budget,
     parse_refine_steps,
     parse_tasks,
 )
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
+from service.engine import Job
 from service.errors import APIError
 from service.images import decode_image
 from service.jobs import submit_all, wait_all
-from service.postprocess import respond
-from service.schemas import ErrorResponse, PredictForm, PredictResponse
-from service.state import ServiceState
+from service.postprocess import report_plan, respond
+from service.schemas import ErrorResponse, PartialInfo, PredictForm, PredictResponse
+from service.state import LoadedModel, ServiceState
+from service.streaming import PartialResults, stream_format, streaming_response
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -33,7 +39,7 @@ ERROR_TEXTS = {
     408: "The body stalled for READ_TIMEOUT_S, or was still arriving at REQUEST_TIMEOUT_S.",
     413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
     415: "The body is not multipart/form-data.",
-    422: "Unknown task, or a parameter out of range.",
+    422: "Unknown task, a parameter out of range, or a latency budget too small for one pass.",
     503: "Queue full, overloaded, out of memory, model loading or broken, or shutting down: "
     "retry after Retry-After seconds.",
     504: "Not done within REQUEST_TIMEOUT_S.",
@@ -43,11 +49,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+STREAMED = {
+    "description": "With `Accept: application/x-ndjson` or `text/event-stream`: the draft, "
+    "each refinement round, then the final response (docs/service.md).",
+    "content": {"application/x-ndjson": {}, "text/event-stream": {}},
+}
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
     response_model_exclude_none=True,
-    responses=ERRORS,
+    responses={**ERRORS, 200: STREAMED},
     summary="Run the model on one image",
 )
 async def predict(
@@ -56,6 +69,9 @@ async def predict(
     state: StateDep,
     engine: EngineDep,
     model: ModelDep,
+    x_latency_budget_ms: Annotated[
+        str | None, Header(description="latency_budget_ms as a header (the form field wins).")
+    ] = None,
 ) -> Response:
     """Detection, instance segmentation, person keypoints and captioning (the model's tasks)
     in one call.
@@ -72,34 +88,95 @@ async def predict(
         score_threshold = check_score_threshold(form.score_threshold)
         max_detections = check_max_detections(form.max_detections, config.num_slots)
         nms_iou = check_nms_iou(form.nms_iou)
+        budget_ms = check_latency_budget(form.latency_budget_ms)
+        if budget_ms is None:
+            budget_ms = parse_latency_budget(x_latency_budget_ms)
     except RequestError as exc:
         raise APIError(422, "validation_error", str(exc)) from None
+    early_stop = form.refine_early_stop
+    stream = stream_format(request.headers.get("accept", ""))
 
     data = await form.image.read()
     decode_start = time.perf_counter()
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    # The feature cache knows an image by its bytes (hashing 20 MiB takes ~10 ms).
+    digest = await run_in_threadpool(sha256, data) if state.features is not None else None
     decode_seconds = time.perf_counter() - decode_start
 
-    job_request = ModelRequest(image, tasks, refine, score_threshold, max_detections, nms_iou)
-    [job] = submit_all(engine, [job_request])
+    job_request = ModelRequest(
+        image,
+        tasks,
+        refine,
+        score_threshold,
+        max_detections,
+        nms_iou,
+        settings.refine_early_stop if early_stop is None else early_stop,
+        digest,
+    )
+    partials = PartialResults() if stream else None
+    [job] = submit_all(
+        engine,
+        [job_request],
+        None if budget_ms is None else budget_ms / 1000,
+        arrived,
+        on_partial=partials.put if partials is not None else None,
+    )
+
+    async def respond(result: Result, partial_round: int | None = None) -> PredictResponse:
+        return await answer(
+            state, model, job, result, form.mask_format, decode_seconds, arrived, partial_round
+        )
+
     limit_s = settings.request_timeout_s
+    if stream is not None and partials is not None:
+        return streaming_response(stream, job, partials, respond, arrived + limit_s, limit_s)
     [result] = await wait_all([job], limit_s - (time.perf_counter() - arrived), limit_s, request)
 
+    response = await respond(result)
+    # Already a validated PredictResponse: serialise it once, here, rather than have FastAPI
+    # validate it again against response_model (which still documents it in OpenAPI).
+    return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def answer(
+    state: ServiceState,
+    model: LoadedModel,
+    job: Job,
+    result: Result,
+    mask_format: str,
+    decode_seconds: float,
+    arrived: float,
+    partial_round: int | None,
+) -> PredictResponse:
+    """The response for `result`: the final one (partial_round None; counted in the
+    metrics), or a partial one after that refinement round (0: the draft)."""
     response = await run_in_threadpool(
         lambda: respond(
             result,
             model.description.ref(),
             model.mad.codecs,
-            form.mask_format,
+            mask_format,
             arrived=arrived,
             queue_seconds=job.queue_seconds,
             decode_seconds=decode_seconds,
         )
     )
+    report_plan(response, job.admission)
+    if partial_round is not None:
+        stage = "draft" if partial_round == 0 else "refine"
+        response.partial = PartialInfo(stage=stage, round=partial_round)
+        return response
+    # What the latency budgets learn from: building the answer, and what was not foreseen.
+    state.costs.observe("postprocess", 1, response.timings_ms["postprocess"] / 1000)
+    plan = job.admission.plan if job.admission is not None else None
+    if plan is not None and plan.estimated_s is not None:
+        state.costs.observe_missed(response.timings_ms["total"] / 1000 - plan.estimated_s)
     record(state, response)
-    # Already a validated PredictResponse: serialise it once, here, rather than have FastAPI
-    # validate it again against response_model (which still documents it in OpenAPI).
-    return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
+    return response
 
 
 def record(state: ServiceState, response: PredictResponse) -> None:

@@ -1,0 +1,115 @@
+"""Progressive results: one request's result after the draft, after each refinement round,
+then the final answer, streamed as NDJSON (`Accept: application/x-ndjson`) or as Server-Sent
+Events (`Accept: text/event-stream`).
+
+Every object but the last has the response's shape plus `partial` ({stage, round}); the last
+is exactly the non-streamed response. An error after the stream has begun (the deadline, the
+model failing) is a last object `{"error": {...}}` (SSE: `event: error`), since the status
+line has gone out already. A client that disconnects cancels the job: the model thread runs
+no further pass for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+from fastapi.responses import StreamingResponse
+
+from model.pipeline import Result
+from service.engine import Draining, InferenceFailed, Job
+from service.errors import error_body
+from service.jobs import failure_error
+from service.schemas import PredictResponse
+
+Format = Literal["ndjson", "sse"]
+MEDIA_TYPES: dict[Format, str] = {"ndjson": "application/x-ndjson", "sse": "text/event-stream"}
+# (result, round) -> its response; round None: the final one
+Respond = Callable[[Result, int | None], Awaitable[PredictResponse]]
+
+
+def stream_format(accept: str) -> Format | None:
+    """The streaming format an Accept header names first, or None (a plain JSON answer)."""
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        for name, media_type in MEDIA_TYPES.items():
+            if media == media_type:
+                return name
+    return None
+
+
+class PartialResults:
+    """What the engine hands over for one job, in order, on the event loop: (result, round)
+    per partial result, then None once the job's future is done."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[Result, int] | None] = asyncio.Queue()
+
+    def put(self, result: Result, round: int) -> None:
+        self.queue.put_nowait((result, round))
+
+    def follow(self, job: Job) -> None:
+        job.future.add_done_callback(lambda _: self.queue.put_nowait(None))
+
+
+async def events(
+    job: Job, partials: PartialResults, respond: Respond, deadline: float, timeout_s: float
+) -> AsyncIterator[tuple[str, dict[str, Any] | PredictResponse]]:
+    """(event name, object) until the final answer or an error; cancels the job when the
+    consumer stops early (the client went away)."""
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(
+                    partials.queue.get(), max(deadline - time.perf_counter(), 0.0)
+                )
+            except TimeoutError:
+                yield "error", error_body(504, f"not done within {timeout_s} s", "timeout")
+                return
+            if item is not None:
+                result, round = item
+                yield ("draft" if round == 0 else "refine"), await respond(result, round)
+                continue
+            try:
+                final = job.future.result()
+            except (Draining, InferenceFailed) as exc:
+                error = failure_error(exc)
+                yield "error", error_body(error.status, error.message, error.code)
+            else:
+                yield "final", await respond(final, None)
+            return
+    finally:
+        if not job.future.done():
+            job.future.cancel()  # still waiting: never run; running: no further passes
+
+
+def encode(form: Format, event: str, body: dict[str, Any] | PredictResponse) -> bytes:
+    """One object as an NDJSON line or an SSE message named `event`."""
+    if isinstance(body, PredictResponse):
+        text = body.model_dump_json(exclude_none=True)
+    else:
+        text = json.dumps(body)
+    if form == "sse":
+        return f"event: {event}\ndata: {text}\n\n".encode()
+    return (text + "\n").encode()
+
+
+def streaming_response(
+    form: Format,
+    job: Job,
+    partials: PartialResults,
+    respond: Respond,
+    deadline: float,
+    timeout_s: float,
+) -> StreamingResponse:
+    partials.follow(job)
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event, obj in events(job, partials, respond, deadline, timeout_s):
+            yield encode(form, event, obj)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+    return StreamingResponse(body(), media_type=MEDIA_TYPES[form], headers=headers)
