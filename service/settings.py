@@ -21,6 +21,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mad-serve"
 
 Backend = Literal["torch", "onnx", "tensorrt"]
 Precision = Literal["fp32", "bf16", "fp16"]
+BatchWindow = Literal["adaptive", "fixed"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -63,7 +64,16 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, description="Most images encoded together.")
     batch_delay_ms: float = Field(
-        5.0, ge=0, description="How long the oldest waiting request waits for a batch to fill."
+        5.0,
+        ge=0,
+        description="Longest wait for a batch to fill: adaptive, how long the free model waits "
+        "for a partly full batch; fixed, how long the oldest request waits.",
+    )
+    batch_window: BatchWindow = Field(
+        "adaptive",
+        description="`adaptive`: a request finding the model idle starts at once, requests "
+        "arriving while it is busy form the next batch; `fixed`: every batch waits up to "
+        "`MAD_BATCH_DELAY_MS` for company.",
     )
     queue_size: int = Field(
         64, ge=1, description="Most requests waiting for the model; beyond: 503."
