@@ -9,8 +9,8 @@ full: fewer requests waiting than the recent batches held (the callers of the ba
 ended are likely coming back). With `adaptive=False` the window is fixed: a batch starts when
 it is full or when its oldest request has waited `batch_delay`. A batch holds requests of one
 `batch_key` (the service's: the image's canvas, so portrait and landscape images are not
-encoded together); the others wait for the next. Requests waiting for the model count against a bounded queue,
-so overload answers at once (503) instead of piling up latency.
+encoded together); the others wait for the next. Requests waiting for the model count
+against a bounded queue, so overload answers at once (503) instead of piling up latency.
 
 How many refinement steps each request gets (its latency budget, degradation under load) is
 the planner's decision (service/anytime.py): on arrival and when its batch starts. The model

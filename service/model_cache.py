@@ -66,6 +66,8 @@ def load_runner(
             cache_dir = Settings().cache_dir
         # The cached export is the checkpoint's by construction: run it as the checkpoint.
         checkpoint = cached_export(checkpoint, cache_dir, opset, simplify)
+        if backend == "onnx" and options.get("precision") == "int8":
+            checkpoint = cached_int8_export(checkpoint)
     if backend == "tensorrt":
         from export.tensorrt import build_engines
 
@@ -105,6 +107,33 @@ def cached_export(
     staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=target.parent))
     try:
         export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
+        staging.rename(target)
+    except OSError:
+        if not (target / MANIFEST).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cached_int8_export(fp32_export: Path) -> Path:
+    """`<fp32 export>-int8` beside the cached fp32 export: quantised once per fp32 export,
+    reused after (staged and renamed into place as `cached_export` does)."""
+    from export.quantize import quantize_export
+
+    target = fp32_export.with_name(fp32_export.name + "-int8")
+    source_created = read_manifest(fp32_export)["created"]
+    if (target / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(target)
+        except StartupError:
+            manifest = {}
+        if manifest.get("quantization", {}).get("source_created") == source_created:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix="onnx-int8-", dir=target.parent))
+    try:
+        quantize_export(fp32_export, staging)
         staging.rename(target)
     except OSError:
         if not (target / MANIFEST).is_file():

@@ -20,7 +20,7 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mad-serve"
 
 Backend = Literal["torch", "onnx", "tensorrt"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
 BatchWindow = Literal["adaptive", "fixed"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -39,7 +39,9 @@ class Settings(BaseSettings):
         description="`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present, else CPU).",
     )
     precision: Precision = Field(
-        "fp32", description="`fp32`, `bf16` or `fp16` (the half precisions: torch on CUDA)."
+        "fp32",
+        description="`fp32`; `bf16` (torch, CPU or CUDA), `fp16` (torch on CUDA); `int8` "
+        "(onnx: a quantised export).",
     )
     compile: bool = Field(False, description="`torch.compile` the network (torch backend).")
     cuda_graphs: bool = Field(
