@@ -183,6 +183,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             not on_gpu and http.get("batching_gain", {}).get("concurrency") == 8,
         ),
     ]
+    if accuracy := report.get("accuracy"):
+        from mad.bench.accuracy_bench import accuracy_targets
+
+        rows += accuracy_targets(accuracy, on_gpu, bundled)
     return target_rows(rows)
 
 
@@ -312,6 +316,10 @@ def markdown(report: dict[str, Any], plot: str | None = None) -> str:
             f"{fmt(kept['ratio_decode_only'], 'x')})\n",
         ]
     out += backends_md(report.get("backends") or {})
+    if accuracy := report.get("accuracy"):
+        from mad.bench.accuracy_bench import accuracy_md
+
+        out += accuracy_md(accuracy)
     out += http_md(report.get("http") or {})
     out += protocols_md(report.get("protocols") or {})
     if anytime := report.get("anytime"):
