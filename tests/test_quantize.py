@@ -57,6 +57,9 @@ def test_the_check_against_fp32_is_in_the_manifest(int8_export):
     assert check["max_abs_logit_diff"] > 0  # int8 is not fp32
     assert MIN_TOKEN_AGREEMENT <= check["token_agreement"] <= 1
     assert set(check["token_agreement_by_task"]) == set(ALL_TASKS)
+    decoded = check["decoded"]
+    assert decoded["images"] > 0 and 0 <= decoded["detection_agreement"] <= 1
+    assert 0 <= decoded["caption_agreement"] <= 1
 
 
 def test_int8_runs_the_pipeline_and_mostly_agrees_with_fp32(fp32_export, int8_export):
