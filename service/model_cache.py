@@ -1,8 +1,9 @@
 """Loading the served model: the runtime's runner, with the serving decisions made first.
 
-The onnx and tensorrt backends run an export. Given only a checkpoint, the service makes one
-at start-up into its cache (`Settings.cache_dir`, MAD_CACHE_DIR), once per checkpoint
-content, and for tensorrt builds (or finds) the engines for this GPU in it. This is the one
+The onnx, tensorrt and openvino backends run an export. Given only a checkpoint, the service
+makes one at start-up into its cache (`Settings.cache_dir`, MAD_CACHE_DIR), once per
+checkpoint content (onnx int8: then quantised once), and for tensorrt builds (or finds) the
+engines for this GPU in it. This is the one
 service module that imports export/: it writes exports; runtime/ only reads them.
 """
 
@@ -54,7 +55,7 @@ def load_runner(
     Options: create_runner's, plus opset and simplify (of the cached export), and for
     tensorrt profile (export.tensorrt.Profile) and rebuild (of the engines).
     """
-    if backend not in ("onnx", "tensorrt") or checkpoint is None:
+    if backend not in ("onnx", "tensorrt", "openvino") or checkpoint is None:
         return create_runner(backend, checkpoint, device, **options)
     check_options(backend, checkpoint, device, **options)  # before any export work
     export_dir = options.pop("export_dir", None)

@@ -19,7 +19,7 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mad-serve"
 
-Backend = Literal["torch", "onnx", "tensorrt"]
+Backend = Literal["torch", "onnx", "tensorrt", "openvino"]
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 BatchWindow = Literal["adaptive", "fixed"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -30,9 +30,11 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(
         BUNDLED_CHECKPOINT,
-        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt backends).",
+        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt, openvino).",
     )
-    backend: Backend = Field("torch", description="Runtime: `torch`, `onnx` or `tensorrt`.")
+    backend: Backend = Field(
+        "torch", description="Runtime: `torch`, `onnx`, `tensorrt` or `openvino` (CPU)."
+    )
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|auto|cuda(:\d+)?)$",
@@ -40,8 +42,8 @@ class Settings(BaseSettings):
     )
     precision: Precision = Field(
         "fp32",
-        description="`fp32`; `bf16` (torch, CPU or CUDA), `fp16` (torch on CUDA); `int8` "
-        "(onnx: a quantised export).",
+        description="`fp32`; `bf16` (torch, CPU or CUDA; openvino), `fp16` (torch on CUDA); "
+        "`int8` (onnx: a quantised export).",
     )
     compile: bool = Field(False, description="`torch.compile` the network (torch backend).")
     cuda_graphs: bool = Field(
@@ -51,7 +53,7 @@ class Settings(BaseSettings):
     )
     export_dir: Path | None = Field(
         None,
-        description="A ready ONNX/TensorRT export to run (onnx, tensorrt backends); unset: "
+        description="A ready ONNX/TensorRT export to run (onnx, tensorrt, openvino); unset: "
         "the checkpoint is exported into the cache dir at start-up.",
     )
     cache_dir: Path = Field(

@@ -1,12 +1,13 @@
 """Backend x precision: speed and accuracy of each, measured in one run (`mad bench --accuracy`).
 
 One row per way of running the same checkpoint (eager fp32, eager bf16, eager +
-torch.compile, ONNX Runtime fp32 and int8; CUDA rows on a GPU): the model's latency on the
-four-task request (the stage workload of mad/bench/model_bench.py: detection, segmentation
-and keypoints prompted by `kept` boxes, caption), its speed-up over eager fp32, and the metrics
-`mad eval` computes (model/evaluate.py) on the same held-out images of the synthetic world,
-run by that row's runner. The rows alternate every repeat, so load from other processes hits
-them alike; a row that cannot run here (no bf16 kernels, a failed compile) records its error.
+torch.compile, ONNX Runtime fp32 and int8, OpenVINO fp32 and bf16; CUDA rows on a GPU): the
+model's latency on the four-task request (the stage workload of mad/bench/model_bench.py:
+detection, segmentation and keypoints prompted by `kept` boxes, caption), its speed-up over
+eager fp32, and the metrics `mad eval` computes (model/evaluate.py) on the same held-out
+images of the synthetic world, run by that row's runner. The rows alternate every repeat, so
+load from other processes hits them alike; a row that cannot run here (no bf16 kernels, a
+failed compile) records its error.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ CPU_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "eager compile": ("torch", {"compile": True}),
     "onnx fp32": ("onnx", {"precision": "fp32"}),
     "onnx int8": ("onnx", {"precision": "int8"}),
+    "openvino fp32": ("openvino", {"precision": "fp32"}),
+    "openvino bf16": ("openvino", {"precision": "bf16"}),
 }
 GPU_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "eager fp32": ("torch", {}),
@@ -70,11 +73,11 @@ def accuracy_benchmark(
     benches: dict[str, ModelBench] = {}
     for name, (backend, options) in variants.items():
         try:
-            if backend == "onnx":
-                precision = options["precision"]
-                if precision not in exports:
-                    raise RuntimeError(f"no {precision} export was made")
-                options = {**options, "export_dir": exports[precision]}
+            if backend in ("onnx", "openvino"):
+                held = "int8" if options["precision"] == "int8" else "fp32"
+                if held not in exports:
+                    raise RuntimeError(f"no {held} export was made")
+                options = {**options, "export_dir": exports[held]}
             mad, runner = create_runner(backend, checkpoint, device, **options)
             bench = ModelBench(mad, runner, [image], kept, schedules(mad, refine_steps))
             started = time.perf_counter()

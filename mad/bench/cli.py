@@ -122,7 +122,7 @@ def bench(
     image_size: str | None = typer.Option(
         None, help="HxW of the input image and canvas (default: the model's, r50: 800x1333)."
     ),
-    backend: str = typer.Option("torch", help="torch, onnx or tensorrt."),
+    backend: str = typer.Option("torch", help="torch, onnx, tensorrt or openvino."),
     device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch on CUDA)."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
