@@ -251,7 +251,7 @@ def test_invalid_setting_values_are_one_line():
     # From the environment, the variable is named instead of the option.
     assert usage_failure(["serve"], MAD_DEVICE="gpu").startswith("mad serve: MAD_DEVICE: 'gpu'")
     stderr = usage_failure(["serve", "--backend", "tf"])
-    assert "--backend: 'tf': Input should be 'torch', 'onnx' or 'tensorrt'" in stderr
+    assert "--backend: 'tf': Input should be 'torch', 'onnx', 'tensorrt' or 'openvino'" in stderr
     assert "--workers: 0" in usage_failure(["serve", "--workers", "0"])
 
 

@@ -598,6 +598,13 @@ def headline(report: dict[str, Any]) -> str:
             f"batching throughput gain at concurrency {gain['concurrency']}: "
             f"{fmt(gain['ratio'], 'x')}"
         )
+    if window := http.get("batch_window"):
+        p50 = window["p50_ms"]
+        lines.append(
+            f"  p50 at concurrency {window['concurrency_low']}: batching off "
+            f"{fmt(p50['batching_off'], 'ms')}, adaptive window {fmt(p50['adaptive'], 'ms')}, "
+            f"fixed window {fmt(p50['fixed'], 'ms')}"
+        )
     if ceiling := http.get("in_process_batching"):
         lines.append(
             f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "

@@ -392,6 +392,15 @@ def http_md(http: dict[str, Any]) -> list[str]:
             f"{gain['throughput_on_rps']:.2f} vs {gain['throughput_off_rps']:.2f} req/s "
             f"= {fmt(gain['ratio'], 'x')}"
         )
+    if window := http.get("batch_window"):
+        p50, rps = window["p50_ms"], window["throughput_rps"]
+        out.append(
+            f"- batching window at concurrency {window['concurrency_low']}, p50: off "
+            f"{fmt(p50['batching_off'], 'ms')}, adaptive {fmt(p50['adaptive'], 'ms')}, fixed "
+            f"{fmt(p50['fixed'], 'ms')}; at concurrency {window['concurrency_high']}: off "
+            f"{fmt(rps['batching_off'])}, adaptive {fmt(rps['adaptive'])}, fixed "
+            f"{fmt(rps['fixed'])} req/s"
+        )
     if ceiling := http.get("in_process_batching"):
         out.append(
             f"- its ceiling, in process without HTTP: {ceiling['batch']} requests one by "
