@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
@@ -87,8 +88,16 @@ class TimmBackbone(Backbone):
         self.stride = info.reduction()[-1]
         fmt = getattr(self.net, "output_fmt", "NCHW")
         self.channels_last = str(getattr(fmt, "name", fmt)) == "NHWC"
+        patches = [m for m in self.net.modules() if isinstance(m, timm.layers.PatchEmbed)]
+        self.patch_size: tuple[int, int] = tuple(patches[0].patch_size) if patches else (1, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, C, ceil(H/stride), ceil(W/stride)]: a canvas off the patch grid
+        (800x1333 is no multiple of 16) is padded on the right and bottom to the next patch;
+        the pad mask is resized to the feature map, so the padding stays masked."""
+        height, width = images.shape[-2:]
+        ph, pw = self.patch_size
+        images = F.pad(images, (0, -width % pw, 0, -height % ph))
         features = self.net(images)[-1]
         return features.permute(0, 3, 1, 2) if self.channels_last else features
 

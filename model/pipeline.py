@@ -219,7 +219,7 @@ class Pipeline(Generic[Memory]):
         contexts = [decode_context(r.image, canvas) for r in requests]
         if self.features is None:
             batch = prepare_batch([r.image for r in requests], canvas, self.device)
-            stage.lap("preprocess")
+            self.observer("preprocess", len(requests), stage.lap("preprocess"))
             memory = self.runner.encode(batch.images, batch.pad_mask)
             self.observer("encode", len(requests), stage.lap("encode"))
             return memory, contexts
@@ -228,7 +228,7 @@ class Pipeline(Generic[Memory]):
         missing = [i for i, part in enumerate(parts) if part is None]
         if missing:
             batch = prepare_batch([requests[i].image for i in missing], canvas, self.device)
-            stage.lap("preprocess")
+            self.observer("preprocess", len(missing), stage.lap("preprocess"))
             fresh = self.runner.encode(batch.images, batch.pad_mask)
             self.observer("encode", len(missing), stage.lap("encode"))
             # Split to keep each image's features, or to join them with the cached ones.

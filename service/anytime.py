@@ -56,9 +56,21 @@ class CostModel:
         self.lock = threading.Lock()
 
     def observe_missed(self, seconds: float) -> None:
-        """An answer took `seconds` longer than estimated (negative: shorter)."""
+        """An answer took `seconds` longer than its stages were estimated to take (negative:
+        shorter), before the `missed` correction."""
         with self.lock:
             self.errors.append(seconds)
+
+    def learn(self, plan: StepPlan | None, total_s: float, postprocess_s: float) -> None:
+        """What an answered request teaches (every protocol's final answers, not streamed
+        ones, whose time includes their partial answers): building one image's response took
+        `postprocess_s`; the request took `total_s` from arrival, against its plan's
+        estimate."""
+        self.observe("postprocess", 1, postprocess_s)
+        if plan is not None and plan.estimated_s is not None:
+            # Against the stages' own estimate: the error measured after the correction
+            # would settle at half what the estimates really miss.
+            self.observe_missed(total_s - (plan.estimated_s - plan.missed_s))
 
     def missed(self) -> float:
         """The median of the last answers' estimate errors (0 before any)."""
@@ -97,13 +109,14 @@ class CostModel:
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """What was decided for one request: steps per task run, and why fewer than the default."""
 
     steps: dict[str, int]
     degraded: bool = False  # queue pressure lowered some task's default steps
     budget_cut: bool = False  # the budget lowered some task's steps
     estimated_s: float | None = None  # the expected latency from arrival to answer
+    missed_s: float = 0.0  # of which the learnt correction (CostModel.missed)
 
 
 @dataclass
@@ -114,7 +127,7 @@ class Admission:
     arrived: float  # time.perf_counter() at arrival
     explicit: frozenset[str]  # tasks whose steps the caller fixed
     quality: float = 1.0  # share of the default steps left by degradation (1: all)
-    plan: Plan | None = field(default=None)
+    plan: StepPlan | None = field(default=None)
 
 
 class RefinementPlanner:
@@ -128,7 +141,7 @@ class RefinementPlanner:
         costs: CostModel,
         queue_size: int,
         degrade_depth: int | None,
-        record: Callable[[Plan], None] | None = None,
+        record: Callable[[StepPlan], None] | None = None,
     ) -> None:
         self.tasks_to_run, self.default_steps = tasks_to_run, dict(default_steps)
         self.costs, self.queue_size = costs, queue_size
@@ -186,9 +199,11 @@ class RefinementPlanner:
         admission: Admission,
         batch_size: int,
         now: float,
-    ) -> Plan:
-        """Steps per task run for a request whose batch of `batch_size` starts now."""
-        plan = self.decide(tasks, explicit, admission, batch_size, now)
+        batch_tasks: tuple[str, ...] = (),
+    ) -> StepPlan:
+        """Steps per task run for a request whose batch of `batch_size` starts now;
+        batch_tasks: what its batch mates asked (their first passes are in its draft)."""
+        plan = self.decide(tasks, explicit, admission, batch_size, now, batch_tasks)
         self.record(plan)
         return plan
 
@@ -199,7 +214,8 @@ class RefinementPlanner:
         admission: Admission,
         batch_size: int,
         now: float,
-    ) -> Plan:
+        batch_tasks: tuple[str, ...] = (),
+    ) -> StepPlan:
         run = self.tasks_to_run(tasks)
         wanted = {}
         for task in run:
@@ -211,13 +227,15 @@ class RefinementPlanner:
             )
         degraded = any(wanted[t] < self.default_steps.get(t, 0) for t in run if t not in explicit)
         pass_s = {task: self.costs.estimate(task, batch_size) for task in run}
-        draft = sum(self.draft_seconds(tasks, batch_size).values())
-        draft = max(draft + self.costs.missed(), 0.0)  # never a free draft
+        # The pipeline runs the draft of every task of the batch before any refinement.
+        draft_tasks = tuple(dict.fromkeys((*tasks, *batch_tasks)))
+        draft = sum(self.draft_seconds(draft_tasks, batch_size).values())
+        missed = self.costs.missed()
+        draft = max(draft + missed, 0.0)  # never a free draft
         spent = now - admission.arrived
         if admission.budget_s is None:  # estimated anyway: what the estimates miss is learnt
-            return Plan(
-                wanted, degraded, False, spent + draft + sum(wanted[t] * pass_s[t] for t in run)
-            )
+            estimate = spent + draft + sum(wanted[t] * pass_s[t] for t in run)
+            return StepPlan(wanted, degraded, False, estimate, missed)
         left = admission.budget_s - spent - draft
         steps = {t: (wanted[t] if t in explicit else 0) for t in run}
         cost = sum(steps[t] * pass_s[t] for t in run)  # the caller's own steps come first
@@ -233,4 +251,4 @@ class RefinementPlanner:
                 if steps[task] == wanted[task]:
                     growing.remove(task)
         cut = any(steps[t] < wanted[t] for t in run)
-        return Plan(steps, degraded, cut, spent + draft + cost)
+        return StepPlan(steps, degraded, cut, spent + draft + cost, missed)

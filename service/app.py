@@ -66,8 +66,8 @@ def load_model(s: Settings) -> LoadedModel:
 def warm_up_requests(pipeline: Pipeline, max_detections: int | None = None) -> list[ModelRequest]:
     """Every task on a grey image, on the canvas and on its transpose (portrait images): run
     once at start-up, so the first request pays no lazy initialisation (allocator, kernels,
-    torch.compile); the first is also the model's self-test (service/model_health.py).
-    Threshold 0 keeps detections, so prompted tasks run too."""
+    torch.compile). Threshold 0 keeps detections (up to `max_detections`), so prompted
+    tasks run too."""
     height, width = pipeline.config.image_size
     tasks = tuple(pipeline.config.tasks)
     return [
@@ -85,12 +85,16 @@ def warm_up_requests(pipeline: Pipeline, max_detections: int | None = None) -> l
 TYPICAL_DETECTIONS = 7
 
 
+def calibration_request(pipeline: Pipeline) -> ModelRequest:
+    """Every task, with a typical number of detections, on a grey canvas."""
+    return warm_up_requests(pipeline, min(TYPICAL_DETECTIONS, pipeline.config.num_slots))[0]
+
+
 def calibrate(pipeline: Pipeline, costs: CostModel, model: LoadedModel) -> None:
     """Seed the cost estimates the latency budgets plan with: a warmed-up request of every
     task (with a typical number of detections) measured, and its response built."""
     costs.clear()  # the warm-up paid lazy initialisation
-    detections = min(TYPICAL_DETECTIONS, pipeline.config.num_slots)
-    [result] = pipeline(warm_up_requests(pipeline, detections)[:1])
+    [result] = pipeline([calibration_request(pipeline)])
     start = time.perf_counter()
     build_response(result, model.description.ref(), model.mad.codecs, "rle", {})
     costs.observe("postprocess", 1, time.perf_counter() - start)
@@ -155,7 +159,10 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         warm_ups = warm_up_requests(pipeline)
         for warm_up in warm_ups:  # one canvas per batch
             await engine.run_on_model_thread(pipeline, [warm_up])
-        state.health.self_test = lambda: engine.run_alone(warm_ups[0])
+        # The self-test runs the calibration request: a typical request, so what it costs
+        # (the budgets' estimates learn from it) is no outlier.
+        self_test = calibration_request(pipeline)
+        state.health.self_test = lambda: engine.run_alone(self_test)
         await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
         engine.planner = RefinementPlanner(
             pipeline.tasks_to_run,

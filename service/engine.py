@@ -91,12 +91,14 @@ class JobProgress:
     ) -> None:
         self.job, self.loop, self.settle = job, loop, settle
         self.partials = job.on_partial is not None
+        self.rounds_sent = -1  # a request retried alone after its batch failed repeats them
 
     def cancelled(self) -> bool:
         return self.job.future.done()
 
     def partial(self, result: Result, round: int) -> None:
-        if self.job.on_partial is not None:
+        if self.job.on_partial is not None and round > self.rounds_sent:
+            self.rounds_sent = round
             self.loop.call_soon_threadsafe(self.job.on_partial, result, round)
 
     def finished(self, result: Result) -> None:
@@ -212,8 +214,8 @@ class BatchingEngine:
                 now,
                 len(self.waiting),
             )
-        job = Job(request, asyncio.get_running_loop().create_future(), now, 0.0, admission)
-        job.on_partial = on_partial
+        future = asyncio.get_running_loop().create_future()
+        job = Job(request, future, now, 0.0, admission, on_partial)
         self.waiting.append(job)
         job.future.add_done_callback(lambda _: self._forget(job))
         self._started().set()
@@ -304,13 +306,14 @@ class BatchingEngine:
         if any(job.future.done() for job in self.waiting):
             self.waiting = deque(job for job in self.waiting if not job.future.done())
 
-    def _prepare(self, job: Job, batch_size: int, now: float) -> None:
+    def _prepare(self, job: Job, batch: list[Job], now: float) -> None:
         """Fix the job's refinement steps (the planner's plan) and let the pipeline report to
         it."""
         request, admission = job.request, job.admission
         if self.planner is not None and admission is not None:
+            batch_tasks = tuple(dict.fromkeys(t for mate in batch for t in mate.request.tasks))
             admission.plan = self.planner.plan(
-                request.tasks, request.refine_steps, admission, batch_size, now
+                request.tasks, request.refine_steps, admission, len(batch), now, batch_tasks
             )
             request = replace(request, refine_steps=admission.plan.steps)
         progress = JobProgress(job, asyncio.get_running_loop(), self._settle)
@@ -320,7 +323,7 @@ class BatchingEngine:
         started = time.perf_counter()
         for job in batch:
             job.queue_seconds = started - job.enqueued
-            self._prepare(job, len(batch), started)
+            self._prepare(job, batch, started)
         self.running = len(batch)
         self.on_batch(len(batch))
         try:

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from model.request_spec import MAX_REFINE_STEPS
-from service.anytime import Plan
+from service.anytime import StepPlan
 from service.engine import is_out_of_memory
 
 METRIC_NAMES = (
@@ -196,7 +196,7 @@ class Metrics:
     def track_feature_cache(self, cache: CacheStats) -> None:
         self.feature_cache.cache = cache
 
-    def record_plan(self, plan: Plan) -> None:
+    def record_plan(self, plan: StepPlan) -> None:
         for task, steps in plan.steps.items():
             self.refinement_steps.labels(task=task).observe(steps)
         if plan.degraded:

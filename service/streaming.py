@@ -67,7 +67,7 @@ async def events(
                     partials.queue.get(), max(deadline - time.perf_counter(), 0.0)
                 )
             except TimeoutError:
-                yield "error", error_body(504, f"not done within {timeout_s} s", "timeout")
+                yield "error", error_body(504, f"not done within {timeout_s:g} s", "timeout")
                 return
             if item is not None:
                 result, round = item

@@ -52,7 +52,7 @@ from model.request_spec import (
 from service.dependencies import not_ready
 from service.engine import BatchingEngine
 from service.errors import APIError
-from service.images import decode_image
+from service.images import decode_image, image_key
 from service.jobs import submit_all, wait_all
 from service.postprocess import report_plan, request_stages, respond
 from service.schemas import PredictForm
@@ -379,6 +379,9 @@ async def run(
         t for t in (settings.request_timeout_s, plan.timeout_s, client_deadline_s) if t is not None
     )
     decoded = await asyncio.to_thread(decode_images, plan.images, settings.max_image_pixels)
+    keys: list[str | None] = [None] * len(decoded)
+    if state.features is not None:
+        keys = list(await asyncio.to_thread(lambda: [image_key(d) for d in plan.images]))
     requests = [
         ModelRequest(
             image,
@@ -388,8 +391,9 @@ async def run(
             plan.max_detections,
             plan.nms_iou,
             plan.early_stop,
+            key,
         )
-        for image, _ in decoded
+        for (image, _), key in zip(decoded, keys, strict=True)
     ]
     jobs = submit_all(plan.engine, requests, plan.budget_s, arrived)
     results = await wait_all(jobs, limit_s - (time.perf_counter() - arrived), limit_s, client)
@@ -419,6 +423,10 @@ async def run(
 
     outputs = await asyncio.to_thread(tensors)
     postprocess_s = time.perf_counter() - post_start
+    total_s = time.perf_counter() - arrived
+    for job in jobs:  # what the latency budgets learn (as POST /predict's answers teach)
+        steps = job.admission.plan if job.admission is not None else None
+        state.costs.learn(steps, total_s, postprocess_s / len(jobs))
     for result, job, decode_s in zip(results, jobs, decode_seconds, strict=True):
         stages = request_stages(result)  # as POST /predict reports them
         stages["preprocess"] = stages.get("preprocess", 0.0) + decode_s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.anytime import BudgetTooSmall, CostModel, Plan, RefinementPlanner
+from service.anytime import BudgetTooSmall, CostModel, RefinementPlanner, StepPlan
 
 TASKS = ("detection", "segmentation", "keypoints", "caption")
 DEFAULTS = {"detection": 0, "segmentation": 0, "keypoints": 2, "caption": 3}
@@ -29,8 +29,8 @@ COSTS = dict(preprocess=1, encode=10, detection=2, keypoints=3, caption=4, postp
 
 def planner(
     model: CostModel | None = None, queue: int = 10, watermark: int | None = 4
-) -> tuple[RefinementPlanner, list[Plan]]:
-    plans: list[Plan] = []
+) -> tuple[RefinementPlanner, list[StepPlan]]:
+    plans: list[StepPlan] = []
     return (
         RefinementPlanner(
             tasks_to_run, DEFAULTS, model or costs(**COSTS), queue, watermark, plans.append
@@ -85,6 +85,28 @@ def test_what_the_estimates_missed_lately_is_planned_for():
     for _ in range(5):
         model.observe_missed(-1.0)  # wild overestimates never make the draft free
     assert plan(p, ("caption",), 27).estimated_s >= 0
+
+
+def test_learning_from_its_own_answers_settles_on_what_the_estimates_really_miss():
+    """Every answer takes 10 ms more than its stages: fed back through `learn`, the
+    correction converges on those 10 ms (not on what is left once it is applied)."""
+    model = costs(**COSTS)
+    p, _ = planner(model)
+    for _ in range(30):
+        result = plan(p, ("caption",))
+        stages_s = result.estimated_s - result.missed_s
+        model.learn(result, stages_s + 10 * MS, COSTS["postprocess"] * MS)
+    assert model.missed() == pytest.approx(10 * MS)
+    assert plan(p, ("caption",)).estimated_s == pytest.approx((16 + 3 * 4 + 10) * MS)
+
+
+def test_batch_mates_tasks_are_in_the_draft():
+    p, _ = planner()
+    alone = plan(p, ("caption",), 27)
+    admission = p.admit(("caption",), {}, 27 * MS, 0.0, 0.0, 0)
+    batched = p.plan(("caption",), {}, admission, 1, 0.0, ("caption", "keypoints"))
+    # The mate's detection and keypoints first passes (5 ms) leave 6 ms: one step, not two.
+    assert alone.steps == {"caption": 2} and batched.steps == {"caption": 1}
 
 
 def test_only_a_budget_below_the_fastest_draft_lately_is_refused():

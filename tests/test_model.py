@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,24 @@ def test_every_preset_encodes_and_decodes_every_task(preset, size, tokenizer):
     assert (
         k.shape[0] == 2 and k.shape[1] * k.shape[3] == d and len(memory.kv) == len(network.decoder)
     )
+
+
+@pytest.mark.parametrize(
+    "backbone", ["timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224"]
+)
+def test_transformer_backbones_take_canvases_off_their_patch_grid(backbone, tokenizer):
+    """COCO canvases (800x1333 and its transpose) are no multiple of 16 or 32: a timm
+    backbone must still encode them, the feature map covering the whole image."""
+    config = get_preset("tiny", backbone=backbone, image_size=(100, 167))
+    network = MAD.build(config, tokenizer).network.eval()
+    for height, width in ((100, 167), (167, 100)):
+        with torch.inference_mode():
+            memory = network.encode(
+                torch.rand(1, 3, height, width), torch.zeros(1, height, width, dtype=torch.bool)
+            )
+        stride = network.backbone.stride
+        cells = math.ceil(height / stride) * math.ceil(width / stride)
+        assert memory.kv[0][0].shape[2] == cells, (backbone, height, width)
 
 
 def test_loss_counts_only_masked_tokens(micro_model):

@@ -122,6 +122,37 @@ def test_a_failing_request_does_not_fail_its_batch_mates():
     assert not bad.out_of_memory
 
 
+def test_a_request_retried_alone_does_not_stream_its_rounds_twice():
+    """A batch that fails after its draft was streamed is retried one request at a time:
+    the retry runs the draft again, but its follower gets each round once."""
+
+    class ReportingPipeline(RecordingPipeline):
+        def __call__(self, requests):
+            self.batches.append(len(requests))
+            for r in requests:
+                r.progress.partial(Result((1, 1), r.tasks), 0)
+            if len(requests) > 1:
+                raise ValueError("the batch failed after its draft")
+            r.progress.partial(Result((1, 1), r.tasks), 1)
+            return [Result((1, 1), r.tasks)]
+
+    async def scenario():
+        pipeline = ReportingPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=2, batch_delay_s=0.1, queue_size=4)
+        engine.start()
+        rounds: list[list[int]] = [[], []]
+        jobs = [
+            engine.submit(request(), on_partial=lambda _, n, i=i: rounds[i].append(n))
+            for i in range(2)
+        ]
+        await asyncio.gather(*(job.future for job in jobs))
+        await engine.drain(5)
+        return pipeline.batches, rounds
+
+    batches, rounds = run(scenario())
+    assert batches == [2, 1, 1] and rounds == [[0, 1], [0, 1]]
+
+
 def test_abandoned_requests_leave_the_queue_at_once_and_are_not_run():
     async def scenario():
         pipeline = RecordingPipeline()

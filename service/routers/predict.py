@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Annotated, Any
 
@@ -24,7 +23,7 @@ from model.request_spec import (
 from service.dependencies import EngineDep, ModelDep, StateDep, require_api_key
 from service.engine import Job
 from service.errors import APIError
-from service.images import decode_image
+from service.images import decode_image, image_key
 from service.jobs import submit_all, wait_all
 from service.postprocess import report_plan, respond
 from service.schemas import ErrorResponse, PartialInfo, PredictForm, PredictResponse
@@ -100,7 +99,7 @@ async def predict(
     decode_start = time.perf_counter()
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
     # The feature cache knows an image by its bytes (hashing 20 MiB takes ~10 ms).
-    digest = await run_in_threadpool(sha256, data) if state.features is not None else None
+    digest = await run_in_threadpool(image_key, data) if state.features is not None else None
     decode_seconds = time.perf_counter() - decode_start
 
     job_request = ModelRequest(
@@ -124,7 +123,15 @@ async def predict(
 
     async def respond(result: Result, partial_round: int | None = None) -> PredictResponse:
         return await answer(
-            state, model, job, result, form.mask_format, decode_seconds, arrived, partial_round
+            state,
+            model,
+            job,
+            result,
+            form.mask_format,
+            decode_seconds,
+            arrived,
+            partial_round,
+            streamed=stream is not None,
         )
 
     limit_s = settings.request_timeout_s
@@ -138,10 +145,6 @@ async def predict(
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 async def answer(
     state: ServiceState,
     model: LoadedModel,
@@ -151,6 +154,7 @@ async def answer(
     decode_seconds: float,
     arrived: float,
     partial_round: int | None,
+    streamed: bool = False,
 ) -> PredictResponse:
     """The response for `result`: the final one (partial_round None; counted in the
     metrics), or a partial one after that refinement round (0: the draft)."""
@@ -170,11 +174,10 @@ async def answer(
         stage = "draft" if partial_round == 0 else "refine"
         response.partial = PartialInfo(stage=stage, round=partial_round)
         return response
-    # What the latency budgets learn from: building the answer, and what was not foreseen.
-    state.costs.observe("postprocess", 1, response.timings_ms["postprocess"] / 1000)
-    plan = job.admission.plan if job.admission is not None else None
-    if plan is not None and plan.estimated_s is not None:
-        state.costs.observe_missed(response.timings_ms["total"] / 1000 - plan.estimated_s)
+    if not streamed:
+        plan = job.admission.plan if job.admission is not None else None
+        timings = response.timings_ms
+        state.costs.learn(plan, timings["total"] / 1000, timings["postprocess"] / 1000)
     record(state, response)
     return response
 
