@@ -297,9 +297,11 @@ def http_benchmark(
     batch_sizes: tuple[int, ...] = (1, 8),
     echo: Callable[[str], object] = print,
     runner_options: dict[str, Any] | None = None,
+    windows: tuple[str, ...] = ("adaptive", "fixed"),
 ) -> dict[str, Any]:
     """runner_options: torch runner options (precision, compile, cuda_graphs) for the
-    in-process baseline and, as MAD_* settings, for the server."""
+    in-process baseline and, as MAD_* settings, for the server. windows: the batching
+    windows each batch size above 1 is served with (MAD_BATCH_WINDOW)."""
     from service.model_cache import load_runner
 
     options = runner_options or {}
@@ -321,7 +323,7 @@ def http_benchmark(
     modes: dict[str, Any] = {}
     # Batching off, on (the adaptive window), and on with the classic fixed window, so one
     # run shows what the adaptive window saves a lone request and keeps of the batching gain.
-    runs = [(1, "adaptive")] + [(b, w) for b in batch_sizes if b > 1 for w in WINDOWS]
+    runs = [(1, "adaptive")] + [(b, w) for b in batch_sizes if b > 1 for w in windows]
     for batch, window in runs:
         name = mode_name(batch, window)
         env = {
@@ -352,9 +354,6 @@ def http_benchmark(
         "modes": modes,
         **summary(modes, pipeline_ms, concurrency),
     }
-
-
-WINDOWS = ("adaptive", "fixed")
 
 
 def mode_name(batch: int, window: str) -> str:
