@@ -34,8 +34,12 @@ def export(
     FP16 TensorRT engines from them, or quantise them to int8 for CPUs."""
     if format not in ("onnx", "tensorrt"):
         raise typer.BadParameter(f"unknown format {format!r}; choose onnx or tensorrt")
-    if quantize is not None and quantize != "int8":
-        raise typer.BadParameter(f"unknown quantisation {quantize!r}; choose int8")
+    from export.quantize import QUANTIZATIONS
+
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise typer.BadParameter(
+            f"unknown quantisation {quantize!r}; choose {', '.join(QUANTIZATIONS)}"
+        )
     if quantize is not None and format != "onnx":
         raise typer.BadParameter("--quantize applies to --format onnx (TensorRT builds fp16)")
     if not (checkpoint / "config.json").is_file():

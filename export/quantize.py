@@ -33,7 +33,7 @@ from model.preprocess import prepare_batch
 from model.startup import StartupError
 from runtime.manifest import read_manifest, write_manifest
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8",)  # what `mad export --quantize` offers
 CALIBRATION_IMAGES = 32
 # Below this share of tokens decoded alike (argmax of int8 vs fp32 logits over the check's
 # inputs) the export is refused: int8 would change what the model answers. (The bundled
