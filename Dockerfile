@@ -56,7 +56,7 @@ COPY model/ model/
 COPY runtime/ runtime/
 COPY export/ export/
 COPY service/ service/
-RUN /opt/venv/bin/pip install -q -c constraints.txt ".[onnx]" \
+RUN /opt/venv/bin/pip install -q -c constraints.txt ".[onnx,openvino]" \
  && /opt/venv/bin/pip check \
  && /opt/venv/bin/mad --help >/dev/null \
  && rm -rf /src

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,onnx,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,onnx,openvino,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

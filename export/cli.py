@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import typer
@@ -17,6 +18,11 @@ def export(
     opset: int = typer.Option(17, min=17, help="ONNX opset."),
     simplify: bool = typer.Option(False, "--simplify/--no-simplify", help="Run onnxslim."),
     exporter: str = typer.Option("torchscript", help="torchscript or dynamo (needs onnxscript)."),
+    quantize: str | None = typer.Option(
+        None,
+        help="int8: quantise the graphs (static int8 encoder convolutions calibrated on "
+        "synthetic images, dynamic int8 decoder linear layers), checked against fp32.",
+    ),
     max_batch: int = typer.Option(8, min=1, help="TensorRT: most images per call."),
     max_sequences: int = typer.Option(
         0, min=0, help="TensorRT: most sequences per call (0: auto)."
@@ -25,9 +31,17 @@ def export(
 ) -> None:
     """Export the image encoder and the per-task decoders as ONNX graphs (dynamic batch,
     sequences, length, image size), checked and verified against PyTorch; optionally build
-    FP16 TensorRT engines from them."""
+    FP16 TensorRT engines from them, or quantise them to int8 for CPUs."""
     if format not in ("onnx", "tensorrt"):
         raise typer.BadParameter(f"unknown format {format!r}; choose onnx or tensorrt")
+    from export.quantize import QUANTIZATIONS
+
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise typer.BadParameter(
+            f"unknown quantisation {quantize!r}; choose {', '.join(QUANTIZATIONS)}"
+        )
+    if quantize is not None and format != "onnx":
+        raise typer.BadParameter("--quantize applies to --format onnx (TensorRT builds fp16)")
     if not (checkpoint / "config.json").is_file():
         raise StartupError(
             f"no checkpoint at {checkpoint} (config.json missing); check --checkpoint"
@@ -38,13 +52,23 @@ def export(
         import_tensorrt()  # fail before minutes of export work, not after
     from export.onnx_export import export_onnx
 
-    manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)
+    if quantize is None:
+        manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)
+    else:
+        from export.quantize import quantize_export
+
+        with tempfile.TemporaryDirectory(prefix="mad-fp32-") as fp32:
+            export_onnx(checkpoint, fp32, opset=opset, simplify=simplify, exporter=exporter)
+            manifest = quantize_export(fp32, out)
     summary = {
         "out": str(out),
+        "precision": manifest["precision"],
         "graphs": [manifest["graphs"]["encoder"]["file"]]
         + [g["file"] for g in manifest["graphs"]["decoders"].values()],
         "verification": manifest["verification"],
     }
+    if quantize is not None:
+        summary["quantization_check"] = manifest["quantization"]["check"]
     if format == "tensorrt":
         from export.tensorrt import Profile, build_engines
 

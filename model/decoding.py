@@ -29,9 +29,11 @@ Memory = TypeVar("Memory")
 
 
 class Runner(Protocol[Memory]):
-    """What decoding needs from a backend (eager PyTorch, ONNX Runtime, TensorRT)."""
+    """What decoding needs from a backend (eager PyTorch, ONNX Runtime, TensorRT, OpenVINO).
+    A runner may also say `host_threads`: the torch threads the pipeline's work between its
+    calls should get (model.pipeline.torch_threads)."""
 
-    name: str  # "torch", "onnx", "tensorrt"
+    name: str  # "torch", "onnx", "tensorrt", "openvino"
     device: torch.device  # where prompts, tokens and logits live
 
     def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> Memory:

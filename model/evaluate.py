@@ -23,6 +23,7 @@ from pycocotools.cocoeval import COCOeval
 from model.checkpoint import MAD
 from model.codecs import CODECS
 from model.config import TASKS
+from model.decoding import Runner
 from model.pipeline import Pipeline, Request, Result
 from model.runner import EagerRunner
 
@@ -196,11 +197,14 @@ def evaluate(
     score_threshold: float = 0.05,
     tasks: tuple[str, ...] | None = None,
     nms_iou: float | None = None,
+    runner: Runner[Any] | None = None,
 ) -> dict[str, float]:
     """Metrics of the asked `tasks` (default: all the model's) on the first `limit` images.
-    bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts."""
+    bbox AP is reported whenever detection runs, i.e. also for the tasks it prompts.
+    runner: what runs the graphs (any backend, runtime.backends.create_runner); default the
+    eager network on `device`."""
     truth = GroundTruth.load(Path(data), split, limit)
-    pipeline = Pipeline(mad, EagerRunner(mad.required_network(), device))
+    pipeline = Pipeline(mad, runner or EagerRunner(mad.required_network(), device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
     for start in range(0, len(truth.image_ids), batch_size):

@@ -21,9 +21,10 @@ passes changes no answer: each sequence's loop is its own.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, cast
 
@@ -127,6 +128,24 @@ class Result:
         return self.outputs.get(CaptionCodec.name)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads on this thread for the block (None: unchanged). Runners whose
+    graphs run on their own thread pool (ONNX Runtime, OpenVINO on CPU) ask for 1: the torch
+    work between their calls (letterboxing, re-masking, codecs) is on small tensors, where a
+    second team of threads only adds synchronisation, and on a busy 2-core host its waits for
+    a descheduled thread made a four-task request 3x slower."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Pipeline(Generic[Memory]):
     """Generic in what its runner's encode returns (model.network.ImageMemory for torch).
 
@@ -178,6 +197,10 @@ class Pipeline(Generic[Memory]):
 
     def run_batch(self, requests: list[Request]) -> list[Result]:
         """Requests whose images share a canvas -> their Results."""
+        with torch_threads(getattr(self.runner, "host_threads", None)):
+            return self._run_batch(requests)
+
+    def _run_batch(self, requests: list[Request]) -> list[Result]:
         start = time.perf_counter()
         stage = Stopwatch(self.device, start)
         results = [Result((0, 0), self.tasks_to_run(r.tasks)) for r in requests]

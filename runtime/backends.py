@@ -2,11 +2,13 @@
 
     torch     PyTorch (runtime/torch_runner.py): CPU or CUDA, bf16/fp16 autocast, torch.compile,
               CUDA graphs; runs a checkpoint
-    onnx      ONNX Runtime on the exported graphs: TensorRT / CUDA / CPU execution providers
+    onnx      ONNX Runtime on the exported graphs: TensorRT / CUDA / CPU execution providers;
+              fp32, or int8 from a quantised export (`mad export --quantize int8`)
     tensorrt  FP16 TensorRT engines built from the exported graphs (NVIDIA GPUs)
+    openvino  OpenVINO on the exported fp32 graphs, CPU only, at fp32 or bf16
 
-onnx and tensorrt run an export that already exists (`mad export`); making one is the caller's
-decision (the service exports into its cache at start-up: service/model_cache.py).
+onnx, tensorrt and openvino run an export that already exists (`mad export`); making one is
+the caller's decision (the service exports into its cache at start-up: service/model_cache.py).
 Everything that can fail does so here, at start-up: a missing library, a missing GPU, an
 export made from another checkpoint. Never at the first request.
 """
@@ -26,7 +28,7 @@ from model.vocab import VocabLayout
 from runtime.manifest import is_export, read_manifest
 from runtime.torch_runner import TorchRunner, check_torch_options
 
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("torch", "onnx", "tensorrt", "openvino")
 
 
 def create_runner(
@@ -35,10 +37,12 @@ def create_runner(
     """-> (model bundle, runner).
 
     torch options: precision ("fp32", "bf16", "fp16"), compile (bool), cuda_graphs (bool).
-    onnx / tensorrt options: export_dir (else `checkpoint` must itself be an export dir);
-    onnx: threads, providers. tensorrt needs engines built for this GPU in the export
-    (export.tensorrt.build_engines). Other options are ignored.
-    For onnx/tensorrt the bundle carries config, vocabulary, tokenizer and codecs but
+    onnx / tensorrt / openvino options: export_dir (else `checkpoint` must itself be an export dir);
+    onnx: precision ("fp32", "int8": what the export must hold), threads, providers.
+    openvino: precision ("fp32", "bf16": how it runs an fp32 export), threads.
+    tensorrt needs engines built for this GPU in the export (export.tensorrt.build_engines).
+    Other options are ignored.
+    For the export backends the bundle carries config, vocabulary, tokenizer and codecs but
     network=None: the weights live in the graphs, not in this process.
     """
     check_options(backend, checkpoint, device, **options)
@@ -58,6 +62,12 @@ def create_runner(
         from runtime.onnx_runner import OnnxRunner
 
         runner = OnnxRunner(export_dir, device, options.get("threads"), options.get("providers"))
+    elif backend == "openvino":
+        from runtime.openvino_runner import OpenVinoRunner
+
+        runner = OpenVinoRunner(
+            export_dir, options.get("precision", "fp32"), options.get("threads")
+        )
     else:
         from runtime.tensorrt_runner import TensorRTRunner
 
@@ -106,7 +116,45 @@ def check_options(
 
         import_tensorrt()  # before anything else: say what is missing first
         cuda_device(device)
-    elif not options.get("providers"):
+    elif backend == "openvino":
+        from runtime.openvino_runner import check_openvino
+
+        check_openvino(device, options.get("precision", "fp32"))
+        export_dir = options.get("export_dir")
+        if export_dir is None and checkpoint is not None and is_export(checkpoint):
+            export_dir = checkpoint
+        if export_dir is not None and (held := read_manifest(export_dir)["precision"]) != "fp32":
+            raise StartupError(
+                f"{export_dir} is a {held} export; OpenVINO runs fp32 exports (at fp32 or "
+                "bf16): pass one made without --quantize"
+            )
+    else:
+        check_onnx_options(checkpoint, device, **options)
+
+
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def check_onnx_options(checkpoint: str | Path | None, device: str, **options: Any) -> None:
+    """The precision asked for is one ONNX Runtime runs and the export holds; the device has
+    a provider."""
+    precision = options.get("precision", "fp32")
+    if precision not in ONNX_PRECISIONS:
+        raise StartupError(
+            f"the onnx backend runs fp32 or int8 exports, not {precision!r}; choose fp32 or "
+            "int8 (bf16 and fp16: --backend torch)"
+        )
+    export_dir = options.get("export_dir")
+    if export_dir is None and checkpoint is not None and is_export(checkpoint):
+        export_dir = checkpoint
+    if export_dir is not None:
+        held = read_manifest(export_dir)["precision"]
+        if held != precision:
+            raise StartupError(
+                f"{export_dir} is a {held} export and {precision} was asked for; pass "
+                f"--precision {held}, or another export"
+            )
+    if not options.get("providers"):
         try:
             import onnxruntime as ort
         except ImportError as e:

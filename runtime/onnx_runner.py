@@ -131,6 +131,9 @@ class OnnxRunner:
             )
         self.io_device = "cuda" if on_gpu else "cpu"
         self.device = torch.device("cpu")  # where the pipeline keeps prompts and logits
+        # The pipeline's torch work between the graphs runs on one thread (model.pipeline.
+        # torch_threads): on CPU the cores belong to ONNX Runtime's pool.
+        self.host_threads = None if on_gpu else 1
 
     def provider_options(self, provider: str) -> dict[str, Any]:
         if provider == "TensorrtExecutionProvider":

@@ -1,5 +1,6 @@
 """PyTorch backend: the eager runner (model/runner.py) with the serving options, CPU or CUDA:
-bf16/fp16 autocast, torch.compile, and decoder passes replayed from CUDA graphs
+bf16 autocast (CPU and CUDA; fast on CPUs with AVX512-BF16 or AMX), fp16 autocast (CUDA),
+torch.compile, and decoder passes replayed from CUDA graphs
 (runtime/cuda_graphs.py)."""
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from runtime.cuda_graphs import GraphedDecoder
 def check_torch_options(device: str, precision: str = "fp32", cuda_graphs: bool = False) -> str:
     """-> the device ("auto" resolved); a StartupError for options that do not go together."""
     device = str(torch_device(device))  # checked first: no CUDA says so, whatever else
+    if precision == "int8":
+        raise StartupError(
+            "int8 is a precision of the onnx backend (a quantised export): use --backend onnx "
+            "--precision int8"
+        )
     if precision not in ("fp32", "bf16", "fp16"):
         raise StartupError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
-    if precision != "fp32" and not device.startswith("cuda"):
+    if precision == "fp16" and not device.startswith("cuda"):
         raise StartupError(
-            f"{precision} autocast runs on CUDA only, and the device is {device}; "
-            "use --precision fp32 on CPU"
+            f"fp16 autocast runs on CUDA only, and the device is {device}; "
+            "use --precision bf16 or fp32 on CPU"
         )
     if cuda_graphs and not device.startswith("cuda"):
         raise StartupError(

@@ -201,6 +201,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = BatchingEngine(
         max_batch_size=s.max_batch_size,
         batch_delay_s=s.batch_delay_ms / 1000,
+        adaptive=s.batch_window == "adaptive",
         queue_size=s.queue_size,
         on_batch=metrics.batch_size.observe,
         on_outcome=on_outcome,

@@ -1,11 +1,16 @@
 """Dynamic batching: requests that arrive close together are run through the model together.
 
 The event loop only queues and collects; the model runs on one dedicated thread (it owns the
-network, so no locking and no CUDA context juggling). A batch starts when it is full or when
-its oldest request has waited `batch_delay`. A batch holds requests of one `batch_key` (the
-service's: the image's canvas, so portrait and landscape images are not encoded together);
-the others wait for the next. Requests waiting for the model count against a bounded queue,
-so overload answers at once (503) instead of piling up latency.
+network, so no locking and no CUDA context juggling). The batching window is adaptive: a
+request that finds the model idle and no company expected starts at once; requests that
+arrive while the model is busy form the next batch, which starts when the model is free. The
+model waits (at most `batch_delay` after it became free) only for a batch that is partly
+full: fewer requests waiting than the recent batches held (the callers of the batch that just
+ended are likely coming back). With `adaptive=False` the window is fixed: a batch starts when
+it is full or when its oldest request has waited `batch_delay`. A batch holds requests of one
+`batch_key` (the service's: the image's canvas, so portrait and landscape images are not
+encoded together); the others wait for the next. Requests waiting for the model count
+against a bounded queue, so overload answers at once (503) instead of piling up latency.
 
 How many refinement steps each request gets (its latency budget, degradation under load) is
 the planner's decision (service/anytime.py): on arrival and when its batch starts. The model
@@ -34,6 +39,7 @@ from service.anytime import Admission, RefinementPlanner
 log = logging.getLogger("mad.engine")
 
 T = TypeVar("T")
+RECENT_BATCHES = 4  # batches whose sizes say how much company to expect
 Batch = Callable[[list[Request]], list[Result]]  # the pipeline: one Result per Request
 P = TypeVar("P", bound=Batch)
 
@@ -111,11 +117,17 @@ class BatchingEngine:
         on_outcome: Callable[[BaseException | None], None] | None = None,
         batch_key: Callable[[Request], Hashable] | None = None,
         planner: RefinementPlanner | None = None,
+        adaptive: bool = True,
     ) -> None:
         self.pipeline = pipeline
         self.batch_key: Callable[[Request], Hashable] = batch_key or (lambda request: None)
         self.planner = planner
         self.max_batch_size, self.batch_delay_s = max_batch_size, batch_delay_s
+        self.adaptive = adaptive
+        # The sizes of the last RECENT_BATCHES batches (how much company to expect) and when
+        # the model last became free (what bounds its wait for company).
+        self.recent_batches: deque[int] = deque(maxlen=RECENT_BATCHES)
+        self.free_since = time.perf_counter()
         self.queue_size = queue_size
         self.on_batch = on_batch or (lambda size: None)
         # Once per request the model ran: None, or what it raised (service/model_health.py).
@@ -253,9 +265,8 @@ class BatchingEngine:
             arrived.clear()
             await arrived.wait()
             self._discard_abandoned()
-        # The oldest request sets the deadline; after a busy model it has usually passed.
-        deadline = self.waiting[0].enqueued + self.batch_delay_s
-        while len(self.waiting) < self.max_batch_size and not self.draining:
+        target, deadline = self.window()
+        while len(self.waiting) < target and not self.draining:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -264,6 +275,18 @@ class BatchingEngine:
                 await asyncio.wait_for(arrived.wait(), remaining)
         self._discard_abandoned()
         return self._take_batch()
+
+    def window(self) -> tuple[int, float]:
+        """-> (how many requests to wait for, until when at the latest).
+
+        Fixed: a full batch, until the oldest request has waited `batch_delay`. Adaptive: as
+        many as the largest recent batch (1 when requests came one at a time: no wait at all),
+        until `batch_delay` after the model became free; after a long idle spell that has
+        passed, so a lone request starts at once."""
+        if not self.adaptive:
+            return self.max_batch_size, self.waiting[0].enqueued + self.batch_delay_s
+        expected = max(self.recent_batches, default=1)
+        return min(expected, self.max_batch_size), self.free_since + self.batch_delay_s
 
     def _take_batch(self) -> list[Job]:
         """Up to max_batch_size waiting jobs with the oldest one's batch key, oldest first."""
@@ -322,6 +345,8 @@ class BatchingEngine:
                 self._settle(job, result)
         finally:
             self.running = 0
+            self.recent_batches.append(len(batch))
+            self.free_since = time.perf_counter()
 
     async def _run_alone(self, job: Job) -> None:
         if job.future.done():  # its caller gave up while the batch ran

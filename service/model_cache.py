@@ -1,8 +1,9 @@
 """Loading the served model: the runtime's runner, with the serving decisions made first.
 
-The onnx and tensorrt backends run an export. Given only a checkpoint, the service makes one
-at start-up into its cache (`Settings.cache_dir`, MAD_CACHE_DIR), once per checkpoint
-content, and for tensorrt builds (or finds) the engines for this GPU in it. This is the one
+The onnx, tensorrt and openvino backends run an export. Given only a checkpoint, the service
+makes one at start-up into its cache (`Settings.cache_dir`, MAD_CACHE_DIR), once per
+checkpoint content (onnx int8: then quantised once), and for tensorrt builds (or finds) the
+engines for this GPU in it. This is the one
 service module that imports export/: it writes exports; runtime/ only reads them.
 """
 
@@ -54,7 +55,7 @@ def load_runner(
     Options: create_runner's, plus opset and simplify (of the cached export), and for
     tensorrt profile (export.tensorrt.Profile) and rebuild (of the engines).
     """
-    if backend not in ("onnx", "tensorrt") or checkpoint is None:
+    if backend not in ("onnx", "tensorrt", "openvino") or checkpoint is None:
         return create_runner(backend, checkpoint, device, **options)
     check_options(backend, checkpoint, device, **options)  # before any export work
     export_dir = options.pop("export_dir", None)
@@ -66,6 +67,8 @@ def load_runner(
             cache_dir = Settings().cache_dir
         # The cached export is the checkpoint's by construction: run it as the checkpoint.
         checkpoint = cached_export(checkpoint, cache_dir, opset, simplify)
+        if backend == "onnx" and options.get("precision") == "int8":
+            checkpoint = cached_int8_export(checkpoint)
     if backend == "tensorrt":
         from export.tensorrt import build_engines
 
@@ -105,6 +108,33 @@ def cached_export(
     staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=target.parent))
     try:
         export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
+        staging.rename(target)
+    except OSError:
+        if not (target / MANIFEST).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cached_int8_export(fp32_export: Path) -> Path:
+    """`<fp32 export>-int8` beside the cached fp32 export: quantised once per fp32 export,
+    reused after (staged and renamed into place as `cached_export` does)."""
+    from export.quantize import quantize_export
+
+    target = fp32_export.with_name(fp32_export.name + "-int8")
+    source_created = read_manifest(fp32_export)["created"]
+    if (target / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(target)
+        except StartupError:
+            manifest = {}
+        if manifest.get("quantization", {}).get("source_created") == source_created:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix="onnx-int8-", dir=target.parent))
+    try:
+        quantize_export(fp32_export, staging)
         staging.rename(target)
     except OSError:
         if not (target / MANIFEST).is_file():

@@ -19,8 +19,9 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mad-serve"
 
-Backend = Literal["torch", "onnx", "tensorrt"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Backend = Literal["torch", "onnx", "tensorrt", "openvino"]
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+BatchWindow = Literal["adaptive", "fixed"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -29,16 +30,20 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(
         BUNDLED_CHECKPOINT,
-        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt backends).",
+        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt, openvino).",
     )
-    backend: Backend = Field("torch", description="Runtime: `torch`, `onnx` or `tensorrt`.")
+    backend: Backend = Field(
+        "torch", description="Runtime: `torch`, `onnx`, `tensorrt` or `openvino` (CPU)."
+    )
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|auto|cuda(:\d+)?)$",
         description="`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present, else CPU).",
     )
     precision: Precision = Field(
-        "fp32", description="`fp32`, `bf16` or `fp16` (the half precisions: torch on CUDA)."
+        "fp32",
+        description="`fp32`; `bf16` (torch, CPU or CUDA; openvino), `fp16` (torch on CUDA); "
+        "`int8` (onnx: a quantised export).",
     )
     compile: bool = Field(False, description="`torch.compile` the network (torch backend).")
     cuda_graphs: bool = Field(
@@ -48,7 +53,7 @@ class Settings(BaseSettings):
     )
     export_dir: Path | None = Field(
         None,
-        description="A ready ONNX/TensorRT export to run (onnx, tensorrt backends); unset: "
+        description="A ready ONNX/TensorRT export to run (onnx, tensorrt, openvino); unset: "
         "the checkpoint is exported into the cache dir at start-up.",
     )
     cache_dir: Path = Field(
@@ -63,7 +68,16 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, description="Most images encoded together.")
     batch_delay_ms: float = Field(
-        5.0, ge=0, description="How long the oldest waiting request waits for a batch to fill."
+        5.0,
+        ge=0,
+        description="Longest wait for a batch to fill: adaptive, how long the free model waits "
+        "for a partly full batch; fixed, how long the oldest request waits.",
+    )
+    batch_window: BatchWindow = Field(
+        "adaptive",
+        description="`adaptive`: a request finding the model idle starts at once, requests "
+        "arriving while it is busy form the next batch; `fixed`: every batch waits up to "
+        "`MAD_BATCH_DELAY_MS` for company.",
     )
     queue_size: int = Field(
         64, ge=1, description="Most requests waiting for the model; beyond: 503."

@@ -282,6 +282,7 @@ def test_a_deep_queue_degrades_new_requests_before_refusing_them(micro_checkpoin
         queue_size=4,
         degrade_queue_depth=2,
         batch_delay_ms=1500,
+        batch_window="fixed",
         max_batch_size=8,
     )
     with running_server(settings) as server, httpx.Client(base_url=server.url, timeout=30) as c:

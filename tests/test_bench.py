@@ -168,7 +168,17 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     assert set(report["stage_latency"]["total"]) == SUMMARY_KEYS
     assert report["backends"]["onnx_vs_eager"]["ratio"] > 0
     http = report["http"]
-    assert set(http["modes"]) == {"batching_off", "batching_8"}
+    assert set(http["modes"]) == {"batching_off", "batching_8", "batching_8_fixed_window"}
+    window = http["batch_window"]
+    assert (
+        set(window["p50_ms"])
+        == set(window["throughput_rps"])
+        == {
+            "batching_off",
+            "adaptive",
+            "fixed",
+        }
+    )
     assert set(http["modes"]["batching_8"]["levels"]) == {"1", "2"}
     level = http["modes"]["batching_off"]["levels"]["1"]
     assert level["ok"] > 0 and level["errors"] == {}

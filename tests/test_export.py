@@ -211,7 +211,7 @@ def test_unavailable_devices_fail_at_startup(micro_checkpoint, exported):
     import onnxruntime as ort
 
     with pytest.raises(StartupError, match="unknown backend"):
-        create_runner("openvino", micro_checkpoint)
+        create_runner("tflite", micro_checkpoint)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(StartupError, match="CUDAExecutionProvider"):
             create_runner("onnx", micro_checkpoint, device="cuda", export_dir=exported)

@@ -85,9 +85,12 @@ def test_sigterm_keeps_serving_for_the_delay_then_finishes_everything_and_exits_
     micro_checkpoint,
 ):
     drain_delay_s = 1.5
-    # A batch window longer than the delay: the requests in flight outlast the listener.
+    # A fixed batch window longer than the delay: the requests in flight outlast the listener.
     with mad_serve(
-        micro_checkpoint, MAD_DRAIN_DELAY_S=str(drain_delay_s), MAD_BATCH_DELAY_MS="4000"
+        micro_checkpoint,
+        MAD_DRAIN_DELAY_S=str(drain_delay_s),
+        MAD_BATCH_DELAY_MS="4000",
+        MAD_BATCH_WINDOW="fixed",
     ) as (process, url):
         responses: list[httpx.Response] = []
         callers = [threading.Thread(target=lambda: responses.append(post(url))) for _ in range(6)]

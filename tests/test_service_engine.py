@@ -156,7 +156,9 @@ def test_a_request_retried_alone_does_not_stream_its_rounds_twice():
 def test_abandoned_requests_leave_the_queue_at_once_and_are_not_run():
     async def scenario():
         pipeline = RecordingPipeline()
-        engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=0.1, queue_size=2)
+        engine = BatchingEngine(
+            pipeline, max_batch_size=8, batch_delay_s=0.1, queue_size=2, adaptive=False
+        )
         engine.start()
         kept, dropped = engine.submit(request()), engine.submit(request())
         dropped.future.cancel()  # what a handler does past its deadline or client
@@ -177,7 +179,7 @@ def test_drain_ends_promptly_after_the_last_waiting_request_left():
     that coincides with the wake-up used to be lost, and the drain hung)."""
 
     async def scenario():
-        engine = BatchingEngine(RecordingPipeline(), batch_delay_s=10, queue_size=4)
+        engine = BatchingEngine(RecordingPipeline(), batch_delay_s=10, queue_size=4, adaptive=False)
         engine.start()
         job = engine.submit(request())
         await asyncio.sleep(0.05)  # the collector waits for the batch to fill
@@ -219,6 +221,119 @@ def test_a_batch_holds_requests_of_one_key_the_others_wait():
     assert run(scenario()) == [[(8, 4), (9, 4)], [(4, 8), (4, 9)], [(10, 4)]]
 
 
+# --- the adaptive window ---------------------------------------------------------------------
+class GatedPipeline(RecordingPipeline):
+    """Each batch blocks on the model thread until the test lets it finish: "the model is
+    busy" is a state the test controls, not a duration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+
+    def __call__(self, requests: list[Request]) -> list[Result]:
+        self.started.release()
+        self.release.acquire()
+        return super().__call__(requests)
+
+
+async def batch_started(pipeline: GatedPipeline) -> None:
+    await asyncio.to_thread(pipeline.started.acquire)
+
+
+def test_a_lone_request_on_an_idle_model_starts_without_waiting_for_company():
+    """A 10 s window would hold it for 10 s if it were waited for; it is not."""
+
+    async def scenario():
+        pipeline = GatedPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=10, queue_size=8)
+        engine.start()
+        job = engine.submit(request())
+        await batch_started(pipeline)  # reached the model with nobody else waiting
+        waiting = len(engine.waiting)
+        pipeline.release.release()
+        await job.future
+        await engine.drain(5)
+        return pipeline.batches, waiting
+
+    assert run(scenario()) == ([1], 0)
+
+
+def test_requests_arriving_while_the_model_is_busy_form_the_next_batch():
+    async def scenario():
+        pipeline = GatedPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=4, batch_delay_s=10, queue_size=16)
+        engine.start()
+        first = engine.submit(request())
+        await batch_started(pipeline)
+        later = [engine.submit(request()) for _ in range(5)]  # the model is busy meanwhile
+        pipeline.release.release()  # the first batch ends
+        await batch_started(pipeline)  # the next: the first four waiting, at once
+        pipeline.release.release()
+        await batch_started(pipeline)  # the fifth: full batches of four came before
+        pipeline.release.release()
+        await asyncio.gather(first.future, *(job.future for job in later))
+        await engine.drain(5)
+        return pipeline.batches
+
+    assert run(scenario()) == [1, 4, 1]
+
+
+def test_after_batches_with_company_a_partly_full_batch_waits_for_its_callers():
+    """Clients of a batch of three come back one by one: the first to return does not run
+    alone (the model waits, bounded, while the recent batches held more); once the batches
+    are single again, a lone request starts at once."""
+
+    async def scenario():
+        pipeline = RecordingPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=10, queue_size=8)
+        engine.start()
+        await asyncio.gather(*(engine.submit(request()).future for _ in range(3)))
+        returning = []
+        for _ in range(3):  # the same three callers, arriving one at a time
+            returning.append(engine.submit(request()))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(job.future for job in returning))
+        await engine.drain(5)
+        return pipeline.batches
+
+    assert run(scenario()) == [3, 3]
+
+
+def test_the_wait_for_company_is_bounded_by_the_delay_after_the_model_became_free():
+    async def scenario():
+        pipeline = RecordingPipeline()
+        engine = BatchingEngine(pipeline, max_batch_size=8, batch_delay_s=0.05, queue_size=8)
+        engine.start()
+        await asyncio.gather(*(engine.submit(request()).future for _ in range(3)))
+        after_company = engine.window(), engine.free_since
+        for _ in range(4):  # single batches push the company of three out of memory
+            await engine.submit(request()).future
+        alone = engine.window(), engine.free_since
+        await engine.drain(5)
+        return after_company, alone
+
+    ((target, deadline), freed), ((lone_target, _), _) = run(scenario())
+    assert target == 3 and deadline == pytest.approx(freed + 0.05)
+    assert lone_target == 1  # nothing to wait for: a lone request starts at once
+
+
+def test_a_fixed_window_waits_for_a_full_batch_from_the_oldest_request():
+    async def scenario():
+        engine = BatchingEngine(
+            RecordingPipeline(), max_batch_size=8, batch_delay_s=0.05, adaptive=False
+        )
+        engine.start()
+        job = engine.submit(request())
+        window = engine.window()
+        await job.future
+        await engine.drain(5)
+        return window, job.enqueued
+
+    (target, deadline), enqueued = run(scenario())
+    assert target == 8 and deadline == pytest.approx(enqueued + 0.05)
+
+
 # --- through HTTP ---------------------------------------------------------------------------
 def post(url: str, tasks: str = "caption") -> httpx.Response:
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -231,7 +346,11 @@ def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
     # The first request opens a 1.5 s batch window; three fit in the queue, the rest are
     # refused on arrival. All six arrive well inside the window.
     settings = Settings(
-        checkpoint=micro_checkpoint, queue_size=3, batch_delay_ms=1500, max_batch_size=8
+        checkpoint=micro_checkpoint,
+        queue_size=3,
+        batch_delay_ms=1500,
+        batch_window="fixed",
+        max_batch_size=8,
     )
     with running_server(settings) as server:
         start = time.monotonic()
@@ -255,7 +374,12 @@ def test_burst_beyond_the_queue_gets_503_and_the_rest_200(micro_checkpoint):
 
 def test_request_past_its_deadline_gets_504(micro_checkpoint):
     # The body is in well before the deadline; the batch window outlasts it.
-    settings = Settings(checkpoint=micro_checkpoint, request_timeout_s=1.0, batch_delay_ms=3000)
+    settings = Settings(
+        checkpoint=micro_checkpoint,
+        request_timeout_s=1.0,
+        batch_delay_ms=3000,
+        batch_window="fixed",
+    )
     with running_server(settings) as server:
         response = post(server.url)
         assert response.status_code == 504

@@ -84,6 +84,7 @@ def server_settings(micro_checkpoint):
     return Settings(
         checkpoint=micro_checkpoint,
         batch_delay_ms=300,
+        batch_window="fixed",
         request_timeout_s=1.0,
         max_consecutive_failures=3,
     )

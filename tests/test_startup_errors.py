@@ -77,18 +77,31 @@ def test_onnx_on_cuda_without_cuda_provider(command, micro_checkpoint, image):
 
 
 @pytest.mark.parametrize("command", ["serve", "predict"])
-def test_half_precision_on_cpu(command, micro_checkpoint, image):
+def test_fp16_on_cpu(command, micro_checkpoint, image):
     args = [
         command,
         "--precision",
-        "bf16",
+        "fp16",
         "--device",
         "cpu",
         "--checkpoint",
         str(micro_checkpoint),
     ]
     stderr = one_line_failure(args + ([str(image)] if command == "predict" else []))
-    assert "bf16" in stderr and "--precision fp32" in stderr
+    assert "fp16" in stderr and "--precision bf16 or fp32" in stderr
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "says"),
+    [
+        ("torch", "int8", "--backend onnx --precision int8"),
+        ("onnx", "bf16", "choose fp32 or int8"),
+    ],
+)
+def test_precisions_a_backend_does_not_run(backend, precision, says, micro_checkpoint):
+    args = ["serve", "--backend", backend, "--precision", precision]
+    stderr = one_line_failure([*args, "--checkpoint", str(micro_checkpoint)])
+    assert says in stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxscript") is not None, reason="onnxscript present")
@@ -139,7 +152,7 @@ def test_debug_shows_the_traceback(micro_checkpoint, monkeypatch):
 def test_the_real_command_prints_one_line(micro_checkpoint):
     """No JSON log line, no traceback: the process's whole stderr is the one sentence."""
     process = subprocess.run(
-        [sys.executable, "-m", "mad.cli", "serve", "--precision", "bf16"],
+        [sys.executable, "-m", "mad.cli", "serve", "--precision", "fp16"],
         cwd=REPO,
         env={"PATH": "/usr/bin:/bin", "MAD_CHECKPOINT": str(micro_checkpoint)},
         capture_output=True,
@@ -148,7 +161,7 @@ def test_the_real_command_prints_one_line(micro_checkpoint):
     )
     assert process.returncode == 3
     assert process.stderr.count("\n") == 1 and "Traceback" not in process.stderr
-    assert process.stderr.startswith("mad serve: bf16 autocast runs on CUDA only")
+    assert process.stderr.startswith("mad serve: fp16 autocast runs on CUDA only")
 
 
 def test_device_auto(micro_checkpoint, image):
@@ -238,7 +251,7 @@ def test_invalid_setting_values_are_one_line():
     # From the environment, the variable is named instead of the option.
     assert usage_failure(["serve"], MAD_DEVICE="gpu").startswith("mad serve: MAD_DEVICE: 'gpu'")
     stderr = usage_failure(["serve", "--backend", "tf"])
-    assert "--backend: 'tf': Input should be 'torch', 'onnx' or 'tensorrt'" in stderr
+    assert "--backend: 'tf': Input should be 'torch', 'onnx', 'tensorrt' or 'openvino'" in stderr
     assert "--workers: 0" in usage_failure(["serve", "--workers", "0"])
 
 

@@ -446,7 +446,11 @@ def test_grpc_drains_with_http(micro_checkpoint, logs):
     (load balancers catch up), then refused; every call accepted is answered, and the
     process exits 0."""
     serve = start(
-        micro_checkpoint, logs / "drain.log", MAD_BATCH_DELAY_MS="2500", MAD_DRAIN_DELAY_S="1"
+        micro_checkpoint,
+        logs / "drain.log",
+        MAD_BATCH_DELAY_MS="2500",
+        MAD_BATCH_WINDOW="fixed",  # the call waits in the queue for company
+        MAD_DRAIN_DELAY_S="1",
     )
     try:
         name = httpx.get(f"{serve.url}/v1/model", headers=auth()).json()["name"]

@@ -39,6 +39,7 @@ class Sizes:
     anytime_images: int
     anytime_requests: int
     anytime_overload: int
+    accuracy_images: int
     image_size: str | None = None  # None: the model's
 
 
@@ -56,6 +57,7 @@ DEFAULTS = Sizes(
     anytime_images=100,
     anytime_requests=20,
     anytime_overload=150,
+    accuracy_images=100,
 )
 QUICK = Sizes(
     repeats=3,
@@ -69,6 +71,7 @@ QUICK = Sizes(
     anytime_images=4,
     anytime_requests=2,
     anytime_overload=8,
+    accuracy_images=4,
     image_size="96x96",
 )
 
@@ -87,7 +90,7 @@ class BenchSettings:
     batch_size: int
     refine: list[str]
     levels: list[int]
-    sections: dict[str, bool]  # http, protocols, onnx, ar, variants, anytime: run or skip
+    sections: dict[str, bool]  # http, protocols, onnx, ar, variants, anytime, accuracy
     quick: bool
     repeats: int
     warmup: int
@@ -99,6 +102,7 @@ class BenchSettings:
     anytime_images: int
     anytime_requests: int
     anytime_overload: int
+    accuracy_images: int
 
 
 def given_or(value: T | None, default: T) -> T:
@@ -118,7 +122,7 @@ def bench(
     image_size: str | None = typer.Option(
         None, help="HxW of the input image and canvas (default: the model's, r50: 800x1333)."
     ),
-    backend: str = typer.Option("torch", help="torch, onnx or tensorrt."),
+    backend: str = typer.Option("torch", help="torch, onnx, tensorrt or openvino."),
     device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch on CUDA)."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
@@ -178,6 +182,15 @@ def bench(
     anytime_overload: int | None = typer.Option(
         None, min=1, help="Requests of each overload run (150; quick 8)."
     ),
+    accuracy: bool = typer.Option(
+        False,
+        "--accuracy/--no-accuracy",
+        help="Backend x precision table: eager fp32/bf16/compile, ONNX fp32/int8, each with "
+        "its latency and its mad eval metrics on held-out images.",
+    ),
+    accuracy_images: int | None = typer.Option(
+        None, min=1, help="Held-out images each accuracy row is evaluated on (100; quick 4)."
+    ),
     out: Path = typer.Option(Path("benchmarks"), help="Report directory."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (smoke test)."),
 ) -> None:
@@ -223,6 +236,7 @@ def bench(
                 "ar": ar,
                 "variants": variants,
                 "anytime": anytime,
+                "accuracy": accuracy,
             },
             quick=quick,
             repeats=given_or(repeats, base.repeats),
@@ -235,6 +249,7 @@ def bench(
             anytime_images=given_or(anytime_images, base.anytime_images),
             anytime_requests=given_or(anytime_requests, base.anytime_requests),
             anytime_overload=given_or(anytime_overload, base.anytime_overload),
+            accuracy_images=given_or(accuracy_images, base.accuracy_images),
         )
     )
     try:
@@ -294,6 +309,10 @@ class BenchRun:
                 self.report["skipped"]["mad_vs_ar"] = "--no-ar"
             self.section("kept_vs_fixed", self.kept_vs_fixed)
             self.section("backends", self.backends)
+            if s.sections["accuracy"]:
+                self.section("accuracy", self.accuracy)
+            else:
+                self.report["skipped"]["accuracy"] = "off (--accuracy runs it)"
             self.bench = None  # free the model before the server loads its own
             if s.sections["http"]:
                 self.section("http", self.http)
@@ -337,6 +356,7 @@ class BenchRun:
         wants_export = (
             s.backend != "torch"
             or s.sections["onnx"]
+            or s.sections["accuracy"]
             or (s.device.startswith("cuda") and s.sections["variants"])
         )
         if wants_export:
@@ -384,6 +404,7 @@ class BenchRun:
             "anytime_images": s.anytime_images,
             "anytime_requests": s.anytime_requests,
             "anytime_overload": s.anytime_overload,
+            "accuracy_images": s.accuracy_images,
             "quick": s.quick,
             "bundled_model": Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT.resolve(),
         }
@@ -397,6 +418,34 @@ class BenchRun:
             self.export_dir = target
         except Exception as exc:  # ONNX sections are skipped, the rest still runs
             self.report["errors"]["onnx_export"] = f"{type(exc).__name__}: {exc}"
+
+    def accuracy(self) -> dict[str, Any]:
+        from export.quantize import quantize_export
+        from mad.bench.accuracy_bench import accuracy_benchmark
+
+        s, exports = self.s, {}
+        if self.export_dir is not None:
+            exports["fp32"] = self.export_dir
+            if not s.device.startswith("cuda"):
+                self.echo("[int8 export]")
+                int8 = self.export_dir.with_name("onnx-int8")
+                try:
+                    quantize_export(self.export_dir, int8)
+                    exports["int8"] = int8
+                except Exception as exc:  # its row says so; the others still run
+                    self.report["errors"]["int8_export"] = f"{type(exc).__name__}: {exc}"
+        return accuracy_benchmark(
+            self.checkpoint,
+            s.device,
+            self.image,
+            s.kept,
+            self.refine,
+            s.repeats,
+            s.warmup,
+            s.accuracy_images,
+            exports,
+            echo=self.echo,
+        )
 
     def mad_vs_ar(self) -> dict[str, Any]:
         from mad.bench.model_bench import ModelBench, mad_vs_autoregressive
@@ -537,6 +586,10 @@ def headline(report: dict[str, Any]) -> str:
         )
     if onnx := (report.get("backends") or {}).get("onnx_vs_eager"):
         lines.append(f"eager / onnx: {fmt(onnx.get('ratio'), 'x')}")
+    if accuracy := report.get("accuracy"):
+        from mad.bench.accuracy_bench import accuracy_headline
+
+        lines += accuracy_headline(accuracy)
     http = report.get("http") or {}
     if overhead := http.get("overhead"):
         lines.append(f"service overhead share: {fmt(100 * overhead['share'], '%')}")
@@ -544,6 +597,13 @@ def headline(report: dict[str, Any]) -> str:
         lines.append(
             f"batching throughput gain at concurrency {gain['concurrency']}: "
             f"{fmt(gain['ratio'], 'x')}"
+        )
+    if window := http.get("batch_window"):
+        p50 = window["p50_ms"]
+        lines.append(
+            f"  p50 at concurrency {window['concurrency_low']}: batching off "
+            f"{fmt(p50['batching_off'], 'ms')}, adaptive window {fmt(p50['adaptive'], 'ms')}, "
+            f"fixed window {fmt(p50['fixed'], 'ms')}"
         )
     if ceiling := http.get("in_process_batching"):
         lines.append(

@@ -333,6 +333,7 @@ def http_load(settings: CheckSettings, echo: Echo) -> dict[str, Any]:
             batch_sizes=(1, max(settings.batches)),
             echo=echo,
             runner_options=options,
+            windows=("adaptive",),  # the default; the fixed window is `mad bench`'s comparison
         ),
     }
 

@@ -297,9 +297,11 @@ def http_benchmark(
     batch_sizes: tuple[int, ...] = (1, 8),
     echo: Callable[[str], object] = print,
     runner_options: dict[str, Any] | None = None,
+    windows: tuple[str, ...] = ("adaptive", "fixed"),
 ) -> dict[str, Any]:
     """runner_options: torch runner options (precision, compile, cuda_graphs) for the
-    in-process baseline and, as MAD_* settings, for the server."""
+    in-process baseline and, as MAD_* settings, for the server. windows: the batching
+    windows each batch size above 1 is served with (MAD_BATCH_WINDOW)."""
     from service.model_cache import load_runner
 
     options = runner_options or {}
@@ -319,14 +321,18 @@ def http_benchmark(
         torch.cuda.empty_cache()
     fields = form_fields(tasks, kept, refine)
     modes: dict[str, Any] = {}
-    for batch in batch_sizes:
-        name = "batching_off" if batch == 1 else f"batching_{batch}"
+    # Batching off, on (the adaptive window), and on with the classic fixed window, so one
+    # run shows what the adaptive window saves a lone request and keeps of the batching gain.
+    runs = [(1, "adaptive")] + [(b, w) for b in batch_sizes if b > 1 for w in windows]
+    for batch, window in runs:
+        name = mode_name(batch, window)
         env = {
             "MAD_MAX_BATCH_SIZE": str(batch),
+            "MAD_BATCH_WINDOW": window,
             "MAD_QUEUE_SIZE": str(4 * max(concurrency)),
             **{f"MAD_{k.upper()}": str(v).lower() for k, v in options.items()},
         }
-        echo(f"  starting mad serve (MAD_MAX_BATCH_SIZE={batch})")
+        echo(f"  starting mad serve (MAD_MAX_BATCH_SIZE={batch}, MAD_BATCH_WINDOW={window})")
         with Server(checkpoint, backend, device, env, export_dir) as server:
             asyncio.run(load(server.url, payload, fields, 1, max(warmup, 1), 60.0))  # warm
             levels: dict[str, dict[str, Any]] = {}
@@ -338,7 +344,7 @@ def http_benchmark(
                     f"{sum(result['errors'].values())} errors"
                 )
                 levels[str(c)] = result
-        modes[name] = {"max_batch_size": batch, "levels": levels}
+        modes[name] = {"max_batch_size": batch, "batch_window": window, "levels": levels}
     return {
         "pipeline_in_process": pipeline_ms,
         "detections": None if found is None else len(found),
@@ -348,6 +354,12 @@ def http_benchmark(
         "modes": modes,
         **summary(modes, pipeline_ms, concurrency),
     }
+
+
+def mode_name(batch: int, window: str) -> str:
+    if batch == 1:
+        return "batching_off"
+    return f"batching_{batch}" + ("" if window == "adaptive" else "_fixed_window")
 
 
 def summary(
@@ -371,14 +383,32 @@ def summary(
                 "share_from_timings": timings_share(base),
             }
     top = str(max(concurrency))
-    batched = [m for name, m in modes.items() if name != "batching_off"]
-    if off.get(top) and batched and batched[-1]["levels"].get(top):
-        on = batched[-1]["levels"][top]
+    adaptive = [
+        m for m in modes.values() if m["max_batch_size"] > 1 and m["batch_window"] == "adaptive"
+    ]
+    fixed = [m for m in modes.values() if m["max_batch_size"] > 1 and m["batch_window"] == "fixed"]
+    if off.get(top) and adaptive and adaptive[-1]["levels"].get(top):
+        on = adaptive[-1]["levels"][top]
         out["batching_gain"] = {
             "concurrency": int(top),
             "throughput_off_rps": off[top]["throughput_rps"],
             "throughput_on_rps": on["throughput_rps"],
             "ratio": ratio(on["throughput_rps"], off[top]["throughput_rps"]),
+        }
+    low = str(min(concurrency))
+    if adaptive and fixed and base:
+        levels = {"adaptive": adaptive[-1]["levels"], "fixed": fixed[-1]["levels"]}
+        out["batch_window"] = {
+            "concurrency_low": int(low),
+            "p50_ms": {
+                "batching_off": median(base["latency"]),
+                **{w: median(lv.get(low, {}).get("latency")) for w, lv in levels.items()},
+            },
+            "concurrency_high": int(top),
+            "throughput_rps": {
+                "batching_off": (off.get(top) or {}).get("throughput_rps"),
+                **{w: (lv.get(top) or {}).get("throughput_rps") for w, lv in levels.items()},
+            },
         }
     return out
 

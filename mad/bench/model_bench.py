@@ -25,6 +25,7 @@ from model.checkpoint import MAD
 from model.codecs import DecodeContext
 from model.decoding import Runner, mask_schedule, masked_decode
 from model.network import ImageMemory
+from model.pipeline import torch_threads
 from model.preprocess import ImageBatch, prepare_batch
 from model.runner import EagerRunner
 from model.stopwatch import Stopwatch
@@ -98,7 +99,12 @@ class ModelBench:
         return 1 + sum(round(r * body) > 0 for r in self.ratios[task])
 
     def run(self) -> dict[str, float]:
-        """One image batch through every task -> seconds per stage (and total)."""
+        """One image batch through every task -> seconds per stage (and total); the torch
+        work between the graphs on as many threads as the pipeline gives it."""
+        with torch_threads(getattr(self.runner, "host_threads", None)):
+            return self._run()
+
+    def _run(self) -> dict[str, float]:
         laps = Stopwatch(self.device)
         tensors, pads, contexts = self.preprocess()
         laps.lap("preprocess")

@@ -183,6 +183,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             not on_gpu and http.get("batching_gain", {}).get("concurrency") == 8,
         ),
     ]
+    if accuracy := report.get("accuracy"):
+        from mad.bench.accuracy_bench import accuracy_targets
+
+        rows += accuracy_targets(accuracy, on_gpu, bundled)
     return target_rows(rows)
 
 
@@ -312,6 +316,10 @@ def markdown(report: dict[str, Any], plot: str | None = None) -> str:
             f"{fmt(kept['ratio_decode_only'], 'x')})\n",
         ]
     out += backends_md(report.get("backends") or {})
+    if accuracy := report.get("accuracy"):
+        from mad.bench.accuracy_bench import accuracy_md
+
+        out += accuracy_md(accuracy)
     out += http_md(report.get("http") or {})
     out += protocols_md(report.get("protocols") or {})
     if anytime := report.get("anytime"):
@@ -383,6 +391,15 @@ def http_md(http: dict[str, Any]) -> list[str]:
             f"- dynamic batching at concurrency {gain['concurrency']}: "
             f"{gain['throughput_on_rps']:.2f} vs {gain['throughput_off_rps']:.2f} req/s "
             f"= {fmt(gain['ratio'], 'x')}"
+        )
+    if window := http.get("batch_window"):
+        p50, rps = window["p50_ms"], window["throughput_rps"]
+        out.append(
+            f"- batching window at concurrency {window['concurrency_low']}, p50: off "
+            f"{fmt(p50['batching_off'], 'ms')}, adaptive {fmt(p50['adaptive'], 'ms')}, fixed "
+            f"{fmt(p50['fixed'], 'ms')}; at concurrency {window['concurrency_high']}: off "
+            f"{fmt(rps['batching_off'])}, adaptive {fmt(rps['adaptive'])}, fixed "
+            f"{fmt(rps['fixed'])} req/s"
         )
     if ceiling := http.get("in_process_batching"):
         out.append(
