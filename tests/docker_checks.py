@@ -198,7 +198,13 @@ def test_serves_a_user_checkpoint_mounted_into_models(micro_checkpoint, tmp_path
 def test_docker_stop_finishes_requests_in_flight_and_exits_zero():
     # A long batching window keeps the requests queued when the stop arrives.
     container = Container.run(
-        CPU_IMAGE, "-e", "MAD_BATCH_DELAY_MS=1500", "-e", "MAD_MAX_BATCH_SIZE=8"
+        CPU_IMAGE,
+        "-e",
+        "MAD_BATCH_WINDOW=fixed",  # the adaptive window would start the first one at once
+        "-e",
+        "MAD_BATCH_DELAY_MS=1500",
+        "-e",
+        "MAD_MAX_BATCH_SIZE=8",
     )
     try:
         container.wait_healthy()
@@ -379,14 +385,14 @@ def needed(extras: set[str]) -> set[str]:
 
 
 def test_cpu_image_installs_what_make_installs():
-    """The project, its runtime dependencies and the onnx extra (not dev), at the pins of
-    constraints.txt, which `make install` and CI use."""
+    """The project, its runtime dependencies and the onnx and openvino extras (not dev), at
+    the pins of constraints.txt, which `make install` and CI use."""
     packages = installed(CPU_IMAGE)
     pins = read_pins(ROOT / "constraints.txt")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert packages.pop("mad-serve") == version
     packages.pop("pip")
-    assert set(packages) == needed({"onnx"})
+    assert set(packages) == needed({"onnx", "openvino"})
     assert {name: pins.get(name) for name in packages} == packages
 
 
@@ -397,8 +403,10 @@ def test_gpu_image_installs_the_pinned_gpu_set():
     assert not set(pins) & set(gpu_pins), "constraints-gpu.txt must not re-pin constraints.txt"
     gpu.pop("mad-serve"), gpu.pop("pip")
     assert {name: pins.get(name) or gpu_pins.get(name) for name in gpu} == gpu
-    # The same set as the CPU image, but for ONNX Runtime's GPU build and TensorRT.
-    expected = set(cpu) - {"mad-serve", "pip", "onnxruntime"} | {"onnxruntime-gpu"}
+    # The CPU image's set, with ONNX Runtime's GPU build and TensorRT, without OpenVINO.
+    # OpenVINO is a CPU backend: the GPU image goes without it.
+    expected = set(cpu) - {"mad-serve", "pip", "onnxruntime", "openvino", "openvino-telemetry"}
+    expected |= {"onnxruntime-gpu"}
     if "tensorrt" in GPU_EXTRAS:
         expected |= {n for n in gpu_pins if n.startswith("tensorrt")}
     assert set(gpu) == expected
