@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,9 +85,8 @@ def load_runner(
 def cached_export(
     checkpoint: str | Path, cache_dir: str | Path, opset: int = 17, simplify: bool = False
 ) -> Path:
-    """`<cache_dir>/<sha256[:16]>/onnx`: exported once per checkpoint content, reused after.
-    A new export is written beside it and renamed into place, so concurrent starts never see
-    half an export (the loser of the race just drops its copy)."""
+    """`<cache_dir>/<sha256[:16]>/onnx`: exported once per checkpoint content, reused after
+    (written into place by `write_into_place`)."""
     from export.onnx_export import export_onnx
 
     digest = checkpoint_digest(checkpoint)
@@ -105,9 +105,17 @@ def cached_export(
             return target
         shutil.rmtree(target, ignore_errors=True)  # a concurrent start may remove it first
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=target.parent))
+    return write_into_place(
+        target, lambda staging: export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
+    )
+
+
+def write_into_place(target: Path, write: Callable[[Path], object]) -> Path:
+    """`write` an export into a new directory beside `target`, then rename it into place, so
+    concurrent starts never see half an export (the loser of the race drops its copy)."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
     try:
-        export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
+        write(staging)
         staging.rename(target)
     except OSError:
         if not (target / MANIFEST).is_file():
@@ -119,7 +127,7 @@ def cached_export(
 
 def cached_int8_export(fp32_export: Path) -> Path:
     """`<fp32 export>-int8` beside the cached fp32 export: quantised once per fp32 export,
-    reused after (staged and renamed into place as `cached_export` does)."""
+    reused after."""
     from export.quantize import quantize_export
 
     target = fp32_export.with_name(fp32_export.name + "-int8")
@@ -132,13 +140,4 @@ def cached_int8_export(fp32_export: Path) -> Path:
         if manifest.get("quantization", {}).get("source_created") == source_created:
             return target
         shutil.rmtree(target, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix="onnx-int8-", dir=target.parent))
-    try:
-        quantize_export(fp32_export, staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / MANIFEST).is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_into_place(target, lambda staging: quantize_export(fp32_export, staging))
