@@ -102,6 +102,26 @@ def data_sheet(
     main(out, world, seed, count)
 
 
+@data_app.command("merge", cls=PlainHelpCommand)
+def data_merge(
+    sources: list[Path] = typer.Argument(..., help="COCO-layout datasets to merge."),
+    out: Path = typer.Option(..., help="Output directory (must be new or empty)."),
+    repeat: list[int] = typer.Option(
+        [], help="Times to list each source's training images, one per source (default 1 each)."
+    ),
+) -> None:
+    """Merge COCO-layout datasets with the same categories into one (re-numbered
+    annotations, images linked, not copied), e.g. to mix synthetic worlds for training."""
+    from model.data.merge import MergeError, merge_datasets
+
+    try:
+        counts = merge_datasets(sources, out, repeat or None)
+    except MergeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for split, images in counts.items():
+        print(f"{out / split}: {images} images")
+
+
 def parse_overrides(values: list[str]) -> dict[str, Any]:
     """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}"""
     out: dict[str, Any] = {}

@@ -1,0 +1,133 @@
+"""Merge COCO-layout datasets into one (`mad data merge`), e.g. to mix two synthetic worlds
+or a synthetic world into real data so a fine-tune does not forget what it knew.
+
+The merged root holds re-numbered annotation files and, per split, relative symlinks to the
+sources' images (no pixel is copied). Sources must share their categories (ids and names)
+and their keypoint schema; a split is merged when every source has its instances file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ANNOTATION_KINDS = ("instances", "person_keypoints", "captions")
+
+
+class MergeError(ValueError):
+    """The sources cannot be merged; the message says why."""
+
+
+def _load(root: Path, kind: str, split: str) -> dict[str, Any] | None:
+    path = root / "annotations" / f"{kind}_{split}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _schema(categories: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            c["id"],
+            c["name"],
+            tuple(c.get("keypoints", ())),
+            tuple(map(tuple, c.get("skeleton", ()))),
+        )
+        for c in sorted(categories, key=lambda c: c["id"])
+    ]
+
+
+def _splits(sources: list[Path]) -> list[str]:
+    found = [
+        {
+            p.name[len("instances_") : -len(".json")]
+            for p in (s / "annotations").glob("instances_*.json")
+        }
+        for s in sources
+    ]
+    return sorted(set.intersection(*found)) if found else []
+
+
+def merge_datasets(
+    sources: list[Path], out: Path, repeats: list[int] | None = None
+) -> dict[str, int]:
+    """Write `out` as the union of `sources`; returns images per merged split.
+
+    `repeats[i]` lists source i's training images (splits named train*) that many times, to
+    weight a small source up; the copies share the image file but get their own ids. Other
+    splits list each image once, so evaluation counts every image once.
+    """
+    if len(sources) < 2:
+        raise MergeError("give at least two datasets to merge")
+    repeats = repeats or [1] * len(sources)
+    if len(repeats) != len(sources) or min(repeats) < 1:
+        raise MergeError("one repeat count >= 1 per source")
+    for source in sources:
+        if not (source / "annotations").is_dir():
+            raise MergeError(f"{source}: no annotations/ directory (not a COCO-layout dataset)")
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"{out}: exists and is not empty")
+    splits = _splits(sources)
+    if not splits:
+        raise MergeError("the sources have no split in common (annotations/instances_<split>.json)")
+    counts = {}
+    for split in splits:
+        weights = repeats if split.startswith("train") else [1] * len(sources)
+        counts[split] = _merge_split(sources, weights, out, split)
+    return counts
+
+
+def _merge_split(sources: list[Path], repeats: list[int], out: Path, split: str) -> int:
+    merged: dict[str, dict[str, Any]] = {}
+    image_dir = out / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    next_image, next_ann = 1, 1
+    for index, (source, repeat) in enumerate(zip(sources, repeats, strict=True)):
+        files = {kind: _load(source, kind, split) for kind in ANNOTATION_KINDS}
+        instances = files["instances"]
+        assert instances is not None  # _splits only lists splits with an instances file
+        for copy in range(repeat):
+            ids: dict[int, int] = {}
+            for image in instances["images"]:
+                ids[image["id"]] = next_image
+                link = f"s{index}r{copy}_{image['file_name']}"
+                target = source.resolve() / split / image["file_name"]
+                (image_dir / link).symlink_to(os.path.relpath(target, image_dir.resolve()))
+                next_image += 1
+            for kind, data in files.items():
+                if data is None:
+                    continue
+                into = merged.setdefault(
+                    kind,
+                    {k: v for k, v in data.items() if k not in ("images", "annotations")}
+                    | {"images": [], "annotations": []},
+                )
+                if _schema(into.get("categories", [])) != _schema(data.get("categories", [])):
+                    raise MergeError(
+                        f"{source}: {kind}_{split}.json has other categories than {sources[0]}"
+                    )
+                unknown = {a["image_id"] for a in data["annotations"]} - ids.keys()
+                if unknown:
+                    raise MergeError(
+                        f"{source}: {kind}_{split}.json annotates images that "
+                        f"instances_{split}.json lacks (e.g. id {min(unknown)})"
+                    )
+                for image in data["images"]:
+                    if image["id"] not in ids:
+                        continue
+                    into["images"].append(
+                        image
+                        | {
+                            "id": ids[image["id"]],
+                            "file_name": f"s{index}r{copy}_{image['file_name']}",
+                        }
+                    )
+                for ann in data["annotations"]:
+                    into["annotations"].append(
+                        ann | {"id": next_ann, "image_id": ids[ann["image_id"]]}
+                    )
+                    next_ann += 1
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    for kind, data in merged.items():
+        (out / "annotations" / f"{kind}_{split}.json").write_text(json.dumps(data))
+    return next_image - 1
