@@ -1,0 +1,251 @@
+"""Why keypoint AP is what it is: the task's error split into its sources.
+
+    python -m mad.bench.keypoints --data DATA [--checkpoint checkpoints/mad-tiny] [--images 200]
+
+On the first `--images` images of `--split` it reports COCO keypoint AP
+- as served: prompted by the model's own person detections (default schedule and K=0);
+- with oracle boxes: every labelled ground-truth person box prompts a sequence, so detection
+  errors drop out and what is left is the keypoint decoder's own localisation;
+- of the ground truth itself passed through the coordinate vocabulary (the ceiling that the
+  quantisation leaves);
+and, with oracle boxes, AP by person height (the canvas a person lands on decides how many
+stride-16 feature cells it spans), each joint's median error in units of the person's size
+(sqrt of its area, as OKS measures it) and how well the visibility tokens separate labelled
+from unlabelled joints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from model.checkpoint import MAD, load_checkpoint
+from model.codecs.base import DecodeContext, box_tokens
+from model.decoding import mask_schedule, refinement
+from model.evaluate import GroundTruth, evaluate
+from model.pipeline import Pipeline, Request
+from model.preprocess import fit_scale, image_canvas
+from model.runner import EagerRunner
+from model.stopwatch import Stopwatch
+
+# Person height buckets on the original image, in pixels.
+HEIGHT_BUCKETS = ((0, 48), (48, 96), (96, 10**6))
+
+
+def keypoint_ap(gt: COCO, results: list[dict], image_ids: list[int], heights=(0, 10**6)) -> float:
+    """COCOeval keypoint AP over `image_ids`, counting only persons whose box height is in
+    [heights[0], heights[1]): the others are marked as having no labelled keypoints, which
+    COCOeval ignores (with the predictions they match), as it ignores an area range. Give only
+    the predictions of persons in range (an unmatched one counts as a false positive)."""
+    if not results:
+        return 0.0
+    lo, hi = heights
+    if (lo, hi) != (0, 10**6):
+        dataset = copy.deepcopy(gt.dataset)
+        for ann in dataset["annotations"]:
+            if not lo <= ann["bbox"][3] < hi:
+                ann["num_keypoints"] = 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO()
+            gt.dataset = dataset
+            gt.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(results), "keypoints")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # all areas, most detections
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+class OracleBoxes:
+    """The keypoint decoder prompted by ground-truth person boxes instead of detections."""
+
+    def __init__(self, mad: MAD, truth: GroundTruth) -> None:
+        if truth.keypoints is None:
+            raise FileNotFoundError(f"{truth.root}: no person_keypoints_{truth.split}.json")
+        self.mad, self.truth, self.gt = mad, truth, truth.keypoints
+        self.pipeline = Pipeline(mad, EagerRunner(mad.required_network()))
+        self.codec = mad.codecs["keypoints"]
+        self.person = mad.config.class_names.index(mad.config.person_class)
+
+    def persons(self, image_id: int) -> list[dict]:
+        anns = self.gt.loadAnns(self.gt.getAnnIds(imgIds=[image_id], iscrowd=False))
+        return [a for a in anns if a.get("num_keypoints", 0) > 0]
+
+    @torch.inference_mode()
+    def predict(self, image_id: int, steps: int) -> list[tuple[dict, torch.Tensor]]:
+        """(annotation, predicted [K, 3] in pixels) for each labelled person of the image."""
+        anns = self.persons(image_id)
+        if not anns:
+            return []
+        request = Request(self.truth.image(image_id).convert("RGB"), ("keypoints",))
+        memory, contexts = self.pipeline.encode([request], Stopwatch())
+        context = contexts[0]
+        (h, w), scale = context.canvas, context.scale
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        boxes_norm = xyxy * scale / torch.tensor([w, h, w, h], dtype=torch.float32)
+        label = torch.full((len(anns), 1), self.codec.vocab.class_token(self.person))
+        prompts = self.codec.prompts(
+            torch.cat([box_tokens(self.codec.vocab, boxes_norm), label], 1)
+        )
+        default = self.mad.config.schedules.get("keypoints", [])
+        ratios = mask_schedule(steps if steps >= 0 else len(default), default)
+        index = torch.zeros(len(anns), dtype=torch.long)
+        # refinement yields one Decoding, updated in place after every pass: run them all.
+        *_, state = refinement(self.pipeline.runner, memory, self.codec, prompts, index, ratios)
+        outputs = self.codec.decode(state.logits.cpu(), prompts, [context] * len(anns))
+        return list(zip(anns, outputs, strict=True))
+
+
+def result_entry(ann: dict, keypoints: torch.Tensor, score: float) -> dict[str, Any]:
+    return {
+        "image_id": ann["image_id"],
+        "category_id": ann["category_id"],
+        "keypoints": keypoints.flatten().tolist(),
+        "score": score,
+    }
+
+
+def quantised(mad: MAD, truth: GroundTruth, oracle: OracleBoxes) -> list[dict]:
+    """The labelled ground truth through the vocabulary's coordinate bins and back, on the
+    canvas each image runs on."""
+    vocab, entries = mad.codecs["keypoints"].vocab, []
+    for image_id in truth.image_ids:
+        image = truth.instances.imgs[image_id]
+        size = (int(image["height"]), int(image["width"]))
+        canvas = image_canvas(size, mad.config.image_size)
+        context = DecodeContext(canvas, fit_scale(size, canvas), size)
+        wh = torch.tensor(canvas[::-1], dtype=torch.float32)
+        for ann in oracle.persons(image_id):
+            kp = torch.tensor(ann["keypoints"], dtype=torch.float32).reshape(-1, 3)
+            norm = vocab.dequantize(vocab.quantize((kp[:, :2] * context.scale / wh).clamp(0, 1)))
+            pixels = context.to_pixels(norm.flatten()).reshape(-1, 2)
+            entries.append(result_entry(ann, torch.cat([pixels, (kp[:, 2:] > 0).float()], 1), 1.0))
+    return entries
+
+
+def diagnose(checkpoint: Path, data: Path, split: str, images: int) -> dict[str, Any]:
+    mad, _ = load_checkpoint(checkpoint)
+    truth = GroundTruth.load(data, split, images)
+    oracle = OracleBoxes(mad, truth)
+    gt = oracle.gt
+    default_steps = len(mad.config.schedules.get("keypoints", []))
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "images": len(truth.image_ids)}
+    for steps in sorted({0, default_steps}):
+        served = evaluate(
+            mad, data, split, limit=images, refine_steps={"keypoints": steps}, tasks=("keypoints",)
+        )
+        report[f"served_K{steps}"] = served["keypoints_AP"]
+    names = mad.config.keypoint_names
+    for steps in sorted({0, default_steps}):
+        predictions = [p for i in truth.image_ids for p in oracle.predict(i, steps)]
+        # One box per person: rank by the mean visibility score, as served results are.
+        entries = [result_entry(a, kp, float(kp[:, 2].mean())) for a, kp in predictions]
+        report[f"oracle_K{steps}"] = keypoint_ap(gt, entries, truth.image_ids)
+        if steps != default_steps:
+            continue
+        report["oracle_by_height"] = {
+            f"{lo}-{hi if hi < 10**6 else ''}px": keypoint_ap(
+                gt,
+                [
+                    e
+                    for (a, _), e in zip(predictions, entries, strict=True)
+                    if lo <= a["bbox"][3] < hi
+                ],
+                truth.image_ids,
+                (lo, hi),
+            )
+            for lo, hi in HEIGHT_BUCKETS
+        }
+        report["persons_by_height"] = {
+            f"{lo}-{hi if hi < 10**6 else ''}px": sum(
+                lo <= a["bbox"][3] < hi for a, _ in predictions
+            )
+            for lo, hi in HEIGHT_BUCKETS
+        }
+        errors: list[list[float]] = [[] for _ in names]
+        labelled_scores, unlabelled_scores = [], []
+        for ann, kp in predictions:
+            truth_kp = torch.tensor(ann["keypoints"], dtype=torch.float32).reshape(-1, 3)
+            size = max(float(ann["area"]), 1.0) ** 0.5
+            for k in range(len(names)):
+                if truth_kp[k, 2] > 0:
+                    errors[k].append(float((kp[k, :2] - truth_kp[k, :2]).norm()) / size)
+                    labelled_scores.append(float(kp[k, 2]))
+                else:
+                    unlabelled_scores.append(float(kp[k, 2]))
+        report["median_error_per_joint"] = {
+            name: statistics.median(e) if e else None for name, e in zip(names, errors, strict=True)
+        }
+        report["visibility"] = {
+            "labelled_mean_score": statistics.fmean(labelled_scores) if labelled_scores else None,
+            "unlabelled_mean_score": statistics.fmean(unlabelled_scores)
+            if unlabelled_scores
+            else None,
+            "labelled_scored_visible": (
+                sum(s > 0.5 for s in labelled_scores) / len(labelled_scores)
+                if labelled_scores
+                else None
+            ),
+            "unlabelled_scored_visible": (
+                sum(s > 0.5 for s in unlabelled_scores) / len(unlabelled_scores)
+                if unlabelled_scores
+                else None
+            ),
+        }
+    report["quantised_truth"] = keypoint_ap(gt, quantised(mad, truth, oracle), truth.image_ids)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"keypoint AP on {report['images']} images ({report['checkpoint']})")
+    print("| prompted by | schedule | keypoints AP |")
+    print("|---|---|---|")
+    for key, value in report.items():
+        if key.startswith(("served_K", "oracle_K")):
+            source, steps = key.split("_K")
+            label = "own detections" if source == "served" else "ground-truth boxes"
+            print(f"| {label} | K={steps} | {value:.3f} |")
+    print(f"| (ground truth through the coordinate bins) | - | {report['quantised_truth']:.3f} |")
+    print("\nwith ground-truth boxes, by person height:")
+    for bucket, ap in report["oracle_by_height"].items():
+        print(f"  {bucket:>9}: AP {ap:.3f} ({report['persons_by_height'][bucket]} persons)")
+    print("\nmedian error per joint, in units of the person's size (sqrt(area)):")
+    for name, error in report["median_error_per_joint"].items():
+        print(f"  {name:>15}: {'-' if error is None else f'{error:.3f}'}")
+    vis = report["visibility"]
+    print(
+        "\nvisibility: labelled joints scored visible (>0.5) "
+        f"{vis['labelled_scored_visible']:.1%}, unlabelled {vis['unlabelled_scored_visible']:.1%}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
+    parser.add_argument("--split", default="val2017")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    report = diagnose(args.checkpoint, args.data, args.split, args.images)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
