@@ -40,15 +40,28 @@ def match_slots(
     objects: torch.Tensor,
     num_objects: torch.Tensor,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Optimal slot -> object assignment per sequence: a list of (slot ids, object ids)."""
+    """Optimal slot -> object assignment per sequence: a list of (slot ids, object ids), on
+    the host (scipy solves there; one copy of the costs, not one per sequence)."""
     costs = slot_costs(log_probs.float(), inputs, shown, objects).cpu()
     result = []
     for s, n in enumerate(num_objects.tolist()):
-        if n == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            result.append((empty, empty))
-            continue
         rows, cols = linear_sum_assignment(costs[s, :, :n].numpy())
-        device = log_probs.device
-        result.append((torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)))
+        result.append((torch.from_numpy(rows).long(), torch.from_numpy(cols).long()))
     return result
+
+
+def flat_assignment(
+    assignment: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """match_slots' per-sequence pairs -> (sequence, slot, object) index vectors on `device`,
+    moved in one copy so the targets are written by one indexing op, not one per sequence."""
+    sizes = torch.tensor([len(slots) for slots, _ in assignment], dtype=torch.long)
+    empty = torch.zeros(0, dtype=torch.long)
+    index = torch.stack(
+        [
+            torch.repeat_interleave(torch.arange(len(assignment)), sizes),
+            torch.cat([empty, *(slots for slots, _ in assignment)]),
+            torch.cat([empty, *(objs for _, objs in assignment)]),
+        ]
+    ).to(device, non_blocking=True)
+    return index[0], index[1], index[2]

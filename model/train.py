@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> Path:
     amp = _autocast(device, cfg.amp)
     log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
     bar = tqdm(total=last_step, initial=start_step, disable=rank != 0, dynamic_ncols=True)
-    step, tic = start_step, time.perf_counter()
+    step, tic, logged = start_step, time.perf_counter(), start_step
     deadline = tic + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     for images, pads, targets in loader:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
@@ -242,22 +242,29 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         out_of_time = _past(deadline, world, device)
         if rank == 0:
-            rate = cfg.batch_size * world / (time.perf_counter() - tic)
-            tic = time.perf_counter()
-            shown = {k[:3]: f"{v.item():.3f}" for k, v in losses.items()}
-            bar.set_postfix(loss=f"{loss.item():.3f}", **shown, img_s=f"{rate:.1f}")
             bar.update(1)
-            if log is not None and (step % cfg.log_every == 0 or step == last_step):
-                log.write(
-                    {
-                        "step": step,
-                        "loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm.item(),
-                        "images_per_s": rate,
-                        **{k: v.item() for k, v in losses.items()},
-                    }
-                )
+            # Reading a value waits for the device: only on logged steps, so the host
+            # prepares the next batch while a GPU still runs this one.
+            if step % cfg.log_every == 0 or step == last_step or out_of_time:
+                read = torch.stack([v.float() for v in (loss, grad_norm, *losses.values())])
+                values: list[float] = read.tolist()
+                now = time.perf_counter()
+                rate = (step - logged) * cfg.batch_size * world / (now - tic)
+                tic, logged = now, step
+                by_task = dict(zip(losses, values[2:], strict=True))
+                shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
+                bar.set_postfix(loss=f"{values[0]:.3f}", **shown, img_s=f"{rate:.1f}")
+                if log is not None:
+                    log.write(
+                        {
+                            "step": step,
+                            "loss": values[0],
+                            "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": values[1],
+                            "images_per_s": rate,
+                            **by_task,
+                        }
+                    )
             if step % cfg.save_every == 0 or step == last_step or out_of_time:
                 _save(mad, optimizer, cfg, step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:

@@ -14,6 +14,7 @@ from model.checkpoint import MAD
 from model.codecs.detection import TOKENS_PER_SLOT
 from model.config import get_preset
 from model.losses import sequence_loss
+from model.matcher import match_slots
 from tests.helpers import micro_config
 
 
@@ -95,3 +96,32 @@ def test_both_are_set_from_the_command_line():
     defaults = get_preset("r50")  # the presets keep today's choices
     assert (defaults.no_object_weight, defaults.segmentation_masked_copies) == (0.1, 1)
     assert dataclasses.replace(defaults, **sets).to_dict()["segmentation_masked_copies"] == 2
+
+
+def test_detection_targets_are_each_sequence_matched_objects(tokenizer):
+    """assign_targets writes all sequences' matched objects in one indexing op: the same
+    targets as writing match_slots' pairs sequence by sequence."""
+    torch.manual_seed(0)
+    mad = MAD.build(micro_config(), tokenizer)
+    codec, slots = mad.codecs["detection"], mad.config.num_slots
+    prompt = codec.prompt_len
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    targets_in = [*detection_targets(), empty]
+    seqs = codec.training_sequences(targets_in, torch.Generator().manual_seed(0))
+    start, stop = codec.vocab_slice()
+    log_probs = torch.randn(len(seqs), seqs.inputs.shape[1], stop - start).log_softmax(-1)
+    targets, _ = codec.assign_targets(log_probs, seqs)
+
+    body_lp = log_probs[:, prompt:].reshape(len(seqs), slots, TOKENS_PER_SLOT, -1)
+    inputs = seqs.inputs[:, prompt:].reshape(len(seqs), slots, TOKENS_PER_SLOT)
+    shown = seqs.weights[:, prompt:].reshape(len(seqs), slots, TOKENS_PER_SLOT) == 0
+    objects = codec.to_local(seqs.extra["objects"]).clamp(min=0)
+    pairs = match_slots(body_lp, codec.to_local(inputs), shown, objects, seqs.extra["num_objects"])
+    expected = torch.full((len(seqs), slots, TOKENS_PER_SLOT), 0, dtype=torch.long)
+    expected[..., 4] = codec.to_local(torch.tensor(mad.vocab.no_object))
+    for s, (slot_ids, object_ids) in enumerate(pairs):
+        for slot, obj in zip(slot_ids.tolist(), object_ids.tolist(), strict=True):
+            expected[s, slot] = objects[s, obj]
+    got = targets[:, prompt:].reshape(len(seqs), slots, TOKENS_PER_SLOT)
+    assert sum(len(p[0]) for p in pairs) == 2 * 3  # both copies of the two images' objects
+    assert torch.equal(got, expected)  # unmatched: "no object", coordinates any (0)

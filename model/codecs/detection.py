@@ -26,7 +26,7 @@ from model.codecs.base import (
     box_tokens,
     register_codec,
 )
-from model.matcher import match_slots
+from model.matcher import flat_assignment, match_slots
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
@@ -157,9 +157,9 @@ class DetectionCodec(TaskCodec):
         targets[..., 4] = self.vocab.no_object
         counts = torch.zeros_like(targets, dtype=torch.float)
         counts[..., 4] = self.config.no_object_weight  # DETR's eos_coef: most slots are empty
-        for s, (slot_idx, obj_idx) in enumerate(assignment):
-            targets[s, slot_idx] = seqs.extra["objects"][s, obj_idx]
-            counts[s, slot_idx] = 1.0
+        seq, slot, obj = flat_assignment(assignment, targets.device)
+        targets[seq, slot] = seqs.extra["objects"][seq, obj]
+        counts[seq, slot] = 1.0
         prompt_targets = torch.full((len(seqs), P), self.vocab_slice()[0], device=targets.device)
         full = torch.cat([prompt_targets, targets.flatten(1)], 1)
         weights = seqs.weights * torch.cat(
