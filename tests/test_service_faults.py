@@ -214,6 +214,8 @@ def test_requests_whose_clients_left_never_reach_the_model(micro_checkpoint):
         until(lambda: not engine.running, "the model never finished")
         live = post(client, 170)
         assert live.status_code == 200, live.text
+        # A request is answered as soon as its last pass has run; its batch ends just after.
+        until(lambda: not engine.running, "the live request's batch never ended")
         after = metric_samples(client)
     assert faulty.widths == [150, 170]  # the one running when its client left, then the live one
     assert (
