@@ -36,7 +36,8 @@ def create_runner(
 ) -> tuple[MAD, Runner[Any]]:
     """-> (model bundle, runner).
 
-    torch options: precision ("fp32", "bf16", "fp16"), compile (bool), cuda_graphs (bool).
+    torch options: precision ("fp32", "bf16", "fp16"), compile (bool), cuda_graphs (bool),
+    threads (intra-op threads while it runs; None: unchanged).
     onnx / tensorrt / openvino options: export_dir (else `checkpoint` must itself be an export dir);
     onnx: precision ("fp32", "int8": what the export must hold), threads, providers.
     openvino: precision ("fp32", "bf16": how it runs an fp32 export), threads.
@@ -55,6 +56,7 @@ def create_runner(
             options.get("precision", "fp32"),
             options.get("compile", False),
             options.get("cuda_graphs", False),
+            options.get("threads"),
         )
     export_dir = resolve_export_dir(checkpoint, options.get("export_dir"), backend)
     runner: Runner[Any]

@@ -48,10 +48,13 @@ class TorchRunner(EagerRunner):
         precision: str = "fp32",
         compile: bool = False,
         cuda_graphs: bool = False,
+        threads: int | None = None,
     ):
         device = check_torch_options(device, precision, cuda_graphs)
         super().__init__(network, device)
         self.precision = precision
+        # The pipeline runs everything under these intra-op threads (None: torch's setting).
+        self.host_threads = threads
         if compile:
             self._encode = torch.compile(self.network.encode, dynamic=True)
             self._decode = torch.compile(self.network.decode, dynamic=True)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
     """The model the settings describe (backend, checkpoint, device, precision, compile,
-    CUDA graphs, export dir, cache): what `mad serve` and `mad predict` both run."""
+    CUDA graphs, threads, export dir, cache): what `mad serve` and `mad predict` both run."""
     return load_runner(
         settings.backend,
         Path(settings.checkpoint),
@@ -38,6 +38,7 @@ def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
         export_dir=settings.export_dir,
+        threads=settings.threads,
     )
 
 

@@ -35,6 +35,7 @@ MODEL_SETTINGS = (
     "precision",
     "compile",
     "cuda_graphs",
+    "threads",
     "export_dir",
     "cache_dir",
     "max_image_pixels",

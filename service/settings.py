@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         description="Replay decoder passes from CUDA graphs (torch backend on CUDA; captured "
         "per shape bucket on first use, eager beyond the buckets).",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads the model runs on (PyTorch's intra-op threads, ONNX "
+        "Runtime's and OpenVINO's pools); unset: the runtime's default (all cores, or "
+        "`OMP_NUM_THREADS` for PyTorch). On a host shared with other work, fewer threads "
+        "than cores keep the model from waiting on a descheduled one.",
+    )
     export_dir: Path | None = Field(
         None,
         description="A ready ONNX/TensorRT export to run (onnx, tensorrt, openvino); unset: "
