@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -63,6 +64,34 @@ def test_merge_refuses_what_it_cannot_merge(worlds, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(MergeError, match="other categories"):
         merge_datasets([worlds / "v1", other], tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # everything is checked before anything is written
+
+
+def test_keypoints_kept_only_in_the_keypoints_file_stay_with_their_persons(worlds, tmp_path):
+    """Real COCO keeps keypoints only in person_keypoints_*.json, under the id of the
+    instances annotation: the merge must keep the two ids equal."""
+    coco_like = tmp_path / "coco-like"
+    shutil.copytree(worlds / "v2", coco_like)
+    for split in ("train2017", "val2017"):
+        path = coco_like / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        for ann in data["annotations"]:
+            ann.pop("keypoints", None)
+            ann.pop("num_keypoints", None)
+        path.write_text(json.dumps(data))
+
+    def labelled_persons(dataset):
+        return sum(
+            int((dataset.load_target(i)["keypoints"][..., 2] > 0).any(-1).sum())
+            for i in dataset.ids
+        )
+
+    source = CocoMultiTaskDataset(coco_like, "train2017")
+    assert labelled_persons(source) > 0
+    merge_datasets([worlds / "v1", coco_like], tmp_path / "mix")
+    merged = CocoMultiTaskDataset(tmp_path / "mix", "train2017")
+    v1 = CocoMultiTaskDataset(worlds / "v1", "train2017")
+    assert labelled_persons(merged) == labelled_persons(v1) + labelled_persons(source)
 
 
 def test_cli_merges_and_reports_errors_in_one_line(worlds, tmp_path):

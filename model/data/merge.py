@@ -55,7 +55,9 @@ def merge_datasets(
 
     `repeats[i]` lists source i's training images (splits named train*) that many times, to
     weight a small source up; the copies share the image file but get their own ids. Other
-    splits list each image once, so evaluation counts every image once.
+    splits list each image once, so evaluation counts every image once. A source without a
+    person_keypoints or captions file contributes no labels of that kind. Every source is
+    read and checked before anything is written.
     """
     if len(sources) < 2:
         raise MergeError("give at least two datasets to merge")
@@ -70,63 +72,91 @@ def merge_datasets(
     splits = _splits(sources)
     if not splits:
         raise MergeError("the sources have no split in common (annotations/instances_<split>.json)")
-    counts = {}
-    for split in splits:
-        weights = repeats if split.startswith("train") else [1] * len(sources)
-        counts[split] = _merge_split(sources, weights, out, split)
-    return counts
+    loaded = {split: [_checked(source, split) for source in sources] for split in splits}
+    for split, files in loaded.items():
+        _check_schemas(sources, files, split)
+    return {
+        split: _merge_split(
+            sources, files, repeats if split.startswith("train") else [1] * len(sources), out, split
+        )
+        for split, files in loaded.items()
+    }
 
 
-def _merge_split(sources: list[Path], repeats: list[int], out: Path, split: str) -> int:
+Files = dict[str, dict[str, Any]]  # annotation kind -> its JSON
+
+
+def _checked(source: Path, split: str) -> Files:
+    """A source's annotation files of `split`, each annotating only images it lists."""
+    files = {kind: data for kind in ANNOTATION_KINDS if (data := _load(source, kind, split))}
+    images = {image["id"] for image in files["instances"]["images"]}
+    for kind, data in files.items():
+        unknown = {a["image_id"] for a in data["annotations"]} - images
+        if unknown:
+            raise MergeError(
+                f"{source}: {kind}_{split}.json annotates images that instances_{split}.json "
+                f"lacks (e.g. id {min(unknown)})"
+            )
+    return files
+
+
+def _check_schemas(sources: list[Path], files: list[Files], split: str) -> None:
+    """Each annotation kind has the same categories in every source that has it."""
+    for kind in ANNOTATION_KINDS:
+        having = [(s, f[kind]) for s, f in zip(sources, files, strict=True) if kind in f]
+        for source, data in having[1:]:
+            if _schema(data.get("categories", [])) != _schema(having[0][1].get("categories", [])):
+                raise MergeError(
+                    f"{source}: {kind}_{split}.json has other categories than {having[0][0]}"
+                )
+
+
+def _merge_split(
+    sources: list[Path], files: list[Files], repeats: list[int], out: Path, split: str
+) -> int:
     merged: dict[str, dict[str, Any]] = {}
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     next_image, next_ann = 1, 1
-    for index, (source, repeat) in enumerate(zip(sources, repeats, strict=True)):
-        files = {kind: _load(source, kind, split) for kind in ANNOTATION_KINDS}
-        instances = files["instances"]
-        assert instances is not None  # _splits only lists splits with an instances file
+    for index, (source, source_files, repeat) in enumerate(
+        zip(sources, files, repeats, strict=True)
+    ):
         for copy in range(repeat):
             ids: dict[int, int] = {}
-            for image in instances["images"]:
+            for image in source_files["instances"]["images"]:
                 ids[image["id"]] = next_image
                 link = f"s{index}r{copy}_{image['file_name']}"
                 target = source.resolve() / split / image["file_name"]
                 (image_dir / link).symlink_to(os.path.relpath(target, image_dir.resolve()))
                 next_image += 1
-            for kind, data in files.items():
-                if data is None:
-                    continue
+            # COCO keeps a person's keypoints in person_keypoints_*.json under the id of its
+            # instances annotation: one new id per old id across those two files.
+            object_ids: dict[int, int] = {}
+            for kind, data in source_files.items():
                 into = merged.setdefault(
                     kind,
                     {k: v for k, v in data.items() if k not in ("images", "annotations")}
                     | {"images": [], "annotations": []},
                 )
-                if _schema(into.get("categories", [])) != _schema(data.get("categories", [])):
-                    raise MergeError(
-                        f"{source}: {kind}_{split}.json has other categories than {sources[0]}"
-                    )
-                unknown = {a["image_id"] for a in data["annotations"]} - ids.keys()
-                if unknown:
-                    raise MergeError(
-                        f"{source}: {kind}_{split}.json annotates images that "
-                        f"instances_{split}.json lacks (e.g. id {min(unknown)})"
-                    )
                 for image in data["images"]:
-                    if image["id"] not in ids:
-                        continue
-                    into["images"].append(
-                        image
-                        | {
-                            "id": ids[image["id"]],
-                            "file_name": f"s{index}r{copy}_{image['file_name']}",
-                        }
-                    )
+                    if image["id"] in ids:
+                        into["images"].append(
+                            image
+                            | {
+                                "id": ids[image["id"]],
+                                "file_name": f"s{index}r{copy}_{image['file_name']}",
+                            }
+                        )
                 for ann in data["annotations"]:
+                    if kind == "captions":
+                        new_id = next_ann
+                    else:
+                        new_id = object_ids.setdefault(ann["id"], next_ann)
+                    if new_id == next_ann:
+                        next_ann += 1
                     into["annotations"].append(
-                        ann | {"id": next_ann, "image_id": ids[ann["image_id"]]}
+                        ann | {"id": new_id, "image_id": ids[ann["image_id"]]}
                     )
-                    next_ann += 1
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for kind, data in merged.items():
         (out / "annotations" / f"{kind}_{split}.json").write_text(json.dumps(data))
