@@ -265,11 +265,13 @@ def train(cfg: TrainConfig) -> Path:
                             **by_task,
                         }
                     )
+            paused = time.perf_counter()
             if step % cfg.save_every == 0 or step == last_step or out_of_time:
                 _save(mad, optimizer, cfg, step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
                 _evaluate(mad, cfg, device, log, step)
                 network.train()
+            tic += time.perf_counter() - paused  # saving and evaluating are not training
         if out_of_time:
             break
     bar.close()

@@ -8,8 +8,9 @@ On the first `--images` images of `--split` it reports COCO keypoint AP
   errors drop out and what is left is the keypoint decoder's own localisation;
 - of the ground truth itself passed through the coordinate vocabulary (the ceiling that the
   quantisation leaves);
-and, with oracle boxes, AP by person height (the canvas a person lands on decides how many
-stride-16 feature cells it spans), each joint's median error in units of the person's size
+and, with oracle boxes, AP by person height in image pixels (where an image is about the
+canvas's size, as in the synthetic worlds, that says how many stride-16 feature cells a
+person spans), each joint's median error in units of the person's size
 (sqrt of its area, as OKS measures it) and how well the visibility tokens separate labelled
 from unlabelled joints.
 """
@@ -27,30 +28,30 @@ from typing import Any
 
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from model.checkpoint import MAD, load_checkpoint
 from model.codecs.base import DecodeContext, box_tokens
-from model.decoding import mask_schedule, refinement
-from model.evaluate import GroundTruth, evaluate
+from model.decoding import mask_schedule, masked_decode
+from model.evaluate import GroundTruth, coco_ap, evaluate
 from model.pipeline import Pipeline, Request
 from model.preprocess import fit_scale, image_canvas
 from model.runner import EagerRunner
 from model.stopwatch import Stopwatch
 
+NO_LIMIT = 10**9
 # Person height buckets on the original image, in pixels.
-HEIGHT_BUCKETS = ((0, 48), (48, 96), (96, 10**6))
+HEIGHT_BUCKETS = ((0, 48), (48, 96), (96, NO_LIMIT))
 
 
-def keypoint_ap(gt: COCO, results: list[dict], image_ids: list[int], heights=(0, 10**6)) -> float:
+def keypoint_ap(
+    gt: COCO, results: list[dict], image_ids: list[int], heights: tuple[int, int] = (0, NO_LIMIT)
+) -> float:
     """COCOeval keypoint AP over `image_ids`, counting only persons whose box height is in
     [heights[0], heights[1]): the others are marked as having no labelled keypoints, which
     COCOeval ignores (with the predictions they match), as it ignores an area range. Give only
     the predictions of persons in range (an unmatched one counts as a false positive)."""
-    if not results:
-        return 0.0
     lo, hi = heights
-    if (lo, hi) != (0, 10**6):
+    if (lo, hi) != (0, NO_LIMIT):
         dataset = copy.deepcopy(gt.dataset)
         for ann in dataset["annotations"]:
             if not lo <= ann["bbox"][3] < hi:
@@ -59,14 +60,7 @@ def keypoint_ap(gt: COCO, results: list[dict], image_ids: list[int], heights=(0,
             gt = COCO()
             gt.dataset = dataset
             gt.createIndex()
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(gt, gt.loadRes(results), "keypoints")
-        evaluator.params.imgIds = image_ids
-        evaluator.evaluate()
-        evaluator.accumulate()
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # all areas, most detections
-    valid = precision[precision > -1]
-    return float(valid.mean()) if valid.size else 0.0
+    return coco_ap(gt, results, "keypoints", image_ids)[0]
 
 
 class OracleBoxes:
@@ -104,9 +98,8 @@ class OracleBoxes:
         default = self.mad.config.schedules.get("keypoints", [])
         ratios = mask_schedule(steps if steps >= 0 else len(default), default)
         index = torch.zeros(len(anns), dtype=torch.long)
-        # refinement yields one Decoding, updated in place after every pass: run them all.
-        *_, state = refinement(self.pipeline.runner, memory, self.codec, prompts, index, ratios)
-        outputs = self.codec.decode(state.logits.cpu(), prompts, [context] * len(anns))
+        logits = masked_decode(self.pipeline.runner, memory, self.codec, prompts, index, ratios)
+        outputs = self.codec.decode(logits.cpu(), prompts, [context] * len(anns))
         return list(zip(anns, outputs, strict=True))
 
 
@@ -152,30 +145,24 @@ def diagnose(checkpoint: Path, data: Path, split: str, images: int) -> dict[str,
     names = mad.config.keypoint_names
     for steps in sorted({0, default_steps}):
         predictions = [p for i in truth.image_ids for p in oracle.predict(i, steps)]
-        # One box per person: rank by the mean visibility score, as served results are.
+        # Oracle boxes have no detection score: rank each person's keypoints by their mean
+        # visibility score (served results are ranked by their detection's score).
         entries = [result_entry(a, kp, float(kp[:, 2].mean())) for a, kp in predictions]
         report[f"oracle_K{steps}"] = keypoint_ap(gt, entries, truth.image_ids)
         if steps != default_steps:
             continue
-        report["oracle_by_height"] = {
-            f"{lo}-{hi if hi < 10**6 else ''}px": keypoint_ap(
-                gt,
-                [
-                    e
-                    for (a, _), e in zip(predictions, entries, strict=True)
-                    if lo <= a["bbox"][3] < hi
-                ],
-                truth.image_ids,
-                (lo, hi),
+        by_height: dict[str, float | None] = {}
+        persons_by_height: dict[str, int] = {}
+        for lo, hi in HEIGHT_BUCKETS:
+            bucket = f"{lo}-{hi if hi < NO_LIMIT else ''}px"
+            inside = [
+                e for (a, _), e in zip(predictions, entries, strict=True) if lo <= a["bbox"][3] < hi
+            ]
+            persons_by_height[bucket] = len(inside)
+            by_height[bucket] = (
+                keypoint_ap(gt, inside, truth.image_ids, (lo, hi)) if inside else None
             )
-            for lo, hi in HEIGHT_BUCKETS
-        }
-        report["persons_by_height"] = {
-            f"{lo}-{hi if hi < 10**6 else ''}px": sum(
-                lo <= a["bbox"][3] < hi for a, _ in predictions
-            )
-            for lo, hi in HEIGHT_BUCKETS
-        }
+        report["oracle_by_height"], report["persons_by_height"] = by_height, persons_by_height
         errors: list[list[float]] = [[] for _ in names]
         labelled_scores, unlabelled_scores = [], []
         for ann, kp in predictions:
@@ -222,14 +209,15 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"| (ground truth through the coordinate bins) | - | {report['quantised_truth']:.3f} |")
     print("\nwith ground-truth boxes, by person height:")
     for bucket, ap in report["oracle_by_height"].items():
-        print(f"  {bucket:>9}: AP {ap:.3f} ({report['persons_by_height'][bucket]} persons)")
+        shown = "-" if ap is None else f"{ap:.3f}"
+        print(f"  {bucket:>9}: AP {shown} ({report['persons_by_height'][bucket]} persons)")
     print("\nmedian error per joint, in units of the person's size (sqrt(area)):")
     for name, error in report["median_error_per_joint"].items():
         print(f"  {name:>15}: {'-' if error is None else f'{error:.3f}'}")
-    vis = report["visibility"]
+    shares = {k: "-" if v is None else f"{v:.1%}" for k, v in report["visibility"].items()}
     print(
         "\nvisibility: labelled joints scored visible (>0.5) "
-        f"{vis['labelled_scored_visible']:.1%}, unlabelled {vis['unlabelled_scored_visible']:.1%}"
+        f"{shares['labelled_scored_visible']}, unlabelled {shares['unlabelled_scored_visible']}"
     )
 
 
