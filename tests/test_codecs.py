@@ -164,3 +164,12 @@ def test_a_task_prompted_by_detections_must_come_after_detection():
     config = micro_config(tasks=["segmentation", "detection"])
     with pytest.raises(ValueError, match="must list 'detection' before it"):
         build_codecs(config, VocabLayout.from_config(config))
+
+
+def test_to_canvas_inverts_to_pixels():
+    """A letterboxed 300x200 image on a 256x256 canvas: pixels -> canvas -> pixels."""
+    context = DecodeContext((256, 256), 256 / 300, (200, 300))
+    pixels = torch.tensor([[0.0, 0.0, 299.0, 199.0], [150.0, 20.5, 10.0, 100.0]])
+    normalised = context.to_canvas(pixels)
+    assert normalised.max() <= 1.0 and normalised[0, 3] < 200 / 256  # the padding is below
+    assert torch.allclose(context.to_pixels(normalised), pixels, atol=1e-4)

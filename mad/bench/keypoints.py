@@ -79,28 +79,31 @@ class OracleBoxes:
         return [a for a in anns if a.get("num_keypoints", 0) > 0]
 
     @torch.inference_mode()
-    def predict(self, image_id: int, steps: int) -> list[tuple[dict, torch.Tensor]]:
-        """(annotation, predicted [K, 3] in pixels) for each labelled person of the image."""
+    def predict(
+        self, image_id: int, schedules: list[int]
+    ) -> dict[int, list[tuple[dict, torch.Tensor]]]:
+        """K -> (annotation, predicted [K, 3] in pixels) for each labelled person of the
+        image, for each refinement length K of `schedules` (the image encoded once)."""
         anns = self.persons(image_id)
         if not anns:
-            return []
+            return {steps: [] for steps in schedules}
         request = Request(self.truth.image(image_id).convert("RGB"), ("keypoints",))
-        memory, contexts = self.pipeline.encode([request], Stopwatch())
-        context = contexts[0]
-        (h, w), scale = context.canvas, context.scale
+        memory, [context] = self.pipeline.encode([request], Stopwatch())
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-        xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-        boxes_norm = xyxy * scale / torch.tensor([w, h, w, h], dtype=torch.float32)
+        boxes_norm = context.to_canvas(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
         label = torch.full((len(anns), 1), self.codec.vocab.class_token(self.person))
         prompts = self.codec.prompts(
             torch.cat([box_tokens(self.codec.vocab, boxes_norm), label], 1)
         )
-        default = self.mad.config.schedules.get("keypoints", [])
-        ratios = mask_schedule(steps if steps >= 0 else len(default), default)
         index = torch.zeros(len(anns), dtype=torch.long)
-        logits = masked_decode(self.pipeline.runner, memory, self.codec, prompts, index, ratios)
-        outputs = self.codec.decode(logits.cpu(), prompts, [context] * len(anns))
-        return list(zip(anns, outputs, strict=True))
+        default = self.mad.config.schedules.get("keypoints", [])
+        predictions = {}
+        for steps in schedules:
+            ratios = mask_schedule(steps, default)
+            logits = masked_decode(self.pipeline.runner, memory, self.codec, prompts, index, ratios)
+            outputs = self.codec.decode(logits.cpu(), prompts, [context] * len(anns))
+            predictions[steps] = list(zip(anns, outputs, strict=True))
+        return predictions
 
 
 def result_entry(ann: dict, keypoints: torch.Tensor, score: float) -> dict[str, Any]:
@@ -121,13 +124,16 @@ def quantised(mad: MAD, truth: GroundTruth, oracle: OracleBoxes) -> list[dict]:
         size = (int(image["height"]), int(image["width"]))
         canvas = image_canvas(size, mad.config.image_size)
         context = DecodeContext(canvas, fit_scale(size, canvas), size)
-        wh = torch.tensor(canvas[::-1], dtype=torch.float32)
         for ann in oracle.persons(image_id):
             kp = torch.tensor(ann["keypoints"], dtype=torch.float32).reshape(-1, 3)
-            norm = vocab.dequantize(vocab.quantize((kp[:, :2] * context.scale / wh).clamp(0, 1)))
-            pixels = context.to_pixels(norm.flatten()).reshape(-1, 2)
+            norm = context.to_canvas(kp[:, :2].flatten()).clamp(0, 1)
+            pixels = context.to_pixels(vocab.dequantize(vocab.quantize(norm))).reshape(-1, 2)
             entries.append(result_entry(ann, torch.cat([pixels, (kp[:, 2:] > 0).float()], 1), 1.0))
     return entries
+
+
+def mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 def diagnose(checkpoint: Path, data: Path, split: str, images: int) -> dict[str, Any]:
@@ -137,14 +143,16 @@ def diagnose(checkpoint: Path, data: Path, split: str, images: int) -> dict[str,
     gt = oracle.gt
     default_steps = len(mad.config.schedules.get("keypoints", []))
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "images": len(truth.image_ids)}
-    for steps in sorted({0, default_steps}):
+    schedules = sorted({0, default_steps})
+    for steps in schedules:
         served = evaluate(
             mad, data, split, limit=images, refine_steps={"keypoints": steps}, tasks=("keypoints",)
         )
         report[f"served_K{steps}"] = served["keypoints_AP"]
     names = mad.config.keypoint_names
-    for steps in sorted({0, default_steps}):
-        predictions = [p for i in truth.image_ids for p in oracle.predict(i, steps)]
+    per_image = [oracle.predict(i, schedules) for i in truth.image_ids]
+    for steps in schedules:
+        predictions = [p for image in per_image for p in image[steps]]
         # Oracle boxes have no detection score: rank each person's keypoints by their mean
         # visibility score (served results are ranked by their detection's score).
         entries = [result_entry(a, kp, float(kp[:, 2].mean())) for a, kp in predictions]
@@ -178,20 +186,10 @@ def diagnose(checkpoint: Path, data: Path, split: str, images: int) -> dict[str,
             name: statistics.median(e) if e else None for name, e in zip(names, errors, strict=True)
         }
         report["visibility"] = {
-            "labelled_mean_score": statistics.fmean(labelled_scores) if labelled_scores else None,
-            "unlabelled_mean_score": statistics.fmean(unlabelled_scores)
-            if unlabelled_scores
-            else None,
-            "labelled_scored_visible": (
-                sum(s > 0.5 for s in labelled_scores) / len(labelled_scores)
-                if labelled_scores
-                else None
-            ),
-            "unlabelled_scored_visible": (
-                sum(s > 0.5 for s in unlabelled_scores) / len(unlabelled_scores)
-                if unlabelled_scores
-                else None
-            ),
+            "labelled_mean_score": mean(labelled_scores),
+            "unlabelled_mean_score": mean(unlabelled_scores),
+            "labelled_scored_visible": mean([float(s > 0.5) for s in labelled_scores]),
+            "unlabelled_scored_visible": mean([float(s > 0.5) for s in unlabelled_scores]),
         }
     report["quantised_truth"] = keypoint_ap(gt, quantised(mad, truth, oracle), truth.image_ids)
     return report

@@ -87,6 +87,13 @@ class DecodeContext:
         limit = torch.tensor(self.image_size[::-1], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
         return torch.minimum(xy * size / self.scale, limit).clamp(min=0)
 
+    def to_canvas(self, xy: torch.Tensor) -> torch.Tensor:
+        """[..., 2k] original-image pixels (x, y, x, y, ...) -> normalised canvas coordinates
+        (`to_pixels`' inverse, unclipped)."""
+        h, w = self.canvas
+        size = torch.tensor([w, h], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
+        return xy * self.scale / size
+
 
 @dataclass(frozen=True)
 class JsonOptions:

@@ -122,12 +122,12 @@ def _merge_split(
         zip(sources, files, repeats, strict=True)
     ):
         for copy in range(repeat):
-            ids: dict[int, int] = {}
+            renamed: dict[int, dict[str, Any]] = {}  # old image id -> its new id and file
             for image in source_files["instances"]["images"]:
-                ids[image["id"]] = next_image
                 link = f"s{index}r{copy}_{image['file_name']}"
                 target = source.resolve() / split / image["file_name"]
                 (image_dir / link).symlink_to(os.path.relpath(target, image_dir.resolve()))
+                renamed[image["id"]] = {"id": next_image, "file_name": link}
                 next_image += 1
             # COCO keeps a person's keypoints in person_keypoints_*.json under the id of its
             # instances annotation: one new id per old id across those two files.
@@ -138,15 +138,11 @@ def _merge_split(
                     {k: v for k, v in data.items() if k not in ("images", "annotations")}
                     | {"images": [], "annotations": []},
                 )
-                for image in data["images"]:
-                    if image["id"] in ids:
-                        into["images"].append(
-                            image
-                            | {
-                                "id": ids[image["id"]],
-                                "file_name": f"s{index}r{copy}_{image['file_name']}",
-                            }
-                        )
+                into["images"] += [
+                    image | renamed[image["id"]]
+                    for image in data["images"]
+                    if image["id"] in renamed
+                ]
                 for ann in data["annotations"]:
                     if kind == "captions":
                         new_id = next_ann
@@ -155,7 +151,7 @@ def _merge_split(
                     if new_id == next_ann:
                         next_ann += 1
                     into["annotations"].append(
-                        ann | {"id": new_id, "image_id": ids[ann["image_id"]]}
+                        ann | {"id": new_id, "image_id": renamed[ann["image_id"]]["id"]}
                     )
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for kind, data in merged.items():
