@@ -33,20 +33,24 @@ def load_local_weights(module: nn.Module, path: str | Path) -> None:
 
 
 class Backbone(nn.Module):
-    """What the network needs of a backbone: NCHW features and their channels and stride."""
+    """What the network needs of a backbone: NCHW feature maps, finest first, with their
+    channels and strides. One map (the last stage), or two when built with `fine`: the stage
+    before the last too, at twice the resolution."""
 
-    out_channels: int
-    stride: int
+    channels: list[int]
+    strides: list[int]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, out_channels, H/stride, W/stride]"""
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> per level [B, channels[i], H/strides[i], W/strides[i]]"""
         raise NotImplementedError
 
 
 class ResNetBackbone(Backbone):
     """A torchvision ResNet cut after `last_stage` (3 -> stride 16, 4 -> stride 32)."""
 
-    def __init__(self, name: str, last_stage: int, frozen_bn: bool, weights: str | None):
+    def __init__(
+        self, name: str, last_stage: int, frozen_bn: bool, weights: str | None, fine: bool
+    ):
         super().__init__()
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
@@ -57,18 +61,29 @@ class ResNetBackbone(Backbone):
                 param.requires_grad_(False)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4][:last_stage]
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
-        self.out_channels = RESNET_CHANNELS[name][last_stage - 1]
-        self.stride = 2 ** (last_stage + 1)
+        levels = [last_stage - 1, last_stage] if fine else [last_stage]
+        if fine and last_stage < 2:
+            raise ValueError("a fine memory level needs backbone_last_stage >= 2")
+        self.channels = [RESNET_CHANNELS[name][stage - 1] for stage in levels]
+        self.strides = [2 ** (stage + 1) for stage in levels]
+        # body: stem (4 modules), then the stages; a level is a stage's output
+        self.taps = [3 + stage for stage in levels]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, C, H/stride, W/stride]"""
-        return self.body(images)
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> per level [B, C, H/stride, W/stride]"""
+        maps, x = [], images
+        for index, module in enumerate(self.body):
+            x = module(x)
+            if index in self.taps:
+                maps.append(x)
+        return maps
 
 
 class TimmBackbone(Backbone):
-    """A timm model's last feature map (Swin, ViT, ...), as NCHW."""
+    """A timm model's last feature map (Swin, ViT, ...), with the one before it when `fine`,
+    as NCHW."""
 
-    def __init__(self, name: str, image_size: tuple[int, int], weights: str | None):
+    def __init__(self, name: str, image_size: tuple[int, int], weights: str | None, fine: bool):
         super().__init__()
         import timm
 
@@ -78,33 +93,39 @@ class TimmBackbone(Backbone):
         elif name.startswith("swin"):
             kwargs["strict_img_size"] = False
         self.net = timm.create_model(
-            name, pretrained=False, features_only=True, out_indices=(-1,), **kwargs
+            name,
+            pretrained=False,
+            features_only=True,
+            out_indices=(-2, -1) if fine else (-1,),
+            **kwargs,
         )
         if weights:
             load_local_weights(self.net, weights)
         info = self.net.feature_info
         assert isinstance(info, timm.models.FeatureInfo)  # features_only=True has one
-        self.out_channels = info.channels()[-1]
-        self.stride = info.reduction()[-1]
+        self.channels = list(info.channels())
+        self.strides = list(info.reduction())
         fmt = getattr(self.net, "output_fmt", "NCHW")
         self.channels_last = str(getattr(fmt, "name", fmt)) == "NHWC"
         patches = [m for m in self.net.modules() if isinstance(m, timm.layers.PatchEmbed)]
         self.patch_size: tuple[int, int] = tuple(patches[0].patch_size) if patches else (1, 1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, C, ceil(H/stride), ceil(W/stride)]: a canvas off the patch grid
-        (800x1333 is no multiple of 16) is padded on the right and bottom to the next patch;
-        the pad mask is resized to the feature map, so the padding stays masked."""
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> per level [B, C, ceil(H/stride), ceil(W/stride)]: a canvas off the
+        patch grid (800x1333 is no multiple of 16) is padded on the right and bottom to the
+        next patch; the pad mask is resized to each map, so the padding stays masked."""
         height, width = images.shape[-2:]
         ph, pw = self.patch_size
         images = F.pad(images, (0, -width % pw, 0, -height % ph))
-        features = self.net(images)[-1]
-        return features.permute(0, 3, 1, 2) if self.channels_last else features
+        maps = self.net(images)
+        return [m.permute(0, 3, 1, 2) for m in maps] if self.channels_last else list(maps)
 
 
 def build_backbone(config: ModelConfig) -> Backbone:
     if config.backbone.startswith("timm:"):
-        return TimmBackbone(config.backbone[5:], config.image_size, config.backbone_weights)
+        return TimmBackbone(
+            config.backbone[5:], config.image_size, config.backbone_weights, config.fine_memory
+        )
     if config.backbone not in RESNET_CHANNELS:
         raise ValueError(f"unknown backbone {config.backbone!r}")
     return ResNetBackbone(
@@ -112,4 +133,5 @@ def build_backbone(config: ModelConfig) -> Backbone:
         config.backbone_last_stage,
         config.frozen_batchnorm,
         config.backbone_weights,
+        config.fine_memory,
     )

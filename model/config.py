@@ -163,6 +163,10 @@ class ModelConfig:
     # A LayerNorm shared by all decoder layers' outputs before the head, as the reference's
     # decoder has; False only for checkpoints from before it existed (the presets set True).
     decoder_final_norm: bool = False
+    # The decoder also cross-attends to the backbone stage before the last (stride 8 under
+    # backbone_last_stage 3), projected but not encoded: 4x the memory tokens, finer detail
+    # for keypoints and small objects.
+    fine_memory: bool = False
     # Images are letterboxed into this canvas (height, width); coordinates are binned over it.
     image_size: tuple[int, int] = (800, 1333)
     # Sequence language.

@@ -100,6 +100,29 @@ def coordinate_code(num_tokens: int, dim: int) -> torch.Tensor:
     return F.pad(code, (0, dim - code.shape[1])) * math.sqrt(2)
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _tokens(
+    features: torch.Tensor, pad_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """features [B, D, h, w], pad_mask [B, H, W] (True on letterbox padding) or None ->
+    tokens [B, h*w, D], their sine positions [B, h*w, D], attend [B, 1, 1, h*w] (True where
+    a feature is real image)."""
+    B, D, h, w = features.shape
+    if pad_mask is None:
+        pad_mask = torch.zeros(B, h, w, dtype=torch.bool, device=features.device)
+    else:
+        pad_mask = F.interpolate(pad_mask[:, None].float(), size=(h, w))[:, 0] > 0.5
+    pos = sine_position_encoding(pad_mask, D).to(features.dtype).flatten(2).transpose(1, 2)
+    attend = (~pad_mask).flatten(1)[:, None, None, :]
+    return features.flatten(2).transpose(1, 2), pos, attend
+
+
 class MADNetwork(nn.Module):
     pixel_mean: torch.Tensor  # buffers: [1, 3, 1, 1] ImageNet normalisation
     pixel_std: torch.Tensor
@@ -109,7 +132,15 @@ class MADNetwork(nn.Module):
         d = config.d_model
         self.config, self.vocab = config, vocab
         self.backbone = build_backbone(config)
-        self.input_proj = nn.Conv2d(self.backbone.out_channels, d, kernel_size=1)
+        self.input_proj = nn.Conv2d(self.backbone.channels[-1], d, kernel_size=1)
+        if config.fine_memory:
+            # The fine level skips the encoder (its self-attention would cost 16x the coarse
+            # level's); LayerNorm brings it to the encoder output's scale, the level embedding
+            # (normal init, as Deformable DETR's) tells its keys from the coarse ones.
+            self.fine_proj = nn.Sequential(
+                nn.Conv2d(self.backbone.channels[0], d, kernel_size=1), ChannelNorm(d)
+            )
+            self.fine_level = nn.Parameter(torch.randn(d))
         self.encoder = nn.ModuleList(
             EncoderLayer(d, config.n_heads, config.ffn_dim, config.dropout)
             for _ in range(config.encoder_layers)
@@ -143,17 +174,15 @@ class MADNetwork(nn.Module):
     def encode(self, images: torch.Tensor, pad_mask: torch.Tensor | None = None) -> ImageMemory:
         """images [B, 3, H, W] float in [0, 1]; pad_mask [B, H, W] True on letterbox padding."""
         x = (images - self.pixel_mean) / self.pixel_std
-        features = self.input_proj(self.backbone(x))  # [B, D, h, w]
-        B, D, h, w = features.shape
-        if pad_mask is None:
-            pad_mask = torch.zeros(B, h, w, dtype=torch.bool, device=images.device)
-        else:
-            pad_mask = F.interpolate(pad_mask[:, None].float(), size=(h, w))[:, 0] > 0.5
-        pos = sine_position_encoding(pad_mask, D).to(features.dtype).flatten(2).transpose(1, 2)
-        memory = features.flatten(2).transpose(1, 2)  # [B, N, D]
-        attend = (~pad_mask).flatten(1)[:, None, None, :]  # [B, 1, 1, N]
+        maps = self.backbone(x)
+        memory, pos, attend = _tokens(self.input_proj(maps[-1]), pad_mask)
         for layer in self.encoder:
             memory = layer(memory, pos, attend)
+        if self.config.fine_memory:
+            fine, fine_pos, fine_attend = _tokens(self.fine_proj(maps[0]), pad_mask)
+            memory = torch.cat([memory, fine], 1)
+            pos = torch.cat([pos, fine_pos + self.fine_level.to(fine_pos.dtype)], 1)
+            attend = torch.cat([attend, fine_attend], 3)
         layers = cast(list[DecoderLayer], list(self.decoder))  # nn.ModuleList is not generic
         return ImageMemory([layer.image_kv(memory, pos) for layer in layers], attend)
 

@@ -27,6 +27,7 @@ from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, 
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
 from model.losses import masked_training_losses, weighted_total
+from model.startup import StartupError
 from model.tokenizer import CaptionTokenizer
 from model.train_state import has_train_state, load_train_state, save_train_state
 from model.transfer import carry_weights, unknown_word_share
@@ -170,7 +171,10 @@ def _initialised(cfg: TrainConfig, dataset: CocoMultiTaskDataset, rank: int) -> 
     if not cfg.overrides and tokenizer is mad.tokenizer:
         return mad
     changed = MAD.build(dataclasses.replace(mad.config, **(cfg.overrides or {})), tokenizer)
-    fresh = carry_weights(mad, changed)
+    try:
+        fresh = carry_weights(mad, changed)
+    except ValueError as exc:
+        raise StartupError(f"--init {cfg.init} with --set {cfg.overrides}: {exc}") from exc
     if fresh:
         tqdm.write(f"--init {cfg.init}: these start fresh: {', '.join(fresh)}")
     return changed

@@ -36,6 +36,13 @@ def carry_weights(source: MAD, target: MAD) -> list[str]:
     for name, value in old_state.items():
         if name == "token_embedding.weight":
             continue
+        if name == "seq_pos.weight":  # positions mean the same in a longer or shorter table
+            kept = min(len(value), len(new_state[name]))
+            new_state[name] = new_state[name].clone()
+            new_state[name][:kept] = value[:kept]
+            if kept < len(new_state[name]):
+                fresh.append(f"seq_pos rows {kept}..{len(new_state[name]) - 1}")
+            continue
         if new_state[name].shape != value.shape:
             shapes = f"{tuple(value.shape)} -> {tuple(new_state[name].shape)}"
             raise ValueError(f"{name}: the change reshapes trained weights: {shapes}")

@@ -93,7 +93,7 @@ def test_transformer_backbones_take_canvases_off_their_patch_grid(backbone, toke
             memory = network.encode(
                 torch.rand(1, 3, height, width), torch.zeros(1, height, width, dtype=torch.bool)
             )
-        stride = network.backbone.stride
+        stride = network.backbone.strides[-1]
         cells = math.ceil(height / stride) * math.ceil(width / stride)
         assert memory.kv[0][0].shape[2] == cells, (backbone, height, width)
 

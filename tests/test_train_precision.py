@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +14,7 @@ from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import build_transforms
 from model.losses import masked_training_losses, weighted_total
+from model.startup import StartupError
 from model.train import TrainConfig, train
 from model.transformer import matmul_attention
 from tests.helpers import MICRO_OVERRIDES, micro_config
@@ -133,3 +135,24 @@ def test_an_empty_validation_split_is_not_evaluated(tmp_path):
     train(cfg)
     log = (tmp_path / "run" / "train_log.csv").read_text()
     assert "val_" not in log  # no row of zero metrics from an empty split
+
+
+def test_init_with_fewer_tasks_keeps_the_positions_they_share(synth_data, tokenizer, tmp_path):
+    """Dropping the longest task shortens the position table: the rows both have carry over."""
+    torch.manual_seed(0)
+    old = MAD.build(micro_config(), tokenizer)
+    save_checkpoint(old, tmp_path / "old")
+    common = dict(data=synth_data, steps=1, batch_size=2, workers=0, warmup_steps=1, lr=0.0)
+    overrides = {"tasks": ["detection", "keypoints"]}
+    cfg = TrainConfig(out=tmp_path / "new", init=tmp_path / "old", overrides=overrides, **common)
+    train(cfg)
+    new, _ = load_checkpoint(tmp_path / "new")
+    old_pos = old.required_network().seq_pos.weight
+    new_pos = new.required_network().seq_pos.weight
+    assert len(new_pos) < len(old_pos)
+    assert torch.equal(new_pos, old_pos[: len(new_pos)])
+    bad = TrainConfig(
+        out=tmp_path / "bad", init=tmp_path / "old", overrides={"num_bins": 50}, **common
+    )
+    with pytest.raises(StartupError, match="coordinate bins"):
+        train(bad)
