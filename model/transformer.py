@@ -1,8 +1,10 @@
 """Transformer layers of MAD: a DETR-style encoder and a bidirectional sequence decoder.
 
 Attention goes through `F.scaled_dot_product_attention` (fused kernels on GPU), except under
-CPU bf16 autocast (training), where plain matmuls with an fp32 softmax are several times
-faster than the CPU's fused kernel at these short lengths. The decoder's cross-attention
+CPU bf16 autocast (training) with short queries and keys, where plain matmuls with an fp32
+softmax are several times faster than the CPU's fused kernel; past MATMUL_MAX_SCORES scores
+per head (e.g. cross-attention to a fine memory level) the fused kernel wins, as the score
+matrices the matmuls write and convert no longer stay in cache. The decoder's cross-attention
 keys/values of the image are computed once per image (`image_kv`) and reused by every task
 and every refinement step. As in the reference (detrex layers), attention outputs join the
 residual without dropout; dropout acts on attention weights and inside the FFN.
@@ -17,6 +19,7 @@ from torch import nn
 from model.folding import ImageGroups
 
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, heads, N, head_dim], same)
+MATMUL_MAX_SCORES = 256 * 1024  # queries x keys per head (python -m mad.bench.attention)
 
 
 class Attention(nn.Module):
@@ -40,7 +43,8 @@ class Attention(nn.Module):
         (True = may attend) -> [B, L, D]"""
         q = self.split(self.q(query))
         drop = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        short = q.shape[-2] * kv[0].shape[-2] <= MATMUL_MAX_SCORES
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and short:
             out = matmul_attention(q, kv[0], kv[1], mask, drop, causal)
         else:
             out = F.scaled_dot_product_attention(
@@ -60,13 +64,13 @@ def matmul_attention(
     """What `F.scaled_dot_product_attention` computes, as explicit matmuls with the softmax in
     fp32: q [B, h, L, d], k, v [B, h, N, d], mask broadcastable to [B, h, L, N] (True = may
     attend) -> [B, h, L, d]."""
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q: L x d, not L x N
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     if causal:
         future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
         scores = scores.masked_fill(future.triu(1), float("-inf"))
-    weights = F.dropout(scores.softmax(-1), dropout)
+    weights = F.dropout(scores.softmax(-1, dtype=torch.float32), dropout)
     return weights.to(v.dtype) @ v
 
 
