@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from export.onnx_export import export_onnx
+from mad.bench import train_step
 from model.checkpoint import MAD, load_checkpoint, save_checkpoint
 from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
@@ -110,3 +111,14 @@ def test_onnx_export_of_a_fine_memory_model_matches_eager(fine_model, tmp_path):
     save_checkpoint(fine_model, tmp_path / "ckpt")
     export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
     assert read_manifest(tmp_path / "onnx")["verification"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_train_step_bench_times_the_changed_model_against_the_checkpoint(
+    micro_checkpoint, monkeypatch, capsys
+):
+    argv = ["train_step", "--checkpoint", str(micro_checkpoint), "--batch-size", "2"]
+    argv += ["--steps", "1", "--set", "fine_memory=true", "--base-set", 'tasks=["detection"]']
+    monkeypatch.setattr("sys.argv", argv)
+    train_step.main()
+    line = capsys.readouterr().out
+    assert "as is" in line and "fine_memory=true takes" in line and "x as long" in line

@@ -1,59 +1,102 @@
-"""Training step time, fp32 against bf16 autocast, on the same batches in one run.
+"""Training step time on the same batches in one run: fp32 against bf16 autocast, or (with
+--set) the model as it is against the model changed by config overrides.
 
     python -m mad.bench.train_step [--checkpoint checkpoints/mad-tiny] [--batch-size 16]
+    python -m mad.bench.train_step --set fine_memory=true [--set 'tasks=["detection","keypoints"]']
 
-Builds a batch of generated images at the model's canvas, then alternates fp32 and bf16
+Builds a batch of generated images at the model's canvas, then alternates the two arms'
 steps (forward, backward, optimizer) so that both see the same machine load; prints the
-median step time of each and their ratio.
+median step time of each and their ratio. With --set, both arms train under bf16 autocast
+(as `mad train` does) and --base-set applies overrides to both (e.g. the same tasks); the
+changed model carries the checkpoint's weights as `mad train --init C --set ...` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import MAD, load_checkpoint
 from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import write_synthetic_dataset
 from model.data.transforms import build_transforms
 from model.losses import masked_training_losses, weighted_total
+from model.transfer import carry_weights
+
+
+def overrides(items: list[str]) -> dict[str, Any]:
+    """["fine_memory=true"] -> {"fine_memory": True} (values are JSON, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"train_step: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def changed(mad: MAD, values: dict[str, Any]) -> MAD:
+    if not values:
+        return mad
+    other = MAD.build(dataclasses.replace(mad.config, **values), mad.tokenizer)
+    carry_weights(mad, other)
+    return other
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per precision")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per arm")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", dest="variant", action="append", default=[], metavar="K=V")
+    parser.add_argument("--base-set", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
 
-    mad, _ = load_checkpoint(args.checkpoint, args.device)
-    network = mad.required_network().train()
-    network.backbone.to(memory_format=torch.channels_last)
-    size = max(mad.config.image_size)
+    base = changed(load_checkpoint(args.checkpoint)[0], overrides(args.base_set))
+    arms: dict[str, tuple[MAD, bool]]  # name -> (model, bf16)
+    if args.variant:
+        arms = {
+            "as is": (base, True),
+            " ".join(args.variant): (changed(base, overrides(args.variant)), True),
+        }
+    else:
+        arms = {"fp32": (base, False), "bf16": (base, True)}
+    size = max(base.config.image_size)
     with tempfile.TemporaryDirectory() as root:
         write_synthetic_dataset(Path(root), train=args.batch_size, val=0, seed=0)
         dataset = CocoMultiTaskDataset(Path(root), "train2017", build_transforms(True, size))
-        images, pads, targets = CanvasCollate(mad.config.image_size)(
+        images, pads, targets = CanvasCollate(base.config.image_size)(
             [dataset[i] for i in range(args.batch_size)]
         )
     images = images.to(args.device, memory_format=torch.channels_last)
     pads = pads.to(args.device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-6)
-    generator = torch.Generator().manual_seed(0)
     device_type = torch.device(args.device).type
+    optimizers = {}
+    for mad, _ in arms.values():
+        network = mad.required_network().to(args.device).train()
+        network.backbone.to(memory_format=torch.channels_last)
+        optimizers[id(mad)] = torch.optim.AdamW(network.parameters(), lr=1e-6)
 
-    def step(bf16: bool) -> float:
+    def step(mad: MAD, bf16: bool) -> float:
+        generator = torch.Generator().manual_seed(0)  # the same sequences for both arms
         sequences = {
             n: c.training_sequences(targets, generator).to(args.device)
             for n, c in mad.codecs.items()
         }
+        network, optimizer = mad.required_network(), optimizers[id(mad)]
         tic = time.perf_counter()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
@@ -65,17 +108,22 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - tic
 
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for bf16 in (False, True):  # warm-up
-        step(bf16)
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for mad, bf16 in arms.values():  # warm-up
+        step(mad, bf16)
     for _ in range(args.steps):
-        for bf16 in (False, True):
-            times[bf16].append(step(bf16))
-    fp32_s, bf16_s = statistics.median(times[False]), statistics.median(times[True])
+        for name, (mad, bf16) in arms.items():
+            times[name].append(step(mad, bf16))
+    (first, first_s), (second, second_s) = ((n, statistics.median(t)) for n, t in times.items())
+    ratio = (
+        f"{second} takes {second_s / first_s:.2f}x as long"
+        if args.variant
+        else f"bf16 speed-up {first_s / second_s:.2f}x"
+    )
     print(
         f"{args.checkpoint.name}, batch {args.batch_size}, {size}px, {args.device}, "
-        f"{torch.get_num_threads()} threads: fp32 {fp32_s:.3f} s/step, "
-        f"bf16 {bf16_s:.3f} s/step, bf16 speed-up {fp32_s / bf16_s:.2f}x"
+        f"{torch.get_num_threads()} threads: {first} {first_s:.3f} s/step, "
+        f"{second} {second_s:.3f} s/step, {ratio}"
     )
 
 
