@@ -136,7 +136,7 @@ def export_onnx(
             "layers": len(network.decoder),
             "heads": network.config.n_heads,
             "head_dim": network.config.d_model // network.config.n_heads,
-            "stride": int(getattr(network.backbone, "stride", 0)),
+            "strides": list(network.backbone.strides),  # the levels, finest first
         },
         "graphs": graphs,
         "versions": versions(),

@@ -15,6 +15,7 @@ import typer
 from export.cli import export
 from mad.bench.cli import bench
 from mad.help import PlainHelpCommand, command_name, new_app
+from model.config import parse_overrides as config_overrides
 from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
 from model.startup import StartupError
 from service.cli import predict, request_error, serve
@@ -123,17 +124,11 @@ def data_merge(
 
 
 def parse_overrides(values: list[str]) -> dict[str, Any]:
-    """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}"""
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    """--set values -> config overrides (model.config.parse_overrides), as a usage error."""
+    try:
+        return config_overrides(values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command(cls=PlainHelpCommand)

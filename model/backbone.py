@@ -59,11 +59,11 @@ class ResNetBackbone(Backbone):
         if frozen_bn:  # a pretrained backbone: its stem stays fixed too (reference: freeze_at=1)
             for param in [*net.conv1.parameters(), *net.bn1.parameters()]:
                 param.requires_grad_(False)
+        if fine and last_stage < 2:
+            raise ValueError("a fine memory level needs backbone_last_stage >= 2")
         stages = [net.layer1, net.layer2, net.layer3, net.layer4][:last_stage]
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
         levels = [last_stage - 1, last_stage] if fine else [last_stage]
-        if fine and last_stage < 2:
-            raise ValueError("a fine memory level needs backbone_last_stage >= 2")
         self.channels = [RESNET_CHANNELS[name][stage - 1] for stage in levels]
         self.strides = [2 ** (stage + 1) for stage in levels]
         # body: stem (4 modules), then the stages; a level is a stage's output
@@ -105,6 +105,8 @@ class TimmBackbone(Backbone):
         assert isinstance(info, timm.models.FeatureInfo)  # features_only=True has one
         self.channels = list(info.channels())
         self.strides = list(info.reduction())
+        if fine and self.strides[0] >= self.strides[-1]:  # e.g. ViT: every block at stride 16
+            raise ValueError(f"fine_memory: timm:{name} has no finer stage before its last")
         fmt = getattr(self.net, "output_fmt", "NCHW")
         self.channels_last = str(getattr(fmt, "name", fmt)) == "NHWC"
         patches = [m for m in self.net.modules() if isinstance(m, timm.layers.PatchEmbed)]

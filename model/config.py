@@ -164,8 +164,9 @@ class ModelConfig:
     # decoder has; False only for checkpoints from before it existed (the presets set True).
     decoder_final_norm: bool = False
     # The decoder also cross-attends to the backbone stage before the last (stride 8 under
-    # backbone_last_stage 3), projected but not encoded: 4x the memory tokens, finer detail
-    # for keypoints and small objects.
+    # backbone_last_stage 3), projected but not encoded: 4x as many tokens again as the
+    # stride-16 level, finer detail for keypoints and small objects. ResNets and hierarchical
+    # timm backbones (Swin); not ViT, whose blocks all have one stride.
     fine_memory: bool = False
     # Images are letterboxed into this canvas (height, width); coordinates are binned over it.
     image_size: tuple[int, int] = (800, 1333)
@@ -319,3 +320,18 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[name]()
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}:
+    each value JSON where it parses, else the string; ValueError for an item without "="."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -141,10 +141,17 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
     if dataset.keypoint_names:
         overrides.setdefault("keypoint_names", dataset.keypoint_names)
         overrides.setdefault("skeleton", [(a - 1, b - 1) for a, b in dataset.skeleton])
-    config = get_preset(cfg.preset, **overrides)
+    try:
+        config = get_preset(cfg.preset, **overrides)
+    except (ValueError, TypeError) as exc:  # TypeError: an unknown config field
+        raise StartupError(f"--set {cfg.overrides}: {exc}") from exc
     if not any(dataset.captions(i) for i in dataset.ids):
         config.tasks = [t for t in config.tasks if t != "caption"]
-    return MAD.build(config, tokenizer_for(dataset, cfg, config, rank)), 0
+    tokenizer = tokenizer_for(dataset, cfg, config, rank)
+    try:
+        return MAD.build(config, tokenizer), 0
+    except ValueError as exc:  # e.g. a backbone that cannot give what the config asks
+        raise StartupError(f"--set {cfg.overrides}: {exc}") from exc
 
 
 def _initialised(cfg: TrainConfig, dataset: CocoMultiTaskDataset, rank: int) -> MAD:
@@ -170,10 +177,10 @@ def _initialised(cfg: TrainConfig, dataset: CocoMultiTaskDataset, rank: int) -> 
             )
     if not cfg.overrides and tokenizer is mad.tokenizer:
         return mad
-    changed = MAD.build(dataclasses.replace(mad.config, **(cfg.overrides or {})), tokenizer)
     try:
+        changed = MAD.build(dataclasses.replace(mad.config, **(cfg.overrides or {})), tokenizer)
         fresh = carry_weights(mad, changed)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: an unknown config field
         raise StartupError(f"--init {cfg.init} with --set {cfg.overrides}: {exc}") from exc
     if fresh:
         tqdm.write(f"--init {cfg.init}: these start fresh: {', '.join(fresh)}")

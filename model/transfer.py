@@ -36,7 +36,8 @@ def carry_weights(source: MAD, target: MAD) -> list[str]:
     for name, value in old_state.items():
         if name == "token_embedding.weight":
             continue
-        if name == "seq_pos.weight":  # positions mean the same in a longer or shorter table
+        if name == "seq_pos.weight" and value.shape[1:] == new_state[name].shape[1:]:
+            # positions mean the same in a longer or shorter table
             kept = min(len(value), len(new_state[name]))
             new_state[name] = new_state[name].clone()
             new_state[name][:kept] = value[:kept]

@@ -3,11 +3,13 @@
 Attention goes through `F.scaled_dot_product_attention` (fused kernels on GPU), except under
 CPU bf16 autocast (training) with short queries and keys, where plain matmuls with an fp32
 softmax are several times faster than the CPU's fused kernel; past MATMUL_MAX_SCORES scores
-per head (e.g. cross-attention to a fine memory level) the fused kernel wins, as the score
-matrices the matmuls write and convert no longer stay in cache. The decoder's cross-attention
-keys/values of the image are computed once per image (`image_kv`) and reused by every task
-and every refinement step. As in the reference (detrex layers), attention outputs join the
-residual without dropout; dropout acts on attention weights and inside the FFN.
+per head (folded segmentation sequences, cross-attention to a fine memory level) the fused
+kernel wins, as the score matrices the matmuls write and convert no longer stay in cache.
+(With dropout the CPU's fused kernel falls back to plain math and both cost the same.)
+The decoder's cross-attention keys/values of the image are computed once per image
+(`image_kv`) and reused by every task and every refinement step. As in the reference
+(detrex layers), attention outputs join the residual without dropout; dropout acts on
+attention weights and inside the FFN.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from model.folding import ImageGroups
 
 KV = tuple[torch.Tensor, torch.Tensor]  # ([B, heads, N, head_dim], same)
 MATMUL_MAX_SCORES = 256 * 1024  # queries x keys per head (python -m mad.bench.attention)
+
+
+def matmuls_pay(queries: int, keys: int) -> bool:
+    """Whether explicit matmuls beat the fused kernel under CPU bf16 autocast."""
+    return queries * keys <= MATMUL_MAX_SCORES
 
 
 class Attention(nn.Module):
@@ -43,8 +50,8 @@ class Attention(nn.Module):
         (True = may attend) -> [B, L, D]"""
         q = self.split(self.q(query))
         drop = self.dropout if self.training else 0.0
-        short = q.shape[-2] * kv[0].shape[-2] <= MATMUL_MAX_SCORES
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and short:
+        cpu_bf16 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_bf16 and matmuls_pay(q.shape[-2], kv[0].shape[-2]):
             out = matmul_attention(q, kv[0], kv[1], mask, drop, causal)
         else:
             out = F.scaled_dot_product_attention(

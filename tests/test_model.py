@@ -81,21 +81,39 @@ def test_every_preset_encodes_and_decodes_every_task(preset, size, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "backbone", ["timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224"]
+    "backbone, fine",
+    [
+        ("timm:vit_tiny_patch16_224", False),
+        ("timm:swin_tiny_patch4_window7_224", False),
+        ("timm:swin_tiny_patch4_window7_224", True),
+        ("resnet18", True),
+    ],
 )
-def test_transformer_backbones_take_canvases_off_their_patch_grid(backbone, tokenizer):
-    """COCO canvases (800x1333 and its transpose) are no multiple of 16 or 32: a timm
-    backbone must still encode them, the feature map covering the whole image."""
-    config = get_preset("tiny", backbone=backbone, image_size=(100, 167))
+def test_backbones_take_canvases_off_their_patch_grid(backbone, fine, tokenizer):
+    """COCO canvases (800x1333 and its transpose) are no multiple of 16 or 32: every backbone
+    must still encode them, each memory level covering the whole image."""
+    config = get_preset(
+        "tiny", backbone=backbone, image_size=(100, 167), fine_memory=fine, backbone_last_stage=3
+    )
     network = MAD.build(config, tokenizer).network.eval()
+    assert len(network.backbone.strides) == (2 if fine else 1)
     for height, width in ((100, 167), (167, 100)):
         with torch.inference_mode():
             memory = network.encode(
                 torch.rand(1, 3, height, width), torch.zeros(1, height, width, dtype=torch.bool)
             )
-        stride = network.backbone.strides[-1]
-        cells = math.ceil(height / stride) * math.ceil(width / stride)
+        cells = sum(
+            math.ceil(height / stride) * math.ceil(width / stride)
+            for stride in network.backbone.strides
+        )
         assert memory.kv[0][0].shape[2] == cells, (backbone, height, width)
+
+
+def test_fine_memory_needs_a_finer_stage(tokenizer):
+    with pytest.raises(ValueError, match="no finer stage"):
+        MAD.build(
+            get_preset("tiny", backbone="timm:vit_tiny_patch16_224", fine_memory=True), tokenizer
+        )
 
 
 def test_loss_counts_only_masked_tokens(micro_model):

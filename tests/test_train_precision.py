@@ -16,8 +16,25 @@ from model.data.transforms import build_transforms
 from model.losses import masked_training_losses, weighted_total
 from model.startup import StartupError
 from model.train import TrainConfig, train
-from model.transformer import matmul_attention
+from model.transformer import Attention, matmul_attention, matmuls_pay
 from tests.helpers import MICRO_OVERRIDES, micro_config
+
+
+@pytest.mark.parametrize("queries, keys", [(5, 7), (600, 500)])
+def test_both_cpu_bf16_attention_paths_agree_with_fp32(queries, keys):
+    """Short attention takes the matmuls, long the fused kernel (matmuls_pay): either way,
+    under CPU bf16 autocast, close to the fp32 result."""
+    torch.manual_seed(0)
+    attention = Attention(32, 4, 0.0).eval()
+    query, memory = torch.randn(2, queries, 32), torch.randn(2, keys, 32)
+    mask = torch.rand(2, 1, 1, keys) > 0.3
+    mask[..., 0] = True
+    kv = attention.project_kv(memory, memory)
+    expected = attention(query, kv, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(query, attention.project_kv(memory, memory), mask)
+    assert matmuls_pay(queries, keys) == (queries * keys < 100_000)
+    assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
 def test_matmul_attention_computes_what_sdpa_does():
@@ -156,3 +173,15 @@ def test_init_with_fewer_tasks_keeps_the_positions_they_share(synth_data, tokeni
     )
     with pytest.raises(StartupError, match="coordinate bins"):
         train(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"n_heads": 3}, "divisible"), ({"bogus": 1}, "bogus"), ({"fine_memory": True}, "finer")],
+)
+def test_a_bad_set_is_a_startup_error(synth_data, tmp_path, overrides, message):
+    if "fine_memory" in overrides:
+        overrides = overrides | {"backbone": "timm:vit_tiny_patch16_224"}
+    cfg = TrainConfig(data=synth_data, out=tmp_path / "run", steps=1, overrides=overrides)
+    with pytest.raises(StartupError, match=message):
+        train(cfg)

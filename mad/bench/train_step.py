@@ -2,7 +2,7 @@
 --set) the model as it is against the model changed by config overrides.
 
     python -m mad.bench.train_step [--checkpoint checkpoints/mad-tiny] [--batch-size 16]
-    python -m mad.bench.train_step --set fine_memory=true [--set 'tasks=["detection","keypoints"]']
+    python -m mad.bench.train_step --set fine_memory=true [--base-set 'tasks=["detection"]']
 
 Builds a batch of generated images at the model's canvas, then alternates the two arms'
 steps (forward, backward, optimizer) so that both see the same machine load; prints the
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model.checkpoint import MAD, load_checkpoint
+from model.config import parse_overrides
 from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import write_synthetic_dataset
@@ -33,23 +32,14 @@ from model.losses import masked_training_losses, weighted_total
 from model.transfer import carry_weights
 
 
-def overrides(items: list[str]) -> dict[str, Any]:
-    """["fine_memory=true"] -> {"fine_memory": True} (values are JSON, else strings)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"train_step: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def changed(mad: MAD, values: dict[str, Any]) -> MAD:
-    if not values:
+def changed(mad: MAD, items: list[str]) -> MAD:
+    """`mad` changed by --set style overrides, its weights carried (mad train --init --set)."""
+    if not items:
         return mad
+    try:
+        values = parse_overrides(items)
+    except ValueError as exc:
+        raise SystemExit(f"train_step: {exc}") from None
     other = MAD.build(dataclasses.replace(mad.config, **values), mad.tokenizer)
     carry_weights(mad, other)
     return other
@@ -65,12 +55,13 @@ def main() -> None:
     parser.add_argument("--base-set", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
 
-    base = changed(load_checkpoint(args.checkpoint)[0], overrides(args.base_set))
+    base = changed(load_checkpoint(args.checkpoint)[0], args.base_set)
+    base_name = " ".join(args.base_set) or "as is"
     arms: dict[str, tuple[MAD, bool]]  # name -> (model, bf16)
     if args.variant:
         arms = {
-            "as is": (base, True),
-            " ".join(args.variant): (changed(base, overrides(args.variant)), True),
+            base_name: (base, True),
+            " ".join(args.variant): (changed(base, args.variant), True),
         }
     else:
         arms = {"fp32": (base, False), "bf16": (base, True)}
