@@ -81,3 +81,9 @@ def client(server, server_settings):
     headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
     with httpx.Client(base_url=server.url, timeout=30, headers=headers) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def model_name(client) -> str:
+    """The served model's name, as GET /v1/model gives it (the /v2 routes' {model_name})."""
+    return client.get("/v1/model").json()["name"]

@@ -2,24 +2,16 @@
 client (binary data on and off) and its gRPC client, against a real `mad serve` with
 MAD_GRPC_PORT set, in a subprocess.
 
-A subprocess, not the in-process test server: a process holds one definition of the
-protocol's `inference` protobuf package, and tritonclient.grpc brings its own (so no test
-in this process may start the gRPC service in-process).
+The server is tests/v2_serve.py's subprocess (why a subprocess: see there);
+tests/test_grpc_lifecycle.py covers its gRPC drain and start-up.
 """
 
 from __future__ import annotations
 
 import base64
-import filecmp
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -32,19 +24,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import ALL_TASKS, encode, free_port, scene_image, synthetic_images
+from tests.helpers import ALL_TASKS, encode, synthetic_images
+from tests.v2_serve import (
+    GRPC_AUTH,
+    MAX_UPLOAD,
+    Serve,
+    auth,
+    grpc_input,
+    images_array,
+    png,
+    start,
+    stop,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-KEY = "clients-key"
-
-
-def auth() -> dict[str, str]:
-    """A fresh dict per call: tritonclient's HTTP client writes its own headers into it."""
-    return {"Authorization": f"Bearer {KEY}"}
-
-
-GRPC_AUTH = {"authorization": f"Bearer {KEY}"}
-MAX_UPLOAD = 300_000
 OUTPUTS_OF = {
     "detection": {"num_detections", "boxes", "scores", "labels"},
     "segmentation": {"num_detections", "boxes", "scores", "labels", "masks_rle"},
@@ -55,73 +47,9 @@ TASK_CASES = [(t,) for t in ALL_TASKS] + [ALL_TASKS]
 TASK_IDS = [*ALL_TASKS, "all"]
 
 
-@dataclass
-class Serve:
-    process: subprocess.Popen
-    http_port: int
-    grpc_port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def log_tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-logs")
-
-
-def start(checkpoint: Path, log: Path, **env: str) -> Serve:
-    """`mad serve` of this checkout on loopback with gRPC on, an API key, small limits."""
-    http_port, grpc_port = free_port(), free_port()
-    settings = {
-        "MAD_CHECKPOINT": str(checkpoint),
-        "MAD_HOST": "127.0.0.1",
-        "MAD_PORT": str(http_port),
-        "MAD_GRPC_PORT": str(grpc_port),
-        "MAD_API_KEY": KEY,
-        "MAD_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-        "MAD_MAX_IMAGE_PIXELS": "1000000",
-        "MAD_BATCH_DELAY_MS": "2",
-        "MAD_DRAIN_DELAY_S": "0",  # stop() at once; the drain test sets its own
-        "OMP_NUM_THREADS": "1",
-        **env,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mad.cli", "serve"],
-        cwd=ROOT,
-        env={**os.environ, **settings},
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-    )
-    serve = Serve(process, http_port, grpc_port, log)
-    give_up = time.monotonic() + 120
-    while time.monotonic() < give_up:
-        if process.poll() is not None:
-            pytest.fail(f"mad serve exited ({process.returncode}):\n{serve.log_tail()}")
-        try:
-            if httpx.get(f"{serve.url}/readyz", timeout=2).status_code == 200:
-                return serve
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"mad serve not ready in 120 s:\n{serve.log_tail()}")
-
-
-def stop(serve: Serve) -> int:
-    if serve.process.poll() is None:
-        serve.process.send_signal(signal.SIGTERM)
-        try:
-            serve.process.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.process.kill()
-            serve.process.wait()
-    return serve.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +78,6 @@ def grpc_client(serve) -> Iterator[grpcclient.InferenceServerClient]:
     client.close()
 
 
-def png(image: Image.Image | None = None) -> bytes:
-    return encode(image or scene_image())
-
-
-def images_array(*images: bytes) -> np.ndarray:
-    return np.array(images, dtype=np.object_)
-
-
 def http_input(*images: bytes, binary: bool = True) -> httpclient.InferInput:
     tensor = httpclient.InferInput("image", [len(images)], "BYTES")
     if binary:
@@ -165,12 +85,6 @@ def http_input(*images: bytes, binary: bool = True) -> httpclient.InferInput:
     # In JSON an image travels as base64 text (the client sends str elements as they are).
     encoded = np.array([base64.b64encode(i).decode() for i in images], dtype=np.object_)
     return tensor.set_data_from_numpy(encoded, binary_data=False)
-
-
-def grpc_input(*images: bytes) -> grpcclient.InferInput:
-    return grpcclient.InferInput("image", [len(images)], "BYTES").set_data_from_numpy(
-        images_array(*images)
-    )
 
 
 def text(element: bytes | str) -> str:
@@ -439,109 +353,3 @@ def test_grpc_health_service_and_metrics(serve, grpc_client, model_name):
     metrics = httpx.get(f"{serve.url}/metrics").text
     assert 'mad_requests_total{protocol="v2_grpc",status="200",task="caption"}' in metrics
     assert 'mad_request_duration_seconds_count{protocol="v2_grpc"}' in metrics
-
-
-def test_grpc_drains_with_http(micro_checkpoint, logs):
-    """SIGTERM: health turns NOT_SERVING at once; calls are still served for the drain delay
-    (load balancers catch up), then refused; every call accepted is answered, and the
-    process exits 0."""
-    serve = start(
-        micro_checkpoint,
-        logs / "drain.log",
-        MAD_BATCH_DELAY_MS="2500",
-        MAD_BATCH_WINDOW="fixed",  # the call waits in the queue for company
-        MAD_DRAIN_DELAY_S="1",
-    )
-    try:
-        name = httpx.get(f"{serve.url}/v1/model", headers=auth()).json()["name"]
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{serve.grpc_port}")
-        answers: list = []
-
-        def call() -> None:
-            client.async_infer(
-                name,
-                [grpc_input(png())],
-                callback=lambda result, error: answers.append((result, error)),
-                parameters={"tasks": "caption"},
-                headers=GRPC_AUTH,
-            )
-
-        call()
-        give_up = time.monotonic() + 10
-        while "mad_queue_depth 1.0" not in httpx.get(f"{serve.url}/metrics").text:
-            assert time.monotonic() < give_up, "the call never reached the queue"
-            time.sleep(0.02)
-        signalled = time.monotonic()
-        serve.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with grpc.insecure_channel(f"127.0.0.1:{serve.grpc_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            status = stub.Check(health_pb2.HealthCheckRequest(service="")).status
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        call()  # within the delay: accepted
-        time.sleep(max(0.0, signalled + 1.5 - time.monotonic()))
-        with pytest.raises(InferenceServerException) as refused:
-            client.infer(name, [grpc_input(png())], headers=GRPC_AUTH, client_timeout=10)
-        assert refused.value.status() == "StatusCode.UNAVAILABLE"
-        assert serve.process.wait(30) == 0
-        assert len(answers) == 2 and all(error is None for _, error in answers), answers
-        assert all(result.as_numpy("caption").shape == (1,) for result, _ in answers)
-        client.close()
-    finally:
-        stop(serve)
-    lines = serve.log.read_text().splitlines()
-    entries = [json.loads(line) for line in lines if line.startswith("{")]
-    assert any(e["message"] == "stopped" and e["drained"] for e in entries)
-
-
-def test_a_grpc_port_in_use_fails_at_start(micro_checkpoint):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        env = {**os.environ, "MAD_CHECKPOINT": str(micro_checkpoint), "MAD_HOST": "127.0.0.1"}
-        env["MAD_GRPC_PORT"] = str(port)
-        done = subprocess.run(
-            [sys.executable, "-m", "mad.cli", "serve", "--port", str(free_port())],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 3, done.stderr[-2000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert (
-        last.startswith("mad serve: cannot listen for gRPC on 127.0.0.1:")
-        and "MAD_GRPC_PORT" in last
-    )
-
-
-def test_generated_grpc_code_is_up_to_date(tmp_path):
-    """service/proto/*_pb2*.py(i) are what `make proto` makes of the .proto."""
-    proto = "service/proto/grpc_predict_v2.proto"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-I.",
-            f"--python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            proto,
-        ],
-        cwd=ROOT,
-        check=True,
-        timeout=60,
-    )
-    generated = sorted((tmp_path / "service" / "proto").iterdir())
-    assert [p.name for p in generated] == [
-        "grpc_predict_v2_pb2.py",
-        "grpc_predict_v2_pb2.pyi",
-        "grpc_predict_v2_pb2_grpc.py",
-    ]
-    for path in generated:
-        assert filecmp.cmp(path, ROOT / "service" / "proto" / path.name, shallow=False), (
-            f"{path.name} is stale: run `make proto`"
-        )
