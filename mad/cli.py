@@ -23,6 +23,8 @@ from service.cli import predict, request_error, serve
 app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
 data_app = new_app(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+checkpoint_app = new_app(help="Checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
@@ -121,6 +123,30 @@ def data_merge(
         raise typer.BadParameter(str(exc)) from None
     for split, images in counts.items():
         print(f"{out / split}: {images} images")
+
+
+@checkpoint_app.command("convert", cls=PlainHelpCommand)
+@one_line_errors
+def checkpoint_convert(
+    source: Path = typer.Argument(..., help="Checkpoint directory."),
+    out: Path = typer.Option(..., help="Directory for the converted copy."),
+    dtype: str = typer.Option(
+        "float16", help="Weight storage: float16, bfloat16 or float32 (the network runs in fp32)."
+    ),
+) -> None:
+    """Copy a checkpoint with its weights stored in another precision: float16 or bfloat16
+    halve the file (for shipping; float16 keeps more digits, bfloat16 more range)."""
+    from model.checkpoint import WEIGHT_DTYPES, convert_weights
+
+    if not (source / "config.json").is_file():
+        raise typer.BadParameter(f"{source} is not a checkpoint directory (no config.json)")
+    if dtype not in WEIGHT_DTYPES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(WEIGHT_DTYPES)}", param_hint="--dtype"
+        )
+    written = convert_weights(source, out, dtype)
+    size = (written / "model.safetensors").stat().st_size
+    print(f"{written}: weights in {dtype}, {size / 1e6:.1f} MB")
 
 
 def parse_overrides(values: list[str]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """A model bundle (config, vocabulary, tokenizer, codecs, network) and its checkpoint format.
 
 A checkpoint is a directory:
-    model.safetensors   the network weights (no pickle: safe to load from anywhere)
+    model.safetensors   the network weights (no pickle: safe to load from anywhere); fp32,
+                        or fp16/bf16 after `mad checkpoint convert` (loading upcasts)
     config.json         model config (class and keypoint names in id order, default
                         refinement schedules), tokenizer file name, training step
     tokenizer.model     the SentencePiece caption model
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from model.vocab import VocabLayout
 
 FORMAT = "mad-checkpoint/1"
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -133,6 +136,37 @@ def load_checkpoint(
         ) from exc
     network.to(device).eval()
     return mad, meta
+
+
+def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
+    """Copy a checkpoint with its floating-point weights stored as `dtype` (WEIGHT_DTYPES):
+    half the file in float16 or bfloat16, for shipping. The network still runs in fp32 (loading
+    upcasts); float16 keeps 11 significant bits (bfloat16 8) and refuses weights beyond its
+    range. Training state is not copied: resume from the source."""
+    source, out = Path(source), Path(out)
+    if dtype not in WEIGHT_DTYPES:
+        raise StartupError(f"unknown weight dtype {dtype!r}: expected {', '.join(WEIGHT_DTYPES)}")
+    if out.resolve() == source.resolve():
+        raise StartupError(f"{out} is the source checkpoint: write the copy elsewhere")
+    meta = read_checkpoint_config(source)
+    target = WEIGHT_DTYPES[dtype]
+    state = load_file(source / WEIGHTS, device="cpu")
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        if target == torch.float16 and tensor.abs().max() > torch.finfo(torch.float16).max:
+            raise StartupError(
+                f"{name} has weights beyond float16's range ({torch.finfo(torch.float16).max:g}):"
+                " use bfloat16"
+            )
+        state[name] = tensor.to(target)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / WEIGHTS, metadata={"format": FORMAT})
+    if meta.get("tokenizer"):
+        shutil.copyfile(source / meta["tokenizer"], out / meta["tokenizer"])
+    meta["weights_dtype"] = dtype
+    (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
 
 
 def checkpoint_digest(directory: str | Path) -> str:
