@@ -75,8 +75,8 @@ def data_synth(
     workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
     world: str = typer.Option(
         "v2",
-        help="v2: randomised styles, poses, backgrounds and distractors; v1: the first world, "
-        "reproduced exactly.",
+        help="v2: randomised styles, poses, backgrounds and distractors; v3: v2 with 30% of "
+        "its backgrounds cut from natural images; v1: the first world, reproduced exactly.",
     ),
 ) -> None:
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
@@ -91,7 +91,7 @@ def data_synth(
 @data_app.command("sheet", cls=PlainHelpCommand)
 def data_sheet(
     out: Path = typer.Option(..., help="PNG to write."),
-    world: str = typer.Option("v2", help="Synthetic world: v1 or v2."),
+    world: str = typer.Option("v2", help="Synthetic world: v1, v2 or v3."),
     seed: int = typer.Option(0, help="Random seed."),
     count: int = typer.Option(16, min=1, max=64, help="Images on the sheet."),
 ) -> None:

@@ -1,8 +1,10 @@
 """Deterministic synthetic datasets in the COCO 2017 layout (`mad data synth`).
 
-Two worlds with the same six categories and COCO layout:
+Three worlds with the same six categories and COCO layout:
 - v2 (default, `v2.py`): domain-randomised shapes and stick figures (styles, colours,
   poses, backgrounds, distractors, empty images, photometric effects, varied captions);
+- v3 (`v3.py`): world v2 with 30% of its backgrounds cut from natural images (sample
+  images the scikit-image and matplotlib wheels ship, never the photos evaluated on);
 - v1 (`v1.py`): the first world, one drawing style, kept byte-for-byte reproducible.
 """
 

@@ -16,6 +16,7 @@ effects own nothing). Keypoints: v=2 on the person's own visible pixels, v=1 whe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -119,11 +120,17 @@ def _keypoints(fig: persons.Figure, owner: np.ndarray, index: int) -> np.ndarray
     return kps
 
 
-def render_image(rng: np.random.Generator) -> tuple[np.ndarray, list[dict], list[str]]:
-    """One v2 image: (HxWx3 uint8, visible objects, five captions); see the module docstring."""
+Background = Callable[[np.random.Generator, int, int], tuple[np.ndarray, str]]
+
+
+def render_image(
+    rng: np.random.Generator, background: Background = backgrounds.render_background
+) -> tuple[np.ndarray, list[dict], list[str]]:
+    """One v2 image: (HxWx3 uint8, visible objects, five captions); see the module docstring.
+    `background` draws the canvas: ([H, W, 3] float32 pixels, its caption word)."""
     while True:  # re-roll the rare image whose objects all ended up (nearly) invisible
         w, h = (int(v) for v in rng.integers(192, 385, size=2))
-        pixels, kind = backgrounds.render_background(rng, w, h)
+        pixels, kind = background(rng, w, h)
         canvas = paint.Canvas.new(pixels.astype(np.float32), rng.uniform(0, 2 * math.pi))
         count = 0 if rng.random() < EMPTY_SHARE else int(rng.integers(1, 9))
         extra = int(rng.choice(DISTRACTOR_COUNTS, p=DISTRACTOR_SHARES))

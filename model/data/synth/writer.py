@@ -16,12 +16,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.data.synth import v1, v2
+from model.data.synth import v1, v2, v3
 from model.data.synth.common import CATEGORIES, KEYPOINT_NAMES, SKELETON, image_rng
 from model.mask_formats import encode_rle
 
 Renderer = Callable[[np.random.Generator], tuple[np.ndarray, list[dict], list[str]]]
-WORLDS: dict[str, Renderer] = {"v1": v1.render_image, "v2": v2.render_image}
+WORLDS: dict[str, Renderer] = {
+    "v1": v1.render_image,
+    "v2": v2.render_image,
+    "v3": v3.render_image,
+}
 DEFAULT_WORLD = "v2"
 SPLIT_ID_BASE = {"train2017": 0, "val2017": 5_000_000}  # image ids unique across splits
 
@@ -32,6 +36,11 @@ INFO = {
     "v2": {
         "description": "MAD Serve synthetic world v2: shapes and figures in randomised styles",
         "version": "2.0",
+    }
+    | _INFO_BASE,
+    "v3": {
+        "description": "MAD Serve synthetic world v3: world v2, some of it on natural backgrounds",
+        "version": "3.0",
     }
     | _INFO_BASE,
 }
