@@ -66,7 +66,18 @@ app.command(cls=PlainHelpCommand)(one_line_errors(export))
 app.command(cls=PlainHelpCommand)(one_line_errors(bench))
 
 
+def check_world(world: str) -> None:
+    """An unknown world is a usage error; v3 without its source images, a one-line error."""
+    from model.data.synth import WORLDS, v3
+
+    if world not in WORLDS:
+        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    if world == "v3":
+        v3.check_sources()
+
+
 @data_app.command("synth", cls=PlainHelpCommand)
+@one_line_errors
 def data_synth(
     out: Path = typer.Option(..., help="Output directory (COCO 2017 layout)."),
     train: int = typer.Option(3000, min=0, help="Training images."),
@@ -81,14 +92,14 @@ def data_synth(
 ) -> None:
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
     and captions."""
-    from model.data.synth import WORLDS, main
+    from model.data.synth import main
 
-    if world not in WORLDS:
-        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    check_world(world)
     main(out, train, val, seed, workers, world)
 
 
 @data_app.command("sheet", cls=PlainHelpCommand)
+@one_line_errors
 def data_sheet(
     out: Path = typer.Option(..., help="PNG to write."),
     world: str = typer.Option("v2", help="Synthetic world: v1, v2 or v3."),
@@ -97,11 +108,9 @@ def data_sheet(
 ) -> None:
     """Write a contact sheet of synthetic images with their boxes, masks, keypoints and
     first caption drawn on."""
-    from model.data.synth import WORLDS
     from model.data.synth.sheet import main
 
-    if world not in WORLDS:
-        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
+    check_world(world)
     main(out, world, seed, count)
 
 
@@ -129,7 +138,7 @@ def data_merge(
 @one_line_errors
 def checkpoint_convert(
     source: Path = typer.Argument(..., help="Checkpoint directory."),
-    out: Path = typer.Option(..., help="Directory for the converted copy."),
+    out: Path = typer.Option(..., help="Directory for the converted copy (new or empty)."),
     dtype: str = typer.Option(
         "float16", help="Weight storage: float16, bfloat16 or float32 (the network runs in fp32)."
     ),
@@ -143,6 +152,10 @@ def checkpoint_convert(
     if dtype not in WEIGHT_DTYPES:
         raise typer.BadParameter(
             f"expected one of {', '.join(WEIGHT_DTYPES)}", param_hint="--dtype"
+        )
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise typer.BadParameter(
+            f"{out} already exists: give a new or empty directory", param_hint="--out"
         )
     written = convert_weights(source, out, dtype)
     size = (written / "model.safetensors").stat().st_size

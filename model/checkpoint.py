@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,15 @@ def write_schedules(
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(weights, device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise StartupError(
+            f"{weights} cannot be read ({exc}): it is damaged or incomplete; copy it again"
+        ) from exc
+
+
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MAD, dict[str, Any]]:
@@ -120,12 +130,7 @@ def load_checkpoint(
     mad = MAD.build(config, tokenizer)
     network = mad.required_network()
     weights = directory / WEIGHTS
-    try:
-        state = load_file(weights, device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise StartupError(
-            f"{weights} cannot be read ({exc}): it is damaged or incomplete; copy it again"
-        ) from exc
+    state = _read_weights(weights)
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:  # names or shapes that are not this config's network
@@ -139,18 +144,25 @@ def load_checkpoint(
 
 
 def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
-    """Copy a checkpoint with its floating-point weights stored as `dtype` (WEIGHT_DTYPES):
-    half the file in float16 or bfloat16, for shipping. The network still runs in fp32 (loading
-    upcasts); float16 keeps 11 significant bits (bfloat16 8) and refuses weights beyond its
-    range. Training state is not copied: resume from the source."""
+    """Copy a checkpoint to the new directory `out` with its floating-point weights stored as
+    `dtype` (WEIGHT_DTYPES): half the file in float16 or bfloat16, for shipping. The network
+    still runs in fp32 (loading upcasts); float16 keeps 11 significant bits (bfloat16 8) and
+    refuses weights beyond its range. Training state is not copied: resume from the source.
+    The copy appears whole or not at all."""
     source, out = Path(source), Path(out)
     if dtype not in WEIGHT_DTYPES:
         raise StartupError(f"unknown weight dtype {dtype!r}: expected {', '.join(WEIGHT_DTYPES)}")
-    if out.resolve() == source.resolve():
-        raise StartupError(f"{out} is the source checkpoint: write the copy elsewhere")
-    meta = read_checkpoint_config(source)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise StartupError(f"{out} already exists: write the copy to a new or empty directory")
+    try:
+        meta = read_checkpoint_config(source)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"{source} is not a readable checkpoint: {exc}") from exc
+    tokenizer = source / meta["tokenizer"] if meta.get("tokenizer") else None
+    if tokenizer is not None and not tokenizer.is_file():
+        raise StartupError(f"{tokenizer} is missing: keep each checkpoint's files together")
+    state = _read_weights(source / WEIGHTS)
     target = WEIGHT_DTYPES[dtype]
-    state = load_file(source / WEIGHTS, device="cpu")
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
@@ -160,12 +172,20 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
                 " use bfloat16"
             )
         state[name] = tensor.to(target)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / WEIGHTS, metadata={"format": FORMAT})
-    if meta.get("tokenizer"):
-        shutil.copyfile(source / meta["tokenizer"], out / meta["tokenizer"])
     meta["weights_dtype"] = dtype
-    (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if meta.get("version"):  # other weights, so another version (service.state.model_version)
+        meta["version"] = f"{meta['version']}-{dtype}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
+        staged = Path(scratch) / "checkpoint"
+        staged.mkdir()
+        save_file(state, staged / WEIGHTS, metadata={"format": FORMAT})
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, staged / tokenizer.name)
+        (staged / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staged.rename(out)
     return out
 
 

@@ -74,6 +74,48 @@ def test_bad_arguments_are_usage_errors(micro_checkpoint, tmp_path):
     assert result.exit_code == 2 and "is not a checkpoint directory" in result.stderr
     result = convert(str(micro_checkpoint), "--out", str(tmp_path / "out"), "--dtype", "int8")
     assert result.exit_code == 2 and "expected one of float32, float16, bfloat16" in result.stderr
-    result = convert(str(micro_checkpoint), "--out", str(micro_checkpoint))
-    assert result.exit_code == 3 and "is the source checkpoint" in result.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_state.json").write_text("{}")  # an earlier run's state
+    for out in (micro_checkpoint, tmp_path / "run"):
+        result = convert(str(micro_checkpoint), "--out", str(out))
+        assert result.exit_code == 2 and "already exists" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train_state.json"]
     assert not (tmp_path / "out").exists()
+
+
+def copy_of(checkpoint, directory):
+    directory.mkdir()
+    for path in checkpoint.iterdir():
+        (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
+@pytest.mark.parametrize("damage", ["weights", "tokenizer", "config"])
+def test_a_damaged_source_is_one_line_and_writes_nothing(micro_checkpoint, tmp_path, damage):
+    source = copy_of(micro_checkpoint, tmp_path / "source")
+    if damage == "weights":
+        (source / WEIGHTS).write_bytes((source / WEIGHTS).read_bytes()[:1000])
+    elif damage == "tokenizer":
+        (source / "tokenizer.model").unlink()
+    else:
+        (source / CONFIG).write_text('{"format": "something else"}')
+    result = convert(str(source), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3 and "Traceback" not in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # no copy, no scratch
+
+
+def test_float32_round_trip_and_a_named_version_changes(micro_checkpoint, tmp_path):
+    source = copy_of(micro_checkpoint, tmp_path / "source")
+    meta = json.loads((source / CONFIG).read_text())
+    (source / CONFIG).write_text(json.dumps({**meta, "version": "2026-11"}))
+    assert convert(str(source), "--out", str(tmp_path / "half")).exit_code == 0
+    assert json.loads((tmp_path / "half" / CONFIG).read_text())["version"] == "2026-11-float16"
+    (tmp_path / "full").mkdir()  # an empty directory is fine
+    result = convert(str(tmp_path / "half"), "--out", str(tmp_path / "full"), "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    half, full = load_file(tmp_path / "half" / WEIGHTS), load_file(tmp_path / "full" / WEIGHTS)
+    for name, weights in full.items():
+        if weights.is_floating_point():
+            assert weights.dtype == torch.float32
+            assert torch.equal(weights, half[name].float()), name

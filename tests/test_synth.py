@@ -29,6 +29,9 @@ V1_SEED7_DIGEST = "ca1e071f4409ed4f98f8775b5e403cd4d367f95306192e050e87d98bc4e41
 # The same for world v2 (train=4, val=2, seed=7), taken before world v3 was built on it:
 # the model card's v2 rows are measured on v2 datasets that must not change.
 V2_SEED7_DIGEST = "5d991a764f67e1c541088a4cab130bce68e0c80053e73f59b0a8338a91be5c55"
+# World v3 (train=6, val=0, seed=9: four of the six on natural backgrounds), under the pinned
+# scikit-image, matplotlib and Pillow (constraints.txt): training sets must stay reproducible.
+V3_SEED9_DIGEST = "6ec0b821b9d194c9de83b7a1731c9834f95a247ff12ac239f5e90fd3b138c371"
 
 
 def _digest(root: Path) -> str:
@@ -55,6 +58,11 @@ def test_world_v1_is_reproduced_exactly(tmp_path):
 def test_world_v2_is_reproduced_exactly(tmp_path):
     write_synthetic_dataset(tmp_path, train=4, val=2, seed=7, world="v2")
     assert _digest(tmp_path) == V2_SEED7_DIGEST
+
+
+def test_world_v3_is_reproduced_exactly(tmp_path):
+    write_synthetic_dataset(tmp_path, train=6, val=0, seed=9, world="v3")
+    assert _digest(tmp_path) == V3_SEED9_DIGEST
 
 
 # --------------------------------------------------------------------------- world v2
@@ -188,3 +196,44 @@ def test_v3_photo_backgrounds_fill_the_canvas_in_range():
             assert pixels.shape == (h, w, 3) and pixels.dtype == np.float32
             assert pixels.min() >= 0 and pixels.max() <= 255 and pixels.std() > 1
             assert word == v3.CAPTION_WORD
+
+
+def test_v3_photo_crops_keep_the_canvas_aspect(monkeypatch):
+    from model.data.synth import v3
+
+    crops: list[tuple[tuple[int, int], tuple[float, float, float, float]]] = []
+    resize = Image.Image.resize
+
+    def recorded(self, size, resample=None, box=None, **kwargs):
+        crops.append((self.size, box))
+        return resize(self, size, resample, box, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    rng = np.random.default_rng(1)
+    for w, h in ((192, 384), (384, 192), (300, 300), (384, 200)):
+        for _ in range(30):
+            v3.photo_background(rng, w, h)
+            (sw, sh), (x0, y0, x1, y1) = crops[-1]
+            assert 0 <= x0 < x1 <= sw + 1e-6 and 0 <= y0 < y1 <= sh + 1e-6
+            assert (x1 - x0) / (y1 - y0) == pytest.approx(w / h, rel=1e-6)
+            assert min(x1 - x0, y1 - y0) >= v3.MIN_CROP - 1e-6
+
+
+def test_v3_without_its_source_images_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mad.cli import app
+    from model.data.synth import v3
+
+    monkeypatch.setattr(v3, "SOURCES", (*v3.SOURCES, ("skimage", "not-shipped.png")))
+    v3._sources.cache_clear()
+    try:
+        result = CliRunner().invoke(
+            app, ["data", "synth", "--world", "v3", "--out", str(tmp_path / "d"), "--train", "2"]
+        )
+    finally:
+        v3._sources.cache_clear()
+    assert result.exit_code == 3 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("mad data synth: world v3's source image ")
+    assert "not-shipped.png is missing" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "d").exists()
