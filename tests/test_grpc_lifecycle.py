@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import free_port
-from tests.v2_serve import GRPC_AUTH, ROOT, auth, grpc_input, png, start, stop
+from tests.v2_protocol import png
+from tests.v2_serve import GRPC_AUTH, ROOT, auth, grpc_input, start, stop
 
 
 @pytest.fixture(scope="module")

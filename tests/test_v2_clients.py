@@ -21,18 +21,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import ALL_TASKS, encode, synthetic_images
+from tests.helpers import ALL_TASKS, synthetic_images
+from tests.v2_protocol import MAX_UPLOAD, bomb, png
 from tests.v2_serve import (
     GRPC_AUTH,
-    MAX_UPLOAD,
     Serve,
     auth,
     grpc_input,
     images_array,
-    png,
     start,
     stop,
 )
@@ -234,11 +232,6 @@ def test_same_answer_over_every_protocol(serve, http, grpc_client, model_name):
     )
     assert native(over_http) == answer
     assert native(over_grpc) == answer
-
-
-def bomb() -> bytes:
-    """2000 x 2000 of one colour: a few KB of PNG, 4 megapixels decoded."""
-    return encode(Image.new("L", (2000, 2000), 7), optimize=True)
 
 
 def http_error(http, model_name, tensor, headers=None) -> InferenceServerException:

@@ -10,14 +10,14 @@ import struct
 
 import httpx
 import pytest
-from PIL import Image
 
 from service.settings import Settings
-from tests.helpers import encode, running_server
+from tests.helpers import running_server
 from tests.v2_protocol import (
     HEADER,
     MAX_UPLOAD,
     binary_request,
+    bomb,
     bytes_tensor,
     image_input,
     infer,
@@ -31,11 +31,6 @@ from tests.v2_protocol import (
 @pytest.fixture(scope="module")
 def server_settings(micro_checkpoint) -> Settings:
     return v2_settings(micro_checkpoint)
-
-
-def bomb() -> bytes:
-    """2000 x 2000 of one colour: a few KB of PNG, 4 megapixels decoded."""
-    return encode(Image.new("L", (2000, 2000), 7), optimize=True)
 
 
 def b64(data: bytes) -> str:

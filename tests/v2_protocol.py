@@ -33,6 +33,11 @@ def v2_settings(checkpoint: Path) -> Settings:
     )
 
 
+def bomb() -> bytes:
+    """2000 x 2000 of one colour: a few KB of PNG, 4 megapixels decoded."""
+    return encode(Image.new("L", (2000, 2000), 7), optimize=True)
+
+
 def png(image: Image.Image | None = None) -> bytes:
     return encode(image or scene_image())
 

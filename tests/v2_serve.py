@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from PIL import Image
 
-from tests.helpers import encode, free_port, scene_image
+from tests.helpers import free_port
+from tests.v2_protocol import MAX_UPLOAD
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "clients-key"
@@ -34,7 +34,6 @@ def auth() -> dict[str, str]:
 
 
 GRPC_AUTH = {"authorization": f"Bearer {KEY}"}
-MAX_UPLOAD = 300_000
 
 
 @dataclass
@@ -99,10 +98,6 @@ def stop(serve: Serve) -> int:
             serve.process.kill()
             serve.process.wait()
     return serve.process.returncode
-
-
-def png(image: Image.Image | None = None) -> bytes:
-    return encode(image or scene_image())
 
 
 def images_array(*images: bytes) -> np.ndarray:
