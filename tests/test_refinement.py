@@ -140,7 +140,8 @@ def test_partials_of_prompted_tasks_and_final_equal_the_plain_answer():
     mad, _ = load_checkpoint(BUNDLED_CHECKPOINT)  # it finds persons, so keypoints run
     pipeline = Pipeline(mad, TorchRunner(mad.network))
     image = synthetic_image((256, 256), seed=14)
-    tasks, steps = tuple(mad.config.tasks), {"segmentation": 1}  # keypoints 2, caption 3
+    tasks = tuple(mad.config.tasks)
+    steps = {"segmentation": 1, "keypoints": 2, "caption": 3}  # whatever the defaults are
     recorder = Recorder()
     streamed = pipeline([Request(image, tasks, steps, progress=recorder)])[0]
     plain = pipeline([Request(image, tasks, steps)])[0]
