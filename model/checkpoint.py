@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from model.codecs import TaskCodec, build_codecs
 from model.config import ModelConfig
@@ -63,12 +63,20 @@ class MAD:
         return cls(config, vocab, tokenizer, codecs, MADNetwork(config, vocab, max_len))
 
 
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a .safetensors file with the process's usual permissions (safetensors' save_file
+    creates it 0600, which a container running as another user cannot read)."""
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
 def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata: Any) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     network = mad.required_network()
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(state, directory / WEIGHTS, metadata={"format": FORMAT})
+    save_tensors(state, directory / WEIGHTS, {"format": FORMAT})
     if mad.tokenizer is not None:
         mad.tokenizer.save(directory / TOKENIZER)
     config = {
@@ -179,7 +187,7 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
         staged = Path(scratch) / "checkpoint"
         staged.mkdir()
-        save_file(state, staged / WEIGHTS, metadata={"format": FORMAT})
+        save_tensors(state, staged / WEIGHTS, {"format": FORMAT})
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staged / tokenizer.name)
         (staged / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

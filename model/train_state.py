@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from model.checkpoint import save_tensors
 
 TENSORS, META = "train_state.safetensors", "train_state.json"
 
@@ -25,7 +27,7 @@ def save_train_state(
                 tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{param_id}.{key}"] = value
-    save_file(tensors, Path(directory) / TENSORS)
+    save_tensors(tensors, Path(directory) / TENSORS)
     meta = {
         "step": step,
         "param_groups": state["param_groups"],

@@ -119,3 +119,19 @@ def test_float32_round_trip_and_a_named_version_changes(micro_checkpoint, tmp_pa
         if weights.is_floating_point():
             assert weights.dtype == torch.float32
             assert torch.equal(weights, half[name].float()), name
+
+
+def test_weights_files_get_the_usual_permissions(micro_model, tmp_path):
+    """Not safetensors' 0600: a container running as another user reads a mounted checkpoint."""
+    import os
+
+    from model.checkpoint import save_checkpoint
+
+    umask = os.umask(0o022)
+    try:
+        written = save_checkpoint(micro_model, tmp_path / "ckpt")
+        assert convert(str(written), "--out", str(tmp_path / "half")).exit_code == 0
+    finally:
+        os.umask(umask)
+    for path in (written / WEIGHTS, tmp_path / "half" / WEIGHTS):
+        assert path.stat().st_mode & 0o777 == 0o644, path
