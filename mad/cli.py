@@ -182,6 +182,12 @@ def train(
     max_minutes: float | None = typer.Option(
         None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
     ),
+    anneal_by_deadline: bool = typer.Option(
+        False,
+        "--anneal-by-deadline",
+        help="With --max-minutes: run the lr schedule on steps or wall time, whichever is "
+        "further along, so that it has annealed when the time is up.",
+    ),
     batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
     lr: float = typer.Option(1e-4),
     backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
@@ -216,6 +222,8 @@ def train(
     from model.train import TrainConfig
     from model.train import train as run_training
 
+    if anneal_by_deadline and max_minutes is None:
+        raise typer.BadParameter("needs --max-minutes", param_hint="--anneal-by-deadline")
     if tokenizer_type not in MODEL_TYPES:
         raise typer.BadParameter(
             f"choose one of {', '.join(MODEL_TYPES)}", param_hint="--tokenizer-type"
@@ -231,6 +239,7 @@ def train(
             steps=steps,
             stop_at=stop_at,
             max_minutes=max_minutes,
+            anneal_by_deadline=anneal_by_deadline,
             log_every=log_every,
             batch_size=batch_size,
             lr=lr,

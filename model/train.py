@@ -43,6 +43,9 @@ class TrainConfig:
     steps: int = 1000  # length of the lr schedule
     stop_at: int | None = None  # stop (and save) early without changing the schedule
     max_minutes: float | None = None  # also stop (and save) after this much wall time
+    # With max_minutes: the lr schedule runs on whichever is further along, steps or wall
+    # time, so that the cosine has ended when the time is up (a budgeted run, e.g. on a lent GPU).
+    anneal_by_deadline: bool = False
     batch_size: int = 16  # per process
     lr: float = 1e-4
     backbone_lr_scale: float = 0.1
@@ -82,11 +85,12 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_scale."""
+def lr_factor(step: float, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_scale (`step` may be fractional: paced by
+    wall time)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_scale + (1 - cfg.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -217,19 +221,28 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = build_optimizer(network, cfg)
     if cfg.resume and has_train_state(cfg.resume):
         load_train_state(cfg.resume, optimizer)
+    # paced: the schedule step that the wall time reached (anneal_by_deadline), else 0
+    paced = [0.0]
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg), last_epoch=start_step - 1
+            optimizer, lambda s: lr_factor(max(s, paced[0]), cfg), last_epoch=start_step - 1
         )
         if start_step == 0
-        else _resumed_scheduler(optimizer, cfg, start_step)
+        else _resumed_scheduler(optimizer, cfg, start_step, paced)
     )
     amp = _autocast(device, cfg.amp)
     log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
     bar = tqdm(total=last_step, initial=start_step, disable=rank != 0, dynamic_ncols=True)
     step, tic, logged = start_step, time.perf_counter(), start_step
-    deadline = tic + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    for images, pads, targets in loader:
+    started, budget_s = tic, cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    batches, waited = iter(loader), 0.0  # waited: seconds blocked on the loader since the last log
+    while True:
+        asked = time.perf_counter()
+        try:
+            images, pads, targets = next(batches)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - asked
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
         sequences = {
@@ -249,9 +262,12 @@ def train(cfg: TrainConfig) -> Path:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
         optimizer.step()
+        spent = _time_spent(started, budget_s, world, device)
+        out_of_time = spent >= 1
+        if cfg.anneal_by_deadline:
+            paced[0] = start_step + spent * (cfg.steps - start_step)
         scheduler.step()
         step += 1
-        out_of_time = _past(deadline, world, device)
         if rank == 0:
             bar.update(1)
             # Reading a value waits for the device: only on logged steps, so the host
@@ -261,10 +277,13 @@ def train(cfg: TrainConfig) -> Path:
                 values: list[float] = read.tolist()
                 now = time.perf_counter()
                 rate = (step - logged) * cfg.batch_size * world / (now - tic)
-                tic, logged = now, step
+                data_wait = waited / (now - tic)  # near 1: the loader, not the model, sets the pace
+                tic, logged, waited = now, step, 0.0
                 by_task = dict(zip(losses, values[2:], strict=True))
                 shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
-                bar.set_postfix(loss=f"{values[0]:.3f}", **shown, img_s=f"{rate:.1f}")
+                bar.set_postfix(
+                    loss=f"{values[0]:.3f}", **shown, img_s=f"{rate:.1f}", wait=f"{data_wait:.0%}"
+                )
                 if log is not None:
                     log.write(
                         {
@@ -273,6 +292,7 @@ def train(cfg: TrainConfig) -> Path:
                             "lr": scheduler.get_last_lr()[0],
                             "grad_norm": values[1],
                             "images_per_s": rate,
+                            "data_wait": data_wait,
                             **by_task,
                         }
                     )
@@ -294,25 +314,26 @@ def train(cfg: TrainConfig) -> Path:
     return cfg.out
 
 
-def _past(deadline: float, world: int, device: torch.device) -> bool:
-    """Whether the wall-time limit has passed; under DDP, for any rank (all stop together)."""
-    if deadline == math.inf:
-        return False
-    late = time.perf_counter() > deadline
+def _time_spent(started: float, budget_s: float, world: int, device: torch.device) -> float:
+    """Share of the wall-time budget spent (0 without one); under DDP the largest of any
+    rank's, so that all ranks stop together and pace the lr alike."""
+    if budget_s == math.inf:
+        return 0.0
+    spent = (time.perf_counter() - started) / budget_s
     if world == 1:
-        return late
-    flag = torch.tensor([float(late)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return spent
+    share = torch.tensor([spent], device=device)
+    dist.all_reduce(share, op=dist.ReduceOp.MAX)
+    return float(share.item())
 
 
 def _resumed_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int, paced: list[float]
 ) -> torch.optim.lr_scheduler.LambdaLR:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"] / max(lr_factor(start_step - 1, cfg), 1e-12))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg), last_epoch=start_step - 1
+        optimizer, lambda s: lr_factor(max(s, paced[0]), cfg), last_epoch=start_step - 1
     )
 
 

@@ -1,8 +1,10 @@
-"""Training speed paths: CPU bf16 autocast, the matmul attention it uses, wall-time stops, and
-starting from a checkpoint with config overrides that add parameters."""
+"""Training speed paths: CPU bf16 autocast, the matmul attention it uses, wall-time stops and
+deadline-paced schedules, and starting from a checkpoint with config overrides that add
+parameters."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 
 import pytest
@@ -91,6 +93,34 @@ def test_training_stops_and_saves_after_its_wall_time(synth_data, tmp_path):
     train(cfg)
     _, meta = load_checkpoint(tmp_path / "run")
     assert meta["step"] == 1  # stopped (and saved) after the first step, not at 50
+
+
+@pytest.mark.parametrize("anneal", [False, True])
+def test_a_deadline_paced_schedule_has_annealed_when_the_time_is_up(synth_data, tmp_path, anneal):
+    cfg = TrainConfig(
+        data=synth_data,
+        out=tmp_path / "run",
+        steps=1000,
+        batch_size=2,
+        workers=0,
+        warmup_steps=10,
+        lr=1e-3,
+        backbone_lr_scale=1.0,
+        log_every=1,
+        save_every=100,
+        eval_images=2,
+        overrides=dict(MICRO_OVERRIDES),
+        max_minutes=1e-6,  # spent after the first step
+        anneal_by_deadline=anneal,
+    )
+    train(cfg)
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        first = next(csv.DictReader(f))
+    # The lr logged at step 1 is the next step's: the cosine's floor once the time is up,
+    # else still in the warmup (2 of 10 steps).
+    expected = cfg.min_lr_scale if anneal else 2 / cfg.warmup_steps
+    assert float(first["lr"]) == pytest.approx(cfg.lr * expected, rel=1e-4)
+    assert 0.0 <= float(first["data_wait"]) <= 1.0
 
 
 def test_init_with_overrides_keeps_the_weights_and_adds_new_parameters(
