@@ -215,3 +215,20 @@ def test_a_bad_set_is_a_startup_error(synth_data, tmp_path, overrides, message):
     cfg = TrainConfig(data=synth_data, out=tmp_path / "run", steps=1, overrides=overrides)
     with pytest.raises(StartupError, match=message):
         train(cfg)
+
+
+def test_train_step_bench_compares_sdpa_backends_on_changing_batches(
+    micro_checkpoint, monkeypatch, capsys, tmp_path
+):
+    from mad.bench import train_step
+
+    argv = ["train_step", "--checkpoint", str(micro_checkpoint), "--batch-size", "2"]
+    argv += ["--batches", "2", "--steps", "1", "--sdpa", "math"]
+    monkeypatch.setattr("sys.argv", [*argv, "--profile", str(tmp_path / "ops.txt")])
+    train_step.main()
+    line = capsys.readouterr().out
+    assert "x 2 batches" in line and "SDPA math takes" in line
+    assert "aten::" in (tmp_path / "ops.txt").read_text()
+    monkeypatch.setattr("sys.argv", [*argv[:-1], "fastest"])
+    with pytest.raises(SystemExit, match="unknown SDPA backend 'fastest'"):
+        train_step.main()

@@ -1,14 +1,22 @@
 """Training step time on the same batches in one run: fp32 against bf16 autocast, or (with
---set) the model as it is against the model changed by config overrides.
+--set) the model as it is against the model changed by config overrides, or (with --sdpa)
+attention on every scaled-dot-product backend against a few of them.
 
     python -m mad.bench.train_step [--checkpoint checkpoints/mad-tiny] [--batch-size 16]
     python -m mad.bench.train_step --set fine_memory=true [--base-set 'tasks=["detection"]']
+    python -m mad.bench.train_step --device cuda --batch-size 64 --batches 8 \
+        --sdpa efficient,flash,math --profile runs/step-profile.txt
 
-Builds a batch of generated images at the model's canvas, then alternates the two arms'
+Builds batches of generated images at the model's canvas, then alternates the two arms'
 steps (forward, backward, optimizer) so that both see the same machine load; prints the
-median step time of each and their ratio. With --set, both arms train under bf16 autocast
-(as `mad train` does) and --base-set applies overrides to both (e.g. the same tasks); the
-changed model carries the checkpoint's weights as `mad train --init C --set ...` does.
+median step time of each and their ratio, and on a GPU the share of a step the host spends
+before the device has the work (`host`: near 1, the GPU waits for Python and kernel
+launches, or for a per-shape set-up). --batches N cycles N different batches, so that the
+shapes change from step to step as in training (sequence counts follow the objects).
+With --set or --sdpa, both arms train under bf16 autocast (as `mad train` does) and
+--base-set applies overrides to both (e.g. the same tasks); the changed model carries the
+checkpoint's weights as `mad train --init C --set ...` does. --profile writes the second
+arm's operators (torch.profiler, host and device time) to a file.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.checkpoint import MAD, load_checkpoint
 from model.config import parse_overrides
@@ -45,6 +56,30 @@ def changed(mad: MAD, items: list[str]) -> MAD:
     return other
 
 
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def sdpa_backends(text: str) -> list[SDPBackend]:
+    try:
+        return [SDPA_BACKENDS[name.strip()] for name in text.split(",")]
+    except KeyError as exc:
+        raise SystemExit(
+            f"train_step: unknown SDPA backend {exc}; choose from {', '.join(SDPA_BACKENDS)}"
+        ) from None
+
+
+@contextmanager
+def attention_on(backends: list[SDPBackend] | None) -> Iterator[None]:
+    """SDPA limited to `backends` (None: PyTorch's own choice among all)."""
+    with sdpa_kernel(backends) if backends else nullcontext():
+        yield
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
@@ -53,69 +88,120 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", dest="variant", action="append", default=[], metavar="K=V")
     parser.add_argument("--base-set", action="append", default=[], metavar="K=V")
+    parser.add_argument("--batches", type=int, default=1, help="distinct batches, cycled")
+    parser.add_argument(
+        "--sdpa",
+        default=None,
+        metavar="B,B",
+        help="second arm's SDPA backends: " + ",".join(SDPA_BACKENDS),
+    )
+    parser.add_argument("--profile", type=Path, default=None, help="second arm's operators")
     args = parser.parse_args()
 
     base = changed(load_checkpoint(args.checkpoint)[0], args.base_set)
     base_name = " ".join(args.base_set) or "as is"
-    arms: dict[str, tuple[MAD, bool]]  # name -> (model, bf16)
+    arms: dict[str, tuple[MAD, bool, list[SDPBackend] | None]]  # name -> (model, bf16, SDPA)
     if args.variant:
         arms = {
-            base_name: (base, True),
-            " ".join(args.variant): (changed(base, args.variant), True),
+            base_name: (base, True, None),
+            " ".join(args.variant): (changed(base, args.variant), True, None),
+        }
+    elif args.sdpa:
+        arms = {
+            "every SDPA backend": (base, True, None),
+            f"SDPA {args.sdpa}": (base, True, sdpa_backends(args.sdpa)),
         }
     else:
-        arms = {"fp32": (base, False), "bf16": (base, True)}
+        arms = {"fp32": (base, False, None), "bf16": (base, True, None)}
     size = max(base.config.image_size)
+    collate = CanvasCollate(base.config.image_size)
+    n = args.batch_size
     with tempfile.TemporaryDirectory() as root:
-        write_synthetic_dataset(Path(root), train=args.batch_size, val=0, seed=0)
+        write_synthetic_dataset(Path(root), train=n * args.batches, val=0, seed=0)
         dataset = CocoMultiTaskDataset(Path(root), "train2017", build_transforms(True, size))
-        images, pads, targets = CanvasCollate(base.config.image_size)(
-            [dataset[i] for i in range(args.batch_size)]
-        )
-    images = images.to(args.device, memory_format=torch.channels_last)
-    pads = pads.to(args.device)
+        batches = [
+            collate([dataset[i] for i in range(b * n, (b + 1) * n)]) for b in range(args.batches)
+        ]
+    batches = [
+        (images.to(args.device, memory_format=torch.channels_last), pads.to(args.device), targets)
+        for images, pads, targets in batches
+    ]
     device_type = torch.device(args.device).type
     optimizers = {}
-    for mad, _ in arms.values():
+    for mad, _, _ in arms.values():
+        if id(mad) in optimizers:
+            continue
         network = mad.required_network().to(args.device).train()
         network.backbone.to(memory_format=torch.channels_last)
         optimizers[id(mad)] = torch.optim.AdamW(network.parameters(), lr=1e-6)
 
-    def step(mad: MAD, bf16: bool) -> float:
-        generator = torch.Generator().manual_seed(0)  # the same sequences for both arms
+    def step(
+        mad: MAD, bf16: bool, backends: list[SDPBackend] | None, b: int
+    ) -> tuple[float, float]:
+        """One training step on batch b -> (seconds, seconds until the host was done)."""
+        images, pads, targets = batches[b % len(batches)]
+        generator = torch.Generator().manual_seed(b)  # the same sequences for both arms
         sequences = {
             n: c.training_sequences(targets, generator).to(args.device)
             for n, c in mad.codecs.items()
         }
         network, optimizer = mad.required_network(), optimizers[id(mad)]
         tic = time.perf_counter()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        with (
+            attention_on(backends),
+            torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16),
+        ):
             losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
         loss = weighted_total(losses, mad.config.task_weights)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # backward kernels follow the forward's choice of SDPA backend
         optimizer.step()
+        host = time.perf_counter() - tic
         if device_type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - tic
+        return time.perf_counter() - tic, host
 
     times: dict[str, list[float]] = {name: [] for name in arms}
-    for mad, bf16 in arms.values():  # warm-up
-        step(mad, bf16)
-    for _ in range(args.steps):
-        for name, (mad, bf16) in arms.items():
-            times[name].append(step(mad, bf16))
+    hosts: dict[str, list[float]] = {name: [] for name in arms}
+    for mad, bf16, backends in arms.values():  # warm-up: every batch's shapes once
+        for b in range(len(batches)):
+            step(mad, bf16, backends, b)
+    for i in range(args.steps):
+        for name, (mad, bf16, backends) in arms.items():
+            seconds, host = step(mad, bf16, backends, i)
+            times[name].append(seconds)
+            hosts[name].append(host / seconds)
     (first, first_s), (second, second_s) = ((n, statistics.median(t)) for n, t in times.items())
     ratio = (
         f"{second} takes {second_s / first_s:.2f}x as long"
-        if args.variant
+        if args.variant or args.sdpa
         else f"bf16 speed-up {first_s / second_s:.2f}x"
     )
+    host_share = ""
+    if device_type == "cuda":
+        host_share = (
+            " (host "
+            + ", ".join(f"{statistics.median(h):.0%}" for h in hosts.values())
+            + " of a step)"
+        )
     print(
-        f"{args.checkpoint.name}, batch {args.batch_size}, {size}px, {args.device}, "
-        f"{torch.get_num_threads()} threads: {first} {first_s:.3f} s/step, "
-        f"{second} {second_s:.3f} s/step, {ratio}"
+        f"{args.checkpoint.name}, batch {args.batch_size} x {len(batches)} batches, {size}px, "
+        f"{args.device}, {torch.get_num_threads()} threads: {first} {first_s:.3f} s/step, "
+        f"{second} {second_s:.3f} s/step, {ratio}{host_share}"
     )
+    if args.profile:
+        mad, bf16, backends = arms[second]
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device_type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            for i in range(len(batches)):
+                step(mad, bf16, backends, i)
+        sort = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        args.profile.write_text(f"{second}, {len(batches)} steps\n{table}\n")
+        print(f"wrote {args.profile}")
 
 
 if __name__ == "__main__":
