@@ -20,6 +20,7 @@ from model.data.synth import (
 )
 from model.data.synth.common import MIN_VISIBLE_PIXELS
 from model.data.synth.grammar import grammar_errors
+from model.data.synth.language import is_world_sentence
 from model.data.synth.paint import COLOUR_NAMES, SHAPE_STYLES
 from model.data.synth.persons import POSES
 
@@ -142,6 +143,23 @@ def test_grammar_checker_catches_disagreement():
     assert grammar_errors("a red circle and a") == ["ends with 'a'"]
 
 
+def test_the_caption_language_holds_every_world_v1_caption_and_no_broken_one():
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        assert all(is_world_sentence(c) for c in render_synthetic_image(rng, "v1")[2])
+    # What models wrote on photos: no agreement error, yet not sentences.
+    for broken in [
+        "a person in is is the top triangle",
+        "a person in red is at",
+        "a but a background",
+        "a blue circle below a person square",
+        "a yellow circle to the right of",
+    ]:
+        assert not is_world_sentence(broken), broken
+    for fine in ["a person in orange", "there are two people in red and an orange star"]:
+        assert is_world_sentence(fine)
+
+
 def test_v2_captions_are_grammatical(sample):
     for _, objects, captions in sample:
         assert len(captions) == 5
@@ -150,6 +168,7 @@ def test_v2_captions_are_grammatical(sample):
         for text in captions:
             assert text == text.lower() and 3 <= len(text.split()) <= 18
             assert not grammar_errors(text), (text, grammar_errors(text))
+            assert is_world_sentence(text), text
             if objects:
                 assert words & set(text.split()), (text, names)
 
@@ -181,7 +200,7 @@ def test_v3_draws_some_scenes_on_natural_images_never_evaluated_on(monkeypatch):
     np.testing.assert_array_equal(images[3][0], again[0])
     assert images[3][2] == again[2]
     for _, objects, captions in images:
-        assert all(not grammar_errors(text) for text in captions)
+        assert all(not grammar_errors(text) and is_world_sentence(text) for text in captions)
         assert all(o["area"] >= MIN_VISIBLE_PIXELS for o in objects)
 
 

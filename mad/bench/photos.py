@@ -1,6 +1,8 @@
 """What a model says about natural photos it was never trained on (scikit-image's sample
 photos): detections per photo at the default threshold, boxes of zero area, and whether the
-caption is a grammatical sentence.
+caption is a grammatical sentence: for a model of the synthetic world (its six classes), a
+sentence of the world's caption language with agreeing articles and numbers
+(model/data/synth/language.py); for another model, agreement alone.
 
     python -m mad.bench.photos [--checkpoint checkpoints/mad-tiny] [--json out.json]
 
@@ -19,8 +21,10 @@ from typing import Any
 
 from PIL import Image
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import MAD, load_checkpoint
+from model.config import SYNTH_CLASS_NAMES
 from model.data.synth.grammar import grammar_errors
+from model.data.synth.language import is_world_sentence
 from model.pipeline import Pipeline, Request
 from model.runner import EagerRunner
 
@@ -48,6 +52,19 @@ def sample_photos() -> dict[str, Image.Image]:
     return {name.split(".")[0]: Image.open(folder / name).convert("RGB") for name in PHOTOS}
 
 
+NOT_A_SENTENCE = "not a sentence of the world's captions"
+
+
+def caption_errors(mad: MAD, caption: str) -> list[str]:
+    """What keeps `caption` from being a grammatical sentence ([] when it is one)."""
+    if "caption" not in mad.config.tasks:
+        return []
+    errors = grammar_errors(caption)
+    if mad.config.class_names == SYNTH_CLASS_NAMES and not is_world_sentence(caption):
+        errors.append(NOT_A_SENTENCE)
+    return errors
+
+
 def photo_report(checkpoint: Path, threshold: float = 0.5) -> dict[str, Any]:
     """-> one row per photo ("photos") and the summary figures beside it."""
     mad, _ = load_checkpoint(checkpoint)
@@ -69,7 +86,7 @@ def photo_report(checkpoint: Path, threshold: float = 0.5) -> dict[str, Any]:
                 "labels": sorted({mad.config.class_names[int(i)] for i in detections.labels}),
                 "zero_area_boxes": zero_area,
                 "caption": caption,
-                "grammar_errors": grammar_errors(caption) if "caption" in mad.config.tasks else [],
+                "grammar_errors": caption_errors(mad, caption),
             }
         )
     summary: dict[str, Any] = {
