@@ -169,10 +169,22 @@ def caption_bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
 
 
 class CaptionBLEU:
-    """Corpus BLEU-4 of the task `task`'s text outputs, on the images that have references."""
+    """Corpus BLEU-4 of the task `task`'s text outputs, on the images that have references.
 
-    def __init__(self, truth: GroundTruth, task: str, name: str) -> None:
+    With `is_sentence` (a model of a known caption language) it also reports the share of
+    outputs that are sentences (`<task>_sentence_share`) and BLEU-4 with every other output
+    scored as an empty caption (`<name>_sentences`): a caption that reads as nonsense earns
+    nothing however many of its words match."""
+
+    def __init__(
+        self,
+        truth: GroundTruth,
+        task: str,
+        name: str,
+        is_sentence: Callable[[str], bool] | None = None,
+    ) -> None:
         self.truth, self.task, self.name = truth, task, name
+        self.is_sentence = is_sentence
         self.hypotheses: list[str] = []
         self.references: list[list[str]] = []
 
@@ -183,7 +195,13 @@ class CaptionBLEU:
             self.references.append(refs)
 
     def summarize(self) -> dict[str, float]:
-        return {self.name: caption_bleu4(self.hypotheses, self.references)}
+        metrics = {self.name: caption_bleu4(self.hypotheses, self.references)}
+        if self.is_sentence is not None:
+            kept = [h if self.is_sentence(h) else "" for h in self.hypotheses]
+            count = max(1, len(kept))
+            metrics[f"{self.task}_sentence_share"] = sum(1 for h in kept if h) / count
+            metrics[f"{self.name}_sentences"] = caption_bleu4(kept, self.references)
+        return metrics
 
 
 def evaluate(

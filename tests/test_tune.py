@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
 
-from model.checkpoint import checkpoint_digest, load_checkpoint, write_schedules
-from model.evaluate import evaluate
+from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, write_schedules
+from model.data.synth.language import is_grammatical
+from model.evaluate import CaptionBLEU, evaluate
 from model.tune import Trial, choose
 
 
@@ -56,7 +58,8 @@ def test_choose_prefers_the_shortest_schedule_within_tolerance():
 
 def test_eval_of_one_task_reports_only_its_metrics(micro_model, synth_data):
     metrics = evaluate(micro_model, synth_data, tasks=("caption",), limit=2)
-    assert set(metrics) == {"caption_BLEU4"}
+    # a model of the synthetic world: also how many of its captions are sentences
+    assert set(metrics) == {"caption_BLEU4", "caption_sentence_share", "caption_BLEU4_sentences"}
     metrics = evaluate(micro_model, synth_data, tasks=("keypoints",), limit=2)
     assert set(metrics) == {"bbox_AP", "bbox_AP50", "bbox_AP75", "keypoints_AP"}
 
@@ -69,3 +72,21 @@ def test_rewritten_schedules_change_the_checkpoint_digest(micro_checkpoint, tmp_
     before = checkpoint_digest(checkpoint)
     write_schedules(checkpoint, {"caption": [0.5]})
     assert checkpoint_digest(checkpoint) != before
+
+
+def test_captions_that_are_not_sentences_earn_nothing_in_the_tuned_metric():
+    no_truth = None  # summarize() reads only the hypotheses and references set below
+    bleu = CaptionBLEU(no_truth, "caption", "caption_BLEU4", is_grammatical)  # type: ignore[arg-type]
+    truth = ["a red circle above a person in blue", "a red circle is at the top left"]
+    bleu.hypotheses = ["a red circle above a person in blue", "a red circle above a person in"]
+    bleu.references = [truth, truth]
+    metrics = bleu.summarize()
+    assert metrics["caption_sentence_share"] == 0.5
+    assert 0 < metrics["caption_BLEU4_sentences"] < metrics["caption_BLEU4"]
+
+
+def test_the_tuned_caption_metric_holds_world_models_to_sentences(micro_model):
+    assert micro_model.codecs["caption"].metric == "caption_BLEU4_sentences"
+    config = dataclasses.replace(micro_model.config, class_names=["cat", "dog"])
+    other = MAD.build(config, micro_model.tokenizer)
+    assert other.codecs["caption"].metric == "caption_BLEU4"

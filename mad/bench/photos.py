@@ -22,9 +22,8 @@ from typing import Any
 from PIL import Image
 
 from model.checkpoint import MAD, load_checkpoint
-from model.config import SYNTH_CLASS_NAMES
 from model.data.synth.grammar import grammar_errors
-from model.data.synth.language import is_world_sentence
+from model.data.synth.language import is_world_sentence, sentence_check
 from model.pipeline import Pipeline, Request
 from model.runner import EagerRunner
 
@@ -60,7 +59,7 @@ def caption_errors(mad: MAD, caption: str) -> list[str]:
     if "caption" not in mad.config.tasks:
         return []
     errors = grammar_errors(caption)
-    if mad.config.class_names == SYNTH_CLASS_NAMES and not is_world_sentence(caption):
+    if sentence_check(mad.config.class_names) and not is_world_sentence(caption):
         errors.append(NOT_A_SENTENCE)
     return errors
 

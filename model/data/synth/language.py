@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Sequence
 
+from model.config import SYNTH_CLASS_NAMES
 from model.data.synth.backgrounds import KINDS
 from model.data.synth.captions import NUMBER_WORDS, POSE_PHRASES
 from model.data.synth.common import SHAPES
+from model.data.synth.grammar import grammar_errors
 from model.data.synth.paint import COLOUR_NAMES
 
 
@@ -67,3 +70,14 @@ def _sentence() -> re.Pattern[str]:
 def is_world_sentence(caption: str) -> bool:
     """Whether `caption` (words separated by spaces) is a sentence of the caption language."""
     return _sentence().fullmatch(" ".join(caption.split())) is not None
+
+
+def is_grammatical(caption: str) -> bool:
+    """A sentence of the language whose articles and numbers agree."""
+    return is_world_sentence(caption) and not grammar_errors(caption)
+
+
+def sentence_check(class_names: Sequence[str]) -> Callable[[str], bool] | None:
+    """How to tell a grammatical caption of a model with these classes: the synthetic
+    world's models are held to its language; for other models there is no such check."""
+    return is_grammatical if list(class_names) == SYNTH_CLASS_NAMES else None
