@@ -108,6 +108,14 @@ def test_bad_parameters_are_422(client, case):
     assert field in error["message"] or "task" in error["message"]
 
 
+def test_form_fields_in_the_url_are_refused_not_ignored(client):
+    response = client.post(
+        "/predict?tasks=caption&refine_steps=1", files={"image": ("x.png", png(), "image/png")}
+    )
+    error = expect_error(response, 422, "validation_error")
+    assert error["message"].startswith("refine_steps, tasks: send as multipart form fields")
+
+
 def test_missing_image_field(client):
     error = expect_error(
         client.post("/predict", data={"tasks": "caption"}, files={"other": ("x.png", png())}), 422

@@ -81,6 +81,7 @@ async def predict(
     settings, config = state.settings, model.mad.config
     arrived = request.state.arrived
     try:
+        check_no_form_fields_in_query(request)
         tasks = parse_tasks(form.tasks, config.tasks)
         request.state.tasks = tasks  # the metrics middleware counts per task asked
         refine = parse_refine_steps(form.refine_steps, config.tasks)
@@ -189,3 +190,13 @@ def record(state: ServiceState, response: PredictResponse) -> None:
             metrics.stage_duration.labels(stage=stage).observe(ms / 1000)
     for task, passes in response.decoder_passes.items():
         metrics.decoder_passes.labels(task=task).inc(passes)
+
+
+def check_no_form_fields_in_query(request: Request) -> None:
+    """A form field sent in the URL (`/predict?tasks=caption`) would be ignored and the
+    request answered with the defaults: refuse it, naming where it belongs."""
+    misplaced = sorted(set(request.query_params) & set(PredictForm.model_fields))
+    if misplaced:
+        raise RequestError(
+            ", ".join(misplaced), "send as multipart form fields (-F), not URL query parameters"
+        )
