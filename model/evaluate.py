@@ -172,9 +172,9 @@ class CaptionBLEU:
     """Corpus BLEU-4 of the task `task`'s text outputs, on the images that have references.
 
     With `is_sentence` (a model of a known caption language) it also reports the share of
-    outputs that are sentences (`<task>_sentence_share`) and BLEU-4 with every other output
-    scored as an empty caption (`<name>_sentences`): a caption that reads as nonsense earns
-    nothing however many of its words match."""
+    outputs that are sentences (`<task>_sentence_share`) and BLEU-4 times that share
+    (`<name>_x_sentences`): BLEU-4 alone gives credit to word soup that shares words with
+    the references ("a person in is is the the")."""
 
     def __init__(
         self,
@@ -197,10 +197,10 @@ class CaptionBLEU:
     def summarize(self) -> dict[str, float]:
         metrics = {self.name: caption_bleu4(self.hypotheses, self.references)}
         if self.is_sentence is not None:
-            kept = [h if self.is_sentence(h) else "" for h in self.hypotheses]
-            count = max(1, len(kept))
-            metrics[f"{self.task}_sentence_share"] = sum(1 for h in kept if h) / count
-            metrics[f"{self.name}_sentences"] = caption_bleu4(kept, self.references)
+            sentences = sum(1 for h in self.hypotheses if self.is_sentence(h))
+            share = sentences / max(1, len(self.hypotheses))
+            metrics[f"{self.task}_sentence_share"] = share
+            metrics[f"{self.name}_x_sentences"] = metrics[self.name] * share
         return metrics
 
 

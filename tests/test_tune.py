@@ -59,7 +59,7 @@ def test_choose_prefers_the_shortest_schedule_within_tolerance():
 def test_eval_of_one_task_reports_only_its_metrics(micro_model, synth_data):
     metrics = evaluate(micro_model, synth_data, tasks=("caption",), limit=2)
     # a model of the synthetic world: also how many of its captions are sentences
-    assert set(metrics) == {"caption_BLEU4", "caption_sentence_share", "caption_BLEU4_sentences"}
+    assert set(metrics) == {"caption_BLEU4", "caption_sentence_share", "caption_BLEU4_x_sentences"}
     metrics = evaluate(micro_model, synth_data, tasks=("keypoints",), limit=2)
     assert set(metrics) == {"bbox_AP", "bbox_AP50", "bbox_AP75", "keypoints_AP"}
 
@@ -74,7 +74,7 @@ def test_rewritten_schedules_change_the_checkpoint_digest(micro_checkpoint, tmp_
     assert checkpoint_digest(checkpoint) != before
 
 
-def test_captions_that_are_not_sentences_earn_nothing_in_the_tuned_metric():
+def test_the_tuned_caption_metric_weighs_bleu_by_the_share_of_sentences():
     no_truth = None  # summarize() reads only the hypotheses and references set below
     bleu = CaptionBLEU(no_truth, "caption", "caption_BLEU4", is_grammatical)  # type: ignore[arg-type]
     truth = ["a red circle above a person in blue", "a red circle is at the top left"]
@@ -82,11 +82,11 @@ def test_captions_that_are_not_sentences_earn_nothing_in_the_tuned_metric():
     bleu.references = [truth, truth]
     metrics = bleu.summarize()
     assert metrics["caption_sentence_share"] == 0.5
-    assert 0 < metrics["caption_BLEU4_sentences"] < metrics["caption_BLEU4"]
+    assert metrics["caption_BLEU4_x_sentences"] == metrics["caption_BLEU4"] * 0.5 > 0
 
 
 def test_the_tuned_caption_metric_holds_world_models_to_sentences(micro_model):
-    assert micro_model.codecs["caption"].metric == "caption_BLEU4_sentences"
+    assert micro_model.codecs["caption"].metric == "caption_BLEU4_x_sentences"
     config = dataclasses.replace(micro_model.config, class_names=["cat", "dog"])
     other = MAD.build(config, micro_model.tokenizer)
     assert other.codecs["caption"].metric == "caption_BLEU4"

@@ -35,13 +35,13 @@ class CaptionCodec(TaskCodec):
     random_remask = True
     output_field = "caption"
     # With a known caption language (a synthetic-world model), `mad eval` also reports the
-    # share of captions that are its sentences and BLEU-4 counting only those, which `mad
-    # tune` then maximises: plain BLEU-4 rewards word soup that shares words with the truth.
+    # share of captions that are its sentences and BLEU-4 times that share, which `mad tune`
+    # then maximises: BLEU-4 alone rewards word soup that shares words with the truth.
     metrics = ("caption_BLEU4",)
 
     @property
     def metric(self) -> str:
-        return "caption_BLEU4_sentences" if self._sentence_check() else "caption_BLEU4"
+        return "caption_BLEU4_x_sentences" if self._sentence_check() else "caption_BLEU4"
 
     def _sentence_check(self) -> Callable[[str], bool] | None:
         from model.data.synth.language import sentence_check
