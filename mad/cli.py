@@ -385,6 +385,7 @@ def tune_command(
             split=split,
             images=limit,
             tolerance=tolerance,
+            metrics={name: mad.codecs[name].metric for name in trials},
             scores={
                 name: [[t.ratios, round(t.score, 5)] for t in tried]
                 for name, tried in trials.items()

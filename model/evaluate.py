@@ -27,7 +27,8 @@ from model.decoding import Runner
 from model.pipeline import Pipeline, Request, Result
 from model.runner import EagerRunner
 
-# What `mad eval` reports for a model with the presets' tasks.
+# What `mad eval` reports for a model with the presets' tasks (a model of the synthetic
+# worlds adds caption_sentence_share and caption_BLEU4_x_sentences: CaptionBLEU).
 METRICS = tuple(metric for task in TASKS for metric in CODECS[task].metrics)
 # COCOeval iou type -> the key of a result entry's value.
 COCO_RESULT_KEY = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}

@@ -89,7 +89,7 @@ def lr_factor(step: float, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_scale (`step` may be fractional: paced by
     wall time)."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return min(1.0, (step + 1) / cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_scale + (1 - cfg.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -221,14 +221,11 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = build_optimizer(network, cfg)
     if cfg.resume and has_train_state(cfg.resume):
         load_train_state(cfg.resume, optimizer)
-    # paced: the schedule step that the wall time reached (anneal_by_deadline), else 0
-    paced = [0.0]
+    pace = DeadlinePace(cfg, start_step)
     scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(max(s, paced[0]), cfg), last_epoch=start_step - 1
-        )
+        torch.optim.lr_scheduler.LambdaLR(optimizer, pace.factor, last_epoch=start_step - 1)
         if start_step == 0
-        else _resumed_scheduler(optimizer, cfg, start_step, paced)
+        else _resumed_scheduler(optimizer, cfg, start_step, pace)
     )
     amp = _autocast(device, cfg.amp)
     log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
@@ -264,10 +261,9 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.step()
         spent = _time_spent(started, budget_s, world, device)
         out_of_time = spent >= 1
-        if cfg.anneal_by_deadline:
-            paced[0] = start_step + spent * (cfg.steps - start_step)
-        scheduler.step()
         step += 1
+        pace.update(step, spent)
+        scheduler.step()
         if rank == 0:
             bar.update(1)
             # Reading a value waits for the device: only on logged steps, so the host
@@ -328,13 +324,37 @@ def _time_spent(started: float, budget_s: float, world: int, device: torch.devic
 
 
 def _resumed_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int, paced: list[float]
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int, pace: DeadlinePace
 ) -> torch.optim.lr_scheduler.LambdaLR:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"] / max(lr_factor(start_step - 1, cfg), 1e-12))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(max(s, paced[0]), cfg), last_epoch=start_step - 1
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, pace.factor, last_epoch=start_step - 1)
+
+
+class DeadlinePace:
+    """The lr factor of a schedule step; with anneal_by_deadline, the cosine after the warmup
+    runs on steps or wall time, whichever is further along: the budget left once the warmup
+    (or a resumed run's first step) is done maps onto the steps left, so the cosine reaches
+    its floor when the time is up. A resumed run paces the rest against its own budget."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        self.cfg = cfg
+        self.anchor: tuple[int, float] | None = None  # (step, share of budget spent) to pace from
+        self.paced = 0.0  # the schedule step the wall time has reached
+        self.start = max(start_step, cfg.warmup_steps)
+
+    def update(self, step: int, spent: float) -> None:
+        """After `step` steps, `spent` of the wall-time budget is gone."""
+        if not self.cfg.anneal_by_deadline or step < self.start:
+            return
+        if self.anchor is None:
+            self.anchor = (step, spent)
+        anchor_step, anchor_spent = self.anchor
+        progress = (spent - anchor_spent) / max(1e-9, 1 - anchor_spent)
+        self.paced = anchor_step + progress * (self.cfg.steps - anchor_step)
+
+    def factor(self, step: int) -> float:
+        return lr_factor(step if step < self.start else max(step, self.paced), self.cfg)
 
 
 def _autocast(device: torch.device, amp: str) -> torch.autocast:

@@ -96,31 +96,39 @@ def test_training_stops_and_saves_after_its_wall_time(synth_data, tmp_path):
 
 
 @pytest.mark.parametrize("anneal", [False, True])
-def test_a_deadline_paced_schedule_has_annealed_when_the_time_is_up(synth_data, tmp_path, anneal):
+def test_a_deadline_paced_schedule_has_annealed_when_the_time_is_up(
+    synth_data, tmp_path, monkeypatch, anneal
+):
+    # The clock, as shares of the budget spent after each step: the warmup's two steps are
+    # not paced, the third step spends the rest.
+    clock = iter([0.1, 0.2, 1.0])
+    monkeypatch.setattr("model.train._time_spent", lambda *_: next(clock))
     cfg = TrainConfig(
         data=synth_data,
         out=tmp_path / "run",
         steps=1000,
         batch_size=2,
         workers=0,
-        warmup_steps=10,
+        warmup_steps=2,
         lr=1e-3,
         backbone_lr_scale=1.0,
         log_every=1,
         save_every=100,
         eval_images=2,
         overrides=dict(MICRO_OVERRIDES),
-        max_minutes=1e-6,  # spent after the first step
+        max_minutes=10,
         anneal_by_deadline=anneal,
     )
     train(cfg)
     with open(tmp_path / "run" / "train_log.csv") as f:
-        first = next(csv.DictReader(f))
-    # The lr logged at step 1 is the next step's: the cosine's floor once the time is up,
-    # else still in the warmup (2 of 10 steps).
-    expected = cfg.min_lr_scale if anneal else 2 / cfg.warmup_steps
-    assert float(first["lr"]) == pytest.approx(cfg.lr * expected, rel=1e-4)
-    assert 0.0 <= float(first["data_wait"]) <= 1.0
+        rows = [row for row in csv.DictReader(f) if row["lr"]]
+    # The lr logged at a step is the next step's: the warmup's end (steps 1-2) either way,
+    # then the cosine's floor once the time is up, else still near its peak.
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]
+    lrs = [float(row["lr"]) / cfg.lr for row in rows]
+    assert lrs[:2] == pytest.approx([1.0, 1.0])
+    assert lrs[2] == pytest.approx(cfg.min_lr_scale if anneal else 1.0, abs=1e-4)
+    assert all(0.0 <= float(row["data_wait"]) <= 1.0 for row in rows)
 
 
 def test_init_with_overrides_keeps_the_weights_and_adds_new_parameters(

@@ -93,10 +93,15 @@ def main() -> None:
         "--sdpa",
         default=None,
         metavar="B,B",
-        help="second arm's SDPA backends: " + ",".join(SDPA_BACKENDS),
+        help="second arm's SDPA backends, of "
+        + ",".join(SDPA_BACKENDS)
+        + " (flash alone cannot run the masked attention; on CPU under bf16, short attention"
+        " takes explicit matmuls whatever the backends)",
     )
     parser.add_argument("--profile", type=Path, default=None, help="second arm's operators")
     args = parser.parse_args()
+    if args.sdpa and args.variant:
+        parser.error("--sdpa and --set are two different comparisons: give one")
 
     base = changed(load_checkpoint(args.checkpoint)[0], args.base_set)
     base_name = " ".join(args.base_set) or "as is"
