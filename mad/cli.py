@@ -381,13 +381,15 @@ def tune_command(
         write_schedules(
             checkpoint,
             mad.config.schedules,
-            data=str(data),
-            split=split,
-            images=limit,
-            tolerance=tolerance,
-            metrics={name: mad.codecs[name].metric for name in trials},
-            scores={
-                name: [[t.ratios, round(t.score, 5)] for t in tried]
+            {
+                name: {
+                    "data": str(data),
+                    "split": split,
+                    "images": limit,
+                    "tolerance": tolerance,
+                    "metric": mad.codecs[name].metric,
+                    "scores": [[t.ratios, round(t.score, 5)] for t in tried],
+                }
                 for name, tried in trials.items()
             },
         )

@@ -104,17 +104,34 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
 
 
 def write_schedules(
-    directory: str | Path, schedules: dict[str, list[float]], **provenance: Any
+    directory: str | Path,
+    schedules: dict[str, list[float]],
+    tuning: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Replace a checkpoint's default refinement schedules in its config.json; the weights
-    are untouched. `provenance` (how they were chosen) is stored beside them."""
+    are untouched. `tuning`, {task: how its schedule was chosen}, is stored beside them
+    (`schedule_tuning`), keeping the records of tasks tuned earlier."""
     directory = Path(directory)
     meta = read_checkpoint_config(directory)
     schedules = {task: [float(r) for r in ratios] for task, ratios in schedules.items()}
     meta["model"]["schedules"] = meta["schedules"] = schedules
-    if provenance:
-        meta["schedule_tuning"] = provenance
+    if tuning:
+        meta["schedule_tuning"] = tuning_records(meta.get("schedule_tuning")) | tuning
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def tuning_records(record: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """A config's `schedule_tuning` as {task: record}; a record written before records were
+    kept per task ({data, ..., scores: {task: ...}}) is split by task."""
+    if not record:
+        return {}
+    if "scores" not in record:
+        return dict(record)
+    shared = {k: v for k, v in record.items() if k not in ("scores", "metrics")}
+    return {
+        task: {**shared, "metric": record.get("metrics", {}).get(task), "scores": scores}
+        for task, scores in record["scores"].items()
+    }
 
 
 def _read_weights(weights: Path) -> dict[str, torch.Tensor]:

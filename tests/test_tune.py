@@ -7,7 +7,14 @@ import shutil
 import subprocess
 import sys
 
-from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, write_schedules
+from model.checkpoint import (
+    MAD,
+    checkpoint_digest,
+    load_checkpoint,
+    read_checkpoint_config,
+    tuning_records,
+    write_schedules,
+)
 from model.data.synth.language import is_grammatical
 from model.evaluate import CaptionBLEU, evaluate
 from model.tune import Trial, choose
@@ -42,10 +49,12 @@ def test_mad_tune_scores_schedules_and_writes_the_chosen_one(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = load_checkpoint(checkpoint)[1]
-    tried = [ratios for ratios, _ in meta["schedule_tuning"]["scores"]["caption"]]
+    record = meta["schedule_tuning"]["caption"]
+    tried = [ratios for ratios, _ in record["scores"]]
     # No refinement, three one-step ramps, and the checkpoint's own default.
     assert tried == [[], [0.9], [0.7], [0.5], [0.8, 0.6, 0.4]]
     assert meta["schedules"]["caption"] in tried
+    assert record["metric"] == "caption_BLEU4_x_sentences" and record["images"] == 2
     assert meta["model"]["schedules"] == meta["schedules"]
     assert meta["schedules"]["keypoints"] == [0.7]  # not asked: unchanged
 
@@ -90,3 +99,23 @@ def test_the_tuned_caption_metric_holds_world_models_to_sentences(micro_model):
     config = dataclasses.replace(micro_model.config, class_names=["cat", "dog"])
     other = MAD.build(config, micro_model.tokenizer)
     assert other.codecs["caption"].metric == "caption_BLEU4"
+
+
+def test_tuning_one_task_keeps_the_record_of_another(micro_checkpoint, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    caption = {"data": "d1", "metric": "caption_BLEU4", "scores": [[[], 0.2]]}
+    write_schedules(checkpoint, {"caption": [0.5]}, {"caption": caption})
+    keypoints = {"data": "d2", "metric": "keypoints_AP", "scores": [[[], 0.1]]}
+    write_schedules(checkpoint, {"caption": [0.5], "keypoints": []}, {"keypoints": keypoints})
+    assert read_checkpoint_config(checkpoint)["schedule_tuning"] == {
+        "caption": caption,
+        "keypoints": keypoints,
+    }
+
+
+def test_a_record_from_before_per_task_records_is_split_by_task():
+    old = {"data": "d", "images": 200, "metrics": {"caption": "m"}, "scores": {"caption": [1]}}
+    assert tuning_records(old) == {
+        "caption": {"data": "d", "images": 200, "metric": "m", "scores": [1]}
+    }
