@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -77,19 +79,22 @@ def test_bf16_cpu_training_step_stays_close_to_fp32(synth_data, tokenizer):
     assert F.cosine_similarity(grads16, grads32, dim=0) > 0.98
 
 
-def test_training_stops_and_saves_after_its_wall_time(synth_data, tmp_path):
-    cfg = TrainConfig(
-        data=synth_data,
-        out=tmp_path / "run",
-        steps=50,
+def micro_run(data: Path, out: Path, **changes: Any) -> TrainConfig:
+    """A short run of the micro model, saving and evaluating only at its end."""
+    return TrainConfig(
+        data=data,
+        out=out,
         batch_size=2,
         workers=0,
-        warmup_steps=1,
         save_every=100,
         eval_images=2,
         overrides=dict(MICRO_OVERRIDES),
-        max_minutes=1e-6,
+        **changes,
     )
+
+
+def test_training_stops_and_saves_after_its_wall_time(synth_data, tmp_path):
+    cfg = micro_run(synth_data, tmp_path / "run", steps=50, warmup_steps=1, max_minutes=1e-6)
     train(cfg)
     _, meta = load_checkpoint(tmp_path / "run")
     assert meta["step"] == 1  # stopped (and saved) after the first step, not at 50
@@ -103,19 +108,14 @@ def test_a_deadline_paced_schedule_has_annealed_when_the_time_is_up(
     # not paced, the third step spends the rest.
     clock = iter([0.1, 0.2, 1.0])
     monkeypatch.setattr("model.train._time_spent", lambda *_: next(clock))
-    cfg = TrainConfig(
-        data=synth_data,
-        out=tmp_path / "run",
+    cfg = micro_run(
+        synth_data,
+        tmp_path / "run",
         steps=1000,
-        batch_size=2,
-        workers=0,
         warmup_steps=2,
         lr=1e-3,
         backbone_lr_scale=1.0,
         log_every=1,
-        save_every=100,
-        eval_images=2,
-        overrides=dict(MICRO_OVERRIDES),
         max_minutes=10,
         anneal_by_deadline=anneal,
     )

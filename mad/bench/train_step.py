@@ -26,8 +26,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -71,13 +70,6 @@ def sdpa_backends(text: str) -> list[SDPBackend]:
         raise SystemExit(
             f"train_step: unknown SDPA backend {exc}; choose from {', '.join(SDPA_BACKENDS)}"
         ) from None
-
-
-@contextmanager
-def attention_on(backends: list[SDPBackend] | None) -> Iterator[None]:
-    """SDPA limited to `backends` (None: PyTorch's own choice among all)."""
-    with sdpa_kernel(backends) if backends else nullcontext():
-        yield
 
 
 def main() -> None:
@@ -153,7 +145,7 @@ def main() -> None:
         network, optimizer = mad.required_network(), optimizers[id(mad)]
         tic = time.perf_counter()
         with (
-            attention_on(backends),
+            sdpa_kernel(backends) if backends else nullcontext(),  # None: PyTorch's choice
             torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16),
         ):
             losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
