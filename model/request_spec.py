@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 MAX_REFINE_STEPS = 8
 MAX_LATENCY_BUDGET_MS = 600_000.0  # ten minutes: longer is no budget
-STEPS = re.compile(r"-?[0-9]+")
+STEPS = re.compile(r"-?[0-9]{1,9}")  # bounded: int() of thousands of digits raises
 DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
 

@@ -135,7 +135,6 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
     try:
         # All torch work (loading, warm-up, requests) happens on the one model thread.
         model = await engine.run_on_model_thread(load_model, s)
-        state.model = model
         d = model.description
         if s.feature_cache_mb > 0:
             state.features = FeatureCache(int(s.feature_cache_mb * 2**20), d.version)
@@ -184,7 +183,8 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         )
         return
     engine.start()
-    state.engine, state.ready = engine, True
+    # Published together: /v1/model and the v2 metadata answer 503 until the model is warm.
+    state.model, state.engine, state.ready = model, engine, True
     log.info("ready", extra={"model": d.name, "version": d.version})
 
 
@@ -272,8 +272,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            # Every request header a route reads (the v2 protocol's too), and the response
+            # headers a browser client needs (the v2 binary answer's JSON length).
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Content-Encoding",
+                "X-Request-ID",
+                "X-Latency-Budget-Ms",
+                v2.HEADER_LENGTH,
+            ],
+            expose_headers=["X-Request-ID", "Retry-After", v2.HEADER_LENGTH],
         )
     app.add_middleware(ClientGuardMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)

@@ -189,7 +189,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> Any:
         async def live() -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=True)
+            return pb.ServerLiveResponse(live=v2_infer.server_live(self.state))
 
         return await self.answer(context, Call("ServerLive"), live, key=False)
 

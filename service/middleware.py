@@ -32,6 +32,16 @@ V2_INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapes: debug level only
 # An incoming id is echoed into headers and logs: accept only short, plain tokens.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+BYTE_COUNT = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes "²"
+MAX_BYTE_COUNT = 10**18  # more than any body; int() refuses thousands of digits
+
+
+def byte_count(header: str) -> int | None:
+    """A length header ("1024") -> bytes, saturating at MAX_BYTE_COUNT; None when malformed."""
+    text = header.strip()
+    if not BYTE_COUNT.fullmatch(text):
+        return None
+    return MAX_BYTE_COUNT if len(text) > 18 else int(text)
 
 
 def is_predict(scope: Scope) -> bool:
@@ -135,7 +145,7 @@ class UploadGuardMiddleware:
             )
             return await error_response(415, message)(scope, receive, send)
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and (byte_count(length) or 0) > self.max_bytes:
             # Rejected unread; uvicorn discards the rest of the body for keep-alive.
             too_large = BodyTooLarge(self.max_bytes).detail
             return await error_response(413, too_large, path=scope["path"])(scope, receive, send)

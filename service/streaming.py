@@ -32,13 +32,46 @@ Respond = Callable[[Result, int | None], Awaitable[PredictResponse]]
 
 
 def stream_format(accept: str) -> Format | None:
-    """The streaming format an Accept header names first, or None (a plain JSON answer)."""
-    for part in accept.split(","):
-        media = part.split(";")[0].strip().lower()
-        for name, media_type in MEDIA_TYPES.items():
-            if media == media_type:
-                return name
-    return None
+    """The streaming format an Accept header asks for, or None (a plain JSON answer).
+
+    A stream is sent only when a streaming type is named (not through */*) with q > 0 and JSON
+    is not preferred over it (application/json, application/* or */* with a higher q); of two
+    streaming types, the higher q wins, then the one named first."""
+    ranges = [media_range(part) for part in accept.split(",")]
+    named = [
+        (q, -i, name)
+        for i, (media, q) in enumerate(ranges)
+        for name, media_type in MEDIA_TYPES.items()
+        if media == media_type and q > 0
+    ]
+    if not named:
+        return None
+    q, _, name = max(named)
+    json_q = next(
+        (
+            q
+            for wanted in ("application/json", "application/*", "*/*")
+            for m, q in ranges
+            if m == wanted
+        ),
+        None,
+    )  # the most specific range that matches JSON
+    return name if json_q is None or q >= json_q else None
+
+
+def media_range(part: str) -> tuple[str, float]:
+    """One element of an Accept header ("text/event-stream;q=0.5") -> (media type, q); a
+    malformed q counts as 0."""
+    media, *params = part.split(";")
+    q = 1.0
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                q = 0.0
+    return media.strip().lower(), (q if 0.0 <= q <= 1.0 else 0.0)  # NaN and out of range: 0
 
 
 class PartialResults:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import reprlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from service.dependencies import not_ready
+from service.dependencies import get_engine, not_ready
 from service.engine import BatchingEngine
 from service.errors import APIError
 from service.images import decode_image, image_key
@@ -77,6 +78,7 @@ PARAMETERS = (
 MASK_FORMATS = ("rle", "polygon")
 DEFAULT_SCORE_THRESHOLD: float = PredictForm.model_fields["score_threshold"].default
 INTEGER = re.compile(r"\s*[-+]?[0-9]+\s*")
+MAX_INTEGER = 2**63 - 1  # an int64 parameter's range: no value past it means anything here
 T = TypeVar("T")
 
 
@@ -141,6 +143,12 @@ def server_ready(state: ServiceState) -> bool:
     return state.readiness()[0] == "ready"
 
 
+def server_live(state: ServiceState) -> bool:
+    """Liveness, as /healthz: false once the model has failed its self-test, so that the
+    liveness probe restarts the server (a loading or draining server is alive)."""
+    return state.health.problem is None
+
+
 def served_model(state: ServiceState, name: str, version: str = "") -> LoadedModel:
     """The model `name` (at `version`, when given); 404 for any other, 503 while loading."""
     if state.model is None:
@@ -182,19 +190,22 @@ def number(name: str, value: Any) -> float:
     if not isinstance(value, bool) and isinstance(value, int | float | str):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # float(10**400) overflows
             pass
-    raise bad_request(f"parameter {name}: expected a number, got {value!r}")
+    raise bad_request(f"parameter {name}: expected a number, got {reprlib.repr(value)}")
 
 
 def integer(name: str, value: Any) -> int:
+    result = None
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and INTEGER.fullmatch(value):
-        return int(value)
-    raise bad_request(f"parameter {name}: expected an integer, got {value!r}")
+        result = value
+    elif isinstance(value, float) and value.is_integer():
+        result = int(value)
+    elif isinstance(value, str) and INTEGER.fullmatch(value) and len(value.strip()) <= 20:
+        result = int(value)  # (int() refuses strings of thousands of digits with ValueError)
+    if result is None or abs(result) > MAX_INTEGER:
+        raise bad_request(f"parameter {name}: expected a 64-bit integer, got {reprlib.repr(value)}")
+    return result
 
 
 def text(name: str, value: Any) -> str:
@@ -273,8 +284,7 @@ def chosen_tasks(
 def plan(state: ServiceState, request: InferRequest) -> Plan:
     """Check `request` against the served model -> what to run; APIError when it is wrong."""
     model = served_model(state, request.model_name, request.model_version)
-    if state.engine is None:
-        raise not_ready()
+    engine = get_engine(state)  # 503 while loading, and once the model is found broken
     images = image_input(request.inputs, state.settings.max_batch_size)
     config, params = model.mad.config, request.parameters
     unknown = [name for name in params if name not in PARAMETERS]
@@ -333,7 +343,7 @@ def plan(state: ServiceState, request: InferRequest) -> Plan:
     return Plan(
         request,
         model,
-        state.engine,
+        engine,
         images,
         tasks,
         refine,

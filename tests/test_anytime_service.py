@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from service.settings import Settings
+from service.streaming import stream_format
 from tests.helpers import encode, running_server, scene_image, until
 from tests.test_service import delta, metric_samples
 
@@ -305,3 +306,23 @@ def test_a_deep_queue_degrades_new_requests_before_refusing_them(micro_checkpoin
         # Drained: full quality again.
         again = post(c, tasks="caption").json()
         assert again["refine_steps_applied"] == {"caption": 3} and "degraded" not in again
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("application/x-ndjson", "ndjson"),
+        ("text/event-stream", "sse"),
+        ("application/json, application/x-ndjson", "ndjson"),  # named: asked for
+        ("application/x-ndjson, text/event-stream", "ndjson"),  # the first named
+        ("text/event-stream;q=0.5, application/x-ndjson;q=0.9", "ndjson"),  # the higher q
+        ("application/json, application/x-ndjson;q=0", None),  # q=0: refused
+        ("application/json;q=1, text/event-stream;q=0.5", None),  # JSON preferred
+        ("*/*;q=0.1, text/event-stream", "sse"),
+        ("*/*", None),  # a stream only when named
+        ("application/x-ndjson;q=high", None),  # a malformed q counts as 0
+        ("", None),
+    ],
+)
+def test_accept_header_chooses_the_stream(accept, expected):
+    assert stream_format(accept) == expected

@@ -91,6 +91,7 @@ def test_refine_steps(values, expected):
         (["-1"], "-1 in '-1' is outside 0..8"),
         (["caption:-1"], "-1 in 'caption:-1' is outside 0..8"),
         (["9"], "9 in '9' is outside 0..8"),
+        (["9" * 5000], "is not K or task:K"),  # int() would refuse it with a bare ValueError
         (["caption:2,caption:3"], "caption:K given twice ('caption:2' and 'caption:3')"),
         (["caption:2", "Caption:2"], "caption:K given twice"),
         (["2", "3"], "K for every task given twice ('2' and '3')"),

@@ -293,22 +293,28 @@ def test_cors_origins_are_configurable(tmp_path):
 
     app = create_app(Settings(checkpoint=tmp_path, cors_origins=["https://ui.example"]))
 
-    async def preflight(origin: str) -> httpx.Response:
+    async def preflight(origin: str, path: str, headers: str) -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             return await client.options(
-                "/predict",
+                path,
                 headers={
                     "Origin": origin,
                     "Access-Control-Request-Method": "POST",
-                    "Access-Control-Request-Headers": "authorization",
+                    "Access-Control-Request-Headers": headers,
                 },
             )
 
-    allowed = asyncio.run(preflight("https://ui.example"))
-    assert allowed.status_code == 200
-    assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
-    refused = asyncio.run(preflight("https://evil.example"))
+    # The headers the documented requests send: /predict's budget, v2's binary and gzip bodies.
+    for path, headers in [
+        ("/predict", "authorization, x-latency-budget-ms, x-request-id"),
+        ("/v2/models/tiny/infer", "content-type, inference-header-content-length"),
+        ("/v2/models/tiny/infer", "content-encoding"),
+    ]:
+        allowed = asyncio.run(preflight("https://ui.example", path, headers))
+        assert allowed.status_code == 200, (headers, allowed.text)
+        assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
+    refused = asyncio.run(preflight("https://evil.example", "/predict", "authorization"))
     assert "access-control-allow-origin" not in refused.headers
 
 

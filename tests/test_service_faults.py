@@ -27,6 +27,7 @@ from tests.helpers import (
     scene_image,
     until,
 )
+from tests.v2_protocol import image_input, infer, png
 
 # The width of an uploaded image picks its fault (the model sees the image as uploaded).
 RAISES, OUT_OF_MEMORY, HANGS = 131, 137, 139
@@ -162,6 +163,15 @@ def test_a_model_that_keeps_failing_is_reported_unhealthy(micro_checkpoint, capl
         assert "2 requests failed in a row" in ready.json()["reason"]
         refused = post(client)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unhealthy"
+        # The inference protocol's routes say the same: not live (the probe restarts the
+        # server), not ready, and inference refused without running the broken model.
+        v2_live, v2_ready = client.get("/v2/health/live"), client.get("/v2/health/ready")
+        assert v2_live.status_code == 503 and v2_live.json() == {"live": False}
+        assert v2_ready.status_code == 503 and v2_ready.json() == {"ready": False}
+        name = client.get("/v1/model").json()["name"]
+        v2_refused = infer(client, name, {"inputs": [image_input(png())]})
+        assert v2_refused.status_code == 503 and "not working" in v2_refused.json()["error"]
+        assert v2_refused.headers["retry-after"] == "1"
         assert len(faulty.widths) == 3  # two requests and the self-test; nothing after
     [line] = [r for r in caplog.records if r.getMessage().startswith("model unhealthy")]
     assert "device lost" in line.getMessage() and "restarts" in line.getMessage()

@@ -74,6 +74,30 @@ BAD_REQUESTS = {
         400,
         "expected a number",
     ),
+    "threshold past float": (  # float(10**400) overflows
+        "{model}",
+        {**with_input(), "parameters": {"score_threshold": 10**400}},
+        400,
+        "expected a number",
+    ),
+    "timeout past int64": (
+        "{model}",
+        {**with_input(), "parameters": {"timeout": 10**400}},
+        400,
+        "expected a 64-bit integer",
+    ),
+    "timeout of 5000 digits": (  # int() refuses such strings
+        "{model}",
+        {**with_input(), "parameters": {"timeout": "9" * 5000}},
+        400,
+        "expected a 64-bit integer",
+    ),
+    "refine_steps of 5000 digits": (
+        "{model}",
+        {**with_input(), "parameters": {"refine_steps": "9" * 5000}},
+        400,
+        "is not K or task:K",
+    ),
     "bad mask format": (
         "{model}",
         {**with_input(), "parameters": {"mask_format": "png"}},
@@ -135,6 +159,8 @@ def test_bad_bodies_get_the_protocols_errors(client, model_name):
         (binary_request(header, bytes_tensor(b"x" * 96) + b"more"), 400, "belong to no input"),
         (binary_request(header, b"\x10\x00"), 400, "past the end"),
         ((b"{}", {HEADER: "999"}), 400, "not a length within the body"),
+        ((b"{}", {HEADER: b"\xb2"}), 400, "not a length within the body"),  # "²": isdigit()
+        ((b"{}", {HEADER: "9" * 5000}), 400, "not a length within the body"),
         ((b"{not json", {}), 400, "invalid inference request"),
         ((b"x" * (MAX_UPLOAD + 1), {}), 413, "larger than the limit"),
         ((b"abc", {"Content-Encoding": "br"}), 415, "Content-Encoding br"),

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from service import v2_infer
 from service.dependencies import StateDep, require_api_key
 from service.errors import APIError, validation_details
+from service.middleware import byte_count
 from service.v2_infer import InferRequest, InferResponse, InputTensor, bad_request
 from service.v2_schemas import (
     InferenceRequest,
@@ -53,9 +54,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/health/live", response_model=ServerLive, summary="Server liveness")
-async def server_live() -> ServerLive:
-    return ServerLive(live=True)
+@router.get(
+    "/health/live",
+    response_model=ServerLive,
+    summary="Server liveness (503 once the model has failed its self-test)",
+    responses={503: {"model": ServerLive}},
+)
+async def server_live(state: StateDep) -> Any:
+    live = v2_infer.server_live(state)
+    return JSONResponse(ServerLive(live=live).model_dump(), 200 if live else 503)
 
 
 @router.get(
@@ -198,8 +205,8 @@ def parse_request(body: bytes, request: Request, name: str, version: str) -> Inf
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         header, binary = body, b""
-    elif length.strip().isdigit() and int(length) <= len(body):
-        header, binary = body[: int(length)], body[int(length) :]
+    elif (size := byte_count(length)) is not None and size <= len(body):
+        header, binary = body[:size], body[size:]
     else:
         raise bad_request(f"{HEADER_LENGTH} {length!r} is not a length within the body")
     try:
