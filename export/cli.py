@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from model.startup import StartupError
+from model.startup import StartupError, check_output_dir
 
 
 def export(
@@ -46,6 +46,9 @@ def export(
         raise StartupError(
             f"no checkpoint at {checkpoint} (config.json missing); check --checkpoint"
         )
+    if out.resolve() == checkpoint.resolve():
+        raise StartupError(f"--out {out} is the checkpoint itself: export to another directory")
+    check_output_dir(out, "--out")
     if format == "tensorrt":
         from runtime.tensorrt_runner import import_tensorrt
 

@@ -16,8 +16,14 @@ from export.cli import export
 from mad.bench.cli import bench
 from mad.help import PlainHelpCommand, command_name, new_app
 from model.config import parse_overrides as config_overrides
-from model.request_spec import RequestError, check_nms_iou, parse_refine_steps, parse_tasks
-from model.startup import StartupError
+from model.request_spec import (
+    MAX_REFINE_STEPS,
+    RequestError,
+    check_nms_iou,
+    parse_refine_steps,
+    parse_tasks,
+)
+from model.startup import StartupError, output_dir, output_file
 from service.cli import predict, request_error, serve
 
 app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
@@ -95,7 +101,9 @@ def data_synth(
     from model.data.synth import main
 
     check_world(world)
-    main(out, train, val, seed, workers, world)
+    if out.is_dir() and any(out.iterdir()):  # old files would stay beside the new ones
+        raise StartupError(f"--out {out} is not empty: give a new or empty directory")
+    main(output_dir(out, "--out"), train, val, seed, workers, world)
 
 
 @data_app.command("sheet", cls=PlainHelpCommand)
@@ -111,7 +119,9 @@ def data_sheet(
     from model.data.synth.sheet import main
 
     check_world(world)
-    main(out, world, seed, count)
+    if out.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{out} is not a .png file", param_hint="--out")
+    main(output_file(out, "--out"), world, seed, count)
 
 
 @data_app.command("merge", cls=PlainHelpCommand)
@@ -157,6 +167,7 @@ def checkpoint_convert(
         raise typer.BadParameter(
             f"{out} already exists: give a new or empty directory", param_hint="--out"
         )
+    output_dir(out.parent, "--out")
     written = convert_weights(source, out, dtype)
     size = (written / "model.safetensors").stat().st_size
     print(f"{written}: weights in {dtype}, {size / 1e6:.1f} MB")
@@ -177,7 +188,9 @@ def train(
     out: Path = typer.Option(..., help="Checkpoint directory to write."),
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
     steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
-    stop_at: int | None = typer.Option(None, help="Stop (and save) at this step; resume later."),
+    stop_at: int | None = typer.Option(
+        None, min=1, help="Stop (and save) at this step; resume later."
+    ),
     log_every: int = typer.Option(10, min=1, help="Steps between train_log.csv rows."),
     max_minutes: float | None = typer.Option(
         None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
@@ -218,12 +231,20 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE."),
 ) -> None:
     """Train a MAD model (single process, or DDP under torchrun)."""
+    from model.config import PRESETS
     from model.tokenizer import MODEL_TYPES
-    from model.train import TrainConfig
+    from model.train import AMP_MODES, TrainConfig
     from model.train import train as run_training
 
     if anneal_by_deadline and max_minutes is None:
         raise typer.BadParameter("needs --max-minutes", param_hint="--anneal-by-deadline")
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"choose one of {', '.join(PRESETS)}", param_hint="--preset")
+    if amp not in AMP_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(AMP_MODES)}", param_hint="--amp")
+    if lr <= 0:
+        raise typer.BadParameter(f"{lr} is not a learning rate (> 0)", param_hint="--lr")
+    require_split("train", data, split)
     if tokenizer_type not in MODEL_TYPES:
         raise typer.BadParameter(
             f"choose one of {', '.join(MODEL_TYPES)}", param_hint="--tokenizer-type"
@@ -276,7 +297,7 @@ def evaluate_command(
     task: list[str] = typer.Option(
         [], help="Evaluate only these tasks (comma-separated or repeated; default all)."
     ),
-    limit: int | None = typer.Option(None, help="Evaluate the first N images only."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("cpu"),
     nms_iou: float | None = typer.Option(
@@ -288,8 +309,12 @@ def evaluate_command(
     (sacrebleu), or whatever another task's codec reports."""
     from model.checkpoint import load_checkpoint
     from model.evaluate import evaluate, format_table
+    from model.runner import torch_device
 
     require_checkpoint("eval", checkpoint)
+    device = str(torch_device(device))
+    if json_out is not None:
+        output_file(json_out, "--json")  # before the evaluation, not after it
     mad, _ = load_checkpoint(checkpoint, device)
     try:
         steps = parse_refine_steps(refine, mad.config.tasks)
@@ -349,8 +374,10 @@ def tune_command(
     task: list[str] = typer.Option(
         [], help="Tune only these tasks (comma-separated or repeated; default all)."
     ),
-    limit: int | None = typer.Option(200, help="Score on the first N images."),
-    max_steps: int = typer.Option(4, min=0, help="Longest schedule tried."),
+    limit: int | None = typer.Option(200, min=1, help="Score on the first N images."),
+    max_steps: int = typer.Option(
+        4, min=0, max=MAX_REFINE_STEPS, help="Longest schedule tried (requests allow 0..8)."
+    ),
     tolerance: float = typer.Option(
         0.003, min=0.0, help="Take the shortest schedule this close to the best."
     ),
@@ -359,9 +386,11 @@ def tune_command(
 ) -> None:
     """Choose each task's default refinement schedule by its metric on held-out data."""
     from model.checkpoint import load_checkpoint, write_schedules
+    from model.runner import torch_device
     from model.tune import Trial, tune_schedules
 
     require_checkpoint("tune", checkpoint)
+    device = str(torch_device(device))
     mad, _ = load_checkpoint(checkpoint, device)
     try:
         tasks = parse_tasks(task, mad.config.tasks)

@@ -94,12 +94,22 @@ def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata: 
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json; a StartupError naming the file when it is missing, not
+    JSON, or not a checkpoint's config."""
     path = Path(directory) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a MAD checkpoint: {CONFIG} missing")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
+        raise StartupError(f"{directory} is not a MAD checkpoint: {CONFIG} missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StartupError(f"{path} cannot be read as JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise StartupError(
+            f"{path} is not a MAD checkpoint config (format {found!r}; expected {FORMAT!r})"
+        )
+    if not isinstance(meta.get("model"), dict):
+        raise StartupError(f'{path} has no model config (its "model" object is missing)')
     return meta
 
 
@@ -149,10 +159,18 @@ def load_checkpoint(
     """Rebuild a model from a checkpoint directory -> (model in eval mode, config.json)."""
     directory = Path(directory)
     meta = read_checkpoint_config(directory)
-    config = ModelConfig.from_dict(meta["model"])
-    config.backbone_weights = None  # the checkpoint already holds them
-    tokenizer = CaptionTokenizer.load(directory / meta["tokenizer"]) if meta["tokenizer"] else None
-    mad = MAD.build(config, tokenizer)
+    tokenizer = None
+    if meta.get("tokenizer"):
+        path = directory / str(meta["tokenizer"])
+        if not path.is_file():
+            raise StartupError(f"{path} is missing: keep each checkpoint's files together")
+        tokenizer = CaptionTokenizer.load(path)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+        config.backbone_weights = None  # the checkpoint already holds them
+        mad = MAD.build(config, tokenizer)
+    except (ValueError, TypeError, RuntimeError) as exc:  # a field of the wrong type or value
+        raise StartupError(f"{directory / CONFIG}: the model config is invalid ({exc})") from exc
     network = mad.required_network()
     weights = directory / WEIGHTS
     state = _read_weights(weights)
@@ -179,10 +197,7 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
         raise StartupError(f"unknown weight dtype {dtype!r}: expected {', '.join(WEIGHT_DTYPES)}")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise StartupError(f"{out} already exists: write the copy to a new or empty directory")
-    try:
-        meta = read_checkpoint_config(source)
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"{source} is not a readable checkpoint: {exc}") from exc
+    meta = read_checkpoint_config(source)
     tokenizer = source / meta["tokenizer"] if meta.get("tokenizer") else None
     if tokenizer is not None and not tokenizer.is_file():
         raise StartupError(f"{tokenizer} is missing: keep each checkpoint's files together")

@@ -7,6 +7,7 @@ including class names and keypoint names, so a checkpoint directory is self-desc
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,29 @@ COCO_CLASS_NAMES = [
 ]
 SYNTH_CLASS_NAMES = ["person", "circle", "square", "triangle", "star", "hexagon"]
 AUGMENTATIONS = ("fit", "multiscale")
+# Declared type (its name before "[") -> what a value may be; int counts as float, and JSON
+# gives lists for tuples.
+FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+    "tuple": (list, tuple),
+}
+POSITIVE_FIELDS = (
+    "d_model",
+    "n_heads",
+    "decoder_layers",
+    "ffn_dim",
+    "num_bins",
+    "num_slots",
+    "mask_size",
+    "caption_len",
+    "text_vocab_size",
+    "max_instances_per_image",
+)
 
 
 @dataclass
@@ -213,6 +237,9 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if len(self.image_size) != 2:
+            raise ValueError(f"image_size must be [height, width], not {self.image_size!r}")
         height, width = self.image_size  # a list, when read from JSON
         self.image_size = (height, width)
         self.skeleton = [(a, b) for a, b in self.skeleton]
@@ -225,6 +252,31 @@ class ModelConfig:
             )
         if self.segmentation_masked_copies not in (1, 2):
             raise ValueError("segmentation_masked_copies must be 1 or 2")
+        for task, ratios in self.schedules.items():
+            if not all(isinstance(r, int | float) and 0.0 <= r <= 1.0 for r in ratios):
+                raise ValueError(f"schedules[{task!r}] must be mask ratios in 0..1, not {ratios}")
+
+    def _check_types(self) -> None:
+        """Each field of the type it is declared with (a config read from JSON or given by
+        --set is not checked by Python), and sizes and counts positive."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind.endswith(" | None"):
+                if value is None:
+                    continue
+                kind = kind.removesuffix(" | None")
+            expected = FIELD_KINDS.get(kind.split("[")[0])
+            is_bool = isinstance(value, bool)
+            if expected is not None and (
+                not isinstance(value, expected) or (is_bool and kind in ("int", "float"))
+            ):
+                raise ValueError(f"{f.name} must be {kind}, not {value!r}")
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        sides = self.image_size
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            raise ValueError(f"image_size must be two positive integers, not {self.image_size!r}")
 
     @property
     def num_classes(self) -> int:
@@ -330,6 +382,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        known = [f.name for f in dataclasses.fields(ModelConfig)]
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "see model/config.py"
+            raise ValueError(f"unknown config key {key!r} ({hint})")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -18,6 +18,10 @@ def torch_device(device: str) -> torch.device:
     """ "cpu", "cuda[:N]" or "auto" (model/startup.py), refused when torch sees no CUDA
     device."""
     device = resolve_device(device)
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise StartupError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise StartupError(
             f"device {device!r} requested but torch sees no CUDA device; use --device cpu (or auto)"

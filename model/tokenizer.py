@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from model.startup import StartupError
+
 PAD_ID = 0
 MODEL_TYPES = ("word", "unigram", "bpe")
 
@@ -29,7 +31,12 @@ class CaptionTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> CaptionTokenizer:
-        return cls(Path(path).read_bytes())
+        """A SentencePiece model file; a StartupError naming it when it is missing or not one."""
+        try:
+            return cls(Path(path).read_bytes())
+        except (OSError, RuntimeError) as exc:  # RuntimeError: sentencepiece cannot parse it
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StartupError(f"{path} is not a readable SentencePiece model ({problem})") from exc
 
     @classmethod
     def train(

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
-from model.checkpoint import MAD, load_checkpoint, save_checkpoint
+from model.checkpoint import MAD, WEIGHTS, load_checkpoint, save_checkpoint
 from model.config import PRESETS, ModelConfig, get_preset
 from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, transposed_images
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
 from model.losses import masked_training_losses, weighted_total
-from model.startup import StartupError
+from model.runner import torch_device
+from model.startup import StartupError, output_dir
 from model.tokenizer import CaptionTokenizer
 from model.train_state import has_train_state, load_train_state, save_train_state
 from model.transfer import carry_weights, unknown_word_share
@@ -55,7 +57,7 @@ class TrainConfig:
     grad_clip: float = 0.1
     workers: int = 2
     device: str = "auto"
-    amp: str = "bf16"  # bf16 | fp16 | none; on CPU bf16 or none (fp16 falls back to fp32)
+    amp: str = "bf16"  # AMP_MODES; on CPU bf16 or none (fp16 falls back to fp32)
     seed: int = 0
     tokenizer: Path | None = None
     text_vocab_size: int | None = None  # trained tokenizer's size; None: the model config's
@@ -71,8 +73,7 @@ class TrainConfig:
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """-> (rank, world size, device); initialises the process group under torchrun."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(torch_device(device))  # "auto" resolved; no GPU or a typo: a StartupError
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     backend = "nccl" if device == "cuda" else "gloo"
@@ -194,10 +195,22 @@ def _initialised(cfg: TrainConfig, dataset: CocoMultiTaskDataset, rank: int) -> 
 def train(cfg: TrainConfig) -> Path:
     """Train; -> the final checkpoint directory (cfg.out)."""
     rank, world, device = setup_distributed(cfg.device)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    continued = cfg.resume is not None and cfg.resume.resolve() == cfg.out.resolve()
+    if (cfg.out / WEIGHTS).exists() and not continued:
+        raise StartupError(
+            f"--out {cfg.out} already holds a trained model: continue it with --resume "
+            f"{cfg.out}, or write to a new --out"
+        )
+    made = not cfg.out.exists()
+    output_dir(cfg.out, "--out")
     torch.manual_seed(cfg.seed)
-    probe = CocoMultiTaskDataset(cfg.data, cfg.split)
-    mad, start_step = build_model(probe, cfg, rank)
+    try:
+        probe = CocoMultiTaskDataset(cfg.data, cfg.split)
+        mad, start_step = build_model(probe, cfg, rank)
+    except StartupError:
+        if made and rank == 0:  # a failed start leaves nothing behind (e.g. a lone tokenizer)
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
     config = mad.config
     flip_pairs = flip_pairs_from_names(config.keypoint_names)
     dataset = CocoMultiTaskDataset(
@@ -355,6 +368,9 @@ class DeadlinePace:
 
     def factor(self, step: int) -> float:
         return lr_factor(step if step < self.start else max(step, self.paced), self.cfg)
+
+
+AMP_MODES = ("bf16", "fp16", "none")
 
 
 def _autocast(device: torch.device, amp: str) -> torch.autocast:

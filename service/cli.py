@@ -25,7 +25,7 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from model.startup import StartupError
+from model.startup import StartupError, output_file
 from service.setting_options import (
     MODEL_SETTINGS,
     settings_from_options,
@@ -113,6 +113,29 @@ def serve(**options: Any) -> None:
         raise StartupError(error)
 
 
+RENDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def render_paths(render: Path, images: list[Path]) -> dict[int, Path]:
+    """Image index -> the file its drawing goes to: `render` for one image, else
+    OUT-<image name> with its suffix, numbered where two images share a name; the directory
+    made now."""
+    if render.suffix.lower() not in RENDER_SUFFIXES:
+        raise typer.BadParameter(
+            f"{render} is not one of {', '.join(RENDER_SUFFIXES)}", param_hint="--render"
+        )
+    output_file(render, "--render")
+    if len(images) == 1:
+        return {0: render}
+    stems = [path.stem for path in images]
+    return {
+        i: render.with_name(
+            f"{render.stem}-{stem}{f'-{i}' if stems.count(stem) > 1 else ''}{render.suffix}"
+        )
+        for i, stem in enumerate(stems)
+    }
+
+
 @with_setting_options(MODEL_SETTINGS)
 def predict(
     images: list[Path] = typer.Argument(
@@ -168,10 +191,11 @@ def predict(
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("predict", exc)
+    drawings = render_paths(render, images) if render is not None else {}
     description = describe_model(mad, runner, settings)
     model_ref = description.ref()
     pipeline, failed = Pipeline(mad, runner), 0
-    for path in images:
+    for i, path in enumerate(images):
         arrived = time.perf_counter()
         try:
             image = decode_image(path.read_bytes(), settings.max_image_pixels)
@@ -211,11 +235,7 @@ def predict(
         else:
             typer.echo(summary(path, response))
         if render is not None:
-            out = (
-                render
-                if len(images) == 1
-                else render.with_name(f"{render.stem}-{path.stem}{render.suffix or '.png'}")
-            )
+            out = drawings[i]
             draw(image, response, config.skeleton).save(out)
             typer.echo(f"wrote {out}", err=True)
     if failed:

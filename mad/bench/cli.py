@@ -10,6 +10,7 @@ import typer
 
 from mad.bench.run import BenchRun, BenchSettings, headline
 from model.request_spec import RequestError
+from model.startup import output_dir
 from service.cli import request_error
 
 T = TypeVar("T")
@@ -179,6 +180,7 @@ def bench(
         raise typer.BadParameter(str(exc)) from None
     if quick and checkpoint is None and preset is None:
         preset = "tiny"  # never the bundled model: the smoke test must not depend on it
+    output_dir(out, "--out")  # now, not after the whole benchmark has run
     run = BenchRun(
         BenchSettings(
             preset=preset,

@@ -1,0 +1,154 @@
+"""Mistakes with the files and values the training and evaluation commands take are one line
+(StartupError: exit 3; usage: exit 2), caught before the work starts, and leave nothing
+half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mad.cli import app as mad_cli
+from tests.helpers import encode, scene_image
+from tests.test_startup_errors import one_line_failure, usage_failure
+
+
+def damaged(micro_checkpoint: Path, tmp_path: Path, change) -> Path:
+    """A copy of the micro checkpoint with `change(copy)` applied."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(micro_checkpoint, copy)
+    change(copy)
+    return copy
+
+
+def edit_config(**fields):
+    def change(copy: Path) -> None:
+        meta = json.loads((copy / "config.json").read_text())
+        meta["model"].update(fields)
+        (copy / "config.json").write_text(json.dumps(meta))
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda c: (c / "config.json").write_text("{not json"), "cannot be read as JSON"),
+        (lambda c: (c / "config.json").write_text("[1, 2]"), "is not a MAD checkpoint config"),
+        (lambda c: (c / "tokenizer.model").unlink(), "tokenizer.model is missing"),
+        (lambda c: (c / "tokenizer.model").write_text("text"), "not a readable SentencePiece"),
+        (edit_config(d_model="abc"), "d_model must be int, not 'abc'"),
+        (edit_config(foo=1), "unknown model config keys: ['foo']"),
+        (edit_config(image_size=[-5, 0]), "image_size must be two positive integers"),
+        (edit_config(schedules={"caption": [2.0]}), "must be mask ratios in 0..1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "tune", "predict"])
+def test_a_damaged_checkpoint_is_one_line(command, change, says, micro_checkpoint, tmp_path):
+    checkpoint = damaged(micro_checkpoint, tmp_path, change)
+    args = [command, "--checkpoint", str(checkpoint)]
+    if command == "predict":
+        image = tmp_path / "scene.png"
+        image.write_bytes(encode(scene_image()))
+        args.append(str(image))
+    else:
+        args += ["--data", str(tmp_path)]  # never reached: the checkpoint fails first
+    assert says in one_line_failure(args)
+
+
+def test_devices_are_checked_before_loading(micro_checkpoint, synth_data):
+    args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    assert "unknown device 'foo'" in one_line_failure([*args, "--device", "foo"])
+
+
+def test_eval_checks_its_json_path_before_evaluating(micro_checkpoint, synth_data, tmp_path):
+    args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    assert "is a directory" in one_line_failure([*args, "--json", str(tmp_path)])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "is a file, not a directory" in one_line_failure([*args, "--json", f"{blocker}/m.json"])
+
+
+def test_counts_that_mean_nothing_are_usage_errors(micro_checkpoint, synth_data):
+    common = ["--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    assert "--limit" in usage_failure(["tune", *common, "--limit", "0"])
+    assert "--limit" in usage_failure(["eval", *common, "--limit", "-1"])
+    assert "--max-steps" in usage_failure(["tune", *common, "--max-steps", "100"])
+
+
+def train_args(synth_data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(synth_data), "--out", str(out), "--steps", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--set", "foo=1"], "unknown config key 'foo'"),
+        (["--set", "d_modle=64"], "did you mean d_model?"),
+        (["--set", "d_model=abc"], "d_model must be int, not 'abc'"),
+        (["--set", "task_weights={bad"], "task_weights must be dict[str, float]"),
+        (["--set", "d_model=-4"], "d_model must be at least 1"),
+        (["--device", "foo"], "unknown device 'foo'"),
+    ],
+)
+def test_training_mistakes_leave_no_directory(extra, says, synth_data, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(mad_cli, train_args(synth_data, out, "--workers", "0", *extra))
+    assert result.exit_code in (2, 3), (result.output, result.exception)
+    assert "Traceback" not in result.stderr and says in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--preset", "huge"], "--preset"),
+        (["--amp", "fp8"], "--amp"),
+        (["--lr", "-1"], "--lr"),
+        (["--stop-at", "0"], "--stop-at"),
+    ],
+)
+def test_training_values_are_usage_errors(extra, says, synth_data, tmp_path):
+    assert says in usage_failure(train_args(synth_data, tmp_path / "run", *extra))
+
+
+def test_training_data_is_checked_first(tmp_path):
+    stderr = usage_failure(train_args(tmp_path / "nothing", tmp_path / "run"))
+    assert "instances_train2017.json not found" in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_will_not_overwrite_a_trained_model(micro_checkpoint, synth_data, tmp_path):
+    out = tmp_path / "trained"
+    shutil.copytree(micro_checkpoint, out)
+    stderr = one_line_failure(train_args(synth_data, out))
+    assert f"already holds a trained model: continue it with --resume {out}" in stderr
+
+
+def test_synth_refuses_a_dataset_that_is_there(tmp_path):
+    (tmp_path / "old.png").write_bytes(b"")
+    stderr = one_line_failure(["data", "synth", "--out", str(tmp_path), "--train", "1"])
+    assert "is not empty" in stderr
+
+
+def test_export_into_the_checkpoint_is_refused(micro_checkpoint):
+    args = ["export", "--checkpoint", str(micro_checkpoint), "--out", str(micro_checkpoint)]
+    assert "is the checkpoint itself" in one_line_failure(args)
+
+
+def test_render_names_stay_apart(micro_checkpoint, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(encode(scene_image()))
+    out = tmp_path / "drawn" / "out.png"  # its directory is made
+    args = ["predict", "--checkpoint", str(micro_checkpoint), "--tasks", "detection"]
+    result = CliRunner().invoke(
+        mad_cli, [*args, str(tmp_path / "a/x.png"), str(tmp_path / "b/x.png"), "--render", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out-x-0.png", "out-x-1.png"]
+    assert "--render" in usage_failure([*args, str(tmp_path / "a/x.png"), "--render", "out"])
