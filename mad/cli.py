@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,9 @@ app.command(cls=PlainHelpCommand)(one_line_errors(export))
 app.command(cls=PlainHelpCommand)(one_line_errors(bench))
 
 
+SYNTH_ENTRIES = {"annotations", "train2017", "val2017"}  # what `mad data synth` writes
+
+
 def check_world(world: str) -> None:
     """An unknown world is a usage error; v3 without its source images, a one-line error."""
     from model.data.synth import WORLDS, v3
@@ -85,7 +89,11 @@ def check_world(world: str) -> None:
 @data_app.command("synth", cls=PlainHelpCommand)
 @one_line_errors
 def data_synth(
-    out: Path = typer.Option(..., help="Output directory (COCO 2017 layout)."),
+    out: Path = typer.Option(
+        ...,
+        help="Output directory (COCO 2017 layout): new, empty, or a dataset written here "
+        "before (replaced whole).",
+    ),
     train: int = typer.Option(3000, min=0, help="Training images."),
     val: int = typer.Option(500, min=0, help="Validation images."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
@@ -101,9 +109,16 @@ def data_synth(
     from model.data.synth import main
 
     check_world(world)
-    if out.is_dir() and any(out.iterdir()):  # old files would stay beside the new ones
-        raise StartupError(f"--out {out} is not empty: give a new or empty directory")
-    main(output_dir(out, "--out"), train, val, seed, workers, world)
+    output_dir(out, "--out")
+    found = {entry.name for entry in out.iterdir()}
+    if not found <= SYNTH_ENTRIES:
+        raise StartupError(
+            f"--out {out} holds more than a dataset ({', '.join(sorted(found - SYNTH_ENTRIES))}):"
+            " give a new or empty directory"
+        )
+    for name in found:  # a dataset written before is replaced whole: no stale images stay
+        shutil.rmtree(out / name)
+    main(out, train, val, seed, workers, world)
 
 
 @data_app.command("sheet", cls=PlainHelpCommand)

@@ -129,10 +129,15 @@ def test_training_will_not_overwrite_a_trained_model(micro_checkpoint, synth_dat
     assert f"already holds a trained model: continue it with --resume {out}" in stderr
 
 
-def test_synth_refuses_a_dataset_that_is_there(tmp_path):
-    (tmp_path / "old.png").write_bytes(b"")
-    stderr = one_line_failure(["data", "synth", "--out", str(tmp_path), "--train", "1"])
-    assert "is not empty" in stderr
+def test_synth_replaces_its_own_dataset_and_nothing_else(tmp_path):
+    out = tmp_path / "data"
+    args = ["data", "synth", "--out", str(out), "--val", "0"]
+    assert CliRunner().invoke(mad_cli, [*args, "--train", "3"]).exit_code == 0
+    assert CliRunner().invoke(mad_cli, [*args, "--train", "1"]).exit_code == 0
+    assert len(list((out / "train2017").iterdir())) == 1  # the first run's images are gone
+    (out / "notes.txt").write_text("mine")
+    assert "holds more than a dataset (notes.txt)" in one_line_failure([*args, "--train", "1"])
+    assert (out / "notes.txt").exists() and len(list((out / "train2017").iterdir())) == 1
 
 
 def test_export_into_the_checkpoint_is_refused(micro_checkpoint):
