@@ -31,6 +31,7 @@ from model.tokenizer import CaptionTokenizer
 from model.vocab import VocabLayout
 
 FORMAT = "mad-checkpoint/1"
+EXPORT_MANIFEST = "manifest.json"  # as runtime/manifest.py names it (model/ imports no runtime/)
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,8 +95,8 @@ def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata: 
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
-    """A checkpoint's config.json; a StartupError naming the file when it is missing, not
-    JSON, or not a checkpoint's config."""
+    """A checkpoint's (or an export's) config.json; a StartupError naming the file when it
+    is missing, not JSON, or not a checkpoint's config."""
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise StartupError(f"{directory} is not a MAD checkpoint: {CONFIG} missing")
@@ -145,6 +146,11 @@ def tuning_records(record: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 
 
 def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    if (weights.parent / EXPORT_MANIFEST).is_file():
+        raise StartupError(
+            f"{weights.parent} is an ONNX export, not a checkpoint: pass the checkpoint it was "
+            "exported from"
+        )
     try:
         return load_file(weights, device="cpu")
     except (SafetensorError, OSError) as exc:

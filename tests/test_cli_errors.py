@@ -59,6 +59,13 @@ def test_a_damaged_checkpoint_is_one_line(command, change, says, micro_checkpoin
     assert says in one_line_failure(args)
 
 
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_an_export_is_not_a_checkpoint(command, micro_checkpoint, tmp_path):
+    export = damaged(micro_checkpoint, tmp_path, lambda c: (c / "manifest.json").write_text("{}"))
+    args = [command, "--checkpoint", str(export), "--data", str(tmp_path)]
+    assert "is an ONNX export, not a checkpoint" in one_line_failure(args)
+
+
 def test_devices_are_checked_before_loading(micro_checkpoint, synth_data):
     args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
     assert "unknown device 'foo'" in one_line_failure([*args, "--device", "foo"])
