@@ -138,7 +138,9 @@ def settings_from_options(command: str, options: dict[str, Any]) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else ""
+        if not error["loc"]:  # a rule across settings: its message names them
+            usage_error(command, str(error["msg"]).removeprefix("Value error, "))
+        name = str(error["loc"][0])
         where = option_name(name) if name in given else variable(name)
         field = Settings.model_fields.get(name)
         expected = error["msg"]

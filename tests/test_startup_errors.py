@@ -253,6 +253,9 @@ def test_invalid_setting_values_are_one_line():
     stderr = usage_failure(["serve", "--backend", "tf"])
     assert "--backend: 'tf': Input should be 'torch', 'onnx', 'tensorrt' or 'openvino'" in stderr
     assert "--workers: 0" in usage_failure(["serve", "--workers", "0"])
+    # A rule across settings is its own message, without a variable's name or the inputs.
+    stderr = usage_failure(["serve", "--queue-size", "8", "--degrade-queue-depth", "100"])
+    assert stderr.startswith("mad serve: degrade_queue_depth (100) must be below queue_size (8)")
 
 
 def test_other_usage_errors_are_one_line(image):
