@@ -323,7 +323,7 @@ def evaluate_command(
     """Each task's metrics: COCO AP (bbox, segm, keypoints via pycocotools), caption BLEU-4
     (sacrebleu), or whatever another task's codec reports."""
     from model.checkpoint import load_checkpoint
-    from model.evaluate import evaluate, format_table
+    from model.evaluate import evaluate, format_table, unscored_tasks
     from model.runner import torch_device
 
     require_checkpoint("eval", checkpoint)
@@ -338,6 +338,8 @@ def evaluate_command(
     except RequestError as exc:
         request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
     require_split("eval", data, split)
+    for name, why in unscored_tasks(mad, data, split, tasks).items():
+        typer.echo(f"mad eval: {name} not scored: {why}", err=True)
     metrics = evaluate(
         mad, data, split, device, steps, limit, batch_size, tasks=tasks, nms_iou=nms_iou
     )
@@ -401,6 +403,7 @@ def tune_command(
 ) -> None:
     """Choose each task's default refinement schedule by its metric on held-out data."""
     from model.checkpoint import load_checkpoint, write_schedules
+    from model.evaluate import unscored_tasks
     from model.runner import torch_device
     from model.tune import Trial, tune_schedules
 
@@ -412,6 +415,13 @@ def tune_command(
     except RequestError as exc:
         request_error("tune", exc, {"tasks": "--task"})
     require_split("tune", data, split)
+    unscored = unscored_tasks(mad, data, split, tasks)
+    if set(unscored) == set(tasks):
+        reasons = "; ".join(f"{name}: {why}" for name, why in unscored.items())
+        raise StartupError(f"--data has no ground truth for the tasks to tune ({reasons})")
+    for name, why in unscored.items():
+        typer.echo(f"mad tune: {name} not tuned: {why}", err=True)
+    tasks = tuple(t for t in tasks if t not in unscored)
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
     def report(name: str, trial: Trial) -> None:

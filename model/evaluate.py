@@ -115,6 +115,12 @@ class CocoAP:
         self.values, self.names = values, names
         self.entries: list[dict[str, Any]] = []
 
+    @property
+    def missing(self) -> str | None:
+        if self.gt is not None:
+            return None
+        return f"{self.truth.root / 'annotations'} has no {self.iou_type} ground truth"
+
     def add(self, image_id: int, result: Result) -> None:
         dets = result.required_detections()
         for j, value in enumerate(self.values(result)):
@@ -189,6 +195,12 @@ class CaptionBLEU:
         self.hypotheses: list[str] = []
         self.references: list[list[str]] = []
 
+    @property
+    def missing(self) -> str | None:
+        if self.truth.captions:
+            return None
+        return f"{self.truth.root / 'annotations'} has no captions_{self.truth.split}.json"
+
     def add(self, image_id: int, result: Result) -> None:
         text, refs = result.outputs.get(self.task), self.truth.captions.get(image_id)
         if text is not None and refs:
@@ -226,6 +238,7 @@ def evaluate(
     pipeline = Pipeline(mad, runner or EagerRunner(mad.required_network(), device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
+    evaluators = [e for e in evaluators if e.missing is None]  # unscored_tasks says why
     for start in range(0, len(truth.image_ids), batch_size):
         chunk = truth.image_ids[start : start + batch_size]
         requests = [
@@ -246,6 +259,19 @@ def evaluate(
     for evaluator in evaluators:
         metrics |= evaluator.summarize()
     return metrics
+
+
+def unscored_tasks(
+    mad: MAD, data: Path, split: str, tasks: tuple[str, ...] | None = None
+) -> dict[str, str]:
+    """{task: why} for the `tasks` (default all) that `data`'s `split` cannot score, having
+    none of their ground truth; `evaluate` leaves them out of its metrics."""
+    truth = GroundTruth.load(Path(data), split, limit=1)
+    return {
+        task: why
+        for task in tasks or tuple(mad.config.tasks)
+        if (why := mad.codecs[task].evaluator(truth).missing) is not None
+    }
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -164,3 +164,21 @@ def test_render_names_stay_apart(micro_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["out-x-0.png", "out-x-1.png"]
     assert "--render" in usage_failure([*args, str(tmp_path / "a/x.png"), "--render", "out"])
+
+
+def test_tasks_without_ground_truth_are_not_scored(micro_checkpoint, synth_data, tmp_path):
+    """A data set without keypoint or caption files (detection-only COCO, say) leaves those
+    tasks out, saying so, instead of scoring them 0."""
+    data = tmp_path / "boxes-only"
+    shutil.copytree(synth_data, data)
+    (data / "annotations" / "person_keypoints_val2017.json").unlink()
+    (data / "annotations" / "captions_val2017.json").unlink()
+    args = ["--checkpoint", str(micro_checkpoint), "--data", str(data)]
+    result = CliRunner().invoke(mad_cli, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    assert "mad eval: keypoints not scored:" in result.stderr
+    assert "mad eval: caption not scored:" in result.stderr
+    assert "bbox_AP" in result.stdout and "keypoints_AP" not in result.stdout
+    assert "caption_BLEU4" not in result.stdout
+    stderr = one_line_failure(["tune", *args, "--task", "caption", "--max-steps", "1"])
+    assert "has no ground truth for the tasks to tune" in stderr

@@ -40,6 +40,7 @@ class CountAccuracy:
     def __init__(self, truth: GroundTruth, task: str, name: str, most: int) -> None:
         self.truth, self.task, self.name, self.most = truth, task, name, most
         self.hits: list[bool] = []
+        self.missing = None  # every data set has instances to count
 
     def add(self, image_id: int, result: Result) -> None:
         objects = len(self.truth.instances.getAnnIds(imgIds=[image_id]))

@@ -103,7 +103,12 @@ class JsonOptions:
 
 
 class TaskEvaluator(Protocol):
-    """A task's metric over a data set: fed one pipeline Result per image, then summarized."""
+    """A task's metric over a data set: fed one pipeline Result per image, then summarized.
+    `missing`: why the data set cannot score the task (it lacks the task's ground truth), or
+    None; such a task is not scored rather than scored 0."""
+
+    @property
+    def missing(self) -> str | None: ...
 
     def add(self, image_id: int, result: Result) -> None: ...
 
