@@ -23,22 +23,17 @@ from pycocotools.cocoeval import COCOeval
 from model.checkpoint import MAD
 from model.codecs import CODECS
 from model.config import TASKS
+from model.data.coco import load_coco
 from model.decoding import Runner
 from model.pipeline import Pipeline, Request, Result
 from model.runner import EagerRunner
+from model.startup import StartupError
 
 # What `mad eval` reports for a model with the presets' tasks (a model of the synthetic
 # worlds adds caption_sentence_share and caption_BLEU4_x_sentences: CaptionBLEU).
 METRICS = tuple(metric for task in TASKS for metric in CODECS[task].metrics)
 # COCOeval iou type -> the key of a result entry's value.
 COCO_RESULT_KEY = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
-
-
-def quiet_coco(path: Path) -> COCO | None:
-    if not path.is_file():
-        return None
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
 
 
 @dataclass
@@ -55,17 +50,28 @@ class GroundTruth:
     def load(cls, root: Path, split: str, limit: int | None = None) -> GroundTruth:
         """The first `limit` images (by id) of `root`'s `split`."""
         path = root / "annotations" / f"instances_{split}.json"
-        instances = quiet_coco(path)
+        instances = load_coco(path)
         if instances is None:
             raise FileNotFoundError(path)
-        return cls(root, split, instances, sorted(instances.imgs)[:limit])
+        ids = sorted(instances.imgs)[:limit]
+        absent = [
+            name
+            for name in (instances.imgs[i]["file_name"] for i in ids)
+            if not (root / split / name).is_file()
+        ]
+        if absent:  # found now, not an hour into the evaluation
+            raise StartupError(
+                f"{root / split} lacks {len(absent)} of the {len(ids)} images "
+                f"{path.name} lists (first: {absent[0]})"
+            )
+        return cls(root, split, instances, ids)
 
     def image(self, image_id: int) -> Image.Image:
         return Image.open(self.root / self.split / self.instances.imgs[image_id]["file_name"])
 
     @cached_property
     def keypoints(self) -> COCO | None:
-        return quiet_coco(self.root / "annotations" / f"person_keypoints_{self.split}.json")
+        return load_coco(self.root / "annotations" / f"person_keypoints_{self.split}.json")
 
     @cached_property
     def captions(self) -> dict[int, list[str]]:
@@ -73,8 +79,12 @@ class GroundTruth:
         path = self.root / "annotations" / f"captions_{self.split}.json"
         captions: dict[int, list[str]] = {}
         if path.is_file():
-            for ann in json.loads(path.read_text())["annotations"]:
-                captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+            try:
+                for ann in json.loads(path.read_text())["annotations"]:
+                    captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                raise StartupError(f"{path} is not a COCO captions file ({problem})") from None
         return captions
 
     @cached_property

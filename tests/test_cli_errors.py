@@ -182,3 +182,19 @@ def test_tasks_without_ground_truth_are_not_scored(micro_checkpoint, synth_data,
     assert "caption_BLEU4" not in result.stdout
     stderr = one_line_failure(["tune", *args, "--task", "caption", "--max-steps", "1"])
     assert "has no ground truth for the tasks to tune" in stderr
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda d: (d / "annotations/instances_val2017.json").write_text("{"), "not a COCO"),
+        (lambda d: (d / "annotations/captions_val2017.json").write_text("[]"), "not a COCO"),
+        (lambda d: next((d / "val2017").iterdir()).unlink(), "lacks 1 of the 4 images"),
+    ],
+)
+def test_a_damaged_data_set_is_one_line(damage, says, micro_checkpoint, synth_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    damage(data)
+    args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(data)]
+    assert says in one_line_failure(args)

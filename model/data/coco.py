@@ -19,13 +19,21 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from model.data.transforms import Transform
+from model.startup import StartupError
 
 
-def _load_coco(path: Path) -> COCO | None:
+def load_coco(path: Path) -> COCO | None:
+    """A COCO annotation file (None when there is none); a StartupError naming it when it is
+    not one."""
     if not path.is_file():
         return None
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        return COCO(str(path))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+            return COCO(str(path))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as exc:
+        # (JSON errors are ValueErrors; pycocotools asserts the top level is an object)
+        problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise StartupError(f"{path} is not a COCO annotation file ({problem})") from None
 
 
 class CocoMultiTaskDataset(torch.utils.data.Dataset):
@@ -49,11 +57,11 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.include_crowd = include_crowd
         ann_dir = self.root / "annotations"
-        coco = _load_coco(ann_dir / f"instances_{split}.json")
+        coco = load_coco(ann_dir / f"instances_{split}.json")
         if coco is None:
             raise FileNotFoundError(ann_dir / f"instances_{split}.json")
         self.coco: COCO = coco
-        self.coco_kps = _load_coco(ann_dir / f"person_keypoints_{split}.json")
+        self.coco_kps = load_coco(ann_dir / f"person_keypoints_{split}.json")
         # Captions via plain json: pycocotools' index chokes on caption files that list
         # categories, and all we need is image_id -> texts.
         self._captions: dict[int, list[str]] = {}
