@@ -73,9 +73,6 @@ app.command(cls=PlainHelpCommand)(one_line_errors(export))
 app.command(cls=PlainHelpCommand)(one_line_errors(bench))
 
 
-SYNTH_ENTRIES = {"annotations", "train2017", "val2017"}  # what `mad data synth` writes
-
-
 def check_world(world: str) -> None:
     """An unknown world is a usage error; v3 without its source images, a one-line error."""
     from model.data.synth import WORLDS, v3
@@ -107,17 +104,18 @@ def data_synth(
     """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
     and captions."""
     from model.data.synth import main
+    from model.data.synth.writer import is_synthetic_dataset
 
     check_world(world)
     output_dir(out, "--out")
-    found = {entry.name for entry in out.iterdir()}
-    if not found <= SYNTH_ENTRIES:
-        raise StartupError(
-            f"--out {out} holds more than a dataset ({', '.join(sorted(found - SYNTH_ENTRIES))}):"
-            " give a new or empty directory"
-        )
-    for name in found:  # a dataset written before is replaced whole: no stale images stay
-        shutil.rmtree(out / name)
+    if any(out.iterdir()):
+        if not is_synthetic_dataset(out):
+            raise StartupError(
+                f"--out {out} holds something other than a dataset `mad data synth` wrote: "
+                "give a new or empty directory"
+            )
+        for entry in out.iterdir():  # replaced whole: no stale images stay
+            shutil.rmtree(entry)
     main(out, train, val, seed, workers, world)
 
 

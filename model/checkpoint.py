@@ -175,7 +175,7 @@ def load_checkpoint(
         config = ModelConfig.from_dict(meta["model"])
         config.backbone_weights = None  # the checkpoint already holds them
         mad = MAD.build(config, tokenizer)
-    except (ValueError, TypeError, RuntimeError) as exc:  # a field of the wrong type or value
+    except (ValueError, TypeError) as exc:  # a field of the wrong type or value
         raise StartupError(f"{directory / CONFIG}: the model config is invalid ({exc})") from exc
     network = mad.required_network()
     weights = directory / WEIGHTS

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from model.checkpoint import MAD
-from model.codecs import CODECS
+from model.codecs import CODECS, TaskEvaluator
 from model.config import TASKS
 from model.data.coco import load_coco
 from model.decoding import Runner
@@ -209,7 +209,7 @@ class CaptionBLEU:
     def missing(self) -> str | None:
         if self.truth.captions:
             return None
-        return f"{self.truth.root / 'annotations'} has no captions_{self.truth.split}.json"
+        return f"{self.truth.root / 'annotations'} has no captions for {self.truth.split}"
 
     def add(self, image_id: int, result: Result) -> None:
         text, refs = result.outputs.get(self.task), self.truth.captions.get(image_id)
@@ -248,7 +248,7 @@ def evaluate(
     pipeline = Pipeline(mad, runner or EagerRunner(mad.required_network(), device))
     tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
-    evaluators = [e for e in evaluators if e.missing is None]  # unscored_tasks says why
+    evaluators = [e for e in evaluators if missing_truth(e) is None]  # unscored_tasks: why
     for start in range(0, len(truth.image_ids), batch_size):
         chunk = truth.image_ids[start : start + batch_size]
         requests = [
@@ -280,8 +280,15 @@ def unscored_tasks(
     return {
         task: why
         for task in tasks or tuple(mad.config.tasks)
-        if (why := mad.codecs[task].evaluator(truth).missing) is not None
+        if (why := missing_truth(mad.codecs[task].evaluator(truth))) is not None
     }
+
+
+def missing_truth(evaluator: TaskEvaluator) -> str | None:
+    """Why the evaluator's data set cannot score its task, or None (also for an evaluator
+    without the optional `missing`)."""
+    why = getattr(evaluator, "missing", None)
+    return None if why is None else str(why)
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -203,7 +203,7 @@ def integer(name: str, value: Any) -> int:
         result = int(value)
     elif isinstance(value, str) and INTEGER.fullmatch(value) and len(value.strip()) <= 20:
         result = int(value)  # (int() refuses strings of thousands of digits with ValueError)
-    if result is None or abs(result) > MAX_INTEGER:
+    if result is None or not -MAX_INTEGER - 1 <= result <= MAX_INTEGER:
         raise bad_request(f"parameter {name}: expected a 64-bit integer, got {reprlib.repr(value)}")
     return result
 

@@ -104,11 +104,9 @@ class JsonOptions:
 
 class TaskEvaluator(Protocol):
     """A task's metric over a data set: fed one pipeline Result per image, then summarized.
-    `missing`: why the data set cannot score the task (it lacks the task's ground truth), or
-    None; such a task is not scored rather than scored 0."""
-
-    @property
-    def missing(self) -> str | None: ...
+    An evaluator may also have `missing`: why the data set cannot score the task (it lacks
+    the task's ground truth), or None; such a task is not scored rather than scored 0
+    (model.evaluate.missing_truth)."""
 
     def add(self, image_id: int, result: Result) -> None: ...
 

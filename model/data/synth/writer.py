@@ -8,6 +8,7 @@ from (world, seed, split, index), so output is identical for any number of worke
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
@@ -146,6 +147,27 @@ def write_synthetic_dataset(
         "train2017": write_split(out_dir, "train2017", train, seed, workers, world),
         "val2017": write_split(out_dir, "val2017", val, seed, workers, world),
     }
+
+
+# What the instances files of a dataset written here begin with (compact JSON, info first).
+WRITTEN_HERE = re.compile(r'\{"info":\{[^{}]*"contributor":"mad-serve"')
+
+
+def is_synthetic_dataset(root: Path) -> bool:
+    """Whether `root` holds nothing but a dataset this module wrote (its instances files say
+    so): what `mad data synth` may replace. A COCO download or a merged set is not one."""
+    if not {entry.name for entry in root.iterdir()} <= {"annotations", *SPLIT_ID_BASE}:
+        return False
+    annotations = root / "annotations"
+    files = list(annotations.iterdir()) if annotations.is_dir() else []
+    instances = [f for f in files if f.name.startswith("instances_")]
+    if not instances or not all(f.is_file() for f in files):
+        return False
+    for path in instances:
+        with path.open("rb") as file:
+            if not WRITTEN_HERE.match(file.read(1024).decode("utf-8", "replace")):
+                return False
+    return True
 
 
 def main(
