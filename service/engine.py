@@ -1,16 +1,16 @@
 """Dynamic batching: requests that arrive close together are run through the model together.
 
-The event loop only queues and collects; the model runs on one dedicated thread (it owns the
-network, so no locking and no CUDA context juggling). The batching window is adaptive: a
-request that finds the model idle and no company expected starts at once; requests that
-arrive while the model is busy form the next batch, which starts when the model is free. The
-model waits (at most `batch_delay` after it became free) only for a batch that is partly
-full: fewer requests waiting than the recent batches held (the callers of the batch that just
-ended are likely coming back). With `adaptive=False` the window is fixed: a batch starts when
-it is full or when its oldest request has waited `batch_delay`. A batch holds requests of one
-`batch_key` (the service's: the image's canvas, so portrait and landscape images are not
-encoded together); the others wait for the next. Requests waiting for the model count
-against a bounded queue, so overload answers at once (503) instead of piling up latency.
+The event loop only queues and collects; the model runs on one dedicated thread
+(service/model_thread.py: it owns the network, so no locking and no CUDA context juggling). The
+batching window is adaptive: a request that finds the model idle and no company expected starts
+at once; requests that arrive while the model is busy form the next batch, which starts when
+the model is free. The model waits (at most `batch_delay` after it became free) only for a
+batch that is partly full: fewer requests waiting than the recent batches held (the callers of
+the batch that just ended are likely coming back). With `adaptive=False` the window is fixed: a
+batch starts when it is full or when its oldest request has waited `batch_delay`. A batch holds
+requests of one `batch_key` (the service's: the image's canvas, so portrait and landscape
+images are not encoded together); the others wait for the next. Requests waiting for the model
+count against a bounded queue, so overload answers at once (503) instead of piling up latency.
 
 How many refinement steps each request gets (its latency budget, degradation under load) is
 the planner's decision (service/anytime.py): on arrival and when its batch starts. The model
@@ -27,7 +27,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ import torch
 
 from model.pipeline import Request, Result
 from service.anytime import Admission, RefinementPlanner
+from service.model_thread import ModelThread
 
 log = logging.getLogger("mad.engine")
 
@@ -137,7 +137,7 @@ class BatchingEngine:
         self.draining = False
         self._arrived: asyncio.Event | None = None
         self._collector: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mad-model")
+        self._executor = ModelThread()
 
     # --- lifecycle --------------------------------------------------------------------------
     async def load(self, factory: Callable[[], P]) -> P:
@@ -183,7 +183,9 @@ class BatchingEngine:
             if not job.future.done():
                 job.future.set_exception(Draining("the server shut down"))
         self.waiting.clear()
-        self._executor.shutdown(wait=finished)
+        # Not joined: a load (or a batch that overran) still on the model thread would hold
+        # the stop up to its end; the thread is a daemon, so the process need not wait.
+        self._executor.shutdown(wait=False, cancel_futures=True)
         return finished
 
     # --- requests ---------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""The one thread that runs everything torch does in the server (load, warm-up, batches).
+
+A `concurrent.futures.Executor`, so the event loop hands it work with `run_in_executor`.
+Unlike `ThreadPoolExecutor` its thread is a daemon: a shutdown does not wait for what the
+thread is doing. That matters when the server is told to stop while the model is still
+loading (an ONNX export or a TensorRT build takes minutes) or while a batch overran the
+drain: the standard pool's workers are joined at interpreter exit, so the process would
+outlive its stop deadline by the rest of that work. And a process that exits while such a
+call runs ends at once, with status 0 (the stop it was asked for), skipping the interpreter's
+teardown: C++ destructors run under a thread still inside torch abort the process ("terminate
+called without an active exception", status 134). Work is only ever cut short this way at
+exit; what it writes (the export cache, service/model_cache.py) lands by rename, whole or not
+at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, TypeVar
+
+T = TypeVar("T")
+P = ParamSpec("P")
+_Work = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_THREADS: weakref.WeakSet[ModelThread] = weakref.WeakSet()
+
+
+class ModelThread(Executor):
+    """One daemon thread running submitted calls in order."""
+
+    def __init__(self, name: str = "mad-model") -> None:
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()  # submit vs shutdown: nothing slips in after the end
+        self.running = False  # inside a call
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        _THREADS.add(self)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the model thread has shut down")
+            self._work.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more work. The thread ends after the call it is running (and, unless
+        `cancel_futures`, the calls queued); `wait` joins it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try:
+                        work = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if work is not None:
+                        work[0].cancel()
+            self._work.put(None)
+        if wait:
+            self._thread.join()
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            future, fn, args, kwargs = work
+            if not future.set_running_or_notify_cancel():
+                continue
+            self.running = True
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # the caller's to handle, as in the standard pool
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            finally:
+                self.running = False
+
+
+@atexit.register
+def _exit_now_if_running() -> None:
+    """At interpreter exit (after the main thread is done): a call still running is one the
+    server stopped without waiting for; end the process before the teardown aborts it."""
+    if any(thread.running for thread in list(_THREADS)):
+        logging.shutdown()  # flush the log's last lines ("stopped")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
