@@ -86,6 +86,13 @@ def test_counts_that_mean_nothing_are_usage_errors(micro_checkpoint, synth_data)
     assert "--max-steps" in usage_failure(["tune", *common, "--max-steps", "100"])
 
 
+def test_an_unknown_benchmark_backend_is_refused_before_any_output(micro_checkpoint, tmp_path):
+    args = ["bench", "--checkpoint", str(micro_checkpoint), "--out", str(tmp_path / "b")]
+    stderr = usage_failure([*args, "--backend", "foo"])
+    assert "'foo' is not one of torch, onnx, tensorrt, openvino" in stderr
+    assert not (tmp_path / "b").exists()
+
+
 def train_args(synth_data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(synth_data), "--out", str(out), "--steps", "1", *extra]
 

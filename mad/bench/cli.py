@@ -164,7 +164,12 @@ def bench(
     import torch
 
     from mad.bench.workload import parse_size
+    from runtime.backends import BACKENDS
 
+    if backend not in BACKENDS:  # before the first section's header
+        raise typer.BadParameter(
+            f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     base = QUICK if quick else DEFAULTS
