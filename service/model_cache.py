@@ -9,8 +9,10 @@ service module that imports export/: it writes exports; runtime/ only reads them
 
 from __future__ import annotations
 
+import glob
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,10 +113,20 @@ def cached_export(
     )
 
 
+STALE_STAGING_S = (
+    24 * 3600
+)  # a staging directory this old is a killed start's (builds take minutes)
+
+
 def write_into_place(target: Path, write: Callable[[Path], object]) -> Path:
     """`write` an export into a new directory beside `target`, then rename it into place, so
-    concurrent starts never see half an export (the loser of the race drops its copy)."""
-    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
+    concurrent starts never see half an export (the loser of the race drops its copy). What a
+    start killed mid-export left behind is removed once it is a day old."""
+    prefix = f"{target.name}.staging-"
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*"):
+        if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         write(staging)
         staging.rename(target)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
+import time
 from pathlib import Path
 
 import onnx
@@ -23,7 +25,7 @@ from runtime.backends import create_runner
 from runtime.manifest import MANIFEST, read_manifest
 from runtime.onnx_runner import OnnxRunner
 from runtime.torch_runner import TorchRunner
-from service.model_cache import load_runner
+from service.model_cache import STALE_STAGING_S, load_runner, write_into_place
 from tests.helpers import ALL_TASKS, synthetic_images
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
@@ -178,6 +180,27 @@ def test_load_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, mon
     assert [p.name for p in tmp_path.iterdir()] == [digest[:16]]
     _, direct = create_runner("onnx", target)  # an export dir given as the checkpoint
     assert direct.export_dir == target
+
+
+def test_a_killed_starts_staging_is_removed_once_stale_and_the_rest_is_kept(tmp_path):
+    target = tmp_path / "onnx"
+    old, fresh = tmp_path / "onnx.staging-old12345", tmp_path / "onnx.staging-new12345"
+    for leftover in (old, fresh, tmp_path / "onnx-int8"):
+        leftover.mkdir()
+    past = time.time() - STALE_STAGING_S - 60
+    os.utime(old, (past, past))
+    os.utime(tmp_path / "onnx-int8", (past, past))  # another export, however old: kept
+
+    def write(staging: Path) -> None:
+        assert staging.name.startswith("onnx.staging-")
+        (staging / MANIFEST).write_text("{}")
+
+    assert write_into_place(target, write) == target and (target / MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "onnx",
+        "onnx-int8",
+        "onnx.staging-new12345",  # perhaps a start under way
+    ]
 
 
 def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):
