@@ -29,7 +29,8 @@ log = logging.getLogger("mad.access")
 
 PREDICT_PATH = "/predict"
 V2_INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
-QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapes: debug level only
+# Probes (ours and KServe's) and scrapes: debug level only.
+QUIET_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics")
 # An incoming id is echoed into headers and logs: accept only short, plain tokens.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 BYTE_COUNT = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes "²"

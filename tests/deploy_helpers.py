@@ -62,8 +62,9 @@ def code_env_names() -> set[str]:
 
 
 def validate_settings_env(env: dict[str, str], monkeypatch, where: str):
-    """Every MAD_ name is read by the code, and Settings() accepts the values (types, enums,
-    ranges)."""
+    """Every MAD_ name is read by the code, Settings() accepts the values (types, enums,
+    ranges), and the concurrency limit is above the queue plus a batch (else overload meets
+    503 `overloaded` before the queue bound, docs/service.md)."""
     from service.settings import Settings
 
     fields = settings_env_names()
@@ -75,7 +76,9 @@ def validate_settings_env(env: dict[str, str], monkeypatch, where: str):
         for key, value in env.items():
             if key in fields:
                 patch.setenv(key, value)
-        return Settings()
+        settings = Settings()
+    assert settings.limit_concurrency > settings.queue_size + settings.max_batch_size, where
+    return settings
 
 
 def compose_default(value):

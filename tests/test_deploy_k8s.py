@@ -46,6 +46,7 @@ def test_k8s_manifests(monkeypatch):
     }
     assert probes["readinessProbe"]["path"] == "/readyz"
     assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["startupProbe"]["path"] == "/readyz", "/healthz passes before the model loads"
     for probe in probes.values():
         assert probe["port"] in ("http", settings.port)
     # The server waits for the endpoint removal itself (MAD_DRAIN_DELAY_S): no preStop sleep.
