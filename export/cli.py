@@ -31,7 +31,9 @@ def export(
 ) -> None:
     """Export the image encoder and the per-task decoders as ONNX graphs (dynamic batch,
     sequences, length, image size), checked and verified against PyTorch; optionally build
-    FP16 TensorRT engines from them, or quantise them to int8 for CPUs."""
+    FP16 TensorRT engines from them, or quantise them to int8 for CPUs. --format tensorrt
+    into an export of the same checkpoint (same options) keeps its graphs and adds this GPU's
+    engines beside those already there."""
     if format not in ("onnx", "tensorrt"):
         raise typer.BadParameter(f"unknown format {format!r}; choose onnx or tensorrt")
     from export.quantize import QUANTIZATIONS
@@ -54,8 +56,17 @@ def export(
 
         import_tensorrt()  # fail before minutes of export work, not after
     from export.onnx_export import export_onnx
+    from model.checkpoint import checkpoint_digest
+    from runtime.manifest import export_of
 
-    if quantize is None:
+    # TensorRT into an export of this checkpoint (another GPU type's engines, say): its graphs
+    # are reused, so the engines already built there stay listed in its manifest.
+    reused = format == "tensorrt" and export_of(
+        out, checkpoint_digest(checkpoint), opset, simplify, exporter
+    )
+    if reused:
+        manifest = reused
+    elif quantize is None:
         manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)
     else:
         from export.quantize import quantize_export

@@ -33,6 +33,27 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def export_of(
+    directory: str | Path, digest: str, opset: int, simplify: bool, exporter: str | None = None
+) -> dict[str, Any] | None:
+    """The manifest of the fp32 export in `directory` when it was made from the checkpoint
+    with this content digest with these options (any exporter when None), else None."""
+    if not is_export(directory):
+        return None
+    try:
+        manifest = read_manifest(directory)
+    except (StartupError, ValueError):  # another format, or a damaged manifest
+        return None
+    same = (
+        manifest.get("checkpoint", {}).get("sha256") == digest
+        and manifest.get("opset") == opset
+        and manifest.get("simplified") == simplify
+        and manifest.get("precision") == "fp32"
+        and exporter in (None, manifest.get("exporter"))
+    )
+    return manifest if same else None
+
+
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
     path = Path(directory) / MANIFEST
     tmp = path.with_suffix(".tmp")

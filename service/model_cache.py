@@ -21,7 +21,7 @@ from model.checkpoint import MAD, checkpoint_digest
 from model.decoding import Runner
 from model.startup import StartupError
 from runtime.backends import check_options, create_runner, resolve_export_dir
-from runtime.manifest import FORMAT, MANIFEST, is_export, read_manifest
+from runtime.manifest import MANIFEST, export_of, is_export, read_manifest
 from runtime.tensorrt_runner import cuda_device
 
 if TYPE_CHECKING:
@@ -94,18 +94,9 @@ def cached_export(
 
     digest = checkpoint_digest(checkpoint)
     target = Path(cache_dir) / digest[:16] / "onnx"
-    if (target / MANIFEST).is_file():
-        try:
-            manifest = read_manifest(target)
-        except StartupError:
-            manifest = {}
-        if (
-            manifest.get("format") == FORMAT
-            and manifest["checkpoint"]["sha256"] == digest
-            and manifest["opset"] == opset
-            and manifest["simplified"] == simplify
-        ):
-            return target
+    if export_of(target, digest, opset, simplify) is not None:
+        return target
+    if target.exists():
         shutil.rmtree(target, ignore_errors=True)  # a concurrent start may remove it first
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_into_place(

@@ -22,7 +22,7 @@ from model.feature_cache import FeatureCache
 from model.pipeline import Pipeline, Request
 from model.startup import StartupError
 from runtime.backends import create_runner
-from runtime.manifest import MANIFEST, read_manifest
+from runtime.manifest import MANIFEST, export_of, read_manifest
 from runtime.onnx_runner import OnnxRunner
 from runtime.torch_runner import TorchRunner
 from service.model_cache import STALE_STAGING_S, load_runner, write_into_place
@@ -201,6 +201,24 @@ def test_a_killed_starts_staging_is_removed_once_stale_and_the_rest_is_kept(tmp_
         "onnx-int8",
         "onnx.staging-new12345",  # perhaps a start under way
     ]
+
+
+def test_an_export_is_found_again_only_with_the_same_checkpoint_and_options(
+    exported, micro_checkpoint, tmp_path
+):
+    digest = checkpoint_digest(micro_checkpoint)
+    manifest = read_manifest(exported)
+    assert export_of(exported, digest, manifest["opset"], False) == manifest
+    assert export_of(exported, digest, manifest["opset"], False, manifest["exporter"])
+    assert export_of(exported, "0" * 64, manifest["opset"], False) is None
+    assert export_of(exported, digest, manifest["opset"] + 1, False) is None
+    assert export_of(exported, digest, manifest["opset"], True) is None
+    assert export_of(exported, digest, manifest["opset"], False, "another") is None
+    assert export_of(micro_checkpoint, digest, manifest["opset"], False) is None
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / MANIFEST).write_text("{not json")
+    assert export_of(damaged, digest, manifest["opset"], False) is None
 
 
 def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):
