@@ -171,7 +171,7 @@ def checkpoint_convert(
     from model.checkpoint import WEIGHT_DTYPES, convert_weights
 
     if not (source / "config.json").is_file():
-        raise typer.BadParameter(f"{source} is not a checkpoint directory (no config.json)")
+        raise StartupError(f"{source} is not a checkpoint directory (no config.json)")
     if dtype not in WEIGHT_DTYPES:
         raise typer.BadParameter(
             f"expected one of {', '.join(WEIGHT_DTYPES)}", param_hint="--dtype"
@@ -257,7 +257,7 @@ def train(
         raise typer.BadParameter(f"choose one of {', '.join(AMP_MODES)}", param_hint="--amp")
     if lr <= 0:
         raise typer.BadParameter(f"{lr} is not a learning rate (> 0)", param_hint="--lr")
-    require_split("train", data, split)
+    require_split(data, split)
     if tokenizer_type not in MODEL_TYPES:
         raise typer.BadParameter(
             f"choose one of {', '.join(MODEL_TYPES)}", param_hint="--tokenizer-type"
@@ -324,7 +324,7 @@ def evaluate_command(
     from model.evaluate import evaluate, format_table, unscored_tasks
     from model.runner import torch_device
 
-    require_checkpoint("eval", checkpoint)
+    require_checkpoint(checkpoint)
     device = str(torch_device(device))
     if json_out is not None:
         output_file(json_out, "--json")  # before the evaluation, not after it
@@ -335,7 +335,7 @@ def evaluate_command(
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
-    require_split("eval", data, split)
+    require_split(data, split)
     for name, why in unscored_tasks(mad, data, split, tasks).items():
         typer.echo(f"mad eval: {name} not scored: {why}", err=True)
     metrics = evaluate(
@@ -354,27 +354,22 @@ def evaluate_command(
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def require_checkpoint(command: str, checkpoint: Path) -> None:
-    """Not a checkpoint directory: one line saying so, exit 2 (no traceback)."""
+def require_checkpoint(checkpoint: Path) -> None:
+    """Not a checkpoint directory: a StartupError (one line, exit 3), as in every command."""
     if not (checkpoint / "config.json").is_file():
-        typer.echo(
-            f"mad {command}: --checkpoint: {checkpoint} is not a checkpoint directory "
-            "(no config.json)",
-            err=True,
+        raise StartupError(
+            f"--checkpoint: {checkpoint} is not a checkpoint directory (no config.json)"
         )
-        raise typer.Exit(2)
 
 
-def require_split(command: str, data: Path, split: str) -> None:
-    """No annotations for the split: one line naming the file and what --data must be."""
+def require_split(data: Path, split: str) -> None:
+    """No annotations for the split: a StartupError naming the file and what --data must be."""
     annotations = data / "annotations" / f"instances_{split}.json"
     if not annotations.is_file():
-        typer.echo(
-            f"mad {command}: --data: {annotations} not found; --data must be a dataset in the "
-            f"COCO 2017 layout (e.g. written by `mad data synth`) with a {split} split",
-            err=True,
+        raise StartupError(
+            f"--data: {annotations} not found; --data must be a dataset in the COCO 2017 "
+            f"layout (e.g. written by `mad data synth`) with a {split} split"
         )
-        raise typer.Exit(2)
 
 
 @app.command("tune", cls=PlainHelpCommand)
@@ -405,14 +400,14 @@ def tune_command(
     from model.runner import torch_device
     from model.tune import Trial, tune_schedules
 
-    require_checkpoint("tune", checkpoint)
+    require_checkpoint(checkpoint)
     device = str(torch_device(device))
     mad, _ = load_checkpoint(checkpoint, device)
     try:
         tasks = parse_tasks(task, mad.config.tasks)
     except RequestError as exc:
         request_error("tune", exc, {"tasks": "--task"})
-    require_split("tune", data, split)
+    require_split(data, split)
     unscored = unscored_tasks(mad, data, split, tasks)
     if set(unscored) == set(tasks):
         reasons = "; ".join(f"{name}: {why}" for name, why in unscored.items())

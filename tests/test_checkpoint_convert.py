@@ -71,7 +71,7 @@ def test_float16_refuses_weights_beyond_its_range(micro_checkpoint, tmp_path):
 
 def test_bad_arguments_are_usage_errors(micro_checkpoint, tmp_path):
     result = convert(str(tmp_path), "--out", str(tmp_path / "out"))
-    assert result.exit_code == 2 and "is not a checkpoint directory" in result.stderr
+    assert result.exit_code == 3 and "is not a checkpoint directory" in result.stderr
     result = convert(str(micro_checkpoint), "--out", str(tmp_path / "out"), "--dtype", "int8")
     assert result.exit_code == 2 and "expected one of float32, float16, bfloat16" in result.stderr
     (tmp_path / "run").mkdir()

@@ -131,8 +131,10 @@ def test_training_values_are_usage_errors(extra, says, synth_data, tmp_path):
 
 
 def test_training_data_is_checked_first(tmp_path):
-    stderr = usage_failure(train_args(tmp_path / "nothing", tmp_path / "run"))
+    stderr = one_line_failure(train_args(tmp_path / "nothing", tmp_path / "run"))
     assert "instances_train2017.json not found" in stderr
+    assert not (tmp_path / "run").exists()
+
     assert not (tmp_path / "run").exists()
 
 

@@ -166,14 +166,15 @@ def test_cli_request_errors_are_one_line(micro_checkpoint, image, tmp_path, args
 
 @pytest.mark.parametrize("command", ["eval", "tune"])
 def test_missing_inputs_are_one_line(micro_checkpoint, tmp_path, command):
-    """No annotations under --data, or a --checkpoint that is not one: one line, exit 2."""
+    """No annotations under --data, or a --checkpoint that is not one: one line, exit 3 (a
+    start-up failure, as in every command)."""
     cases = [
         (["--data", str(tmp_path), "--checkpoint", str(micro_checkpoint)], "--data: "),
         (["--data", str(tmp_path), "--checkpoint", str(tmp_path)], "--checkpoint: "),
     ]
     for args, option in cases:
         result = CliRunner().invoke(mad_cli, [command, *args])
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 3, result.output
         assert "Traceback" not in result.output
         assert result.stderr.startswith(f"mad {command}: {option}"), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
