@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     precision: Precision = Field(
         "fp32",
         description="`fp32`; `bf16` (torch, CPU or CUDA; openvino), `fp16` (torch on CUDA); "
-        "`int8` (onnx: a quantised export).",
+        "`int8` (onnx: a quantised export). tensorrt engines are always FP16 (any value).",
     )
     compile: bool = Field(False, description="`torch.compile` the network (torch backend).")
     cuda_graphs: bool = Field(
@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR,
-        description="Where onnx/tensorrt export the checkpoint (and build TensorRT engines) "
-        "at start-up when no export dir is given; later starts reuse them.",
+        description="Where onnx/tensorrt/openvino export the checkpoint (and build TensorRT "
+        "engines) at start-up when no export dir is given; later starts reuse them.",
     )
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")

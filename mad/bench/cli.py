@@ -148,7 +148,8 @@ def bench(
     accuracy: bool = typer.Option(
         False,
         "--accuracy/--no-accuracy",
-        help="Backend x precision table: eager fp32/bf16/compile, ONNX fp32/int8, each with "
+        help="Backend x precision table: eager fp32/bf16/compile, ONNX fp32/int8, OpenVINO "
+        "fp32/bf16, each with "
         "its latency and its mad eval metrics on held-out images.",
     ),
     accuracy_images: int | None = typer.Option(

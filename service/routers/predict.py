@@ -35,13 +35,13 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 ERROR_TEXTS = {
     400: "The file is not a readable image.",
     401: "API key missing or wrong (only when the server has one).",
-    408: "The body stalled for READ_TIMEOUT_S, or was still arriving at REQUEST_TIMEOUT_S.",
-    413: "Body over MAX_UPLOAD_BYTES, or image over MAX_IMAGE_PIXELS.",
+    408: "The body stalled for MAD_READ_TIMEOUT_S, or was still arriving at MAD_REQUEST_TIMEOUT_S.",
+    413: "Body over MAD_MAX_UPLOAD_BYTES, or image over MAD_MAX_IMAGE_PIXELS.",
     415: "The body is not multipart/form-data.",
     422: "Unknown task, a parameter out of range, or a latency budget too small for one pass.",
     503: "Queue full, overloaded, out of memory, model loading or broken, or shutting down: "
     "retry after Retry-After seconds.",
-    504: "Not done within REQUEST_TIMEOUT_S.",
+    504: "Not done within MAD_REQUEST_TIMEOUT_S.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in ERROR_TEXTS.items()

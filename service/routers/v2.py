@@ -47,7 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "A malformed request: JSON, tensors, parameters, or an unreadable image.",
         401: "API key missing or wrong (only when the server has one).",
         404: "No such model or version.",
-        413: "Body over MAX_UPLOAD_BYTES, or an image over MAX_IMAGE_PIXELS.",
+        413: "Body over MAD_MAX_UPLOAD_BYTES, or an image over MAD_MAX_IMAGE_PIXELS.",
         503: "Queue full, model loading, or shutting down: retry after Retry-After seconds.",
         504: "Not done within the deadline.",
     }.items()
