@@ -111,6 +111,9 @@ def serve(**options: Any) -> None:
     error = app.state.service.startup_error
     if error is not None:  # the model did not load: the server stopped
         raise StartupError(error)
+    from service.model_thread import exit_now_if_running
+
+    exit_now_if_running(0)  # stopped as asked while the model was still loading
 
 
 RENDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

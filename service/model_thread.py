@@ -1,21 +1,19 @@
 """The one thread that runs everything torch does in the server (load, warm-up, batches).
 
-A `concurrent.futures.Executor`, so the event loop hands it work with `run_in_executor`.
-Unlike `ThreadPoolExecutor` its thread is a daemon: a shutdown does not wait for what the
-thread is doing. That matters when the server is told to stop while the model is still
-loading (an ONNX export or a TensorRT build takes minutes) or while a batch overran the
-drain: the standard pool's workers are joined at interpreter exit, so the process would
-outlive its stop deadline by the rest of that work. And a process that exits while such a
-call runs ends at once, with status 0 (the stop it was asked for), skipping the interpreter's
-teardown: C++ destructors run under a thread still inside torch abort the process ("terminate
-called without an active exception", status 134). Work is only ever cut short this way at
-exit; what it writes (the export cache, service/model_cache.py) lands by rename, whole or not
-at all.
+A `concurrent.futures.Executor`, so the event loop hands it work with `run_in_executor`. Unlike
+`ThreadPoolExecutor` its thread is a daemon: a shutdown does not wait for what the thread is
+doing. That matters when the server is told to stop while the model is still loading (an ONNX
+export or a TensorRT build takes minutes) or while a batch overran the drain: the standard
+pool's workers are joined at interpreter exit, so the process would outlive its stop deadline
+by the rest of that work. A server process that stopped while such a call runs then ends with
+`exit_now_if_running`, skipping the interpreter's teardown: C++ destructors run under a thread
+still inside torch abort the process ("terminate called without an active exception", status
+134). Work is only ever cut short this way at exit; what it writes (the export cache,
+service/model_cache.py) lands by rename, whole or not at all.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import queue
@@ -87,12 +85,13 @@ class ModelThread(Executor):
                 self.running = False
 
 
-@atexit.register
-def _exit_now_if_running() -> None:
-    """At interpreter exit (after the main thread is done): a call still running is one the
-    server stopped without waiting for; end the process before the teardown aborts it."""
+def exit_now_if_running(status: int = 0) -> None:
+    """For a server whose stop is done: if a model thread is still inside a call (one the
+    stop did not wait for), end the process now with `status`, before the interpreter's
+    teardown aborts it; else return. Only servers call this: elsewhere (a test run, say) the
+    process's own exit status must stand."""
     if any(thread.running for thread in list(_THREADS)):
         logging.shutdown()  # flush the log's last lines ("stopped")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)

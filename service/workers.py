@@ -8,6 +8,7 @@ then prints as its one line.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from uvicorn.supervisors import Multiprocess
 
 from model.startup import StartupError
 from service.app import create_app
+from service.model_thread import exit_now_if_running
 from service.server import uvicorn_options
 from service.settings import Settings
 
@@ -37,6 +39,9 @@ def create_worker_app() -> FastAPI:
     configure(settings.log_level)
     app = create_app(settings)
     app.state.service.stop_server = exit_worker
+    # uvicorn runs this worker's server and then lets the process end: a model load still
+    # under way then would abort the teardown (service/model_thread.py).
+    atexit.register(exit_now_if_running, 0)
     return app
 
 

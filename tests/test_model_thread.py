@@ -54,10 +54,11 @@ def test_a_shutdown_cancels_what_waits_and_does_not_wait_for_what_runs():
     assert running.result(5) == "done"  # what ran finishes and is delivered
 
 
-def test_a_process_exits_while_its_model_thread_is_busy():
+def test_a_stopped_server_exits_while_its_model_thread_is_busy():
     script = (
-        "import time; from service.model_thread import ModelThread; "
-        "ModelThread().submit(time.sleep, 60); time.sleep(0.2); print('exiting')"
+        "import time; from service.model_thread import ModelThread, exit_now_if_running; "
+        "ModelThread().submit(time.sleep, 60); time.sleep(0.2); print('exiting'); "
+        "exit_now_if_running(0); print('not reached')"
     )
     tic = time.monotonic()
     done = subprocess.run(
@@ -65,6 +66,15 @@ def test_a_process_exits_while_its_model_thread_is_busy():
     )
     assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr
     assert time.monotonic() - tic < 20  # not the 60 s the thread is still sleeping
+
+
+def test_elsewhere_a_busy_model_thread_leaves_the_exit_status_alone():
+    script = (
+        "import sys, time; from service.model_thread import ModelThread; "
+        "ModelThread().submit(time.sleep, 60); time.sleep(0.2); sys.exit(5)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=50)
+    assert done.returncode == 5, done.stderr  # a failing test run stays failing
 
 
 def test_the_server_stops_at_once_while_the_model_is_loading(micro_checkpoint, monkeypatch):
