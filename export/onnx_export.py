@@ -26,7 +26,7 @@ from model.checkpoint import CONFIG, checkpoint_digest, load_checkpoint
 from model.codecs import TaskCodec
 from model.network import ImageMemory, MADNetwork
 from model.startup import StartupError
-from runtime.manifest import FORMAT, write_manifest
+from runtime.manifest import FORMAT, MANIFEST, write_manifest
 
 if TYPE_CHECKING:
     import onnx
@@ -67,6 +67,9 @@ def export_onnx(
     mad, meta = load_checkpoint(checkpoint, "cpu")
     network = mad.required_network().eval()
     out.mkdir(parents=True, exist_ok=True)
+    # Written last, after the graphs: until then `out` is not an export, so an interrupted
+    # re-export is never taken for the one it was replacing.
+    (out / MANIFEST).unlink(missing_ok=True)
     encoder_example, decoder_example = g.example_inputs(network)
     single_example = g.example_inputs(network, batch=1)[1]
 

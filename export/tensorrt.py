@@ -107,6 +107,9 @@ def build_engines(
         and all((export_dir / f).is_file() for f in entry["engines"].values())
     ):
         return entry
+    if entry is not None:  # rebuilt in place: an interrupted rebuild must not look built
+        del manifest["tensorrt"][key]
+        write_manifest(export_dir, manifest)
     torch.cuda.set_device(device_index)
     logger = trt.Logger(trt.Logger.WARNING)
     out = export_dir / ENGINE_DIR / key

@@ -36,21 +36,25 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def export_of(
     directory: str | Path, digest: str, opset: int, simplify: bool, exporter: str | None = None
 ) -> dict[str, Any] | None:
-    """The manifest of the fp32 export in `directory` when it was made from the checkpoint
-    with this content digest with these options (any exporter when None), else None."""
+    """The manifest of the complete fp32 export in `directory` (every graph it lists there)
+    when it was made from the checkpoint with this content digest with these options (any
+    exporter when None), else None."""
     if not is_export(directory):
         return None
     try:
         manifest = read_manifest(directory)
-    except (StartupError, ValueError):  # another format, or a damaged manifest
-        return None
-    same = (
-        manifest.get("checkpoint", {}).get("sha256") == digest
-        and manifest.get("opset") == opset
-        and manifest.get("simplified") == simplify
-        and manifest.get("precision") == "fp32"
-        and exporter in (None, manifest.get("exporter"))
-    )
+        graphs = manifest["graphs"]
+        files = [graphs["encoder"]["file"], *(g["file"] for g in graphs["decoders"].values())]
+        same = (
+            manifest["checkpoint"]["sha256"] == digest
+            and manifest["opset"] == opset
+            and manifest["simplified"] == simplify
+            and manifest["precision"] == "fp32"
+            and exporter in (None, manifest["exporter"])
+            and all((Path(directory) / name).is_file() for name in files)
+        )
+    except (StartupError, ValueError, LookupError, TypeError, AttributeError):
+        return None  # another format, a damaged manifest: not this export
     return manifest if same else None
 
 

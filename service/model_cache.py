@@ -9,6 +9,7 @@ service module that imports export/: it writes exports; runtime/ only reads them
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import shutil
 import tempfile
@@ -94,30 +95,49 @@ def cached_export(
 
     digest = checkpoint_digest(checkpoint)
     target = Path(cache_dir) / digest[:16] / "onnx"
+    remove_stale_staging(target)
     if export_of(target, digest, opset, simplify) is not None:
         return target
-    if target.exists():
-        shutil.rmtree(target, ignore_errors=True)  # a concurrent start may remove it first
+    discard(target, lambda: export_of(target, digest, opset, simplify) is not None)
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_into_place(
         target, lambda staging: export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
     )
 
 
-STALE_STAGING_S = (
-    24 * 3600
-)  # a staging directory this old is a killed start's (builds take minutes)
+STALE_STAGING_S = 24 * 3600  # staging this old is a killed start's (builds take minutes)
+
+
+def staging_prefix(target: Path) -> str:
+    return f"{target.name}.staging-"
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove what starts killed mid-export left beside `target` (a stop does not wait for an
+    export, service/model_thread.py) once it is a day old; on every start, cache hit or not."""
+    for leftover in target.parent.glob(f"{glob.escape(staging_prefix(target))}*"):
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # another start renamed or removed it meanwhile
+            continue
+
+
+def discard(target: Path, current: Callable[[], bool]) -> None:
+    """Remove an export at `target` that is not `current()`, asked again just before: another
+    start may have renamed a current one into place since the caller looked."""
+    if not target.exists() or current():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
+    with contextlib.suppress(OSError):  # gone already
+        target.rename(aside / target.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_into_place(target: Path, write: Callable[[Path], object]) -> Path:
     """`write` an export into a new directory beside `target`, then rename it into place, so
-    concurrent starts never see half an export (the loser of the race drops its copy). What a
-    start killed mid-export left behind is removed once it is a day old."""
-    prefix = f"{target.name}.staging-"
-    for leftover in target.parent.glob(f"{glob.escape(prefix)}*"):
-        if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
-            shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    concurrent starts never see half an export (the loser of the race drops its copy)."""
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
     try:
         write(staging)
         staging.rename(target)
@@ -135,13 +155,17 @@ def cached_int8_export(fp32_export: Path) -> Path:
     from export.quantize import quantize_export
 
     target = fp32_export.with_name(fp32_export.name + "-int8")
+    remove_stale_staging(target)
     source_created = read_manifest(fp32_export)["created"]
-    if (target / MANIFEST).is_file():
+
+    def current() -> bool:
         try:
             manifest = read_manifest(target)
-        except StartupError:
-            manifest = {}
-        if manifest.get("quantization", {}).get("source_created") == source_created:
-            return target
-        shutil.rmtree(target, ignore_errors=True)
+        except (StartupError, ValueError):
+            return False
+        return bool(manifest.get("quantization", {}).get("source_created") == source_created)
+
+    if current():
+        return target
+    discard(target, current)
     return write_into_place(target, lambda staging: quantize_export(fp32_export, staging))

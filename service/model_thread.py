@@ -8,8 +8,9 @@ pool's workers are joined at interpreter exit, so the process would outlive its 
 by the rest of that work. A server process that stopped while such a call runs then ends with
 `exit_now_if_running`, skipping the interpreter's teardown: C++ destructors run under a thread
 still inside torch abort the process ("terminate called without an active exception", status
-134). Work is only ever cut short this way at exit; what it writes (the export cache,
-service/model_cache.py) lands by rename, whole or not at all.
+134). Work is only ever cut short this way at exit, and what it leaves is never taken for
+whole: an export lands by rename (service/model_cache.py) and TensorRT engines are listed in
+the manifest only once all are built; the next start does that work again.
 """
 
 from __future__ import annotations
@@ -71,18 +72,24 @@ class ModelThread(Executor):
 
     def _serve(self) -> None:
         while (work := self._work.get()) is not None:
-            future, fn, args, kwargs = work
-            if not future.set_running_or_notify_cancel():
-                continue
-            self.running = True
+            self.running = True  # from the moment it is taken: a shutdown can no longer cancel it
             try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # the caller's to handle, as in the standard pool
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+                self._run(*work)
             finally:
                 self.running = False
+
+    @staticmethod
+    def _run(
+        future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # the caller's to handle, as in the standard pool
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 def exit_now_if_running(status: int = 0) -> None:

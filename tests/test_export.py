@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from export import graphs
 from export.onnx_export import export_onnx
@@ -25,7 +26,12 @@ from runtime.backends import create_runner
 from runtime.manifest import MANIFEST, export_of, read_manifest
 from runtime.onnx_runner import OnnxRunner
 from runtime.torch_runner import TorchRunner
-from service.model_cache import STALE_STAGING_S, load_runner, write_into_place
+from service.model_cache import (
+    STALE_STAGING_S,
+    load_runner,
+    remove_stale_staging,
+    write_into_place,
+)
 from tests.helpers import ALL_TASKS, synthetic_images
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
@@ -175,9 +181,14 @@ def test_load_runner_exports_once_into_the_cache(micro_checkpoint, tmp_path, mon
     results = Pipeline(mad, runner)([Request(synthetic_images(1)[0], ALL_TASKS)])
     assert results[0].caption is not None and results[0].detections is not None
 
+    leftover = target.with_name("onnx.staging-killed01")  # a start stopped mid-export
+    leftover.mkdir()
+    past = time.time() - STALE_STAGING_S - 60
+    os.utime(leftover, (past, past))
     _, again = load_runner("onnx", micro_checkpoint)  # reused, not exported again
     assert again.export_dir == target and (target / MANIFEST).stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [digest[:16]]
+    assert [p.name for p in target.parent.iterdir()] == ["onnx"]  # the leftover swept
     _, direct = create_runner("onnx", target)  # an export dir given as the checkpoint
     assert direct.export_dir == target
 
@@ -195,6 +206,7 @@ def test_a_killed_starts_staging_is_removed_once_stale_and_the_rest_is_kept(tmp_
         assert staging.name.startswith("onnx.staging-")
         (staging / MANIFEST).write_text("{}")
 
+    remove_stale_staging(target)
     assert write_into_place(target, write) == target and (target / MANIFEST).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "onnx",
@@ -219,6 +231,41 @@ def test_an_export_is_found_again_only_with_the_same_checkpoint_and_options(
     damaged.mkdir()
     (damaged / MANIFEST).write_text("{not json")
     assert export_of(damaged, digest, manifest["opset"], False) is None
+
+
+def test_tensorrt_into_an_export_of_the_same_checkpoint_keeps_its_graphs(
+    exported, micro_checkpoint, tmp_path, monkeypatch
+):
+    """`mad export --format tensorrt` once per GPU type into one directory: the graphs (and
+    so the manifest's engines of other GPUs) stay; TensorRT itself is faked here."""
+    import export.onnx_export
+    import export.tensorrt
+    import runtime.tensorrt_runner
+    from mad.cli import app as mad_cli
+
+    copy = tmp_path / "export"
+    shutil.copytree(exported, copy)
+    manifest = read_manifest(copy)
+    exports, builds = [], []
+    monkeypatch.setattr(runtime.tensorrt_runner, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(
+        export.tensorrt,
+        "build_engines",
+        lambda out, profile, device: builds.append(out) or {"engines": {"encoder": "e"}},
+    )
+    monkeypatch.setattr(
+        export.onnx_export, "export_onnx", lambda *a, **k: exports.append(a) or manifest
+    )
+    args = ["export", "--checkpoint", str(micro_checkpoint), "--format", "tensorrt"]
+    result = CliRunner().invoke(mad_cli, [*args, "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert exports == [] and builds == [copy]  # graphs kept, engines built beside them
+    # Other options, or graphs missing: exported again.
+    result = CliRunner().invoke(mad_cli, [*args, "--out", str(copy), "--opset", "18"])
+    assert result.exit_code == 0 and len(exports) == 1, result.output
+    (copy / manifest["graphs"]["encoder"]["file"]).unlink()
+    result = CliRunner().invoke(mad_cli, [*args, "--out", str(copy)])
+    assert result.exit_code == 0 and len(exports) == 2, result.output
 
 
 def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):

@@ -152,6 +152,46 @@ def test_a_second_signal_exits_at_once(micro_checkpoint):
     assert any(e["message"].startswith("second signal") for e in logs(stderr))
 
 
+def test_a_stop_during_the_model_load_exits_0_at_once(micro_checkpoint):
+    """An export or engine build at start-up takes minutes: SIGTERM does not wait for it (and
+    the interpreter's teardown under a running load would abort with 134)."""
+    port = free_port()
+    stalled_load = (  # `mad serve` whose model load takes a minute
+        "import sys, time, service.app; service.app.load_model = lambda s: time.sleep(60); "
+        "from mad.cli import app; sys.argv = ['mad', 'serve']; app()"
+    )
+    env = {
+        **os.environ,
+        "MAD_CHECKPOINT": str(micro_checkpoint),
+        "MAD_HOST": "127.0.0.1",
+        "MAD_PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", stalled_load], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        until(lambda: healthz(url) == 200, "it never listened", timeout_s=60)
+        assert httpx.get(f"{url}/readyz").json() == {"status": "loading"}
+        tic = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        assert time.monotonic() - tic < 15  # not the minute the load still had to go
+        assert process.returncode == 0, stderr[-3000:]
+        assert any(e["message"] == "stopped" for e in logs(stderr))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def healthz(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/healthz").status_code
+    except httpx.TransportError:
+        return None
+
+
 def test_worker_processes_serve_with_the_same_limits(micro_checkpoint):
     with mad_serve(micro_checkpoint, MAD_WORKERS="2", MAD_MAX_HEADER_BYTES="4096") as (
         process,
