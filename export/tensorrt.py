@@ -49,6 +49,20 @@ class Profile:
         )
 
 
+def covers(built: dict[str, Any], needed: Profile) -> bool:
+    """Whether engines built with profile `built` (a manifest entry's, resolved) accept every
+    shape the resolved profile `needed` does: serving asks for its batch size, and an export
+    made with a larger --max-batch serves it as it is."""
+    low_h, low_w = built["min_image"]
+    need_h, need_w = needed.min_image
+    return (
+        built["max_batch"] >= needed.max_batch
+        and built["max_sequences"] >= needed.max_sequences
+        and low_h <= need_h
+        and low_w <= need_w
+    )
+
+
 def encoder_shapes(profile: Profile, model: dict[str, Any]) -> dict[str, list[Shape]]:
     """Encoder inputs -> [min, opt, max] shapes: one image down to min_image, opt_batch
     images at the canvas, max_batch images at up to the canvas's longer side in both
@@ -93,7 +107,8 @@ def build_engines(
     workspace_gib: float = 4.0,
     rebuild: bool = False,
 ) -> dict[str, Any]:
-    """Build (or find cached) FP16 engines for this GPU -> the manifest's tensorrt entry."""
+    """Build (or find cached) FP16 engines for this GPU -> the manifest's tensorrt entry.
+    Engines already built for this GPU whose profile covers `profile` are reused."""
     trt = import_tensorrt()
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
@@ -103,7 +118,7 @@ def build_engines(
     if (
         entry
         and not rebuild
-        and entry["profile"] == _jsonable(profile)
+        and covers(entry["profile"], profile)
         and all((export_dir / f).is_file() for f in entry["engines"].values())
     ):
         return entry

@@ -31,7 +31,14 @@ if TYPE_CHECKING:
 
 def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
     """The model the settings describe (backend, checkpoint, device, precision, compile,
-    CUDA graphs, threads, export dir, cache): what `mad serve` and `mad predict` both run."""
+    CUDA graphs, threads, export dir, cache): what `mad serve` and `mad predict` both run.
+    TensorRT engines must take the service's batches: built (or reused) for at least
+    `max_batch_size` images per call."""
+    options: dict[str, Any] = {}
+    if settings.backend == "tensorrt":
+        from export.tensorrt import Profile
+
+        options["profile"] = Profile(max_batch=settings.max_batch_size)
     return load_runner(
         settings.backend,
         Path(settings.checkpoint),
@@ -42,6 +49,7 @@ def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
         cuda_graphs=settings.cuda_graphs,
         export_dir=settings.export_dir,
         threads=settings.threads,
+        **options,
     )
 
 

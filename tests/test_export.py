@@ -268,6 +268,31 @@ def test_tensorrt_into_an_export_of_the_same_checkpoint_keeps_its_graphs(
     assert result.exit_code == 0 and len(exports) == 2, result.output
 
 
+def test_engines_built_for_larger_batches_serve_smaller_ones(micro_checkpoint, monkeypatch):
+    """An export made with `--max-batch 16` serves MAD_MAX_BATCH_SIZE 8 as it is (a rebuild
+    in place would fail on a read-only /models), and a server batching 16 asks for 16."""
+    import service.model_cache
+    from export.tensorrt import Profile, _jsonable, covers
+    from service.settings import Settings
+
+    model = {"image_size": [256, 256], "num_slots": 6}
+    built = _jsonable(Profile(max_batch=16).resolved(model))
+    assert covers(built, Profile(max_batch=8).resolved(model))
+    assert covers(built, Profile(max_batch=16).resolved(model))
+    assert not covers(built, Profile(max_batch=32).resolved(model))
+    assert not covers(built, Profile(max_batch=16, min_image=(64, 64)).resolved(model))
+    asked = {}
+    monkeypatch.setattr(
+        service.model_cache, "load_runner", lambda *a, **options: asked.update(options)
+    )
+    settings = Settings(checkpoint=micro_checkpoint, backend="tensorrt", max_batch_size=16)
+    service.model_cache.load_configured(settings)
+    assert asked["profile"] == Profile(max_batch=16)
+    asked.clear()
+    service.model_cache.load_configured(settings.model_copy(update={"backend": "onnx"}))
+    assert "profile" not in asked
+
+
 def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):
     """Making an export is the caller's decision: runtime refuses a bare checkpoint."""
     monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))
