@@ -104,9 +104,13 @@ def cached_export(
     digest = checkpoint_digest(checkpoint)
     target = Path(cache_dir) / digest[:16] / "onnx"
     remove_stale_staging(target)
-    if export_of(target, digest, opset, simplify) is not None:
+
+    def current() -> bool:
+        return export_of(target, digest, opset, simplify) is not None
+
+    if current():
         return target
-    discard(target, lambda: export_of(target, digest, opset, simplify) is not None)
+    discard(target, current)
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_into_place(
         target, lambda staging: export_onnx(checkpoint, staging, opset=opset, simplify=simplify)
