@@ -1,21 +1,27 @@
 """TensorRT: FP16 engines built from the exported ONNX graphs (runtime/tensorrt_runner.py
 runs them).
 
-Engines are specific to a GPU model and a TensorRT version, so they are cached under
-`<export dir>/tensorrt/<gpu>-sm<cc>-trt<version>/` and recorded in the manifest under that key;
-a later start on the same kind of machine loads them instead of building (minutes).
+Engines are specific to a GPU model, a TensorRT version and the checkpoint, so each build
+goes to its own `<export dir>/tensorrt/<key>-<build id>/` (key: `<gpu>-sm<cc>-trt<version>-
+<checkpoint digest>`) and the manifest's entry for that key names it; a later start on the
+same kind of machine loads them instead of building (minutes). A build never writes into
+engines another process may be loading: it is recorded only once complete.
 `tensorrt` is imported lazily: nothing here is needed unless engines are built.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.startup import StartupError
 from runtime.manifest import read_manifest, write_manifest
 from runtime.tensorrt_runner import cache_key, import_tensorrt
 
@@ -60,6 +66,21 @@ def covers(built: dict[str, Any], needed: Profile) -> bool:
         and built["max_sequences"] >= needed.max_sequences
         and low_h <= need_h
         and low_w <= need_w
+    )
+
+
+def union(built: dict[str, Any], needed: Profile) -> Profile:
+    """A resolved profile accepting every shape of both: a rebuild for a larger batch keeps
+    what the engines it replaces accepted (another server may share the directory)."""
+    return Profile(
+        max(built["max_batch"], needed.max_batch),
+        needed.opt_batch,
+        max(built["max_sequences"], needed.max_sequences),
+        needed.opt_sequences,
+        (
+            min(built["min_image"][0], needed.min_image[0]),
+            min(built["min_image"][1], needed.min_image[1]),
+        ),
     )
 
 
@@ -122,13 +143,14 @@ def build_engines(
         and all((export_dir / f).is_file() for f in entry["engines"].values())
     ):
         return entry
-    if entry is not None:  # rebuilt in place: an interrupted rebuild must not look built
-        del manifest["tensorrt"][key]
-        write_manifest(export_dir, manifest)
+    if not os.access(export_dir, os.W_OK):
+        raise StartupError(_unwritable(export_dir, entry, profile))
+    if entry is not None and not rebuild:
+        profile = union(entry["profile"], profile)
     torch.cuda.set_device(device_index)
     logger = trt.Logger(trt.Logger.WARNING)
-    out = export_dir / ENGINE_DIR / key
-    out.mkdir(parents=True, exist_ok=True)
+    out = export_dir / ENGINE_DIR / f"{key}-{uuid.uuid4().hex[:8]}"
+    out.mkdir(parents=True)
     graphs = manifest["graphs"]
     shapes = encoder_shapes(profile, manifest["model"])
     engines = {
@@ -161,10 +183,33 @@ def build_engines(
         "engines": {name: str(path.relative_to(export_dir)) for name, path in engines.items()},
     }
     manifest = read_manifest(export_dir)  # re-read: another key may have been added meanwhile
-    manifest.setdefault("tensorrt", {})[key] = entry
+    replaced = manifest.setdefault("tensorrt", {}).get(key)
+    manifest["tensorrt"][key] = entry
     manifest["formats"] = sorted(set(manifest["formats"]) | {"tensorrt"})
     write_manifest(export_dir, manifest)
+    if replaced:  # engines are read whole when loaded: servers running them keep running
+        old_dir = (export_dir / replaced["engines"]["encoder"]).parent
+        if old_dir != out and old_dir.parent == export_dir / ENGINE_DIR:
+            shutil.rmtree(old_dir, ignore_errors=True)
     return entry
+
+
+def _unwritable(export_dir: Path, entry: dict[str, Any] | None, needed: Profile) -> str:
+    """Why engines cannot be built into a read-only export, and the command that would."""
+    if entry is None:
+        found = "has no engines for this GPU and TensorRT"
+    else:
+        built = entry["profile"]
+        found = (
+            f"has engines for up to {built['max_batch']} images and {built['max_sequences']} "
+            f"sequences per call, and this server needs {needed.max_batch} and "
+            f"{needed.max_sequences}"
+        )
+    return (
+        f"the export {export_dir} {found}, and it is read-only, so they cannot be built here: "
+        f"build them where it is writable (`mad export --format tensorrt --max-batch "
+        f"{needed.max_batch}` on this kind of GPU) or lower MAD_MAX_BATCH_SIZE"
+    )
 
 
 def _jsonable(profile: Profile) -> dict[str, Any]:

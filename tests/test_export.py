@@ -293,6 +293,80 @@ def test_engines_built_for_larger_batches_serve_smaller_ones(micro_checkpoint, m
     assert "profile" not in asked
 
 
+def fake_tensorrt_build(monkeypatch) -> list[dict]:
+    """build_engines on the CPU: TensorRT, the GPU and the engine builder faked; -> the
+    shapes each build asked for (its encoder's)."""
+    import types
+
+    import export.tensorrt as trt_export
+
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    builds: list[dict] = []
+    fake = types.SimpleNamespace(__version__="10.0", Logger=Logger)
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_export, "cache_key", lambda trt, index, sha: f"fake-sm90-{sha[:4]}")
+    monkeypatch.setattr(trt_export.torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(trt_export.torch.cuda, "get_device_name", lambda index: "Fake GPU")
+    monkeypatch.setattr(trt_export, "_feature_counts", lambda *a: [4, 16, 16])
+
+    def build(trt, logger, onnx_path, engine_path, shapes, workspace_gib):
+        if engine_path.name == "encoder.engine":
+            builds.append(shapes)
+        engine_path.write_bytes(b"engine")
+        return engine_path
+
+    monkeypatch.setattr(trt_export, "_build", build)
+    return builds
+
+
+def test_engines_are_reused_when_they_cover_and_rebuilt_for_both_profiles_else(
+    tmp_path, monkeypatch
+):
+    """A smaller batch reuses the engines as they are; a larger one builds new engines into
+    a new directory for the union of both profiles and removes the old; a read-only export
+    that needs new engines refuses with the command to run."""
+    from export.tensorrt import Profile, build_engines
+    from runtime.manifest import FORMAT, write_manifest
+
+    builds = fake_tensorrt_build(monkeypatch)
+    manifest = {
+        "format": FORMAT,
+        "formats": ["onnx"],
+        "checkpoint": {"sha256": "abcdef"},
+        "model": {"image_size": [64, 64], "num_slots": 6},
+        "memory": {"layers": 2, "heads": 2, "head_dim": 8},
+        "graphs": {
+            "encoder": {"file": "encoder.onnx"},
+            "decoders": {"detection": {"file": "decoder_detection.onnx", "seq_len": 30}},
+        },
+    }
+    write_manifest(tmp_path, manifest)
+    first = build_engines(tmp_path, Profile(max_batch=16, max_sequences=50))
+    assert len(builds) == 1 and first["profile"]["max_batch"] == 16
+    assert build_engines(tmp_path, Profile(max_batch=8)) == first  # 8 x 6 sequences fit 50
+    assert len(builds) == 1
+    second = build_engines(tmp_path, Profile(max_batch=12))  # 72 sequences: not covered
+    assert len(builds) == 2
+    assert second["profile"]["max_batch"] == 16 and second["profile"]["max_sequences"] == 72
+    assert builds[1]["images"][2][0] == 16  # the union: 16 images stay accepted
+    assert read_manifest(tmp_path)["tensorrt"]["fake-sm90-abcd"] == second
+    engine_dirs = list((tmp_path / "tensorrt").iterdir())
+    assert [d.name for d in engine_dirs] == [Path(second["engines"]["encoder"]).parent.name]
+    assert all((tmp_path / f).is_file() for f in second["engines"].values())
+    import export.tensorrt as trt_export
+
+    # A read-only mount (root would write through chmod, so the check is what is faked).
+    monkeypatch.setattr(trt_export.os, "access", lambda path, mode: False)
+    with pytest.raises(StartupError, match=r"read-only.*--max-batch 32"):
+        build_engines(tmp_path, Profile(max_batch=32))
+    assert build_engines(tmp_path, Profile(max_batch=4)) == second  # covered: still served
+
+
 def test_runtime_runs_only_ready_exports(micro_checkpoint, tmp_path, monkeypatch):
     """Making an export is the caller's decision: runtime refuses a bare checkpoint."""
     monkeypatch.setenv("MAD_CACHE_DIR", str(tmp_path))

@@ -126,6 +126,23 @@ def test_tensorrt_engines(micro_checkpoint, reference, tmp_path):
     )
     assert engine.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
     assert again.entry == runner.entry
+    _, smaller = load_runner(
+        "tensorrt",
+        micro_checkpoint,
+        "cuda",
+        export_dir=tmp_path / "onnx",
+        profile=Profile(max_batch=1, max_sequences=8),
+    )
+    assert smaller.entry == runner.entry  # covered: served as built
+    _, larger = load_runner(
+        "tensorrt",
+        micro_checkpoint,
+        "cuda",
+        export_dir=tmp_path / "onnx",
+        profile=Profile(max_batch=4),
+    )
+    assert larger.entry["profile"]["max_batch"] == 4 and not engine.exists()
+    check_runner(larger, reference, 0.1)
 
 
 @needs_cuda

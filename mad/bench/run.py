@@ -146,6 +146,11 @@ class BenchRun:
         )
         if wants_export:
             self.export(tmp / "onnx")
+        options: dict[str, Any] = {}
+        if s.backend == "tensorrt":  # engines that take the benchmark's batches
+            from export.tensorrt import Profile
+
+            options["profile"] = Profile(max_batch=s.batch_size)
         mad, runner = load_runner(
             s.backend,
             self.checkpoint,
@@ -153,6 +158,7 @@ class BenchRun:
             precision=s.precision,
             compile=s.compile,
             export_dir=self.export_dir,
+            **options,
         )
         self.bench = ModelBench(
             mad, runner, [self.image] * s.batch_size, s.kept, schedules(mad, self.refine)
