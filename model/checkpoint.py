@@ -72,14 +72,38 @@ def save_tensors(
     path.write_bytes(save(tensors, metadata=metadata))
 
 
-def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata: Any) -> Path:
+def write_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write every file under a temporary name first, then move them into place in order:
+    a process killed while saving leaves the previous files whole, not truncated ones."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files.items():
+            partial = directory / f".{name}.partial"
+            partial.write_bytes(data)
+            staged.append((partial, directory / name))
+        for partial, path in staged:
+            partial.replace(path)
+    finally:
+        for partial, _ in staged:
+            partial.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    mad: MAD,
+    directory: str | Path,
+    step: int = 0,
+    extra_files: dict[str, bytes] | None = None,
+    **metadata: Any,
+) -> Path:
+    """Write the checkpoint into `directory`, with `extra_files` (a run's training state) moved
+    into place before it and config.json last (write_files)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     network = mad.required_network()
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_tensors(state, directory / WEIGHTS, {"format": FORMAT})
+    files = {**(extra_files or {}), WEIGHTS: save(state, metadata={"format": FORMAT})}
     if mad.tokenizer is not None:
-        mad.tokenizer.save(directory / TOKENIZER)
+        files[TOKENIZER] = mad.tokenizer.model_proto
     config = {
         "format": FORMAT,
         "model": mad.config.to_dict(),
@@ -90,7 +114,8 @@ def save_checkpoint(mad: MAD, directory: str | Path, step: int = 0, **metadata: 
         "step": step,
         **metadata,
     }
-    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    files[CONFIG] = (json.dumps(config, indent=2) + "\n").encode()
+    write_files(directory, files)
     return directory
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
+import io
 import math
 import os
 import shutil
@@ -22,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
-from model.checkpoint import MAD, WEIGHTS, load_checkpoint, save_checkpoint
+from model.checkpoint import MAD, WEIGHTS, load_checkpoint, save_checkpoint, write_files
 from model.config import PRESETS, ModelConfig, get_preset
 from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, transposed_images
 from model.data.coco import CocoMultiTaskDataset
@@ -31,7 +33,7 @@ from model.losses import masked_training_losses, weighted_total
 from model.runner import torch_device
 from model.startup import StartupError, output_dir
 from model.tokenizer import CaptionTokenizer
-from model.train_state import has_train_state, load_train_state, save_train_state
+from model.train_state import META, TENSORS, has_train_state, load_train_state, train_state_files
 from model.transfer import carry_weights, unknown_word_share
 
 
@@ -71,15 +73,19 @@ class TrainConfig:
     overrides: dict | None = None  # ModelConfig field overrides
 
 
+DDP_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """-> (rank, world size, device); initialises the process group under torchrun."""
     device = str(torch_device(device))  # "auto" resolved; no GPU or a typo: a StartupError
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    cuda = device.startswith("cuda")  # under torchrun each rank takes its LOCAL_RANK's GPU
+    # Rank 0 alone evaluates while the others wait in a collective: allow for a long one.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=DDP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if device == "cuda":
+    if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
@@ -137,6 +143,12 @@ def tokenizer_for(
 def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> tuple[MAD, int]:
     """-> (model, first step): resumed, initialised from weights, or fresh."""
     if cfg.resume:
+        if not has_train_state(cfg.resume):
+            raise StartupError(
+                f"--resume {cfg.resume}: no training state ({TENSORS}, {META}) beside the "
+                "weights, so the run cannot continue exactly (a converted or copied "
+                f"checkpoint?); start from its weights with --init {cfg.resume}"
+            )
         mad, meta = load_checkpoint(cfg.resume)
         return mad, meta.get("step", 0)
     if cfg.init:
@@ -232,16 +244,27 @@ def train(cfg: TrainConfig) -> Path:
     network.backbone.to(memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     model = DistributedDataParallel(network) if world > 1 else network
     optimizer = build_optimizer(network, cfg)
-    if cfg.resume and has_train_state(cfg.resume):
-        load_train_state(cfg.resume, optimizer)
-    pace = DeadlinePace(cfg, start_step)
+    # fp16 needs loss scaling (small gradients underflow); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
+    paced = 0.0
+    if cfg.resume:
+        state = load_train_state(cfg.resume, optimizer)
+        if state["step"] != start_step:
+            raise StartupError(
+                f"--resume {cfg.resume}: its training state is from step {state['step']} and "
+                f"its weights from step {start_step} (a save was interrupted); continue from "
+                f"the weights alone with --init {cfg.resume}"
+            )
+        scaler.load_state_dict(state.get("grad_scaler") or scaler.state_dict())
+        paced = float(state.get("paced", 0.0))
+    pace = DeadlinePace(cfg, start_step, paced)
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, pace.factor, last_epoch=start_step - 1)
         if start_step == 0
         else _resumed_scheduler(optimizer, cfg, start_step, pace)
     )
     amp = _autocast(device, cfg.amp)
-    log = CsvLog(cfg.out / "train_log.csv") if rank == 0 else None
+    log = CsvLog(cfg.out / "train_log.csv", up_to=start_step) if rank == 0 else None
     bar = tqdm(total=last_step, initial=start_step, disable=rank != 0, dynamic_ncols=True)
     step, tic, logged = start_step, time.perf_counter(), start_step
     started, budget_s = tic, cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -269,9 +292,11 @@ def train(cfg: TrainConfig) -> Path:
             )
         loss = weighted_total(losses, config.task_weights)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         spent = _time_spent(started, budget_s, world, device)
         out_of_time = spent >= 1
         step += 1
@@ -307,7 +332,7 @@ def train(cfg: TrainConfig) -> Path:
                     )
             paused = time.perf_counter()
             if step % cfg.save_every == 0 or step == last_step or out_of_time:
-                _save(mad, optimizer, cfg, step)
+                _save(mad, cfg, step, optimizer, scaler, pace)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
                 _evaluate(mad, cfg, device, log, step)
                 network.train()
@@ -350,10 +375,11 @@ class DeadlinePace:
     (or a resumed run's first step) is done maps onto the steps left, so the cosine reaches
     its floor when the time is up. A resumed run paces the rest against its own budget."""
 
-    def __init__(self, cfg: TrainConfig, start_step: int):
+    def __init__(self, cfg: TrainConfig, start_step: int, paced: float = 0.0):
         self.cfg = cfg
-        self.anchor: tuple[int, float] | None = None  # (step, share of budget spent) to pace from
-        self.paced = 0.0  # the schedule step the wall time has reached
+        # (schedule step, share of the budget spent) to pace from
+        self.anchor: tuple[float, float] | None = None
+        self.paced = paced  # the schedule step the wall time has reached (a resumed run's)
         self.start = max(start_step, cfg.warmup_steps)
 
     def update(self, step: int, spent: float) -> None:
@@ -361,10 +387,10 @@ class DeadlinePace:
         if not self.cfg.anneal_by_deadline or step < self.start:
             return
         if self.anchor is None:
-            self.anchor = (step, spent)
+            self.anchor = (max(step, self.paced), spent)
         anchor_step, anchor_spent = self.anchor
         progress = (spent - anchor_spent) / max(1e-9, 1 - anchor_spent)
-        self.paced = anchor_step + progress * (self.cfg.steps - anchor_step)
+        self.paced = anchor_step + progress * max(0.0, self.cfg.steps - anchor_step)
 
     def factor(self, step: int) -> float:
         return lr_factor(step if step < self.start else max(step, self.paced), self.cfg)
@@ -381,16 +407,25 @@ def _autocast(device: torch.device, amp: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _save(mad: MAD, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
+def _save(
+    mad: MAD,
+    cfg: TrainConfig,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    pace: DeadlinePace,
+) -> None:
+    """The checkpoint and, beside it, what --resume needs to continue exactly."""
+    state = {"grad_scaler": scaler.state_dict(), "paced": pace.paced}
     save_checkpoint(
         mad,
         cfg.out,
         step=step,
+        extra_files=train_state_files(optimizer, step, state),
         training={
             k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()
         },
     )
-    save_train_state(cfg.out, optimizer, step)
 
 
 def _has_split(cfg: TrainConfig) -> bool:
@@ -412,19 +447,21 @@ def _evaluate(
 
 
 class CsvLog:
-    """Append rows to a CSV file; new keys extend the header (the file is rewritten)."""
+    """Append rows to a CSV file; new keys extend the header (the file is rewritten). A
+    resumed run keeps the rows up to its step: later ones were logged after its last save."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, up_to: int = 0):
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if path.exists():
             with open(path) as f:
-                self.rows = list(csv.DictReader(f))
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to]
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_files(self.path.parent, {self.path.name: text.getvalue().encode()})

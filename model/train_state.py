@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
-
-from model.checkpoint import save_tensors
+from safetensors.torch import load_file, save
 
 TENSORS, META = "train_state.safetensors", "train_state.json"
 
 
-def save_train_state(
-    directory: Path, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
-) -> None:
+def train_state_files(
+    optimizer: torch.optim.Optimizer, step: int, extra: dict[str, Any] | None = None
+) -> dict[str, bytes]:
+    """The optimizer's state after `step` steps, plus `extra` (JSON) -> file name -> bytes,
+    to be saved with the checkpoint (model.checkpoint.save_checkpoint's extra_files)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, param_state in state["state"].items():
@@ -27,14 +28,13 @@ def save_train_state(
                 tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{param_id}.{key}"] = value
-    save_tensors(tensors, Path(directory) / TENSORS)
     meta = {
         "step": step,
         "param_groups": state["param_groups"],
         "scalars": scalars,
         **(extra or {}),
     }
-    (Path(directory) / META).write_text(json.dumps(meta, indent=1))
+    return {TENSORS: save(tensors), META: json.dumps(meta, indent=1).encode()}
 
 
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:

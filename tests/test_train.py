@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import WEIGHTS, load_checkpoint, write_files
 from model.evaluate import METRICS
-from model.train import TrainConfig, train
+from model.startup import StartupError
+from model.train import CsvLog, TrainConfig, train
+from model.train_state import META
 from tests.helpers import MICRO_OVERRIDES as MICRO
 from tests.helpers import free_port
 
@@ -55,6 +57,44 @@ def test_training_writes_a_checkpoint_and_resumes_exactly(synth_data, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+def test_resume_refuses_weights_without_their_training_state(synth_data, tmp_path):
+    """A checkpoint without optimizer state, or with one from another step (a save cut
+    short), cannot continue exactly: refused, pointing at --init."""
+    out = tmp_path / "run"
+    train(config(synth_data, out, stop_at=1))
+    meta = json.loads((out / META).read_text())
+    (out / META).write_text(json.dumps({**meta, "step": 7}))
+    with pytest.raises(StartupError, match=r"from step 7 and its weights from step 1.*--init"):
+        train(config(synth_data, out, resume=out))
+    (out / META).unlink()
+    with pytest.raises(StartupError, match=r"no training state.*--init"):
+        train(config(synth_data, out, resume=out))
+
+
+def test_a_save_cut_short_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    write_files(tmp_path, {WEIGHTS: b"old weights", "config.json": b"old config"})
+    real = Path.write_bytes
+
+    def fail_on_config(path: Path, data: bytes) -> int:
+        if "config" in path.name:
+            raise OSError("disk full")
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        write_files(tmp_path, {WEIGHTS: b"new weights", "config.json": b"new config"})
+    assert (tmp_path / WEIGHTS).read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS]
+
+
+def test_a_resumed_log_drops_the_rows_logged_after_the_last_save(tmp_path):
+    log = CsvLog(tmp_path / "train_log.csv")
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    CsvLog(tmp_path / "train_log.csv", up_to=3).write({"step": 4, "loss": 0.5})
+    assert read_log(tmp_path / "train_log.csv") == {1: 1.0, 2: 0.5, 3: pytest.approx(1 / 3), 4: 0.5}
 
 
 def test_two_process_ddp_on_cpu(synth_data, tmp_path):

@@ -129,6 +129,15 @@ def test_a_deadline_paced_schedule_has_annealed_when_the_time_is_up(
     assert lrs[:2] == pytest.approx([1.0, 1.0])
     assert lrs[2] == pytest.approx(cfg.min_lr_scale if anneal else 1.0, abs=1e-4)
     assert all(0.0 <= float(row["data_wait"]) <= 1.0 for row in rows)
+    if not anneal:
+        return
+    # Resumed, the run goes on where its schedule was (the floor), not where its steps were.
+    clock = iter([0.5, 1.0])
+    train(dataclasses.replace(cfg, resume=cfg.out))
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["lr"]]
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[3]["lr"]) / cfg.lr == pytest.approx(cfg.min_lr_scale, abs=1e-4)
 
 
 def test_init_with_overrides_keeps_the_weights_and_adds_new_parameters(
