@@ -217,17 +217,15 @@ def train(cfg: TrainConfig) -> Path:
     output_dir(cfg.out, "--out")
     torch.manual_seed(cfg.seed)
     try:
-        probe = CocoMultiTaskDataset(cfg.data, cfg.split)
-        mad, start_step = build_model(probe, cfg, rank)
+        dataset = CocoMultiTaskDataset(cfg.data, cfg.split)
+        mad, start_step = build_model(dataset, cfg, rank)
     except StartupError:
         if made and rank == 0:  # a failed start leaves nothing behind (e.g. a lone tokenizer)
             shutil.rmtree(cfg.out, ignore_errors=True)
         raise
     config = mad.config
-    flip_pairs = flip_pairs_from_names(config.keypoint_names)
-    dataset = CocoMultiTaskDataset(
-        cfg.data, cfg.split, transforms=training_transforms(config, flip_pairs)
-    )
+    # The model's keypoint names decide the flips: known only now.
+    dataset.transforms = training_transforms(config, flip_pairs_from_names(config.keypoint_names))
     last_step = min(cfg.steps, cfg.stop_at or cfg.steps)
     transposed = transposed_images(dataset.image_sizes(), config.image_size)
     sampler = StepBatchSampler(

@@ -61,7 +61,9 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         if coco is None:
             raise FileNotFoundError(ann_dir / f"instances_{split}.json")
         self.coco: COCO = coco
-        self.coco_kps = load_coco(ann_dir / f"person_keypoints_{split}.json")
+        # Read for its keypoints and schema only, then dropped: on COCO it is hundreds of MB
+        # that every training rank and loader worker would otherwise keep.
+        keypoints_coco = load_coco(ann_dir / f"person_keypoints_{split}.json")
         # Captions via plain json: pycocotools' index chokes on caption files that list
         # categories, and all we need is image_id -> texts.
         self._captions: dict[int, list[str]] = {}
@@ -79,7 +81,7 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
         # Keypoint schema from the person category (keypoints file first, instances fallback).
         self.keypoint_names: list[str] = []
         self.skeleton: list[list[int]] = []
-        for source in (self.coco_kps, self.coco):
+        for source in (keypoints_coco, self.coco):
             kp_cats = [
                 c
                 for c in (source.dataset.get("categories", []) if source else [])
@@ -92,7 +94,7 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
 
         # Keypoints by annotation id; real COCO keeps them only in person_keypoints_*.json.
         self._keypoints: dict[int, list[float]] = {}
-        for source in (self.coco, self.coco_kps):
+        for source in (self.coco, keypoints_coco):
             if source is not None:
                 for ann in source.dataset.get("annotations", []):
                     if ann.get("keypoints"):
