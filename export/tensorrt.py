@@ -11,7 +11,7 @@ engines another process may be loading: it is recorded only once complete.
 
 from __future__ import annotations
 
-import os
+import glob
 import shutil
 import time
 import uuid
@@ -143,14 +143,60 @@ def build_engines(
         and all((export_dir / f).is_file() for f in entry["engines"].values())
     ):
         return entry
-    if not os.access(export_dir, os.W_OK):
-        raise StartupError(_unwritable(export_dir, entry, profile))
     if entry is not None and not rebuild:
         profile = union(entry["profile"], profile)
+    out = export_dir / ENGINE_DIR / f"{key}-{uuid.uuid4().hex[:8]}"
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:  # a read-only mount, or a tensorrt/ that is not ours
+        raise StartupError(_unwritable(export_dir, entry, profile, exc)) from exc
+    remove_unlisted_builds(export_dir, manifest, key)
+    try:
+        entry = _build_all(trt, export_dir, out, manifest, profile, device_index, workspace_gib)
+    except BaseException:  # failed or interrupted: nothing half-built stays behind
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    manifest = read_manifest(export_dir)  # re-read: another start may have recorded meanwhile
+    current = manifest.get("tensorrt", {}).get(key)
+    if not rebuild and current and covers(current["profile"], profile):
+        shutil.rmtree(out, ignore_errors=True)  # theirs accepts all that ours does: one copy
+        return dict(current)
+    manifest.setdefault("tensorrt", {})[key] = entry
+    manifest["formats"] = sorted(set(manifest["formats"]) | {"tensorrt"})
+    write_manifest(export_dir, manifest)
+    return entry
+
+
+STALE_BUILD_S = 24 * 3600  # a replaced build may still be loading in another process
+
+
+def remove_unlisted_builds(export_dir: Path, manifest: dict[str, Any], key: str) -> None:
+    """Remove this key's engine directories that the manifest no longer names (replaced, or
+    left by a killed build) once a day old: a process that read the manifest before it was
+    replaced may still be loading them."""
+    listed = {
+        Path(e["engines"]["encoder"]).parent.name for e in manifest.get("tensorrt", {}).values()
+    }
+    for build in (export_dir / ENGINE_DIR).glob(f"{glob.escape(key)}*"):
+        try:
+            if build.name not in listed and time.time() - build.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(build, ignore_errors=True)
+        except OSError:  # removed by another start meanwhile
+            continue
+
+
+def _build_all(
+    trt: Any,
+    export_dir: Path,
+    out: Path,
+    manifest: dict[str, Any],
+    profile: Profile,
+    device_index: int,
+    workspace_gib: float,
+) -> dict[str, Any]:
+    """Build the encoder's and every decoder's engine into `out` -> their manifest entry."""
     torch.cuda.set_device(device_index)
     logger = trt.Logger(trt.Logger.WARNING)
-    out = export_dir / ENGINE_DIR / f"{key}-{uuid.uuid4().hex[:8]}"
-    out.mkdir(parents=True)
     graphs = manifest["graphs"]
     shapes = encoder_shapes(profile, manifest["model"])
     engines = {
@@ -174,7 +220,7 @@ def build_engines(
             shapes,
             workspace_gib,
         )
-    entry = {
+    return {
         "precision": "fp16",
         "tensorrt": trt.__version__,
         "gpu": torch.cuda.get_device_name(device_index),
@@ -182,19 +228,11 @@ def build_engines(
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engines": {name: str(path.relative_to(export_dir)) for name, path in engines.items()},
     }
-    manifest = read_manifest(export_dir)  # re-read: another key may have been added meanwhile
-    replaced = manifest.setdefault("tensorrt", {}).get(key)
-    manifest["tensorrt"][key] = entry
-    manifest["formats"] = sorted(set(manifest["formats"]) | {"tensorrt"})
-    write_manifest(export_dir, manifest)
-    if replaced:  # engines are read whole when loaded: servers running them keep running
-        old_dir = (export_dir / replaced["engines"]["encoder"]).parent
-        if old_dir != out and old_dir.parent == export_dir / ENGINE_DIR:
-            shutil.rmtree(old_dir, ignore_errors=True)
-    return entry
 
 
-def _unwritable(export_dir: Path, entry: dict[str, Any] | None, needed: Profile) -> str:
+def _unwritable(
+    export_dir: Path, entry: dict[str, Any] | None, needed: Profile, error: OSError
+) -> str:
     """Why engines cannot be built into a read-only export, and the command that would."""
     if entry is None:
         found = "has no engines for this GPU and TensorRT"
@@ -206,7 +244,7 @@ def _unwritable(export_dir: Path, entry: dict[str, Any] | None, needed: Profile)
             f"{needed.max_sequences}"
         )
     return (
-        f"the export {export_dir} {found}, and it is read-only, so they cannot be built here: "
+        f"the export {export_dir} {found}, and they cannot be built into it ({error.strerror}): "
         f"build them where it is writable (`mad export --format tensorrt --max-batch "
         f"{needed.max_batch}` on this kind of GPU) or lower MAD_MAX_BATCH_SIZE"
     )

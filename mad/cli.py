@@ -221,9 +221,11 @@ def train(
     warmup_steps: int = typer.Option(100, min=0),
     grad_clip: float = typer.Option(0.1),
     workers: int = typer.Option(2, min=0, help="Data loader processes."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option(
+        "auto", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU)."
+    ),
     amp: str = typer.Option(
-        "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA) or none."
+        "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA, loss-scaled) or none."
     ),
     seed: int = typer.Option(0),
     split: str = typer.Option("train2017"),

@@ -79,8 +79,8 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
     try:
         for name, data in files.items():
             partial = directory / f".{name}.partial"
+            staged.append((partial, directory / name))  # before writing: a failed write too
             partial.write_bytes(data)
-            staged.append((partial, directory / name))
         for partial, path in staged:
             partial.replace(path)
     finally:

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import datetime
 import io
+import json
 import math
 import os
 import shutil
@@ -150,6 +151,13 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
                 f"checkpoint?); start from its weights with --init {cfg.resume}"
             )
         mad, meta = load_checkpoint(cfg.resume)
+        state_step = json.loads((cfg.resume / META).read_text())["step"]
+        if state_step != meta.get("step", 0):
+            raise StartupError(
+                f"--resume {cfg.resume}: its training state is from step {state_step} and "
+                f"its weights from step {meta.get('step', 0)} (a save was interrupted); "
+                f"continue from the weights alone with --init {cfg.resume}"
+            )
         return mad, meta.get("step", 0)
     if cfg.init:
         return _initialised(cfg, dataset, rank), 0
@@ -207,6 +215,8 @@ def _initialised(cfg: TrainConfig, dataset: CocoMultiTaskDataset, rank: int) -> 
 def train(cfg: TrainConfig) -> Path:
     """Train; -> the final checkpoint directory (cfg.out)."""
     rank, world, device = setup_distributed(cfg.device)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise StartupError(f"--amp fp16 runs on CUDA only; on {device.type} use bf16 or none")
     continued = cfg.resume is not None and cfg.resume.resolve() == cfg.out.resolve()
     if (cfg.out / WEIGHTS).exists() and not continued:
         raise StartupError(
@@ -246,15 +256,9 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
     paced = 0.0
     if cfg.resume:
-        state = load_train_state(cfg.resume, optimizer)
-        if state["step"] != start_step:
-            raise StartupError(
-                f"--resume {cfg.resume}: its training state is from step {state['step']} and "
-                f"its weights from step {start_step} (a save was interrupted); continue from "
-                f"the weights alone with --init {cfg.resume}"
-            )
+        state = load_train_state(cfg.resume, optimizer)  # its step: checked in build_model
         scaler.load_state_dict(state.get("grad_scaler") or scaler.state_dict())
-        paced = float(state.get("paced", 0.0))
+        paced = DeadlinePace.step_at(float(state.get("cosine_progress", 0.0)), cfg)
     pace = DeadlinePace(cfg, start_step, paced)
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, pace.factor, last_epoch=start_step - 1)
@@ -393,13 +397,26 @@ class DeadlinePace:
     def factor(self, step: int) -> float:
         return lr_factor(step if step < self.start else max(step, self.paced), self.cfg)
 
+    def progress(self) -> float:
+        """How far along the cosine the wall time has paced it, 0..1: saved, so that a
+        resumed run (whose --steps may differ) goes on from there."""
+        span = max(1, self.cfg.steps - self.cfg.warmup_steps)
+        return min(1.0, max(0.0, (self.paced - self.cfg.warmup_steps) / span))
+
+    @staticmethod
+    def step_at(progress: float, cfg: TrainConfig) -> float:
+        """The schedule step `progress` of the way along cfg's cosine (0: not paced)."""
+        if progress <= 0:
+            return 0.0
+        return cfg.warmup_steps + progress * max(1, cfg.steps - cfg.warmup_steps)
+
 
 AMP_MODES = ("bf16", "fp16", "none")
 
 
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
     """Mixed precision: bf16 on CPU too (1.4x a step on CPUs with avx512_bf16/AMX; losses
-    within 0.2% of fp32), fp16 only on CUDA."""
+    within 0.2% of fp32), fp16 only on CUDA (train() refuses it elsewhere)."""
     if amp == "none" or (device.type == "cpu" and amp != "bf16"):
         return torch.autocast("cpu", enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -414,7 +431,7 @@ def _save(
     pace: DeadlinePace,
 ) -> None:
     """The checkpoint and, beside it, what --resume needs to continue exactly."""
-    state = {"grad_scaler": scaler.state_dict(), "paced": pace.paced}
+    state = {"grad_scaler": scaler.state_dict(), "cosine_progress": pace.progress()}
     save_checkpoint(
         mad,
         cfg.out,

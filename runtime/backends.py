@@ -41,7 +41,8 @@ def create_runner(
     onnx / tensorrt / openvino options: export_dir (else `checkpoint` must itself be an export dir);
     onnx: precision ("fp32", "int8": what the export must hold), threads, providers.
     openvino: precision ("fp32", "bf16": how it runs an fp32 export), threads.
-    tensorrt needs engines built for this GPU in the export (export.tensorrt.build_engines).
+    tensorrt needs engines built for this GPU in the export (export.tensorrt.build_engines);
+    engines: the manifest entry build_engines returned (else the manifest's, read now).
     Other options are ignored.
     For the export backends the bundle carries config, vocabulary, tokenizer and codecs but
     network=None: the weights live in the graphs, not in this process.
@@ -73,7 +74,7 @@ def create_runner(
     else:
         from runtime.tensorrt_runner import TensorRTRunner
 
-        runner = TensorRTRunner(export_dir, device)
+        runner = TensorRTRunner(export_dir, device, options.get("engines"))
     return load_bundle(export_dir), runner
 
 

@@ -125,14 +125,18 @@ class Engine:
 class TensorRTRunner:
     name = "tensorrt"
 
-    def __init__(self, export_dir: str | Path, device: str = "cuda"):
+    def __init__(
+        self, export_dir: str | Path, device: str = "cuda", engines: dict[str, Any] | None = None
+    ):
+        """engines: the manifest entry to run (the one just built or chosen: the manifest may
+        meanwhile name another start's); None: the manifest's for this GPU."""
         trt = import_tensorrt()
         self.device = cuda_device(device)
         index = self.device.index or 0
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
         key = cache_key(trt, index, manifest["checkpoint"]["sha256"])
-        entry = manifest.get("tensorrt", {}).get(key)
+        entry = engines or manifest.get("tensorrt", {}).get(key)
         if entry is None or not all(
             (self.export_dir / f).is_file() for f in entry["engines"].values()
         ):

@@ -88,7 +88,7 @@ def load_runner(
         checkpoint = resolve_export_dir(checkpoint, export_dir, backend)
         export_dir = None
         index = cuda_device(device).index or 0
-        build_engines(
+        options["engines"] = build_engines(
             checkpoint, options.pop("profile", None), index, rebuild=options.pop("rebuild", False)
         )
     return create_runner(backend, checkpoint, device, export_dir=export_dir, **options)

@@ -355,14 +355,30 @@ def test_engines_are_reused_when_they_cover_and_rebuilt_for_both_profiles_else(
     assert second["profile"]["max_batch"] == 16 and second["profile"]["max_sequences"] == 72
     assert builds[1]["images"][2][0] == 16  # the union: 16 images stay accepted
     assert read_manifest(tmp_path)["tensorrt"]["fake-sm90-abcd"] == second
-    engine_dirs = list((tmp_path / "tensorrt").iterdir())
-    assert [d.name for d in engine_dirs] == [Path(second["engines"]["encoder"]).parent.name]
     assert all((tmp_path / f).is_file() for f in second["engines"].values())
+    # The replaced engines stay a day (another process may be loading them), then go.
+    first_dir, second_dir = (
+        tmp_path / Path(e["engines"]["encoder"]).parent for e in (first, second)
+    )
+    assert first_dir.is_dir()
+    os.utime(first_dir, (time.time() - 2 * 86400,) * 2)
+    # A build that fails leaves nothing behind; the swept old build is gone all the same.
     import export.tensorrt as trt_export
 
-    # A read-only mount (root would write through chmod, so the check is what is faked).
-    monkeypatch.setattr(trt_export.os, "access", lambda path, mode: False)
-    with pytest.raises(StartupError, match=r"read-only.*--max-batch 32"):
+    def broken(*args):
+        raise RuntimeError("TensorRT failed to build an engine")
+
+    monkeypatch.setattr(trt_export, "_build", broken)
+    with pytest.raises(RuntimeError, match="failed to build"):
+        build_engines(tmp_path, Profile(max_batch=64))
+    assert [d.name for d in (tmp_path / "tensorrt").iterdir()] == [second_dir.name]
+
+    # An export that cannot be written (a read-only mount; root writes through chmod).
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(StartupError, match=r"Read-only file system.*--max-batch 32"):
         build_engines(tmp_path, Profile(max_batch=32))
     assert build_engines(tmp_path, Profile(max_batch=4)) == second  # covered: still served
 

@@ -79,6 +79,7 @@ def test_a_save_cut_short_leaves_the_previous_files_whole(tmp_path, monkeypatch)
 
     def fail_on_config(path: Path, data: bytes) -> int:
         if "config" in path.name:
+            real(path, data[:3])  # the disk fills up halfway
             raise OSError("disk full")
         return real(path, data)
 
@@ -87,6 +88,11 @@ def test_a_save_cut_short_leaves_the_previous_files_whole(tmp_path, monkeypatch)
         write_files(tmp_path, {WEIGHTS: b"new weights", "config.json": b"new config"})
     assert (tmp_path / WEIGHTS).read_bytes() == b"old weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS]
+
+
+def test_fp16_is_refused_off_cuda(synth_data, tmp_path):
+    with pytest.raises(StartupError, match="fp16 runs on CUDA only"):
+        train(config(synth_data, tmp_path / "run", device="cpu", amp="fp16"))
 
 
 def test_a_resumed_log_drops_the_rows_logged_after_the_last_save(tmp_path):
