@@ -144,6 +144,20 @@ def tokenizer_for(
 def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> tuple[MAD, int]:
     """-> (model, first step): resumed, initialised from weights, or fresh."""
     if cfg.resume:
+        ignored = [
+            flag
+            for flag, value in (
+                ("--set", cfg.overrides),
+                ("--init", cfg.init),
+                ("--tokenizer", cfg.tokenizer),
+            )
+            if value
+        ]
+        if ignored:
+            raise StartupError(
+                f"--resume continues a run as it was saved: {', '.join(ignored)} would be "
+                f"ignored; to change the model, start from its weights with --init {cfg.resume}"
+            )
         if not has_train_state(cfg.resume):
             raise StartupError(
                 f"--resume {cfg.resume}: no training state ({TENSORS}, {META}) beside the "

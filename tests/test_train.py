@@ -52,7 +52,7 @@ def test_training_writes_a_checkpoint_and_resumes_exactly(synth_data, tmp_path):
     assert mad.config.class_names[0] == "person" and len(mad.config.keypoint_names) == 17
 
     train(config(synth_data, tmp_path / "split", stop_at=2))
-    train(config(synth_data, tmp_path / "split", resume=tmp_path / "split"))
+    train(config(synth_data, tmp_path / "split", resume=tmp_path / "split", overrides=None))
     resumed = read_log(tmp_path / "split" / "train_log.csv")
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -67,10 +67,12 @@ def test_resume_refuses_weights_without_their_training_state(synth_data, tmp_pat
     meta = json.loads((out / META).read_text())
     (out / META).write_text(json.dumps({**meta, "step": 7}))
     with pytest.raises(StartupError, match=r"from step 7 and its weights from step 1.*--init"):
-        train(config(synth_data, out, resume=out))
+        train(config(synth_data, out, resume=out, overrides=None))
     (out / META).unlink()
     with pytest.raises(StartupError, match=r"no training state.*--init"):
-        train(config(synth_data, out, resume=out))
+        train(config(synth_data, out, resume=out, overrides=None))
+    with pytest.raises(StartupError, match=r"--set would be ignored.*--init"):
+        train(config(synth_data, out, resume=out, overrides={"dropout": 0.1}))
 
 
 def test_a_save_cut_short_leaves_the_previous_files_whole(tmp_path, monkeypatch):

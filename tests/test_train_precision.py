@@ -134,7 +134,7 @@ def test_a_deadline_paced_schedule_has_annealed_when_the_time_is_up(
     # Resumed, the run goes on where its schedule was (the floor), not where its steps were,
     # even with a longer schedule.
     clock = iter([0.5, 1.0])
-    train(dataclasses.replace(cfg, resume=cfg.out, steps=3000))
+    train(dataclasses.replace(cfg, resume=cfg.out, steps=3000, overrides=None))
     with open(tmp_path / "run" / "train_log.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["lr"]]
     assert [int(row["step"]) for row in rows] == [1, 2, 3, 4, 5]
