@@ -160,7 +160,7 @@ def build_engines(
     current = manifest.get("tensorrt", {}).get(key)
     if not rebuild and current and covers(current["profile"], profile):
         shutil.rmtree(out, ignore_errors=True)  # theirs accepts all that ours does: one copy
-        return dict(current)
+        return current
     manifest.setdefault("tensorrt", {})[key] = entry
     manifest["formats"] = sorted(set(manifest["formats"]) | {"tensorrt"})
     write_manifest(export_dir, manifest)

@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import datetime
 import io
-import json
 import math
 import os
 import shutil
@@ -34,7 +33,14 @@ from model.losses import masked_training_losses, weighted_total
 from model.runner import torch_device
 from model.startup import StartupError, output_dir
 from model.tokenizer import CaptionTokenizer
-from model.train_state import META, TENSORS, has_train_state, load_train_state, train_state_files
+from model.train_state import (
+    META,
+    TENSORS,
+    has_train_state,
+    load_train_state,
+    train_state_files,
+    train_state_step,
+)
 from model.transfer import carry_weights, unknown_word_share
 
 
@@ -165,7 +171,7 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
                 f"checkpoint?); start from its weights with --init {cfg.resume}"
             )
         mad, meta = load_checkpoint(cfg.resume)
-        state_step = json.loads((cfg.resume / META).read_text())["step"]
+        state_step = train_state_step(cfg.resume)
         if state_step != meta.get("step", 0):
             raise StartupError(
                 f"--resume {cfg.resume}: its training state is from step {state_step} and "
@@ -267,7 +273,7 @@ def train(cfg: TrainConfig) -> Path:
     model = DistributedDataParallel(network) if world > 1 else network
     optimizer = build_optimizer(network, cfg)
     # fp16 needs loss scaling (small gradients underflow); bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 is CUDA only
     paced = 0.0
     if cfg.resume:
         state = load_train_state(cfg.resume, optimizer)  # its step: checked in build_model

@@ -49,5 +49,10 @@ def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
     return meta
 
 
+def train_state_step(directory: Path) -> int:
+    """The step the training state in `directory` was saved at."""
+    return int(json.loads((Path(directory) / META).read_text())["step"])
+
+
 def has_train_state(directory: Path) -> bool:
     return (Path(directory) / META).is_file() and (Path(directory) / TENSORS).is_file()
