@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -38,25 +40,38 @@ def sequence_loss(
     return (sums / weight_sums.clamp(min=1.0)).sum()
 
 
+@dataclass
+class TaskLosses:
+    """terms: each task's loss, to weight, add up and backpropagate on this rank (every
+    codec's; 0 for a task without sequences here). means: each task's mean cross-entropy of
+    the weighted tokens of every rank, summed over decoder layers, detached, for logging (NaN
+    for a task without tokens on any rank). In one process the two hold the same values."""
+
+    terms: dict[str, torch.Tensor]
+    means: dict[str, torch.Tensor]
+
+
 def masked_training_losses(
     network: MADNetwork | DistributedDataParallel,
     images: torch.Tensor,
     pad_mask: torch.Tensor,
     sequences: dict[str, TrainSequences],
     codecs: dict[str, TaskCodec],
-) -> dict[str, torch.Tensor]:
-    """Encode the images once, decode every task's sequences -> loss per task (every codec's;
-    0 for a task without sequences in this batch).
+) -> TaskLosses:
+    """Encode the images once, decode every task's sequences -> the task losses.
 
     A task's loss is the mean cross-entropy of its weighted tokens, summed over decoder layers.
     Under DDP (`network` wrapped) the mean runs over every rank's tokens: the token weights
     are all-reduced, as DETR all-reduces its box count, so a rank whose images hold more
-    objects counts for more, as it would in one process."""
+    objects counts for more, as it would in one process; a rank without any sequence joins
+    the step with zero gradients. ValueError when no rank has a sequence of any task (a
+    caption-only model on uncaptioned images), on every rank alike."""
+    ddp = isinstance(network, DistributedDataParallel)
     core = network.module if isinstance(network, DistributedDataParallel) else network
     present = {name: seqs for name, seqs in sequences.items() if len(seqs)}
-    if not present:  # detection gives every image a sequence: only a caller's mistake
+    if not present and not ddp:
         raise ValueError("no task has training sequences in this batch")
-    logits: dict[str, torch.Tensor] = network(
+    logits: dict[str, torch.Tensor] = network(  # under DDP every rank runs its forward
         images,
         pad_mask,
         {
@@ -65,19 +80,32 @@ def masked_training_losses(
         },
     )
     sums: dict[str, torch.Tensor] = {}
-    weight_sums = torch.zeros(len(codecs), len(core.decoder), device=images.device)
-    for row, name in enumerate(codecs):  # every rank in the same order
+    # [tasks, 2, layers]: summed cross-entropy (detached) and summed token weight
+    totals = torch.zeros(len(codecs), 2, len(core.decoder), device=images.device)
+    for row, name in enumerate(codecs):  # every rank in the same order: one all-reduce
         if name in present:
-            sums[name], weight_sums[row] = token_losses(logits[name], present[name], codecs[name])
+            sums[name], totals[row, 1] = token_losses(logits[name], present[name], codecs[name])
+            totals[row, 0] = sums[name].detach()
     world = 1
     if isinstance(network, DistributedDataParallel):
-        world = dist.get_world_size()
-        dist.all_reduce(weight_sums)
+        world = dist.get_world_size(network.process_group)
+        dist.all_reduce(totals, group=network.process_group)
+    weight_sums = totals[:, 1]
+    means = (totals[:, 0] / weight_sums.clamp(min=1.0)).sum(-1)
+    means = means.where(weight_sums.sum(-1) > 0, math.nan)
+    logged = dict(zip(codecs, means.unbind(), strict=True))
+    if not present:  # a value read (a host sync) only here: every rank that reads agrees
+        if not weight_sums.any().item():
+            raise ValueError("no task has training sequences in this batch, on any rank")
+        # DDP waits for a gradient of every parameter: give each a zero one
+        anchor = torch.stack([p.view(-1)[0] for p in core.parameters() if p.requires_grad])
+        return TaskLosses({name: 0.0 * anchor.sum() for name in codecs}, logged)
     scale = world / weight_sums.clamp(min=1.0)  # DDP averages the ranks' gradients
-    return {
+    terms = {
         name: (sums[name] * scale[row]).sum() if name in sums else scale.new_zeros(())
         for row, name in enumerate(codecs)
     }
+    return TaskLosses(terms, logged)
 
 
 def weighted_total(losses: dict[str, torch.Tensor], task_weights: dict[str, float]) -> torch.Tensor:

@@ -312,7 +312,7 @@ def train(cfg: TrainConfig) -> Path:
                 sequences,
                 mad.codecs,
             )
-        loss = weighted_total(losses, config.task_weights)
+        loss = weighted_total(losses.terms, config.task_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
@@ -329,24 +329,27 @@ def train(cfg: TrainConfig) -> Path:
             # Reading a value waits for the device: only on logged steps, so the host
             # prepares the next batch while a GPU still runs this one.
             if step % cfg.log_every == 0 or step == last_step or out_of_time:
-                read = torch.stack([v.float() for v in (loss, grad_norm, *losses.values())])
+                # Logged: means over every rank's tokens (under DDP `loss` is this rank's share)
+                read = torch.stack([grad_norm.float(), *losses.means.values()])
                 values: list[float] = read.tolist()
                 now = time.perf_counter()
                 rate = (step - logged) * cfg.batch_size * world / (now - tic)
                 data_wait = waited / (now - tic)  # near 1: the loader, not the model, sets the pace
                 tic, logged, waited = now, step, 0.0
-                by_task = dict(zip(losses, values[2:], strict=True))
+                means = zip(losses.means, values[1:], strict=True)
+                by_task = {name: mean for name, mean in means if not math.isnan(mean)}
+                total = sum(config.task_weights.get(name, 1.0) * v for name, v in by_task.items())
                 shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
                 bar.set_postfix(
-                    loss=f"{values[0]:.3f}", **shown, img_s=f"{rate:.1f}", wait=f"{data_wait:.0%}"
+                    loss=f"{total:.3f}", **shown, img_s=f"{rate:.1f}", wait=f"{data_wait:.0%}"
                 )
                 if log is not None:
                     log.write(
                         {
                             "step": step,
-                            "loss": values[0],
+                            "loss": total,
                             "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": values[1],
+                            "grad_norm": values[0],
                             "images_per_s": rate,
                             "data_wait": data_wait,
                             **by_task,

@@ -100,7 +100,7 @@ def test_every_task_loss_trains_the_fine_level(fine_model, synth_data, bf16):
             losses = masked_training_losses(
                 network, batch[0], batch[1], sequences, fine_model.codecs
             )
-        loss = weighted_total(losses, fine_model.config.task_weights)
+        loss = weighted_total(losses.terms, fine_model.config.task_weights)
         assert torch.isfinite(loss), name
         loss.backward()
         for param in (network.fine_level, network.fine_proj[0].weight):

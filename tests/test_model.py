@@ -250,7 +250,8 @@ def test_tiny_model_overfits_two_images(tmp_path):
     for _ in range(320):
         seqs = {n: c.training_sequences(targets, generator) for n, c in mad.codecs.items()}
         loss = weighted_total(
-            masked_training_losses(mad.network, images, pads, seqs, mad.codecs), config.task_weights
+            masked_training_losses(mad.network, images, pads, seqs, mad.codecs).terms,
+            config.task_weights,
         )
         optimizer.zero_grad()
         loss.backward()

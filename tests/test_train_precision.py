@@ -59,7 +59,7 @@ def _loss_and_grads(mad: MAD, batch, sequences, bf16: bool) -> tuple[float, torc
     images, pads, _ = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
-    loss = weighted_total(losses, mad.config.task_weights)
+    loss = weighted_total(losses.terms, mad.config.task_weights)
     loss.backward()
     grads = [p.grad.flatten() for p in network.parameters() if p.grad is not None]
     return loss.item(), torch.cat(grads)

@@ -149,7 +149,7 @@ def main() -> None:
             torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16),
         ):
             losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
-        loss = weighted_total(losses, mad.config.task_weights)
+        loss = weighted_total(losses.terms, mad.config.task_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # backward kernels follow the forward's choice of SDPA backend
         optimizer.step()
