@@ -43,12 +43,20 @@ def sequence_loss(
 @dataclass
 class TaskLosses:
     """terms: each task's loss, to weight, add up and backpropagate on this rank (every
-    codec's; 0 for a task without sequences here). means: each task's mean cross-entropy of
-    the weighted tokens of every rank, summed over decoder layers, detached, for logging (NaN
-    for a task without tokens on any rank). In one process the two hold the same values."""
+    codec's; 0 for a task without sequences here). totals [tasks, 2, layers], rows in the
+    order of terms, summed over every rank: the cross-entropy of the weighted tokens
+    (detached) and their weight."""
 
     terms: dict[str, torch.Tensor]
-    means: dict[str, torch.Tensor]
+    totals: torch.Tensor
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """For logging: each task's mean cross-entropy of the weighted tokens of every rank,
+        summed over decoder layers (NaN for a task without tokens on any rank); in one
+        process the values of `terms`."""
+        sums, weights = self.totals.unbind(1)
+        means = (sums / weights.clamp(min=1.0)).sum(-1).where(weights.sum(-1) > 0, math.nan)
+        return dict(zip(self.terms, means.unbind(), strict=True))
 
 
 def masked_training_losses(
@@ -66,10 +74,12 @@ def masked_training_losses(
     objects counts for more, as it would in one process; a rank without any sequence joins
     the step with zero gradients. ValueError when no rank has a sequence of any task (a
     caption-only model on uncaptioned images), on every rank alike."""
-    ddp = isinstance(network, DistributedDataParallel)
-    core = network.module if isinstance(network, DistributedDataParallel) else network
+    if isinstance(network, DistributedDataParallel):
+        core, group = network.module, network.process_group
+    else:
+        core, group = network, None
     present = {name: seqs for name, seqs in sequences.items() if len(seqs)}
-    if not present and not ddp:
+    if not present and group is None:
         raise ValueError("no task has training sequences in this batch")
     logits: dict[str, torch.Tensor] = network(  # under DDP every rank runs its forward
         images,
@@ -80,32 +90,28 @@ def masked_training_losses(
         },
     )
     sums: dict[str, torch.Tensor] = {}
-    # [tasks, 2, layers]: summed cross-entropy (detached) and summed token weight
     totals = torch.zeros(len(codecs), 2, len(core.decoder), device=images.device)
     for row, name in enumerate(codecs):  # every rank in the same order: one all-reduce
         if name in present:
             sums[name], totals[row, 1] = token_losses(logits[name], present[name], codecs[name])
             totals[row, 0] = sums[name].detach()
     world = 1
-    if isinstance(network, DistributedDataParallel):
-        world = dist.get_world_size(network.process_group)
-        dist.all_reduce(totals, group=network.process_group)
+    if group is not None:
+        world = dist.get_world_size(group)
+        dist.all_reduce(totals, group=group)
     weight_sums = totals[:, 1]
-    means = (totals[:, 0] / weight_sums.clamp(min=1.0)).sum(-1)
-    means = means.where(weight_sums.sum(-1) > 0, math.nan)
-    logged = dict(zip(codecs, means.unbind(), strict=True))
     if not present:  # a value read (a host sync) only here: every rank that reads agrees
         if not weight_sums.any().item():
             raise ValueError("no task has training sequences in this batch, on any rank")
         # DDP waits for a gradient of every parameter: give each a zero one
         anchor = torch.stack([p.view(-1)[0] for p in core.parameters() if p.requires_grad])
-        return TaskLosses({name: 0.0 * anchor.sum() for name in codecs}, logged)
+        return TaskLosses({name: 0.0 * anchor.sum() for name in codecs}, totals)
     scale = world / weight_sums.clamp(min=1.0)  # DDP averages the ranks' gradients
     terms = {
         name: (sums[name] * scale[row]).sum() if name in sums else scale.new_zeros(())
         for row, name in enumerate(codecs)
     }
-    return TaskLosses(terms, logged)
+    return TaskLosses(terms, totals)
 
 
 def weighted_total(losses: dict[str, torch.Tensor], task_weights: dict[str, float]) -> torch.Tensor:

@@ -6,17 +6,14 @@ partly masked sequences) against that encoding, as the paper does.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
-import io
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
-from model.checkpoint import MAD, WEIGHTS, load_checkpoint, save_checkpoint, write_files
+from model.checkpoint import MAD, WEIGHTS, load_checkpoint, save_checkpoint
 from model.config import PRESETS, ModelConfig, get_preset
 from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, transposed_images
 from model.data.coco import CocoMultiTaskDataset
@@ -33,6 +30,7 @@ from model.losses import masked_training_losses, weighted_total
 from model.runner import torch_device
 from model.startup import StartupError, output_dir
 from model.tokenizer import CaptionTokenizer
+from model.train_log import CsvLog
 from model.train_state import (
     META,
     TENSORS,
@@ -330,26 +328,29 @@ def train(cfg: TrainConfig) -> Path:
             # prepares the next batch while a GPU still runs this one.
             if step % cfg.log_every == 0 or step == last_step or out_of_time:
                 # Logged: means over every rank's tokens (under DDP `loss` is this rank's share)
-                read = torch.stack([grad_norm.float(), *losses.means.values()])
+                means = losses.means()
+                logged_loss = weighted_total(
+                    {name: mean.nan_to_num() for name, mean in means.items()}, config.task_weights
+                )
+                read = torch.stack([logged_loss, grad_norm.float(), *means.values()])
                 values: list[float] = read.tolist()
                 now = time.perf_counter()
                 rate = (step - logged) * cfg.batch_size * world / (now - tic)
                 data_wait = waited / (now - tic)  # near 1: the loader, not the model, sets the pace
                 tic, logged, waited = now, step, 0.0
-                means = zip(losses.means, values[1:], strict=True)
-                by_task = {name: mean for name, mean in means if not math.isnan(mean)}
-                total = sum(config.task_weights.get(name, 1.0) * v for name, v in by_task.items())
+                task_means = zip(means, values[2:], strict=True)
+                by_task = {name: mean for name, mean in task_means if not math.isnan(mean)}
                 shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
                 bar.set_postfix(
-                    loss=f"{total:.3f}", **shown, img_s=f"{rate:.1f}", wait=f"{data_wait:.0%}"
+                    loss=f"{values[0]:.3f}", **shown, img_s=f"{rate:.1f}", wait=f"{data_wait:.0%}"
                 )
                 if log is not None:
                     log.write(
                         {
                             "step": step,
-                            "loss": total,
+                            "loss": values[0],
                             "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": values[0],
+                            "grad_norm": values[1],
                             "images_per_s": rate,
                             "data_wait": data_wait,
                             **by_task,
@@ -482,24 +483,3 @@ def _evaluate(
     tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     if log is not None:
         log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
-
-
-class CsvLog:
-    """Append rows to a CSV file; new keys extend the header (the file is rewritten). A
-    resumed run keeps the rows up to its step: later ones were logged after its last save."""
-
-    def __init__(self, path: Path, up_to: int = 0):
-        self.path = path
-        self.rows: list[dict[str, Any]] = []
-        if path.exists():
-            with open(path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to]
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_files(self.path.parent, {self.path.name: text.getvalue().encode()})

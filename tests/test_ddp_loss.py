@@ -105,7 +105,7 @@ def _ddp_rank(rank: int, port: int, checkpoint: Path, data: Path) -> None:
             losses = masked_training_losses(wrapped, pixels, pads, sequences, codecs)
             expected, means = _one_process(checkpoint, data, case)
             assert sorted(losses.terms) == sorted(case[0]), case
-            assert {n: m.item() for n, m in losses.means.items()} == pytest.approx(means), case
+            assert {n: m.item() for n, m in losses.means().items()} == pytest.approx(means), case
             weighted_total(losses.terms, mad.config.task_weights).backward()
             got = torch.cat([p.grad.flatten() for p in network.parameters()])
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (
