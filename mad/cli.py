@@ -205,6 +205,12 @@ def train(
         None, min=1, help="Stop (and save) at this step; resume later."
     ),
     log_every: int = typer.Option(10, min=1, help="Steps between train_log.csv rows."),
+    profile_steps: str | None = typer.Option(
+        None,
+        metavar="A:B",
+        help="Profile steps A+1..B with torch.profiler (host and device time per phase and "
+        "operator): OUT/profile/steps.txt and trace.json.",
+    ),
     max_minutes: float | None = typer.Option(
         None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
     ),
@@ -250,6 +256,7 @@ def train(
     from model.tokenizer import MODEL_TYPES
     from model.train import AMP_MODES, TrainConfig
     from model.train import train as run_training
+    from model.train_profile import parse_window
 
     if anneal_by_deadline and max_minutes is None:
         raise typer.BadParameter("needs --max-minutes", param_hint="--anneal-by-deadline")
@@ -259,6 +266,10 @@ def train(
         raise typer.BadParameter(f"choose one of {', '.join(AMP_MODES)}", param_hint="--amp")
     if lr <= 0:
         raise typer.BadParameter(f"{lr} is not a learning rate (> 0)", param_hint="--lr")
+    try:
+        window = parse_window(profile_steps) if profile_steps is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile-steps") from None
     require_split(data, split)
     if tokenizer_type not in MODEL_TYPES:
         raise typer.BadParameter(
@@ -277,6 +288,7 @@ def train(
             max_minutes=max_minutes,
             anneal_by_deadline=anneal_by_deadline,
             log_every=log_every,
+            profile_steps=window,
             batch_size=batch_size,
             lr=lr,
             backbone_lr_scale=backbone_lr_scale,

@@ -31,6 +31,7 @@ from model.runner import torch_device
 from model.startup import StartupError, output_dir
 from model.tokenizer import CaptionTokenizer
 from model.train_log import CsvLog
+from model.train_profile import StepProfiler
 from model.train_state import (
     META,
     TENSORS,
@@ -75,6 +76,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (when a val split exists)
     eval_images: int = 200
     log_every: int = 10
+    profile_steps: tuple[int, int] | None = None  # (A, B): torch.profiler over steps A+1..B
     overrides: dict | None = None  # ModelConfig field overrides
 
 
@@ -289,20 +291,24 @@ def train(cfg: TrainConfig) -> Path:
     step, tic, logged = start_step, time.perf_counter(), start_step
     started, budget_s = tic, cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     batches, waited = iter(loader), 0.0  # waited: seconds blocked on the loader since the last log
+    profiler = StepProfiler(cfg.profile_steps if rank == 0 else None, cfg.out, device)
+    profiler.stepped(step)
     while True:
         asked = time.perf_counter()
         try:
-            images, pads, targets = next(batches)
+            with profiler.phase("data"):
+                images, pads, targets = next(batches)
         except StopIteration:
             break
         waited += time.perf_counter() - asked
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
-        sequences = {
-            name: codec.training_sequences(targets, generator).to(device)
-            for name, codec in mad.codecs.items()
-        }
-        with amp:
+        with profiler.phase("sequences"):
+            sequences = {
+                name: codec.training_sequences(targets, generator).to(device)
+                for name, codec in mad.codecs.items()
+            }
+        with amp, profiler.phase("forward"):
             losses = masked_training_losses(
                 model,
                 images.to(device, memory_format=torch.channels_last),
@@ -312,11 +318,13 @@ def train(cfg: TrainConfig) -> Path:
             )
         loss = weighted_total(losses.terms, config.task_weights)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        with profiler.phase("backward"):
+            scaler.scale(loss).backward()
+        with profiler.phase("optimizer"):
+            scaler.unscale_(optimizer)  # clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         spent = _time_spent(started, budget_s, world, device)
         out_of_time = spent >= 1
         step += 1
@@ -363,9 +371,13 @@ def train(cfg: TrainConfig) -> Path:
                 _evaluate(mad, cfg, device, log, step)
                 network.train()
             tic += time.perf_counter() - paused  # saving and evaluating are not training
+        profiler.stepped(step)
         if out_of_time:
             break
+    profiler.close(step)
     bar.close()
+    for path in profiler.paths:
+        tqdm.write(f"profile: {path}")
     if rank == 0:
         _evaluate(mad, cfg, device, log, step)
     if dist.is_initialized():
