@@ -27,6 +27,7 @@ from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, 
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
 from model.losses import masked_training_losses, weighted_total
+from model.lr_schedule import DeadlinePace, resumed_scheduler
 from model.runner import torch_device
 from model.startup import StartupError, output_dir
 from model.tokenizer import CaptionTokenizer
@@ -97,15 +98,6 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device(device)
-
-
-def lr_factor(step: float, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_scale (`step` may be fractional: paced by
-    wall time)."""
-    if step < cfg.warmup_steps:
-        return min(1.0, (step + 1) / cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_scale + (1 - cfg.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(network: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -283,7 +275,7 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, pace.factor, last_epoch=start_step - 1)
         if start_step == 0
-        else _resumed_scheduler(optimizer, cfg, start_step, pace)
+        else resumed_scheduler(optimizer, cfg, start_step, pace)
     )
     amp = _autocast(device, cfg.amp)
     log = CsvLog(cfg.out / "train_log.csv", up_to=start_step) if rank == 0 else None
@@ -293,88 +285,96 @@ def train(cfg: TrainConfig) -> Path:
     batches, waited = iter(loader), 0.0  # waited: seconds blocked on the loader since the last log
     profiler = StepProfiler(cfg.profile_steps if rank == 0 else None, cfg.out, device)
     profiler.stepped(step)
-    while True:
-        asked = time.perf_counter()
-        try:
-            with profiler.phase("data"):
-                images, pads, targets = next(batches)
-        except StopIteration:
-            break
-        waited += time.perf_counter() - asked
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-        torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
-        with profiler.phase("sequences"):
-            sequences = {
-                name: codec.training_sequences(targets, generator).to(device)
-                for name, codec in mad.codecs.items()
-            }
-        with amp, profiler.phase("forward"):
-            losses = masked_training_losses(
-                model,
-                images.to(device, memory_format=torch.channels_last),
-                pads.to(device),
-                sequences,
-                mad.codecs,
-            )
-        loss = weighted_total(losses.terms, config.task_weights)
-        optimizer.zero_grad(set_to_none=True)
-        with profiler.phase("backward"):
-            scaler.scale(loss).backward()
-        with profiler.phase("optimizer"):
-            scaler.unscale_(optimizer)  # clip the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        spent = _time_spent(started, budget_s, world, device)
-        out_of_time = spent >= 1
-        step += 1
-        pace.update(step, spent)
-        scheduler.step()
-        if rank == 0:
-            bar.update(1)
-            # Reading a value waits for the device: only on logged steps, so the host
-            # prepares the next batch while a GPU still runs this one.
-            if step % cfg.log_every == 0 or step == last_step or out_of_time:
-                # Logged: means over every rank's tokens (under DDP `loss` is this rank's share)
-                means = losses.means()
-                logged_loss = weighted_total(
-                    {name: mean.nan_to_num() for name, mean in means.items()}, config.task_weights
+    try:
+        while True:
+            asked = time.perf_counter()
+            try:
+                with profiler.phase("data"):
+                    images, pads, targets = next(batches)
+            except StopIteration:
+                break
+            waited += time.perf_counter() - asked
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
+            with profiler.phase("sequences"):
+                sequences = {
+                    name: codec.training_sequences(targets, generator).to(device)
+                    for name, codec in mad.codecs.items()
+                }
+            with amp, profiler.phase("forward"):
+                losses = masked_training_losses(
+                    model,
+                    images.to(device, memory_format=torch.channels_last),
+                    pads.to(device),
+                    sequences,
+                    mad.codecs,
                 )
-                read = torch.stack([logged_loss, grad_norm.float(), *means.values()])
-                values: list[float] = read.tolist()
-                now = time.perf_counter()
-                rate = (step - logged) * cfg.batch_size * world / (now - tic)
-                data_wait = waited / (now - tic)  # near 1: the loader, not the model, sets the pace
-                tic, logged, waited = now, step, 0.0
-                task_means = zip(means, values[2:], strict=True)
-                by_task = {name: mean for name, mean in task_means if not math.isnan(mean)}
-                shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
-                bar.set_postfix(
-                    loss=f"{values[0]:.3f}", **shown, img_s=f"{rate:.1f}", wait=f"{data_wait:.0%}"
-                )
-                if log is not None:
-                    log.write(
-                        {
-                            "step": step,
-                            "loss": values[0],
-                            "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": values[1],
-                            "images_per_s": rate,
-                            "data_wait": data_wait,
-                            **by_task,
-                        }
+            loss = weighted_total(losses.terms, config.task_weights)
+            optimizer.zero_grad(set_to_none=True)
+            with profiler.phase("backward"):
+                scaler.scale(loss).backward()
+            with profiler.phase("optimizer"):
+                scaler.unscale_(optimizer)  # clip the true gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            spent = _time_spent(started, budget_s, world, device)
+            out_of_time = spent >= 1
+            step += 1
+            pace.update(step, spent)
+            scheduler.step()
+            if rank == 0:
+                bar.update(1)
+                # Reading a value waits for the device: only on logged steps, so the host
+                # prepares the next batch while a GPU still runs this one.
+                if step % cfg.log_every == 0 or step == last_step or out_of_time:
+                    # Logged: means over every rank's tokens (under DDP `loss` is this rank's share)
+                    means = losses.means()
+                    logged_loss = weighted_total(
+                        {name: mean.nan_to_num() for name, mean in means.items()},
+                        config.task_weights,
                     )
-            paused = time.perf_counter()
-            if step % cfg.save_every == 0 or step == last_step or out_of_time:
-                _save(mad, cfg, step, optimizer, scaler, pace)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
-                _evaluate(mad, cfg, device, log, step)
-                network.train()
-            tic += time.perf_counter() - paused  # saving and evaluating are not training
-        profiler.stepped(step)
-        if out_of_time:
-            break
-    profiler.close(step)
+                    read = torch.stack([logged_loss, grad_norm.float(), *means.values()])
+                    values: list[float] = read.tolist()
+                    now = time.perf_counter()
+                    rate = (step - logged) * cfg.batch_size * world / (now - tic)
+                    data_wait = waited / (
+                        now - tic
+                    )  # near 1: the loader, not the model, sets the pace
+                    tic, logged, waited = now, step, 0.0
+                    task_means = zip(means, values[2:], strict=True)
+                    by_task = {name: mean for name, mean in task_means if not math.isnan(mean)}
+                    shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
+                    bar.set_postfix(
+                        loss=f"{values[0]:.3f}",
+                        **shown,
+                        img_s=f"{rate:.1f}",
+                        wait=f"{data_wait:.0%}",
+                    )
+                    if log is not None:
+                        log.write(
+                            {
+                                "step": step,
+                                "loss": values[0],
+                                "lr": scheduler.get_last_lr()[0],
+                                "grad_norm": values[1],
+                                "images_per_s": rate,
+                                "data_wait": data_wait,
+                                **by_task,
+                            }
+                        )
+                paused = time.perf_counter()
+                if step % cfg.save_every == 0 or step == last_step or out_of_time:
+                    _save(mad, cfg, step, optimizer, scaler, pace)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
+                    _evaluate(mad, cfg, device, log, step)
+                    network.train()
+                tic += time.perf_counter() - paused  # saving and evaluating are not training
+            profiler.stepped(step)
+            if out_of_time:
+                break
+    finally:  # a run stopped inside the window still reports what it profiled
+        profiler.close(step)
     bar.close()
     for path in profiler.paths:
         tqdm.write(f"profile: {path}")
@@ -397,54 +397,6 @@ def _time_spent(started: float, budget_s: float, world: int, device: torch.devic
     share = torch.tensor([spent], device=device)
     dist.all_reduce(share, op=dist.ReduceOp.MAX)
     return float(share.item())
-
-
-def _resumed_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int, pace: DeadlinePace
-) -> torch.optim.lr_scheduler.LambdaLR:
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"] / max(lr_factor(start_step - 1, cfg), 1e-12))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, pace.factor, last_epoch=start_step - 1)
-
-
-class DeadlinePace:
-    """The lr factor of a schedule step; with anneal_by_deadline, the cosine after the warmup
-    runs on steps or wall time, whichever is further along: the budget left once the warmup
-    (or a resumed run's first step) is done maps onto the steps left, so the cosine reaches
-    its floor when the time is up. A resumed run paces the rest against its own budget."""
-
-    def __init__(self, cfg: TrainConfig, start_step: int, paced: float = 0.0):
-        self.cfg = cfg
-        # (schedule step, share of the budget spent) to pace from
-        self.anchor: tuple[float, float] | None = None
-        self.paced = paced  # the schedule step the wall time has reached (a resumed run's)
-        self.start = max(start_step, cfg.warmup_steps)
-
-    def update(self, step: int, spent: float) -> None:
-        """After `step` steps, `spent` of the wall-time budget is gone."""
-        if not self.cfg.anneal_by_deadline or step < self.start:
-            return
-        if self.anchor is None:
-            self.anchor = (max(step, self.paced), spent)
-        anchor_step, anchor_spent = self.anchor
-        progress = (spent - anchor_spent) / max(1e-9, 1 - anchor_spent)
-        self.paced = anchor_step + progress * max(0.0, self.cfg.steps - anchor_step)
-
-    def factor(self, step: int) -> float:
-        return lr_factor(step if step < self.start else max(step, self.paced), self.cfg)
-
-    def progress(self) -> float:
-        """How far along the cosine the wall time has paced it, 0..1: saved, so that a
-        resumed run (whose --steps may differ) goes on from there."""
-        span = max(1, self.cfg.steps - self.cfg.warmup_steps)
-        return min(1.0, max(0.0, (self.paced - self.cfg.warmup_steps) / span))
-
-    @staticmethod
-    def step_at(progress: float, cfg: TrainConfig) -> float:
-        """The schedule step `progress` of the way along cfg's cosine (0: not paced)."""
-        if progress <= 0:
-            return 0.0
-        return cfg.warmup_steps + progress * max(1, cfg.steps - cfg.warmup_steps)
 
 
 AMP_MODES = ("bf16", "fp16", "none")

@@ -1,21 +1,26 @@
 """`mad train --profile-steps A:B`: torch.profiler over training steps A+1..B, so that a slow
-run says where its time goes (host or device, which phase of the step, which operators).
+run says where its time goes (which phase of the step holds the host, how busy the GPU is,
+which operators).
 
-The loop marks its phases (`data`, `sequences`, `forward`, `backward`, `optimizer`) with
-`record_function`; outside the window that costs a few microseconds a step. After step B the
-report goes to OUT/profile/: `steps.txt` (the phases' and the top operators' host and device
-times, per step) and `trace.json` (Chrome trace: chrome://tracing or ui.perfetto.dev).
+While profiling, the loop marks its phases (`data`, `sequences`, `forward`, `backward`,
+`optimizer`) with `record_function`. After step B the report goes to OUT/profile/:
+`steps.txt` (wall time, each phase's host time and the GPU's busy time per step, then the
+operators) and `trace.json` (Chrome trace: chrome://tracing or ui.perfetto.dev).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, record_function
+from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
 PHASES = ("data", "sequences", "forward", "backward", "optimizer")
 REPORT, TRACE = "steps.txt", "trace.json"
@@ -23,27 +28,26 @@ REPORT, TRACE = "steps.txt", "trace.json"
 
 def parse_window(text: str) -> tuple[int, int]:
     """'A:B' -> (A, B): profile the steps after A up to B (0 <= A < B)."""
-    first, sep, last = text.partition(":")
     try:
-        window = int(first), int(last)
+        start, end = (int(part) for part in text.split(":"))
     except ValueError:
-        window = (-1, -1)
-    if not sep or window[0] < 0 or window[1] <= window[0]:
+        start, end = -1, -1
+    if start < 0 or end <= start:
         raise ValueError(f"{text!r} is not a step window A:B with 0 <= A < B (e.g. 40:50)")
-    return window
+    return start, end
 
 
 class StepProfiler:
     """Profiles the steps of a (start, end] window; does nothing without one.
 
-    Call `phase(name)` around each part of a step and `stepped(step)` after each step: the
-    profiler starts when step `start` is done and writes its report when step `end` is."""
+    Call `phase(name)` around each part of a step, `stepped(step)` once before the first step
+    and after each step, and `close(step)` when the run ends, however it ends."""
 
     def __init__(self, window: tuple[int, int] | None, out_dir: Path, device: torch.device):
         self.window, self.out_dir = window, out_dir / "profile"
         self.cuda = device.type == "cuda"
         self.active: profile | None = None
-        self.started = 0.0
+        self.first, self.started = 0, 0.0  # the step profiling began after, and when
         self.paths: list[Path] = []
 
     def phase(self, name: str) -> contextlib.AbstractContextManager[object]:
@@ -53,55 +57,60 @@ class StepProfiler:
         if self.window is None:
             return
         start, end = self.window
-        if step == start and self.active is None:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        if self.active is None and start <= step < end:  # a resumed run may begin inside
             if not self.cuda:  # else its tracer logs an ERROR line looking for a GPU
                 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.active = profile(activities=activities)
-            self.active.__enter__()
-            self.started = time.perf_counter()
-        elif step == end and self.active is not None:
-            self.finish(end - start)
+            self.active.start()
+            self.first, self.started = step, time.perf_counter()
+        elif self.active is None and step >= end:
+            tqdm.write(f"profile: no steps profiled: the run began at step {step}, after {end}")
+            self.window = None
+        elif step == end:
+            self.close(step)
 
-    def finish(self, steps: int) -> None:
-        """Stop (the run may end inside the window) and write the report."""
+    def close(self, step: int) -> None:
+        """Stop profiling at `step` and write the report of the steps profiled (if any)."""
         if self.active is None:
+            if self.window is not None and step <= self.window[0]:
+                tqdm.write(f"profile: no steps profiled: the run ended at step {step}")
+            self.window = None
             return
         if self.cuda:
             torch.cuda.synchronize()
+        steps = step - self.first
         wall_ms = (time.perf_counter() - self.started) * 1000 / max(1, steps)
-        self.active.__exit__(None, None, None)
+        self.active.stop()
+        prof, self.active, self.window = self.active, None, None
+        if steps == 0:
+            tqdm.write(f"profile: no steps profiled: the run ended at step {step}")
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         report, trace = self.out_dir / REPORT, self.out_dir / TRACE
-        report.write_text(summary(self.active, steps, wall_ms, self.cuda))
-        self.active.export_chrome_trace(str(trace))
-        self.active, self.window, self.paths = None, None, [report, trace]
-
-    def close(self, step: int) -> None:
-        """The run ended at `step`: a window it ended inside is reported as far as it got."""
-        if self.active is not None and self.window is not None:
-            self.finish(step - self.window[0])
+        report.write_text(summary(prof.key_averages(), steps, wall_ms, self.cuda))
+        prof.export_chrome_trace(str(trace))
+        self.paths = [report, trace]
 
 
-def summary(prof: profile, steps: int, wall_ms: float, cuda: bool) -> str:
-    """The phases' host (and device) milliseconds per step, then the top operators."""
-    events = prof.key_averages()
-    per_step = max(1, steps)
-    device_key = "device_time_total" if cuda else None
-    lines = [
-        f"{steps} profiled steps, {wall_ms:.1f} ms per step (wall, profiler on)",
-        "",
-        "phase       host ms  device ms  (per step)",
+def summary(events: EventList, steps: int, wall_ms: float, cuda: bool) -> str:
+    """Wall, each phase's host and the GPU's busy milliseconds per step; then the operators."""
+    # Host time from the phases' CPU ranges (on CUDA each also has a GPU-side annotation).
+    host = {e.key: e for e in events if e.key in PHASES and e.device_type == DeviceType.CPU}
+    lines = [f"profiled steps: {steps}; wall {wall_ms:.1f} ms per step (profiler on)", ""]
+    lines.append("phase      host ms per step")
+    lines += [
+        f"{name:<10} {host[name].cpu_time_total / 1000 / steps:8.1f}"
+        for name in PHASES
+        if name in host
     ]
-    by_name = {e.key: e for e in events}
-    for name in PHASES:
-        event = by_name.get(name)
-        if event is None:
-            continue
-        host = event.cpu_time_total / 1000 / per_step
-        device = getattr(event, device_key) / 1000 / per_step if device_key else float("nan")
-        lines.append(f"{name:<10} {host:8.1f}  {device:9.1f}")
+    busy = math.nan
+    if cuda:  # every kernel's own time, whichever thread launched it (backward runs on its own)
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernels = [e for e in kernels if not e.is_user_annotation and e.key not in PHASES]
+        busy = sum(e.self_device_time_total for e in kernels) / 1000 / steps
+    lines += ["", f"GPU busy {busy:.1f} ms per step" if cuda else "(no GPU)", ""]
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    lines += ["", f"operators by {sort} (totals over the window, not per step)", ""]
+    lines.append(f"operators by {sort} (totals over the window, not per step)")
     lines.append(events.table(sort_by=sort, row_limit=30))
     return "\n".join(lines) + "\n"
