@@ -26,7 +26,7 @@ from model.config import PRESETS, ModelConfig, get_preset
 from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, transposed_images
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
-from model.losses import masked_training_losses, weighted_total
+from model.losses import TaskLosses, masked_training_losses, weighted_total
 from model.lr_schedule import DeadlinePace, resumed_scheduler
 from model.runner import torch_device
 from model.startup import StartupError, output_dir
@@ -328,25 +328,17 @@ def train(cfg: TrainConfig) -> Path:
                 # Reading a value waits for the device: only on logged steps, so the host
                 # prepares the next batch while a GPU still runs this one.
                 if step % cfg.log_every == 0 or step == last_step or out_of_time:
-                    # Logged: means over every rank's tokens (under DDP `loss` is this rank's share)
-                    means = losses.means()
-                    logged_loss = weighted_total(
-                        {name: mean.nan_to_num() for name, mean in means.items()},
-                        config.task_weights,
+                    loss_value, grad_value, by_task = _read_logged(
+                        losses, grad_norm, config.task_weights
                     )
-                    read = torch.stack([logged_loss, grad_norm.float(), *means.values()])
-                    values: list[float] = read.tolist()
                     now = time.perf_counter()
                     rate = (step - logged) * cfg.batch_size * world / (now - tic)
-                    data_wait = waited / (
-                        now - tic
-                    )  # near 1: the loader, not the model, sets the pace
+                    # near 1: the loader, not the model, sets the pace
+                    data_wait = waited / (now - tic)
                     tic, logged, waited = now, step, 0.0
-                    task_means = zip(means, values[2:], strict=True)
-                    by_task = {name: mean for name, mean in task_means if not math.isnan(mean)}
                     shown = {k[:3]: f"{v:.3f}" for k, v in by_task.items()}
                     bar.set_postfix(
-                        loss=f"{values[0]:.3f}",
+                        loss=f"{loss_value:.3f}",
                         **shown,
                         img_s=f"{rate:.1f}",
                         wait=f"{data_wait:.0%}",
@@ -355,9 +347,9 @@ def train(cfg: TrainConfig) -> Path:
                         log.write(
                             {
                                 "step": step,
-                                "loss": values[0],
+                                "loss": loss_value,
                                 "lr": scheduler.get_last_lr()[0],
-                                "grad_norm": values[1],
+                                "grad_norm": grad_value,
                                 "images_per_s": rate,
                                 "data_wait": data_wait,
                                 **by_task,
@@ -384,6 +376,19 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return cfg.out
+
+
+def _read_logged(
+    losses: TaskLosses, grad_norm: torch.Tensor, task_weights: dict[str, float]
+) -> tuple[float, float, dict[str, float]]:
+    """-> (weighted loss, gradient norm, each task's mean loss) read from the device in one
+    transfer; the means are over every rank's tokens (under DDP the step's loss is this
+    rank's share), a task without tokens on any rank left out."""
+    means = losses.means()
+    total = weighted_total({n: m.nan_to_num() for n, m in means.items()}, task_weights)
+    values: list[float] = torch.stack([total, grad_norm.float(), *means.values()]).tolist()
+    by_task = {n: v for n, v in zip(means, values[2:], strict=True) if not math.isnan(v)}
+    return values[0], values[1], by_task
 
 
 def _time_spent(started: float, budget_s: float, world: int, device: torch.device) -> float:
