@@ -23,7 +23,13 @@ from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (typ
 
 from model.checkpoint import MAD, WEIGHTS, load_checkpoint, save_checkpoint
 from model.config import PRESETS, ModelConfig, get_preset
-from model.data.batching import CanvasCollate, SeededDataset, StepBatchSampler, transposed_images
+from model.data.batching import (
+    CanvasCollate,
+    SeededDataset,
+    StepBatchSampler,
+    TrainingCollate,
+    transposed_images,
+)
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
 from model.losses import TaskLosses, masked_training_losses, weighted_total
@@ -257,8 +263,9 @@ def train(cfg: TrainConfig) -> Path:
         SeededDataset(dataset),
         batch_sampler=sampler,
         num_workers=cfg.workers,
-        collate_fn=CanvasCollate.for_config(config),
+        collate_fn=TrainingCollate(CanvasCollate.for_config(config), mad.codecs),
         persistent_workers=cfg.workers > 0,
+        pin_memory=device.type == "cuda",  # so that the copies to the GPU are asynchronous
     )
     network = mad.required_network().to(device).train()
     network.backbone.to(memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
@@ -290,24 +297,15 @@ def train(cfg: TrainConfig) -> Path:
             asked = time.perf_counter()
             try:
                 with profiler.phase("data"):
-                    images, pads, targets = next(batches)
+                    batch = next(batches)
             except StopIteration:
                 break
             waited += time.perf_counter() - asked
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
             torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
-            with profiler.phase("sequences"):
-                sequences = {
-                    name: codec.training_sequences(targets, generator).to(device)
-                    for name, codec in mad.codecs.items()
-                }
             with amp, profiler.phase("forward"):
+                batch = batch.to(device)
                 losses = masked_training_losses(
-                    model,
-                    images.to(device, memory_format=torch.channels_last),
-                    pads.to(device),
-                    sequences,
-                    mad.codecs,
+                    model, batch.images, batch.pads, batch.sequences, mad.codecs
                 )
             loss = weighted_total(losses.terms, config.task_weights)
             optimizer.zero_grad(set_to_none=True)

@@ -2,8 +2,8 @@
 run says where its time goes (which phase of the step holds the host, how busy the GPU is,
 which operators).
 
-While profiling, the loop marks its phases (`data`, `sequences`, `forward`, `backward`,
-`optimizer`) with `record_function`. After step B the report goes to OUT/profile/:
+While profiling, the loop marks its phases (`data`, `forward`, `backward`, `optimizer`) with
+`record_function`. After step B the report goes to OUT/profile/:
 `steps.txt` (wall time, each phase's host time and the GPU's busy time per step, then the
 operators) and `trace.json` (Chrome trace: chrome://tracing or ui.perfetto.dev).
 """
@@ -22,7 +22,7 @@ from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
-PHASES = ("data", "sequences", "forward", "backward", "optimizer")
+PHASES = ("data", "forward", "backward", "optimizer")
 REPORT, TRACE = "steps.txt", "trace.json"
 
 

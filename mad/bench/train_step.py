@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.checkpoint import MAD, load_checkpoint
 from model.config import parse_overrides
-from model.data.batching import CanvasCollate
+from model.data.batching import CanvasCollate, TrainingBatch, TrainingCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import write_synthetic_dataset
 from model.data.transforms import build_transforms
@@ -111,18 +111,16 @@ def main() -> None:
     else:
         arms = {"fp32": (base, False, None), "bf16": (base, True, None)}
     size = max(base.config.image_size)
-    collate = CanvasCollate(base.config.image_size)
-    n = args.batch_size
+    n, device = args.batch_size, torch.device(args.device)
     with tempfile.TemporaryDirectory() as root:
         write_synthetic_dataset(Path(root), train=n * args.batches, val=0, seed=0)
         dataset = CocoMultiTaskDataset(Path(root), "train2017", build_transforms(True, size))
-        batches = [
-            collate([dataset[i] for i in range(b * n, (b + 1) * n)]) for b in range(args.batches)
-        ]
-    batches = [
-        (images.to(args.device, memory_format=torch.channels_last), pads.to(args.device), targets)
-        for images, pads, targets in batches
-    ]
+        samples = [[dataset[i] for i in range(b * n, (b + 1) * n)] for b in range(args.batches)]
+    # Each arm's own sequences (--set may change them), from the same seeds and images.
+    batches: dict[int, list[TrainingBatch]] = {}
+    for mad, _, _ in arms.values():
+        collate = TrainingCollate(CanvasCollate(mad.config.image_size), mad.codecs)
+        batches[id(mad)] = [collate(s, seed=b).to(device) for b, s in enumerate(samples)]
     device_type = torch.device(args.device).type
     optimizers = {}
     for mad, _, _ in arms.values():
@@ -136,19 +134,16 @@ def main() -> None:
         mad: MAD, bf16: bool, backends: list[SDPBackend] | None, b: int
     ) -> tuple[float, float]:
         """One training step on batch b -> (seconds, seconds until the host was done)."""
-        images, pads, targets = batches[b % len(batches)]
-        generator = torch.Generator().manual_seed(b)  # the same sequences for both arms
-        sequences = {
-            n: c.training_sequences(targets, generator).to(args.device)
-            for n, c in mad.codecs.items()
-        }
+        batch = batches[id(mad)][b % args.batches]
         network, optimizer = mad.required_network(), optimizers[id(mad)]
         tic = time.perf_counter()
         with (
             sdpa_kernel(backends) if backends else nullcontext(),  # None: PyTorch's choice
             torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16),
         ):
-            losses = masked_training_losses(network, images, pads, sequences, mad.codecs)
+            losses = masked_training_losses(
+                network, batch.images, batch.pads, batch.sequences, mad.codecs
+            )
         loss = weighted_total(losses.terms, mad.config.task_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # backward kernels follow the forward's choice of SDPA backend
@@ -161,7 +156,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in arms}
     hosts: dict[str, list[float]] = {name: [] for name in arms}
     for mad, bf16, backends in arms.values():  # warm-up: every batch's shapes once
-        for b in range(len(batches)):
+        for b in range(args.batches):
             step(mad, bf16, backends, b)
     for i in range(args.steps):
         for name, (mad, bf16, backends) in arms.items():
@@ -182,7 +177,7 @@ def main() -> None:
             + " of a step)"
         )
     print(
-        f"{args.checkpoint.name}, batch {args.batch_size} x {len(batches)} batches, {size}px, "
+        f"{args.checkpoint.name}, batch {args.batch_size} x {args.batches} batches, {size}px, "
         f"{args.device}, {torch.get_num_threads()} threads: {first} {first_s:.3f} s/step, "
         f"{second} {second_s:.3f} s/step, {ratio}{host_share}"
     )
@@ -192,12 +187,12 @@ def main() -> None:
         if device_type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as profiler:
-            for i in range(len(batches)):
+            for i in range(args.batches):
                 step(mad, bf16, backends, i)
         sort = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort, row_limit=40)
         args.profile.parent.mkdir(parents=True, exist_ok=True)
-        args.profile.write_text(f"{second}, {len(batches)} steps\n{table}\n")
+        args.profile.write_text(f"{second}, {args.batches} steps\n{table}\n")
         print(f"wrote {args.profile}")
 
 

@@ -58,13 +58,23 @@ class TrainSequences:
         tokens = torch.zeros(0, length, dtype=torch.long)
         return cls(tokens, tokens.unsqueeze(1), tokens.float(), torch.zeros(0, dtype=torch.long))
 
-    def to(self, device: torch.device | str) -> TrainSequences:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TrainSequences:
         return TrainSequences(
-            self.inputs.to(device),
-            self.targets.to(device),
-            self.weights.to(device),
-            self.image_index.to(device),
-            {k: v.to(device) for k, v in self.extra.items()},
+            self.inputs.to(device, non_blocking=non_blocking),
+            self.targets.to(device, non_blocking=non_blocking),
+            self.weights.to(device, non_blocking=non_blocking),
+            self.image_index.to(device, non_blocking=non_blocking),
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.extra.items()},
+        )
+
+    def pin_memory(self) -> TrainSequences:
+        """Page-locked copies, for asynchronous copies to a GPU."""
+        return TrainSequences(
+            self.inputs.pin_memory(),
+            self.targets.pin_memory(),
+            self.weights.pin_memory(),
+            self.image_index.pin_memory(),
+            {k: v.pin_memory() for k, v in self.extra.items()},
         )
 
 

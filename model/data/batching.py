@@ -7,14 +7,16 @@ collate puts the rare image whose augmentation changed its orientation on its ba
 
 The sampler is deterministic: the (image, augmentation seed) of every sample is a function of
 (seed, global step, rank), so training resumes exactly and any worker count gives the same
-batches.
+batches. `TrainingCollate` also builds each task's masked training sequences, in the loader's
+workers, seeded by the batch's first sample so that they too are the same in any process.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,9 @@ from torch.utils.data import Dataset, Sampler
 
 from model.config import ModelConfig
 from model.preprocess import Size, canvas_groups, image_canvas, letterbox
+
+if TYPE_CHECKING:
+    from model.codecs.base import TrainSequences
 
 # One training sample: uint8 image [3, h, w] and its target (tensors, captions, ids).
 Target = dict[str, Any]
@@ -64,6 +69,8 @@ def to_canvas(
         "image_id": target.get("image_id", -1),
         "image_size": (h, w),
     }
+    if "seed" in target:  # a training sample's augmentation seed (SeededDataset)
+        normalised["seed"] = target["seed"]
     return pixels, pad, normalised
 
 
@@ -96,6 +103,76 @@ class CanvasCollate:
         return torch.stack(images), torch.stack(pads), list(targets)
 
 
+class SequenceBuilder(Protocol):
+    """What TrainingCollate needs of a task codec (model.codecs.base.TaskCodec)."""
+
+    def training_sequences(
+        self, targets: list[dict], generator: torch.Generator
+    ) -> TrainSequences: ...
+
+
+# A batch's sequences draw from seed + this: a stream no sample's augmentation uses (their
+# seeds stay far below it).
+SEQUENCE_SEED_OFFSET = 1 << 62
+
+
+@dataclass
+class TrainingBatch:
+    """One step's input: images [B, 3, H, W] in [0, 1], pad masks [B, H, W] and each task's
+    masked training sequences for them."""
+
+    images: torch.Tensor
+    pads: torch.Tensor
+    sequences: dict[str, TrainSequences]
+
+    def pin_memory(self) -> TrainingBatch:
+        """Page-locked copies (DataLoader(pin_memory=True) calls this): the copies to a GPU
+        can then run asynchronously."""
+        return TrainingBatch(
+            self.images.pin_memory(),
+            self.pads.pin_memory(),
+            {name: seqs.pin_memory() for name, seqs in self.sequences.items()},
+        )
+
+    def to(self, device: torch.device) -> TrainingBatch:
+        """On `device` (images channels-last, as the backbone); non-blocking from pinned
+        memory."""
+        return TrainingBatch(
+            self.images.to(device, memory_format=torch.channels_last, non_blocking=True),
+            self.pads.to(device, non_blocking=True),
+            {name: seqs.to(device, non_blocking=True) for name, seqs in self.sequences.items()},
+        )
+
+
+class TrainingCollate:
+    """[(image, target)] of one step -> TrainingBatch: the canvas batch (CanvasCollate) and
+    every task's masked sequences. In the DataLoader's workers this keeps the sequences' host
+    work off the training loop (`python -m mad.bench.train_data` times both parts). Their
+    randomness is seeded by the first sample's augmentation seed (SeededDataset), or by `seed`
+    when given."""
+
+    def __init__(self, canvas: CanvasCollate, codecs: Mapping[str, SequenceBuilder]):
+        self.canvas, self.codecs = canvas, dict(codecs)
+
+    def __call__(self, batch: list[Sample], seed: int | None = None) -> TrainingBatch:
+        images, pads, targets = self.canvas(batch)
+        return TrainingBatch(images, pads, self.sequences(targets, seed))
+
+    def sequences(
+        self, targets: list[Target], seed: int | None = None
+    ) -> dict[str, TrainSequences]:
+        """Each task's masked sequences for a canvas batch's targets."""
+        if seed is None:
+            if not targets or "seed" not in targets[0]:
+                raise ValueError("no seed: give one, or samples from a SeededDataset")
+            seed = int(targets[0]["seed"])
+        generator = torch.Generator().manual_seed((seed + SEQUENCE_SEED_OFFSET) % 2**64)
+        return {
+            name: codec.training_sequences(targets, generator)
+            for name, codec in self.codecs.items()
+        }
+
+
 def transposed_images(sizes: Sequence[Size], canvas: Size) -> list[bool] | None:
     """Which of the (h, w) images run on the transposed canvas (the sampler's orientation
     groups); None when none does (a square canvas, or one orientation only)."""
@@ -104,7 +181,8 @@ def transposed_images(sizes: Sequence[Size], canvas: Size) -> list[bool] | None:
 
 
 class SeededDataset(Dataset[Sample]):
-    """Wraps a dataset so item (index, seed) is augmented with its own seeded randomness."""
+    """Wraps a dataset so item (index, seed) is augmented with its own seeded randomness; its
+    target carries the seed (TrainingCollate's sequences draw from the first one's)."""
 
     def __init__(self, dataset: Samples):
         self.dataset = dataset
@@ -116,7 +194,8 @@ class SeededDataset(Dataset[Sample]):
         index, seed = key
         torch.manual_seed(seed)
         random.seed(seed)
-        return self.dataset[index]
+        image, target = self.dataset[index]
+        return image, {**target, "seed": seed}
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
