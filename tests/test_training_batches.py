@@ -13,6 +13,7 @@ from model.data.batching import (
     StepBatchSampler,
     TrainingBatch,
     TrainingCollate,
+    sequence_generator,
 )
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
@@ -67,6 +68,18 @@ def test_workers_and_resumes_build_the_same_batches(loader_parts):
     assert all(_same(a, b) for a, b in zip(in_process[2:], resumed, strict=True))
 
 
+def test_sequences_do_not_replay_an_augmentation_stream():
+    """torch seeds from the low 32 bits: the sequence generator must differ from the first
+    sample's augmentation stream (and from any seed 2^32 apart)."""
+    seed = 67 * 1_000_003 + 1234
+    torch.manual_seed(seed)
+    augmentation = torch.rand(8)
+    sequences = torch.rand(8, generator=sequence_generator(seed))
+    assert not torch.equal(sequences, augmentation)
+    assert not torch.equal(sequences, torch.rand(8, generator=sequence_generator(seed + 2**32)))
+    assert torch.equal(sequences, torch.rand(8, generator=sequence_generator(seed)))
+
+
 def test_a_batch_needs_a_seed(loader_parts, synth_data):
     samples, collate = loader_parts
     plain = CocoMultiTaskDataset(synth_data, "train2017")
@@ -82,7 +95,10 @@ def test_a_batch_needs_a_seed(loader_parts, synth_data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches_copy_to_the_gpu(loader_parts):
     batch = _batches(loader_parts, workers=0)[0]
-    pinned = batch.pin_memory()
+    samples, collate = loader_parts
+    sampler = StepBatchSampler(len(samples), 4, seed=3, total_steps=1)
+    loader = DataLoader(samples, batch_sampler=sampler, collate_fn=collate, pin_memory=True)
+    pinned = next(iter(loader))  # as `mad train` gets it on a GPU
     assert pinned.images.is_pinned() and pinned.sequences["detection"].inputs.is_pinned()
     on_gpu = pinned.to(torch.device("cuda"))
     torch.cuda.synchronize()
@@ -101,8 +117,12 @@ def test_loader_bench_times_each_part(micro_checkpoint, synth_data, monkeypatch,
     out = capsys.readouterr().out
     for part in ("load", "canvas", "sequences", "per batch"):
         assert f"  {part} " in out
-    workers = int(out.split(" need ")[1].split()[0])
-    assert workers > 1  # 0.1 ms steps outrun one worker
+    assert int(out.split(" need ")[1].split()[0]) > 1  # 0.1 ms steps outrun one worker
+    monkeypatch.setattr(
+        "sys.argv", [*argv, "--batch-size", "2", "--batches", "1", "--step-s", "1e3"]
+    )
+    train_data.main()
+    assert "need 1 worker\n" in capsys.readouterr().out  # one worker feeds 1000 s steps
     monkeypatch.setattr("sys.argv", [*argv, "--batches", "0"])
     with pytest.raises(SystemExit):
         train_data.main()

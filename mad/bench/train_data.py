@@ -89,7 +89,7 @@ def main() -> None:
         needed = math.ceil(per_batch / args.step_s)
         print(
             f"  steps of {args.step_s:.3f} s ({args.batch_size / args.step_s:.0f} images/s) "
-            f"need {needed} workers"
+            f"need {needed} worker{'s' if needed != 1 else ''}"
         )
 
 

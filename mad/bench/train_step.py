@@ -119,6 +119,8 @@ def main() -> None:
     # Each arm's own sequences (--set may change them), from the same seeds and images.
     batches: dict[int, list[TrainingBatch]] = {}
     for mad, _, _ in arms.values():
+        if id(mad) in batches:  # fp32 and bf16 arms share one model
+            continue
         collate = TrainingCollate(CanvasCollate(mad.config.image_size), mad.codecs)
         batches[id(mad)] = [collate(s, seed=b).to(device) for b, s in enumerate(samples)]
     device_type = torch.device(args.device).type

@@ -111,9 +111,15 @@ class SequenceBuilder(Protocol):
     ) -> TrainSequences: ...
 
 
-# A batch's sequences draw from seed + this: a stream no sample's augmentation uses (their
-# seeds stay far below it).
-SEQUENCE_SEED_OFFSET = 1 << 62
+def sequence_generator(seed: int) -> torch.Generator:
+    """The generator of the sequences of a batch whose first sample has augmentation seed
+    `seed`. torch seeds its CPU generator from the seed's low 32 bits only, so the seed is
+    mixed first (splitmix64's finaliser): seeding with `seed` itself, or any offset of it by
+    a multiple of 2^32, would replay that sample's augmentation draws."""
+    z = (seed + 0x9E3779B97F4A7C15) % 2**64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+    return torch.Generator().manual_seed(z ^ (z >> 31))
 
 
 @dataclass
@@ -166,7 +172,7 @@ class TrainingCollate:
             if not targets or "seed" not in targets[0]:
                 raise ValueError("no seed: give one, or samples from a SeededDataset")
             seed = int(targets[0]["seed"])
-        generator = torch.Generator().manual_seed((seed + SEQUENCE_SEED_OFFSET) % 2**64)
+        generator = sequence_generator(seed)
         return {
             name: codec.training_sequences(targets, generator)
             for name, codec in self.codecs.items()
@@ -192,7 +198,7 @@ class SeededDataset(Dataset[Sample]):
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         index, seed = key
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % 2**64)  # torch takes seeds below 2^64
         random.seed(seed)
         image, target = self.dataset[index]
         return image, {**target, "seed": seed}
