@@ -254,9 +254,9 @@ def train(
     """Train a MAD model (single process, or DDP under torchrun)."""
     from model.config import PRESETS
     from model.tokenizer import MODEL_TYPES
-    from model.train import AMP_MODES, TrainConfig
     from model.train import train as run_training
     from model.train_profile import parse_window
+    from model.train_start import AMP_MODES, TrainConfig
 
     if anneal_by_deadline and max_minutes is None:
         raise typer.BadParameter("needs --max-minutes", param_hint="--anneal-by-deadline")

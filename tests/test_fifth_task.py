@@ -26,7 +26,8 @@ from model.codecs import (
 from model.config import TASKS
 from model.evaluate import GroundTruth
 from model.pipeline import Result
-from model.train import TrainConfig, train
+from model.train import train
+from model.train_start import TrainConfig
 from model.tune import tune_schedules
 from runtime.torch_runner import TorchRunner
 from service.settings import Settings

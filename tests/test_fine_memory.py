@@ -13,7 +13,8 @@ from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import build_transforms
 from model.losses import masked_training_losses, weighted_total
-from model.train import TrainConfig, train
+from model.train import train
+from model.train_start import TrainConfig
 from runtime.manifest import read_manifest
 from tests.helpers import micro_config
 

@@ -11,7 +11,7 @@ import pytest
 from mad.bench.workload import word
 from model.config import get_preset
 from model.tokenizer import CaptionTokenizer
-from model.train import TrainConfig, tokenizer_for
+from model.train_start import TrainConfig, tokenizer_for
 
 WORDS = [word(i) for i in range(400)]  # more distinct words than the bundled model's 256
 CAPTIONS = [" ".join(WORDS[i : i + 8]) for i in range(0, len(WORDS), 4)]

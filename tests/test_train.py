@@ -14,8 +14,9 @@ import pytest
 from model.checkpoint import WEIGHTS, load_checkpoint, write_files
 from model.evaluate import METRICS
 from model.startup import StartupError
-from model.train import TrainConfig, train
+from model.train import train
 from model.train_log import CsvLog
+from model.train_start import TrainConfig
 from model.train_state import META
 from tests.helpers import MICRO_OVERRIDES as MICRO
 from tests.helpers import free_port

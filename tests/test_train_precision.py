@@ -19,7 +19,8 @@ from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import build_transforms
 from model.losses import masked_training_losses, weighted_total
 from model.startup import StartupError
-from model.train import TrainConfig, train
+from model.train import train
+from model.train_start import TrainConfig
 from model.transformer import Attention, matmul_attention, matmuls_pay
 from tests.helpers import MICRO_OVERRIDES, micro_config
 
