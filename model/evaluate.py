@@ -94,11 +94,12 @@ class GroundTruth:
 
 
 def coco_ap(
-    gt: COCO | None, results: list[dict], iou_type: str, image_ids: list[int]
+    gt: COCO | None, results: list[dict], iou_type: str, image_ids: list[int], count: int = 3
 ) -> list[float]:
-    """COCOeval stats (AP, AP50, AP75, ...) or zeros when there is nothing to compare."""
+    """The first `count` COCOeval stats (AP, AP50, AP75, then by area for boxes and masks:
+    small, medium, large, ...), or zeros when there is nothing to compare."""
     if gt is None or not results:
-        return [0.0] * 3
+        return [0.0] * count
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         evaluator = COCOeval(gt, dt, iou_type)
@@ -106,7 +107,7 @@ def coco_ap(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return [max(0.0, float(s)) for s in evaluator.stats[:3]]
+    return [max(0.0, float(s)) for s in evaluator.stats[:count]]
 
 
 class CocoAP:

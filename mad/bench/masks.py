@@ -1,0 +1,180 @@
+"""Why mask AP is what it is: segmentation's error split into its sources.
+
+    python -m mad.bench.masks --data DATA [--checkpoint checkpoints/mad-tiny] [--images 200]
+
+On the first `--images` images of `--split` it reports COCO mask AP
+- as served: the masks of the model's own detections (its default schedules);
+- with oracle boxes: every ground-truth instance's box and class prompt a mask sequence, so
+  detection errors drop out and what is left is the mask decoder's own;
+- of the ground truth itself through the mask_size x mask_size grid of its box and back (the
+  ceiling the representation leaves);
+each by object area (COCO's small, medium, large), and with oracle boxes the median IoU of a
+predicted mask with its ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import MAD, load_checkpoint
+from model.codecs.base import box_tokens
+from model.codecs.segmentation import SegmentationCodec, crop_masks, paste_mask
+from model.decoding import mask_schedule, masked_decode
+from model.evaluate import GroundTruth, coco_ap, evaluate
+from model.mask_formats import encode_rle
+from model.pipeline import Pipeline, Request
+from model.runner import EagerRunner
+from model.stopwatch import Stopwatch
+
+# COCOeval's stats 0-2 and 3-5 for masks: AP, AP50, AP75, small, medium, large.
+STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
+def instances(truth: GroundTruth, image_id: int) -> list[dict]:
+    gt = truth.instances
+    return [a for a in gt.loadAnns(gt.getAnnIds(imgIds=[image_id], iscrowd=False)) if a["area"]]
+
+
+def xyxy(anns: list[dict]) -> torch.Tensor:
+    """[N, 4] pixel boxes of COCO annotations (x, y, w, h)."""
+    xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+    return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+
+
+def entry(ann: dict, mask: torch.Tensor, score: float) -> dict[str, Any]:
+    return {
+        "image_id": ann["image_id"],
+        "category_id": ann["category_id"],
+        "segmentation": encode_rle(mask),
+        "score": score,
+    }
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
+
+
+@torch.inference_mode()
+def oracle_masks(mad: MAD, truth: GroundTruth) -> tuple[list[dict], list[float]]:
+    """-> (COCO results, IoU with its ground truth of each mask) of the mask decoder prompted
+    by every ground-truth instance, ranked by the decoder's confidence (the mean over the
+    grid of max(p, 1 - p))."""
+    pipeline = Pipeline(mad, EagerRunner(mad.required_network()))
+    codec = mad.codecs["segmentation"]
+    assert isinstance(codec, SegmentationCodec)
+    default = mad.config.schedules.get("segmentation", [])
+    ratios = mask_schedule(len(default), default)
+    results, ious = [], []
+    for image_id in truth.image_ids:
+        anns = instances(truth, image_id)
+        if not anns:
+            continue
+        request = Request(truth.image(image_id).convert("RGB"), ("segmentation",))
+        memory, [context] = pipeline.encode([request], Stopwatch())
+        boxes = xyxy(anns)
+        labels = torch.tensor([truth.category_ids.index(a["category_id"]) for a in anns])
+        tokens = torch.cat(
+            [
+                box_tokens(codec.vocab, context.to_canvas(boxes)),
+                codec.vocab.class_token(labels)[:, None],
+            ],
+            1,
+        )
+        prompts = codec.prompts(tokens)
+        index = torch.zeros(len(anns), dtype=torch.long)
+        logits = masked_decode(pipeline.runner, memory, codec, prompts, index, ratios).cpu()
+        masks = codec.decode(logits, prompts, [context] * len(anns), boxes=list(boxes))
+        confidence = codec.mask_probabilities(logits)
+        confidence = torch.maximum(confidence, 1 - confidence).flatten(1).mean(1)
+        for ann, mask, score in zip(anns, masks, confidence.tolist(), strict=True):
+            results.append(entry(ann, mask, score))
+            truth_mask = torch.from_numpy(truth.instances.annToMask(ann)).bool()
+            ious.append(iou(mask, truth_mask))
+    return results, ious
+
+
+def gridded_truth(mad: MAD, truth: GroundTruth) -> list[dict]:
+    """Each ground-truth mask through the mask_size x mask_size grid of its box and back."""
+    size, results = mad.config.mask_size, []
+    for image_id in truth.image_ids:
+        anns = instances(truth, image_id)
+        if not anns:
+            continue
+        image = truth.instances.imgs[image_id]
+        height, width = int(image["height"]), int(image["width"])
+        masks = torch.from_numpy(np.stack([truth.instances.annToMask(a) for a in anns])).bool()
+        boxes = xyxy(anns)
+        grids = crop_masks(masks, boxes / torch.tensor([width, height] * 2), size)
+        for ann, grid, box in zip(anns, grids, boxes, strict=True):
+            results.append(entry(ann, paste_mask(grid.float(), box, (height, width)), 1.0))
+    return results
+
+
+def diagnose(checkpoint: Path, data: Path, split: str, images: int) -> dict[str, Any]:
+    mad, _ = load_checkpoint(checkpoint)
+    if "segmentation" not in mad.codecs:
+        raise SystemExit(f"masks: {checkpoint} has no segmentation task")
+    truth = GroundTruth.load(data, split, images)
+    served = evaluate(mad, data, split, limit=images, tasks=("detection", "segmentation"))
+    oracle, ious = oracle_masks(mad, truth)
+    ids = truth.image_ids
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "images": len(ids),
+        "instances": len(ious),
+        "mask_size": mad.config.mask_size,
+        "served_AP": served["segm_AP"],
+        "oracle": dict(zip(STATS, coco_ap(truth.instances, oracle, "segm", ids, 6), strict=True)),
+        "oracle_median_iou": statistics.median(ious) if ious else None,
+        "oracle_iou_at_least_0.75": statistics.fmean(i >= 0.75 for i in ious) if ious else None,
+    }
+    gridded = coco_ap(truth.instances, gridded_truth(mad, truth), "segm", ids, 6)
+    report["gridded_truth"] = dict(zip(STATS, gridded, strict=True))
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(
+        f"mask AP on {report['images']} images, {report['instances']} instances "
+        f"({report['checkpoint']})"
+    )
+    print("| source | AP | AP50 | AP75 | small | medium | large |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| own detections (as served) | {report['served_AP']:.3f} | | | | | |")
+    m = report["mask_size"]
+    for label, key in (
+        ("ground-truth boxes", "oracle"),
+        (f"(ground truth through the {m}x{m} grid)", "gridded_truth"),
+    ):
+        print(f"| {label} | " + " | ".join(f"{report[key][s]:.3f}" for s in STATS) + " |")
+    if report["oracle_median_iou"] is not None:
+        print(
+            f"\nwith ground-truth boxes: median mask IoU {report['oracle_median_iou']:.3f}, "
+            f"{report['oracle_iou_at_least_0.75']:.1%} of masks at IoU >= 0.75"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
+    parser.add_argument("--split", default="val2017")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    report = diagnose(args.checkpoint, args.data, args.split, args.images)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
