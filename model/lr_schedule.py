@@ -10,7 +10,7 @@ import torch
 
 
 class ScheduleSettings(Protocol):
-    """What the schedule reads of a run's settings (model.train.TrainConfig)."""
+    """What the schedule reads of a run's settings (model.train_start.TrainConfig)."""
 
     steps: int
     warmup_steps: int

@@ -6,8 +6,9 @@ On the first `--images` images of `--split` it reports COCO mask AP
 - as served: the masks of the model's own detections (its default schedules);
 - with oracle boxes: every ground-truth instance's box and class prompt a mask sequence, so
   detection errors drop out and what is left is the mask decoder's own;
-- of the ground truth itself through the mask_size x mask_size grid of its box and back (the
-  ceiling the representation leaves);
+- of the ground truth itself as training targets hold it (on the model's canvas, through the
+  mask_size x mask_size grid of its box) and pasted back: the ceiling the representation
+  leaves;
 each by object area (COCO's small, medium, large), and with oracle boxes the median IoU of a
 predicted mask with its ground truth.
 """
@@ -22,14 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from model.checkpoint import MAD, load_checkpoint
 from model.codecs.base import box_tokens
 from model.codecs.segmentation import SegmentationCodec, crop_masks, paste_mask
+from model.data.batching import to_canvas
 from model.decoding import mask_schedule, masked_decode
 from model.evaluate import GroundTruth, coco_ap, evaluate
 from model.mask_formats import encode_rle
 from model.pipeline import Pipeline, Request
+from model.preprocess import image_canvas
 from model.runner import EagerRunner
 from model.stopwatch import Stopwatch
 
@@ -63,46 +67,49 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
+def prompted_masks(
+    pipeline: Pipeline, image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The mask decoder prompted by given detections of `image`, as the pipeline prompts it by
+    its own: boxes [N, 4] in image pixels, labels [N] class indices -> (bool [H, W] mask per
+    box, [N] the decoder's confidence: the mean over the grid of max(p, 1 - p))."""
+    codec = pipeline.mad.codecs["segmentation"]
+    assert isinstance(codec, SegmentationCodec)
+    memory, [context] = pipeline.encode([Request(image, ("segmentation",))], Stopwatch())
+    box_ids = box_tokens(codec.vocab, context.to_canvas(boxes))
+    prompts = codec.prompts(torch.cat([box_ids, codec.vocab.class_token(labels)[:, None]], 1))
+    default = pipeline.mad.config.schedules.get("segmentation", [])
+    index = torch.zeros(len(boxes), dtype=torch.long)
+    logits = masked_decode(
+        pipeline.runner, memory, codec, prompts, index, mask_schedule(len(default), default)
+    ).cpu()
+    masks = codec.decode(logits, prompts, [context] * len(boxes), boxes=list(boxes))
+    fg = codec.mask_probabilities(logits)
+    return masks, torch.maximum(fg, 1 - fg).flatten(1).mean(1)
+
+
 def oracle_masks(mad: MAD, truth: GroundTruth) -> tuple[list[dict], list[float]]:
     """-> (COCO results, IoU with its ground truth of each mask) of the mask decoder prompted
-    by every ground-truth instance, ranked by the decoder's confidence (the mean over the
-    grid of max(p, 1 - p))."""
+    by every ground-truth instance's box and class, ranked by the decoder's confidence."""
     pipeline = Pipeline(mad, EagerRunner(mad.required_network()))
-    codec = mad.codecs["segmentation"]
-    assert isinstance(codec, SegmentationCodec)
-    default = mad.config.schedules.get("segmentation", [])
-    ratios = mask_schedule(len(default), default)
     results, ious = [], []
     for image_id in truth.image_ids:
         anns = instances(truth, image_id)
         if not anns:
             continue
-        request = Request(truth.image(image_id).convert("RGB"), ("segmentation",))
-        memory, [context] = pipeline.encode([request], Stopwatch())
-        boxes = xyxy(anns)
         labels = torch.tensor([truth.category_ids.index(a["category_id"]) for a in anns])
-        tokens = torch.cat(
-            [
-                box_tokens(codec.vocab, context.to_canvas(boxes)),
-                codec.vocab.class_token(labels)[:, None],
-            ],
-            1,
-        )
-        prompts = codec.prompts(tokens)
-        index = torch.zeros(len(anns), dtype=torch.long)
-        logits = masked_decode(pipeline.runner, memory, codec, prompts, index, ratios).cpu()
-        masks = codec.decode(logits, prompts, [context] * len(anns), boxes=list(boxes))
-        confidence = codec.mask_probabilities(logits)
-        confidence = torch.maximum(confidence, 1 - confidence).flatten(1).mean(1)
+        image = truth.image(image_id).convert("RGB")
+        masks, confidence = prompted_masks(pipeline, image, xyxy(anns), labels)
         for ann, mask, score in zip(anns, masks, confidence.tolist(), strict=True):
             results.append(entry(ann, mask, score))
-            truth_mask = torch.from_numpy(truth.instances.annToMask(ann)).bool()
-            ious.append(iou(mask, truth_mask))
+            ious.append(iou(mask, torch.from_numpy(truth.instances.annToMask(ann)).bool()))
     return results, ious
 
 
 def gridded_truth(mad: MAD, truth: GroundTruth) -> list[dict]:
-    """Each ground-truth mask through the mask_size x mask_size grid of its box and back."""
+    """Each ground-truth mask as a training target sees it (letterboxed onto the model's
+    canvas, cropped to its box's mask_size x mask_size grid: model.data.batching.to_canvas,
+    crop_masks) and pasted back into its box on the image, as a perfect decoder's would be."""
     size, results = mad.config.mask_size, []
     for image_id in truth.image_ids:
         anns = instances(truth, image_id)
@@ -110,9 +117,17 @@ def gridded_truth(mad: MAD, truth: GroundTruth) -> list[dict]:
             continue
         image = truth.instances.imgs[image_id]
         height, width = int(image["height"]), int(image["width"])
-        masks = torch.from_numpy(np.stack([truth.instances.annToMask(a) for a in anns])).bool()
         boxes = xyxy(anns)
-        grids = crop_masks(masks, boxes / torch.tensor([width, height] * 2), size)
+        target = {
+            "boxes": boxes,
+            "labels": torch.zeros(len(anns), dtype=torch.long),
+            "masks": torch.from_numpy(np.stack([truth.instances.annToMask(a) for a in anns])),
+            "keypoints": torch.zeros(len(anns), 0, 3),
+        }
+        canvas = image_canvas((height, width), mad.config.image_size)
+        blank = torch.zeros(3, height, width, dtype=torch.uint8)
+        _, _, normalised = to_canvas(blank, target, canvas)
+        grids = crop_masks(normalised["masks"], normalised["boxes"], size)
         for ann, grid, box in zip(anns, grids, boxes, strict=True):
             results.append(entry(ann, paste_mask(grid.float(), box, (height, width)), 1.0))
     return results
@@ -152,7 +167,7 @@ def print_report(report: dict[str, Any]) -> None:
     m = report["mask_size"]
     for label, key in (
         ("ground-truth boxes", "oracle"),
-        (f"(ground truth through the {m}x{m} grid)", "gridded_truth"),
+        (f"(ground truth as trained: on the canvas, {m}x{m} grid)", "gridded_truth"),
     ):
         print(f"| {label} | " + " | ".join(f"{report[key][s]:.3f}" for s in STATS) + " |")
     if report["oracle_median_iou"] is not None:
