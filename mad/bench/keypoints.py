@@ -17,11 +17,9 @@ from unlabelled joints.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 from pycocotools.coco import COCO
 
+from mad.bench.diagnosis import run_diagnosis
 from model.checkpoint import MAD, load_checkpoint
 from model.codecs.base import DecodeContext, box_tokens
 from model.decoding import mask_schedule, masked_decode
@@ -220,17 +219,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
-    parser.add_argument("--split", default="val2017")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args()
-    report = diagnose(args.checkpoint, args.data, args.split, args.images)
-    print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    run_diagnosis(__doc__ or "", diagnose, print_report)
 
 
 if __name__ == "__main__":

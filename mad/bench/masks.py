@@ -15,8 +15,6 @@ predicted mask with its ground truth.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mad.bench.diagnosis import run_diagnosis
 from model.checkpoint import MAD, load_checkpoint
 from model.codecs.base import box_tokens
 from model.codecs.segmentation import SegmentationCodec, crop_masks, paste_mask
@@ -178,17 +177,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
-    parser.add_argument("--split", default="val2017")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args()
-    report = diagnose(args.checkpoint, args.data, args.split, args.images)
-    print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    run_diagnosis(__doc__ or "", diagnose, print_report)
 
 
 if __name__ == "__main__":
