@@ -186,6 +186,26 @@ def checkpoint_convert(
     print(f"{written}: weights in {dtype}, {size / 1e6:.1f} MB")
 
 
+@checkpoint_app.command("average", cls=PlainHelpCommand)
+@one_line_errors
+def checkpoint_average(
+    sources: list[Path] = typer.Argument(..., help="Two checkpoint directories or more."),
+    out: Path = typer.Option(..., help="Directory for the average (new or empty)."),
+) -> None:
+    """Average checkpoints' weights into a new one (checkpoint averaging, model soups): for
+    checkpoints of one model that descend from one another or from one start, e.g. two
+    anneals that each improved different tasks. The first gives the config and schedules."""
+    from model.checkpoint import average_weights
+
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise typer.BadParameter(
+            f"{out} already exists: give a new or empty directory", param_hint="--out"
+        )
+    output_dir(out.parent, "--out")
+    written = average_weights(sources, out)
+    print(f"{written}: the mean of {len(sources)} checkpoints' weights")
+
+
 def parse_overrides(values: list[str]) -> dict[str, Any]:
     """--set values -> config overrides (model.config.parse_overrides), as a usage error."""
     try:

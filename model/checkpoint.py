@@ -246,6 +246,56 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
     meta["weights_dtype"] = dtype
     if meta.get("version"):  # other weights, so another version (service.state.model_version)
         meta["version"] = f"{meta['version']}-{dtype}"
+    return _write_copy(state, meta, tokenizer, out)
+
+
+def average_weights(sources: list[Path], out: str | Path) -> Path:
+    """A checkpoint in the new directory `out` whose floating-point weights are the mean of
+    the sources' (checkpoint averaging, as model soups do: the sources should descend from
+    one another or from one start). The sources must share the model config, the tokenizer
+    and the weights' names and shapes; the copy takes the first's config (its schedules) and
+    integer buffers, stores the weights in the first's dtype, and lists the sources in
+    config.json (`averaged_from`). Training state is not copied."""
+    out = Path(out)
+    if len(sources) < 2:
+        raise StartupError("averaging needs two checkpoints or more")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise StartupError(f"{out} already exists: write the average to a new or empty directory")
+    metas = [read_checkpoint_config(source) for source in sources]
+    tokenizers = [
+        source / m["tokenizer"] if m.get("tokenizer") else None
+        for source, m in zip(sources, metas, strict=True)
+    ]
+    for source, meta, tokenizer in zip(sources[1:], metas[1:], tokenizers[1:], strict=True):
+        if meta["model"] != metas[0]["model"]:
+            raise StartupError(f"{source} has another model config than {sources[0]}")
+        first = tokenizers[0]
+        same = (tokenizer is None) == (first is None) and (
+            tokenizer is None or first is None or tokenizer.read_bytes() == first.read_bytes()
+        )
+        if not same:
+            raise StartupError(f"{source} has another tokenizer than {sources[0]}")
+    states = [_read_weights(source / WEIGHTS) for source in sources]
+    state = states[0]
+    for source, other in zip(sources[1:], states[1:], strict=True):
+        shapes = {k: tuple(v.shape) for k, v in other.items()}
+        if shapes != {k: tuple(v.shape) for k, v in state.items()}:
+            raise StartupError(f"{source}'s weights differ from {sources[0]}'s in names or shapes")
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            total = torch.stack([s[name].float() for s in states]).sum(0)
+            state[name] = (total / len(states)).to(tensor.dtype)
+    meta = dict(metas[0])
+    meta["averaged_from"] = [str(source) for source in sources]
+    if meta.get("version"):  # other weights, so another version (service.state.model_version)
+        meta["version"] = f"{meta['version']}-avg{len(sources)}"
+    return _write_copy(state, meta, tokenizers[0], out)
+
+
+def _write_copy(
+    state: dict[str, torch.Tensor], meta: dict[str, Any], tokenizer: Path | None, out: Path
+) -> Path:
+    """Write weights, config and tokenizer to the new directory `out`, whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
         staged = Path(scratch) / "checkpoint"
