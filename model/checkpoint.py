@@ -226,8 +226,7 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
     source, out = Path(source), Path(out)
     if dtype not in WEIGHT_DTYPES:
         raise StartupError(f"unknown weight dtype {dtype!r}: expected {', '.join(WEIGHT_DTYPES)}")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise StartupError(f"{out} already exists: write the copy to a new or empty directory")
+    _require_new_directory(out)
     meta = read_checkpoint_config(source)
     tokenizer = source / meta["tokenizer"] if meta.get("tokenizer") else None
     if tokenizer is not None and not tokenizer.is_file():
@@ -259,27 +258,23 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
     out = Path(out)
     if len(sources) < 2:
         raise StartupError("averaging needs two checkpoints or more")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise StartupError(f"{out} already exists: write the average to a new or empty directory")
+    _require_new_directory(out)
     metas = [read_checkpoint_config(source) for source in sources]
     tokenizers = [
         source / m["tokenizer"] if m.get("tokenizer") else None
         for source, m in zip(sources, metas, strict=True)
     ]
-    for source, meta, tokenizer in zip(sources[1:], metas[1:], tokenizers[1:], strict=True):
+    vocabularies = [t.read_bytes() if t else None for t in tokenizers]
+    for source, meta, vocabulary in zip(sources[1:], metas[1:], vocabularies[1:], strict=True):
         if meta["model"] != metas[0]["model"]:
             raise StartupError(f"{source} has another model config than {sources[0]}")
-        first = tokenizers[0]
-        same = (tokenizer is None) == (first is None) and (
-            tokenizer is None or first is None or tokenizer.read_bytes() == first.read_bytes()
-        )
-        if not same:
+        if vocabulary != vocabularies[0]:
             raise StartupError(f"{source} has another tokenizer than {sources[0]}")
     states = [_read_weights(source / WEIGHTS) for source in sources]
     state = states[0]
+    shapes = {k: v.shape for k, v in state.items()}
     for source, other in zip(sources[1:], states[1:], strict=True):
-        shapes = {k: tuple(v.shape) for k, v in other.items()}
-        if shapes != {k: tuple(v.shape) for k, v in state.items()}:
+        if {k: v.shape for k, v in other.items()} != shapes:
             raise StartupError(f"{source}'s weights differ from {sources[0]}'s in names or shapes")
     for name, tensor in state.items():
         if tensor.is_floating_point():
@@ -290,6 +285,11 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
     if meta.get("version"):  # other weights, so another version (service.state.model_version)
         meta["version"] = f"{meta['version']}-avg{len(sources)}"
     return _write_copy(state, meta, tokenizers[0], out)
+
+
+def _require_new_directory(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise StartupError(f"{out} already exists: write the copy to a new or empty directory")
 
 
 def _write_copy(

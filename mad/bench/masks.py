@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import box_convert
 
 from mad.bench.diagnosis import run_diagnosis
 from model.checkpoint import MAD, load_checkpoint
@@ -46,9 +47,8 @@ def instances(truth: GroundTruth, image_id: int) -> list[dict]:
 
 
 def xyxy(anns: list[dict]) -> torch.Tensor:
-    """[N, 4] pixel boxes of COCO annotations (x, y, w, h)."""
-    xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-    return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    """[N, 4] pixel boxes (x0, y0, x1, y1) of COCO annotations (x, y, w, h)."""
+    return box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32), "xywh", "xyxy")
 
 
 def entry(ann: dict, mask: torch.Tensor, score: float) -> dict[str, Any]:

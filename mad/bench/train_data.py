@@ -76,13 +76,13 @@ def main() -> None:
         f"{args.data.name}, batch {args.batch_size} x {args.batches}, "
         f"{config.image_size[0]}x{config.image_size[1]} canvas, one thread:"
     )
-    for part, seconds in {**times, "per batch": totals}.items():
-        stats = summarize(seconds)
+    stats = {part: summarize(seconds) for part, seconds in {**times, "per batch": totals}.items()}
+    for part, row in stats.items():
         print(
-            f"  {part:<10} median {stats['median_ms']:7.1f} ms"
-            f"  (min {stats['min_ms']:.1f}, max {stats['max_ms']:.1f})"
+            f"  {part:<10} median {row['median_ms']:7.1f} ms"
+            f"  (min {row['min_ms']:.1f}, max {row['max_ms']:.1f})"
         )
-    per_batch = summarize(totals)["median_ms"] / 1000
+    per_batch = stats["per batch"]["median_ms"] / 1000
     rate = args.batch_size / per_batch
     print(f"  one worker: {rate:.1f} images/s")
     if args.step_s:

@@ -123,7 +123,7 @@ def main() -> None:
             continue
         collate = TrainingCollate(CanvasCollate(mad.config.image_size), mad.codecs)
         batches[id(mad)] = [collate(s, seed=b).to(device) for b, s in enumerate(samples)]
-    device_type = torch.device(args.device).type
+    device_type = device.type
     optimizers = {}
     for mad, _, _ in arms.values():
         if id(mad) in optimizers:

@@ -16,6 +16,7 @@ the slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -59,22 +60,20 @@ class TrainSequences:
         return cls(tokens, tokens.unsqueeze(1), tokens.float(), torch.zeros(0, dtype=torch.long))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TrainSequences:
-        return TrainSequences(
-            self.inputs.to(device, non_blocking=non_blocking),
-            self.targets.to(device, non_blocking=non_blocking),
-            self.weights.to(device, non_blocking=non_blocking),
-            self.image_index.to(device, non_blocking=non_blocking),
-            {k: v.to(device, non_blocking=non_blocking) for k, v in self.extra.items()},
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TrainSequences:
         """Page-locked copies, for asynchronous copies to a GPU."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TrainSequences:
+        """The same sequences with `fn` applied to every tensor."""
         return TrainSequences(
-            self.inputs.pin_memory(),
-            self.targets.pin_memory(),
-            self.weights.pin_memory(),
-            self.image_index.pin_memory(),
-            {k: v.pin_memory() for k, v in self.extra.items()},
+            fn(self.inputs),
+            fn(self.targets),
+            fn(self.weights),
+            fn(self.image_index),
+            {k: fn(v) for k, v in self.extra.items()},
         )
 
 
