@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
 from export.cli import export
 from mad.bench.cli import bench
-from mad.help import PlainHelpCommand, command_name, new_app
+from mad.checkpoint_cli import checkpoint_app
+from mad.data_cli import data_app
+from mad.help import PlainHelpCommand, new_app, one_line_errors
 from model.config import parse_overrides as config_overrides
 from model.request_spec import (
     MAX_REFINE_STEPS,
@@ -24,36 +22,12 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from model.startup import StartupError, output_dir, output_file
+from model.startup import StartupError, output_file
 from service.cli import predict, request_error, serve
 
 app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
-data_app = new_app(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-checkpoint_app = new_app(help="Checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoint_app, name="checkpoint")
-Command = TypeVar("Command", bound=Callable[..., Any])
-
-
-def debugging() -> bool:
-    return os.environ.get("MAD_DEBUG", "").lower() in ("1", "true", "yes")
-
-
-def one_line_errors(command: Command) -> Command:
-    """A StartupError (model/startup.py) from `command`: its message as one line on stderr
-    and exit status 3; with --debug (MAD_DEBUG=1), the traceback as well."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StartupError as exc:
-            if debugging():
-                raise
-            print(f"{command_name()}: {exc}", file=sys.stderr)
-            raise typer.Exit(3) from None
-
-    return run  # type: ignore[return-value]
 
 
 @app.callback()
@@ -71,139 +45,6 @@ app.command(cls=PlainHelpCommand)(one_line_errors(serve))
 app.command(cls=PlainHelpCommand)(one_line_errors(predict))
 app.command(cls=PlainHelpCommand)(one_line_errors(export))
 app.command(cls=PlainHelpCommand)(one_line_errors(bench))
-
-
-def check_world(world: str) -> None:
-    """An unknown world is a usage error; v3 without its source images, a one-line error."""
-    from model.data.synth import WORLDS, v3
-
-    if world not in WORLDS:
-        raise typer.BadParameter(f"expected one of {', '.join(WORLDS)}", param_hint="--world")
-    if world == "v3":
-        v3.check_sources()
-
-
-@data_app.command("synth", cls=PlainHelpCommand)
-@one_line_errors
-def data_synth(
-    out: Path = typer.Option(
-        ...,
-        help="Output directory (COCO 2017 layout): new, empty, or a dataset written here "
-        "before (replaced whole).",
-    ),
-    train: int = typer.Option(3000, min=0, help="Training images."),
-    val: int = typer.Option(500, min=0, help="Validation images."),
-    seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
-    workers: int = typer.Option(1, min=1, help="Processes (output does not depend on it)."),
-    world: str = typer.Option(
-        "v2",
-        help="v2: randomised styles, poses, backgrounds and distractors; v3: v2 with 30% of "
-        "its backgrounds cut from natural images; v1: the first world, reproduced exactly.",
-    ),
-) -> None:
-    """Write a synthetic dataset of shapes and stick figures with boxes, masks, keypoints
-    and captions."""
-    from model.data.synth import main
-    from model.data.synth.writer import is_synthetic_dataset
-
-    check_world(world)
-    output_dir(out, "--out")
-    if any(out.iterdir()):
-        if not is_synthetic_dataset(out):
-            raise StartupError(
-                f"--out {out} holds something other than a dataset `mad data synth` wrote: "
-                "give a new or empty directory"
-            )
-        for entry in out.iterdir():  # replaced whole: no stale images stay
-            shutil.rmtree(entry)
-    main(out, train, val, seed, workers, world)
-
-
-@data_app.command("sheet", cls=PlainHelpCommand)
-@one_line_errors
-def data_sheet(
-    out: Path = typer.Option(..., help="PNG to write."),
-    world: str = typer.Option("v2", help="Synthetic world: v1, v2 or v3."),
-    seed: int = typer.Option(0, help="Random seed."),
-    count: int = typer.Option(16, min=1, max=64, help="Images on the sheet."),
-) -> None:
-    """Write a contact sheet of synthetic images with their boxes, masks, keypoints and
-    first caption drawn on."""
-    from model.data.synth.sheet import main
-
-    check_world(world)
-    if out.suffix.lower() != ".png":
-        raise typer.BadParameter(f"{out} is not a .png file", param_hint="--out")
-    main(output_file(out, "--out"), world, seed, count)
-
-
-@data_app.command("merge", cls=PlainHelpCommand)
-def data_merge(
-    sources: list[Path] = typer.Argument(..., help="COCO-layout datasets to merge."),
-    out: Path = typer.Option(..., help="Output directory (must be new or empty)."),
-    repeat: list[int] = typer.Option(
-        [], help="Times to list each source's training images, one per source (default 1 each)."
-    ),
-) -> None:
-    """Merge COCO-layout datasets with the same categories into one (re-numbered
-    annotations, images linked, not copied), e.g. to mix synthetic worlds for training."""
-    from model.data.merge import MergeError, merge_datasets
-
-    try:
-        counts = merge_datasets(sources, out, repeat or None)
-    except MergeError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    for split, images in counts.items():
-        print(f"{out / split}: {images} images")
-
-
-@checkpoint_app.command("convert", cls=PlainHelpCommand)
-@one_line_errors
-def checkpoint_convert(
-    source: Path = typer.Argument(..., help="Checkpoint directory."),
-    out: Path = typer.Option(..., help="Directory for the converted copy (new or empty)."),
-    dtype: str = typer.Option(
-        "float16", help="Weight storage: float16, bfloat16 or float32 (the network runs in fp32)."
-    ),
-) -> None:
-    """Copy a checkpoint with its weights stored in another precision: float16 or bfloat16
-    halve the file (for shipping; float16 keeps more digits, bfloat16 more range)."""
-    from model.checkpoint import WEIGHT_DTYPES, convert_weights
-
-    if not (source / "config.json").is_file():
-        raise StartupError(f"{source} is not a checkpoint directory (no config.json)")
-    if dtype not in WEIGHT_DTYPES:
-        raise typer.BadParameter(
-            f"expected one of {', '.join(WEIGHT_DTYPES)}", param_hint="--dtype"
-        )
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise typer.BadParameter(
-            f"{out} already exists: give a new or empty directory", param_hint="--out"
-        )
-    output_dir(out.parent, "--out")
-    written = convert_weights(source, out, dtype)
-    size = (written / "model.safetensors").stat().st_size
-    print(f"{written}: weights in {dtype}, {size / 1e6:.1f} MB")
-
-
-@checkpoint_app.command("average", cls=PlainHelpCommand)
-@one_line_errors
-def checkpoint_average(
-    sources: list[Path] = typer.Argument(..., help="Two checkpoint directories or more."),
-    out: Path = typer.Option(..., help="Directory for the average (new or empty)."),
-) -> None:
-    """Average checkpoints' weights into a new one (checkpoint averaging, model soups): for
-    checkpoints of one model that descend from one another or from one start, e.g. two
-    anneals that each improved different tasks. The first gives the config and schedules."""
-    from model.checkpoint import average_weights
-
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise typer.BadParameter(
-            f"{out} already exists: give a new or empty directory", param_hint="--out"
-        )
-    output_dir(out.parent, "--out")
-    written = average_weights(sources, out)
-    print(f"{written}: the mean of {len(sources)} checkpoints' weights")
 
 
 def parse_overrides(values: list[str]) -> dict[str, Any]:

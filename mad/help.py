@@ -1,21 +1,28 @@
-"""How `mad` shows its help and its usage errors.
+"""How `mad` shows its help, its usage errors and its start-up errors.
 
 Help in the plain layout of most command-line tools (`--port INTEGER`, `mad predict
 [OPTIONS] IMAGES...`) rather than typer's own (`--port <int>`, `{images}...`); a usage error
-(a bad option value, a missing argument) as one line on stderr, exit status 2.
+(a bad option value, a missing argument) as one line on stderr, exit status 2; a start-up
+error (model/startup.py: a bad path, a checkpoint that does not load) as one line on stderr,
+exit status 3.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, get_args, get_origin
+from typing import IO, Any, TypeVar, get_args, get_origin
 
 import typer
 from typer import _click  # typer bundles its own click: its exceptions and context
 from typer._click.exceptions import UsageError
 from typer._click.globals import get_current_context
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+from model.startup import StartupError
 
 METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH"}
 
@@ -115,3 +122,27 @@ def new_app(**options: Any) -> typer.Typer:
         rich_markup_mode=None,  # help texts are plain: "[env MAD_X]" must not read as markup
         **options,
     )
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def debugging() -> bool:
+    return os.environ.get("MAD_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def one_line_errors(command: Command) -> Command:
+    """A StartupError (model/startup.py) from `command`: its message as one line on stderr
+    and exit status 3; with --debug (MAD_DEBUG=1), the traceback as well."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StartupError as exc:
+            if debugging():
+                raise
+            print(f"{command_name()}: {exc}", file=sys.stderr)
+            raise typer.Exit(3) from None
+
+    return run  # type: ignore[return-value]
