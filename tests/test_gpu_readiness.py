@@ -181,10 +181,29 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("gpu-check-*-cpu.json")).read_text())
-    assert report["errors"] == {} and report["device"]["name"] == "cpu"
+    assert report["errors"] == {} and report["device"]["name"] == "cpu" and report["finished"]
     assert report["parity"]["fp32_pass"] and report["parity"]["fp32"]["same_decoded"] == 2
     assert report["r50"]["batches"]["2"]["fp32"]["total"]["n"] == 2
     assert report["bundled"]["mad_vs_ar"]["ratios"]["ar_cache_vs_mad_schedule"] > 1
     assert set(report["http"]["modes"]) == {"batching_off", "batching_2"}
     markdown = next(tmp_path.glob("gpu-check-*-cpu.md")).read_text()
     assert "## Targets" in markdown and "## Parity with the CPU" in markdown
+
+
+def test_gpu_check_keeps_finished_sections_when_cut_off(tmp_path, monkeypatch):
+    """A window's time limit stops the check from outside, mid-section: the report on disk
+    already holds the sections before it and says that the run did not finish."""
+    import mad.bench.workload
+    from mad.bench.gpu_check import run_check
+
+    def cut_off(*args, **kwargs):
+        raise KeyboardInterrupt  # what the r50 section meets when the window ends
+
+    monkeypatch.setattr(mad.bench.workload, "prepare_checkpoint", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        run_check("cpu", True, tmp_path, skip=("http",), echo=lambda text: None)
+    report = json.loads(next(tmp_path.glob("gpu-check-*-cpu.json")).read_text())
+    assert report["finished"] is False and report["parity"]["fp32_pass"]
+    assert "r50" not in report and "bundled" not in report
+    markdown = next(tmp_path.glob("gpu-check-*-cpu.md")).read_text()
+    assert "cut off before the end" in markdown and "## Parity with the CPU" in markdown

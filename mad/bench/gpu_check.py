@@ -13,7 +13,8 @@ cannot rot. Sections, each timed and each failure recorded rather than fatal:
   http     the HTTP service on the device under a short load (when FastAPI is importable).
 
 A time budget keeps the whole run inside a short window: a section that would start past it
-is skipped and says so. One JSON and one Markdown report go to --out.
+is skipped and says so. One JSON and one Markdown report go to --out, rewritten after every
+section, so that a run cut off from outside (a window's time limit) keeps what it finished.
 """
 
 from __future__ import annotations
@@ -257,6 +258,13 @@ def run_check(
         "seconds": {},
     }
 
+    from mad.bench.gpu_report import write_check_report
+
+    def save(finished: bool) -> list[str]:
+        report["duration_s"] = round(budget.elapsed(), 1)
+        report["finished"] = finished
+        return [str(p) for p in write_check_report(report, out_dir)]
+
     def section(name: str, fn: Callable[[], dict[str, Any]], minimum_s: float = 30) -> None:
         if budget.left() < minimum_s:
             report["skipped"][name] = f"time budget ({settings.budget_s:.0f} s) spent"
@@ -269,6 +277,7 @@ def run_check(
             report["errors"][name] = f"{type(exc).__name__}: {exc}"[:600]
             echo(f"  ERROR {report['errors'][name]}")
         report["seconds"][name] = round(time.perf_counter() - started, 1)
+        save(finished=False)
 
     def wanted(name: str) -> bool:
         if name in skip:
@@ -295,10 +304,7 @@ def run_check(
             report["skipped"]["http"] = "FastAPI is not installed here"
         else:
             section("http", lambda: http_load(settings, echo), minimum_s=60)
-    report["duration_s"] = round(budget.elapsed(), 1)
-    from mad.bench.gpu_report import write_check_report
-
-    report["paths"] = [str(p) for p in write_check_report(report, out_dir)]
+    report["paths"] = save(finished=True)
     return report
 
 

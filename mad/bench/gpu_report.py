@@ -100,6 +100,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- created {report['created']}, took {report['duration_s']} s"
         f" (budget {s['budget_s']:.0f} s){', quick' if s['quick'] else ''}",
+        *(
+            []
+            if report.get("finished", True)
+            else ["- cut off before the end: a section missing here was running or yet to run"]
+        ),
         f"- device: {d.get('name')}, capability {d.get('capability', '-')}, "
         f"{d.get('memory_gib', '-')} GiB, driver {d.get('driver', '-')}",
         f"- torch {d['torch']}, CUDA {d['cuda']}, cuDNN {d['cudnn']}; "
