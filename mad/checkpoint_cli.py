@@ -13,7 +13,8 @@ checkpoint_app = new_app(help="Checkpoints.", no_args_is_help=True)
 
 
 def require_new_output(out: Path) -> None:
-    """--out must be a new or empty directory whose parent can be created."""
+    """--out: a usage error unless it is new or empty; its parent is made now (a StartupError
+    if it cannot be)."""
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise typer.BadParameter(
             f"{out} already exists: give a new or empty directory", param_hint="--out"

@@ -1,4 +1,4 @@
-"""`mad data`: write synthetic datasets and their contact sheets, merge datasets."""
+"""`mad data`: write synthetic datasets and contact sheets of a synthetic world, merge datasets."""
 
 from __future__ import annotations
 

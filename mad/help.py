@@ -128,6 +128,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def debugging() -> bool:
+    """--debug or MAD_DEBUG: show start-up errors' tracebacks too."""
     return os.environ.get("MAD_DEBUG", "").lower() in ("1", "true", "yes")
 
 
