@@ -207,3 +207,38 @@ def test_gpu_check_keeps_finished_sections_when_cut_off(tmp_path, monkeypatch):
     assert "r50" not in report and "bundled" not in report
     markdown = next(tmp_path.glob("gpu-check-*-cpu.md")).read_text()
     assert "cut off before the end" in markdown and "## Parity with the CPU" in markdown
+
+
+@pytest.mark.slow
+def test_gpu_window_dry_run_on_cpu(tmp_path):
+    """The whole-window script in its CPU dry-run form: it trains within its budget and leaves
+    a loadable float16 checkpoint and at most the 8 files a GPU window returns."""
+    from model.checkpoint import load_checkpoint
+
+    out = tmp_path / "out"
+    dry_run = ["--check-s", "0", "--budget-s", "75", "--images", "32", "--batch-size", "4"]
+    dry_run += ["--probe-steps", "3"]
+    done = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "gpu-window"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *dry_run,
+        ],
+        env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and "gpu-window.log" in files, files
+    assert {"checkpoint/model.safetensors", "checkpoint/train_log.csv"} <= set(files)
+    load_checkpoint(out / "checkpoint")  # raises if the weights, config or tokenizer are off
+    assert len((out / "checkpoint" / "train_log.csv").read_text().splitlines()) > 1
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["weights_dtype"] == "float16"
