@@ -217,7 +217,6 @@ def test_gpu_window_dry_run_on_cpu(tmp_path):
 
     out = tmp_path / "out"
     dry_run = ["--check-s", "0", "--budget-s", "75", "--images", "32", "--batch-size", "4"]
-    dry_run += ["--probe-steps", "3"]
     done = subprocess.run(
         [
             "bash",
