@@ -29,12 +29,10 @@ Numbers may be strings too ("0.3"), for clients whose .proto has no double param
 from __future__ import annotations
 
 import asyncio
-import re
-import reprlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from PIL import Image
 from starlette.requests import Request as HTTPRequest
@@ -58,6 +56,15 @@ from service.jobs import submit_all, wait_all
 from service.postprocess import report_plan, request_stages, respond
 from service.schemas import PredictForm
 from service.state import LoadedModel, ServiceState
+from service.v2_parameters import (
+    bad_request,
+    check_tensor_parameters,
+    flag,
+    given,
+    integer,
+    number,
+    text,
+)
 from service.v2_tensors import OutputSpec, Tensor, output_specs, output_tensor
 
 SERVER_NAME = "mad-serve"
@@ -77,9 +84,6 @@ PARAMETERS = (
 )
 MASK_FORMATS = ("rle", "polygon")
 DEFAULT_SCORE_THRESHOLD: float = PredictForm.model_fields["score_threshold"].default
-INTEGER = re.compile(r"\s*[-+]?[0-9]+\s*")
-MAX_INTEGER = 2**63 - 1  # an int64 parameter's range: no value past it means anything here
-T = TypeVar("T")
 
 
 @dataclass
@@ -134,10 +138,6 @@ class Plan:
     early_stop: bool = False
 
 
-def bad_request(message: str) -> APIError:
-    return APIError(400, "bad_request", message)
-
-
 # --- health and metadata --------------------------------------------------------------------
 def server_ready(state: ServiceState) -> bool:
     return state.readiness()[0] == "ready"
@@ -186,55 +186,6 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 # --- checking a request ---------------------------------------------------------------------
-def number(name: str, value: Any) -> float:
-    if not isinstance(value, bool) and isinstance(value, int | float | str):
-        try:
-            return float(value)
-        except (ValueError, OverflowError):  # float(10**400) overflows
-            pass
-    raise bad_request(f"parameter {name}: expected a number, got {reprlib.repr(value)}")
-
-
-def integer(name: str, value: Any) -> int:
-    result = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        result = value
-    elif isinstance(value, float) and value.is_integer():
-        result = int(value)
-    elif isinstance(value, str) and INTEGER.fullmatch(value) and len(value.strip()) <= 20:
-        result = int(value)  # (int() refuses strings of thousands of digits with ValueError)
-    if result is None or not -MAX_INTEGER - 1 <= result <= MAX_INTEGER:
-        raise bad_request(f"parameter {name}: expected a 64-bit integer, got {reprlib.repr(value)}")
-    return result
-
-
-def text(name: str, value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise bad_request(f"parameter {name}: expected a string, got {value!r}")
-    return str(value)
-
-
-def given(parameters: Mapping[str, Any], name: str, convert: Callable[[str, Any], T]) -> T | None:
-    """The parameter `name`, converted; None when not given."""
-    return convert(name, parameters[name]) if name in parameters else None
-
-
-def flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise bad_request(f"parameter {name}: expected true or false, got {value!r}")
-    return value
-
-
-def check_tensor_parameters(
-    kind: str, name: str, parameters: Mapping[str, Any], *allowed: str
-) -> None:
-    """Tensor parameters other than `allowed` (shared memory, classification) are extensions
-    this server does not have."""
-    unknown = [p for p in parameters if p not in allowed]
-    if unknown:
-        raise bad_request(f"{kind} {name!r}: parameter {unknown[0]!r} is not supported")
-
-
 def requested_output(name: str, parameters: Mapping[str, Any]) -> RequestedOutput:
     check_tensor_parameters("output", name, parameters, "binary_data")
     binary = parameters.get("binary_data")

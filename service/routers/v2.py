@@ -25,7 +25,8 @@ from service import v2_infer
 from service.dependencies import StateDep, require_api_key
 from service.errors import APIError, validation_details
 from service.middleware import byte_count
-from service.v2_infer import InferRequest, InferResponse, InputTensor, bad_request
+from service.v2_infer import InferRequest, InferResponse, InputTensor
+from service.v2_parameters import bad_request, check_tensor_parameters
 from service.v2_schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -219,7 +220,7 @@ def parse_request(body: bytes, request: Request, name: str, version: str) -> Inf
     inputs, at = [], 0
     for tensor in parsed.inputs:
         parameters = tensor.parameters
-        v2_infer.check_tensor_parameters("input", tensor.name, parameters, "binary_data_size")
+        check_tensor_parameters("input", tensor.name, parameters, "binary_data_size")
         size = parameters.get("binary_data_size")
         if size is not None:
             if tensor.data is not None:
