@@ -41,6 +41,7 @@ from service.proto import grpc_predict_v2_pb2 as pb
 from service.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.state import ServiceState
 from service.v2_infer import InferRequest, InferResponse, InputTensor
+from service.v2_parameters import bad_request, check_tensor_parameters
 from service.v2_tensors import TensorDataError, deserialize_bytes
 
 log = logging.getLogger("mad.grpc")
@@ -76,7 +77,7 @@ class Call:
 def parameter_value(name: str, parameter: pb.InferParameter) -> Any:
     kind = parameter.WhichOneof("parameter_choice")
     if kind is None:
-        raise v2_infer.bad_request(f"parameter {name!r} has no value")
+        raise bad_request(f"parameter {name!r} has no value")
     return getattr(parameter, kind)
 
 
@@ -87,23 +88,21 @@ def parameters(entries: Any) -> dict[str, Any]:
 def infer_request(message: pb.ModelInferRequest) -> InferRequest:
     raw = list(message.raw_input_contents)
     if raw and len(raw) != len(message.inputs):
-        raise v2_infer.bad_request(
+        raise bad_request(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
         )
     inputs = []
     for i, tensor in enumerate(message.inputs):
-        v2_infer.check_tensor_parameters("input", tensor.name, parameters(tensor.parameters))
+        check_tensor_parameters("input", tensor.name, parameters(tensor.parameters))
         elements = None
         if tensor.datatype == "BYTES":
             if raw and tensor.HasField("contents"):
-                raise v2_infer.bad_request(
-                    f"input {tensor.name!r} has both contents and raw_input_contents"
-                )
+                raise bad_request(f"input {tensor.name!r} has both contents and raw_input_contents")
             try:
                 contents = tensor.contents.bytes_contents
                 elements = deserialize_bytes(raw[i]) if raw else list(contents)
             except TensorDataError as exc:
-                raise v2_infer.bad_request(f"input {tensor.name!r}: {exc}") from None
+                raise bad_request(f"input {tensor.name!r}: {exc}") from None
         inputs.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), elements))
     outputs = [v2_infer.requested_output(o.name, parameters(o.parameters)) for o in message.outputs]
     return InferRequest(
