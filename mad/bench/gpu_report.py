@@ -66,8 +66,14 @@ def write_check_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Pat
     stamp = datetime.fromisoformat(report["created"]).strftime("%Y%m%d-%H%M%S")
     stem = f"gpu-check-{stamp}-{report['settings']['device'].replace(':', '')}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md_path.write_text(markdown(report))
+    # Rewritten after every section: a kill mid-write must leave the previous whole file.
+    for path, text in (
+        (json_path, json.dumps(report, indent=2, default=str) + "\n"),
+        (md_path, markdown(report)),
+    ):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        partial.replace(path)
     return json_path, md_path
 
 
