@@ -242,7 +242,7 @@ def run_check(
 ) -> dict[str, Any]:
     import tempfile
 
-    from mad.bench.report import environment, now
+    from mad.bench.environment import environment, now
     from mad.bench.workload import BUNDLED_CHECKPOINT, prepare_checkpoint
 
     settings = CheckSettings.make(device, quick, budget_s)

@@ -81,7 +81,8 @@ class BenchRun:
         self.echo(f"  {time.perf_counter() - started:.1f} s")
 
     def execute(self) -> dict[str, Any]:
-        from mad.bench.report import environment, now, targets
+        from mad.bench.environment import environment, now
+        from mad.bench.report import targets
 
         started, s = time.perf_counter(), self.s
         self.report.update(schema="mad-bench/1", created=now(), environment=environment(ROOT))
