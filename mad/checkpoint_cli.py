@@ -15,7 +15,9 @@ checkpoint_app = new_app(help="Checkpoints.", no_args_is_help=True)
 def require_new_output(out: Path) -> None:
     """--out: a usage error unless it is new or empty; its parent is made now (a StartupError
     if it cannot be)."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    from model.checkpoint import is_new_or_empty
+
+    if not is_new_or_empty(out):
         raise typer.BadParameter(
             f"{out} already exists: give a new or empty directory", param_hint="--out"
         )

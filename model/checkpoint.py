@@ -287,8 +287,14 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
     return _write_copy(state, meta, tokenizers[0], out)
 
 
+def is_new_or_empty(out: Path) -> bool:
+    """Whether a checkpoint copy may be written to `out`: it does not exist or is an empty
+    directory."""
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
 def _require_new_directory(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    if not is_new_or_empty(out):
         raise StartupError(f"{out} already exists: write the copy to a new or empty directory")
 
 
