@@ -227,7 +227,8 @@ def compare_decoded(reference: Path, candidate: Path, count: int) -> dict[str, A
     neither finds any); captions: the share that are the same text."""
     from torchvision.ops import box_iou
 
-    from model.pipeline import Pipeline, Request
+    from model.inference_io import Request
+    from model.pipeline import Pipeline
     from runtime.backends import load_bundle
     from runtime.onnx_runner import OnnxRunner
 

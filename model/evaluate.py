@@ -25,7 +25,8 @@ from model.codecs import CODECS, TaskEvaluator
 from model.config import TASKS
 from model.data.coco import load_coco
 from model.decoding import Runner
-from model.pipeline import Pipeline, Request, Result
+from model.inference_io import Request, Result
+from model.pipeline import Pipeline
 from model.runner import EagerRunner
 from model.startup import StartupError
 

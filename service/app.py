@@ -21,8 +21,8 @@ from PIL import Image
 
 from model.decoding import Runner
 from model.feature_cache import FeatureCache
+from model.inference_io import Request as ModelRequest
 from model.pipeline import Pipeline
-from model.pipeline import Request as ModelRequest
 from model.startup import StartupError
 from service.anytime import CostModel, RefinementPlanner
 from service.engine import BatchingEngine

@@ -171,8 +171,8 @@ def predict(
 ) -> None:
     """Run the model on image files, without a server. The model options are also MAD_*
     variables, as for `mad serve`."""
+    from model.inference_io import Request as ModelRequest
     from model.pipeline import Pipeline
-    from model.pipeline import Request as ModelRequest
     from service.errors import APIError
     from service.images import decode_image
     from service.model_cache import load_configured

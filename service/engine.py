@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from model.pipeline import Request, Result
+from model.inference_io import Request, Result
 from service.anytime import Admission, RefinementPlanner
 from service.model_thread import ModelThread
 
@@ -80,7 +80,7 @@ class Job:
 
 
 class JobProgress:
-    """The pipeline's view of a job (model.pipeline.Progress), from the model thread: results
+    """The pipeline's view of a job (model.inference_io.Progress), from the model thread: results
     go to the event loop; the job is cancelled once its future is done (the caller gave up)."""
 
     def __init__(

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request as HTTPRequest
 from starlette.types import Receive
 
-from model.pipeline import Request, Result
+from model.inference_io import Request, Result
 from service.anytime import BudgetTooSmall
 from service.engine import BatchingEngine, Draining, InferenceFailed, Job, QueueFull
 from service.errors import CLIENT_CLOSED, APIError

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from model.codecs import DetectionCodec, JsonOptions, TaskCodec
-from model.pipeline import Result
+from model.inference_io import Result
 from service.anytime import Admission
 from service.schemas import BudgetReport, ImageSize, ModelRef, PredictResponse
 

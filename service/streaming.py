@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from fastapi.responses import StreamingResponse
 
-from model.pipeline import Result
+from model.inference_io import Result
 from service.engine import Draining, InferenceFailed, Job
 from service.errors import error_body
 from service.jobs import failure_error

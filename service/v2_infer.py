@@ -37,8 +37,8 @@ from typing import Any
 from PIL import Image
 from starlette.requests import Request as HTTPRequest
 
+from model.inference_io import Request as ModelRequest
 from model.pipeline import Pipeline
-from model.pipeline import Request as ModelRequest
 from model.request_spec import (
     RequestError,
     check_latency_budget,

@@ -35,8 +35,8 @@ from model.codecs.caption import CaptionCodec
 from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
 from model.config import ModelConfig
+from model.inference_io import Result
 from model.mask_formats import encode_rle
-from model.pipeline import Result
 
 NUMPY_TYPES = {"FP32": np.dtype("<f4"), "INT32": np.dtype("<i4")}
 LENGTH = struct.Struct("<I")

@@ -9,7 +9,8 @@ import torch
 
 from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
-from model.pipeline import Pipeline, Request, Result
+from model.inference_io import Request, Result
+from model.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner
 
 

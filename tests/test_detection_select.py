@@ -9,7 +9,8 @@ from PIL import Image
 
 from model.codecs import DecodeContext
 from model.codecs.detection import Detections
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.request_spec import RequestError, check_nms_iou
 from runtime.torch_runner import TorchRunner
 

@@ -20,7 +20,8 @@ from export.onnx_export import export_onnx
 from mad.bench.backends_bench import compare_backends
 from model.checkpoint import MAD, checkpoint_digest, load_checkpoint, save_checkpoint
 from model.feature_cache import FeatureCache
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.startup import StartupError
 from runtime.backends import create_runner
 from runtime.manifest import MANIFEST, export_of, read_manifest

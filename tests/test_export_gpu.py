@@ -12,7 +12,8 @@ import torch
 
 from export.onnx_export import export_onnx
 from model.checkpoint import load_checkpoint
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from runtime.backends import create_runner
 from runtime.torch_runner import TorchRunner
 from service.model_cache import load_runner

@@ -25,7 +25,7 @@ from model.codecs import (
 )
 from model.config import TASKS
 from model.evaluate import GroundTruth
-from model.pipeline import Result
+from model.inference_io import Result
 from model.train import train
 from model.train_start import TrainConfig
 from model.tune import tune_schedules

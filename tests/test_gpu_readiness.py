@@ -18,7 +18,8 @@ from mad.bench.workload import random_tokenizer, synthetic_image
 from model.checkpoint import MAD
 from model.config import COCO_CLASS_NAMES, PRESETS, get_preset
 from model.decoding import masked_decode
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.preprocess import letterbox, pil_to_tensor, prepare_batch
 from model.startup import StartupError
 from model.stopwatch import Stopwatch

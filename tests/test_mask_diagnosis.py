@@ -10,7 +10,8 @@ import torch
 from mad.bench.masks import STATS, diagnose, gridded_truth, iou, prompted_masks
 from model.checkpoint import load_checkpoint
 from model.evaluate import GroundTruth, coco_ap
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.runner import EagerRunner
 
 

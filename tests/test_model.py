@@ -19,9 +19,10 @@ from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import write_synthetic_dataset
 from model.data.transforms import build_transforms
 from model.decoding import mask_schedule, masked_decode
+from model.inference_io import Request
 from model.losses import masked_training_losses, sequence_loss, weighted_total
 from model.matcher import match_slots
-from model.pipeline import Pipeline, Request
+from model.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner
 from tests.helpers import ALL_TASKS, micro_config
 

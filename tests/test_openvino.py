@@ -14,7 +14,8 @@ from export.onnx_export import export_onnx
 from export.quantize import quantize_export
 from model.checkpoint import load_checkpoint
 from model.feature_cache import FeatureCache
-from model.pipeline import Pipeline, Request, torch_threads
+from model.inference_io import Request
+from model.pipeline import Pipeline, torch_threads
 from model.startup import StartupError
 from runtime.backends import create_runner
 from runtime.torch_runner import TorchRunner

@@ -25,7 +25,8 @@ from model.data.batching import (
 )
 from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import training_transforms
-from model.pipeline import Pipeline, Request, Result
+from model.inference_io import Request, Result
+from model.pipeline import Pipeline
 from model.preprocess import canvas_groups, image_canvas, prepare_batch
 from runtime.torch_runner import TorchRunner
 from service.settings import Settings

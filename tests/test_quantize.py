@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from export.onnx_export import export_onnx
 from export.quantize import MIN_TOKEN_AGREEMENT, quantize_export
 from mad.cli import app as mad_cli
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.startup import StartupError
 from runtime.backends import create_runner
 from runtime.manifest import read_manifest

@@ -11,7 +11,8 @@ from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
 from model.decoding import masked_decode, refinement
 from model.feature_cache import FeatureCache
-from model.pipeline import Pipeline, Request, Result
+from model.inference_io import Request, Result
+from model.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner
 from tests.helpers import synthetic_images
 

@@ -25,8 +25,8 @@ from mad.cli import app as mad_cli
 from model.codecs import build_codecs
 from model.codecs.detection import Detections
 from model.config import COCO_SKELETON
+from model.inference_io import Result
 from model.mask_formats import mask_to_polygons
-from model.pipeline import Result
 from model.vocab import VocabLayout
 from service.postprocess import build_response
 from service.render import render

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from model.pipeline import Request, Result
+from model.inference_io import Request, Result
 from service.engine import BatchingEngine, Draining, InferenceFailed, QueueFull
 from service.settings import Settings
 from tests.helpers import encode, running_server, scene_image

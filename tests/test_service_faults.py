@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from model.pipeline import Request, Result
+from model.inference_io import Request, Result
 from service.engine import Batch
 from service.settings import Settings
 from tests.helpers import (

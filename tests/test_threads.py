@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from mad.cli import app as mad_cli
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from service.model_cache import load_configured
 from service.settings import Settings
 from tests.helpers import scene_image

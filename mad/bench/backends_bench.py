@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from mad.bench.stats import summarize
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from runtime.backends import create_runner
 
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from model.config import ModelConfig
-    from model.pipeline import Result
+    from model.inference_io import Result
 
 # Stated before the first GPU run: fp32 on the device (TF32 off) must reproduce the CPU; bf16
 # may move logits but must keep nearly every decoded token. (The decoded-result rule for
@@ -67,7 +67,8 @@ def parity(checkpoint: Path, device: str, count: int) -> dict[str, Any]:
 def compare_devices(checkpoint: Path, device: str, images: list[Image.Image]) -> dict[str, Any]:
     """Raw logits per task and decoded pipeline results: CPU fp32 vs each device variant."""
     from mad.bench.workload import detection_prompts
-    from model.pipeline import Pipeline, Request
+    from model.inference_io import Request
+    from model.pipeline import Pipeline
     from model.preprocess import prepare_batch
     from runtime.backends import create_runner
 

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from mad.bench.stats import median, percentile, ratio, summarize
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 
 READY_TIMEOUT_S = 300.0  # a fresh r50 on CPU loads and warms up for a while
 

@@ -32,7 +32,8 @@ from model.checkpoint import MAD, load_checkpoint
 from model.codecs.base import DecodeContext, box_tokens
 from model.decoding import mask_schedule, masked_decode
 from model.evaluate import GroundTruth, coco_ap, evaluate
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.preprocess import fit_scale, image_canvas
 from model.runner import EagerRunner
 from model.stopwatch import Stopwatch

@@ -31,8 +31,9 @@ from model.codecs.segmentation import SegmentationCodec, crop_masks, paste_mask
 from model.data.batching import to_canvas
 from model.decoding import mask_schedule, masked_decode
 from model.evaluate import GroundTruth, coco_ap, evaluate
+from model.inference_io import Request
 from model.mask_formats import encode_rle
-from model.pipeline import Pipeline, Request
+from model.pipeline import Pipeline
 from model.preprocess import image_canvas
 from model.runner import EagerRunner
 from model.stopwatch import Stopwatch

@@ -24,7 +24,8 @@ from PIL import Image
 from model.checkpoint import MAD, load_checkpoint
 from model.data.synth.grammar import grammar_errors
 from model.data.synth.language import is_world_sentence, sentence_check
-from model.pipeline import Pipeline, Request
+from model.inference_io import Request
+from model.pipeline import Pipeline
 from model.runner import EagerRunner
 
 # The sample photos that are RGB or grayscale pictures of real scenes and objects (not

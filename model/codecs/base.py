@@ -28,7 +28,7 @@ from model.vocab import VocabLayout
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
-    from model.pipeline import Request, Result
+    from model.inference_io import Request, Result
 
 NOT_ALLOWED = -1e4  # additive logit for ids a body position may not take (finite: ONNX/fp16)
 

@@ -30,7 +30,7 @@ from model.matcher import flat_assignment, match_slots
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
-    from model.pipeline import Request, Result
+    from model.inference_io import Request, Result
 
 TOKENS_PER_SLOT = 5
 

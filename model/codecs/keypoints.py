@@ -25,7 +25,7 @@ from model.codecs.base import (
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
-    from model.pipeline import Result
+    from model.inference_io import Result
 
 
 @register_codec

@@ -28,7 +28,7 @@ from model.mask_formats import encode_rle, mask_to_polygons
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
-    from model.pipeline import Result
+    from model.inference_io import Result
 
 BOX_JITTER = 0.05  # training boxes move by up to 5% of their size: inference boxes are predicted
 

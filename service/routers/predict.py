@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from model.pipeline import Request as ModelRequest
-from model.pipeline import Result
+from model.inference_io import Request as ModelRequest
+from model.inference_io import Result
 from model.request_spec import (
     RequestError,
     check_latency_budget,
