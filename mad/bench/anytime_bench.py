@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from mad.bench.http_bench import Server
+from mad.bench.serve_process import Server
 from mad.bench.stats import median, ratio, summarize
 from mad.bench.workload import jpeg_bytes
 

@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from mad.bench.http_bench import RequestFailed, Server, closed_loop, form_fields, free_port
+from mad.bench.http_bench import RequestFailed, closed_loop, form_fields
+from mad.bench.serve_process import Server, free_port
 from mad.bench.stats import median, ratio
 
 PROTOCOLS = ("native", "v2_rest", "v2_grpc")
