@@ -251,8 +251,9 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
 def average_weights(sources: list[Path], out: str | Path) -> Path:
     """A checkpoint in the new directory `out` whose floating-point weights are the mean of
     the sources' (checkpoint averaging, as model soups do: the sources should descend from
-    one another or from one start). The sources must share the model config, the tokenizer
-    and the weights' names and shapes; the copy takes the first's config (its schedules) and
+    one another or from one start). The sources must share the model config (their tuned
+    schedules may differ), the tokenizer and the weights' names and shapes; the copy takes the
+    first's config (its schedules) and
     integer buffers, stores the weights in the first's dtype, and lists the sources in
     config.json (`averaged_from`). Training state is not copied."""
     out = Path(out)
@@ -266,7 +267,7 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
     ]
     vocabularies = [t.read_bytes() if t else None for t in tokenizers]
     for source, meta, vocabulary in zip(sources[1:], metas[1:], vocabularies[1:], strict=True):
-        if meta["model"] != metas[0]["model"]:
+        if _network_config(meta) != _network_config(metas[0]):
             raise StartupError(f"{source} has another model config than {sources[0]}")
         if vocabulary != vocabularies[0]:
             raise StartupError(f"{source} has another tokenizer than {sources[0]}")
@@ -285,6 +286,12 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
     if meta.get("version"):  # other weights, so another version (service.state.model_version)
         meta["version"] = f"{meta['version']}-avg{len(sources)}"
     return _write_copy(state, meta, tokenizers[0], out)
+
+
+def _network_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The model config without its decoding schedules: checkpoints tuned apart (`mad tune`)
+    still hold weights of one network."""
+    return {k: v for k, v in meta["model"].items() if k != "schedules"}
 
 
 def is_new_or_empty(out: Path) -> bool:

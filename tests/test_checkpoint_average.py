@@ -45,6 +45,19 @@ def test_the_average_is_the_mean_of_the_weights(micro_checkpoint, tmp_path):
     load_checkpoint(out)  # a checkpoint like any other
 
 
+def test_checkpoints_tuned_apart_average_with_the_first_ones_schedules(micro_checkpoint, tmp_path):
+    """Schedules are decoding defaults, not the network: `mad tune` on one source does not
+    stop the average, which keeps the first source's schedules."""
+    tuned = shifted_copy(micro_checkpoint, tmp_path / "tuned", 0.5)
+    meta = json.loads((tuned / CONFIG).read_text())
+    meta["model"]["schedules"]["caption"] = [0.9, 0.5]
+    (tuned / CONFIG).write_text(json.dumps(meta))
+    out = tmp_path / "avg"
+    result = average(str(tuned), str(micro_checkpoint), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / CONFIG).read_text())["model"]["schedules"]["caption"] == [0.9, 0.5]
+
+
 def test_other_models_and_bad_arguments_are_refused(micro_checkpoint, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(micro_checkpoint, other)
