@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from model.codecs import TaskCodec, build_codecs
-from model.config import ModelConfig
+from model.config import TRAINING_AND_DECODING_FIELDS, ModelConfig
 from model.network import MADNetwork
 from model.startup import StartupError
 from model.tokenizer import CaptionTokenizer
@@ -251,11 +251,11 @@ def convert_weights(source: str | Path, out: str | Path, dtype: str) -> Path:
 def average_weights(sources: list[Path], out: str | Path) -> Path:
     """A checkpoint in the new directory `out` whose floating-point weights are the mean of
     the sources' (checkpoint averaging, as model soups do: the sources should descend from
-    one another or from one start). The sources must share the model config (their tuned
-    schedules may differ), the tokenizer and the weights' names and shapes; the copy takes the
-    first's config (its schedules) and
-    integer buffers, stores the weights in the first's dtype, and lists the sources in
-    config.json (`averaged_from`). Training state is not copied."""
+    one another or from one start). The sources must share the network's config (training and
+    decoding fields, model.config.TRAINING_AND_DECODING_FIELDS, may differ), the tokenizer and
+    the weights' names and shapes; the copy takes the first's config (its schedules and their
+    tuning records) and integer buffers, stores the weights in the first's dtype, and lists the
+    sources in config.json (`averaged_from`). Training state is not copied."""
     out = Path(out)
     if len(sources) < 2:
         raise StartupError("averaging needs two checkpoints or more")
@@ -289,9 +289,9 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
 
 
 def _network_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The model config without its decoding schedules: checkpoints tuned apart (`mad tune`)
-    still hold weights of one network."""
-    return {k: v for k, v in meta["model"].items() if k != "schedules"}
+    """The model config without its training and decoding fields: checkpoints trained with
+    other loss weights, or tuned apart (`mad tune`), still hold weights of one network."""
+    return {k: v for k, v in meta["model"].items() if k not in TRAINING_AND_DECODING_FIELDS}
 
 
 def is_new_or_empty(out: Path) -> bool:

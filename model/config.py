@@ -154,6 +154,21 @@ FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "dict": dict,
     "tuple": (list, tuple),
 }
+# Fields that neither shape the network nor its sequence language: how it was trained (its
+# initial backbone file included) and its decoding defaults. Checkpoints that differ only in
+# these hold weights of one network (`mad checkpoint average`).
+TRAINING_AND_DECODING_FIELDS = (
+    "backbone_weights",
+    "dropout",
+    "task_weights",
+    "train_mask_ratio",
+    "no_object_weight",
+    "train_augmentation",
+    "max_instances_per_image",
+    "segmentation_masked_copies",
+    "nms_iou",
+    "schedules",
+)
 POSITIVE_FIELDS = (
     "d_model",
     "n_heads",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mad.cli import app as mad_cli
-from model.checkpoint import CONFIG, WEIGHTS, load_checkpoint
+from model.checkpoint import CONFIG, WEIGHTS, load_checkpoint, write_schedules
 
 
 def average(*args: str):
@@ -45,17 +45,25 @@ def test_the_average_is_the_mean_of_the_weights(micro_checkpoint, tmp_path):
     load_checkpoint(out)  # a checkpoint like any other
 
 
-def test_checkpoints_tuned_apart_average_with_the_first_ones_schedules(micro_checkpoint, tmp_path):
-    """Schedules are decoding defaults, not the network: `mad tune` on one source does not
-    stop the average, which keeps the first source's schedules."""
+def test_checkpoints_trained_or_tuned_apart_are_one_network(micro_checkpoint, tmp_path):
+    """Loss weights, the initial backbone file and schedules are not the network: a source
+    annealed with other task weights and tuned apart still averages, and the copy keeps the
+    first source's schedules, whichever comes first."""
+    bundled = json.loads((micro_checkpoint / CONFIG).read_text())["model"]["schedules"]
     tuned = shifted_copy(micro_checkpoint, tmp_path / "tuned", 0.5)
+    write_schedules(tuned, bundled | {"caption": [0.9, 0.5]})
     meta = json.loads((tuned / CONFIG).read_text())
-    meta["model"]["schedules"]["caption"] = [0.9, 0.5]
+    meta["model"]["task_weights"]["keypoints"] = 2.5
+    meta["model"]["backbone_weights"] = "/weights/resnet18.pth"
     (tuned / CONFIG).write_text(json.dumps(meta))
-    out = tmp_path / "avg"
-    result = average(str(tuned), str(micro_checkpoint), "--out", str(out))
-    assert result.exit_code == 0, result.output
-    assert json.loads((out / CONFIG).read_text())["model"]["schedules"]["caption"] == [0.9, 0.5]
+    for order, caption in (
+        ((tuned, micro_checkpoint), [0.9, 0.5]),
+        ((micro_checkpoint, tuned), bundled["caption"]),
+    ):
+        out = tmp_path / f"avg-{order[0].name}"
+        result = average(*map(str, order), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        assert load_checkpoint(out)[0].config.schedules["caption"] == caption
 
 
 def test_other_models_and_bad_arguments_are_refused(micro_checkpoint, tmp_path):
