@@ -11,6 +11,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import flip_pairs_from_names, training_transforms
 from model.losses import TaskLosses, masked_training_losses, weighted_total
 from model.lr_schedule import DeadlinePace, resumed_scheduler
+from model.network import MADNetwork
 from model.startup import StartupError, output_dir
 from model.train_log import CsvLog
 from model.train_profile import StepProfiler
@@ -84,6 +86,7 @@ def train(cfg: TrainConfig) -> Path:
     )
     network = mad.required_network().to(device).train()
     network.backbone.to(memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
+    network = synchronised_batchnorm(network, world, device)
     model = DistributedDataParallel(network) if world > 1 else network
     optimizer = build_optimizer(network, cfg)
     # fp16 needs loss scaling (small gradients underflow); bf16 and fp32 do not.
@@ -189,6 +192,17 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return cfg.out
+
+
+def synchronised_batchnorm(network: MADNetwork, world: int, device: torch.device) -> MADNetwork:
+    """Under DDP on GPUs, batch norms that train (the `tiny` preset's; frozen ones are not
+    batch norms to torch) compute their statistics over every rank's images (SyncBatchNorm),
+    as one process would over the whole batch: a rank's share alone is a few images. The
+    state dict keeps its names, so checkpoints load into plain batch norms. Left as is in one
+    process, and on CPU, where torch has no SyncBatchNorm."""
+    if world < 2 or device.type != "cuda":
+        return network
+    return cast(MADNetwork, torch.nn.SyncBatchNorm.convert_sync_batchnorm(network))
 
 
 def _read_logged(

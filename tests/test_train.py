@@ -10,16 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from model.checkpoint import WEIGHTS, load_checkpoint, write_files
+from model.checkpoint import MAD, WEIGHTS, load_checkpoint, write_files
 from model.evaluate import METRICS
 from model.startup import StartupError
-from model.train import train
+from model.train import synchronised_batchnorm, train
 from model.train_log import CsvLog
 from model.train_start import TrainConfig
 from model.train_state import META
 from tests.helpers import MICRO_OVERRIDES as MICRO
-from tests.helpers import free_port
+from tests.helpers import free_port, micro_config
 
 
 def read_log(path: Path) -> dict[int, float]:
@@ -149,6 +150,24 @@ def test_two_process_ddp_on_cpu(synth_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(read_log(out / "train_log.csv")) == [2]
     assert load_checkpoint(out)[1]["step"] == 2
+
+
+def test_batch_norms_that_train_are_synchronised_under_ddp_on_gpus(tokenizer):
+    """Only for several processes on CUDA (torch's SyncBatchNorm needs a GPU); frozen batch
+    norms stay frozen, and the state dict keeps its names (checkpoints load into BatchNorm2d).
+    The conversion itself needs no GPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for frozen in (False, True):
+        network = MAD.build(micro_config(frozen_batchnorm=frozen), tokenizer).required_network()
+        names = set(network.state_dict())
+        assert synchronised_batchnorm(network, 1, cuda) is network
+        assert synchronised_batchnorm(network, 2, cpu) is network
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in network.modules())
+        synced = synchronised_batchnorm(network, 2, cuda)
+        kinds = {type(m) for m in synced.modules()}
+        assert (torch.nn.SyncBatchNorm in kinds) is not frozen
+        assert torch.nn.BatchNorm2d not in kinds
+        assert set(synced.state_dict()) == names
 
 
 def test_mad_eval_reports_every_metric(micro_checkpoint, synth_data, tmp_path):
