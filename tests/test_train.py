@@ -159,11 +159,14 @@ def test_batch_norms_that_train_are_synchronised_under_ddp_on_gpus(tokenizer):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for frozen in (False, True):
         network = MAD.build(micro_config(frozen_batchnorm=frozen), tokenizer).required_network()
-        names = set(network.state_dict())
+        names, params = set(network.state_dict()), [id(p) for p in network.parameters()]
         assert synchronised_batchnorm(network, 1, cuda) is network
         assert synchronised_batchnorm(network, 2, cpu) is network
         assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in network.modules())
         synced = synchronised_batchnorm(network, 2, cuda)
+        # In place, the same parameters in the same order: the model saved, the optimizer built
+        # and the state resumed are the converted network's.
+        assert synced is network and [id(p) for p in synced.parameters()] == params
         kinds = {type(m) for m in synced.modules()}
         assert (torch.nn.SyncBatchNorm in kinds) is not frozen
         assert torch.nn.BatchNorm2d not in kinds
