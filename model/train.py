@@ -199,8 +199,8 @@ def synchronised_batchnorm(network: MADNetwork, world: int, device: torch.device
     batch norms to torch) compute their statistics over every rank's images (SyncBatchNorm),
     as one process would over the whole batch: a rank's share alone is a few images. The
     state dict keeps its names, so checkpoints load into plain batch norms. Left as is in one
-    process, and on CPU, where torch has no SyncBatchNorm. timm's converter, as torch's, but
-    it keeps the activation of timm's fused batch-norm-and-activation layers (timm backbones)."""
+    process, and on CPU, where torch has no SyncBatchNorm. timm's converter does what torch's
+    does and also keeps the activation of timm's fused batch-norm layers (timm backbones)."""
     if world < 2 or device.type != "cuda":
         return network
     from timm.layers import convert_sync_batchnorm
