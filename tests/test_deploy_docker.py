@@ -1,6 +1,6 @@
 """The pins the images install from, and docker-compose.yml against the Compose Specification
-schema. `make docker-test` (tests/docker_checks.py) builds and runs the images and the compose
-service for real."""
+schema. `make docker-test` (tests/docker_checks.py, tests/docker_image_checks.py) builds and
+runs the images and the compose service for real."""
 
 from __future__ import annotations
 
