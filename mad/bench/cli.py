@@ -8,7 +8,8 @@ from typing import TypeVar
 
 import typer
 
-from mad.bench.run import BenchRun, BenchSettings, headline
+from mad.bench.report import headline
+from mad.bench.run import BenchRun, BenchSettings
 from model.request_spec import RequestError
 from model.startup import output_dir
 from service.cli import request_error

@@ -1,7 +1,7 @@
 """The benchmark report: one JSON (everything measured) and one Markdown (tables, targets)
 under benchmarks/, stamped with hardware, versions, settings and the git commit
 (mad/bench/environment.py), so numbers from different machines and revisions are never
-confused."""
+confused; and its headline for the terminal."""
 
 from __future__ import annotations
 
@@ -345,3 +345,58 @@ def protocols_md(protocols: dict[str, Any]) -> list[str]:
         f"- p50 over native /predict at concurrency 1: {versus}",
         "",
     ]
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The ratios and targets, for the terminal."""
+    lines = []
+    if stage := report.get("stage_latency"):
+        parts = ", ".join(f"{k} {v['median_ms']:.1f}" for k, v in stage["stages"].items())
+        lines.append(f"model median {median(stage['total']):.1f} ms ({parts})")
+    for key, value in (report.get("mad_vs_ar") or {}).get("ratios", {}).items():
+        lines.append(f"{key}: {fmt(value, 'x')}")
+    if kept := report.get("kept_vs_fixed"):
+        lines.append(
+            f"fixed {kept['fixed']['per_image']} / kept {kept['kept']['per_image']}: "
+            f"{fmt(kept['ratio'], 'x')}"
+        )
+    if onnx := (report.get("backends") or {}).get("onnx_vs_eager"):
+        lines.append(f"eager / onnx: {fmt(onnx.get('ratio'), 'x')}")
+    if accuracy := report.get("accuracy"):
+        from mad.bench.accuracy_bench import accuracy_headline
+
+        lines += accuracy_headline(accuracy)
+    http = report.get("http") or {}
+    if overhead := http.get("overhead"):
+        lines.append(f"service overhead share: {fmt(100 * overhead['share'], '%')}")
+    if gain := http.get("batching_gain"):
+        lines.append(
+            f"batching throughput gain at concurrency {gain['concurrency']}: "
+            f"{fmt(gain['ratio'], 'x')}"
+        )
+    if window := http.get("batch_window"):
+        p50 = window["p50_ms"]
+        lines.append(
+            f"  p50 at concurrency {window['concurrency_low']}: batching off "
+            f"{fmt(p50['batching_off'], 'ms')}, adaptive window {fmt(p50['adaptive'], 'ms')}, "
+            f"fixed window {fmt(p50['fixed'], 'ms')}"
+        )
+    if ceiling := http.get("in_process_batching"):
+        lines.append(
+            f"  in-process ceiling (batch {ceiling['batch']} vs one by one): "
+            f"{fmt(ceiling['ratio'], 'x')}"
+        )
+    if protocols := report.get("protocols"):
+        p50 = [
+            f"{p} {fmt(median(by_level.get('1', {}).get('latency')), 'ms')}"
+            for p, by_level in protocols["levels"].items()
+        ]
+        lines.append("p50 at concurrency 1: " + ", ".join(p50))
+    if anytime := report.get("anytime"):
+        from mad.bench.anytime_report import anytime_headline
+
+        lines += anytime_headline(anytime)
+    lines.append(targets_table(report["targets"], ("this run", "differ")))
+    for name, error in report["errors"].items():
+        lines.append(f"ERROR {name}: {error}")
+    return "\n".join(lines)
