@@ -184,11 +184,30 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     report = json.loads(next(tmp_path.glob("gpu-check-*-cpu.json")).read_text())
     assert report["errors"] == {} and report["device"]["name"] == "cpu" and report["finished"]
     assert report["parity"]["fp32_pass"] and report["parity"]["fp32"]["same_decoded"] == 2
+    # On the CPU, bf16 is CPU autocast against fp32, with the margins that explain its flips.
+    bf16 = report["parity"]["bf16"]["logits"]
+    assert set(bf16) == {"detection", "segmentation", "keypoints", "caption"}
+    assert all(0.9 < v["argmax_agreement"] <= 1 and v["margin_median"] > 0 for v in bf16.values())
+    assert isinstance(report["parity"]["bf16_pass"], bool)
     assert report["r50"]["batches"]["2"]["fp32"]["total"]["n"] == 2
     assert report["bundled"]["mad_vs_ar"]["ratios"]["ar_cache_vs_mad_schedule"] > 1
     assert set(report["http"]["modes"]) == {"batching_off", "batching_2"}
     markdown = next(tmp_path.glob("gpu-check-*-cpu.md")).read_text()
     assert "## Targets" in markdown and "## Parity with the CPU" in markdown
+
+
+def test_logit_difference_reports_the_margins_of_changed_tokens():
+    from mad.bench.gpu_parity import logit_difference
+
+    want = torch.tensor([[[3.0, 0.0, 0.0], [1.0, 0.9, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 5.0]]])
+    got = want.clone()
+    got[0, 1] = torch.tensor([0.9, 1.0, 0.0])  # a near-tie flips; the wide margins hold
+    out = logit_difference(want, got)
+    assert out["argmax_agreement"] == pytest.approx(0.75)
+    assert out["flipped_margin_median"] == pytest.approx(0.1)
+    assert out["margin_median"] == pytest.approx(2.0)  # torch's median: the lower middle
+    assert out["max_abs_diff"] == pytest.approx(0.1)
+    assert logit_difference(want, want)["flipped_margin_median"] is None
 
 
 def test_gpu_check_keeps_finished_sections_when_cut_off(tmp_path, monkeypatch):

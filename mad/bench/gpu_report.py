@@ -154,9 +154,17 @@ def parity_md(parity: dict[str, Any]) -> str:
                     f"{v['max_abs_diff']:.2e}",
                     f"{v['mean_abs_diff']:.2e}",
                     f"{100 * v['argmax_agreement']:.2f}%",
+                    margin_cell(v),
                 ]
             )
-    header = ["variant", "task", "max abs logit diff", "mean abs diff", "argmax agreement"]
+    header = [
+        "variant",
+        "task",
+        "max abs logit diff",
+        "mean abs diff",
+        "argmax agreement",
+        "fp32 top-2 margin: changed / all (median)",
+    ]
     lines = [table(header, rows), ""]
     n = len(parity["images"])
     for variant in ("fp32", "bf16"):
@@ -175,6 +183,14 @@ def parity_md(parity: dict[str, Any]) -> str:
     )
     lines.append(f"- tolerances: {parity['tolerances']}")
     return "\n".join(lines)
+
+
+def margin_cell(logits: dict[str, Any]) -> str:
+    """How close fp32's top two logits were where the argmax changed, against everywhere."""
+    if "margin_median" not in logits:  # a report from before the margins were recorded
+        return "-"
+    changed = logits["flipped_margin_median"]
+    return f"{'none' if changed is None else f'{changed:.3f}'} / {logits['margin_median']:.3f}"
 
 
 def variants_md(section: dict[str, Any]) -> str:
