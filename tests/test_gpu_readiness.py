@@ -210,6 +210,33 @@ def test_logit_difference_reports_the_margins_of_changed_tokens():
     assert logit_difference(want, want)["flipped_margin_median"] is None
 
 
+def test_parity_pairs_detections_that_swapped_places():
+    """Two near-tied scores may sort the other way on another device: the same objects."""
+    from mad.bench.gpu_parity import compare_results
+    from model.codecs.detection import Detections
+    from model.inference_io import Result
+
+    def result(order: list[int], shift: float = 0.0) -> Result:
+        boxes = torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90], [5, 60, 30, 95]])[order]
+        labels = torch.tensor([1, 1, 2])[order]
+        detections = Detections(
+            boxes + shift, boxes / 100, torch.tensor([0.9, 0.8, 0.7]), labels, torch.zeros(3, 5)
+        )
+        keypoints = [torch.full((17, 3), float(i)) for i in order]
+        outputs = {"detection": detections, "keypoints": keypoints, "caption": "a red circle"}
+        return Result((100, 100), ("detection", "keypoints", "caption"), outputs)
+
+    swapped = compare_results(result([0, 1, 2]), result([1, 0, 2]), tolerance_px=1.0)
+    assert swapped["same"] and swapped["box_max_px"] == 0 and swapped["keypoint_max_px"] == 0
+    moved = compare_results(result([0, 1, 2]), result([1, 0, 2], shift=3.0), tolerance_px=1.0)
+    assert not moved["same"] and moved["box_max_px"] == pytest.approx(3.0)
+    identical = compare_results(result([0, 1, 2]), result([0, 1, 2]), tolerance_px=1.0)
+    assert identical["same"]
+    other = result([0, 1, 2])
+    other.outputs["detection"].labels[2] = 1  # another class for one object
+    assert not compare_results(result([0, 1, 2]), other, tolerance_px=1.0)["labels_equal"]
+
+
 def test_gpu_check_keeps_finished_sections_when_cut_off(tmp_path, monkeypatch):
     """A window's time limit stops the check from outside, mid-section: the report on disk
     already holds the sections before it and says that the run did not finish."""

@@ -17,6 +17,7 @@ import torch
 if TYPE_CHECKING:
     from PIL import Image
 
+    from model.codecs.detection import Detections
     from model.config import ModelConfig
     from model.inference_io import Result
 
@@ -136,32 +137,54 @@ def bin_px(config: ModelConfig, size: tuple[int, int]) -> float:
     return max(config.image_size) / config.num_bins / scale
 
 
+def pair_detections(a: Detections, b: Detections) -> list[tuple[int, int]] | None:
+    """Detections of one image from two runs -> pairs (i in a, j in b) of the same class with
+    the least total box distance, or None when the two runs found different classes or
+    counts. Detections are sorted by score, so two near-tied scores can swap places: pairs,
+    not positions, say whether the runs found the same objects."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(a) != len(b) or not torch.equal(a.labels.sort().values, b.labels.sort().values):
+        return None
+    cost = torch.cdist(a.boxes.double(), b.boxes.double(), p=1)
+    cost[a.labels[:, None] != b.labels[None, :]] = float("inf")
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return list(zip(rows.tolist(), cols.tolist(), strict=True))
+
+
+def paired(
+    a: list[torch.Tensor | None] | None,
+    b: list[torch.Tensor | None] | None,
+    pairs: list[tuple[int, int]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-detection outputs (masks, keypoints) of paired detections, where both have one."""
+    out = []
+    for i, j in pairs:
+        x = a[i] if a is not None and i < len(a) else None
+        y = b[j] if b is not None and j < len(b) else None
+        if x is not None and y is not None:
+            out.append((x, y))
+    return out
+
+
 def compare_results(a: Result, b: Result, tolerance_px: float) -> dict[str, Any]:
-    """Two pipeline results of one image -> what differs (coordinates within tolerance_px)."""
+    """Two pipeline results of one image -> what differs (coordinates within tolerance_px),
+    each detection compared with its pair in the other result (pair_detections)."""
     da, db = a.detections, b.detections
     if da is None or db is None:
         raise ValueError("parity compares results that include detection")
-    same_labels = len(da) == len(db) and torch.equal(da.labels, db.labels)
-    box_diff = (da.boxes - db.boxes).abs().max().item() if same_labels and len(da) else 0.0
+    found = pair_detections(da, db)
+    pairs = found or []
+    box_diff = max(((da.boxes[i] - db.boxes[j]).abs().max().item() for i, j in pairs), default=0.0)
+    masks = paired(a.masks, b.masks, pairs)
     mask_diff = max(
-        (
-            torch.ne(ma > 0.5, mb > 0.5).float().mean().item()
-            for ma, mb in zip(a.masks or [], b.masks or [], strict=False)
-            if ma is not None and mb is not None
-        ),
-        default=0.0,
+        (torch.ne(x > 0.5, y > 0.5).float().mean().item() for x, y in masks), default=0.0
     )
-    kp_diff = max(
-        (
-            (ka[:, :2] - kb[:, :2]).abs().max().item()
-            for ka, kb in zip(a.keypoints or [], b.keypoints or [], strict=False)
-            if ka is not None and kb is not None
-        ),
-        default=0.0,
-    )
+    points = paired(a.keypoints, b.keypoints, pairs)
+    kp_diff = max(((x[:, :2] - y[:, :2]).abs().max().item() for x, y in points), default=0.0)
     tolerance_px += 1e-4  # the bin size itself, up to rounding
     same = (
-        same_labels
+        found is not None
         and box_diff <= tolerance_px
         and mask_diff <= 0.005
         and kp_diff <= tolerance_px
@@ -170,7 +193,7 @@ def compare_results(a: Result, b: Result, tolerance_px: float) -> dict[str, Any]
     return {
         "same": same,
         "detections": [len(da), len(db)],
-        "labels_equal": same_labels,
+        "labels_equal": found is not None,
         "box_max_px": box_diff,
         "mask_pixels": mask_diff,
         "keypoint_max_px": kp_diff,
