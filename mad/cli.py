@@ -81,7 +81,13 @@ def train(
         help="With --max-minutes: run the lr schedule on steps or wall time, whichever is "
         "further along, so that it has annealed when the time is up.",
     ),
-    batch_size: int = typer.Option(16, min=1, help="Images per process and step."),
+    batch_size: int = typer.Option(16, min=1, help="Images per process and micro-batch."),
+    accumulate: int = typer.Option(
+        1,
+        min=1,
+        help="Micro-batches per optimizer step, their gradients added up: a step sees "
+        "batch-size x accumulate images per process.",
+    ),
     lr: float = typer.Option(1e-4),
     backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
     weight_decay: float = typer.Option(1e-4),
@@ -151,6 +157,7 @@ def train(
             log_every=log_every,
             profile_steps=window,
             batch_size=batch_size,
+            accumulate=accumulate,
             lr=lr,
             backbone_lr_scale=backbone_lr_scale,
             weight_decay=weight_decay,

@@ -6,6 +6,7 @@ partly masked sequences) against that encoding, as the paper does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -73,8 +74,17 @@ def train(cfg: TrainConfig) -> Path:
     dataset.transforms = training_transforms(config, flip_pairs_from_names(config.keypoint_names))
     last_step = min(cfg.steps, cfg.stop_at or cfg.steps)
     transposed = transposed_images(dataset.image_sizes(), config.image_size)
+    # One sampler batch per micro-batch: step s's are micro-batches s*A .. s*A + A-1.
+    micro = cfg.accumulate
     sampler = StepBatchSampler(
-        len(dataset), cfg.batch_size, cfg.seed, start_step, last_step, rank, world, transposed
+        len(dataset),
+        cfg.batch_size,
+        cfg.seed,
+        start_step * micro,
+        last_step * micro,
+        rank,
+        world,
+        transposed,
     )
     loader = DataLoader(
         SeededDataset(dataset),
@@ -94,6 +104,11 @@ def train(cfg: TrainConfig) -> Path:
     paced = 0.0
     if cfg.resume:
         state = load_train_state(cfg.resume, optimizer)  # its step: checked in build_model
+        if state.get("accumulate", 1) != micro:  # else the data order would not continue
+            raise StartupError(
+                f"--resume {cfg.resume}: the run took {state.get('accumulate', 1)} "
+                f"micro-batches per step; resume it with --accumulate {state.get('accumulate', 1)}"
+            )
         scaler.load_state_dict(state.get("grad_scaler") or scaler.state_dict())
         paced = DeadlinePace.step_at(float(state.get("cosine_progress", 0.0)), cfg)
     pace = DeadlinePace(cfg, start_step, paced)
@@ -110,25 +125,46 @@ def train(cfg: TrainConfig) -> Path:
     batches, waited = iter(loader), 0.0  # waited: seconds blocked on the loader since the last log
     profiler = StepProfiler(cfg.profile_steps if rank == 0 else None, cfg.out, device)
     profiler.stepped(step)
+
+    def accumulated_step(step: int) -> TaskLosses:
+        """Forward and backward of the step's micro-batches, their gradients added up
+        (each loss / micro: the mean over the micro-batches; under DDP all-reduced once, with
+        the last) -> the losses to log, totals over every micro-batch's tokens.
+        StopIteration when the loader has run out."""
+        nonlocal waited
+        totals: list[torch.Tensor] = []
+        for m in range(micro):
+            asked = time.perf_counter()
+            with profiler.phase("data"):
+                batch = next(batches)
+            waited += time.perf_counter() - asked
+            n = step * micro + m  # the micro-batch's index: dropout is exact on resume
+            torch.manual_seed(cfg.seed + n * world + rank)
+            last = m == micro - 1
+            sync = (
+                model.no_sync()
+                if isinstance(model, DistributedDataParallel) and not last
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with amp, profiler.phase("forward"):
+                    batch = batch.to(device)
+                    losses = masked_training_losses(
+                        model, batch.images, batch.pads, batch.sequences, mad.codecs
+                    )
+                loss = weighted_total(losses.terms, config.task_weights) / micro
+                with profiler.phase("backward"):
+                    scaler.scale(loss).backward()
+            totals.append(losses.totals)
+        return TaskLosses(losses.terms, torch.stack(totals).sum(0))
+
     try:
         while True:
-            asked = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
             try:
-                with profiler.phase("data"):
-                    batch = next(batches)
+                losses = accumulated_step(step)
             except StopIteration:
                 break
-            waited += time.perf_counter() - asked
-            torch.manual_seed(cfg.seed + step * world + rank)  # dropout: exact on resume
-            with amp, profiler.phase("forward"):
-                batch = batch.to(device)
-                losses = masked_training_losses(
-                    model, batch.images, batch.pads, batch.sequences, mad.codecs
-                )
-            loss = weighted_total(losses.terms, config.task_weights)
-            optimizer.zero_grad(set_to_none=True)
-            with profiler.phase("backward"):
-                scaler.scale(loss).backward()
             with profiler.phase("optimizer"):
                 scaler.unscale_(optimizer)  # clip the true gradients
                 grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
@@ -148,7 +184,7 @@ def train(cfg: TrainConfig) -> Path:
                         losses, grad_norm, config.task_weights
                     )
                     now = time.perf_counter()
-                    rate = (step - logged) * cfg.batch_size * world / (now - tic)
+                    rate = (step - logged) * cfg.batch_size * micro * world / (now - tic)
                     # near 1: the loader, not the model, sets the pace
                     data_wait = waited / (now - tic)
                     tic, logged, waited = now, step, 0.0
@@ -251,7 +287,11 @@ def _save(
     pace: DeadlinePace,
 ) -> None:
     """The checkpoint and, beside it, what --resume needs to continue exactly."""
-    state = {"grad_scaler": scaler.state_dict(), "cosine_progress": pace.progress()}
+    state = {
+        "grad_scaler": scaler.state_dict(),
+        "cosine_progress": pace.progress(),
+        "accumulate": cfg.accumulate,
+    }
     save_checkpoint(
         mad,
         cfg.out,

@@ -38,7 +38,8 @@ class TrainConfig:
     # With max_minutes: the lr schedule runs on whichever is further along, steps or wall
     # time, so that the cosine has ended when the time is up (a budgeted run, e.g. on a lent GPU).
     anneal_by_deadline: bool = False
-    batch_size: int = 16  # per process
+    batch_size: int = 16  # per process and micro-batch
+    accumulate: int = 1  # micro-batches per optimizer step (gradients added up)
     lr: float = 1e-4
     backbone_lr_scale: float = 0.1
     weight_decay: float = 1e-4

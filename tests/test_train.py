@@ -62,6 +62,42 @@ def test_training_writes_a_checkpoint_and_resumes_exactly(synth_data, tmp_path):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
 
 
+def test_accumulated_micro_batches_step_with_their_mean_gradient(synth_data, tmp_path, monkeypatch):
+    """--accumulate 2 x batch 1: one step on the mean of the two micro-batches' gradients,
+    the same images, augmentations and dropout as two plain steps of batch 1 would see."""
+    seen: list[torch.Tensor] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        seen.append(torch.cat([p.grad.flatten() for p in parameters if p.grad is not None]))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    # An update of ~1e-12 leaves the second plain step's weights as the first's.
+    fixed = dict(amp="none", lr=1e-12, weight_decay=0.0, batch_size=1)
+    train(config(synth_data, tmp_path / "plain", steps=2, **fixed))
+    first, second = seen
+    seen.clear()
+    train(config(synth_data, tmp_path / "accumulated", steps=1, accumulate=2, **fixed))
+    (accumulated,) = seen
+    torch.testing.assert_close(accumulated, (first + second) / 2, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(first, second)
+
+
+def test_an_accumulating_run_resumes_exactly_with_its_own_micro_batches(synth_data, tmp_path):
+    train(config(synth_data, tmp_path / "straight", accumulate=2))
+    straight = read_log(tmp_path / "straight" / "train_log.csv")
+    split = tmp_path / "split"
+    train(config(synth_data, split, accumulate=2, stop_at=2))
+    with pytest.raises(StartupError, match=r"2 micro-batches per step.*--accumulate 2"):
+        train(config(synth_data, split, resume=split, overrides=None))
+    train(config(synth_data, split, accumulate=2, resume=split, overrides=None))
+    resumed = read_log(split / "train_log.csv")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
 def test_resume_refuses_weights_without_their_training_state(synth_data, tmp_path):
     """A checkpoint without optimizer state, or with one from another step (a save cut
     short), cannot continue exactly: refused, pointing at --init."""
