@@ -1,7 +1,8 @@
 """The training loop: single process (CPU or one GPU) or DDP under torchrun.
 
 Each step encodes every image of the batch once and decodes all of its tasks (fully and
-partly masked sequences) against that encoding, as the paper does.
+partly masked sequences) against that encoding, as the paper does; with --accumulate N a step
+does so for N micro-batches and adds up their gradients before the update.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from model.train_state import (
 def train(cfg: TrainConfig) -> Path:
     """Train; -> the final checkpoint directory (cfg.out)."""
     rank, world, device = setup_distributed(cfg.device)
+    if cfg.accumulate < 1:
+        raise StartupError(f"--accumulate {cfg.accumulate}: a step needs a micro-batch (>= 1)")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise StartupError(f"--amp fp16 runs on CUDA only; on {device.type} use bf16 or none")
     continued = cfg.resume is not None and cfg.resume.resolve() == cfg.out.resolve()
@@ -104,10 +107,11 @@ def train(cfg: TrainConfig) -> Path:
     paced = 0.0
     if cfg.resume:
         state = load_train_state(cfg.resume, optimizer)  # its step: checked in build_model
-        if state.get("accumulate", 1) != micro:  # else the data order would not continue
+        saved = state.get("accumulate", 1)
+        if saved != micro:  # else the data order would not continue where it stopped
             raise StartupError(
-                f"--resume {cfg.resume}: the run took {state.get('accumulate', 1)} "
-                f"micro-batches per step; resume it with --accumulate {state.get('accumulate', 1)}"
+                f"--resume {cfg.resume}: the run took {saved} micro-batches per step; "
+                f"resume it with --accumulate {saved}"
             )
         scaler.load_state_dict(state.get("grad_scaler") or scaler.state_dict())
         paced = DeadlinePace.step_at(float(state.get("cosine_progress", 0.0)), cfg)

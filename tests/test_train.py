@@ -74,14 +74,14 @@ def test_accumulated_micro_batches_step_with_their_mean_gradient(synth_data, tmp
         return clip(parameters, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
-    # An update of ~1e-12 leaves the second plain step's weights as the first's.
-    fixed = dict(amp="none", lr=1e-12, weight_decay=0.0, batch_size=1)
+    # lr 0: the second plain step starts from the first's weights.
+    fixed = dict(amp="none", lr=0.0, weight_decay=0.0, batch_size=1)
     train(config(synth_data, tmp_path / "plain", steps=2, **fixed))
     first, second = seen
     seen.clear()
     train(config(synth_data, tmp_path / "accumulated", steps=1, accumulate=2, **fixed))
     (accumulated,) = seen
-    torch.testing.assert_close(accumulated, (first + second) / 2, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(accumulated, (first + second) / 2, rtol=1e-6, atol=0)
     assert not torch.allclose(first, second)
 
 
@@ -131,6 +131,11 @@ def test_a_save_cut_short_leaves_the_previous_files_whole(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS]
 
 
+def test_a_step_needs_a_micro_batch(synth_data, tmp_path):
+    with pytest.raises(StartupError, match="--accumulate 0"):
+        train(config(synth_data, tmp_path / "run", accumulate=0))
+
+
 def test_fp16_is_refused_off_cuda(synth_data, tmp_path):
     with pytest.raises(StartupError, match="fp16 runs on CUDA only"):
         train(config(synth_data, tmp_path / "run", device="cpu", amp="fp16"))
@@ -144,7 +149,10 @@ def test_a_resumed_log_drops_the_rows_logged_after_the_last_save(tmp_path):
     assert read_log(tmp_path / "train_log.csv") == {1: 1.0, 2: 0.5, 3: pytest.approx(1 / 3), 4: 0.5}
 
 
-def test_two_process_ddp_on_cpu(synth_data, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_process_ddp_on_cpu(synth_data, tmp_path, accumulate):
+    """Two gloo ranks; with --accumulate 2 the first micro-batch of each step skips DDP's
+    all-reduce (no_sync) while the token counts inside the loss still meet on both ranks."""
     out = tmp_path / "ddp"
     sets = [arg for key, value in MICRO.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -168,6 +176,8 @@ def test_two_process_ddp_on_cpu(synth_data, tmp_path):
             "2",
             "--batch-size",
             "2",
+            "--accumulate",
+            str(accumulate),
             "--workers",
             "0",
             "--device",
@@ -185,7 +195,8 @@ def test_two_process_ddp_on_cpu(synth_data, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(read_log(out / "train_log.csv")) == [2]
-    assert load_checkpoint(out)[1]["step"] == 2
+    meta = load_checkpoint(out)[1]
+    assert meta["step"] == 2 and meta["training"]["accumulate"] == accumulate
 
 
 def test_batch_norms_that_train_are_synchronised_under_ddp_on_gpus(tokenizer):
