@@ -107,11 +107,10 @@ def train(cfg: TrainConfig) -> Path:
     paced = 0.0
     if cfg.resume:
         state = load_train_state(cfg.resume, optimizer)  # its step: checked in build_model
-        saved = state.get("accumulate", 1)
-        if saved != micro:  # else the data order would not continue where it stopped
-            raise StartupError(
-                f"--resume {cfg.resume}: the run took {saved} micro-batches per step; "
-                f"resume it with --accumulate {saved}"
+        if rank == 0 and (changed := batch_changes(state, cfg, world)):
+            tqdm.write(
+                f"--resume {cfg.resume}: {', '.join(changed)}: training goes on from step "
+                f"{start_step}, but not exactly as the saved run would have (other batches)"
             )
         scaler.load_state_dict(state.get("grad_scaler") or scaler.state_dict())
         paced = DeadlinePace.step_at(float(state.get("cosine_progress", 0.0)), cfg)
@@ -213,7 +212,7 @@ def train(cfg: TrainConfig) -> Path:
                         )
                 paused = time.perf_counter()
                 if step % cfg.save_every == 0 or step == last_step or out_of_time:
-                    _save(mad, cfg, step, optimizer, scaler, pace)
+                    _save(mad, cfg, step, optimizer, scaler, pace, world)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
                     _evaluate(mad, cfg, device, log, step)
                     network.train()
@@ -274,6 +273,19 @@ def _time_spent(started: float, budget_s: float, world: int, device: torch.devic
     return float(share.item())
 
 
+def batch_changes(state: dict, cfg: TrainConfig, world: int) -> list[str]:
+    """What makes a step's batch differ from the saved run's (its images and their order
+    follow from batch size, micro-batches and processes) -> e.g. ["--batch-size 16 -> 8"]; a
+    state saved before these were recorded shows only --accumulate (then always 1)."""
+    now = {"--batch-size": cfg.batch_size, "--accumulate": cfg.accumulate, "processes": world}
+    saved = {
+        "--batch-size": state.get("batch_size"),
+        "--accumulate": state.get("accumulate", 1),
+        "processes": state.get("world"),
+    }
+    return [f"{k} {saved[k]} -> {v}" for k, v in now.items() if saved[k] not in (None, v)]
+
+
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
     """Mixed precision: bf16 on CPU too (1.4x a step on CPUs with avx512_bf16/AMX; losses
     within 0.2% of fp32), fp16 only on CUDA (train() refuses it elsewhere)."""
@@ -289,12 +301,15 @@ def _save(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     pace: DeadlinePace,
+    world: int,
 ) -> None:
     """The checkpoint and, beside it, what --resume needs to continue exactly."""
     state = {
         "grad_scaler": scaler.state_dict(),
         "cosine_progress": pace.progress(),
+        "batch_size": cfg.batch_size,
         "accumulate": cfg.accumulate,
+        "world": world,
     }
     save_checkpoint(
         mad,

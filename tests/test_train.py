@@ -85,17 +85,31 @@ def test_accumulated_micro_batches_step_with_their_mean_gradient(synth_data, tmp
     assert not torch.allclose(first, second)
 
 
-def test_an_accumulating_run_resumes_exactly_with_its_own_micro_batches(synth_data, tmp_path):
+def test_an_accumulating_run_resumes_exactly_with_its_own_micro_batches(
+    synth_data, tmp_path, capsys
+):
     train(config(synth_data, tmp_path / "straight", accumulate=2))
     straight = read_log(tmp_path / "straight" / "train_log.csv")
     split = tmp_path / "split"
     train(config(synth_data, split, accumulate=2, stop_at=2))
-    with pytest.raises(StartupError, match=r"2 micro-batches per step.*--accumulate 2"):
-        train(config(synth_data, split, resume=split, overrides=None))
+    capsys.readouterr()
     train(config(synth_data, split, accumulate=2, resume=split, overrides=None))
+    assert "--resume" not in capsys.readouterr().out
     resumed = read_log(split / "train_log.csv")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+def test_a_resume_with_other_batches_goes_on_and_says_so(synth_data, tmp_path, capsys):
+    """Another --batch-size or --accumulate (or number of processes) changes which images a
+    step sees: the run continues from its step and optimizer state, and says it is not exact."""
+    out = tmp_path / "run"
+    train(config(synth_data, out, accumulate=2, stop_at=2))
+    capsys.readouterr()
+    train(config(synth_data, out, batch_size=1, resume=out, overrides=None, stop_at=3))
+    said = capsys.readouterr().out
+    assert "--batch-size 2 -> 1, --accumulate 2 -> 1: training goes on from step 2" in said
+    assert sorted(read_log(out / "train_log.csv")) == [1, 2, 3]
 
 
 def test_resume_refuses_weights_without_their_training_state(synth_data, tmp_path):
