@@ -100,7 +100,7 @@ def test_both_are_set_from_the_command_line():
 
 def test_detection_targets_are_each_sequence_matched_objects(tokenizer):
     """assign_targets writes all sequences' matched objects in one indexing op: the same
-    targets as writing match_slots' pairs sequence by sequence."""
+    targets as writing match_slots' pairs one by one."""
     torch.manual_seed(0)
     mad = MAD.build(micro_config(), tokenizer)
     codec, slots = mad.codecs["detection"], mad.config.num_slots
@@ -119,9 +119,8 @@ def test_detection_targets_are_each_sequence_matched_objects(tokenizer):
     pairs = match_slots(body_lp, codec.to_local(inputs), shown, objects, seqs.extra["num_objects"])
     expected = torch.full((len(seqs), slots, TOKENS_PER_SLOT), 0, dtype=torch.long)
     expected[..., 4] = codec.to_local(torch.tensor(mad.vocab.no_object))
-    for s, (slot_ids, object_ids) in enumerate(pairs):
-        for slot, obj in zip(slot_ids.tolist(), object_ids.tolist(), strict=True):
-            expected[s, slot] = objects[s, obj]
+    for s, slot, obj in zip(*(p.tolist() for p in pairs), strict=True):
+        expected[s, slot] = objects[s, obj]
     got = targets[:, prompt:].reshape(len(seqs), slots, TOKENS_PER_SLOT)
-    assert sum(len(p[0]) for p in pairs) == 2 * 3  # both copies of the two images' objects
+    assert len(pairs[0]) == 2 * 3  # both copies of the two images' objects
     assert torch.equal(got, expected)  # unmatched: "no object", coordinates any (0)

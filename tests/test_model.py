@@ -151,9 +151,10 @@ def test_hungarian_matching_is_optimal_not_greedy():
     log_probs[0, :, :, 0] = -cost[:, 0, None]
     log_probs[0, :, :, 1] = -cost[:, 1, None]
     shown = torch.zeros(1, 2, 5, dtype=torch.bool)
-    [(slots, objs)] = match_slots(
+    seqs, slots, objs = match_slots(
         log_probs, torch.zeros(1, 2, 5, dtype=torch.long), shown, objects, torch.tensor([2])
     )
+    assert seqs.tolist() == [0, 0]
     assert dict(zip(slots.tolist(), objs.tolist(), strict=True)) == {0: 1, 1: 0}
 
 
@@ -165,8 +166,27 @@ def test_matching_respects_shown_tokens():
     inputs[0, 1] = 2  # slot 1 shows the object's tokens: it must be matched there
     shown = torch.zeros(1, 2, 5, dtype=torch.bool)
     shown[0, :, :2] = True
-    [(slots, objs)] = match_slots(log_probs, inputs, shown, objects, torch.tensor([1]))
-    assert slots.tolist() == [1] and objs.tolist() == [0]
+    seqs, slots, objs = match_slots(log_probs, inputs, shown, objects, torch.tensor([1]))
+    assert seqs.tolist() == [0] and slots.tolist() == [1] and objs.tolist() == [0]
+
+
+def test_matching_indexes_every_sequence_in_order():
+    """Sequences without objects add no pair; the others' pairs are labelled with their
+    sequence, in sequence order, each the optimum of its own costs."""
+    V = 4
+    log_probs = torch.full((3, 2, 5, V), -50.0)
+    log_probs[0, 1, :, 3] = -1.0  # sequence 0: slot 1 fits its one object (token 3)
+    log_probs[2, 0, :, 1] = -1.0  # sequence 2: slot 0 fits object 1 (token 1) ...
+    log_probs[2, 1, :, 0] = -1.0  # ... slot 1 object 0 (token 0)
+    objects = torch.tensor([[[3] * 5, [0] * 5], [[0] * 5, [0] * 5], [[0] * 5, [1] * 5]])
+    shown = torch.zeros(3, 2, 5, dtype=torch.bool)
+    inputs = torch.zeros(3, 2, 5, dtype=torch.long)
+    seqs, slots, objs = match_slots(log_probs, inputs, shown, objects, torch.tensor([1, 0, 2]))
+    assert list(zip(seqs.tolist(), slots.tolist(), objs.tolist(), strict=True)) == [
+        (0, 1, 0),
+        (2, 0, 1),
+        (2, 1, 0),
+    ]
 
 
 def test_k0_is_a_single_pass(micro_model):

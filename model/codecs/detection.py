@@ -26,7 +26,7 @@ from model.codecs.base import (
     box_tokens,
     register_codec,
 )
-from model.matcher import flat_assignment, match_slots
+from model.matcher import match_slots
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
@@ -143,7 +143,7 @@ class DetectionCodec(TaskCodec):
         body_lp = log_probs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT, -1)
         inputs = seqs.inputs[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT)
         shown = seqs.weights[:, P:].reshape(len(seqs), slots, TOKENS_PER_SLOT) == 0
-        assignment = match_slots(
+        seq, slot, obj = match_slots(
             body_lp,
             self.to_local(inputs),
             shown,
@@ -157,7 +157,6 @@ class DetectionCodec(TaskCodec):
         targets[..., 4] = self.vocab.no_object
         counts = torch.zeros_like(targets, dtype=torch.float)
         counts[..., 4] = self.config.no_object_weight  # DETR's eos_coef: most slots are empty
-        seq, slot, obj = flat_assignment(assignment, targets.device)
         targets[seq, slot] = seqs.extra["objects"][seq, obj]
         counts[seq, slot] = 1.0
         prompt_targets = torch.full((len(seqs), P), self.vocab_slice()[0], device=targets.device)
