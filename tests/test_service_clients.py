@@ -206,6 +206,19 @@ def test_idle_keep_alive_connections_close(server):
         assert time.monotonic() - start < 5  # keep_alive_timeout_s is 1
 
 
+def test_responses_are_sent_without_waiting_for_acks(server):
+    """Nagle's algorithm is off on every accepted connection. With it on, each response after
+    a keep-alive connection's first held its body back until the client's delayed ACK of its
+    head: 40 ms more per request on Linux."""
+    with connection(server.url) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        port = sock.getsockname()[1]
+        [protocol] = [p for p in server.server.server_state.connections if p.client[1] == port]
+        accepted = protocol.transport.get_extra_info("socket")
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
 def test_oversized_heads_get_431_whole_or_in_pieces(server, client):
     big = "X-Padding: " + "a" * (2 * MAX_HEAD) + "\r\n"
     whole = client.get("/healthz", headers={"X-Padding": "a" * MAX_HEAD})
