@@ -16,6 +16,7 @@ stops the workers itself: each finishes its requests in flight, without the dela
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,7 +136,8 @@ class GuardedH11Protocol(H11Protocol):
         # client's delayed ACK of the head came, 40 ms later on Linux (uvicorn issue #3149).
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # a peer already gone: nothing left to send
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
