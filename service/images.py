@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,8 +38,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise invalid("the image file is empty")
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise APIError(413, "image_too_large", str(exc)) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, twice its default
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "more pixels than Pillow opens"
+        raise APIError(
+            413, "image_too_large", f"image has {size}; the limit is {max_pixels}"
+        ) from exc
     except Exception as exc:
         raise invalid("not an image Pillow can read (corrupt or unsupported format)") from exc
     width, height = image.size

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import uuid
+import zlib
 
 import httpx
 import pytest
@@ -11,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from service.errors import APIError
+from service.images import decode_image
 from service.settings import Settings
 from tests.helpers import encode, scene_image
 
@@ -60,6 +64,17 @@ def bomb() -> bytes:
     return encode(Image.new("L", (2000, 2000), 7), optimize=True)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that only declares its size (no pixel data): what Pillow reads on opening."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 IMAGE_CASES = {
     "not_an_image": (lambda: b"hello, this is text", 400, "invalid_image"),
     "empty_file": (lambda: b"", 400, "invalid_image"),
@@ -67,6 +82,7 @@ IMAGE_CASES = {
     "truncated_jpeg": (lambda: encode(scene_image(), "JPEG")[:400], 400, "invalid_image"),
     "header_only_gif": (lambda: b"GIF89a\x10\x00\x10\x00", 400, "invalid_image"),
     "decompression_bomb": (bomb, 413, "image_too_large"),
+    "over_pillows_own_limit": (lambda: png_header(20_000, 20_000), 413, "image_too_large"),
 }
 
 
@@ -205,3 +221,12 @@ def test_still_ready_after_all_that(client):
         ).status_code
         == 200
     )
+
+
+def test_an_image_beyond_pillows_limit_is_reported_against_ours():
+    """Pillow refuses images of over twice its default limit before our own check runs: the
+    error still states the service's limit, not Pillow's."""
+    with pytest.raises(APIError) as refused:
+        decode_image(png_header(20_000, 20_000), 40_000_000)
+    assert refused.value.status == 413
+    assert refused.value.message == "image has 400000000 pixels; the limit is 40000000"
