@@ -239,7 +239,10 @@ def predict(
             typer.echo(summary(path, response))
         if render is not None:
             out = drawings[i]
-            draw(image, response, config.skeleton).save(out)
+            try:
+                draw(image, response, config.skeleton).save(out)
+            except OSError as exc:  # the checks before the work cannot foresee every file system
+                raise StartupError(f"--render {out} cannot be written ({exc.strerror})") from None
             typer.echo(f"wrote {out}", err=True)
     if failed:
         sys.exit(1)

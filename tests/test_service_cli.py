@@ -3,6 +3,7 @@ building on results a random model would never produce (persons, real masks)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -141,6 +142,24 @@ def test_mad_predict_reports_unreadable_files(micro_checkpoint, tmp_path):
         mad_cli, ["predict", str(bad), "--checkpoint", str(micro_checkpoint), "--tasks", "caption"]
     )
     assert result.exit_code == 1 and "not an image" in result.output
+
+
+def test_mad_predict_reports_a_drawing_it_cannot_write(micro_checkpoint, tmp_path, monkeypatch):
+    """A file system that refuses the drawing only when it is written (a full disk, /proc)
+    gets the one-line error of the checks made before the work, not a traceback."""
+    path = tmp_path / "a.png"
+    scene_image(160, 120).save(path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "out.png"
+    arguments = ["predict", str(path), "--checkpoint", str(micro_checkpoint), "--tasks", "caption"]
+    result = CliRunner().invoke(mad_cli, [*arguments, "--render", str(out)])
+    assert result.exit_code == 3  # start-up errors' status (mad/help.py)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert f"--render {out} cannot be written (No space left on device)" in result.output
 
 
 def test_mad_serve_without_a_checkpoint_says_so(tmp_path):
