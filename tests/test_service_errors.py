@@ -132,6 +132,22 @@ def test_form_fields_in_the_url_are_refused_not_ignored(client):
     assert error["message"].startswith("refine_steps, tasks: send as multipart form fields")
 
 
+def test_single_valued_fields_sent_twice_are_refused_not_half_used(client):
+    """Two images in one request (or a threshold given twice) would lose all but the last;
+    the repeatable fields (tasks, refine_steps) stay repeatable."""
+    image = ("image", ("x.png", png(), "image/png"))
+    two_images = [image, ("image", ("y.png", png(), "image/png"))]
+    error = expect_error(client.post("/predict", files=two_images), 422, "validation_error")
+    assert error["message"].startswith("image: sent 2 times; send it once (one image per request")
+    thresholds = [("score_threshold", (None, "0.1")), ("score_threshold", (None, "0.9"))]
+    error = expect_error(client.post("/predict", files=[image, *thresholds]), 422)
+    assert error["message"] == "score_threshold: sent 2 times; send it once"
+    tasks = [("tasks", (None, "caption")), ("tasks", (None, "detection"))]
+    response = client.post("/predict", files=[image, *tasks])
+    assert response.status_code == 200
+    assert response.json()["tasks"] == ["detection", "caption"]
+
+
 def test_missing_image_field(client):
     error = expect_error(
         client.post("/predict", data={"tasks": "caption"}, files={"other": ("x.png", png())}), 422

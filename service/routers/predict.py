@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 
 from model.inference_io import Request as ModelRequest
 from model.inference_io import Result
@@ -82,6 +83,7 @@ async def predict(
     arrived = request.state.arrived
     try:
         check_no_form_fields_in_query(request)
+        check_fields_sent_once(await request.form())  # parsed already: the form is cached
         tasks = parse_tasks(form.tasks, config.tasks)
         request.state.tasks = tasks  # the metrics middleware counts per task asked
         refine = parse_refine_steps(form.refine_steps, config.tasks)
@@ -190,6 +192,30 @@ def record(state: ServiceState, response: PredictResponse) -> None:
             metrics.stage_duration.labels(stage=stage).observe(ms / 1000)
     for task, passes in response.decoder_passes.items():
         metrics.decoder_passes.labels(task=task).inc(passes)
+
+
+def takes_many(annotation: Any) -> bool:
+    """Whether a form field's type is a list (may be repeated), possibly optional."""
+    return get_origin(annotation) is list or any(
+        get_origin(a) is list for a in get_args(annotation)
+    )
+
+
+SINGLE_VALUED = tuple(
+    name for name, field in PredictForm.model_fields.items() if not takes_many(field.annotation)
+)
+
+
+def check_fields_sent_once(form: FormData) -> None:
+    """A field other than the repeatable `tasks` and `refine_steps` sent twice (two images in
+    one request) would silently lose all but its last value: refuse it."""
+    for name in SINGLE_VALUED:
+        count = len(form.getlist(name))
+        if count > 1:
+            hint = " (one image per request: send several requests, the server batches them)"
+            raise RequestError(
+                name, f"sent {count} times; send it once{hint if name == 'image' else ''}"
+            )
 
 
 def check_no_form_fields_in_query(request: Request) -> None:
