@@ -242,7 +242,9 @@ def predict(
             try:
                 draw(image, response, config.skeleton).save(out)
             except OSError as exc:  # the checks before the work cannot foresee every file system
-                raise StartupError(f"--render {out} cannot be written ({exc.strerror})") from None
+                raise StartupError(
+                    f"--render {out} cannot be written ({exc.strerror or exc})"
+                ) from None
             typer.echo(f"wrote {out}", err=True)
     if failed:
         sys.exit(1)

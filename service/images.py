@@ -38,12 +38,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise invalid("the image file is empty")
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, twice its default
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit, twice its default
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{found.group(1)} pixels" if found else "more pixels than Pillow opens"
-        raise APIError(
-            413, "image_too_large", f"image has {size}; the limit is {max_pixels}"
-        ) from exc
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # the lower holds
+        raise APIError(413, "image_too_large", f"image has {size}; the limit is {limit}") from exc
     except Exception as exc:
         raise invalid("not an image Pillow can read (corrupt or unsupported format)") from exc
     width, height = image.size

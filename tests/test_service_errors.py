@@ -246,3 +246,8 @@ def test_an_image_beyond_pillows_limit_is_reported_against_ours():
         decode_image(png_header(20_000, 20_000), 40_000_000)
     assert refused.value.status == 413
     assert refused.value.message == "image has 400000000 pixels; the limit is 40000000"
+    # A service limit above Pillow's: Pillow's is the one that holds, and the one named.
+    pillows = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(APIError) as refused:
+        decode_image(png_header(15_000, 15_000), pillows + 100_000_000)
+    assert refused.value.message == f"image has 225000000 pixels; the limit is {pillows}"
