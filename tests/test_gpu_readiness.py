@@ -268,7 +268,8 @@ def test_gpu_window_dry_run_on_cpu(tmp_path):
     from model.checkpoint import load_checkpoint
 
     out = tmp_path / "out"
-    dry_run = ["--check-s", "0", "--budget-s", "75", "--images", "32", "--batch-size", "4"]
+    dry_run = ["--check-s", "0", "--budget-s", "100", "--images", "32", "--batch-size", "4"]
+    dry_run += ["--replay-v1", "8"]  # generated in the background (scripts/gpu-data), merged
     done = subprocess.run(
         [
             "bash",
@@ -288,8 +289,25 @@ def test_gpu_window_dry_run_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and "gpu-window.log" in files, files
+    assert "data: 32 images of world v2 and 8 of v1" in (out / "gpu-window.log").read_text()
     assert {"checkpoint/model.safetensors", "checkpoint/train_log.csv"} <= set(files)
     load_checkpoint(out / "checkpoint")  # raises if the weights, config or tokenizer are off
     assert len((out / "checkpoint" / "train_log.csv").read_text().splitlines()) > 1
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["weights_dtype"] == "float16"
+
+
+def test_gpu_train_refuses_data_options_with_a_ready_set(tmp_path):
+    """--data trains on a set made before: an option that would have shaped a generated set
+    is refused at once, not ignored."""
+    script = str(ROOT / "scripts" / "gpu-train")
+    done = subprocess.run(
+        ["bash", script, "--out", str(tmp_path / "out"), "--data", str(tmp_path), "--images", "9"],
+        env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--data trains on a set made before; --images is for generating one" in done.stderr
