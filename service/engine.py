@@ -219,16 +219,17 @@ class BatchingEngine:
         future = asyncio.get_running_loop().create_future()
         job = Job(request, future, now, 0.0, admission, on_partial)
         self.waiting.append(job)
-        job.future.add_done_callback(lambda _: self._forget(job))
         self._started().set()
         return job
 
-    def _forget(self, job: Job) -> None:
-        """A job cancelled while it waits leaves the queue now, not when the next batch forms
-        (the queue bound and `mad_queue_depth` count only requests someone waits for)."""
-        if job.future.cancelled():
-            with contextlib.suppress(ValueError):  # already taken into a batch
-                self.waiting.remove(job)
+    def cancel(self, job: Job) -> None:
+        """Give up on a job: a waiting one leaves the queue now (it never runs), a running
+        one's result is dropped. At once, not when the next batch forms or the loop next runs
+        the future's callbacks: the queue bound and `mad_queue_depth` count only requests
+        someone waits for, and a request refused for a full queue must leave none behind."""
+        job.future.cancel()
+        with contextlib.suppress(ValueError):  # running already, or finished
+            self.waiting.remove(job)
 
     # --- the collector ----------------------------------------------------------------------
     def _started(self) -> asyncio.Event:

@@ -40,11 +40,11 @@ def submit_all(
             jobs.append(job)
     except BudgetTooSmall as exc:
         for job in jobs:
-            job.future.cancel()
+            engine.cancel(job)
         raise APIError(422, "budget_too_small", str(exc)) from None
     except (QueueFull, Draining) as exc:
         for job in jobs:
-            job.future.cancel()
+            engine.cancel(job)
         full = isinstance(exc, QueueFull)
         raise APIError(
             503,
@@ -80,7 +80,11 @@ async def disconnected(receive: Receive) -> None:
 
 
 async def wait_all(
-    jobs: list[Job], remaining_s: float, limit_s: float, client: HTTPRequest | None = None
+    engine: BatchingEngine,
+    jobs: list[Job],
+    remaining_s: float,
+    limit_s: float,
+    client: HTTPRequest | None = None,
 ) -> list[Result]:
     """Every job's Result, or an APIError: 504 after `remaining_s`, 499 when `client` (an
     HTTP request whose body has been read) disconnects first, 503 when the server shut down
@@ -109,4 +113,4 @@ async def wait_all(
         # Retrieved, so that asyncio does not log it: nobody waits for it any more.
         results.add_done_callback(lambda f: f.cancelled() or f.exception())
         for job in jobs:  # still waiting: the engine drops it; running: its result is dropped
-            job.future.cancel()
+            engine.cancel(job)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from fastapi.responses import StreamingResponse
 
 from model.inference_io import Result
-from service.engine import Draining, InferenceFailed, Job
+from service.engine import BatchingEngine, Draining, InferenceFailed, Job
 from service.errors import error_body
 from service.jobs import failure_error
 from service.schemas import PredictResponse
@@ -89,7 +89,12 @@ class PartialResults:
 
 
 async def events(
-    job: Job, partials: PartialResults, respond: Respond, deadline: float, timeout_s: float
+    engine: BatchingEngine,
+    job: Job,
+    partials: PartialResults,
+    respond: Respond,
+    deadline: float,
+    timeout_s: float,
 ) -> AsyncIterator[tuple[str, dict[str, Any] | PredictResponse]]:
     """(event name, object) until the final answer or an error; cancels the job when the
     consumer stops early (the client went away)."""
@@ -116,7 +121,7 @@ async def events(
             return
     finally:
         if not job.future.done():
-            job.future.cancel()  # still waiting: never run; running: no further passes
+            engine.cancel(job)  # still waiting: never run; running: no further passes
 
 
 def encode(form: Format, event: str, body: dict[str, Any] | PredictResponse) -> bytes:
@@ -132,6 +137,7 @@ def encode(form: Format, event: str, body: dict[str, Any] | PredictResponse) -> 
 
 def streaming_response(
     form: Format,
+    engine: BatchingEngine,
     job: Job,
     partials: PartialResults,
     respond: Respond,
@@ -141,7 +147,7 @@ def streaming_response(
     partials.follow(job)
 
     async def body() -> AsyncIterator[bytes]:
-        async for event, obj in events(job, partials, respond, deadline, timeout_s):
+        async for event, obj in events(engine, job, partials, respond, deadline, timeout_s):
             yield encode(form, event, obj)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering

@@ -357,7 +357,8 @@ async def run(
         for (image, _), key in zip(decoded, keys, strict=True)
     ]
     jobs = submit_all(plan.engine, requests, plan.budget_s, arrived)
-    results = await wait_all(jobs, limit_s - (time.perf_counter() - arrived), limit_s, client)
+    remaining_s = limit_s - (time.perf_counter() - arrived)
+    results = await wait_all(plan.engine, jobs, remaining_s, limit_s, client)
     post_start = time.perf_counter()
     decode_seconds = [seconds for _, seconds in decoded]
 

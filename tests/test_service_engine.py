@@ -161,9 +161,8 @@ def test_abandoned_requests_leave_the_queue_at_once_and_are_not_run():
         )
         engine.start()
         kept, dropped = engine.submit(request()), engine.submit(request())
-        dropped.future.cancel()  # what a handler does past its deadline or client
-        await asyncio.sleep(0)
-        waiting = len(engine.waiting)
+        engine.cancel(dropped)  # what a handler does past its deadline or client
+        waiting = len(engine.waiting)  # at once: no turn of the event loop in between
         engine.submit(request())  # the freed place is free again
         await kept.future
         await engine.drain(5)
@@ -183,8 +182,7 @@ def test_drain_ends_promptly_after_the_last_waiting_request_left():
         engine.start()
         job = engine.submit(request())
         await asyncio.sleep(0.05)  # the collector waits for the batch to fill
-        job.future.cancel()
-        await asyncio.sleep(0)
+        engine.cancel(job)
         return await asyncio.wait_for(engine.drain(5), 3)
 
     assert asyncio.run(scenario()) is True

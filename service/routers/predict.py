@@ -139,8 +139,10 @@ async def predict(
 
     limit_s = settings.request_timeout_s
     if stream is not None and partials is not None:
-        return streaming_response(stream, job, partials, respond, arrived + limit_s, limit_s)
-    [result] = await wait_all([job], limit_s - (time.perf_counter() - arrived), limit_s, request)
+        deadline = arrived + limit_s
+        return streaming_response(stream, engine, job, partials, respond, deadline, limit_s)
+    remaining_s = limit_s - (time.perf_counter() - arrived)
+    [result] = await wait_all(engine, [job], remaining_s, limit_s, request)
 
     response = await respond(result)
     # Already a validated PredictResponse: serialise it once, here, rather than have FastAPI
