@@ -174,7 +174,9 @@ def test_requests_over_the_concurrency_limit_get_503_but_probes_do_not(server, c
     for thread in slow:
         thread.start()
     try:
-        time.sleep(0.3)  # every slot taken by an uploader
+        # Every slot taken by an uploader: their heads are in, each one's request is running.
+        tasks = server.server.server_state.tasks
+        until(lambda: len(tasks) >= LIMIT, "the uploaders did not all start", 3 * REQUEST_TIMEOUT_S)
         refused = client.send(predict_request(server.url))
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "overloaded"
