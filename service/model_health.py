@@ -63,12 +63,12 @@ class ModelHealth:
                 extra={"failures_in_a_row": count},
             )
         else:
+            self.failures_in_a_row = 0  # before the log line, which a watcher may act on
             log.warning(
                 "%d requests failed in a row, but the self-test passed: the failures belong "
                 "to those requests",
                 count,
                 extra={"failures_in_a_row": count, "last_error": describe(last)},
             )
-            self.failures_in_a_row = 0
         finally:
             self._checking = None

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import free_port
+from tests.helpers import free_port, until
 from tests.v2_protocol import png
 from tests.v2_serve import GRPC_AUTH, ROOT, auth, grpc_input, start, stop
 
@@ -30,6 +30,21 @@ def logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-logs")
 
 
+DRAIN_DELAY_S = 4.0
+
+
+def health(port: int) -> str:
+    """The gRPC health service's answer on a fresh channel: SERVING, NOT_SERVING, or the
+    status code of a failed call (UNAVAILABLE once the server stopped listening)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
 def test_grpc_drains_with_http(micro_checkpoint, logs):
     """SIGTERM: health turns NOT_SERVING at once; calls are still served for the drain delay
     (load balancers catch up), then refused; every call accepted is answered, and the
@@ -37,9 +52,9 @@ def test_grpc_drains_with_http(micro_checkpoint, logs):
     serve = start(
         micro_checkpoint,
         logs / "drain.log",
-        MAD_BATCH_DELAY_MS="2500",
-        MAD_BATCH_WINDOW="fixed",  # the call waits in the queue for company
-        MAD_DRAIN_DELAY_S="1",
+        MAD_BATCH_DELAY_MS="8000",
+        MAD_BATCH_WINDOW="fixed",  # the call waits in the queue for company past the delay
+        MAD_DRAIN_DELAY_S=str(DRAIN_DELAY_S),
     )
     try:
         name = httpx.get(f"{serve.url}/v1/model", headers=auth()).json()["name"]
@@ -62,13 +77,10 @@ def test_grpc_drains_with_http(micro_checkpoint, logs):
             time.sleep(0.02)
         signalled = time.monotonic()
         serve.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with grpc.insecure_channel(f"127.0.0.1:{serve.grpc_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            status = stub.Check(health_pb2.HealthCheckRequest(service="")).status
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        until(lambda: health(serve.grpc_port) == "NOT_SERVING", "health still SERVING", 10)
         call()  # within the delay: accepted
-        time.sleep(max(0.0, signalled + 1.5 - time.monotonic()))
+        until(lambda: health(serve.grpc_port) == "UNAVAILABLE", "gRPC still listening", 30)
+        assert time.monotonic() - signalled >= DRAIN_DELAY_S
         with pytest.raises(InferenceServerException) as refused:
             client.infer(name, [grpc_input(png())], headers=GRPC_AUTH, client_timeout=10)
         assert refused.value.status() == "StatusCode.UNAVAILABLE"

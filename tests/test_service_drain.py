@@ -84,12 +84,12 @@ def gauge(url: str, name: str) -> float:
 def test_sigterm_keeps_serving_for_the_delay_then_finishes_everything_and_exits_0(
     micro_checkpoint,
 ):
-    drain_delay_s = 1.5
+    drain_delay_s = 3.0
     # A fixed batch window longer than the delay: the requests in flight outlast the listener.
     with mad_serve(
         micro_checkpoint,
         MAD_DRAIN_DELAY_S=str(drain_delay_s),
-        MAD_BATCH_DELAY_MS="4000",
+        MAD_BATCH_DELAY_MS="6000",
         MAD_BATCH_WINDOW="fixed",
     ) as (process, url):
         responses: list[httpx.Response] = []
@@ -102,7 +102,7 @@ def test_sigterm_keeps_serving_for_the_delay_then_finishes_everything_and_exits_
             time.sleep(0.05)
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # the signal is handled
+        until(lambda: httpx.get(f"{url}/readyz").status_code == 503, "still ready", 10)
         readiness = httpx.get(f"{url}/readyz")
         assert (readiness.status_code, readiness.json()) == (503, {"status": "draining"})
         assert httpx.get(f"{url}/healthz").status_code == 200

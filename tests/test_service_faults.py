@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,8 +29,7 @@ from tests.helpers import (
 from tests.v2_protocol import image_input, infer, png
 
 # The width of an uploaded image picks its fault (the model sees the image as uploaded).
-RAISES, OUT_OF_MEMORY, HANGS = 131, 137, 139
-HANG_S = 1.5
+RAISES, OUT_OF_MEMORY = 131, 137
 
 
 class FaultyPipeline:
@@ -56,8 +54,6 @@ class FaultyPipeline:
             raise ValueError("injected: a bad request")
         if OUT_OF_MEMORY in widths:
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        if HANGS in widths:
-            time.sleep(HANG_S)
         return self.inner(requests)
 
 
@@ -74,6 +70,19 @@ def injected(server: RunningServer) -> Iterator[FaultyPipeline]:
         engine.pipeline = real
 
 
+@contextmanager
+def batches_of(server: RunningServer, size: int) -> Iterator[None]:
+    """Batches start when `size` requests wait, not when a time window ends: a test's
+    concurrent requests share one batch however slowly a loaded machine sends them."""
+    engine = server.state.engine
+    kept = engine.max_batch_size, engine.batch_delay_s
+    engine.max_batch_size, engine.batch_delay_s = size, 60.0
+    try:
+        yield
+    finally:
+        engine.max_batch_size, engine.batch_delay_s = kept
+
+
 def post(client: httpx.Client, width: int = 160) -> httpx.Response:
     image = encode(scene_image(width, 120))
     return client.post("/predict", files={"image": ("s.png", image)}, data={"tasks": "caption"})
@@ -81,19 +90,20 @@ def post(client: httpx.Client, width: int = 160) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def server_settings(micro_checkpoint):
-    # A batch window long enough for the requests of one test to share a batch.
+    # Batches form by a fixed window (a test sets how many requests fill one); the deadline
+    # is the one a hung request meets.
     return Settings(
         checkpoint=micro_checkpoint,
-        batch_delay_ms=300,
+        batch_delay_ms=1,
         batch_window="fixed",
-        request_timeout_s=1.0,
+        request_timeout_s=3.0,
         max_consecutive_failures=3,
     )
 
 
 def test_failing_requests_do_not_fail_their_batch_mates(server, client):
     before = metric_samples(client)
-    with injected(server) as faulty, ThreadPoolExecutor(4) as pool:
+    with injected(server) as faulty, batches_of(server, 4), ThreadPoolExecutor(4) as pool:
         good, bad, oom, other = pool.map(
             lambda width: post(client, width), (160, RAISES, OUT_OF_MEMORY, 161)
         )
@@ -122,12 +132,16 @@ def test_failing_requests_do_not_fail_their_batch_mates(server, client):
 
 
 def test_a_hung_request_gets_504_and_the_server_stays_ready(server, client):
+    engine = server.state.engine
     with injected(server) as faulty:
-        hung = post(client, HANGS)  # the model takes HANG_S on it, past the 1 s deadline
+        faulty.gate.clear()  # the model hangs on the request until the test lets it go
+        hung = post(client, 139)
         assert hung.status_code == 504 and hung.json()["error"]["code"] == "timeout"
         assert client.get("/readyz").status_code == 200  # while the model still runs it
+        faulty.gate.set()
+        until(lambda: not engine.running, "the hung request did not end")
         assert post(client).status_code == 200  # served once the model is free
-    assert faulty.widths == [HANGS, 160]
+    assert faulty.widths == [139, 160]
 
 
 def test_failures_of_some_requests_pass_the_self_test(server, client, caplog):
