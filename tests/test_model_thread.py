@@ -56,9 +56,11 @@ def test_a_shutdown_cancels_what_waits_and_does_not_wait_for_what_runs():
 
 def test_a_stopped_server_exits_while_its_model_thread_is_busy():
     script = (
-        "import time; from service.model_thread import ModelThread, exit_now_if_running; "
-        "ModelThread().submit(time.sleep, 60); time.sleep(0.2); print('exiting'); "
-        "exit_now_if_running(0); print('not reached')"
+        "import threading, time; "
+        "from service.model_thread import ModelThread, exit_now_if_running; "
+        "began = threading.Event(); "
+        "ModelThread().submit(lambda: (began.set(), time.sleep(60))); began.wait(30); "
+        "print('exiting'); exit_now_if_running(0); print('not reached')"
     )
     tic = time.monotonic()
     done = subprocess.run(
@@ -70,8 +72,10 @@ def test_a_stopped_server_exits_while_its_model_thread_is_busy():
 
 def test_elsewhere_a_busy_model_thread_leaves_the_exit_status_alone():
     script = (
-        "import sys, time; from service.model_thread import ModelThread; "
-        "ModelThread().submit(time.sleep, 60); time.sleep(0.2); sys.exit(5)"
+        "import sys, threading, time; from service.model_thread import ModelThread; "
+        "began = threading.Event(); "
+        "ModelThread().submit(lambda: (began.set(), time.sleep(60))); began.wait(30); "
+        "sys.exit(5)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=50)
     assert done.returncode == 5, done.stderr  # a failing test run stays failing

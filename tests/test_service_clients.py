@@ -145,7 +145,8 @@ def test_slow_uploaders_are_cut_off_at_the_deadline_and_others_keep_their_latenc
     ]
     for thread in slow:
         thread.start()
-    time.sleep(0.3)  # both are uploading now
+    tasks = server.server.server_state.tasks
+    until(lambda: len(tasks) >= len(slow), "the uploaders did not start", 3 * REQUEST_TIMEOUT_S)
     latencies = []
     for _ in range(3):
         start = time.monotonic()

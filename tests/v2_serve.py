@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.helpers import free_port
+from tests.helpers import free_ports
 from tests.v2_protocol import MAX_UPLOAD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ class Serve:
 
 def start(checkpoint: Path, log: Path, **env: str) -> Serve:
     """`mad serve` of this checkout on loopback with gRPC on, an API key, small limits."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     settings = {
         "MAD_CHECKPOINT": str(checkpoint),
         "MAD_HOST": "127.0.0.1",
