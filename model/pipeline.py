@@ -294,6 +294,7 @@ class BatchRun:
             for i, _, output in group.decode(sorted(set(group.owners)), self.contexts):
                 self.results[i].outputs[group.task] = self.keep(i, group.task, output)
                 self.results[i].passes[group.task] = group.passes(i)
+            self.stage.lap(group.task)  # decoding a task's outputs is that task's time
 
     def keep(self, i: int, task: str, output: Any) -> Any:
         """What request i keeps of its image's output of a per-image task."""
@@ -308,6 +309,7 @@ class BatchRun:
             if group.task == DetectionCodec.name:
                 continue  # set once, before the tasks it prompts
             decoded = group.decode([i], self.contexts)
+            self.stage.lap(group.task)  # decoding a task's outputs is that task's time
             if not decoded:
                 continue
             into.passes[group.task] = group.passes(i)
@@ -330,10 +332,11 @@ class BatchRun:
     def finish(self, i: int) -> None:
         self.open.discard(i)
         result = self.results[i]
+        if not result.cancelled:
+            self.outputs(i, result)
         result.timings.update(self.stage.times)  # the batch shares the work
         if result.cancelled:
             return
-        self.outputs(i, result)
         if (progress := self.requests[i].progress) is not None:
             progress.finished(result)
 
@@ -348,11 +351,12 @@ class BatchRun:
                 result.image_size,
                 result.tasks,
                 dict(result.outputs),
-                dict(self.stage.times),
+                {},
                 dict(result.passes),
                 dict(result.refine_steps),
             )
             self.outputs(i, snapshot)
+            snapshot.timings = dict(self.stage.times)
             progress.partial(snapshot, round)
 
     def drop_cancelled(self) -> None:

@@ -293,9 +293,10 @@ def http_md(http: dict[str, Any]) -> list[str]:
         out.append(
             f"- service overhead at concurrency 1: {fmt(overhead['overhead_ms'], 'ms')} "
             f"of {fmt(overhead['client_median_ms'], 'ms')} = "
-            f"{fmt(_pct(overhead['share']), '%')} (in-process pipeline "
-            f"{fmt(overhead['pipeline_median_ms'], 'ms')}; from the server's stage "
-            f"timings: {fmt(_pct(overhead['share_from_timings']), '%')})"
+            f"{fmt(_pct(overhead['share']), '%')} (median per request: its latency minus "
+            f"the model's stage times in its response; against the same request timed "
+            f"in-process before, {fmt(overhead['pipeline_median_ms'], 'ms')}: "
+            f"{fmt(_pct(overhead['share_vs_in_process']), '%')})"
         )
     if gain := http.get("batching_gain"):
         out.append(

@@ -1,0 +1,65 @@
+"""A result's stage timings account for the model's time: decoding a task's outputs (boxes,
+masks, keypoints, words) from its logits is that task's time, in the final result and in
+every partial one (the service reports these stages per request)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mad.bench.workload import synthetic_image
+from model.inference_io import Request, Result
+from model.pipeline import Pipeline
+from model.task_groups import TaskGroup
+from runtime.torch_runner import TorchRunner
+
+DECODE_S = 0.05  # what every decoding of outputs takes here, far above a micro model's pass
+
+
+class Recorder:
+    """A Progress that keeps the partial results and the final one."""
+
+    partials = True
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+
+    def cancelled(self) -> bool:
+        return False
+
+    def partial(self, result: Result, round: int) -> None:
+        self.results.append(result)
+
+    def finished(self, result: Result) -> None:
+        self.results.append(result)
+
+
+@pytest.fixture
+def slow_decoding(monkeypatch) -> dict[str, int]:
+    """Every TaskGroup.decode takes DECODE_S longer; -> its calls per task."""
+    calls: dict[str, int] = {}
+    decode = TaskGroup.decode
+
+    def slow(self, images, contexts):
+        calls[self.task] = calls.get(self.task, 0) + 1
+        time.sleep(DECODE_S)
+        return decode(self, images, contexts)
+
+    monkeypatch.setattr(TaskGroup, "decode", slow)
+    return calls
+
+
+def test_decoding_the_outputs_is_timed_under_each_task(micro_model, slow_decoding):
+    pipeline = Pipeline(micro_model, TorchRunner(micro_model.required_network()))
+    tasks = tuple(micro_model.config.tasks)
+    recorder = Recorder()
+    request = Request(synthetic_image((96, 96)), tasks, {"caption": 2}, 0.0, 3, progress=recorder)
+    [result] = pipeline([request])
+    assert "caption" in slow_decoding and "detection" in slow_decoding
+    for task, calls in slow_decoding.items():
+        assert result.timings[task] >= calls * DECODE_S, (task, result.timings)
+    draft, refined, final = recorder.results  # round 1 partial; round 2 is the final result
+    assert final.passes == result.passes and refined.passes["caption"] == 2
+    # Each snapshot's timings include decoding that snapshot's outputs.
+    assert draft.timings["caption"] >= DECODE_S and draft.timings["detection"] >= DECODE_S
