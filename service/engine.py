@@ -15,8 +15,9 @@ count against a bounded queue, so overload answers at once (503) instead of pili
 How many refinement steps each request gets (its latency budget, degradation under load) is
 the planner's decision (service/anytime.py): on arrival and when its batch starts. The model
 thread hands each request over as soon as its own last pass ran. A caller that stops
-waiting (deadline, client gone) cancels `job.future`: a waiting job leaves the queue at once
-and never reaches the model; a running one gets no further passes and its result is dropped.
+waiting (deadline, client gone) calls `engine.cancel(job)`: a waiting job leaves the queue at
+once and never reaches the model; a running one gets no further passes and its result is
+dropped.
 """
 
 from __future__ import annotations

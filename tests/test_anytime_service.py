@@ -46,10 +46,10 @@ def comparable(body: dict) -> dict:
 PASS_MS = 5000
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def measured_costs(server):
-    """Every test starts from the costs the server measured, whatever the last one set
-    (estimates of seconds per pass would cut the steps of requests without a budget too)."""
+    """For a test that sets the server's costs: the costs it measured come back after it
+    (estimates of seconds per pass would cut the steps of later requests without a budget)."""
     costs = server.state.costs
     with costs.lock:
         kept = copy.deepcopy((costs.averages, costs.recent, costs.errors))
@@ -77,6 +77,7 @@ def test_a_generous_budget_keeps_the_default_steps(client):
     assert "budget" not in plain and plain["refine_steps_applied"] == {"caption": 3}
 
 
+@pytest.mark.usefixtures("measured_costs")
 def test_a_budget_cuts_steps_to_fit_the_estimates(client, server):
     # A draft of two passes and one pass per caption step: 3.5 passes buy one step (unless
     # receiving the request took over half a pass).
@@ -96,6 +97,7 @@ def test_a_budget_cuts_steps_to_fit_the_estimates(client, server):
     assert body["refine_steps_applied"] == {"caption": 2} and body["budget"]["cut"] is False
 
 
+@pytest.mark.usefixtures("measured_costs")
 def test_the_header_gives_a_budget_and_the_form_field_wins(client, server):
     set_costs(server, preprocess=0, encode=PASS_MS, caption=PASS_MS, postprocess=0)
     header = {"X-Latency-Budget-Ms": str(2.5 * PASS_MS)}
@@ -107,6 +109,7 @@ def test_the_header_gives_a_budget_and_the_form_field_wins(client, server):
     assert body["budget"]["latency_budget_ms"] == 600000
 
 
+@pytest.mark.usefixtures("measured_costs")
 def test_a_budget_too_small_for_one_pass_is_refused_at_once(client, server):
     set_costs(server, preprocess=1, encode=100, caption=100, postprocess=1)
     before = metric_samples(client)
@@ -137,6 +140,7 @@ def test_bad_budgets_and_flags_are_422(client, field, headers, says):
     assert says in response.json()["error"]["message"]
 
 
+@pytest.mark.usefixtures("measured_costs")
 def test_the_kserve_v2_protocol_takes_a_budget_and_early_stop(client, server):
     """Parameters of a v2 inference request, as POST /predict's fields."""
     name = client.get("/v1/model").json()["name"]

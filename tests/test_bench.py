@@ -183,7 +183,10 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
     level = http["modes"]["batching_off"]["levels"]["1"]
     assert level["ok"] > 0 and level["errors"] == {}
     assert {"queue", "encode", "total"} <= set(level["server_timings_ms"])
-    assert "share" in http["overhead"] and "ratio" in http["batching_gain"]
+    # Per request, the client's latency holds the model's stage times and more.
+    overhead = http["overhead"]
+    assert 0 < overhead["share"] < 1 and 0 < overhead["overhead_ms"] < overhead["client_median_ms"]
+    assert "ratio" in http["batching_gain"]
     protocols = report["protocols"]
     assert set(protocols["levels"]) == {"native", "v2_rest", "v2_grpc"}
     for levels in protocols["levels"].values():

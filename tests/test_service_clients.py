@@ -84,6 +84,11 @@ def closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
+def handling(client: httpx.Client) -> float:
+    """Inference requests the server is handling now (its mad_inflight_requests)."""
+    return metric_samples(client)[("mad_inflight_requests", ())]
+
+
 def dribble(url: str, seconds: float, outcome: dict[str, object]) -> None:
     """Send a /predict body one byte per READ_TIMEOUT_S / 3 for `seconds`: never idle long
     enough to time out, slower than any deadline allows."""
@@ -145,8 +150,7 @@ def test_slow_uploaders_are_cut_off_at_the_deadline_and_others_keep_their_latenc
     ]
     for thread in slow:
         thread.start()
-    tasks = server.server.server_state.tasks
-    until(lambda: len(tasks) >= len(slow), "the uploaders did not start", 3 * REQUEST_TIMEOUT_S)
+    until(lambda: handling(client) == len(slow), "the uploaders did not start", 6.0)
     latencies = []
     for _ in range(3):
         start = time.monotonic()
@@ -176,8 +180,7 @@ def test_requests_over_the_concurrency_limit_get_503_but_probes_do_not(server, c
         thread.start()
     try:
         # Every slot taken by an uploader: their heads are in, each one's request is running.
-        tasks = server.server.server_state.tasks
-        until(lambda: len(tasks) >= LIMIT, "the uploaders did not all start", 3 * REQUEST_TIMEOUT_S)
+        until(lambda: handling(client) == LIMIT, "the uploaders did not all start", 6.0)
         refused = client.send(predict_request(server.url))
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "overloaded"

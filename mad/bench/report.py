@@ -291,12 +291,12 @@ def http_md(http: dict[str, Any]) -> list[str]:
     ]
     if overhead := http.get("overhead"):
         out.append(
-            f"- service overhead at concurrency 1: {fmt(overhead['overhead_ms'], 'ms')} "
-            f"of {fmt(overhead['client_median_ms'], 'ms')} = "
-            f"{fmt(_pct(overhead['share']), '%')} (median per request: its latency minus "
-            f"the model's stage times in its response; against the same request timed "
-            f"in-process before, {fmt(overhead['pipeline_median_ms'], 'ms')}: "
-            f"{fmt(_pct(overhead['share_vs_in_process']), '%')})"
+            f"- service overhead at concurrency 1, median per request (its latency minus the "
+            f"model's stage times in its response): {fmt(_pct(overhead['share']), '%')}, "
+            f"{fmt(overhead['overhead_ms'], 'ms')} (client p50 "
+            f"{fmt(overhead['client_median_ms'], 'ms')}); against the same request timed "
+            f"in-process before ({fmt(overhead['pipeline_median_ms'], 'ms')}): "
+            f"{fmt(_pct(overhead['share_vs_in_process']), '%')}"
         )
     if gain := http.get("batching_gain"):
         out.append(
