@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from model.inference_io import Result
 from service.engine import BatchingEngine, Draining, InferenceFailed, Job
@@ -89,39 +90,47 @@ class PartialResults:
 
 
 async def events(
-    engine: BatchingEngine,
-    job: Job,
-    partials: PartialResults,
-    respond: Respond,
-    deadline: float,
-    timeout_s: float,
+    job: Job, partials: PartialResults, respond: Respond, deadline: float, timeout_s: float
 ) -> AsyncIterator[tuple[str, dict[str, Any] | PredictResponse]]:
-    """(event name, object) until the final answer or an error; cancels the job when the
-    consumer stops early (the client went away)."""
-    try:
-        while True:
-            try:
-                item = await asyncio.wait_for(
-                    partials.queue.get(), max(deadline - time.perf_counter(), 0.0)
-                )
-            except TimeoutError:
-                yield "error", error_body(504, f"not done within {timeout_s:g} s", "timeout")
-                return
-            if item is not None:
-                result, round = item
-                yield ("draft" if round == 0 else "refine"), await respond(result, round)
-                continue
-            try:
-                final = job.future.result()
-            except (Draining, InferenceFailed) as exc:
-                error = failure_error(exc)
-                yield "error", error_body(error.status, error.message, error.code)
-            else:
-                yield "final", await respond(final, None)
+    """(event name, object) until the final answer or an error."""
+    while True:
+        try:
+            item = await asyncio.wait_for(
+                partials.queue.get(), max(deadline - time.perf_counter(), 0.0)
+            )
+        except TimeoutError:
+            yield "error", error_body(504, f"not done within {timeout_s:g} s", "timeout")
             return
-    finally:
-        if not job.future.done():
-            engine.cancel(job)  # still waiting: never run; running: no further passes
+        if item is not None:
+            result, round = item
+            yield ("draft" if round == 0 else "refine"), await respond(result, round)
+            continue
+        try:
+            final = job.future.result()
+        except (Draining, InferenceFailed) as exc:
+            error = failure_error(exc)
+            yield "error", error_body(error.status, error.message, error.code)
+        else:
+            yield "final", await respond(final, None)
+        return
+
+
+class JobStreamingResponse(StreamingResponse):
+    """A stream of one job's results that cancels the job however the stream ends (the
+    deadline, the client gone): a waiting job never runs, a running one gets no further
+    passes. Here rather than in the body's generator, whose cleanup never runs when the
+    client leaves before the first object."""
+
+    def __init__(self, content: AsyncIterator[bytes], engine: BatchingEngine, job: Job, **kw: Any):
+        super().__init__(content, **kw)
+        self.engine, self.job = engine, job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.future.done():
+                self.engine.cancel(self.job)
 
 
 def encode(form: Format, event: str, body: dict[str, Any] | PredictResponse) -> bytes:
@@ -147,8 +156,8 @@ def streaming_response(
     partials.follow(job)
 
     async def body() -> AsyncIterator[bytes]:
-        async for event, obj in events(engine, job, partials, respond, deadline, timeout_s):
+        async for event, obj in events(job, partials, respond, deadline, timeout_s):
             yield encode(form, event, obj)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-    return StreamingResponse(body(), media_type=MEDIA_TYPES[form], headers=headers)
+    return JobStreamingResponse(body(), engine, job, media_type=MEDIA_TYPES[form], headers=headers)

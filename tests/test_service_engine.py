@@ -14,6 +14,7 @@ from PIL import Image
 from model.inference_io import Request, Result
 from service.engine import BatchingEngine, Draining, InferenceFailed, QueueFull
 from service.settings import Settings
+from service.streaming import JobStreamingResponse
 from tests.helpers import encode, running_server, scene_image, until
 
 
@@ -186,6 +187,34 @@ def test_drain_ends_promptly_after_the_last_waiting_request_left():
         return await asyncio.wait_for(engine.drain(5), 3)
 
     assert asyncio.run(scenario()) is True
+
+
+def test_a_stream_whose_client_left_before_its_first_object_cancels_its_job():
+    """The body's generator never starts, so its own cleanup would never run: the response
+    cancels the job, which leaves the queue and never reaches the model."""
+
+    async def scenario():
+        engine = BatchingEngine(RecordingPipeline(), batch_delay_s=10, queue_size=4, adaptive=False)
+        engine.start()
+        job = engine.submit(request())
+
+        async def body():
+            await asyncio.Event().wait()  # no object before the client has gone
+            yield b""
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await JobStreamingResponse(body(), engine, job)(scope, receive, send)
+        left = job.future.cancelled(), len(engine.waiting)
+        await engine.drain(5)
+        return left
+
+    assert run(scenario()) == (True, 0)
 
 
 def test_a_batch_holds_requests_of_one_key_the_others_wait():
