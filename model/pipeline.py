@@ -308,7 +308,7 @@ class BatchRun:
         for group in self.groups:
             if group.task == DetectionCodec.name:
                 continue  # set once, before the tasks it prompts
-            decoded = group.decode([i], self.contexts)
+            decoded = group.decoded(i, self.contexts)
             self.stage.lap(group.task)  # decoding a task's outputs is that task's time
             if not decoded:
                 continue

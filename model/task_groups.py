@@ -35,6 +35,7 @@ class TaskGroup:
     boxes: list[torch.Tensor] | None = None
     state: Decoding | None = None
     _rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    _settled: dict[int, list[tuple[int, int | None, Any]]] = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -82,6 +83,19 @@ class TaskGroup:
         if self.state is None or not len(rows):
             return 0
         return int(self.state.passes[rows].max())
+
+    def decoded(
+        self, image: int, contexts: list[DecodeContext]
+    ) -> list[tuple[int, int | None, Any]]:
+        """decode([image]), kept once none of the image's sequences refines any more (a
+        stopped sequence keeps its logits): a streamed request's snapshot after every round
+        does not decode its finished tasks again (7 masks took 10 ms over 8 caption rounds)."""
+        if image in self._settled:
+            return self._settled[image]
+        decoded = self.decode([image], contexts)
+        if not self.refining(image):
+            self._settled[image] = decoded
+        return decoded
 
     def decode(
         self, images: list[int], contexts: list[DecodeContext]

@@ -1,12 +1,13 @@
-"""A result's stage timings account for the model's time: decoding a task's outputs (boxes,
-masks, keypoints, words) from its logits is that task's time, in the final result and in
-every partial one (the service reports these stages per request)."""
+"""Decoding a task's outputs (boxes, masks, keypoints, words) from its logits: timed as that
+task's stage, in the final result and in every partial one (the service reports these stages
+per request), and done once for a task whose passes are over."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import torch
 
 from mad.bench.workload import synthetic_image
 from model.inference_io import Request, Result
@@ -66,3 +67,20 @@ def test_decoding_the_outputs_is_timed_under_each_task(micro_model, slow_decodin
     assert final.passes == result.passes and refined.passes["caption"] == 2
     # Each snapshot's timings include decoding that snapshot's outputs.
     assert draft.timings["caption"] >= DECODE_S and draft.timings["detection"] >= DECODE_S
+
+
+def test_a_streamed_request_decodes_a_finished_task_once(micro_model, slow_decoding):
+    """A snapshot after every round decodes the tasks still refining; a task whose passes
+    are over keeps the outputs it decoded (its logits no longer change)."""
+    pipeline = Pipeline(micro_model, TorchRunner(micro_model.required_network()))
+    tasks = ("detection", "segmentation", "caption")
+    request = Request(synthetic_image((96, 96)), tasks, {"caption": 2}, 0.0, 3, progress=Recorder())
+    [plain] = pipeline([Request(synthetic_image((96, 96)), tasks, {"caption": 2}, 0.0, 3)])
+    slow_decoding.clear()
+    [streamed] = pipeline([request])
+    # Segmentation (no refinement) at the draft only; caption at the draft, round 1, the end.
+    assert slow_decoding == {"detection": 1, "segmentation": 1, "caption": 3}
+    assert streamed.caption == plain.caption and len(streamed.masks or []) == 3
+    assert all(
+        torch.equal(a, b) for a, b in zip(streamed.masks or [], plain.masks or [], strict=True)
+    )
