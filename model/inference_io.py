@@ -60,7 +60,8 @@ class Result:
     outputs[task] for each task run, in its codec's own type: one value for a task with one
     sequence per image (Detections, a caption), a list for a task prompted by detections whose
     entry j belongs to detections[j] (None where the codec does not apply, e.g. keypoints of a
-    non-person). The properties below are typed views of the built-in tasks (None when not run).
+    non-person); read-only (a streamed request's partial results share them). The properties
+    below are typed views of the built-in tasks (None when not run).
     timings are seconds per stage; passes counts decoder passes per task; refine_steps is the
     length of each task's schedule; cancelled: the caller went away and the work stopped.
     """

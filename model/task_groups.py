@@ -89,7 +89,8 @@ class TaskGroup:
     ) -> list[tuple[int, int | None, Any]]:
         """decode([image]), kept once none of the image's sequences refines any more (a
         stopped sequence keeps its logits): a streamed request's snapshot after every round
-        does not decode its finished tasks again (7 masks took 10 ms over 8 caption rounds)."""
+        does not decode its finished tasks again (7 masks took 10 ms over 8 caption rounds).
+        The snapshots and the final result then share these outputs: they are read-only."""
         if image in self._settled:
             return self._settled[image]
         decoded = self.decode([image], contexts)

@@ -193,8 +193,10 @@ def test_a_stream_whose_client_left_before_its_first_object_cancels_its_job():
     """The body's generator never starts, so its own cleanup would never run: the response
     cancels the job, which leaves the queue and never reaches the model."""
 
+    pipeline = RecordingPipeline()
+
     async def scenario():
-        engine = BatchingEngine(RecordingPipeline(), batch_delay_s=10, queue_size=4, adaptive=False)
+        engine = BatchingEngine(pipeline, batch_delay_s=10, queue_size=4, adaptive=False)
         engine.start()
         job = engine.submit(request())
 
@@ -215,6 +217,7 @@ def test_a_stream_whose_client_left_before_its_first_object_cancels_its_job():
         return left
 
     assert run(scenario()) == (True, 0)
+    assert pipeline.batches == []
 
 
 def test_a_batch_holds_requests_of_one_key_the_others_wait():
