@@ -25,6 +25,7 @@ from model.config import get_preset
 from model.data.batching import CanvasCollate
 from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import render_synthetic_image
+from model.inference_io import Result
 from model.losses import sequence_loss
 from service.app import create_app
 from service.server import DrainingServer, uvicorn_options
@@ -215,3 +216,22 @@ def until(
     while not condition():
         assert time.monotonic() < give_up, what
         time.sleep(every_s)
+
+
+class Recorder:
+    """A Progress that records what the pipeline reports, and cancels on demand."""
+
+    def __init__(self, partials: bool = True, cancel_after: int | None = None):
+        self.partials = partials
+        self.cancel_after = cancel_after  # cancel once this many partials arrived
+        self.events: list[tuple[str, int, Result]] = []
+
+    def cancelled(self) -> bool:
+        seen = sum(kind == "partial" for kind, _, _ in self.events)
+        return self.cancel_after is not None and seen >= self.cancel_after
+
+    def partial(self, result: Result, round: int) -> None:
+        self.events.append(("partial", round, result))
+
+    def finished(self, result: Result) -> None:
+        self.events.append(("finished", -1, result))

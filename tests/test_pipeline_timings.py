@@ -10,30 +10,13 @@ import pytest
 import torch
 
 from mad.bench.workload import synthetic_image
-from model.inference_io import Request, Result
+from model.inference_io import Request
 from model.pipeline import Pipeline
 from model.task_groups import TaskGroup
 from runtime.torch_runner import TorchRunner
+from tests.helpers import Recorder
 
 DECODE_S = 0.05  # what every decoding of outputs takes here, far above a micro model's pass
-
-
-class Recorder:
-    """A Progress that keeps the partial results and the final one."""
-
-    partials = True
-
-    def __init__(self) -> None:
-        self.results: list[Result] = []
-
-    def cancelled(self) -> bool:
-        return False
-
-    def partial(self, result: Result, round: int) -> None:
-        self.results.append(result)
-
-    def finished(self, result: Result) -> None:
-        self.results.append(result)
 
 
 @pytest.fixture
@@ -63,7 +46,8 @@ def test_decoding_the_outputs_is_timed_under_each_task(micro_model, slow_decodin
     assert "caption" in slow_decoding and "detection" in slow_decoding
     for task, calls in slow_decoding.items():
         assert result.timings[task] >= calls * DECODE_S, (task, result.timings)
-    draft, refined, final = recorder.results  # round 1 partial; round 2 is the final result
+    # round 1 partial; round 2 is the final result
+    draft, refined, final = [result for _, _, result in recorder.events]
     assert final.passes == result.passes and refined.passes["caption"] == 2
     # Each snapshot's timings include decoding that snapshot's outputs.
     assert draft.timings["caption"] >= DECODE_S and draft.timings["detection"] >= DECODE_S

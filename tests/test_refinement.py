@@ -11,10 +11,10 @@ from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
 from model.decoding import masked_decode, refinement
 from model.feature_cache import FeatureCache
-from model.inference_io import Request, Result
+from model.inference_io import Request
 from model.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner
-from tests.helpers import synthetic_images
+from tests.helpers import Recorder, synthetic_images
 
 
 class CountingRunner(TorchRunner):
@@ -32,25 +32,6 @@ class CountingRunner(TorchRunner):
     def decode(self, memory, tokens, image_index, vocab_slice):
         self.decodes.append((vocab_slice[0], len(tokens)))
         return super().decode(memory, tokens, image_index, vocab_slice)
-
-
-class Recorder:
-    """A Progress that records what the pipeline reports, and cancels on demand."""
-
-    def __init__(self, partials: bool = True, cancel_after: int | None = None):
-        self.partials = partials
-        self.cancel_after = cancel_after  # cancel once this many partials arrived
-        self.events: list[tuple[str, int, Result]] = []
-
-    def cancelled(self) -> bool:
-        seen = sum(kind == "partial" for kind, _, _ in self.events)
-        return self.cancel_after is not None and seen >= self.cancel_after
-
-    def partial(self, result: Result, round: int) -> None:
-        self.events.append(("partial", round, result))
-
-    def finished(self, result: Result) -> None:
-        self.events.append(("finished", -1, result))
 
 
 def caption_setup(micro_model):
