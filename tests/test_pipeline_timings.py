@@ -47,7 +47,7 @@ def test_decoding_the_outputs_is_timed_under_each_task(micro_model, slow_decodin
     for task, calls in slow_decoding.items():
         assert result.timings[task] >= calls * DECODE_S, (task, result.timings)
     # round 1 partial; round 2 is the final result
-    draft, refined, final = [result for _, _, result in recorder.events]
+    draft, refined, final = [reported for _, _, reported in recorder.events]
     assert final.passes == result.passes and refined.passes["caption"] == 2
     # Each snapshot's timings include decoding that snapshot's outputs.
     assert draft.timings["caption"] >= DECODE_S and draft.timings["detection"] >= DECODE_S
