@@ -212,8 +212,8 @@ def evaluate_command(
         output_file(json_out, "--json")  # before the evaluation, not after it
     mad, _ = load_checkpoint(checkpoint, device)
     try:
-        steps = parse_refine_steps(refine, mad.config.tasks)
         tasks = parse_tasks(task, mad.config.tasks)
+        steps = parse_refine_steps(refine, mad.config.tasks, mad.tasks_to_run(tasks))
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})

@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from model.codecs import TaskCodec, build_codecs
+from model.codecs import DetectionCodec, TaskCodec, build_codecs
 from model.config import TRAINING_AND_DECODING_FIELDS, ModelConfig
 from model.network import MADNetwork
 from model.startup import StartupError
@@ -52,6 +53,13 @@ class MAD:
                 "whose weights live in the graphs; load the checkpoint instead"
             )
         return self.network
+
+    def tasks_to_run(self, asked: Sequence[str]) -> tuple[str, ...]:
+        """Asked tasks plus detection when a task prompted by detections needs it, model order."""
+        needed = set(asked)
+        if any(self.codecs[task].prompted_by_detections for task in asked):
+            needed.add(DetectionCodec.name)
+        return tuple(task for task in self.codecs if task in needed)
 
     @classmethod
     def build(cls, config: ModelConfig, tokenizer: CaptionTokenizer | None = None) -> MAD:

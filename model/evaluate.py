@@ -248,7 +248,7 @@ def evaluate(
     eager network on `device`."""
     truth = GroundTruth.load(Path(data), split, limit)
     pipeline = Pipeline(mad, runner or EagerRunner(mad.required_network(), device))
-    tasks = pipeline.tasks_to_run(tuple(tasks or mad.config.tasks))
+    tasks = mad.tasks_to_run(tuple(tasks or mad.config.tasks))
     evaluators = [mad.codecs[task].evaluator(truth) for task in tasks]
     evaluators = [e for e in evaluators if missing_truth(e) is None]  # unscored_tasks: why
     for start in range(0, len(truth.image_ids), batch_size):

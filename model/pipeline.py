@@ -83,13 +83,6 @@ class Pipeline(Generic[Memory]):
         self.features = features
         self.observer: StageObserver = observer or (lambda stage, images, seconds: None)
 
-    def tasks_to_run(self, asked: tuple[str, ...]) -> tuple[str, ...]:
-        """Asked tasks plus detection when a task prompted by detections needs it, model order."""
-        needed = set(asked)
-        if any(self.codecs[task].prompted_by_detections for task in asked):
-            needed.add(DetectionCodec.name)
-        return tuple(task for task in self.codecs if task in needed)
-
     def ratios(self, request: Request, task: str) -> Schedule:
         default = self.config.schedules.get(task, [])
         return tuple(mask_schedule(request.refine_steps.get(task, len(default)), default))
@@ -119,7 +112,7 @@ class Pipeline(Generic[Memory]):
     def _run_batch(self, requests: list[Request]) -> list[Result]:
         start = time.perf_counter()
         stage = Stopwatch(self.device, start)
-        results = [Result((0, 0), self.tasks_to_run(r.tasks)) for r in requests]
+        results = [Result((0, 0), self.mad.tasks_to_run(r.tasks)) for r in requests]
         memory, contexts = self.encode(requests, stage)
         for result, context in zip(results, contexts, strict=True):
             result.image_size = context.image_size

@@ -7,7 +7,8 @@ message. Task names are always checked against the loaded model's tasks.
     tasks           names separated by commas and/or repeated: "detection,caption"
     refine_steps    items separated by commas and/or repeated, each K (every task) or
                     task:K (that task; wins over a bare K), K in 0..MAX_REFINE_STEPS;
-                    each task and the bare K at most once
+                    each task and the bare K at most once; task:K only for a task the
+                    request runs (detection runs for the tasks it prompts)
     score_threshold 0..1
     max_detections  1..the model's detection slots, or None (all)
     nms_iou         0..1 (1: no suppression), or None (the model's default)
@@ -64,9 +65,16 @@ def parse_tasks(values: Iterable[str] | None, model_tasks: Sequence[str]) -> tup
     return tuple(t for t in model_tasks if t in names) if names else tuple(model_tasks)
 
 
-def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str]) -> dict[str, int]:
+def parse_refine_steps(
+    values: Iterable[str] | None,
+    model_tasks: Sequence[str],
+    runs: Sequence[str] | None = None,
+) -> dict[str, int]:
     """["2"] -> every task 2; ["2,caption:3"] -> every task 2 but caption 3; none -> {}
-    (each task keeps its checkpoint schedule)."""
+    (each task keeps its checkpoint schedule).
+
+    runs: the tasks the request runs (model.checkpoint.MAD.tasks_to_run), when known; a
+    task:K for a model task outside them is refused rather than ignored."""
     allowed = ", ".join(model_tasks)
     every: int | None = None
     steps: dict[str, int] = {}
@@ -87,6 +95,12 @@ def parse_refine_steps(values: Iterable[str] | None, model_tasks: Sequence[str])
         k = int(count)
         if not 0 <= k <= MAX_REFINE_STEPS:
             raise RequestError("refine_steps", f"{k} in {part!r} is outside 0..{MAX_REFINE_STEPS}")
+        if sep and runs is not None and task not in runs:
+            raise RequestError(
+                "refine_steps",
+                f"{part!r} names {task}, which this request does not run "
+                f"(it runs {', '.join(runs)})",
+            )
         key = task if sep else None  # None: the bare K
         if key in given:
             what = f"{task}:K" if sep else "K for every task"

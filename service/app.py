@@ -164,7 +164,7 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
         state.health.self_test = lambda: engine.run_alone(self_test)
         await engine.run_on_model_thread(calibrate, pipeline, state.costs, model)
         engine.planner = RefinementPlanner(
-            pipeline.tasks_to_run,
+            pipeline.mad.tasks_to_run,
             d.default_refine_steps,
             state.costs,
             s.queue_size,

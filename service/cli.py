@@ -188,7 +188,7 @@ def predict(
     config = mad.config
     try:
         task_names = parse_tasks(tasks, config.tasks)
-        steps = parse_refine_steps(refine_steps, config.tasks)
+        steps = parse_refine_steps(refine_steps, config.tasks, mad.tasks_to_run(task_names))
         score_threshold = check_score_threshold(score_threshold)
         max_detections = check_max_detections(max_detections, config.num_slots)
         nms_iou = check_nms_iou(nms_iou)

@@ -39,7 +39,8 @@ class PredictForm(Strict):
     refine_steps: list[str] | None = Field(
         None,
         description=f"Refinement steps 0..{MAX_REFINE_STEPS}: one integer for every "
-        "task, or task:K pairs (comma-separated and/or repeated; task:K wins over a bare K). "
+        "task, or task:K pairs (comma-separated and/or repeated; task:K wins over a bare K; "
+        "task:K only for a task the request runs). "
         "Default: each task's schedule from the checkpoint.",
     )
     score_threshold: float = Field(

@@ -38,7 +38,6 @@ from PIL import Image
 from starlette.requests import Request as HTTPRequest
 
 from model.inference_io import Request as ModelRequest
-from model.pipeline import Pipeline
 from model.request_spec import (
     RequestError,
     check_latency_budget,
@@ -253,8 +252,9 @@ def plan(state: ServiceState, request: InferRequest) -> Plan:
             raise bad_request(f"output {name!r} requested twice")
     try:
         tasks = chosen_tasks(params, requested, specs, list(config.tasks))
+        runs = model.mad.tasks_to_run(tasks)
         steps = given(params, "refine_steps", text)
-        refine = parse_refine_steps(None if steps is None else [steps], config.tasks)
+        refine = parse_refine_steps(None if steps is None else [steps], config.tasks, runs)
         threshold = given(params, "score_threshold", number)
         score_threshold = check_score_threshold(
             DEFAULT_SCORE_THRESHOLD if threshold is None else threshold
@@ -278,7 +278,6 @@ def plan(state: ServiceState, request: InferRequest) -> Plan:
         "refine_early_stop", params.get("refine_early_stop", state.settings.refine_early_stop)
     )
 
-    runs = Pipeline(model.mad, model.runner).tasks_to_run(tasks)
     if requested is None:
         outputs = [(s, binary) for s in specs.values() if s.task is None or s.task in runs]
     else:

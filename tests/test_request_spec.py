@@ -106,6 +106,24 @@ def test_bad_refine_steps(values, says):
     assert isinstance(caught.value, ValueError)
 
 
+def test_refine_steps_only_for_tasks_the_request_runs():
+    """task:K for a task the request does not run is refused, not ignored; a bare K covers
+    whatever runs; detection runs (and takes its K) for the tasks it prompts."""
+    runs = ("detection", "keypoints")  # asked: keypoints
+    assert parse_refine_steps(["detection:1,keypoints:2"], ALL, runs) == {
+        "detection": 1,
+        "keypoints": 2,
+    }
+    assert parse_refine_steps(["2"], ALL, ("caption",)) == dict.fromkeys(ALL, 2)
+    with pytest.raises(RequestError) as caught:
+        parse_refine_steps(["2,caption:3"], ALL, runs)
+    assert caught.value.problem == (
+        "'caption:3' names caption, which this request does not run (it runs detection, keypoints)"
+    )
+    with pytest.raises(RequestError, match="'nosuchtask:1'; this model has"):
+        parse_refine_steps(["nosuchtask:1"], ALL, runs)  # unknown to the model says so first
+
+
 def test_score_threshold_and_max_detections():
     assert [check_score_threshold(v) for v in (0.0, 0.5, 1.0)] == [0.0, 0.5, 1.0]
     for bad in (-0.1, 1.5, math.nan):
@@ -140,6 +158,15 @@ def image(tmp_path_factory):
         (
             ["predict", "IMAGE", "--refine-steps", "nosuchtask:2"],
             "mad predict: --refine-steps: unknown task 'nosuchtask'",
+        ),
+        (
+            ["predict", "IMAGE", "--tasks", "caption", "--refine-steps", "detection:1"],
+            "mad predict: --refine-steps: 'detection:1' names detection, which this request "
+            "does not run (it runs caption)",
+        ),
+        (
+            ["eval", "--task", "detection", "--refine", "caption:1"],
+            "mad eval: --refine: 'caption:1' names caption",
         ),
         (
             ["predict", "IMAGE", "--max-detections", "7"],

@@ -104,6 +104,7 @@ FIELD_CASES = {
     "refine_not_a_number": {"refine_steps": "caption:many"},
     "refine_empty_item": {"refine_steps": "2,"},
     "refine_task_twice": {"refine_steps": "caption:1,caption:2"},
+    "refine_task_not_run": {"refine_steps": "detection:1", "tasks": "caption"},
     "tasks_empty_item": {"tasks": "detection,,caption"},
     "threshold_above_one": {"score_threshold": "1.5"},
     "threshold_not_a_number": {"score_threshold": "high"},

@@ -98,6 +98,12 @@ BAD_REQUESTS = {
         400,
         "is not K or task:K",
     ),
+    "refine_steps for a task not run": (
+        "{model}",
+        {**with_input(), "parameters": {"tasks": "caption", "refine_steps": "detection:1"}},
+        400,
+        "'detection:1' names detection, which this request does not run (it runs caption)",
+    ),
     "bad mask format": (
         "{model}",
         {**with_input(), "parameters": {"mask_format": "png"}},

@@ -86,7 +86,7 @@ async def predict(
         check_fields_sent_once(await request.form())  # parsed already: the form is cached
         tasks = parse_tasks(form.tasks, config.tasks)
         request.state.tasks = tasks  # the metrics middleware counts per task asked
-        refine = parse_refine_steps(form.refine_steps, config.tasks)
+        refine = parse_refine_steps(form.refine_steps, config.tasks, model.mad.tasks_to_run(tasks))
         score_threshold = check_score_threshold(form.score_threshold)
         max_detections = check_max_detections(form.max_detections, config.num_slots)
         nms_iou = check_nms_iou(form.nms_iou)
