@@ -37,7 +37,7 @@ QUANTIZATIONS = ("int8",)  # what `mad export --quantize` offers
 CALIBRATION_IMAGES = 32
 # Below this share of tokens decoded alike (argmax of int8 vs fp32 logits over the check's
 # inputs) the export is refused: int8 would change what the model answers. (The bundled
-# model: 0.96, with AP and BLEU-4 on held-out images unchanged within their noise.)
+# model: 0.94, with AP and BLEU-4 on held-out images within about a point: docs/export.md.)
 MIN_TOKEN_AGREEMENT = 0.9
 CHECK_IMAGES = 8  # synthetic images (not the calibration ones) both exports decode
 MATCH_IOU = 0.5  # detections of the two exports match at this IoU, same class
