@@ -22,8 +22,9 @@ from model.request_spec import (
     parse_refine_steps,
     parse_tasks,
 )
-from model.startup import StartupError, output_file
+from model.startup import DEVICES, StartupError, output_file
 from service.cli import predict, request_error, serve
+from service.setting_options import device_option
 
 app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -95,7 +96,9 @@ def train(
     grad_clip: float = typer.Option(0.1),
     workers: int = typer.Option(2, min=0, help="Data loader processes."),
     device: str = typer.Option(
-        "auto", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU)."
+        "auto",
+        callback=device_option,
+        help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU).",
     ),
     amp: str = typer.Option(
         "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA, loss-scaled) or none."
@@ -194,7 +197,7 @@ def evaluate_command(
     ),
     limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", callback=device_option, help=DEVICES),
     nms_iou: float | None = typer.Option(
         None, help="Class-wise NMS IoU, 0..1 (1: off; default: the checkpoint's)."
     ),
@@ -273,7 +276,7 @@ def tune_command(
     tolerance: float = typer.Option(
         0.003, min=0.0, help="Take the shortest schedule this close to the best."
     ),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", callback=device_option, help=DEVICES),
     write: bool = typer.Option(False, help="Store the chosen schedules in the checkpoint."),
 ) -> None:
     """Choose each task's default refinement schedule by its metric on held-out data."""

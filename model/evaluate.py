@@ -55,6 +55,8 @@ class GroundTruth:
         if instances is None:
             raise FileNotFoundError(path)
         ids = sorted(instances.imgs)[:limit]
+        if not ids:  # every metric would be a meaningless 0
+            raise StartupError(f"{path} lists no images: nothing to evaluate")
         absent = [
             name
             for name in (instances.imgs[i]["file_name"] for i in ids)

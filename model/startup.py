@@ -16,6 +16,11 @@ class StartupError(RuntimeError):
     """An expected start-up failure; the message names the problem and the fix."""
 
 
+# What a --device option (MAD_DEVICE) may say; a value outside it is a usage error (exit 2).
+DEVICE_PATTERN = r"^(cpu|auto|cuda(:\d+)?)$"
+DEVICES = "cpu, cuda, cuda:N or auto (CUDA when present, else CPU)"
+
+
 def resolve_device(device: str) -> str:
     """ "auto" -> "cuda" when torch sees a CUDA device, else "cpu"; anything else as given."""
     if device == "auto":

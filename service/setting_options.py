@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,7 +21,8 @@ import typer
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from service.settings import Settings
+from model.startup import DEVICE_PATTERN, DEVICES
+from service.settings import Precision, Settings
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -147,6 +149,21 @@ def settings_from_options(command: str, options: dict[str, Any]) -> Settings:
         if error["type"] == "string_pattern_mismatch" and field is not None:
             expected = f"expected {plain(field.description or '')}"
         usage_error(command, f"{where}: {error['input']!r}: {expected}")
+
+
+def device_option(value: str) -> str:
+    """A typer callback for the --device of commands without Settings: a device outside
+    model.startup.DEVICE_PATTERN is a usage error (exit 2), as it is for `mad serve`."""
+    if not re.fullmatch(DEVICE_PATTERN, value):
+        raise typer.BadParameter(f"{value!r}: expected {DEVICES}")
+    return value
+
+
+def precision_option(value: str) -> str:
+    """A typer callback for --precision outside Settings: one of Settings' precisions."""
+    if value not in get_args(Precision):
+        raise typer.BadParameter(f"{value!r}: expected one of {', '.join(get_args(Precision))}")
+    return value
 
 
 def usage_error(command: str, message: str) -> NoReturn:

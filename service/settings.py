@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.startup import DEVICE_PATTERN
+
 # The bundled model lives at the repository root, beside the packages.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mad-tiny"
 
@@ -37,7 +39,7 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         "cpu",
-        pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+        pattern=DEVICE_PATTERN,
         description="`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present, else CPU).",
     )
     precision: Precision = Field(

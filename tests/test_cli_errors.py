@@ -66,9 +66,12 @@ def test_an_export_is_not_a_checkpoint(command, micro_checkpoint, tmp_path):
     assert "is an ONNX export, not a checkpoint" in one_line_failure(args)
 
 
-def test_devices_are_checked_before_loading(micro_checkpoint, synth_data):
-    args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
-    assert "unknown device 'foo'" in one_line_failure([*args, "--device", "foo"])
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_devices_are_checked_before_loading(command, micro_checkpoint, synth_data):
+    """A device no setting could name is a usage error (exit 2), as for `mad serve`."""
+    args = [command, "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    stderr = usage_failure([*args, "--device", "gpu"])
+    assert "--device" in stderr and "'gpu': expected cpu, cuda, cuda:N or auto" in stderr
 
 
 def test_eval_checks_its_json_path_before_evaluating(micro_checkpoint, synth_data, tmp_path):
@@ -93,6 +96,43 @@ def test_an_unknown_benchmark_backend_is_refused_before_any_output(micro_checkpo
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--device", "gpu"], "'gpu': expected cpu, cuda, cuda:N or auto"),
+        (["--precision", "int9"], "'int9': expected one of fp32, bf16, fp16, int8"),
+        (["--concurrency", "abc"], "'abc': expected positive integers separated by commas"),
+        (["--concurrency", "0,2"], "expected positive integers"),
+    ],
+)
+def test_benchmark_values_are_usage_errors(extra, says, micro_checkpoint, tmp_path):
+    args = ["bench", "--checkpoint", str(micro_checkpoint), "--out", str(tmp_path / "b")]
+    stderr = usage_failure([*args, *extra])
+    assert says in stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--precision", "int8"], "int8 is a precision of the onnx backend"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 autocast runs on CUDA only"),
+        (["--backend", "onnx", "--precision", "bf16"], "the onnx backend runs fp32 or int8"),
+    ],
+)
+def test_benchmark_options_that_do_not_go_together_fail_before_any_section(
+    extra, says, micro_checkpoint, tmp_path
+):
+    args = ["bench", "--checkpoint", str(micro_checkpoint), "--out", str(tmp_path / "b")]
+    assert says in one_line_failure([*args, *extra])
+    assert not list((tmp_path / "b").iterdir())  # no report: no section ran
+
+
+def empty_images(annotations: Path) -> None:
+    coco = json.loads(annotations.read_text())
+    annotations.write_text(json.dumps({**coco, "images": [], "annotations": []}))
+
+
 def train_args(synth_data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(synth_data), "--out", str(out), "--steps", "1", *extra]
 
@@ -105,7 +145,7 @@ def train_args(synth_data: Path, out: Path, *extra: str) -> list[str]:
         (["--set", "d_model=abc"], "d_model must be int, not 'abc'"),
         (["--set", "task_weights={bad"], "task_weights must be dict[str, float]"),
         (["--set", "d_model=-4"], "d_model must be at least 1"),
-        (["--device", "foo"], "unknown device 'foo'"),
+        (["--device", "foo"], "'foo': expected cpu, cuda, cuda:N or auto"),
     ],
 )
 def test_training_mistakes_leave_no_directory(extra, says, synth_data, tmp_path):
@@ -208,6 +248,7 @@ def test_tasks_without_ground_truth_are_not_scored(micro_checkpoint, synth_data,
         (lambda d: (d / "annotations/instances_val2017.json").write_text("{"), "not a COCO"),
         (lambda d: (d / "annotations/captions_val2017.json").write_text("[]"), "not a COCO"),
         (lambda d: next((d / "val2017").iterdir()).unlink(), "lacks 1 of the 4 images"),
+        (lambda d: empty_images(d / "annotations/instances_val2017.json"), "lists no images"),
     ],
 )
 def test_a_damaged_data_set_is_one_line(damage, says, micro_checkpoint, synth_data, tmp_path):

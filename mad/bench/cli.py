@@ -11,8 +11,9 @@ import typer
 from mad.bench.report import headline
 from mad.bench.run import BenchRun, BenchSettings
 from model.request_spec import RequestError
-from model.startup import output_dir
+from model.startup import DEVICES, StartupError, output_dir
 from service.cli import request_error
+from service.setting_options import device_option, precision_option
 
 T = TypeVar("T")
 
@@ -69,6 +70,17 @@ QUICK = Sizes(
 )
 
 
+def concurrency_levels(text: str) -> list[int]:
+    """ "1,4,8" -> [1, 4, 8]: positive integers separated by commas, sorted, each once."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(
+            f"{text!r}: expected positive integers separated by commas (1,4,8)",
+            param_hint="--concurrency",
+        )
+    return sorted({int(p) for p in parts})
+
+
 def given_or(value: T | None, default: T) -> T:
     return default if value is None else value
 
@@ -87,8 +99,12 @@ def bench(
         None, help="HxW of the input image and canvas (default: the model's, r50: 800x1333)."
     ),
     backend: str = typer.Option("torch", help="torch, onnx, tensorrt or openvino."),
-    device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (torch on CUDA)."),
+    device: str = typer.Option("auto", callback=device_option, help=DEVICES),
+    precision: str = typer.Option(
+        "fp32",
+        callback=precision_option,
+        help="fp32; bf16 (torch, openvino); fp16 (torch on CUDA); int8 (onnx).",
+    ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile."),
     batch_size: int = typer.Option(1, min=1, help="Images per model call."),
     refine_steps: list[str] = typer.Option(
@@ -180,11 +196,9 @@ def bench(
     size_text = given_or(image_size, base.image_size)
     try:
         size = parse_size(size_text) if size_text else None
-        levels = sorted(
-            {int(c) for c in given_or(concurrency, base.concurrency).split(",") if c.strip()}
-        )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint="--image-size") from None
+    levels = concurrency_levels(given_or(concurrency, base.concurrency))
     if quick and checkpoint is None and preset is None:
         preset = "tiny"  # never the bundled model: the smoke test must not depend on it
     output_dir(out, "--out")  # now, not after the whole benchmark has run
@@ -227,6 +241,8 @@ def bench(
         report = run.execute()
     except RequestError as exc:  # --refine-steps against the model's tasks
         request_error("bench", exc)
+    except StartupError:
+        raise  # one line, exit 3, as in every command
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # no model to benchmark
         raise SystemExit(f"mad bench: {exc}") from exc
     from mad.bench.report import write_report

@@ -127,6 +127,7 @@ class BenchRun:
             prepare_checkpoint,
             synthetic_image,
         )
+        from runtime.backends import check_options
         from service.model_cache import load_runner
 
         s = self.s
@@ -138,6 +139,8 @@ class BenchRun:
         self.payload = jpeg_bytes(synthetic_image(size))
         # The JPEG round trip gives every section the pixels the service will decode.
         self.image = Image.open(io.BytesIO(self.payload)).convert("RGB")
+        # Options that do not go together fail now, before any section exports or runs.
+        check_options(s.backend, self.checkpoint, s.device, precision=s.precision)
         self.export_dir = None
         wants_export = (
             s.backend != "torch"
