@@ -189,11 +189,17 @@ def evaluate_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     split: str = typer.Option("val2017"),
-    refine: list[str] = typer.Option(
-        [], help="Refinement steps: K for all, or task:K (comma-separated or repeated)."
+    refine_steps: list[str] = typer.Option(
+        [],
+        "--refine-steps",
+        "--refine",
+        help="Refinement steps: K for all, or task:K (comma-separated or repeated).",
     ),
-    task: list[str] = typer.Option(
-        [], help="Evaluate only these tasks (comma-separated or repeated; default all)."
+    tasks: list[str] = typer.Option(
+        [],
+        "--tasks",
+        "--task",
+        help="Evaluate only these tasks (comma-separated or repeated; default all).",
     ),
     limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
     batch_size: int = typer.Option(8, min=1),
@@ -215,16 +221,16 @@ def evaluate_command(
         output_file(json_out, "--json")  # before the evaluation, not after it
     mad, _ = load_checkpoint(checkpoint, device)
     try:
-        tasks = parse_tasks(task, mad.config.tasks)
-        steps = parse_refine_steps(refine, mad.config.tasks, mad.tasks_to_run(tasks))
+        task_names = parse_tasks(tasks, mad.config.tasks)
+        steps = parse_refine_steps(refine_steps, mad.config.tasks, mad.tasks_to_run(task_names))
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
-        request_error("eval", exc, {"refine_steps": "--refine", "tasks": "--task"})
+        request_error("eval", exc)
     require_split(data, split)
-    for name, why in unscored_tasks(mad, data, split, tasks).items():
+    for name, why in unscored_tasks(mad, data, split, task_names).items():
         typer.echo(f"mad eval: {name} not scored: {why}", err=True)
     metrics = evaluate(
-        mad, data, split, device, steps, limit, batch_size, tasks=tasks, nms_iou=nms_iou
+        mad, data, split, device, steps, limit, batch_size, tasks=task_names, nms_iou=nms_iou
     )
     typer.echo(format_table(metrics))
     if json_out:
@@ -232,7 +238,10 @@ def evaluate_command(
             "checkpoint": str(checkpoint),
             "data": str(data),
             "split": split,
-            "refine_steps": steps,
+            "refine_steps": {  # what each task ran: given, else its checkpoint schedule
+                task: steps.get(task, len(mad.config.schedules.get(task, [])))
+                for task in mad.tasks_to_run(task_names)
+            },
             "nms_iou": mad.config.nms_iou if nms_iou is None else nms_iou,
             "metrics": metrics,
         }
@@ -266,8 +275,11 @@ def tune_command(
         help="Held-out data in the COCO 2017 layout: not the images you will report results on.",
     ),
     split: str = typer.Option("val2017"),
-    task: list[str] = typer.Option(
-        [], help="Tune only these tasks (comma-separated or repeated; default all)."
+    tasks: list[str] = typer.Option(
+        [],
+        "--tasks",
+        "--task",
+        help="Tune only these tasks (comma-separated or repeated; default all).",
     ),
     limit: int | None = typer.Option(200, min=1, help="Score on the first N images."),
     max_steps: int = typer.Option(
@@ -289,24 +301,26 @@ def tune_command(
     device = str(torch_device(device))
     mad, _ = load_checkpoint(checkpoint, device)
     try:
-        tasks = parse_tasks(task, mad.config.tasks)
+        task_names = parse_tasks(tasks, mad.config.tasks)
     except RequestError as exc:
-        request_error("tune", exc, {"tasks": "--task"})
+        request_error("tune", exc)
     require_split(data, split)
-    unscored = unscored_tasks(mad, data, split, tasks)
-    if set(unscored) == set(tasks):
+    unscored = unscored_tasks(mad, data, split, task_names)
+    if set(unscored) == set(task_names):
         reasons = "; ".join(f"{name}: {why}" for name, why in unscored.items())
         raise StartupError(f"--data has no ground truth for the tasks to tune ({reasons})")
     for name, why in unscored.items():
         typer.echo(f"mad tune: {name} not tuned: {why}", err=True)
-    tasks = tuple(t for t in tasks if t not in unscored)
+    task_names = tuple(t for t in task_names if t not in unscored)
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
     def report(name: str, trial: Trial) -> None:
         metric = mad.codecs[name].metric
         typer.echo(f"{name:<13} {trial.ratios!s:<34} {metric} {trial.score:.4f}")
 
-    trials = tune_schedules(mad, data, split, tasks, limit, device, max_steps, tolerance, report)
+    trials = tune_schedules(
+        mad, data, split, task_names, limit, device, max_steps, tolerance, report
+    )
     for name in trials:
         typer.echo(f"{name}: {before.get(name, [])} -> {mad.config.schedules[name]}")
     if write:

@@ -146,15 +146,15 @@ def image(tmp_path_factory):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["eval", "--refine", "abc"], "mad eval: --refine: 'abc' is not K or task:K"),
-        (["eval", "--refine", "2,"], "mad eval: --refine: '2,' has an empty item"),
-        (["eval", "--refine", "caption:", "--refine", "1"], "mad eval: --refine: 'caption:'"),
+        (["eval", "--refine-steps", "abc"], "mad eval: --refine-steps: 'abc' is not K or task:K"),
+        (["eval", "--refine", "2,"], "mad eval: --refine-steps: '2,' has an empty item"),
+        (["eval", "--refine", "caption:", "--refine", "1"], "mad eval: --refine-steps: 'caption:'"),
         (
             ["eval", "--task", "panoptic"],
-            "mad eval: --task: unknown task 'panoptic'; this model "
+            "mad eval: --tasks: unknown task 'panoptic'; this model "
             "has detection, segmentation, keypoints, caption",
         ),
-        (["tune", "--task", "detection,"], "mad tune: --task: 'detection,' has an empty item"),
+        (["tune", "--task", "detection,"], "mad tune: --tasks: 'detection,' has an empty item"),
         (
             ["predict", "IMAGE", "--refine-steps", "nosuchtask:2"],
             "mad predict: --refine-steps: unknown task 'nosuchtask'",
@@ -166,7 +166,7 @@ def image(tmp_path_factory):
         ),
         (
             ["eval", "--task", "detection", "--refine", "caption:1"],
-            "mad eval: --refine: 'caption:1' names caption",
+            "mad eval: --refine-steps: 'caption:1' names caption",
         ),
         (
             ["predict", "IMAGE", "--max-detections", "7"],

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
 
+from typer.testing import CliRunner
+
+from mad.cli import app as mad_cli
 from model.checkpoint import (
     MAD,
     checkpoint_digest,
@@ -71,6 +75,21 @@ def test_eval_of_one_task_reports_only_its_metrics(micro_model, synth_data):
     assert set(metrics) == {"caption_BLEU4", "caption_sentence_share", "caption_BLEU4_x_sentences"}
     metrics = evaluate(micro_model, synth_data, tasks=("keypoints",), limit=2)
     assert set(metrics) == {"bbox_AP", "bbox_AP50", "bbox_AP75", "keypoints_AP"}
+
+
+def test_eval_json_says_the_steps_each_task_ran(micro_checkpoint, synth_data, tmp_path):
+    """Given steps where given; the checkpoint's schedule for the rest of what ran
+    (detection runs for keypoints)."""
+    out = tmp_path / "metrics.json"
+    args = ["--checkpoint", str(micro_checkpoint), "--data", str(synth_data), "--limit", "1"]
+    args += ["--tasks", "keypoints", "--refine-steps", "keypoints:1", "--json", str(out)]
+    result = CliRunner().invoke(mad_cli, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    schedules = read_checkpoint_config(micro_checkpoint)["model"].get("schedules", {})
+    assert json.loads(out.read_text())["refine_steps"] == {
+        "detection": len(schedules.get("detection", [])),
+        "keypoints": 1,
+    }
 
 
 def test_rewritten_schedules_change_the_checkpoint_digest(micro_checkpoint, tmp_path):
