@@ -91,7 +91,13 @@ def check_options(
             f"no checkpoint or export at {checkpoint} ({CONFIG} missing); "
             "check --checkpoint (or MAD_CHECKPOINT)"
         )
-    export_dir = options.get("export_dir") if backend != "torch" else None
+    if backend == "torch" and options.get("export_dir") is not None:
+        raise StartupError(
+            "--export-dir (MAD_EXPORT_DIR) is an export for the onnx, tensorrt or openvino "
+            "backend, which the torch backend would ignore: choose one with --backend, or "
+            "unset it to run --checkpoint"
+        )
+    export_dir = options.get("export_dir")
     if export_dir is not None:
         read_manifest(export_dir)  # raises when it is not an export
     elif (
@@ -109,7 +115,7 @@ def check_options(
         if is_export(checkpoint):
             raise StartupError(
                 f"{checkpoint} is an ONNX export, not a checkpoint: run it with --backend onnx "
-                "(or tensorrt), or pass the checkpoint it was exported from"
+                "(or tensorrt, openvino), or pass the checkpoint it was exported from"
             )
         check_torch_options(
             device, options.get("precision", "fp32"), options.get("cuda_graphs", False)

@@ -162,7 +162,9 @@ def predict(
     ),
     mask_format: str = typer.Option("rle", metavar="rle|polygon", help="Masks in --json."),
     render: Path | None = typer.Option(
-        None, help="Draw the result into this PNG (several images: OUT-<image name>.png)."
+        None,
+        help=f"Draw the result into this image ({', '.join(RENDER_SUFFIXES)}; several images: "
+        "OUT-<image name>.<suffix>).",
     ),
     json_output: bool = typer.Option(
         False, "--json", help="Print POST /predict's JSON response, one line per image."

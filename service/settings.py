@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(
         BUNDLED_CHECKPOINT,
-        description="Checkpoint directory to serve, or an export dir (onnx, tensorrt, openvino).",
+        description="Checkpoint directory, or an export dir (onnx, tensorrt, openvino).",
     )
     backend: Backend = Field(
         "torch", description="Runtime: `torch`, `onnx`, `tensorrt` or `openvino` (CPU)."

@@ -236,6 +236,15 @@ def test_export_dir_that_is_not_an_export(micro_checkpoint, tmp_path):
     assert f"{tmp_path} is not a MAD export" in stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "predict"])
+def test_an_export_dir_the_torch_backend_would_ignore_is_refused(
+    command, micro_checkpoint, image, tmp_path
+):
+    args = [command, "--checkpoint", str(micro_checkpoint), "--export-dir", str(tmp_path)]
+    stderr = one_line_failure(args + ([str(image)] if command == "predict" else []))
+    assert "which the torch backend would ignore" in stderr
+
+
 def usage_failure(args: list[str], **env: str) -> str:
     """Run `mad ARGS`; -> its stderr, checked to be one line and exit status 2."""
     result = CliRunner().invoke(mad_cli, args, env=env)
