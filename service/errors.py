@@ -89,12 +89,17 @@ def error_response(
     return JSONResponse(error_body(status, message, code, details), status, headers=headers)
 
 
+# FastAPI's words for a text field where a file part belongs, and what the client should hear.
+NOT_A_FILE = "Expected UploadFile, received"
+NOT_A_FILE_MESSAGE = "expected a file (a multipart part with a filename), not a text field"
+
+
 def validation_details(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     # Only loc/msg/type: `input` may hold an UploadFile or bytes, which JSON cannot carry.
     return [
         {
             "loc": [str(p) for p in e.get("loc", ())],
-            "msg": e.get("msg", ""),
+            "msg": NOT_A_FILE_MESSAGE if NOT_A_FILE in e.get("msg", "") else e.get("msg", ""),
             "type": e.get("type", ""),
         }
         for e in errors

@@ -102,7 +102,8 @@ async def wait_all(
         if client_left in done:
             raise APIError(CLIENT_CLOSED, "client_closed_request", "the client went away")
         if results not in done:
-            raise APIError(504, "timeout", f"not done within {limit_s:g} s")
+            within = f"{limit_s:g} s" if limit_s >= 1 else f"{limit_s * 1000:g} ms"
+            raise APIError(504, "timeout", f"not done within {within}")
         return list(results.result())
     except (Draining, InferenceFailed) as exc:
         raise failure_error(exc) from None

@@ -44,7 +44,7 @@ class PredictForm(Strict):
         "Default: each task's schedule from the checkpoint.",
     )
     score_threshold: float = Field(
-        0.5, ge=0.0, le=1.0, description="Drop detections scoring below this."
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="Drop detections scoring below this."
     )
     max_detections: int | None = Field(
         None, ge=1, description="Keep at most this many detections (1..the model's slots)."
@@ -53,6 +53,7 @@ class PredictForm(Strict):
         None,
         ge=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="Class-wise NMS: drop a detection overlapping a "
         "higher-scored one of its class by more than this IoU (1: off). Default: the model's "
         "(GET /v1/model).",
@@ -64,6 +65,7 @@ class PredictForm(Strict):
         None,
         gt=0,
         le=MAX_LATENCY_BUDGET_MS,
+        allow_inf_nan=False,
         description="Milliseconds from arrival to answer: each task not given in refine_steps "
         "gets the refinement steps that fit (at least one pass per task; a budget too small "
         "for that is refused with 422). Also the X-Latency-Budget-Ms header; the field wins.",

@@ -210,7 +210,7 @@ def image_input(inputs: list[InputTensor], max_images: int) -> list[bytes]:
     if shape[0] > max_images:
         raise bad_request(
             f"input {INPUT!r} holds {shape[0]} images: at most {max_images} "
-            "(the server's MAX_BATCH_SIZE) per request"
+            "(the server's MAD_MAX_BATCH_SIZE) per request"
         )
     count = 0 if tensor.elements is None else len(tensor.elements)
     if tensor.elements is None or count != shape[0]:

@@ -194,6 +194,9 @@ def test_api_key_is_required_except_for_probes_and_metrics(server, client):
     with httpx.Client(base_url=server.url, timeout=30) as anonymous:
         for path in ("/healthz", "/readyz", "/metrics"):
             assert anonymous.get(path).status_code == 200, path
+        for path in ("/healthz", "/readyz"):  # probes that want the status alone
+            head = anonymous.head(path)
+            assert head.status_code == 200 and head.content == b"", path
         missing = anonymous.get("/v1/model")
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"] == "Bearer"

@@ -108,6 +108,9 @@ FIELD_CASES = {
     "tasks_empty_item": {"tasks": "detection,,caption"},
     "threshold_above_one": {"score_threshold": "1.5"},
     "threshold_not_a_number": {"score_threshold": "high"},
+    "threshold_nan": {"score_threshold": "nan"},
+    "nms_iou_infinite": {"nms_iou": "inf"},
+    "budget_nan": {"latency_budget_ms": "nan"},
     "max_detections_zero": {"max_detections": "0"},
     "max_detections_over_slots": {"max_detections": "7"},
     "mask_format": {"mask_format": "png"},
@@ -121,8 +124,10 @@ def test_bad_parameters_are_422(client, case):
         "/predict", files={"image": ("x.png", png(), "image/png")}, data=FIELD_CASES[case]
     )
     error = expect_error(response, 422, "validation_error")
-    field = next(iter(FIELD_CASES[case]))
+    field, value = next(iter(FIELD_CASES[case].items()))
     assert field in error["message"] or "task" in error["message"]
+    if value in ("nan", "inf"):  # not "should be <= 1", which NaN is not either
+        assert error["message"] == f"{field}: Input should be a finite number"
 
 
 def test_form_fields_in_the_url_are_refused_not_ignored(client):
@@ -154,6 +159,14 @@ def test_missing_image_field(client):
         client.post("/predict", data={"tasks": "caption"}, files={"other": ("x.png", png())}), 422
     )
     assert "image" in error["message"]
+
+
+def test_an_image_sent_as_text_says_it_must_be_a_file(client):
+    as_text = {"image": (None, "hello")}  # a multipart part without a filename: a text field
+    error = expect_error(client.post("/predict", files=as_text), 422)
+    assert error["message"] == (
+        "image: expected a file (a multipart part with a filename), not a text field"
+    )
 
 
 def test_empty_multipart_body(client):

@@ -12,8 +12,9 @@ from service.schemas import ErrorResponse, Health, ModelDescription, Readiness
 router = APIRouter()
 
 
-@router.get(
+@router.api_route(
     "/healthz",
+    methods=["GET", "HEAD"],  # HEAD: probes and uptime checkers that want the status alone
     response_model=Health,
     response_model_exclude_none=True,
     summary="Liveness: the process answers and the model works",
@@ -26,8 +27,9 @@ async def healthz(state: StateDep) -> Health | JSONResponse:
     return Health()
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     response_model_exclude_none=True,
     summary="Readiness: loaded, warm, working, not draining",
