@@ -133,9 +133,12 @@ def test_targets_report_without_sections():
             "bundled_model": False,
         },
         "kept_vs_fixed": {"ratio": 6.0, "fixed": {"per_image": 100}},
+        # measured, but on the CPU with the tiny model: no verdict on the GPU target
+        "stage_latency": {"total": {"median_ms": 13.0}},
     }
     rows = {row["target"].split(":")[1].strip()[:10]: row for row in targets(report)}
     assert rows["fixed 100 "]["met"] is True and rows["fixed 100 "]["applies"] is True
+    assert rows["r50 800x13"]["measured"] == 13.0 and not rows["r50 800x13"]["applies"]
     assert all(row["met"] is None for key, row in rows.items() if key != "fixed 100 ")
 
 

@@ -22,14 +22,15 @@ Target = tuple[str, str, float | None, str, Callable[[float], bool], bool]
 
 def target_rows(rows: list[Target]) -> list[dict[str, Any]]:
     """(name, goal, measured, unit, test, conditions apply) -> the report's target entries;
-    met is None when nothing was measured."""
+    met is None when nothing was measured, or measured under other conditions (a CPU run
+    meets no GPU target)."""
     return [
         {
             "target": name,
             "goal": goal,
             "measured": value,
             "unit": unit,
-            "met": None if value is None else bool(test(value)),
+            "met": None if value is None or not applies else bool(test(value)),
             "applies": applies,
         }
         for name, goal, value, unit, test, applies in rows
