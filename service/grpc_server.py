@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -244,6 +246,20 @@ def bearer_token(metadata: dict[str, Any]) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def bind_problem(host: str, port: int, reuse_port: bool) -> str | None:
+    """Why a listener could not bind host:port (as gRPC binds it), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            if reuse_port:  # the other workers hold the port the same way
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return None
+
+
 class GrpcServer:
     """The gRPC server of one app: bound on construction, serving from `start()`, stopped
     by the shutdown signal (ServiceState.draining) or `stop()`."""
@@ -268,14 +284,21 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        if settings.grpc_port is None:
+            raise ValueError("a gRPC server needs settings.grpc_port")
         address = f"{host}:{settings.grpc_port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError:  # grpc says no more than "Failed to bind"
+        # Tried with a plain socket first: gRPC's own failure also logs a C-core line.
+        problem = bind_problem(settings.host, settings.grpc_port, settings.workers > 1)
+        if problem is None:
+            try:
+                self.port = self.server.add_insecure_port(address)
+            except RuntimeError:  # grpc says no more than "Failed to bind"
+                problem = "the address is in use or not available"
+        if problem is not None:
             raise StartupError(
-                f"cannot listen for gRPC on {address}: the address is in use or not "
-                "available; stop whatever uses it or choose another MAD_GRPC_PORT"
-            ) from None
+                f"cannot listen for gRPC on {address}: {problem}; stop whatever uses it or "
+                "choose another MAD_GRPC_PORT"
+            )
         self._stopping: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
 
