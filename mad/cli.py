@@ -238,10 +238,7 @@ def evaluate_command(
             "checkpoint": str(checkpoint),
             "data": str(data),
             "split": split,
-            "refine_steps": {  # what each task ran: given, else its checkpoint schedule
-                task: steps.get(task, len(mad.config.schedules.get(task, [])))
-                for task in mad.tasks_to_run(task_names)
-            },
+            "refine_steps": mad.refine_steps(steps, mad.tasks_to_run(task_names)),
             "nms_iou": mad.config.nms_iou if nms_iou is None else nms_iou,
             "metrics": metrics,
         }

@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,10 @@ class MAD:
         if any(self.codecs[task].prompted_by_detections for task in asked):
             needed.add(DetectionCodec.name)
         return tuple(task for task in self.codecs if task in needed)
+
+    def refine_steps(self, given: Mapping[str, int], tasks: Iterable[str]) -> dict[str, int]:
+        """The refinement steps each task runs: `given`'s, else its checkpoint schedule's."""
+        return {t: given.get(t, len(self.config.schedules.get(t, []))) for t in tasks}
 
     @classmethod
     def build(cls, config: ModelConfig, tokenizer: CaptionTokenizer | None = None) -> MAD:

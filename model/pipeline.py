@@ -84,8 +84,8 @@ class Pipeline(Generic[Memory]):
         self.observer: StageObserver = observer or (lambda stage, images, seconds: None)
 
     def ratios(self, request: Request, task: str) -> Schedule:
-        default = self.config.schedules.get(task, [])
-        return tuple(mask_schedule(request.refine_steps.get(task, len(default)), default))
+        steps = self.mad.refine_steps(request.refine_steps, [task])[task]
+        return tuple(mask_schedule(steps, self.config.schedules.get(task, [])))
 
     def canvas(self, request: Request) -> tuple[int, int]:
         """(H, W) of the canvas the request's image runs on (model.preprocess.image_canvas)."""

@@ -91,13 +91,7 @@ def check_options(
             f"no checkpoint or export at {checkpoint} ({CONFIG} missing); "
             "check --checkpoint (or MAD_CHECKPOINT)"
         )
-    if backend == "torch" and options.get("export_dir") is not None:
-        raise StartupError(
-            "--export-dir (MAD_EXPORT_DIR) is an export for the onnx, tensorrt or openvino "
-            "backend, which the torch backend would ignore: choose one with --backend, or "
-            "unset it to run --checkpoint"
-        )
-    export_dir = options.get("export_dir")
+    export_dir = options.get("export_dir") if backend != "torch" else None
     if export_dir is not None:
         read_manifest(export_dir)  # raises when it is not an export
     elif (

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,12 @@ def check_settings(settings: Settings) -> None:
     option, a missing GPU or library fails in milliseconds, as one line."""
     from runtime.backends import check_options
 
+    if settings.backend == "torch" and settings.export_dir is not None:
+        raise StartupError(
+            "--export-dir (MAD_EXPORT_DIR) is an export for the onnx, tensorrt or openvino "
+            "backend, which the torch backend would ignore: choose one with --backend, or "
+            "unset it to run --checkpoint"
+        )
     check_options(
         settings.backend,
         settings.checkpoint,
@@ -53,19 +57,6 @@ def check_settings(settings: Settings) -> None:
         cuda_graphs=settings.cuda_graphs,
         export_dir=settings.export_dir,
     )
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads: a port in use says so at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise StartupError(
-            f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}; "
-            "stop whatever uses it "
-            "or choose another --port (MAD_PORT)"
-        ) from None
 
 
 def request_error(
@@ -86,10 +77,12 @@ def serve(**options: Any) -> None:
     Every option is also a MAD_* variable (docs/service.md, "Configuration"); an option
     given here wins over the variable."""
     from service.logging import configure, log_config
+    from service.server import listen
 
     settings = settings_from_options("serve", options)
     check_settings(settings)
-    sock = listen(settings.host, settings.port)  # before the model loads: a port in use fails now
+    # Before the model loads: a port in use fails now.
+    sock = listen(settings.host, settings.port, "on", "another --port (MAD_PORT)")
     configure(settings.log_level)
     host, port = sock.getsockname()[:2]
     log.info("listening", extra={"url": f"http://{host}:{port}"})  # the port, if 0 was asked

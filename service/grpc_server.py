@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,6 +39,7 @@ from service.logging import request_id_var
 from service.middleware import REQUEST_ID
 from service.proto import grpc_predict_v2_pb2 as pb
 from service.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.server import listen
 from service.state import ServiceState
 from service.v2_infer import InferRequest, InferResponse, InputTensor
 from service.v2_parameters import bad_request, check_tensor_parameters
@@ -246,20 +245,6 @@ def bearer_token(metadata: dict[str, Any]) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def bind_problem(host: str, port: int, reuse_port: bool) -> str | None:
-    """Why a listener could not bind host:port (as gRPC binds it), or None."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
-            if reuse_port:  # the other workers hold the port the same way
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            probe.bind((host, port))
-    except OSError as exc:
-        return os.strerror(exc.errno) if exc.errno else str(exc)
-    return None
-
-
 class GrpcServer:
     """The gRPC server of one app: bound on construction, serving from `start()`, stopped
     by the shutdown signal (ServiceState.draining) or `stop()`."""
@@ -288,17 +273,21 @@ class GrpcServer:
             raise ValueError("a gRPC server needs settings.grpc_port")
         address = f"{host}:{settings.grpc_port}"
         # Tried with a plain socket first: gRPC's own failure also logs a C-core line.
-        problem = bind_problem(settings.host, settings.grpc_port, settings.workers > 1)
-        if problem is None:
-            try:
-                self.port = self.server.add_insecure_port(address)
-            except RuntimeError:  # grpc says no more than "Failed to bind"
-                problem = "the address is in use or not available"
-        if problem is not None:
+        # (Several workers share the port, each with SO_REUSEPORT, as gRPC binds it.)
+        listen(
+            settings.host,
+            settings.grpc_port,
+            "for gRPC on",
+            "another MAD_GRPC_PORT",
+            reuse_port=settings.workers > 1,
+        ).close()
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc says no more than "Failed to bind"
             raise StartupError(
-                f"cannot listen for gRPC on {address}: {problem}; stop whatever uses it or "
-                "choose another MAD_GRPC_PORT"
-            )
+                f"cannot listen for gRPC on {address}: the address is in use or not "
+                "available; stop whatever uses it or choose another MAD_GRPC_PORT"
+            ) from None
         self._stopping: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
 

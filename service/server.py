@@ -32,6 +32,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from model.startup import StartupError
 from service.errors import error_body
 from service.settings import Settings
 from service.state import ServiceState
@@ -42,6 +43,32 @@ log = logging.getLogger("mad.service")
 # MAD_REQUEST_TIMEOUT_S for connections, then as long again for the model to finish a batch).
 SHUTDOWN_MARGIN_S = 5
 H11_DEFAULT_HEAD_BYTES = 16 * 1024  # h11's own limit when uvicorn is given none
+
+
+def listen(
+    host: str, port: int, what: str, other_port: str, reuse_port: bool = False
+) -> socket.socket:
+    """A listening socket on host:port, or a StartupError: "cannot listen {what} host:port:
+    why; stop whatever uses it or choose {other_port}"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:  # what socket.create_server does, whose errors name the address a second time
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen()
+        return sock
+    except OSError as exc:
+        sock.close()
+        fix = (
+            "check --host (MAD_HOST)"
+            if isinstance(exc, socket.gaierror)  # a host name that does not resolve
+            else f"stop whatever uses it or choose {other_port}"
+        )
+        raise StartupError(f"cannot listen {what} {host}:{port}: {exc.strerror}; {fix}") from None
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     )
     export_dir: Path | None = Field(
         None,
-        description="A ready ONNX/TensorRT export to run (onnx, tensorrt, openvino); unset: "
-        "the checkpoint is exported into the cache dir at start-up.",
+        description="A ready ONNX/TensorRT export to run (onnx, tensorrt, openvino; the torch "
+        "backend refuses one); unset: the checkpoint is exported into the cache dir at start-up.",
     )
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR,

@@ -92,7 +92,7 @@ def describe_model(mad: MAD, runner: Runner[Any], settings: Settings) -> ModelDe
         class_names=list(config.class_names),
         keypoint_names=list(config.keypoint_names),
         skeleton=[list(pair) for pair in config.skeleton],
-        default_refine_steps={t: len(config.schedules.get(t, [])) for t in config.tasks},
+        default_refine_steps=mad.refine_steps({}, config.tasks),
         schedules={t: list(config.schedules.get(t, [])) for t in config.tasks},
         input_size=list(config.image_size),
         max_detections=config.num_slots,

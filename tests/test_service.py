@@ -62,6 +62,13 @@ def check_detections(body: dict, asked: set[str], class_names: list[str]) -> Non
             assert np.asarray(det["keypoints"]).shape == (17, 3)
 
 
+def test_every_operation_has_its_own_id(openapi):
+    """Client generators need unique operationIds (the HEAD probes stay out of the document)."""
+    ids = [op["operationId"] for path in openapi["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert list(openapi["paths"]["/healthz"]) == ["get"]
+
+
 @pytest.mark.parametrize(
     "tasks", [("detection",), ("segmentation",), ("keypoints",), ("caption",), ALL_TASKS]
 )

@@ -21,7 +21,11 @@ from model.checkpoint import (
 )
 from model.data.synth.language import is_grammatical
 from model.evaluate import CaptionBLEU, evaluate
+from model.inference_io import Request
+from model.pipeline import Pipeline
+from model.runner import EagerRunner
 from model.tune import Trial, choose
+from tests.helpers import scene_image
 
 
 def test_mad_tune_scores_schedules_and_writes_the_chosen_one(
@@ -78,18 +82,18 @@ def test_eval_of_one_task_reports_only_its_metrics(micro_model, synth_data):
 
 
 def test_eval_json_says_the_steps_each_task_ran(micro_checkpoint, synth_data, tmp_path):
-    """Given steps where given; the checkpoint's schedule for the rest of what ran
-    (detection runs for keypoints)."""
+    """What the pipeline applies to the same request: the steps given, the checkpoint's
+    schedule for the rest of what ran (detection runs for keypoints)."""
     out = tmp_path / "metrics.json"
     args = ["--checkpoint", str(micro_checkpoint), "--data", str(synth_data), "--limit", "1"]
     args += ["--tasks", "keypoints", "--refine-steps", "keypoints:1", "--json", str(out)]
     result = CliRunner().invoke(mad_cli, ["eval", *args])
     assert result.exit_code == 0, result.output
-    schedules = read_checkpoint_config(micro_checkpoint)["model"].get("schedules", {})
-    assert json.loads(out.read_text())["refine_steps"] == {
-        "detection": len(schedules.get("detection", [])),
-        "keypoints": 1,
-    }
+    mad, _ = load_checkpoint(micro_checkpoint)
+    runner = EagerRunner(mad.required_network())
+    [applied] = Pipeline(mad, runner)([Request(scene_image(), ("keypoints",), {"keypoints": 1})])
+    assert json.loads(out.read_text())["refine_steps"] == applied.refine_steps
+    assert set(applied.refine_steps) == {"detection", "keypoints"}
 
 
 def test_rewritten_schedules_change_the_checkpoint_digest(micro_checkpoint, tmp_path):

@@ -11,7 +11,7 @@ import typer
 from mad.bench.report import headline
 from mad.bench.run import BenchRun, BenchSettings
 from model.request_spec import RequestError
-from model.startup import DEVICES, StartupError, output_dir
+from model.startup import DEVICES, StartupError, output_dir, resolve_device
 from service.cli import request_error
 from service.setting_options import device_option, precision_option
 
@@ -179,7 +179,6 @@ def bench(
     fixed sequences, eager vs ONNX Runtime (and GPU variants), HTTP latency and throughput
     with and without dynamic batching, native vs KServe v2 REST vs v2 gRPC. Prints the
     ratios; writes JSON + Markdown to --out."""
-    import torch
 
     from mad.bench.workload import parse_size
     from runtime.backends import BACKENDS
@@ -188,8 +187,7 @@ def bench(
         raise typer.BadParameter(
             f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend"
         )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     base = QUICK if quick else DEFAULTS
     if device.startswith("cuda") and not quick:
         base = replace(base, ar_repeats=repeats or base.repeats)  # AR is affordable on a GPU

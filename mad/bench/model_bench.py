@@ -33,13 +33,8 @@ from model.stopwatch import Stopwatch
 
 def schedules(mad: MAD, refine_steps: dict[str, int]) -> dict[str, list[float]]:
     """Mask-ratio schedule per task: K from `refine_steps`, else the checkpoint's default."""
-    default = mad.config.schedules
-    return {
-        task: mask_schedule(
-            refine_steps.get(task, len(default.get(task, []))), default.get(task, [])
-        )
-        for task in mad.config.tasks
-    }
+    steps = mad.refine_steps(refine_steps, mad.config.tasks)
+    return {task: mask_schedule(k, mad.config.schedules.get(task, [])) for task, k in steps.items()}
 
 
 # One task's sequences: (prompts [S, P], image_index [S], codec.decode kwargs, contexts [S]).

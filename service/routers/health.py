@@ -12,9 +12,8 @@ from service.schemas import ErrorResponse, Health, ModelDescription, Readiness
 router = APIRouter()
 
 
-@router.api_route(
+@router.get(
     "/healthz",
-    methods=["GET", "HEAD"],  # HEAD: probes and uptime checkers that want the status alone
     response_model=Health,
     response_model_exclude_none=True,
     summary="Liveness: the process answers and the model works",
@@ -27,9 +26,8 @@ async def healthz(state: StateDep) -> Health | JSONResponse:
     return Health()
 
 
-@router.api_route(
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],
     response_model=Readiness,
     response_model_exclude_none=True,
     summary="Readiness: loaded, warm, working, not draining",
@@ -41,6 +39,19 @@ async def readyz(state: StateDep) -> Readiness | JSONResponse:
         body = Readiness(status=status, reason=reason).model_dump(exclude_none=True)
         return JSONResponse(body, 503)
     return Readiness(status="ready")
+
+
+# HEAD too, for probes and uptime checkers that want the status alone (out of the OpenAPI
+# document, where a second operation of the same function would repeat its operationId).
+for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
+    router.add_api_route(
+        path,
+        probe,
+        methods=["HEAD"],
+        include_in_schema=False,
+        response_model=None,
+        response_model_exclude_none=True,
+    )
 
 
 @router.get(
