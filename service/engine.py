@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -82,7 +83,11 @@ class Job:
 
 class JobProgress:
     """The pipeline's view of a job (model.inference_io.Progress), from the model thread: results
-    go to the event loop; the job is cancelled once its future is done (the caller gave up)."""
+    go to the event loop; the job is cancelled once its future is done (the caller gave up).
+
+    It holds its job weakly: the job's request holds it, and a cycle through the request
+    would keep the image (hundreds of MB for a large photo) until Python's cyclic collector
+    ran, requests later. A job no one holds any more is one no one waits for."""
 
     def __init__(
         self,
@@ -90,20 +95,24 @@ class JobProgress:
         loop: asyncio.AbstractEventLoop,
         settle: Callable[[Job, Result], None],
     ) -> None:
-        self.job, self.loop, self.settle = job, loop, settle
+        self._job, self.loop, self.settle = weakref.ref(job), loop, settle
         self.partials = job.on_partial is not None
         self.rounds_sent = -1  # a request retried alone after its batch failed repeats them
 
     def cancelled(self) -> bool:
-        return self.job.future.done()
+        job = self._job()
+        return job is None or job.future.done()
 
     def partial(self, result: Result, round: int) -> None:
-        if self.job.on_partial is not None and round > self.rounds_sent:
+        job = self._job()
+        if job is not None and job.on_partial is not None and round > self.rounds_sent:
             self.rounds_sent = round
-            self.loop.call_soon_threadsafe(self.job.on_partial, result, round)
+            self.loop.call_soon_threadsafe(job.on_partial, result, round)
 
     def finished(self, result: Result) -> None:
-        self.loop.call_soon_threadsafe(self.settle, self.job, result)
+        job = self._job()
+        if job is not None:
+            self.loop.call_soon_threadsafe(self.settle, job, result)
 
 
 class BatchingEngine:
@@ -259,6 +268,7 @@ class BatchingEngine:
             batch = await self._next_batch()
             if batch:
                 await self._run(batch)
+            del batch  # not held (with its images) while waiting for the next one
 
     async def _next_batch(self) -> list[Job]:
         arrived = self._started()

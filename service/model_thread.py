@@ -77,6 +77,8 @@ class ModelThread(Executor):
                 self._run(*work)
             finally:
                 self.running = False
+                # Not held (with its images) while the thread waits for the next call.
+                del work
 
     @staticmethod
     def _run(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -64,6 +66,38 @@ def test_the_pipeline_is_built_and_run_on_the_one_model_thread():
     run(scenario())
     assert len(threads) >= 3 and len(set(threads)) == 1
     assert threads[0].name.startswith("mad-model")
+
+
+def test_a_finished_request_leaves_no_reference_to_its_image():
+    """Not the model thread's last call, not the engine's last batch, and no reference cycle
+    (job -> request -> progress -> job), which only Python's cyclic collector would free,
+    requests later: a large photo's pixels are hundreds of MB."""
+
+    async def scenario():
+        engine = BatchingEngine(max_batch_size=2, batch_delay_s=0.0, queue_size=4)
+        await engine.load(RecordingPipeline)
+        engine.start()
+        image = Image.new("RGB", (4, 4))
+        pixels = weakref.ref(image)
+        job = engine.submit(Request(image, ("caption",)))
+        del image
+        await job.future
+        del job
+        for _ in range(100):  # the model thread lets go of its call after answering it
+            if pixels() is None:
+                break
+            await asyncio.sleep(0.05)
+        freed = pixels() is None
+        await engine.drain(5)
+        return freed
+
+    collecting = gc.isenabled()
+    gc.disable()  # only reference counts free the image
+    try:
+        assert run(scenario())
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def test_requests_within_the_delay_share_a_batch_up_to_the_maximum():
