@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,11 @@ from model.startup import StartupError, check_output_dir
 def export(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory."),
     format: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (ONNX + engines)."),
-    out: Path = typer.Option(..., help="Export directory to write."),
+    out: Path = typer.Option(
+        ...,
+        help="Export directory to write: new, empty, or an export written before (replaced "
+        "whole; --format tensorrt into an export of the same checkpoint adds its engines).",
+    ),
     opset: int = typer.Option(17, min=17, help="ONNX opset."),
     simplify: bool = typer.Option(False, "--simplify/--no-simplify", help="Run onnxslim."),
     exporter: str = typer.Option("torchscript", help="torchscript or dynamo (needs onnxscript)."),
@@ -51,6 +56,13 @@ def export(
     if out.resolve() == checkpoint.resolve():
         raise StartupError(f"--out {out} is the checkpoint itself: export to another directory")
     check_output_dir(out, "--out")
+    from runtime.manifest import is_export
+
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise StartupError(
+            f"--out {out} holds something other than an export `mad export` wrote (a "
+            "checkpoint?): give a new or empty directory"
+        )
     if format == "tensorrt":
         from runtime.tensorrt_runner import import_tensorrt
 
@@ -64,6 +76,12 @@ def export(
     reused = format == "tensorrt" and export_of(
         out, checkpoint_digest(checkpoint), opset, simplify, exporter
     )
+    if not reused and out.is_dir():
+        for old in out.iterdir():  # replaced whole: no graph or engine of the old one stays
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
     if reused:
         manifest = reused
     elif quantize is None:

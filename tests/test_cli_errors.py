@@ -210,6 +210,22 @@ def test_export_into_the_checkpoint_is_refused(micro_checkpoint):
     assert "is the checkpoint itself" in one_line_failure(args)
 
 
+def test_export_into_another_checkpoint_or_folder_is_refused(micro_checkpoint, tmp_path):
+    """Only a new or empty directory, or an export, is written: a checkpoint stays whole."""
+    other = tmp_path / "other-run"
+    shutil.copytree(micro_checkpoint, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    args = ["export", "--checkpoint", str(micro_checkpoint), "--out", str(other)]
+    assert "holds something other than an export" in one_line_failure(args)
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    args = ["export", "--checkpoint", str(micro_checkpoint), "--out", str(notes)]
+    assert "holds something other than an export" in one_line_failure(args)
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
 def test_render_names_stay_apart(micro_checkpoint, tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

@@ -254,16 +254,22 @@ def test_tensorrt_into_an_export_of_the_same_checkpoint_keeps_its_graphs(
         "build_engines",
         lambda out, profile, device: builds.append(out) or {"engines": {"encoder": "e"}},
     )
-    monkeypatch.setattr(
-        export.onnx_export, "export_onnx", lambda *a, **k: exports.append(a) or manifest
-    )
+
+    def fake_export(checkpoint, out, **options):
+        shutil.copytree(exported, out, dirs_exist_ok=True)
+        exports.append(out)
+        return manifest
+
+    monkeypatch.setattr(export.onnx_export, "export_onnx", fake_export)
     args = ["export", "--checkpoint", str(micro_checkpoint), "--format", "tensorrt"]
     result = CliRunner().invoke(mad_cli, [*args, "--out", str(copy)])
     assert result.exit_code == 0, result.output
     assert exports == [] and builds == [copy]  # graphs kept, engines built beside them
-    # Other options, or graphs missing: exported again.
+    # Other options, or graphs missing: exported again, replacing the export whole.
+    (copy / "stale.onnx").write_bytes(b"")
     result = CliRunner().invoke(mad_cli, [*args, "--out", str(copy), "--opset", "18"])
     assert result.exit_code == 0 and len(exports) == 1, result.output
+    assert not (copy / "stale.onnx").exists()
     (copy / manifest["graphs"]["encoder"]["file"]).unlink()
     result = CliRunner().invoke(mad_cli, [*args, "--out", str(copy)])
     assert result.exit_code == 0 and len(exports) == 2, result.output
