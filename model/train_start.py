@@ -164,9 +164,16 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
         config = get_preset(cfg.preset, **overrides)
     except (ValueError, TypeError) as exc:  # TypeError: an unknown config field
         raise StartupError(f"--set {cfg.overrides}: {exc}") from exc
-    if not any(dataset.captions(i) for i in dataset.ids):
-        config.tasks = [t for t in config.tasks if t != "caption"]
-    tokenizer = tokenizer_for(dataset, cfg, config, rank)
+    # A task whose annotations the data lacks would train on nothing yet still answer.
+    missing = {
+        "caption": not any(dataset.captions(i) for i in dataset.ids),
+        "keypoints": not dataset.has_keypoints,
+    }
+    for task in [t for t in config.tasks if missing.get(t)]:
+        config.tasks = [t for t in config.tasks if t != task]
+        if rank == 0:
+            tqdm.write(f"--data {cfg.data} has no {task} annotations: training without {task}")
+    tokenizer = tokenizer_for(dataset, cfg, config, rank) if "caption" in config.tasks else None
     try:
         return MAD.build(config, tokenizer), 0
     except ValueError as exc:  # e.g. a backbone that cannot give what the config asks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,29 @@ def test_training_writes_a_checkpoint_and_resumes_exactly(synth_data, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+def test_tasks_the_data_has_no_annotations_for_are_left_out(synth_data, tmp_path, capsys):
+    """A detection-only COCO set (no captions, no keypoints anywhere) trains detection and
+    segmentation, saying so; no tokenizer is trained on zero captions."""
+    data = tmp_path / "boxes-only"
+    shutil.copytree(synth_data, data)
+    for split in ("train2017", "val2017"):
+        for name in ("captions", "person_keypoints"):
+            (data / "annotations" / f"{name}_{split}.json").unlink()
+        instances = data / "annotations" / f"instances_{split}.json"
+        coco = json.loads(instances.read_text())
+        for ann in coco["annotations"]:  # the synthetic set also keeps them here
+            ann.pop("keypoints", None)
+            ann.pop("num_keypoints", None)
+        instances.write_text(json.dumps(coco))
+    train(config(data, tmp_path / "run", steps=1))
+    mad, _ = load_checkpoint(tmp_path / "run")
+    assert mad.config.tasks == ["detection", "segmentation"] and mad.tokenizer is None
+    assert not (tmp_path / "run" / "tokenizer.model").exists()
+    said = capsys.readouterr()
+    for task in ("caption", "keypoints"):
+        assert f"has no {task} annotations: training without {task}" in said.out + said.err
 
 
 def test_accumulated_micro_batches_step_with_their_mean_gradient(synth_data, tmp_path, monkeypatch):

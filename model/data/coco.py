@@ -106,6 +106,11 @@ class CocoMultiTaskDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def has_keypoints(self) -> bool:
+        """Whether any annotation carries keypoints (a detection-only set has none)."""
+        return bool(self._keypoints)
+
     def load_image(self, image_id: int) -> torch.Tensor:
         # PIL rather than torchvision.io, whose decoders are deprecated from 0.29 on.
         with Image.open(self.image_dir / self.coco.imgs[image_id]["file_name"]) as im:
