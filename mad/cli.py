@@ -62,7 +62,9 @@ def train(
     data: Path = typer.Option(..., help="Dataset root in the COCO 2017 layout."),
     out: Path = typer.Option(..., help="Checkpoint directory to write."),
     preset: str = typer.Option("tiny", help="Model preset: tiny, r50, swin-b, vit-b."),
-    steps: int = typer.Option(1000, min=1, help="Length of the lr schedule."),
+    steps: int | None = typer.Option(
+        None, min=1, help="Length of the lr schedule [default: 1000; --resume: the run's]."
+    ),
     stop_at: int | None = typer.Option(
         None, min=1, help="Stop (and save) at this step; resume later."
     ),
@@ -89,21 +91,27 @@ def train(
         help="Micro-batches per optimizer step, their gradients added up: a step sees "
         "batch-size x accumulate images per process.",
     ),
-    lr: float = typer.Option(1e-4),
-    backbone_lr_scale: float = typer.Option(0.1, help="Backbone lr = lr * this."),
-    weight_decay: float = typer.Option(1e-4),
-    warmup_steps: int = typer.Option(100, min=0),
-    grad_clip: float = typer.Option(0.1),
+    lr: float | None = typer.Option(None, help="Peak lr [default: 1e-4; --resume: the run's]."),
+    backbone_lr_scale: float | None = typer.Option(
+        None, help="Backbone lr = lr * this [default: 0.1; --resume: the run's]."
+    ),
+    weight_decay: float | None = typer.Option(None, help="[default: 1e-4; --resume: the run's]"),
+    warmup_steps: int | None = typer.Option(
+        None, min=0, help="[default: 100; --resume: the run's]"
+    ),
+    grad_clip: float | None = typer.Option(None, help="[default: 0.1; --resume: the run's]"),
     workers: int = typer.Option(2, min=0, help="Data loader processes."),
     device: str = typer.Option(
         "auto",
         callback=device_option,
         help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU).",
     ),
-    amp: str = typer.Option(
-        "bf16", help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA, loss-scaled) or none."
+    amp: str | None = typer.Option(
+        None,
+        help="Mixed precision: bf16 (CPU and CUDA), fp16 (CUDA, loss-scaled) or none "
+        "[default: bf16; --resume: the run's].",
     ),
-    seed: int = typer.Option(0),
+    seed: int | None = typer.Option(None, help="[default: 0; --resume: the run's]"),
     split: str = typer.Option("train2017"),
     val_split: str = typer.Option("val2017"),
     tokenizer: Path | None = typer.Option(None, help="SentencePiece .model; else trained."),
@@ -122,19 +130,20 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE."),
 ) -> None:
     """Train a MAD model (single process, or DDP under torchrun)."""
+    from model.checkpoint import CONFIG
     from model.config import PRESETS
     from model.tokenizer import MODEL_TYPES
     from model.train import train as run_training
     from model.train_profile import parse_window
-    from model.train_start import AMP_MODES, TrainConfig
+    from model.train_start import AMP_MODES, TrainConfig, saved_schedule
 
     if anneal_by_deadline and max_minutes is None:
         raise typer.BadParameter("needs --max-minutes", param_hint="--anneal-by-deadline")
     if preset not in PRESETS:
         raise typer.BadParameter(f"choose one of {', '.join(PRESETS)}", param_hint="--preset")
-    if amp not in AMP_MODES:
+    if amp is not None and amp not in AMP_MODES:
         raise typer.BadParameter(f"choose one of {', '.join(AMP_MODES)}", param_hint="--amp")
-    if lr <= 0:
+    if lr is not None and lr <= 0:
         raise typer.BadParameter(f"{lr} is not a learning rate (> 0)", param_hint="--lr")
     try:
         window = parse_window(profile_steps) if profile_steps is not None else None
@@ -146,6 +155,21 @@ def train(
             f"choose one of {', '.join(MODEL_TYPES)}", param_hint="--tokenizer-type"
         )
 
+    # Schedule options left out: the resumed run's, else TrainConfig's defaults. One given
+    # that differs from the resumed run's is refused (model.train_start.build_model).
+    given = dict(
+        steps=steps,
+        lr=lr,
+        backbone_lr_scale=backbone_lr_scale,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
+        seed=seed,
+        amp=amp,
+    )
+    saved = saved_schedule(resume) if resume is not None and (resume / CONFIG).is_file() else {}
+    schedule = {k: v for k, v in saved.items() if given.get(k) is None}
+    schedule |= {k: v for k, v in given.items() if v is not None}
     run_training(
         TrainConfig(
             data=data,
@@ -153,7 +177,6 @@ def train(
             preset=preset,
             split=split,
             val_split=val_split,
-            steps=steps,
             stop_at=stop_at,
             max_minutes=max_minutes,
             anneal_by_deadline=anneal_by_deadline,
@@ -161,15 +184,8 @@ def train(
             profile_steps=window,
             batch_size=batch_size,
             accumulate=accumulate,
-            lr=lr,
-            backbone_lr_scale=backbone_lr_scale,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            grad_clip=grad_clip,
             workers=workers,
             device=device,
-            amp=amp,
-            seed=seed,
             tokenizer=tokenizer,
             text_vocab_size=text_vocab_size,
             tokenizer_type=tokenizer_type,
@@ -179,6 +195,7 @@ def train(
             eval_every=eval_every,
             eval_images=eval_images,
             overrides=parse_overrides(set_),
+            **schedule,
         )
     )
 

@@ -203,7 +203,7 @@ def train(cfg: TrainConfig) -> Path:
                             {
                                 "step": step,
                                 "loss": loss_value,
-                                "lr": scheduler.get_last_lr()[0],
+                                "lr": scheduled_lr(cfg.lr, scheduler),
                                 "grad_norm": grad_value,
                                 "images_per_s": rate,
                                 "data_wait": data_wait,
@@ -271,6 +271,14 @@ def _time_spent(started: float, budget_s: float, world: int, device: torch.devic
     share = torch.tensor([spent], device=device)
     dist.all_reduce(share, op=dist.ReduceOp.MAX)
     return float(share.item())
+
+
+def scheduled_lr(lr: float, scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """--lr as the schedule has it now (the backbone's is that times its scale): every
+    parameter group follows the one factor."""
+    base = float(max(scheduler.base_lrs))
+    now = float(scheduler.get_last_lr()[scheduler.base_lrs.index(base)])
+    return lr * now / base if base else 0.0
 
 
 def batch_changes(state: dict, cfg: TrainConfig, world: int) -> list[str]:

@@ -8,12 +8,13 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
-from model.checkpoint import MAD, load_checkpoint
+from model.checkpoint import CONFIG, MAD, load_checkpoint, read_checkpoint_config
 from model.config import PRESETS, ModelConfig, get_preset
 from model.data.coco import CocoMultiTaskDataset
 from model.runner import torch_device
@@ -61,6 +62,26 @@ class TrainConfig:
     log_every: int = 10
     profile_steps: tuple[int, int] | None = None  # (A, B): torch.profiler over steps A+1..B
     overrides: dict | None = None  # ModelConfig field overrides
+
+
+# What a step's update follows from besides the batches: a resumed run keeps them as saved.
+SCHEDULE_FIELDS = (
+    "steps",
+    "lr",
+    "backbone_lr_scale",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_scale",
+    "grad_clip",
+    "seed",
+    "amp",
+)
+
+
+def saved_schedule(directory: Path) -> dict[str, Any]:
+    """The SCHEDULE_FIELDS a checkpoint's run was trained with ({} when it does not say)."""
+    training = read_checkpoint_config(directory).get("training") or {}
+    return {k: training[k] for k in SCHEDULE_FIELDS if k in training}
 
 
 DDP_TIMEOUT = datetime.timedelta(hours=2)
@@ -138,6 +159,27 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
                 f"--resume continues a run as it was saved: {', '.join(ignored)} would be "
                 f"ignored; to change the model, start from its weights with --init {cfg.resume}"
             )
+        if not (cfg.resume / CONFIG).is_file():
+            raise StartupError(f"--resume {cfg.resume}: no checkpoint there ({CONFIG} missing)")
+        saved = saved_schedule(cfg.resume)
+        # --steps may move the schedule's end (a longer run, a deadline-paced one going on);
+        # the rest would change what each step does.
+        if "steps" in saved and cfg.steps != saved["steps"] and rank == 0:
+            tqdm.write(
+                f"--resume {cfg.resume}: the lr schedule now ends at step {cfg.steps} "
+                f"(saved: {saved['steps']})"
+            )
+        changed = [
+            f"--{k.replace('_', '-')} {getattr(cfg, k)} (saved: {v})"
+            for k, v in saved.items()
+            if k != "steps" and getattr(cfg, k) != v
+        ]
+        if changed:
+            raise StartupError(
+                f"--resume continues a run exactly, as it was saved: {', '.join(changed)} "
+                f"would change its schedule; leave them out, or start from its weights with "
+                f"--init {cfg.resume} and a new schedule"
+            )
         if not has_train_state(cfg.resume):
             raise StartupError(
                 f"--resume {cfg.resume}: no training state ({TENSORS}, {META}) beside the "
@@ -151,6 +193,11 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
                 f"--resume {cfg.resume}: its training state is from step {state_step} and "
                 f"its weights from step {meta.get('step', 0)} (a save was interrupted); "
                 f"continue from the weights alone with --init {cfg.resume}"
+            )
+        if meta.get("step", 0) >= cfg.steps:
+            raise StartupError(
+                f"--resume {cfg.resume}: the run is finished (step {meta.get('step', 0)} of "
+                f"{cfg.steps}); to train on, start from its weights with --init {cfg.resume}"
             )
         return mad, meta.get("step", 0)
     if cfg.init:

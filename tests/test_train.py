@@ -124,6 +124,42 @@ def test_an_accumulating_run_resumes_exactly_with_its_own_micro_batches(
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
 
 
+def test_a_resume_keeps_the_saved_schedule(synth_data, tmp_path):
+    """The CLI fills schedule options left out from the saved run (a warmup of 1, not the
+    default 100); the run then continues as the uninterrupted one did. A schedule option
+    given with another value, a finished run and a missing directory are refused."""
+    from typer.testing import CliRunner
+
+    from mad.cli import app as mad_cli
+
+    def cli(out: Path, *extra: str):
+        args = ["train", "--data", str(synth_data), "--out", str(out), "--workers", "0"]
+        return CliRunner().invoke(mad_cli, [*args, "--batch-size", "2", "--log-every", "1", *extra])
+
+    first = ["--steps", "3", "--warmup-steps", "1", "--lr", "1e-3", "--eval-images", "1"]
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in MICRO.items()]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli(straight, *first, *sets).exit_code == 0
+    assert cli(split, *first, *sets, "--stop-at", "2").exit_code == 0
+    resumed = cli(split, "--resume", str(split), "--eval-images", "1")
+    assert resumed.exit_code == 0, resumed.output
+    assert read_log(split / "train_log.csv")[3] == pytest.approx(
+        read_log(straight / "train_log.csv")[3], rel=1e-4
+    )
+    training = json.loads((split / "config.json").read_text())["training"]
+    assert training["warmup_steps"] == 1 and training["lr"] == 1e-3
+    with open(split / "train_log.csv") as f:  # the logged lr is --lr's, not the backbone's
+        lrs = [float(row["lr"]) for row in csv.DictReader(f) if row.get("lr")]
+    assert lrs[0] == pytest.approx(1e-3)  # the warmup's end: the peak (the backbone's: 1e-4)
+    refused = cli(split, "--resume", str(split), "--lr", "1")
+    assert refused.exit_code == 3
+    assert "--lr 1.0 (saved: 0.001) would change its schedule" in refused.stderr
+    finished = cli(split, "--resume", str(split))
+    assert finished.exit_code == 3 and "the run is finished (step 3 of 3)" in finished.stderr
+    missing = cli(tmp_path / "new", "--resume", str(tmp_path / "nope"))
+    assert missing.exit_code == 3 and "no checkpoint there (config.json missing)" in missing.stderr
+
+
 def test_a_resume_with_other_batches_goes_on_and_says_so(synth_data, tmp_path, capsys):
     """Another --batch-size or --accumulate (or number of processes) changes which images a
     step sees: the run continues from its step and optimizer state, and says it is not exact."""
