@@ -53,7 +53,7 @@ def parse_overrides(values: list[str]) -> dict[str, Any]:
     try:
         return config_overrides(values)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
 
 
 @app.command(cls=PlainHelpCommand)

@@ -275,17 +275,7 @@ class ModelConfig:
         """Each field of the type it is declared with (a config read from JSON or given by
         --set is not checked by Python), and sizes and counts positive."""
         for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
-            if kind.endswith(" | None"):
-                if value is None:
-                    continue
-                kind = kind.removesuffix(" | None")
-            expected = FIELD_KINDS.get(kind.split("[")[0])
-            is_bool = isinstance(value, bool)
-            if expected is not None and (
-                not isinstance(value, expected) or (is_bool and kind in ("int", "float"))
-            ):
-                raise ValueError(f"{f.name} must be {kind}, not {value!r}")
+            check_field_type(f, getattr(self, f.name))
         for name in POSITIVE_FIELDS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -389,15 +379,32 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
+def check_field_type(f: dataclasses.Field[Any], value: Any) -> None:
+    """A ValueError unless `value` is of the type ModelConfig declares for field `f`."""
+    kind = str(f.type)
+    if kind.endswith(" | None"):
+        if value is None:
+            return
+        kind = kind.removesuffix(" | None")
+    expected = FIELD_KINDS.get(kind.split("[")[0])
+    is_bool = isinstance(value, bool)
+    if expected is not None and (
+        not isinstance(value, expected) or (is_bool and kind in ("int", "float"))
+    ):
+        raise ValueError(f"{f.name} must be {kind}, not {value!r}")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """["d_model=64", "image_size=[128,128]"] -> {"d_model": 64, "image_size": [128, 128]}:
-    each value JSON where it parses, else the string; ValueError for an item without "="."""
+    each value JSON where it parses, else the string; ValueError for an item without "=",
+    an unknown key or a value of another type than the field's."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        known = [f.name for f in dataclasses.fields(ModelConfig)]
+        fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+        known = list(fields)
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "see model/config.py"
@@ -406,4 +413,5 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+        check_field_type(fields[key], out[key])  # now, before any work: a usage error
     return out

@@ -128,8 +128,8 @@ def check_options(
             export_dir = checkpoint
         if export_dir is not None and (held := read_manifest(export_dir)["precision"]) != "fp32":
             raise StartupError(
-                f"{export_dir} is a {held} export; OpenVINO runs fp32 exports (at fp32 or "
-                "bf16): pass one made without --quantize"
+                f"{export_dir} is an export at {held}; OpenVINO runs fp32 exports (at fp32 "
+                "or bf16): pass one made without --quantize"
             )
     else:
         check_onnx_options(checkpoint, device, **options)
@@ -154,7 +154,7 @@ def check_onnx_options(checkpoint: str | Path | None, device: str, **options: An
         held = read_manifest(export_dir)["precision"]
         if held != precision:
             raise StartupError(
-                f"{export_dir} is a {held} export and {precision} was asked for; pass "
+                f"{export_dir} is an export at {held} and {precision} was asked for; pass "
                 f"--precision {held}, or another export"
             )
     if not options.get("providers"):

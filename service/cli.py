@@ -198,7 +198,7 @@ def predict(
         try:
             image = decode_image(path.read_bytes(), settings.max_image_pixels)
         except APIError as exc:
-            typer.echo(f"{path}: {exc.message}", err=True)
+            typer.echo(f"mad predict: {path}: {exc.message}", err=True)  # the others go on
             failed += 1
             continue
         decode_seconds = time.perf_counter() - arrived

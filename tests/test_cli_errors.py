@@ -164,6 +164,7 @@ def test_training_mistakes_leave_no_directory(extra, says, synth_data, tmp_path)
         (["--amp", "fp8"], "--amp"),
         (["--lr", "-1"], "--lr"),
         (["--stop-at", "0"], "--stop-at"),
+        (["--set", "image_size=[128"], "--set: image_size must be tuple[int, int], not '[128'"),
     ],
 )
 def test_training_values_are_usage_errors(extra, says, synth_data, tmp_path):

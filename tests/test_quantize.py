@@ -77,9 +77,9 @@ def test_int8_runs_the_pipeline_and_mostly_agrees_with_fp32(fp32_export, int8_ex
 
 
 def test_precision_and_export_must_agree(fp32_export, int8_export):
-    with pytest.raises(StartupError, match="int8 export and fp32 was asked for"):
+    with pytest.raises(StartupError, match="is an export at int8 and fp32 was asked for"):
         create_runner("onnx", None, export_dir=int8_export)
-    with pytest.raises(StartupError, match="fp32 export and int8 was asked for"):
+    with pytest.raises(StartupError, match="is an export at fp32 and int8 was asked for"):
         create_runner("onnx", None, export_dir=fp32_export, precision="int8")
     with pytest.raises(StartupError, match="quantise an fp32 one"):
         quantize_export(int8_export, int8_export.parent / "again")

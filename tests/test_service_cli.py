@@ -136,12 +136,17 @@ def test_mad_predict_prints_json_and_renders(micro_checkpoint, tmp_path):
 
 
 def test_mad_predict_reports_unreadable_files(micro_checkpoint, tmp_path):
-    bad = tmp_path / "bad.png"
+    """One line each, and the other images are still answered; exit status 1 at the end."""
+    bad, good = tmp_path / "bad.png", tmp_path / "good.png"
     bad.write_bytes(b"not an image")
-    result = CliRunner().invoke(
-        mad_cli, ["predict", str(bad), "--checkpoint", str(micro_checkpoint), "--tasks", "caption"]
+    scene_image(64, 64).save(good)
+    args = ["predict", str(bad), str(good), "--checkpoint", str(micro_checkpoint)]
+    result = CliRunner().invoke(mad_cli, [*args, "--tasks", "caption"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"mad predict: {bad}: not an image Pillow can read (corrupt or unsupported format)"
     )
-    assert result.exit_code == 1 and "not an image" in result.output
+    assert f"{good} (64x64)" in result.stdout
 
 
 def test_mad_predict_reports_a_drawing_it_cannot_write(micro_checkpoint, tmp_path, monkeypatch):
