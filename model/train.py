@@ -54,6 +54,11 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device = setup_distributed(cfg.device)
     if cfg.accumulate < 1:
         raise StartupError(f"--accumulate {cfg.accumulate}: a step needs a micro-batch (>= 1)")
+    if cfg.stop_at is not None and cfg.stop_at > cfg.steps:
+        raise StartupError(
+            f"--stop-at {cfg.stop_at} is past the schedule's end (--steps {cfg.steps}): the run "
+            "would end there anyway"
+        )
     if cfg.amp == "fp16" and device.type != "cuda":
         raise StartupError(f"--amp fp16 runs on CUDA only; on {device.type} use bf16 or none")
     continued = cfg.resume is not None and cfg.resume.resolve() == cfg.out.resolve()
@@ -128,6 +133,7 @@ def train(cfg: TrainConfig) -> Path:
     batches, waited = iter(loader), 0.0  # waited: seconds blocked on the loader since the last log
     profiler = StepProfiler(cfg.profile_steps if rank == 0 else None, cfg.out, device)
     profiler.stepped(step)
+    saved_at = start_step if (cfg.out / WEIGHTS).exists() else 0  # the checkpoint in cfg.out
 
     def accumulated_step(step: int) -> TaskLosses:
         """Forward and backward of the step's micro-batches, their gradients added up
@@ -213,6 +219,7 @@ def train(cfg: TrainConfig) -> Path:
                 paused = time.perf_counter()
                 if step % cfg.save_every == 0 or step == last_step or out_of_time:
                     _save(mad, cfg, step, optimizer, scaler, pace, world)
+                    saved_at = step
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
                     _evaluate(mad, cfg, device, log, step)
                     network.train()
@@ -220,6 +227,17 @@ def train(cfg: TrainConfig) -> Path:
             profiler.stepped(step)
             if out_of_time:
                 break
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept (a save is atomic), then stop
+        if rank == 0:
+            bar.close()
+            tqdm.write(
+                f"interrupted after step {step}: {cfg.out} holds step {saved_at}; continue "
+                f"with --resume {cfg.out}"
+                if saved_at
+                else f"interrupted after step {step}, before the first save (every "
+                f"{cfg.save_every} steps): nothing to resume"
+            )
+        raise
     finally:  # a run stopped inside the window still reports what it profiled
         profiler.close(step)
     bar.close()

@@ -160,6 +160,27 @@ def test_a_resume_keeps_the_saved_schedule(synth_data, tmp_path):
     assert missing.exit_code == 3 and "no checkpoint there (config.json missing)" in missing.stderr
 
 
+def test_ctrl_c_says_which_step_is_kept(synth_data, tmp_path, monkeypatch, capsys):
+    """Interrupted at step 3 of a run saving every 2 steps: the run stops (the interrupt goes
+    on) and says that step 2 is kept, and how to continue."""
+    calls = iter(range(100))
+
+    def interrupting(*_):
+        if next(calls) == 2:  # during the third step
+            raise KeyboardInterrupt
+        return 0.0
+
+    monkeypatch.setattr("model.train._time_spent", interrupting)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(synth_data, out, save_every=2))
+    said = capsys.readouterr()
+    assert f"interrupted after step 2: {out} holds step 2; continue with --resume {out}" in (
+        said.out + said.err
+    )
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+
+
 def test_a_resume_with_other_batches_goes_on_and_says_so(synth_data, tmp_path, capsys):
     """Another --batch-size or --accumulate (or number of processes) changes which images a
     step sees: the run continues from its step and optimizer state, and says it is not exact."""
@@ -208,6 +229,12 @@ def test_a_save_cut_short_leaves_the_previous_files_whole(tmp_path, monkeypatch)
 def test_a_step_needs_a_micro_batch(synth_data, tmp_path):
     with pytest.raises(StartupError, match="--accumulate 0"):
         train(config(synth_data, tmp_path / "run", accumulate=0))
+
+
+def test_a_stop_past_the_schedule_is_refused(synth_data, tmp_path):
+    with pytest.raises(StartupError, match="--stop-at 5 is past the schedule's end"):
+        train(config(synth_data, tmp_path / "run", steps=2, stop_at=5))
+    assert not (tmp_path / "run").exists()
 
 
 def test_fp16_is_refused_off_cuda(synth_data, tmp_path):
