@@ -259,7 +259,7 @@ def compare_decoded(reference: Path, candidate: Path, count: int) -> dict[str, A
             same_captions += fp32.caption == int8.caption
     return {
         "images": count,
-        "detection_agreement": matched / larger if larger else 1.0,
+        "detection_agreement": matched / larger if larger else None,  # None: none to compare
         "detections_fp32": sum(len(r.detections or []) for r in results[0]),
         "caption_agreement": same_captions / captions if captions else None,
     }

@@ -59,7 +59,9 @@ def test_the_check_against_fp32_is_in_the_manifest(int8_export):
     assert MIN_TOKEN_AGREEMENT <= check["token_agreement"] <= 1
     assert set(check["token_agreement_by_task"]) == set(ALL_TASKS)
     decoded = check["decoded"]
-    assert decoded["images"] > 0 and 0 <= decoded["detection_agreement"] <= 1
+    assert decoded["images"] > 0
+    if decoded["detections_fp32"]:  # else both found nothing: None, not a perfect score
+        assert 0 <= decoded["detection_agreement"] <= 1
     assert 0 <= decoded["caption_agreement"] <= 1
 
 
