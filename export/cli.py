@@ -5,11 +5,33 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from model.startup import StartupError, check_output_dir
+
+
+def replace_whole(out: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """`write` an export into a new directory beside `out`, then put it in `out`'s place
+    (no graph or engine of an export there before stays): a failed or interrupted export
+    leaves what was there whole. -> write's manifest."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
+    try:
+        manifest = write(staging)
+        if out.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            out.rename(aside / out.name)
+            staging.rename(out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it took out's place
+    return manifest
 
 
 def export(
@@ -76,22 +98,19 @@ def export(
     reused = format == "tensorrt" and export_of(
         out, checkpoint_digest(checkpoint), opset, simplify, exporter
     )
-    if not reused and out.is_dir():
-        for old in out.iterdir():  # replaced whole: no graph or engine of the old one stays
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-    if reused:
-        manifest = reused
-    elif quantize is None:
-        manifest = export_onnx(checkpoint, out, opset=opset, simplify=simplify, exporter=exporter)
-    else:
+
+    def write(target: Path) -> dict[str, Any]:
+        if quantize is None:
+            return export_onnx(
+                checkpoint, target, opset=opset, simplify=simplify, exporter=exporter
+            )
         from export.quantize import quantize_export
 
         with tempfile.TemporaryDirectory(prefix="mad-fp32-") as fp32:
             export_onnx(checkpoint, fp32, opset=opset, simplify=simplify, exporter=exporter)
-            manifest = quantize_export(fp32, out)
+            return quantize_export(fp32, target)
+
+    manifest = reused or replace_whole(out, write)
     summary = {
         "out": str(out),
         "precision": manifest["precision"],

@@ -78,11 +78,13 @@ def train(
     max_minutes: float | None = typer.Option(
         None, min=0.1, help="Also stop (and save) after this many minutes; resume later."
     ),
-    anneal_by_deadline: bool = typer.Option(
-        False,
-        "--anneal-by-deadline",
+    anneal_by_deadline: bool | None = typer.Option(
+        None,
+        "--anneal-by-deadline/--no-anneal-by-deadline",
         help="With --max-minutes: run the lr schedule on steps or wall time, whichever is "
-        "further along, so that it has annealed when the time is up.",
+        "further along, so that it has annealed when the time is up [default: off; --resume: "
+        "the run's].",
+        show_default=False,
     ),
     batch_size: int = typer.Option(16, min=1, help="Images per process and micro-batch."),
     accumulate: int = typer.Option(
@@ -137,8 +139,6 @@ def train(
     from model.train_profile import parse_window
     from model.train_start import AMP_MODES, TrainConfig, saved_schedule
 
-    if anneal_by_deadline and max_minutes is None:
-        raise typer.BadParameter("needs --max-minutes", param_hint="--anneal-by-deadline")
     if preset not in PRESETS:
         raise typer.BadParameter(f"choose one of {', '.join(PRESETS)}", param_hint="--preset")
     if amp is not None and amp not in AMP_MODES:
@@ -166,10 +166,14 @@ def train(
         grad_clip=grad_clip,
         seed=seed,
         amp=amp,
+        anneal_by_deadline=anneal_by_deadline,
     )
     saved = saved_schedule(resume) if resume is not None and (resume / CONFIG).is_file() else {}
     schedule = {k: v for k, v in saved.items() if given.get(k) is None}
     schedule |= {k: v for k, v in given.items() if v is not None}
+    if schedule.get("anneal_by_deadline") and max_minutes is None:
+        where = "" if anneal_by_deadline else " (the resumed run was paced to a deadline)"
+        raise typer.BadParameter(f"needs --max-minutes{where}", param_hint="--anneal-by-deadline")
     run_training(
         TrainConfig(
             data=data,
@@ -179,7 +183,6 @@ def train(
             val_split=val_split,
             stop_at=stop_at,
             max_minutes=max_minutes,
-            anneal_by_deadline=anneal_by_deadline,
             log_every=log_every,
             profile_steps=window,
             batch_size=batch_size,

@@ -235,7 +235,8 @@ def train(cfg: TrainConfig) -> Path:
                 f"with --resume {cfg.out}"
                 if saved_at
                 else f"interrupted after step {step}, before the first save (every "
-                f"{cfg.save_every} steps): nothing to resume"
+                f"{cfg.save_every} steps): "
+                + (f"--resume {cfg.resume} again" if cfg.resume else "nothing to resume")
             )
         raise
     finally:  # a run stopped inside the window still reports what it profiled

@@ -75,6 +75,7 @@ SCHEDULE_FIELDS = (
     "grad_clip",
     "seed",
     "amp",
+    "anneal_by_deadline",
 )
 
 
@@ -170,7 +171,9 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
                 f"(saved: {saved['steps']})"
             )
         changed = [
-            f"--{k.replace('_', '-')} {getattr(cfg, k)} (saved: {v})"
+            # min_lr_scale has no option: it is set in Python only
+            f"{k if k == 'min_lr_scale' else '--' + k.replace('_', '-')} {getattr(cfg, k)} "
+            f"(saved: {v})"
             for k, v in saved.items()
             if k != "steps" and getattr(cfg, k) != v
         ]
@@ -197,7 +200,8 @@ def build_model(dataset: CocoMultiTaskDataset, cfg: TrainConfig, rank: int) -> t
         if meta.get("step", 0) >= cfg.steps:
             raise StartupError(
                 f"--resume {cfg.resume}: the run is finished (step {meta.get('step', 0)} of "
-                f"{cfg.steps}); to train on, start from its weights with --init {cfg.resume}"
+                f"{cfg.steps}); to train on, give a larger --steps (the schedule is then "
+                f"stretched), or start from its weights with --init {cfg.resume}"
             )
         return mad, meta.get("step", 0)
     if cfg.init:

@@ -315,6 +315,31 @@ def test_unavailable_devices_fail_at_startup(micro_checkpoint, exported):
             create_runner("tensorrt", micro_checkpoint, device="cuda", export_dir=exported)
 
 
+def test_a_failed_export_leaves_the_one_there_whole(
+    exported, micro_checkpoint, tmp_path, monkeypatch
+):
+    """Exports are written beside --out and then put in its place: one that fails halfway
+    leaves the export already there as it was, and no staging directory behind."""
+    import export.onnx_export
+    from mad.cli import app as mad_cli
+
+    copy = tmp_path / "export"
+    shutil.copytree(exported, copy)
+    before = sorted(p.name for p in copy.iterdir())
+
+    def failing_export(checkpoint, out, **options):
+        (Path(out) / "encoder.onnx").write_bytes(b"half")
+        raise StartupError("the export failed")
+
+    monkeypatch.setattr(export.onnx_export, "export_onnx", failing_export)
+    args = ["export", "--checkpoint", str(micro_checkpoint), "--out", str(copy)]
+    result = CliRunner().invoke(mad_cli, args)
+    assert result.exit_code == 3 and "the export failed" in result.stderr
+    assert sorted(p.name for p in copy.iterdir()) == before
+    assert read_manifest(copy)  # still an export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
 def test_cli_export_simplified(micro_checkpoint, tmp_path):
     from typer.testing import CliRunner
 
