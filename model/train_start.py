@@ -134,7 +134,9 @@ def tokenizer_for(
     if cfg.tokenizer:
         return CaptionTokenizer.load(cfg.tokenizer)
     path = cfg.out / "tokenizer.model"
-    if rank == 0 and not path.exists():
+    # Trained anew even where one lies (an interrupted first run's, of other data, say);
+    # the other ranks read what rank 0 wrote.
+    if rank == 0:
         captions = [c for image_id in dataset.ids for c in dataset.captions(image_id)]
         size = cfg.text_vocab_size or config.text_vocab_size
         CaptionTokenizer.train(captions, size, cfg.tokenizer_type).save(path)

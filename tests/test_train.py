@@ -231,6 +231,17 @@ def test_a_step_needs_a_micro_batch(synth_data, tmp_path):
         train(config(synth_data, tmp_path / "run", accumulate=0))
 
 
+def test_a_new_run_trains_its_own_tokenizer_over_one_left_in_out(synth_data, tmp_path):
+    """An interrupted first run leaves tokenizer.model in --out; the next run (other data or
+    settings, say) trains its own rather than reading that one."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"left by an interrupted run")
+    train(config(synth_data, out, steps=1))
+    mad, _ = load_checkpoint(out)
+    assert mad.tokenizer is not None and mad.tokenizer.vocab_size > 0
+
+
 def test_a_stop_past_the_schedule_is_refused(synth_data, tmp_path):
     with pytest.raises(StartupError, match="--stop-at 5 is past the schedule's end"):
         train(config(synth_data, tmp_path / "run", steps=2, stop_at=5))
