@@ -16,6 +16,7 @@ from model.codecs.caption import CaptionCodec
 from model.codecs.detection import Detections
 from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
+from model.mask_formats import BoxMask
 
 
 class Progress(Protocol):
@@ -87,7 +88,7 @@ class Result:
         return detections
 
     @property
-    def masks(self) -> list[torch.Tensor | None] | None:
+    def masks(self) -> list[BoxMask | None] | None:
         return self.outputs.get(SegmentationCodec.name)
 
     @property

@@ -2,7 +2,9 @@
 polygons.
 
 Both take one bool mask [H, W] in original-image pixels (a CPU torch tensor or a numpy
-array). RLE is exact; polygons keep only outer boundaries (COCO polygons cannot express
+array), or a `BoxMask`, which holds only its box: a model's mask is False outside the box
+of the detection that prompted it, and a large photo's full-size masks would cost H x W
+bytes each. RLE is exact; polygons keep only outer boundaries (COCO polygons cannot express
 holes). Only numpy and pycocotools here: the data generator's worker processes and the
 service import this without the evaluator.
 """
@@ -10,6 +12,7 @@ service import this without the evaluator.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,18 +22,65 @@ if TYPE_CHECKING:
     import torch
 
 
-def encode_rle(mask: torch.Tensor | np.ndarray) -> dict:
-    """bool [H, W] -> COCO compressed RLE {"size": [H, W], "counts": str}.
+@dataclass(frozen=True, eq=False)
+class BoxMask:
+    """The mask of an image of `size` (H, W) that is False outside rows top..top+h and columns
+    left..left+w, where `crop` (bool [h, w], a CPU tensor) holds it."""
+
+    crop: torch.Tensor
+    top: int
+    left: int
+    size: tuple[int, int]
+
+    def full(self) -> torch.Tensor:
+        """bool [H, W]: the whole image's mask."""
+        import torch
+
+        out = torch.zeros(self.size, dtype=torch.bool)
+        h, w = self.crop.shape
+        out[self.top : self.top + h, self.left : self.left + w] = self.crop
+        return out
+
+
+def encode_rle(mask: torch.Tensor | np.ndarray | BoxMask) -> dict:
+    """bool [H, W] (or a BoxMask) -> COCO compressed RLE {"size": [H, W], "counts": str}.
 
     `counts` is decoded to an ASCII string so the dict is JSON-ready; pycocotools' decode
     accepts it as is.
     """
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
+    if isinstance(mask, BoxMask):
+        rle = box_rle(mask)
+    else:
+        rle = mask_utils.encode(np.asfortranarray(np.asarray(mask), dtype=np.uint8))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
 
 
-def mask_to_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
+def box_rle(mask: BoxMask) -> dict:
+    """A BoxMask's compressed RLE, from the column strip of its box (H x w bytes, not H x W):
+    COCO's runs go down each column, so the columns left and right of the box only lengthen
+    the first and last runs of zeros."""
+    height, width = mask.size
+    h, w = mask.crop.shape
+    strip = np.zeros((height, w), dtype=np.uint8, order="F")
+    strip[mask.top : mask.top + h] = np.asarray(mask.crop)
+    flat = strip.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)  # runs start with zeros
+    before, after = mask.left * height, (width - mask.left - w) * height
+    if not counts:
+        counts = [0]
+    counts[0] += before
+    if len(counts) % 2:  # ends with zeros
+        counts[-1] += after
+    elif after:
+        counts.append(after)
+    return dict(mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width))
+
+
+def mask_to_polygons(mask: torch.Tensor | np.ndarray | BoxMask) -> list[list[float]]:
     """bool [H, W] -> outer boundaries along pixel edges, flat [x0, y0, x1, y1, ...] each.
 
     Traced with the mask on the right of each step; at a vertex shared by two diagonal
@@ -38,6 +88,11 @@ def mask_to_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
     loops) are dropped: COCO polygons cannot express them. Vertices are pixel corners, so
     a polygon of an [H, W] mask lies within [0, W] x [0, H].
     """
+    if isinstance(mask, BoxMask):  # the crop's polygons, moved to the box
+        return [
+            [v + (mask.left if i % 2 == 0 else mask.top) for i, v in enumerate(polygon)]
+            for polygon in mask_to_polygons(mask.crop)
+        ]
     mask = np.asarray(mask, dtype=bool)
     padded = np.pad(mask, 1)
     inside = padded[1:-1, 1:-1]

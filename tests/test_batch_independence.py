@@ -22,7 +22,7 @@ def same(a: Result, b: Result) -> None:
     torch.testing.assert_close(a.detections.scores, b.detections.scores, atol=1e-4, rtol=0)
     for ma, mb in zip(a.masks or [], b.masks or [], strict=True):
         assert ma is not None and mb is not None
-        assert ((ma > 0.5) != (mb > 0.5)).float().mean() < 1e-3
+        assert (ma.full() != mb.full()).float().mean() < 1e-3
     for ka, kb in zip(a.keypoints or [], b.keypoints or [], strict=True):
         assert (ka is None) == (kb is None)
         if ka is not None and kb is not None:

@@ -81,8 +81,9 @@ def test_segmentation_paste_fills_its_box(micro_model):
         [DecodeContext((96, 96), 1.0, (60, 80))],
         boxes=[torch.tensor([10.0, 20.0, 30.5, 50.0])],
     )
-    assert mask.shape == (60, 80)
-    ys, xs = mask.nonzero(as_tuple=True)
+    full = mask.full()
+    assert full.shape == (60, 80)
+    ys, xs = full.nonzero(as_tuple=True)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 30, 20, 49)
 
 

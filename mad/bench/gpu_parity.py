@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from model.codecs.detection import Detections
     from model.config import ModelConfig
     from model.inference_io import Result
+    from model.mask_formats import BoxMask
 
 # Stated before the first GPU run: fp32 on the device (TF32 off) must reproduce the CPU; bf16
 # may move logits but must keep nearly every decoded token. (The decoded-result rule for
@@ -177,7 +178,11 @@ def compare_results(a: Result, b: Result, tolerance_px: float) -> dict[str, Any]
     found = pair_detections(da, db)
     pairs = found or []
     box_diff = max(((da.boxes[i] - db.boxes[j]).abs().max().item() for i, j in pairs), default=0.0)
-    masks = paired(a.masks, b.masks, pairs)
+
+    def full(masks: list[BoxMask | None] | None) -> list[torch.Tensor | None] | None:
+        return None if masks is None else [None if m is None else m.full() for m in masks]
+
+    masks = paired(full(a.masks), full(b.masks), pairs)
     mask_diff = max(
         (torch.ne(x > 0.5, y > 0.5).float().mean().item() for x, y in masks), default=0.0
     )

@@ -32,7 +32,7 @@ from model.data.batching import to_canvas
 from model.decoding import mask_schedule, masked_decode
 from model.evaluate import GroundTruth, coco_ap, evaluate
 from model.inference_io import Request
-from model.mask_formats import encode_rle
+from model.mask_formats import BoxMask, encode_rle
 from model.pipeline import Pipeline
 from model.preprocess import image_canvas
 from model.runner import EagerRunner
@@ -52,7 +52,7 @@ def xyxy(anns: list[dict]) -> torch.Tensor:
     return box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32), "xywh", "xyxy")
 
 
-def entry(ann: dict, mask: torch.Tensor, score: float) -> dict[str, Any]:
+def entry(ann: dict, mask: BoxMask, score: float) -> dict[str, Any]:
     return {
         "image_id": ann["image_id"],
         "category_id": ann["category_id"],
@@ -69,9 +69,9 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.inference_mode()
 def prompted_masks(
     pipeline: Pipeline, image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> tuple[list[BoxMask], torch.Tensor]:
     """The mask decoder prompted by given detections of `image`, as the pipeline prompts it by
-    its own: boxes [N, 4] in image pixels, labels [N] class indices -> (bool [H, W] mask per
+    its own: boxes [N, 4] in image pixels, labels [N] class indices -> (the mask of each
     box, [N] the decoder's confidence: the mean over the grid of max(p, 1 - p))."""
     codec = pipeline.mad.codecs["segmentation"]
     assert isinstance(codec, SegmentationCodec)
@@ -102,7 +102,7 @@ def oracle_masks(mad: MAD, truth: GroundTruth) -> tuple[list[dict], list[float]]
         masks, confidence = prompted_masks(pipeline, image, xyxy(anns), labels)
         for ann, mask, score in zip(anns, masks, confidence.tolist(), strict=True):
             results.append(entry(ann, mask, score))
-            ious.append(iou(mask, torch.from_numpy(truth.instances.annToMask(ann)).bool()))
+            ious.append(iou(mask.full(), torch.from_numpy(truth.instances.annToMask(ann)).bool()))
     return results, ious
 
 

@@ -24,7 +24,7 @@ from model.codecs.base import (
     box_tokens,
     register_codec,
 )
-from model.mask_formats import encode_rle, mask_to_polygons
+from model.mask_formats import BoxMask, encode_rle, mask_to_polygons
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
@@ -44,15 +44,15 @@ def crop_masks(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Ten
     return crops.squeeze(1) >= 0.5
 
 
-def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """prob [m, m] in the box, box [4] in pixels -> bool [H, W] mask of the whole image."""
+def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int]) -> BoxMask:
+    """prob [m, m] in the box, box [4] in pixels -> the image's mask, held as the box's
+    pixels (BoxMask: a full-size mask of a large photo would cost H x W bytes)."""
     H, W = image_size
-    out = torch.zeros(H, W, dtype=torch.bool)
     left, top, right, bottom = (float(v) for v in box)
     x0, y0 = max(math.floor(left), 0), max(math.floor(top), 0)
     x1, y1 = min(math.ceil(right), W), min(math.ceil(bottom), H)
     if x1 <= x0 or y1 <= y0:
-        return out
+        return BoxMask(torch.zeros(0, 0, dtype=torch.bool), 0, 0, (H, W))
     # Sample the m x m grid at the pixel centres of the (float) box.
     bw, bh = max(float(box[2] - box[0]), 1e-3), max(float(box[3] - box[1]), 1e-3)
     xs = ((torch.arange(x0, x1) + 0.5 - float(box[0])) / bw) * 2 - 1
@@ -61,8 +61,7 @@ def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int
     sampled = F.grid_sample(
         prob[None, None].float(), grid, align_corners=False, padding_mode="border"
     )
-    out[y0:y1, x0:x1] = sampled[0, 0] >= 0.5
-    return out
+    return BoxMask(sampled[0, 0] >= 0.5, y0, x0, (H, W))
 
 
 @register_codec
@@ -128,8 +127,8 @@ class SegmentationCodec(TaskCodec):
         contexts: list[DecodeContext],
         boxes: list[torch.Tensor] | None = None,
         **_: Any,
-    ) -> list[torch.Tensor]:
-        """[S, m*m, 2] logits -> a bool [H, W] mask per sequence, pasted into its box
+    ) -> list[BoxMask]:
+        """[S, m*m, 2] logits -> a mask per sequence, pasted into its box
         (`boxes`: [4] pixel boxes of the detections that prompted each sequence)."""
         if boxes is None:
             raise ValueError(
@@ -145,10 +144,8 @@ class SegmentationCodec(TaskCodec):
         return logits.float().softmax(-1)[..., 0].reshape(-1, m, m)
 
     # --- response and metric ----------------------------------------------------------------
-    def to_json(
-        self, output: torch.Tensor, options: JsonOptions
-    ) -> dict[str, Any] | list[list[float]]:
-        """bool [H, W] -> COCO compressed RLE, or outer-boundary polygons."""
+    def to_json(self, output: BoxMask, options: JsonOptions) -> dict[str, Any] | list[list[float]]:
+        """A mask -> COCO compressed RLE, or outer-boundary polygons."""
         if options.mask_format == "polygon":
             return mask_to_polygons(output)
         return encode_rle(output)
