@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from model.codecs import DecodeContext, build_codecs
 from model.codecs.detection import TOKENS_PER_SLOT
+from model.mask_formats import BoxMask, encode_rle, mask_to_polygons
 from model.vocab import VocabLayout
 from tests.helpers import TINY_CAPTIONS, micro_config
 
@@ -70,6 +72,20 @@ def test_segmentation_round_trip_exact_at_16x16(micro_model, bits):
     tokens = codec.mask_tokens(mask)
     probs = codec.mask_probabilities(one_hot_logits(codec, tokens))
     assert torch.equal(probs >= 0.5, mask)
+
+
+def test_a_box_mask_encodes_as_its_full_size_mask_does():
+    """RLE from the box's column strip and polygons from the crop equal those of the whole
+    image's mask: boxes at the edges, empty, full, one pixel wide or tall."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        height, width = (int(v) for v in rng.integers(1, 24, 2))
+        h, w = int(rng.integers(0, height + 1)), int(rng.integers(0, width + 1))
+        top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        crop = torch.from_numpy(rng.random((h, w)) < rng.random())
+        mask = BoxMask(crop, top, left, (height, width))
+        assert encode_rle(mask) == encode_rle(mask.full())
+        assert mask_to_polygons(mask) == mask_to_polygons(mask.full())
 
 
 def test_segmentation_paste_fills_its_box(micro_model):
