@@ -132,7 +132,6 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE."),
 ) -> None:
     """Train a MAD model (single process, or DDP under torchrun)."""
-    from model.checkpoint import CONFIG
     from model.config import PRESETS
     from model.tokenizer import MODEL_TYPES
     from model.train import train as run_training
@@ -168,7 +167,7 @@ def train(
         amp=amp,
         anneal_by_deadline=anneal_by_deadline,
     )
-    saved = saved_schedule(resume) if resume is not None and (resume / CONFIG).is_file() else {}
+    saved = saved_schedule(resume) if resume is not None else {}
     schedule = {k: v for k, v in saved.items() if given.get(k) is None}
     schedule |= {k: v for k, v in given.items() if v is not None}
     if schedule.get("anneal_by_deadline") and max_minutes is None:
@@ -242,7 +241,8 @@ def evaluate_command(
     mad, _ = load_checkpoint(checkpoint, device)
     try:
         task_names = parse_tasks(tasks, mad.config.tasks)
-        steps = parse_refine_steps(refine_steps, mad.config.tasks, mad.tasks_to_run(task_names))
+        runs = mad.tasks_to_run(task_names)
+        steps = parse_refine_steps(refine_steps, mad.config.tasks, runs)
         nms_iou = check_nms_iou(nms_iou)
     except RequestError as exc:
         request_error("eval", exc)
@@ -258,7 +258,7 @@ def evaluate_command(
             "checkpoint": str(checkpoint),
             "data": str(data),
             "split": split,
-            "refine_steps": mad.refine_steps(steps, mad.tasks_to_run(task_names)),
+            "refine_steps": mad.refine_steps(steps, runs),
             "nms_iou": mad.config.nms_iou if nms_iou is None else nms_iou,
             "metrics": metrics,
         }

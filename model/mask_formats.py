@@ -70,9 +70,7 @@ def box_rle(mask: BoxMask) -> dict:
     if flat.size and flat[0]:
         counts.insert(0, 0)  # runs start with zeros
     before, after = mask.left * height, (width - mask.left - w) * height
-    if not counts:
-        counts = [0]
-    counts[0] += before
+    counts[0] += before  # counts is never empty: an empty strip gives [0]
     if len(counts) % 2:  # ends with zeros
         counts[-1] += after
     elif after:

@@ -80,7 +80,10 @@ SCHEDULE_FIELDS = (
 
 
 def saved_schedule(directory: Path) -> dict[str, Any]:
-    """The SCHEDULE_FIELDS a checkpoint's run was trained with ({} when it does not say)."""
+    """The SCHEDULE_FIELDS a checkpoint's run was trained with ({} when it does not say, or
+    there is no checkpoint: build_model refuses that)."""
+    if not (directory / CONFIG).is_file():
+        return {}
     training = read_checkpoint_config(directory).get("training") or {}
     return {k: training[k] for k in SCHEDULE_FIELDS if k in training}
 

@@ -99,11 +99,16 @@ def validation_details(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, An
     return [
         {
             "loc": [str(p) for p in e.get("loc", ())],
-            "msg": NOT_A_FILE_MESSAGE if NOT_A_FILE in e.get("msg", "") else e.get("msg", ""),
+            "msg": client_message(e),
             "type": e.get("type", ""),
         }
         for e in errors
     ]
+
+
+def client_message(error: Mapping[str, Any]) -> str:
+    message = str(error.get("msg", ""))
+    return NOT_A_FILE_MESSAGE if NOT_A_FILE in message else message
 
 
 async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:

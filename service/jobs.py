@@ -55,6 +55,15 @@ def submit_all(
     return jobs
 
 
+def not_done_within(limit_s: float) -> str:
+    """A 504's message: seconds, or milliseconds for a deadline under a second."""
+    return (
+        f"not done within {limit_s:g} s"
+        if limit_s >= 1
+        else f"not done within {limit_s * 1000:g} ms"
+    )
+
+
 def failure_error(exc: Draining | InferenceFailed) -> APIError:
     """What a client gets when its job's future raised: 503 when the server shut down before
     it ran or the model ran out of memory (a retry may pass), 500 when the model failed."""
@@ -102,8 +111,7 @@ async def wait_all(
         if client_left in done:
             raise APIError(CLIENT_CLOSED, "client_closed_request", "the client went away")
         if results not in done:
-            within = f"{limit_s:g} s" if limit_s >= 1 else f"{limit_s * 1000:g} ms"
-            raise APIError(504, "timeout", f"not done within {within}")
+            raise APIError(504, "timeout", not_done_within(limit_s))
         return list(results.result())
     except (Draining, InferenceFailed) as exc:
         raise failure_error(exc) from None

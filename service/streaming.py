@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from model.inference_io import Result
 from service.engine import BatchingEngine, Draining, InferenceFailed, Job
 from service.errors import error_body
-from service.jobs import failure_error
+from service.jobs import failure_error, not_done_within
 from service.schemas import PredictResponse
 
 Format = Literal["ndjson", "sse"]
@@ -99,7 +99,7 @@ async def events(
                 partials.queue.get(), max(deadline - time.perf_counter(), 0.0)
             )
         except TimeoutError:
-            yield "error", error_body(504, f"not done within {timeout_s:g} s", "timeout")
+            yield "error", error_body(504, not_done_within(timeout_s), "timeout")
             return
         if item is not None:
             result, round = item

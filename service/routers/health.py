@@ -50,7 +50,6 @@ for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
         methods=["HEAD"],
         include_in_schema=False,
         response_model=None,
-        response_model_exclude_none=True,
     )
 
 
