@@ -167,6 +167,10 @@ TRAINING_AND_DECODING_FIELDS = (
     "max_instances_per_image",
     "segmentation_masked_copies",
     "nms_iou",
+    "box_confidence_exponent",
+    "coordinate_window",
+    "mask_threshold",
+    "mask_scoring",
     "schedules",
 )
 POSITIVE_FIELDS = (
@@ -241,6 +245,20 @@ class ModelConfig:
     segmentation_masked_copies: int = 1
     # Class-wise NMS IoU after detection decoding (1.0: off); a request may override it.
     nms_iou: float = 1.0
+    # Decoding (defaults: the reference's; the presets and the bundled model set their own).
+    # A detection's score is p(class) x box confidence ** this, the box confidence being the
+    # geometric mean of its four coordinate tokens' probabilities: boxes the model is unsure
+    # of rank lower, and so do the masks and keypoints they prompt (0: p(class) alone).
+    box_confidence_exponent: float = 0.0
+    # Box and keypoint coordinates: the probability-weighted mean of the bins within this many
+    # of the most likely one, finer than a bin where the model spreads its belief (0: the most
+    # likely bin's centre).
+    coordinate_window: int = 0
+    # A mask is the box's pixels whose foreground probability reaches this.
+    mask_threshold: float = 0.5
+    # A mask's score is its detection's x the mean foreground probability inside the mask
+    # (SOLO's "maskness"), so COCO mask AP ranks confident masks first (False: the detection's).
+    mask_scoring: bool = False
     # Masked inference: default mask-ratio schedule per task (K = len(schedule)).
     schedules: dict[str, list[float]] = field(
         default_factory=lambda: {
@@ -265,6 +283,12 @@ class ModelConfig:
                 f"train_augmentation must be one of {AUGMENTATIONS}, "
                 f"not {self.train_augmentation!r}"
             )
+        if self.box_confidence_exponent < 0:
+            raise ValueError("box_confidence_exponent must be at least 0")
+        if self.coordinate_window < 0:
+            raise ValueError("coordinate_window must be at least 0")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError("mask_threshold must be between 0 and 1")
         if self.segmentation_masked_copies not in (1, 2):
             raise ValueError("segmentation_masked_copies must be 1 or 2")
         for task, ratios in self.schedules.items():
@@ -365,6 +389,10 @@ def _tiny() -> ModelConfig:
         class_names=list(SYNTH_CLASS_NAMES),
         text_vocab_size=256,
         max_instances_per_image=4,
+        # Measured on the bundled model (docs/model-card.md: decoding): each raised every AP.
+        box_confidence_exponent=0.5,
+        coordinate_window=4,
+        mask_scoring=True,
     )
 
 

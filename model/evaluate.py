@@ -115,7 +115,8 @@ def coco_ap(
 
 class CocoAP:
     """COCOeval AP of one per-detection output. `values(result)` gives each detection's COCO
-    value (a bbox, an RLE, keypoints) or None; `names` name AP, AP50, AP75 (a prefix of them)."""
+    value (a bbox, an RLE, keypoints) or None; `names` name AP, AP50, AP75 (a prefix of them);
+    `scores(result)` what each is ranked by (default: its detection's score)."""
 
     def __init__(
         self,
@@ -124,9 +125,10 @@ class CocoAP:
         iou_type: str,
         values: Callable[[Result], Sequence[Any | None]],
         names: Sequence[str],
+        scores: Callable[[Result], Sequence[float]] | None = None,
     ) -> None:
         self.truth, self.gt, self.iou_type = truth, gt, iou_type
-        self.values, self.names = values, names
+        self.values, self.names, self.scores = values, names, scores
         self.entries: list[dict[str, Any]] = []
 
     @property
@@ -137,12 +139,13 @@ class CocoAP:
 
     def add(self, image_id: int, result: Result) -> None:
         dets = result.required_detections()
+        scores = dets.scores.tolist() if self.scores is None else self.scores(result)
         for j, value in enumerate(self.values(result)):
             if value is not None:
                 self.entries.append(
                     {
                         "image_id": image_id,
-                        "score": float(dets.scores[j]),
+                        "score": float(scores[j]),
                         "category_id": self.truth.category_ids[int(dets.labels[j])],
                         COCO_RESULT_KEY[self.iou_type]: value,
                     }

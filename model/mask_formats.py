@@ -25,12 +25,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, eq=False)
 class BoxMask:
     """The mask of an image of `size` (H, W) that is False outside rows top..top+h and columns
-    left..left+w, where `crop` (bool [h, w], a CPU tensor) holds it."""
+    left..left+w, where `crop` (bool [h, w], a CPU tensor) holds it. `quality`: a model's
+    confidence in it, in 0..1 (segmentation's `mask_scoring`; 1.0 when not scored)."""
 
     crop: torch.Tensor
     top: int
     left: int
     size: tuple[int, int]
+    quality: float = 1.0
 
     def full(self) -> torch.Tensor:
         """bool [H, W]: the whole image's mask."""

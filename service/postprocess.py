@@ -18,7 +18,8 @@ def outputs_json(
     result: Result, codecs: Mapping[str, TaskCodec], options: JsonOptions
 ) -> dict[str, Any]:
     """{output field: JSON} of every task run. A task prompted by detections puts its
-    outputs into the objects of the detections they belong to (where it applies)."""
+    outputs into the objects of the detections they belong to (where it applies), with their
+    own scores where it has them (`score_field`)."""
     body: dict[str, Any] = {}
     for task in result.tasks:
         codec = codecs[task]
@@ -28,9 +29,12 @@ def outputs_json(
         codec = codecs[task]
         if codec.prompted_by_detections:
             objects = body[codecs[DetectionCodec.name].output_field]
-            for obj, output in zip(objects, result.outputs[task], strict=True):
+            scores = result.required_detections().scores.tolist()
+            for obj, output, score in zip(objects, result.outputs[task], scores, strict=True):
                 if output is not None:
                     obj[codec.output_field] = codec.to_json(output, options)
+                    if codec.score_field is not None:
+                        obj[codec.score_field] = round(codec.output_score(output, score), 5)
     return body
 
 

@@ -105,6 +105,12 @@ class Detection(Strict):
     mask: RLEMask | list[Polygon] | None = Field(
         None, description="When segmentation was asked: RLE, or a list of polygons."
     )
+    mask_score: float | None = Field(
+        None,
+        description="With `mask`: the mask's score, the detection's times the model's mean "
+        "foreground probability inside the mask where the model scores masks (its "
+        "`mask_scoring`), else the detection's.",
+    )
     keypoints: list[Keypoint] | None = Field(
         None,
         description="Persons only, when keypoints were asked: one [x, y, score] per keypoint name.",

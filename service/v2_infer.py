@@ -380,7 +380,8 @@ async def run(
         return bodies
 
     def tensors() -> list[tuple[Tensor, bool]]:
-        return [(output_tensor(spec, results, json_bodies), b) for spec, b in plan.outputs]
+        codecs = plan.model.mad.codecs
+        return [(output_tensor(spec, results, json_bodies, codecs), b) for spec, b in plan.outputs]
 
     outputs = await asyncio.to_thread(tensors)
     postprocess_s = time.perf_counter() - post_start

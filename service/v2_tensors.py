@@ -14,6 +14,7 @@ detections are padding: zeros, label -1, empty mask.
     labels          INT32     [B, D]        detection ran: index into the model's class_names
     masks_rle       BYTES     [B, D]        segmentation ran: COCO compressed RLE `counts` of
                                             an image_size mask
+    mask_scores     FP32      [B, D]        segmentation ran: each mask's score (0: no mask)
     keypoints       FP32      [B, D, K, 3]  keypoints ran: x, y, score (all 0: not a person)
     caption         BYTES     [B]           caption ran (UTF-8)
 
@@ -24,13 +25,13 @@ length and then that many bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from model.codecs import DetectionCodec
+from model.codecs import DetectionCodec, TaskCodec
 from model.codecs.caption import CaptionCodec
 from model.codecs.keypoints import KeypointCodec
 from model.codecs.segmentation import SegmentationCodec
@@ -121,6 +122,7 @@ def output_specs(config: ModelConfig) -> list[OutputSpec]:
         OutputSpec("scores", "FP32", (-1, -1), detection),
         OutputSpec("labels", "INT32", (-1, -1), detection),
         OutputSpec("masks_rle", "BYTES", (-1, -1), SegmentationCodec.name),
+        OutputSpec("mask_scores", "FP32", (-1, -1), SegmentationCodec.name),
         OutputSpec("keypoints", "FP32", (-1, -1, keypoints, 3), KeypointCodec.name),
         OutputSpec("caption", "BYTES", (-1,), CaptionCodec.name),
     ]
@@ -153,6 +155,13 @@ def mask_rows(result: Result) -> np.ndarray:
     )
 
 
+def mask_score_rows(result: Result, codec: TaskCodec) -> np.ndarray:
+    """[N] each detection's mask score (0 where there is no mask)."""
+    masks, scores = result.masks or [], codec.output_scores(result)
+    rows = [0.0 if m is None else score for m, score in zip(masks, scores, strict=True)]
+    return np.array(rows, dtype=np.float32)
+
+
 def bytes_array(elements: Sequence[bytes]) -> np.ndarray:
     out = np.empty(len(elements), dtype=object)
     out[:] = list(elements)
@@ -160,9 +169,13 @@ def bytes_array(elements: Sequence[bytes]) -> np.ndarray:
 
 
 def output_tensor(
-    spec: OutputSpec, results: list[Result], json_bodies: Callable[[], list[bytes]]
+    spec: OutputSpec,
+    results: list[Result],
+    json_bodies: Callable[[], list[bytes]],
+    codecs: Mapping[str, TaskCodec],
 ) -> Tensor:
-    """`spec`'s tensor for these results (every image ran the task `spec` needs)."""
+    """`spec`'s tensor for these results (every image ran the task `spec` needs), decoded by
+    the model's `codecs`."""
     name = spec.name
     detections = (
         [r.required_detections() for r in results] if spec.task == DetectionCodec.name else []
@@ -182,6 +195,9 @@ def output_tensor(
         data = padded([d.labels.numpy() for d in detections], (), -1, np.int32)
     elif name == "masks_rle":
         data = padded([mask_rows(r) for r in results], (), b"", object)
+    elif name == "mask_scores":
+        segmentation = codecs[SegmentationCodec.name]
+        data = padded([mask_score_rows(r, segmentation) for r in results], (), 0.0, np.float32)
     elif name == "keypoints":
         count = spec.shape[2]
         rows = [keypoint_rows(r, count) for r in results]

@@ -27,7 +27,7 @@ from model.codecs import build_codecs
 from model.codecs.detection import Detections
 from model.config import COCO_SKELETON
 from model.inference_io import Result
-from model.mask_formats import mask_to_polygons
+from model.mask_formats import BoxMask, mask_to_polygons
 from model.vocab import VocabLayout
 from service.postprocess import build_response
 from service.render import render
@@ -236,7 +236,10 @@ def hand_made_result(height=60, width=80) -> Result:
     )
     outputs = {
         "detection": dets,
-        "segmentation": [mask, torch.zeros_like(mask)],
+        "segmentation": [
+            BoxMask(mask[10:30, 20:50], 10, 20, (height, width)),
+            BoxMask(torch.zeros(0, 0, dtype=torch.bool), 0, 0, (height, width)),
+        ],
         "keypoints": [None, keypoints],
         "caption": "a circle and a person",
     }
@@ -258,7 +261,8 @@ def test_build_response_serializes_masks_and_person_keypoints():
     assert (circle["label"], circle["category_id"], person["label"]) == ("circle", 1, "person")
     assert "keypoints" not in circle and np.asarray(person["keypoints"]).shape == (17, 3)
     decoded = mask_utils.decode(circle["mask"]).astype(bool)
-    assert np.array_equal(decoded, result.masks[0].numpy())
+    assert np.array_equal(decoded, result.masks[0].full().numpy())
+    assert circle["mask_score"] == circle["score"]  # BoxMask's quality defaults to 1
     assert body["decoder_passes"] == {
         "detection": 1,
         "segmentation": 0,

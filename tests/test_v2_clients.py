@@ -37,7 +37,7 @@ from tests.v2_serve import (
 
 OUTPUTS_OF = {
     "detection": {"num_detections", "boxes", "scores", "labels"},
-    "segmentation": {"num_detections", "boxes", "scores", "labels", "masks_rle"},
+    "segmentation": {"num_detections", "boxes", "scores", "labels", "masks_rle", "mask_scores"},
     "keypoints": {"num_detections", "boxes", "scores", "labels", "keypoints"},
     "caption": {"caption"},
 }

@@ -33,7 +33,7 @@ from tests.v2_protocol import (
 DETECTION_OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 OUTPUTS_OF = {
     "detection": DETECTION_OUTPUTS,
-    "segmentation": (*DETECTION_OUTPUTS, "masks_rle"),
+    "segmentation": (*DETECTION_OUTPUTS, "masks_rle", "mask_scores"),
     "keypoints": (*DETECTION_OUTPUTS, "keypoints"),
     "caption": ("caption",),
 }
@@ -87,6 +87,7 @@ def test_health_and_metadata(client, model_name, openapi):
         "scores": ("FP32", [-1, -1]),
         "labels": ("INT32", [-1, -1]),
         "masks_rle": ("BYTES", [-1, -1]),
+        "mask_scores": ("FP32", [-1, -1]),
         "keypoints": ("FP32", [-1, -1, len(described["keypoint_names"]), 3]),
         "caption": ("BYTES", [-1]),
     }
@@ -148,6 +149,8 @@ def test_each_task_alone_and_together(client, model_name, tasks):
     if "segmentation" in tasks:
         masks = array(out["masks_rle"])[0]
         assert [m for m in masks] == [d["mask"]["counts"] for d in detections]
+        mask_scores = array(out["mask_scores"])[0]
+        np.testing.assert_allclose(mask_scores, [d["mask_score"] for d in detections], atol=1e-5)
     if "keypoints" in tasks:
         points = array(out["keypoints"])[0]
         assert points.shape[0] == len(detections)

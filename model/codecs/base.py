@@ -147,6 +147,9 @@ class TaskCodec:
     output_schema: ClassVar[dict[str, Any]] = {}
     # What `evaluator` reports; `mad tune` maximises the first.
     metrics: ClassVar[tuple[str, ...]]
+    # A task prompted by detections that scores its own outputs (`output_score`): the key of
+    # that score in each detection's object of a response (None: its detection's score is it).
+    score_field: ClassVar[str | None] = None
 
     def __init__(
         self, config: ModelConfig, vocab: VocabLayout, tokenizer: CaptionTokenizer | None = None
@@ -288,6 +291,21 @@ class TaskCodec:
         """One image's decoded output -> the part this request keeps (tasks with one sequence
         per image; detection applies the score threshold and maximum count). Default: all."""
         return output
+
+    def output_score(self, output: Any, detection_score: float) -> float:
+        """The score of one output of a task prompted by detections, whose detection scored
+        `detection_score`: what COCO evaluation ranks it by. Default: that score."""
+        return detection_score
+
+    def output_scores(self, result: Result) -> list[float]:
+        """`output_score` of each of a result's detections (its own score where this task
+        has no output for it)."""
+        scores = result.required_detections().scores.tolist()
+        outputs = result.outputs[self.name]
+        return [
+            s if o is None else self.output_score(o, s)
+            for o, s in zip(outputs, scores, strict=True)
+        ]
 
     # --- response and metric ----------------------------------------------------------------
     def to_json(self, output: Any, options: JsonOptions) -> Any:

@@ -177,17 +177,23 @@ class DetectionCodec(TaskCodec):
         """[B, body_len, V_slice] -> one Detections per image: every slot whose box has an
         area in the image's pixels (zero width or height, e.g. off the image, is dropped, as
         the reference does), sorted by score (`select` applies each request's threshold and
-        maximum count)."""
-        v = self.vocab
-        slots = logits.reshape(len(logits), self.config.num_slots, TOKENS_PER_SLOT, -1).float()
+        maximum count). Scores and coordinates follow the config's `box_confidence_exponent`
+        and `coordinate_window`."""
+        v, config = self.vocab, self.config
+        slots = logits.reshape(len(logits), config.num_slots, TOKENS_PER_SLOT, -1).float()
         start = self.vocab_slice()[0]
         class_probs = slots[:, :, 4, v.class_start - start : v.no_object + 1 - start].softmax(-1)
         scores, labels = class_probs[..., :-1].max(-1)  # best real class, no-object excluded
         coord_lo, coord_hi = v.coord_start - start, v.coord_stop - start
-        coord_tokens = slots[:, :, :4, coord_lo:coord_hi].argmax(-1) + v.coord_start
+        coords, confidence = v.read_coordinates(
+            slots[:, :, :4, coord_lo:coord_hi], config.coordinate_window
+        )  # [B, slots, 4] each
+        if config.box_confidence_exponent:
+            box_confidence = confidence.log().mean(-1).exp()  # geometric mean of the four
+            scores = scores * box_confidence**config.box_confidence_exponent
         results = []
         for b, context in enumerate(contexts):
-            xy = v.dequantize(coord_tokens[b])
+            xy = coords[b]
             boxes = torch.cat(
                 [torch.minimum(xy[:, :2], xy[:, 2:]), torch.maximum(xy[:, :2], xy[:, 2:])], 1
             )

@@ -120,8 +120,8 @@ class KeypointCodec(TaskCodec):
         """[S, K*3, V_slice] -> per sequence [K, 3] (x, y in original pixels, score)."""
         v, start = self.vocab, self.vocab_slice()[0]
         probs = logits.float().softmax(-1)
-        coords = logits[:, :, v.coord_start - start : v.coord_stop - start].argmax(-1)
-        xy = v.dequantize(coords + v.coord_start)  # [S, K*3]
+        coord_logits = logits[:, :, v.coord_start - start : v.coord_stop - start]
+        xy = v.read_coordinates(coord_logits, self.config.coordinate_window)[0]  # [S, K*3]
         xy = torch.stack([xy[:, 0::3], xy[:, 1::3]], -1)  # [S, K, 2]
         scores = self.visibility_scores(probs)
         out = []
@@ -138,7 +138,14 @@ class KeypointCodec(TaskCodec):
     def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
         from model.evaluate import CocoAP  # pycocotools' evaluator only when evaluating
 
-        return CocoAP(truth, truth.keypoints, "keypoints", self.coco_keypoints, self.metrics)
+        return CocoAP(
+            truth,
+            truth.keypoints,
+            "keypoints",
+            self.coco_keypoints,
+            self.metrics,
+            self.output_scores,
+        )
 
     def coco_keypoints(self, result: Result) -> list[list[float] | None]:
         """Each detection's keypoints as COCO's flat [x, y, score, ...] (None: not a person)."""

@@ -44,15 +44,22 @@ def crop_masks(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Ten
     return crops.squeeze(1) >= 0.5
 
 
-def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int]) -> BoxMask:
-    """prob [m, m] in the box, box [4] in pixels -> the image's mask, held as the box's
-    pixels (BoxMask: a full-size mask of a large photo would cost H x W bytes)."""
+def paste_mask(
+    prob: torch.Tensor,
+    box: torch.Tensor,
+    image_size: tuple[int, int],
+    threshold: float = 0.5,
+    quality: float = 1.0,
+) -> BoxMask:
+    """prob [m, m] in the box, box [4] in pixels -> the image's mask (the pixels whose
+    probability reaches `threshold`), held as the box's pixels (BoxMask: a full-size mask of a
+    large photo would cost H x W bytes)."""
     H, W = image_size
     left, top, right, bottom = (float(v) for v in box)
     x0, y0 = max(math.floor(left), 0), max(math.floor(top), 0)
     x1, y1 = min(math.ceil(right), W), min(math.ceil(bottom), H)
     if x1 <= x0 or y1 <= y0:
-        return BoxMask(torch.zeros(0, 0, dtype=torch.bool), 0, 0, (H, W))
+        return BoxMask(torch.zeros(0, 0, dtype=torch.bool), 0, 0, (H, W), quality)
     # Sample the m x m grid at the pixel centres of the (float) box.
     bw, bh = max(float(box[2] - box[0]), 1e-3), max(float(box[3] - box[1]), 1e-3)
     xs = ((torch.arange(x0, x1) + 0.5 - float(box[0])) / bw) * 2 - 1
@@ -61,7 +68,7 @@ def paste_mask(prob: torch.Tensor, box: torch.Tensor, image_size: tuple[int, int
     sampled = F.grid_sample(
         prob[None, None].float(), grid, align_corners=False, padding_mode="border"
     )
-    return BoxMask(sampled[0, 0] >= 0.5, y0, x0, (H, W))
+    return BoxMask(sampled[0, 0] >= threshold, y0, x0, (H, W), quality)
 
 
 @register_codec
@@ -69,6 +76,7 @@ class SegmentationCodec(TaskCodec):
     name = "segmentation"
     prompted_by_detections = True
     output_field = "mask"
+    score_field = "mask_score"
     metrics = ("segm_AP",)
 
     prompt_len = 6
@@ -136,7 +144,23 @@ class SegmentationCodec(TaskCodec):
                 "prompted its sequences"
             )
         fg = self.mask_probabilities(logits)
-        return [paste_mask(fg[s], boxes[s], ctx.image_size) for s, ctx in enumerate(contexts)]
+        threshold = self.config.mask_threshold
+        quality = self.mask_quality(fg) if self.config.mask_scoring else torch.ones(len(fg))
+        return [
+            paste_mask(fg[s], boxes[s], ctx.image_size, threshold, float(quality[s]))
+            for s, ctx in enumerate(contexts)
+        ]
+
+    def mask_quality(self, fg: torch.Tensor) -> torch.Tensor:
+        """fg [S, m, m] foreground probabilities -> [S] the mean over the cells in the mask
+        (SOLO's maskness; 0 for an empty mask)."""
+        inside = fg >= self.config.mask_threshold
+        total = (fg * inside).flatten(1).sum(-1)
+        return total / inside.flatten(1).sum(-1).clamp(min=1)
+
+    def output_score(self, output: BoxMask, detection_score: float) -> float:
+        """A mask's score: its detection's x its quality (`mask_scoring`; else 1)."""
+        return detection_score * output.quality
 
     def mask_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """[S, m*m, 2] logits -> [S, m, m] foreground probability (fg is the slice's id 0)."""
@@ -153,7 +177,9 @@ class SegmentationCodec(TaskCodec):
     def evaluator(self, truth: GroundTruth) -> TaskEvaluator:
         from model.evaluate import CocoAP  # pycocotools' evaluator only when evaluating
 
-        return CocoAP(truth, truth.instances, "segm", self.coco_masks, self.metrics)
+        return CocoAP(
+            truth, truth.instances, "segm", self.coco_masks, self.metrics, self.output_scores
+        )
 
     def coco_masks(self, result: Result) -> list[dict[str, Any] | None]:
         """Each detection's mask as COCO RLE (None: no mask)."""

@@ -163,8 +163,8 @@ INFER_DOC: dict[str, Any] = {
 @router.post("/models/{model_name}/infer", summary="Run the model", **INFER_DOC)
 async def infer(request: Request, state: StateDep, model_name: str) -> Response:
     """One input, `image`: BYTES [N], N encoded images; outputs `image_size`, `json`,
-    `num_detections`, `boxes`, `scores`, `labels`, `masks_rle`, `keypoints`, `caption`
-    (docs/kserve.md)."""
+    `num_detections`, `boxes`, `scores`, `labels`, `masks_rle`, `mask_scores`, `keypoints`,
+    `caption` (docs/kserve.md)."""
     return await infer_version(request, state, model_name, "")
 
 
