@@ -247,8 +247,9 @@ class ModelConfig:
     nms_iou: float = 1.0
     # Decoding (defaults: the reference's; the presets and the bundled model set their own).
     # A detection's score is p(class) x box confidence ** this, the box confidence being the
-    # geometric mean of its four coordinate tokens' probabilities: boxes the model is unsure
-    # of rank lower, and so do the masks and keypoints they prompt (0: p(class) alone).
+    # geometric mean over its four coordinates of the probability of the bins each was read
+    # from (`coordinate_window`): boxes the model is unsure of rank lower, and so do the masks
+    # and keypoints they prompt (0: p(class) alone).
     box_confidence_exponent: float = 0.0
     # Box and keypoint coordinates: the probability-weighted mean of the bins within this many
     # of the most likely one, finer than a bin where the model spreads its belief (0: the most
@@ -390,8 +391,8 @@ def _tiny() -> ModelConfig:
         text_vocab_size=256,
         max_instances_per_image=4,
         # Measured on the bundled model (docs/model-card.md: decoding): each raised every AP.
-        box_confidence_exponent=0.5,
-        coordinate_window=4,
+        box_confidence_exponent=1.0,
+        coordinate_window=3,
         mask_scoring=True,
     )
 

@@ -139,18 +139,18 @@ class VocabLayout:
         self, logits: torch.Tensor, window: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [..., num_bins + 1] over the coordinate tokens -> (normalised coordinates
-        [...], the most likely bin's probability [...]). window 0: that bin's centre
-        (`dequantize`); else the probability-weighted mean of the bins within `window` of it,
-        which places a coordinate between bins where the model's belief spans neighbours."""
+        [...], confidence [...]). The coordinate: with window 0 the most likely bin's centre
+        (`dequantize`), else the probability-weighted mean of the bins within `window` of it,
+        which places a coordinate between bins where the model's belief spans neighbours. The
+        confidence: the probability of those bins, the coordinate's own and its window's."""
         probs = logits.float().softmax(-1)
-        confidence, best = probs.max(-1, keepdim=True)
-        if window == 0:
-            return self.dequantize(best.squeeze(-1) + self.coord_start), confidence.squeeze(-1)
+        best = probs.argmax(-1, keepdim=True)
         bins = best + torch.arange(-window, window + 1, device=best.device)
         inside = (bins >= 0) & (bins <= self.num_bins)  # a window past an edge is cut there
         near = probs.gather(-1, bins.clamp(0, self.num_bins)) * inside
-        mean = (near * bins).sum(-1) / near.sum(-1)
-        return ((mean + 0.5) / self.num_bins).clamp(0.0, 1.0), confidence.squeeze(-1)
+        confidence = near.sum(-1)
+        mean = (near * bins).sum(-1) / confidence
+        return ((mean + 0.5) / self.num_bins).clamp(0.0, 1.0), confidence
 
     @overload
     def text_token(self, text_id: int) -> int: ...

@@ -98,7 +98,10 @@ class Detection(Strict):
 
     label: str = Field(description="Class name.")
     category_id: int = Field(description="Index into the model's class_names (0-based).")
-    score: float
+    score: float = Field(
+        description="p(class), times the box's confidence to the power of the model's "
+        "`box_confidence_exponent` (1 for the bundled model; 0: p(class) alone)."
+    )
     box: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
         description="[x0, y0, x1, y1] in original-image pixels."
     )

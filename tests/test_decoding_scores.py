@@ -36,6 +36,8 @@ def test_window_zero_reads_the_most_likely_bins_centre(vocab):
     value, confidence = vocab.read_coordinates(logits, 0)
     assert value == pytest.approx(float(vocab.dequantize(torch.tensor(vocab.coord_start + 10))))
     assert confidence == pytest.approx(0.6, abs=1e-6)
+    _, confidence = vocab.read_coordinates(logits, 1)  # the window's probability
+    assert confidence == pytest.approx(1.0, abs=1e-6)
 
 
 def test_a_window_places_a_coordinate_between_bins_by_their_probabilities(vocab):
@@ -57,8 +59,9 @@ def test_a_window_past_an_edge_counts_each_bin_once(vocab):
 
 
 def detection_logits(mad: MAD, sure: bool) -> torch.Tensor:
-    """[1, body_len, V_slice]: slot 0 a class-2 box at p(class) 0.9, its coordinates certain
-    (sure) or spread over three bins; the other slots "no object"."""
+    """[1, body_len, V_slice]: slot 0 a class-2 box at p(class) 0.9, each coordinate certain
+    (sure) or at p 0.6 with p 0.4 on a bin far outside any window; the other slots "no
+    object"."""
     codec, v = mad.codecs["detection"], mad.vocab
     start, stop = codec.vocab_slice()
     slots = torch.full((mad.config.num_slots, TOKENS_PER_SLOT, stop - start), -30.0)
@@ -67,22 +70,22 @@ def detection_logits(mad: MAD, sure: bool) -> torch.Tensor:
     slots[0, 4, v.class_start + 2 - start] = 0.0
     slots[0, 4, v.no_object - start] = torch.log(torch.tensor(1 / 9))  # p(class) = 0.9
     for k, b in enumerate((10, 12, 50, 60)):
-        spread = {b: 1.0} if sure else {b - 1: 0.25, b: 0.5, b + 1: 0.25}
+        spread = {b: 1.0} if sure else {b: 0.6, b + 30: 0.4}
         for near, p in spread.items():
             slots[0, k, v.coord_start + near - start] = float(torch.tensor(p).log())
     return slots.reshape(1, -1, stop - start)
 
 
-@pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0])
-def test_box_confidence_lowers_the_score_of_an_uncertain_box(exponent):
-    mad = MAD.build(micro_config(box_confidence_exponent=exponent))
+@pytest.mark.parametrize(("exponent", "window"), [(0.0, 3), (0.5, 0), (1.0, 3)])
+def test_box_confidence_lowers_the_score_of_an_uncertain_box(exponent, window):
+    mad = MAD.build(micro_config(box_confidence_exponent=exponent, coordinate_window=window))
     codec, size = mad.codecs["detection"], mad.config.image_size
     context = [DecodeContext(size, 1.0, size)]
     sure = codec.decode(detection_logits(mad, True), None, context)[0]
     unsure = codec.decode(detection_logits(mad, False), None, context)[0]
     assert float(sure.scores[0]) == pytest.approx(0.9, abs=1e-3)
-    assert float(unsure.scores[0]) == pytest.approx(0.9 * 0.5**exponent, abs=1e-3)
-    assert torch.allclose(sure.boxes[0], unsure.boxes[0])  # symmetric spread: same box
+    assert float(unsure.scores[0]) == pytest.approx(0.9 * 0.6**exponent, abs=1e-3)
+    assert torch.allclose(sure.boxes[0], unsure.boxes[0])  # the far bin is outside the window
 
 
 def mask_logits(mad: MAD, inside: float, edge: float) -> torch.Tensor:

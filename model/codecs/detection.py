@@ -189,7 +189,7 @@ class DetectionCodec(TaskCodec):
             slots[:, :, :4, coord_lo:coord_hi], config.coordinate_window
         )  # [B, slots, 4] each
         if config.box_confidence_exponent:
-            box_confidence = confidence.log().mean(-1).exp()  # geometric mean of the four
+            box_confidence = confidence.clamp(min=1e-12).log().mean(-1).exp()  # of the four
             scores = scores * box_confidence**config.box_confidence_exponent
         results = []
         for b, context in enumerate(contexts):
