@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -25,6 +26,9 @@ from model.request_spec import (
 from model.startup import DEVICES, StartupError, output_file
 from service.cli import predict, request_error, serve
 from service.setting_options import device_option
+
+if TYPE_CHECKING:
+    from model.checkpoint import MAD
 
 app = new_app(help="MAD Serve: the Masked AutoDecoder vision generalist.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -306,9 +310,17 @@ def tune_command(
         0.003, min=0.0, help="Take the shortest schedule this close to the best."
     ),
     device: str = typer.Option("cpu", callback=device_option, help=DEVICES),
-    write: bool = typer.Option(False, help="Store the chosen schedules in the checkpoint."),
+    decoding: bool = typer.Option(
+        False,
+        "--decoding",
+        help="Choose the decoding options (coordinate window, box confidence, mask threshold "
+        "and scores: docs/model.md) instead of the schedules, by the mean AP of detection "
+        "and the tasks it prompts.",
+    ),
+    write: bool = typer.Option(False, help="Store what was chosen in the checkpoint."),
 ) -> None:
-    """Choose each task's default refinement schedule by its metric on held-out data."""
+    """Choose each task's default refinement schedule (or, with --decoding, how the model's
+    logits are read) by its metric on held-out data."""
     from model.checkpoint import load_checkpoint, write_schedules
     from model.evaluate import unscored_tasks
     from model.runner import torch_device
@@ -329,6 +341,11 @@ def tune_command(
     for name, why in unscored.items():
         typer.echo(f"mad tune: {name} not tuned: {why}", err=True)
     task_names = tuple(t for t in task_names if t not in unscored)
+    if decoding:
+        tune_decoding_command(
+            mad, checkpoint, data, split, task_names, limit, device, tolerance, write
+        )
+        return
     before = {t: list(r) for t, r in mad.config.schedules.items()}
 
     def report(name: str, trial: Trial) -> None:
@@ -357,6 +374,45 @@ def tune_command(
             },
         )
         typer.echo(f"wrote the schedules to {checkpoint}")
+
+
+def tune_decoding_command(
+    mad: MAD,
+    checkpoint: Path,
+    data: Path,
+    split: str,
+    tasks: tuple[str, ...],
+    limit: int | None,
+    device: str,
+    tolerance: float,
+    write: bool,
+) -> None:
+    """`mad tune --decoding`: report each trial, then what was chosen; store it with --write."""
+    from model.checkpoint import write_decoding
+    from model.tune import DecodingTrial, detection_family, tune_decoding
+
+    def report(trial: DecodingTrial) -> None:
+        typer.echo(f"{trial.option:<24} {trial.value!s:<6} mean AP {trial.score:.4f}")
+
+    before = dataclasses.asdict(mad.config)
+    trials = tune_decoding(mad, data, split, tasks, limit, device, tolerance, report)
+    if not trials:
+        raise StartupError("--decoding: none of the tasks to tune has decoding options")
+    chosen = {t.option: getattr(mad.config, t.option) for t in trials}
+    for option, value in chosen.items():
+        typer.echo(f"{option}: {before[option]} -> {value}")
+    if write:
+        record = {
+            "data": str(data),
+            "split": split,
+            "images": limit,
+            "tolerance": tolerance,
+            "metric": "mean of "
+            + ", ".join(mad.codecs[task].metric for task in detection_family(mad, tasks)),
+            "scores": [[t.option, t.value, round(t.score, 5)] for t in trials],
+        }
+        write_decoding(checkpoint, chosen, record)
+        typer.echo(f"wrote the decoding options to {checkpoint}")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,16 @@ def write_schedules(
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def write_decoding(directory: str | Path, options: dict[str, Any], tuning: dict[str, Any]) -> None:
+    """Set decoding options (ModelConfig fields) in a checkpoint's config.json, with how they
+    were chosen (`decoding_tuning`); the weights are untouched."""
+    directory = Path(directory)
+    meta = read_checkpoint_config(directory)
+    meta["model"].update(options)
+    meta["decoding_tuning"] = tuning
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def tuning_records(record: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """A config's `schedule_tuning` as {task: record}; a record written before records were
     kept per task ({data, ..., scores: {task: ...}}) is split by task."""

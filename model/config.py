@@ -390,7 +390,8 @@ def _tiny() -> ModelConfig:
         class_names=list(SYNTH_CLASS_NAMES),
         text_vocab_size=256,
         max_instances_per_image=4,
-        # Measured on the bundled model (docs/model-card.md: decoding): each raised every AP.
+        # What `mad tune --decoding` chose for the bundled model (docs/model-card.md), but the
+        # mask threshold: that one depends on how sharp a trained model's masks are.
         box_confidence_exponent=1.0,
         coordinate_window=3,
         mask_scoring=True,

@@ -233,8 +233,8 @@ class ErrorResponse(Strict):
 
 def model_openapi(schema: dict[str, Any], codecs: Mapping[str, TaskCodec]) -> dict[str, Any]:
     """Make the OpenAPI document (`schema`, changed in place) the loaded model's: its task
-    names as enums, and the output field of each task not declared above (from its codec's
-    `output_schema`), after which responses hold no other fields."""
+    names as enums, and the output field (from its codec's `output_schema`) and score field
+    of each task not declared above, after which responses hold no other fields."""
     components = schema["components"]["schemas"]
     names = list(codecs)
     for component in ("PredictResponse", "ModelDescription"):
@@ -251,6 +251,11 @@ def model_openapi(schema: dict[str, Any], codecs: Mapping[str, TaskCodec]) -> di
                 else f"When {task} ran."
             )
             properties[codec.output_field] = {"description": when, **codec.output_schema}
+        if codec.score_field is not None and codec.score_field not in properties:
+            properties[codec.score_field] = {
+                "type": "number",
+                "description": f"With `{codec.output_field}`: its own score.",
+            }
     for owner in ("Detection", "PredictResponse"):
         components[owner]["additionalProperties"] = False
     return schema

@@ -54,14 +54,16 @@ def test_a_window_past_an_edge_counts_each_bin_once(vocab):
     n = vocab.num_bins
     value, _ = vocab.read_coordinates(coordinate_logits({0: 0.6, 1: 0.4}, n), 4)
     assert value == pytest.approx((0.4 + 0.5) / n, abs=1e-5)
-    value, _ = vocab.read_coordinates(coordinate_logits({n: 0.6, n - 1: 0.4}, n), 4)
-    assert value == pytest.approx(1.0)  # the bin past the last is clamped to the canvas
+    value, confidence = vocab.read_coordinates(coordinate_logits({0: 0.6, 1: 0.4}, n), 4)
+    assert confidence == pytest.approx(1.0, abs=1e-5)
+    value, confidence = vocab.read_coordinates(coordinate_logits({n - 2: 0.6, n - 1: 0.4}, n), 4)
+    assert value == pytest.approx((n - 2 + 0.4 + 0.5) / n, abs=1e-5)
+    assert confidence == pytest.approx(1.0, abs=1e-5)
 
 
-def detection_logits(mad: MAD, sure: bool) -> torch.Tensor:
-    """[1, body_len, V_slice]: slot 0 a class-2 box at p(class) 0.9, each coordinate certain
-    (sure) or at p 0.6 with p 0.4 on a bin far outside any window; the other slots "no
-    object"."""
+def detection_logits(mad: MAD, spread: dict[int, float], corners=(10, 12, 50, 60)) -> torch.Tensor:
+    """[1, body_len, V_slice]: slot 0 a class-2 box at p(class) 0.9 whose coordinates put
+    probability `spread[d]` on the bin d away from its corner's; the other slots "no object"."""
     codec, v = mad.codecs["detection"], mad.vocab
     start, stop = codec.vocab_slice()
     slots = torch.full((mad.config.num_slots, TOKENS_PER_SLOT, stop - start), -30.0)
@@ -69,10 +71,9 @@ def detection_logits(mad: MAD, sure: bool) -> torch.Tensor:
     slots[0, 4] = -30.0
     slots[0, 4, v.class_start + 2 - start] = 0.0
     slots[0, 4, v.no_object - start] = torch.log(torch.tensor(1 / 9))  # p(class) = 0.9
-    for k, b in enumerate((10, 12, 50, 60)):
-        spread = {b: 1.0} if sure else {b: 0.6, b + 30: 0.4}
-        for near, p in spread.items():
-            slots[0, k, v.coord_start + near - start] = float(torch.tensor(p).log())
+    for k, b in enumerate(corners):
+        for offset, p in spread.items():
+            slots[0, k, v.coord_start + b + offset - start] = float(torch.tensor(p).log())
     return slots.reshape(1, -1, stop - start)
 
 
@@ -81,11 +82,29 @@ def test_box_confidence_lowers_the_score_of_an_uncertain_box(exponent, window):
     mad = MAD.build(micro_config(box_confidence_exponent=exponent, coordinate_window=window))
     codec, size = mad.codecs["detection"], mad.config.image_size
     context = [DecodeContext(size, 1.0, size)]
-    sure = codec.decode(detection_logits(mad, True), None, context)[0]
-    unsure = codec.decode(detection_logits(mad, False), None, context)[0]
+    sure = codec.decode(detection_logits(mad, {0: 1.0}), None, context)[0]
+    unsure = codec.decode(detection_logits(mad, {0: 0.6, 30: 0.4}), None, context)[0]
     assert float(sure.scores[0]) == pytest.approx(0.9, abs=1e-3)
     assert float(unsure.scores[0]) == pytest.approx(0.9 * 0.6**exponent, abs=1e-3)
     assert torch.allclose(sure.boxes[0], unsure.boxes[0])  # the far bin is outside the window
+    # Neighbours: inside a window they count toward the confidence, else not.
+    near = codec.decode(detection_logits(mad, {0: 0.5, -1: 0.25, 1: 0.25}), None, context)[0]
+    expected = 0.9 if window else 0.9 * 0.5**exponent
+    assert float(near.scores[0]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_box_under_a_bin_wide_is_dropped():
+    mad = MAD.build(micro_config(coordinate_window=3))
+    codec, size = mad.codecs["detection"], mad.config.image_size
+    context = [DecodeContext(size, 1.0, size)]
+    # x0 and x1 share their most likely bin, x1 leaning further right: 0.3 bins apart.
+    logits = detection_logits(mad, {0: 0.9, 1: 0.1}, corners=(10, 12, 10, 60))
+    slots = logits.view(mad.config.num_slots, TOKENS_PER_SLOT, -1)
+    x1 = detection_logits(mad, {0: 0.6, 1: 0.4}, corners=(10, 12, 10, 60))
+    slots[0, 2] = x1.view_as(slots)[0, 2]
+    assert len(codec.decode(logits, None, context)[0]) == 0
+    wide = detection_logits(mad, {0: 0.9, 1: 0.1}, corners=(10, 12, 11, 60))
+    assert len(codec.decode(wide, None, context)[0]) == 1
 
 
 def mask_logits(mad: MAD, inside: float, edge: float) -> torch.Tensor:
@@ -114,6 +133,19 @@ def test_mask_threshold_and_mask_score():
     )[0]
     assert not plain.full()[:, m // 2].any()  # 0.45 is under the default threshold
     assert unscored.codecs["segmentation"].output_score(plain, 0.5) == 0.5
+
+
+def test_an_empty_mask_scores_zero():
+    mad = MAD.build(micro_config(mask_scoring=True))
+    codec, m = mad.codecs["segmentation"], mad.config.mask_size
+    context = [DecodeContext((m, m), 1.0, (m, m))]
+    box = [torch.tensor([0.0, 0.0, m, m])]
+    empty = codec.decode(mask_logits(mad, 0.2, 0.2), None, context, boxes=box)[0]
+    assert not empty.full().any() and empty.quality == 0.0
+    assert codec.output_score(empty, 0.9) == 0.0
+    off_image = [torch.tensor([m + 1.0, 0.0, m + 5.0, m])]  # pasted outside the image
+    outside = codec.decode(mask_logits(mad, 0.8, 0.8), None, context, boxes=off_image)[0]
+    assert outside.quality > 0 and codec.output_score(outside, 0.9) == 0.0
 
 
 def scored_result(mad: MAD) -> Result:

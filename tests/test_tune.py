@@ -7,10 +7,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from mad.cli import app as mad_cli
+from model import tune
 from model.checkpoint import (
     MAD,
     checkpoint_digest,
@@ -142,3 +144,64 @@ def test_a_record_from_before_per_task_records_is_split_by_task():
     assert tuning_records(old) == {
         "caption": {"data": "d", "images": 200, "metric": "m", "scores": [1]}
     }
+
+
+def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
+    micro_model, monkeypatch
+):
+    """Scores as a function of the options: windows help up to 2, box confidence 0.5 helps by
+    less than the tolerance, a 0.4 mask threshold by more, mask scores not at all."""
+    mad = dataclasses.replace(micro_model, config=dataclasses.replace(micro_model.config))
+    calls = []
+
+    def fake_evaluate(mad_, data, split, device, limit, tasks):
+        c = mad_.config
+        calls.append(tasks)
+        return {
+            "bbox_AP": 0.5 + 0.03 * min(c.coordinate_window, 2) + 0.002 * c.box_confidence_exponent,
+            "segm_AP": 0.3 + (0.03 if c.mask_threshold == 0.4 else 0.0),
+            "keypoints_AP": 0.2,
+        }
+
+    monkeypatch.setattr(tune, "evaluate", fake_evaluate)
+    trials = tune.tune_decoding(mad, Path("unused"), tolerance=0.003)
+    chosen = {t.option: getattr(mad.config, t.option) for t in trials}
+    assert chosen == {
+        "coordinate_window": 2,  # 3 and 4 tie with 2: the first best
+        "box_confidence_exponent": 0.0,  # +0.001 mean AP: within tolerance of the reference
+        "mask_threshold": 0.4,
+        "mask_scoring": False,
+    }
+    assert [t.option for t in trials] == ["coordinate_window"] * 5 + [
+        "box_confidence_exponent"
+    ] * 3 + ["mask_threshold"] * 4 + ["mask_scoring"] * 2
+    assert len(calls) == len({(t.option, t.value) for t in trials}) - 3  # held values: cached
+    assert all(tasks == ("detection", "segmentation", "keypoints") for tasks in calls)
+
+
+def test_mad_tune_decoding_writes_the_options_and_their_record(
+    micro_checkpoint, synth_data, tmp_path
+):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    args = ["tune", "--checkpoint", str(checkpoint), "--data", str(synth_data)]
+    result = CliRunner().invoke(mad_cli, [*args, "--decoding", "--limit", "2", "--write"])
+    assert result.exit_code == 0, result.output
+    assert "coordinate_window" in result.output and "wrote the decoding options" in result.output
+    meta = read_checkpoint_config(checkpoint)
+    record = meta["decoding_tuning"]
+    assert record["metric"] == "mean of bbox_AP, segm_AP, keypoints_AP"
+    assert {option for option, _, _ in record["scores"]} == {
+        "coordinate_window",
+        "box_confidence_exponent",
+        "mask_threshold",
+        "mask_scoring",
+    }
+    for option in ("coordinate_window", "box_confidence_exponent", "mask_threshold"):
+        assert option in meta["model"]
+    assert (
+        meta["model"]["schedules"] == read_checkpoint_config(micro_checkpoint)["model"]["schedules"]
+    )  # --decoding leaves the schedules alone
+    caption_only = CliRunner().invoke(mad_cli, [*args, "--decoding", "--tasks", "caption"])
+    assert caption_only.exit_code != 0
+    assert "none of the tasks to tune has decoding options" in caption_only.output

@@ -130,8 +130,8 @@ def logit_difference(want: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
 
 
 def bin_px(config: ModelConfig, size: tuple[int, int]) -> float:
-    """Pixels of the original image per coordinate bin: the decoding's resolution, so one
-    bin is the smallest difference a near-tie between two devices can make."""
+    """Pixels of the original image per coordinate bin: a near-tie between two devices'
+    most likely bins moves a coordinate by one bin (less, read through a coordinate window)."""
     scale = min(config.image_size[0] / size[0], config.image_size[1] / size[1])
     return max(config.image_size) / config.num_bins / scale
 

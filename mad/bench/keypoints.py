@@ -6,8 +6,8 @@ On the first `--images` images of `--split` it reports COCO keypoint AP
 - as served: prompted by the model's own person detections (default schedule and K=0);
 - with oracle boxes: every labelled ground-truth person box prompts a sequence, so detection
   errors drop out and what is left is the keypoint decoder's own localisation;
-- of the ground truth itself passed through the coordinate vocabulary (the ceiling that the
-  quantisation leaves);
+- of the ground truth itself passed through the coordinate vocabulary (what quantisation to
+  bin centres costs; a `coordinate_window` reads points between bins);
 and, with oracle boxes, AP by person height in image pixels (where an image is about the
 canvas's size, as in the synthetic worlds, that says how many stride-16 feature cells a
 person spans), each joint's median error in units of the person's size

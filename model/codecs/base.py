@@ -150,6 +150,9 @@ class TaskCodec:
     # A task prompted by detections that scores its own outputs (`output_score`): the key of
     # that score in each detection's object of a response (None: its detection's score is it).
     score_field: ClassVar[str | None] = None
+    # The config fields that shape how this task reads its logits (docs/model.md), each with
+    # the values `mad tune --decoding` tries, the reference's first.
+    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(
         self, config: ModelConfig, vocab: VocabLayout, tokenizer: CaptionTokenizer | None = None

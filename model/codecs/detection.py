@@ -12,7 +12,7 @@ Metric: COCO box AP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torchvision.ops import batched_nms
@@ -75,6 +75,10 @@ class DetectionCodec(TaskCodec):
     name = "detection"
     output_field = "detections"
     metrics = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "coordinate_window": (0, 1, 2, 3, 4),
+        "box_confidence_exponent": (0.0, 0.5, 1.0),
+    }
 
     @property
     def prompt_len(self) -> int:
@@ -175,10 +179,10 @@ class DetectionCodec(TaskCodec):
         **_: Any,
     ) -> list[Detections]:
         """[B, body_len, V_slice] -> one Detections per image: every slot whose box has an
-        area in the image's pixels (zero width or height, e.g. off the image, is dropped, as
-        the reference does), sorted by score (`select` applies each request's threshold and
-        maximum count). Scores and coordinates follow the config's `box_confidence_exponent`
-        and `coordinate_window`."""
+        area (zero width or height, e.g. off the image, is dropped, as the reference does; so
+        is a box under a bin wide or high), sorted by score (`select` applies each request's
+        threshold and maximum count). Scores and coordinates follow the config's
+        `box_confidence_exponent` and `coordinate_window`."""
         v, config = self.vocab, self.config
         slots = logits.reshape(len(logits), config.num_slots, TOKENS_PER_SLOT, -1).float()
         start = self.vocab_slice()[0]
@@ -199,7 +203,12 @@ class DetectionCodec(TaskCodec):
             )
             order = scores[b].argsort(descending=True)
             pixels = context.to_pixels(boxes[order])
-            has_area = (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
+            # At least a bin wide and high on the canvas (with argmax decoding: two different
+            # bins; a window would otherwise keep slivers of two near-equal coordinates), and
+            # some area left in the image's pixels (not off the image).
+            size = (boxes[order, 2:] - boxes[order, :2]) * v.num_bins
+            has_area = (size > 1 - 1e-4).all(1)
+            has_area &= (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
             order, pixels = order[has_area], pixels[has_area]
             box_tok = v.quantize(boxes[order])
             tokens = torch.cat([box_tok, v.class_token(labels[b][order]).unsqueeze(1)], 1)

@@ -9,7 +9,7 @@ keypoint AP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -34,6 +34,7 @@ class KeypointCodec(TaskCodec):
     prompted_by_detections = True
     output_field = "keypoints"
     metrics = ("keypoints_AP",)
+    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {"coordinate_window": (0, 1, 2, 3, 4)}
 
     prompt_len = 6
 

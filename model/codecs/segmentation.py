@@ -2,14 +2,15 @@
 
 The body is the instance mask cropped to its box and resized to mask_size x mask_size, as
 Mask R-CNN targets. At inference one sequence per kept detection; the foreground probability
-is pasted back into the box and thresholded at 0.5. In a response each detection carries its
+is pasted back into the box and thresholded at the config's `mask_threshold`, and the mask
+scored (`mask_score`) by `mask_scoring`. In a response each detection carries its
 mask as COCO RLE or polygons (`mask_format`). Metric: COCO mask AP.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,10 @@ class SegmentationCodec(TaskCodec):
     output_field = "mask"
     score_field = "mask_score"
     metrics = ("segm_AP",)
+    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "mask_threshold": (0.5, 0.3, 0.4, 0.6),
+        "mask_scoring": (False, True),
+    }
 
     prompt_len = 6
 
@@ -159,8 +164,9 @@ class SegmentationCodec(TaskCodec):
         return total / inside.flatten(1).sum(-1).clamp(min=1)
 
     def output_score(self, output: BoxMask, detection_score: float) -> float:
-        """A mask's score: its detection's x its quality (`mask_scoring`; else 1)."""
-        return detection_score * output.quality
+        """A mask's score: its detection's x its quality (`mask_scoring`; else 1); 0 for a
+        mask without pixels, which can match nothing."""
+        return detection_score * output.quality if output.crop.any() else 0.0
 
     def mask_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """[S, m*m, 2] logits -> [S, m, m] foreground probability (fg is the slice's id 0)."""
