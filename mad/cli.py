@@ -304,10 +304,16 @@ def tune_command(
     ),
     limit: int | None = typer.Option(200, min=1, help="Score on the first N images."),
     max_steps: int = typer.Option(
-        4, min=0, max=MAX_REFINE_STEPS, help="Longest schedule tried (requests allow 0..8)."
+        4,
+        min=0,
+        max=MAX_REFINE_STEPS,
+        help="Longest schedule tried (requests allow 0..8; not used with --decoding).",
     ),
     tolerance: float = typer.Option(
-        0.003, min=0.0, help="Take the shortest schedule this close to the best."
+        0.003,
+        min=0.0,
+        help="Take the shortest schedule this close to the best (with --decoding: keep the "
+        "reference's value this close to the best).",
     ),
     device: str = typer.Option("cpu", callback=device_option, help=DEVICES),
     decoding: bool = typer.Option(
@@ -391,8 +397,12 @@ def tune_decoding_command(
     from model.checkpoint import write_decoding
     from model.tune import DecodingTrial, detection_family, tune_decoding
 
+    metric = "mean of " + ", ".join(
+        mad.codecs[task].metric for task in detection_family(mad, tasks)
+    )
+
     def report(trial: DecodingTrial) -> None:
-        typer.echo(f"{trial.option:<24} {trial.value!s:<6} mean AP {trial.score:.4f}")
+        typer.echo(f"{trial.option:<24} {trial.value!s:<6} {metric} {trial.score:.4f}")
 
     before = dataclasses.asdict(mad.config)
     trials = tune_decoding(mad, data, split, tasks, limit, device, tolerance, report)
@@ -402,14 +412,18 @@ def tune_decoding_command(
     for option, value in chosen.items():
         typer.echo(f"{option}: {before[option]} -> {value}")
     if write:
+        start = {option: before[option] for option in chosen}  # the values held at first
         record = {
-            "data": str(data),
-            "split": split,
-            "images": limit,
-            "tolerance": tolerance,
-            "metric": "mean of "
-            + ", ".join(mad.codecs[task].metric for task in detection_family(mad, tasks)),
-            "scores": [[t.option, t.value, round(t.score, 5)] for t in trials],
+            option: {
+                "data": str(data),
+                "split": split,
+                "images": limit,
+                "tolerance": tolerance,
+                "metric": metric,
+                "start": start,
+                "scores": [[t.value, round(t.score, 5)] for t in trials if t.option == option],
+            }
+            for option in chosen
         }
         write_decoding(checkpoint, chosen, record)
         typer.echo(f"wrote the decoding options to {checkpoint}")

@@ -168,13 +168,17 @@ def write_schedules(
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def write_decoding(directory: str | Path, options: dict[str, Any], tuning: dict[str, Any]) -> None:
+def write_decoding(
+    directory: str | Path, options: dict[str, Any], tuning: dict[str, dict[str, Any]]
+) -> None:
     """Set decoding options (ModelConfig fields) in a checkpoint's config.json, with how they
-    were chosen (`decoding_tuning`); the weights are untouched."""
+    were chosen, {option: record}, beside the records of options tuned earlier
+    (`decoding_tuning`); the weights are untouched."""
     directory = Path(directory)
     meta = read_checkpoint_config(directory)
     meta["model"].update(options)
-    meta["decoding_tuning"] = tuning
+    ModelConfig.from_dict(meta["model"])  # a ValueError, before anything is written
+    meta["decoding_tuning"] = dict(meta.get("decoding_tuning") or {}) | tuning
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -275,8 +279,9 @@ def average_weights(sources: list[Path], out: str | Path) -> Path:
     the sources' (checkpoint averaging, as model soups do: the sources should descend from
     one another or from one start). The sources must share the network's config (training and
     decoding fields, model.config.TRAINING_AND_DECODING_FIELDS, may differ), the tokenizer and
-    the weights' names and shapes; the copy takes the first's config (its schedules and their
-    tuning records) and integer buffers, stores the weights in the first's dtype, and lists the
+    the weights' names and shapes; the copy takes the first's config (its schedules, decoding
+    options and their tuning records, which describe the first's weights: tune the average
+    again) and integer buffers, stores the weights in the first's dtype, and lists the
     sources in config.json (`averaged_from`). Training state is not copied."""
     out = Path(out)
     if len(sources) < 2:

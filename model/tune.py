@@ -10,12 +10,14 @@ model order, so the tasks prompted by detections are scored on the boxes of the 
 schedule just chosen.
 
 The decoding options (`TaskCodec.decoding_options`, docs/model.md) are chosen one at a time,
-the others held, by the mean metric of detection and the tasks it prompts: an option of
+the others held, in passes until one changes nothing, by the mean metric of detection and the
+tasks it prompts: an option of
 detection's changes the boxes, and so the masks and skeletons they prompt and their ranking.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 from model.checkpoint import MAD
 from model.codecs import DetectionCodec
+from model.config import ModelConfig
 from model.decoding import mask_schedule
 from model.evaluate import evaluate
 
@@ -86,14 +89,31 @@ def tune_schedules(
 
 
 def detection_family(mad: MAD, tasks: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """Detection and the tasks it prompts, among `tasks` (default all), in model order."""
-    asked = tasks or tuple(mad.config.tasks)
-    return tuple(
-        task
-        for task in mad.config.tasks
-        if task in asked
-        and (task == DetectionCodec.name or mad.codecs[task].prompted_by_detections)
-    )
+    """Detection and the tasks it prompts among `tasks` (default all), in model order;
+    detection whenever one of those is asked, as its options shape what it prompts."""
+    asked = set(tasks or mad.config.tasks)
+    prompted = {t for t in asked if mad.codecs[t].prompted_by_detections}
+    if prompted or DetectionCodec.name in asked:
+        prompted.add(DetectionCodec.name)
+    return tuple(task for task in mad.config.tasks if task in prompted)
+
+
+def decoding_candidates(mad: MAD, family: tuple[str, ...]) -> dict[str, list[Any]]:
+    """{option: values to try} of the `family`'s codecs: the values each declares, then the
+    config's current value where it is not among them."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    options: dict[str, list[Any]] = {}
+    for task in family:
+        for option, values in mad.codecs[task].decoding_options.items():
+            if option not in fields:
+                raise ValueError(f"{task}'s decoding option {option!r} is not a config field")
+            if option in options and options[option][: len(values)] != list(values):
+                raise ValueError(f"two tasks declare different values for {option!r}")
+            options[option] = list(values)
+    for option, tried in options.items():
+        if getattr(mad.config, option) not in tried:
+            tried.append(getattr(mad.config, option))
+    return options
 
 
 @dataclass
@@ -112,35 +132,42 @@ def tune_decoding(
     device: str = "cpu",
     tolerance: float = 0.003,
     report: Callable[[DecodingTrial], None] = lambda trial: None,
+    max_passes: int = 3,
 ) -> list[DecodingTrial]:
     """Try each decoding option's values in turn, the others held, and set mad.config's field
     to the best; the first value listed (the reference's) stays unless the best beats it by
-    more than `tolerance`. Scored on detection and the tasks it prompts among `tasks` (default
-    all). -> the trials in the order they ran."""
+    more than `tolerance`. Passes repeat until one changes nothing (at most `max_passes`);
+    a combination is scored once. Scored by the mean metric of detection and the tasks it
+    prompts among `tasks` (default all) that the data can score. -> the trials in the order
+    they ran."""
     family = detection_family(mad, tasks)
-    options: dict[str, tuple[Any, ...]] = {}
-    for task in family:
-        for option, values in mad.codecs[task].decoding_options.items():
-            options.setdefault(option, values)
+    options = decoding_candidates(mad, family)
     scores: dict[tuple[Any, ...], float] = {}  # by the values of every option
 
     def score() -> float:
         key = tuple(getattr(mad.config, option) for option in options)
         if key not in scores:
             metrics = evaluate(mad, data, split, device, limit=limit, tasks=family)
-            scores[key] = mean(metrics[mad.codecs[task].metric] for task in family)
+            scored = [metrics[m] for m in (mad.codecs[t].metric for t in family) if m in metrics]
+            if not scored:
+                raise ValueError(f"{data} scores none of {', '.join(family)}")
+            scores[key] = mean(scored)
         return scores[key]
 
     trials: list[DecodingTrial] = []
-    for option, values in options.items():
-        tried = []
-        for value in values:
-            setattr(mad.config, option, value)
-            tried.append(DecodingTrial(option, value, score()))
-            report(tried[-1])
-        best = max(tried, key=lambda trial: trial.score)
-        reference = tried[0]  # kept unless another value beats it by more than `tolerance`
-        chosen = reference if reference.score >= best.score - tolerance else best
-        setattr(mad.config, option, chosen.value)
-        trials += tried
+    for _ in range(max_passes):  # until a pass changes nothing: each choice moves the others'
+        before = {option: getattr(mad.config, option) for option in options}
+        for option, values in options.items():
+            tried = []
+            for value in values:
+                setattr(mad.config, option, value)
+                tried.append(DecodingTrial(option, value, score()))
+                report(tried[-1])
+            best = max(tried, key=lambda trial: trial.score)
+            reference = tried[0]  # kept unless another value beats it by more than `tolerance`
+            chosen = reference if reference.score >= best.score - tolerance else best
+            setattr(mad.config, option, chosen.value)
+            trials += tried
+        if all(getattr(mad.config, option) == value for option, value in before.items()):
+            break
     return trials

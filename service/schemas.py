@@ -112,7 +112,7 @@ class Detection(Strict):
         None,
         description="With `mask`: the mask's score, the detection's times the model's mean "
         "foreground probability inside the mask where the model scores masks (its "
-        "`mask_scoring`), else the detection's.",
+        "`mask_scoring`), else the detection's; 0 for a mask without pixels.",
     )
     keypoints: list[Keypoint] | None = Field(
         None,

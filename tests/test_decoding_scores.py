@@ -52,13 +52,14 @@ def test_a_window_places_a_coordinate_between_bins_by_their_probabilities(vocab)
 
 def test_a_window_past_an_edge_counts_each_bin_once(vocab):
     n = vocab.num_bins
-    value, _ = vocab.read_coordinates(coordinate_logits({0: 0.6, 1: 0.4}, n), 4)
-    assert value == pytest.approx((0.4 + 0.5) / n, abs=1e-5)
     value, confidence = vocab.read_coordinates(coordinate_logits({0: 0.6, 1: 0.4}, n), 4)
+    assert value == pytest.approx((0.4 + 0.5) / n, abs=1e-5)
     assert confidence == pytest.approx(1.0, abs=1e-5)
     value, confidence = vocab.read_coordinates(coordinate_logits({n - 2: 0.6, n - 1: 0.4}, n), 4)
     assert value == pytest.approx((n - 2 + 0.4 + 0.5) / n, abs=1e-5)
     assert confidence == pytest.approx(1.0, abs=1e-5)
+    value, _ = vocab.read_coordinates(coordinate_logits({n: 0.6, n - 1: 0.4}, n), 4)
+    assert value == 1.0  # the bin past the last (n) reads as the canvas's edge
 
 
 def detection_logits(mad: MAD, spread: dict[int, float], corners=(10, 12, 50, 60)) -> torch.Tensor:
@@ -93,7 +94,7 @@ def test_box_confidence_lowers_the_score_of_an_uncertain_box(exponent, window):
     assert float(near.scores[0]) == pytest.approx(expected, abs=1e-3)
 
 
-def test_a_box_under_a_bin_wide_is_dropped():
+def test_a_box_whose_corners_share_a_bin_is_dropped():
     mad = MAD.build(micro_config(coordinate_window=3))
     codec, size = mad.codecs["detection"], mad.config.image_size
     context = [DecodeContext(size, 1.0, size)]
@@ -105,6 +106,13 @@ def test_a_box_under_a_bin_wide_is_dropped():
     assert len(codec.decode(logits, None, context)[0]) == 0
     wide = detection_logits(mad, {0: 0.9, 1: 0.1}, corners=(10, 12, 11, 60))
     assert len(codec.decode(wide, None, context)[0]) == 1
+    # Neighbouring bins leaning together read 0.2 bins apart: kept, as argmax keeps them.
+    near = detection_logits(mad, {0: 0.6, 1: 0.4}, corners=(10, 12, 10, 60))
+    slots = near.view(mad.config.num_slots, TOKENS_PER_SLOT, -1)
+    x1 = detection_logits(mad, {0: 0.6, -1: 0.4}, corners=(10, 12, 11, 60))
+    slots[0, 2] = x1.view_as(slots)[0, 2]
+    [kept] = codec.decode(near, None, context)
+    assert len(kept) == 1 and float(kept.boxes[0, 2] - kept.boxes[0, 0]) < 1
 
 
 def mask_logits(mad: MAD, inside: float, edge: float) -> torch.Tensor:
@@ -135,13 +143,14 @@ def test_mask_threshold_and_mask_score():
     assert unscored.codecs["segmentation"].output_score(plain, 0.5) == 0.5
 
 
-def test_an_empty_mask_scores_zero():
-    mad = MAD.build(micro_config(mask_scoring=True))
+@pytest.mark.parametrize("mask_scoring", [True, False])
+def test_an_empty_mask_scores_zero(mask_scoring):
+    mad = MAD.build(micro_config(mask_scoring=mask_scoring))
     codec, m = mad.codecs["segmentation"], mad.config.mask_size
     context = [DecodeContext((m, m), 1.0, (m, m))]
     box = [torch.tensor([0.0, 0.0, m, m])]
     empty = codec.decode(mask_logits(mad, 0.2, 0.2), None, context, boxes=box)[0]
-    assert not empty.full().any() and empty.quality == 0.0
+    assert not empty.full().any()
     assert codec.output_score(empty, 0.9) == 0.0
     off_image = [torch.tensor([m + 1.0, 0.0, m + 5.0, m])]  # pasted outside the image
     outside = codec.decode(mask_logits(mad, 0.8, 0.8), None, context, boxes=off_image)[0]

@@ -32,7 +32,7 @@ def test_each_object_matches_its_best_scored_detection_of_its_class_once():
 
 
 def test_the_report_counts_objects_and_is_monotone_in_the_threshold(micro_checkpoint, synth_data):
-    report = threshold_report(micro_checkpoint, synth_data, "val2017", 2, [0.1, 0.5, 0.9])
+    report = threshold_report(micro_checkpoint, synth_data, "val2017", 2, (0.1, 0.5, 0.9))
     assert report["images"] == 2 and report["objects"] > 0
     kept = [r["kept"] for r in report["rows"]]
     assert kept == sorted(kept, reverse=True)

@@ -151,12 +151,16 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
 ):
     """Scores as a function of the options: windows help up to 2, box confidence 0.5 helps by
     less than the tolerance, a 0.4 mask threshold by more, mask scores not at all."""
-    mad = dataclasses.replace(micro_model, config=dataclasses.replace(micro_model.config))
+    config = dataclasses.replace(micro_model.config, coordinate_window=0)
+    mad = MAD.build(config, micro_model.tokenizer)  # its own config: the shared model's is kept
     calls = []
 
     def fake_evaluate(mad_, data, split, device, limit, tasks):
         c = mad_.config
-        calls.append(tasks)
+        assert tasks == ("detection", "segmentation", "keypoints")
+        calls.append(
+            (c.coordinate_window, c.box_confidence_exponent, c.mask_threshold, c.mask_scoring)
+        )
         return {
             "bbox_AP": 0.5 + 0.03 * min(c.coordinate_window, 2) + 0.002 * c.box_confidence_exponent,
             "segm_AP": 0.3 + (0.03 if c.mask_threshold == 0.4 else 0.0),
@@ -172,11 +176,22 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
         "mask_threshold": 0.4,
         "mask_scoring": False,
     }
-    assert [t.option for t in trials] == ["coordinate_window"] * 5 + [
-        "box_confidence_exponent"
-    ] * 3 + ["mask_threshold"] * 4 + ["mask_scoring"] * 2
-    assert len(calls) == len({(t.option, t.value) for t in trials}) - 3  # held values: cached
-    assert all(tasks == ("detection", "segmentation", "keypoints") for tasks in calls)
+    one_pass = ["coordinate_window"] * 5 + ["box_confidence_exponent"] * 3
+    one_pass += ["mask_threshold"] * 4 + ["mask_scoring"] * 2
+    # The first pass changed options, the second nothing: two passes.
+    assert [t.option for t in trials] == one_pass * 2
+    assert len(calls) == len(set(calls))  # each combination scored once
+
+
+def test_tune_decoding_also_scores_a_current_value_it_would_not_try(micro_model, monkeypatch):
+    config = dataclasses.replace(micro_model.config, coordinate_window=6, mask_threshold=0.45)
+    mad = MAD.build(config, micro_model.tokenizer)
+    scores = {"bbox_AP": 0.5, "segm_AP": 0.3, "keypoints_AP": 0.2}
+    monkeypatch.setattr(tune, "evaluate", lambda *args, **kwargs: scores)
+    trials = tune.tune_decoding(mad, Path("unused"))
+    tried = {(t.option, t.value) for t in trials}
+    assert ("coordinate_window", 6) in tried and ("mask_threshold", 0.45) in tried
+    assert mad.config.coordinate_window == 0 and mad.config.mask_threshold == 0.5  # all tie
 
 
 def test_mad_tune_decoding_writes_the_options_and_their_record(
@@ -189,16 +204,27 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
     assert result.exit_code == 0, result.output
     assert "coordinate_window" in result.output and "wrote the decoding options" in result.output
     meta = read_checkpoint_config(checkpoint)
+    before = read_checkpoint_config(micro_checkpoint)["model"]
     record = meta["decoding_tuning"]
-    assert record["metric"] == "mean of bbox_AP, segm_AP, keypoints_AP"
-    assert {option for option, _, _ in record["scores"]} == {
+    record_options = (
         "coordinate_window",
         "box_confidence_exponent",
         "mask_threshold",
         "mask_scoring",
-    }
-    for option in ("coordinate_window", "box_confidence_exponent", "mask_threshold"):
-        assert option in meta["model"]
+    )
+    assert set(record) == set(record_options)
+    for option in record_options:
+        assert record[option]["metric"] == "mean of bbox_AP, segm_AP, keypoints_AP"
+        assert len(record[option]["scores"]) >= 2
+    chosen = {}
+    for line in result.output.splitlines():  # "option: before -> after"
+        if " -> " in line:
+            option, values = line.split(": ", 1)
+            chosen[option] = values.split(" -> ")[1]
+    assert set(chosen) == set(record_options)
+    for option, value in chosen.items():
+        assert str(meta["model"][option]) == value
+        assert record[option]["start"] == {o: before[o] for o in record_options}
     assert (
         meta["model"]["schedules"] == read_checkpoint_config(micro_checkpoint)["model"]["schedules"]
     )  # --decoding leaves the schedules alone

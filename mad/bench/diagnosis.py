@@ -1,6 +1,6 @@
-"""The command line of the reports that split a task's AP into its sources
-(mad.bench.keypoints, mad.bench.masks): the same data, checkpoint and image options, a
-printed report and, with --json, the report as JSON."""
+"""The command line of the reports that look inside a model's scores on a split
+(mad.bench.keypoints, mad.bench.masks, mad.bench.thresholds): the same data, checkpoint and
+image options, a printed report and, with --json, the report as JSON."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """How a request's score threshold trades found objects against wrong boxes: precision,
 recall and F1 of the detections kept at each threshold, on a split with ground truth.
 
-    python -m mad.bench.thresholds --checkpoint C --data D [--split val2017] [--images N]
-        [--thresholds 0.3,0.4,0.5,0.6] [--json out.json]
+    python -m mad.bench.thresholds --data D [--checkpoint C] [--split val2017] [--images N]
+        [--json out.json]
 
 A kept detection is right when it overlaps an object of its class by IoU >= 0.5 that no
-higher-scored detection of the image matched (COCO's rule at AP50). COCO AP ranks by score
+higher-scored detection of the image matched (COCO's matching at AP50; crowd regions, which
+COCO ignores, are left out). COCO AP ranks by score
 and is blind to a score's scale; the service's `score_threshold` (0.5 by default) is not, so
 this says what a caller of the default gets: e.g. after a change to how scores are computed
 (`box_confidence_exponent`).
@@ -13,14 +14,12 @@ this says what a caller of the default gets: e.g. after a change to how scores a
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torchvision.ops import box_convert, box_iou
 
+from mad.bench.diagnosis import Report, run_diagnosis
 from model.checkpoint import load_checkpoint
 from model.codecs.detection import Detections
 from model.evaluate import GroundTruth
@@ -29,6 +28,7 @@ from model.pipeline import Pipeline
 from model.runner import EagerRunner
 
 MATCH_IOU = 0.5
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def matched(detections: Detections, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,8 +53,8 @@ def threshold_report(
     data: Path,
     split: str,
     images: int | None,
-    thresholds: list[float],
-) -> dict[str, Any]:
+    thresholds: tuple[float, ...] = THRESHOLDS,
+) -> Report:
     mad, _ = load_checkpoint(checkpoint)
     truth = GroundTruth.load(data, split, images)
     pipeline = Pipeline(mad, EagerRunner(mad.required_network()))
@@ -103,20 +103,7 @@ def threshold_report(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mad-tiny"))
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--split", default="val2017")
-    parser.add_argument("--images", type=int, help="the first N images (default all)")
-    parser.add_argument("--thresholds", default="0.3,0.4,0.5,0.6")
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args()
-    try:
-        thresholds = [float(t) for t in args.thresholds.split(",")]
-    except ValueError:
-        parser.error(f"--thresholds: numbers separated by commas, not {args.thresholds!r}")
-    report = threshold_report(args.checkpoint, args.data, args.split, args.images, thresholds)
+def print_report(report: Report) -> None:
     print(
         f"{report['images']} images, {report['objects']} objects (IoU >= {MATCH_IOU}, same class)"
     )
@@ -127,8 +114,10 @@ def main() -> None:
             f"| {r['threshold']} | {r['kept']} | {r['right']} | {r['precision']:.3f} | "
             f"{r['recall']:.3f} | {r['f1']:.3f} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main() -> None:
+    run_diagnosis(__doc__ or "", threshold_report, print_report)
 
 
 if __name__ == "__main__":

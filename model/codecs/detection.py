@@ -75,6 +75,7 @@ class DetectionCodec(TaskCodec):
     name = "detection"
     output_field = "detections"
     metrics = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+    # The coordinate window also reads keypoints: every task prompted by detections needs it.
     decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
         "coordinate_window": (0, 1, 2, 3, 4),
         "box_confidence_exponent": (0.0, 0.5, 1.0),
@@ -179,9 +180,9 @@ class DetectionCodec(TaskCodec):
         **_: Any,
     ) -> list[Detections]:
         """[B, body_len, V_slice] -> one Detections per image: every slot whose box has an
-        area (zero width or height, e.g. off the image, is dropped, as the reference does; so
-        is a box under a bin wide or high), sorted by score (`select` applies each request's
-        threshold and maximum count). Scores and coordinates follow the config's
+        extent (no two opposite corners in one bin) and some area in the image (so not off
+        it), as the reference keeps, sorted by score (`select` applies each request's threshold
+        and maximum count). Scores and coordinates follow the config's
         `box_confidence_exponent` and `coordinate_window`."""
         v, config = self.vocab, self.config
         slots = logits.reshape(len(logits), config.num_slots, TOKENS_PER_SLOT, -1).float()
@@ -189,9 +190,12 @@ class DetectionCodec(TaskCodec):
         class_probs = slots[:, :, 4, v.class_start - start : v.no_object + 1 - start].softmax(-1)
         scores, labels = class_probs[..., :-1].max(-1)  # best real class, no-object excluded
         coord_lo, coord_hi = v.coord_start - start, v.coord_stop - start
-        coords, confidence = v.read_coordinates(
-            slots[:, :, :4, coord_lo:coord_hi], config.coordinate_window
-        )  # [B, slots, 4] each
+        coord_logits = slots[:, :, :4, coord_lo:coord_hi]
+        coords, confidence = v.read_coordinates(coord_logits, config.coordinate_window)
+        # A box has an extent when its corners' most likely bins differ (the reference's rule;
+        # a window alone could part two coordinates of one bin by a sliver).
+        best = coord_logits.argmax(-1)  # [B, slots, 4]
+        has_extent = (best[..., 2] != best[..., 0]) & (best[..., 3] != best[..., 1])
         if config.box_confidence_exponent:
             box_confidence = confidence.clamp(min=1e-12).log().mean(-1).exp()  # of the four
             scores = scores * box_confidence**config.box_confidence_exponent
@@ -203,11 +207,7 @@ class DetectionCodec(TaskCodec):
             )
             order = scores[b].argsort(descending=True)
             pixels = context.to_pixels(boxes[order])
-            # At least a bin wide and high on the canvas (with argmax decoding: two different
-            # bins; a window would otherwise keep slivers of two near-equal coordinates), and
-            # some area left in the image's pixels (not off the image).
-            size = (boxes[order, 2:] - boxes[order, :2]) * v.num_bins
-            has_area = (size > 1 - 1e-4).all(1)
+            has_area = has_extent[b][order]  # and some area left in the image (not off it)
             has_area &= (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
             order, pixels = order[has_area], pixels[has_area]
             box_tok = v.quantize(boxes[order])

@@ -9,7 +9,7 @@ keypoint AP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +34,6 @@ class KeypointCodec(TaskCodec):
     prompted_by_detections = True
     output_field = "keypoints"
     metrics = ("keypoints_AP",)
-    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {"coordinate_window": (0, 1, 2, 3, 4)}
 
     prompt_len = 6
 
