@@ -11,8 +11,8 @@ schedule just chosen.
 
 The decoding options (`TaskCodec.decoding_options`, docs/model.md) are chosen one at a time,
 the others held, in passes until one changes nothing, by the mean metric of detection and the
-tasks it prompts: an option of
-detection's changes the boxes, and so the masks and skeletons they prompt and their ranking.
+tasks it prompts: an option of detection's changes the boxes, and so the masks and skeletons
+they prompt and their ranking.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def decoding_candidates(mad: MAD, family: tuple[str, ...]) -> dict[str, list[Any
         for option, values in mad.codecs[task].decoding_options.items():
             if option not in fields:
                 raise ValueError(f"{task}'s decoding option {option!r} is not a config field")
-            if option in options and options[option][: len(values)] != list(values):
+            if option in options and options[option] != list(values):
                 raise ValueError(f"two tasks declare different values for {option!r}")
             options[option] = list(values)
     for option, tried in options.items():

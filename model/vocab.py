@@ -131,7 +131,8 @@ class VocabLayout:
         return bins + self.coord_start
 
     def dequantize(self, token: torch.Tensor) -> torch.Tensor:
-        """Coordinate token ids -> normalised coordinates at the centre of their bin."""
+        """Coordinate token ids -> normalised coordinates at the centre of their bin (a
+        fractional id, between two bins, maps between their centres)."""
         bins = (token - self.coord_start).float()
         return ((bins + 0.5) / self.num_bins).clamp(0.0, 1.0)
 
@@ -150,7 +151,7 @@ class VocabLayout:
         near = probs.gather(-1, bins.clamp(0, self.num_bins)) * inside
         confidence = near.sum(-1)
         mean = (near * bins).sum(-1) / confidence
-        return ((mean + 0.5) / self.num_bins).clamp(0.0, 1.0), confidence
+        return self.dequantize(mean + self.coord_start), confidence
 
     @overload
     def text_token(self, text_id: int) -> int: ...

@@ -29,12 +29,12 @@ def outputs_json(
         codec = codecs[task]
         if codec.prompted_by_detections:
             objects = body[codecs[DetectionCodec.name].output_field]
-            scores = result.required_detections().scores.tolist()
-            for obj, output, score in zip(objects, result.outputs[task], scores, strict=True):
+            scores = codec.output_scores(result) if codec.score_field is not None else None
+            for j, (obj, output) in enumerate(zip(objects, result.outputs[task], strict=True)):
                 if output is not None:
                     obj[codec.output_field] = codec.to_json(output, options)
-                    if codec.score_field is not None:
-                        obj[codec.score_field] = round(codec.output_score(output, score), 5)
+                    if scores is not None:
+                        obj[codec.score_field] = round(scores[j], 5)
     return body
 
 

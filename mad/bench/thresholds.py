@@ -6,10 +6,9 @@ recall and F1 of the detections kept at each threshold, on a split with ground t
 
 A kept detection is right when it overlaps an object of its class by IoU >= 0.5 that no
 higher-scored detection of the image matched (COCO's matching at AP50; crowd regions, which
-COCO ignores, are left out). COCO AP ranks by score
-and is blind to a score's scale; the service's `score_threshold` (0.5 by default) is not, so
-this says what a caller of the default gets: e.g. after a change to how scores are computed
-(`box_confidence_exponent`).
+COCO ignores, are left out). COCO AP ranks by score and is blind to a score's scale; the
+service's `score_threshold` (0.5 by default) is not, so this says what a caller of the
+default gets: e.g. after a change to how scores are computed (`box_confidence_exponent`).
 """
 
 from __future__ import annotations
