@@ -320,8 +320,8 @@ def tune_command(
         False,
         "--decoding",
         help="Choose the decoding options (coordinate window, box confidence, mask threshold "
-        "and scores: docs/model.md) instead of the schedules, by the mean AP of detection "
-        "and the tasks it prompts.",
+        "and scores, caption candidates: docs/model.md) instead of the schedules: detection's "
+        "and those of the tasks it prompts by their mean AP, a caption's by its metric.",
     ),
     write: bool = typer.Option(False, help="Store what was chosen in the checkpoint."),
 ) -> None:
@@ -395,14 +395,10 @@ def tune_decoding_command(
 ) -> None:
     """`mad tune --decoding`: report each trial, then what was chosen; store it with --write."""
     from model.checkpoint import write_decoding
-    from model.tune import DecodingTrial, detection_family, tune_decoding
-
-    metric = "mean of " + ", ".join(
-        mad.codecs[task].metric for task in detection_family(mad, tasks)
-    )
+    from model.tune import DecodingTrial, tune_decoding
 
     def report(trial: DecodingTrial) -> None:
-        typer.echo(f"{trial.option:<24} {trial.value!s:<6} {metric} {trial.score:.4f}")
+        typer.echo(f"{trial.option:<24} {trial.value!s:<6} {trial.metric} {trial.score:.4f}")
 
     before = dataclasses.asdict(mad.config)
     trials = tune_decoding(mad, data, split, tasks, limit, device, tolerance, report)
@@ -412,15 +408,16 @@ def tune_decoding_command(
     for option, value in chosen.items():
         typer.echo(f"{option}: {before[option]} -> {value}")
     if write:
-        start = {option: before[option] for option in chosen}  # the values held at first
+        metrics = {t.option: t.metric for t in trials}
         record = {
             option: {
                 "data": str(data),
                 "split": split,
                 "images": limit,
                 "tolerance": tolerance,
-                "metric": metric,
-                "start": start,
+                "metric": metrics[option],
+                # the values held at first, of the options scored by the same metric
+                "start": {o: before[o] for o in chosen if metrics[o] == metrics[option]},
                 "scores": [[t.value, round(t.score, 5)] for t in trials if t.option == option],
             }
             for option in chosen

@@ -171,6 +171,7 @@ TRAINING_AND_DECODING_FIELDS = (
     "coordinate_window",
     "mask_threshold",
     "mask_scoring",
+    "caption_candidates",
     "schedules",
 )
 POSITIVE_FIELDS = (
@@ -260,6 +261,9 @@ class ModelConfig:
     # A mask's score is its detection's x the mean foreground probability inside the mask
     # (SOLO's "maskness"), so COCO mask AP ranks confident masks first (False: the detection's).
     mask_scoring: bool = False
+    # Captions refined apart per image (each re-masking its own random positions), of which
+    # the one the model finds most likely is kept (model.decoding; 1: the reference's one).
+    caption_candidates: int = 1
     # Masked inference: default mask-ratio schedule per task (K = len(schedule)).
     schedules: dict[str, list[float]] = field(
         default_factory=lambda: {
@@ -288,6 +292,8 @@ class ModelConfig:
             raise ValueError("box_confidence_exponent must be at least 0")
         if self.coordinate_window < 0:
             raise ValueError("coordinate_window must be at least 0")
+        if self.caption_candidates < 1:
+            raise ValueError("caption_candidates must be at least 1")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError("mask_threshold must be between 0 and 1")
         if self.segmentation_masked_copies not in (1, 2):

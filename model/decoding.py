@@ -74,11 +74,6 @@ def remask_count(ratio: float, length: int) -> int:
     return round(ratio * length)
 
 
-def decoder_passes(ratios: list[float], length: int) -> int:
-    """Decoder passes masked_decode makes for this schedule: one, plus each real step."""
-    return 1 + sum(remask_count(r, length) > 0 for r in ratios)
-
-
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """[S, L] -> bool [S, L], True at each row's `count` lowest scores."""
     chosen = torch.zeros_like(scores, dtype=torch.bool)
@@ -97,18 +92,24 @@ def mix(x: torch.Tensor) -> torch.Tensor:
     return (x ^ (x >> 32)) & HASH_BITS
 
 
-def content_noise(predicted: torch.Tensor, step: int) -> torch.Tensor:
-    """predicted [S, L] token ids -> [S, L] scores in [0, 1) for random re-masking.
+def content_noise(
+    predicted: torch.Tensor, step: int, variant: torch.Tensor | None = None
+) -> torch.Tensor:
+    """predicted [S, L] token ids -> [S, L] scores in [0, 1) for random re-masking; variant
+    [S]: each row's candidate number (`refinement`; 0, the default, for every row).
 
     Each row's noise is a hash of its own current prediction, the positions and the step:
     the same image always gets the same positions (the same request, the same answer), an
     answer never depends on its batch mates, different images get different positions (one
     pattern shared by every image scored caption BLEU-4 0.212 on the bundled model's validation
     images, per-image patterns 0.262; see docs/model-card.md), and nothing leaves the
-    device. REFINE_SEED offsets the hash."""
+    device. REFINE_SEED offsets the hash, a row's variant its row's."""
     position = torch.arange(predicted.shape[1], device=predicted.device)
     tokens = mix(predicted.long() + position * 0x9E3779B9 + REFINE_SEED) >> 8  # sum fits
-    row = mix(tokens.sum(1, keepdim=True) & HASH_BITS)
+    rows = tokens.sum(1, keepdim=True)
+    if variant is not None:
+        rows = rows + variant.long().unsqueeze(1) * 0x2545F4914F6CDD1D
+    row = mix(rows & HASH_BITS)
     x = mix(row + (step + 1) * 0x632BE59B + position * 0x85EBCA6B)
     return (x >> 38).float() / float(1 << 24)
 
@@ -147,7 +148,65 @@ def refinement(
     after each of the len(ratios) refinement steps (one Decoding, updated in place). Each
     position's logits are restricted to the ids it may take. A step decodes only the active
     sequences; with early_stop a sequence stops once a step changed none of its tokens (the
-    argmax of every position). The loop ends with the schedule or when none is active."""
+    argmax of every position). The loop ends with the schedule or when none is active.
+
+    A codec with several `candidates` refines that many answers per sequence, each
+    re-masking its own random positions; the Decoding shows the most likely so far (the mean
+    log-probability of its predicted tokens at the codec's `scored_positions`), and once a
+    sequence's candidates are done, the one whose tokens score highest both as predicted and
+    when each is masked in turn and predicted from the others (a pseudo-log-likelihood, one
+    more pass): a likely answer the model also reads back as likely."""
+    counts = [c for c in (remask_count(r, codec.body_len) for r in ratios) if c > 0]
+    n = codec.candidates if counts else 1  # unrefined candidates would all be the same
+    loop = refine_rows(
+        runner,
+        memory,
+        codec,
+        prompts.repeat_interleave(n, 0),
+        image_index.repeat_interleave(n, 0),
+        counts,
+        early_stop,
+        torch.arange(n, device=prompts.device).repeat(len(prompts)),
+        copies=n,
+    )
+    if n == 1:
+        yield from loop
+        return
+    rows = next(loop)  # one Decoding over every candidate, updated in place
+    S = len(prompts)
+    state = Decoding(
+        best_candidates(codec, rows.logits, n), rows.passes[::n].clone(), rows.active[::n].clone()
+    )
+    check = CandidateCheck(runner, memory, codec, prompts, image_index, n)
+    yield state
+    rows.active &= state.active.repeat_interleave(n)  # the caller's stops
+    for _ in loop:
+        refining = state.active.clone()  # a sequence chosen for already keeps its choice
+        on_device = refining.to(rows.logits.device)
+        state.logits[on_device] = best_candidates(codec, rows.logits, n)[on_device]
+        state.passes[refining] = rows.passes.view(S, n).max(1).values[refining]
+        state.active = rows.active.view(S, n).any(1)
+        done = refining & ~state.active
+        if done.any():
+            check.choose(state, rows.logits, done)
+        yield state
+        rows.active &= state.active.repeat_interleave(n)
+
+
+def refine_rows(
+    runner: Runner[Memory],
+    memory: Memory,
+    codec: TaskCodec,
+    prompts: torch.Tensor,
+    image_index: torch.Tensor,
+    counts: list[int],
+    early_stop: bool,
+    variant: torch.Tensor,
+    copies: int = 1,
+) -> Iterator[Decoding]:
+    """The refinement loop over rows: `refinement` with each step's re-mask counts, and each
+    row's candidate number `variant` [S] (its random re-masking's offset). Rows come in runs
+    of `copies` of one sequence, whose first pass (all masked) is the same: it runs once."""
     P, L = prompts.shape[1], codec.body_len
     device = prompts.device
     constraint = codec.constraint().to(device)
@@ -161,10 +220,11 @@ def refinement(
         logits = runner.decode(memory, torch.cat([chosen, body], 1), index, codec.vocab_slice())
         return logits[:, P:].float() + constraint
 
-    counts = [c for c in (remask_count(r, L) for r in ratios) if c > 0]
     S = len(prompts)
+    firsts = None if copies == 1 else torch.arange(0, S, copies, device=device)
+    first = run(firsts, torch.full((S // copies, L), mask_id, device=device))
     state = Decoding(
-        run(None, torch.full((S, L), mask_id, device=device)),
+        first.repeat_interleave(copies, 0),
         torch.ones(S, dtype=torch.long),
         torch.full((S,), bool(counts)),
     )
@@ -179,7 +239,8 @@ def refinement(
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
         if codec.random_remask:
-            scores = content_noise(predicted, step)
+            offset = variant if on_device is None else variant[on_device]
+            scores = content_noise(predicted, step, offset)
         else:
             scores = codec.remask_scores(probs, confidence)
         remask = lowest(scores, count)
@@ -197,6 +258,80 @@ def refinement(
             unchanged = (logits.argmax(-1) == predicted).all(1).cpu()
             state.stop(unchanged if rows is None else rows[unchanged])
         yield state
+
+
+def candidate_likelihood(codec: TaskCodec, logits: torch.Tensor) -> torch.Tensor:
+    """logits [R, L, V] -> [R] the mean log-probability of each row's predicted tokens at
+    the codec's scored positions."""
+    top, predicted = logits.log_softmax(-1).max(-1)
+    return scored_mean(codec, top, predicted)
+
+
+def scored_mean(codec: TaskCodec, values: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """values [R, L] -> [R] their mean over the codec's scored positions of `predicted`."""
+    counted = codec.scored_positions(predicted)
+    return (values * counted).sum(1) / counted.sum(1).clamp(min=1)
+
+
+def best_candidates(codec: TaskCodec, logits: torch.Tensor, n: int) -> torch.Tensor:
+    """logits [S * n, L, V] of n candidates per sequence -> [S, L, V] the likeliest's."""
+    likelihood = candidate_likelihood(codec, logits).view(-1, n)
+    chosen = likelihood.argmax(1) + torch.arange(len(likelihood), device=logits.device) * n
+    return logits[chosen]
+
+
+# The pseudo-log-likelihood's groups: each position is masked in one of them, all read in one
+# pass (2 chose the same captions as 4 on the tuning images, for half the work).
+VERIFY_GROUPS = 2
+
+
+class CandidateCheck:
+    """The final choice among a sequence's candidates (`refinement`)."""
+
+    def __init__(
+        self,
+        runner: Runner[Any],
+        memory: Any,
+        codec: TaskCodec,
+        prompts: torch.Tensor,
+        image_index: torch.Tensor,
+        n: int,
+    ) -> None:
+        self.runner, self.memory, self.codec = runner, memory, codec
+        self.prompts, self.image_index, self.n = prompts, image_index, n
+
+    def choose(self, state: Decoding, candidates: torch.Tensor, done: torch.Tensor) -> None:
+        """Set state.logits of the sequences `done` (bool [S], host) to their best candidate's
+        of `candidates` [S * n, L, V]; each takes one more pass."""
+        n, codec = self.n, self.codec
+        sequences = done.nonzero().flatten().to(candidates.device)
+        rows = (sequences.unsqueeze(1) * n + torch.arange(n, device=sequences.device)).flatten()
+        logits = candidates[rows]
+        predicted = logits.argmax(-1)
+        score = candidate_likelihood(codec, logits) + scored_mean(
+            codec, self.read_back(sequences.repeat_interleave(n), predicted), predicted
+        )
+        chosen = score.view(-1, n).argmax(1) + torch.arange(len(sequences), device=rows.device) * n
+        state.logits[sequences] = logits[chosen]
+        state.passes[done] += 1
+
+    def read_back(self, sequences: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """predicted [R, L] local ids of the sequences `sequences` [R] -> [R, L] the
+        log-probability of each token with it (and every VERIFY_GROUPS-th after it) masked,
+        in one decoder pass: R x VERIFY_GROUPS rows, each group masked in its own."""
+        codec, (R, L), G = self.codec, predicted.shape, VERIFY_GROUPS
+        position = torch.arange(L, device=predicted.device)
+        masked = position % G == torch.arange(G, device=predicted.device).unsqueeze(1)
+        masked = masked.repeat(R, 1)  # [R * G, L]: row r * G + g masks group g
+        body = codec.to_global(predicted).repeat_interleave(G, 0)
+        prompts = self.prompts[sequences].repeat_interleave(G, 0)
+        tokens = torch.cat([prompts, torch.where(masked, codec.vocab.mask, body)], 1)
+        index = self.image_index[sequences].repeat_interleave(G, 0)
+        logits = self.runner.decode(self.memory, tokens, index, codec.vocab_slice())
+        constraint = codec.constraint().to(predicted.device)
+        log_probs = (logits[:, prompts.shape[1] :].float() + constraint).log_softmax(-1)
+        read = log_probs.gather(-1, predicted.repeat_interleave(G, 0).unsqueeze(-1))[..., 0]
+        return (read * masked).view(R, G, L).sum(1)  # each position is masked in one group
 
 
 def masked_decode(

@@ -10,9 +10,10 @@ model order, so the tasks prompted by detections are scored on the boxes of the 
 schedule just chosen.
 
 The decoding options (`TaskCodec.decoding_options`, docs/model.md) are chosen one at a time,
-the others held, in passes until one changes nothing, by the mean metric of detection and the
-tasks it prompts: an option of detection's changes the boxes, and so the masks and skeletons
-they prompt and their ranking.
+the others held, in passes until one changes nothing, per family of tasks (`decoding_families`):
+detection and the tasks it prompts, scored together by their mean metric (an option of
+detection's changes the boxes, and so the masks and skeletons they prompt and their ranking),
+then each other task by its own.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ def detection_family(mad: MAD, tasks: tuple[str, ...] | None = None) -> tuple[st
     return tuple(task for task in mad.config.tasks if task in prompted)
 
 
+def decoding_families(mad: MAD, tasks: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
+    """The tasks whose decoding options are tuned together, among `tasks` (default all): the
+    detection family, then each task outside it on its own; only those with options."""
+    asked = set(tasks or mad.config.tasks)
+    detection = detection_family(mad, tasks)
+    families = [detection] + [
+        (task,) for task in mad.config.tasks if task in asked and task not in detection
+    ]
+    return [family for family in families if family and decoding_candidates(mad, family)]
+
+
+def family_metric(mad: MAD, family: tuple[str, ...]) -> str:
+    """What a family's options are chosen by: its tasks' metric, or their mean."""
+    metrics = [mad.codecs[task].metric for task in family]
+    return metrics[0] if len(metrics) == 1 else "mean of " + ", ".join(metrics)
+
+
 def decoding_candidates(mad: MAD, family: tuple[str, ...]) -> dict[str, list[Any]]:
     """{option: values to try} of the `family`'s codecs: the values each declares, then the
     config's current value where it is not among them."""
@@ -120,7 +138,8 @@ def decoding_candidates(mad: MAD, family: tuple[str, ...]) -> dict[str, list[Any
 class DecodingTrial:
     option: str
     value: Any
-    score: float  # the mean metric of the tasks decoded
+    score: float
+    metric: str  # what `score` is (`family_metric`)
 
 
 def tune_decoding(
@@ -137,11 +156,31 @@ def tune_decoding(
     """Try each decoding option's values in turn, the others held, and set mad.config's field
     to the best; the first value listed (the reference's) stays unless the best beats it by
     more than `tolerance`. Passes repeat until one changes nothing (at most `max_passes`);
-    a combination is scored once. Scored by the mean metric of detection and the tasks it
-    prompts among `tasks` (default all) that the data can score. -> the trials in the order
-    they ran."""
-    family = detection_family(mad, tasks)
+    a combination is scored once. Each family of `tasks` (default all; `decoding_families`)
+    is tuned in turn, by the mean metric of its tasks that the data can score. -> the trials
+    in the order they ran."""
+    trials: list[DecodingTrial] = []
+    for family in decoding_families(mad, tasks):
+        trials += tune_family(
+            mad, family, data, split, limit, device, tolerance, report, max_passes
+        )
+    return trials
+
+
+def tune_family(
+    mad: MAD,
+    family: tuple[str, ...],
+    data: Path,
+    split: str,
+    limit: int | None,
+    device: str,
+    tolerance: float,
+    report: Callable[[DecodingTrial], None],
+    max_passes: int,
+) -> list[DecodingTrial]:
+    """`tune_decoding` of one family of tasks."""
     options = decoding_candidates(mad, family)
+    metric = family_metric(mad, family)
     scores: dict[tuple[Any, ...], float] = {}  # by the values of every option
 
     def score() -> float:
@@ -161,7 +200,7 @@ def tune_decoding(
             tried = []
             for value in values:
                 setattr(mad.config, option, value)
-                tried.append(DecodingTrial(option, value, score()))
+                tried.append(DecodingTrial(option, value, score(), metric))
                 report(tried[-1])
             best = max(tried, key=lambda trial: trial.score)
             reference = tried[0]  # kept unless another value beats it by more than `tolerance`

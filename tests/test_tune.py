@@ -21,6 +21,7 @@ from model.checkpoint import (
     tuning_records,
     write_schedules,
 )
+from model.codecs.caption import CaptionCodec
 from model.data.synth.language import is_grammatical
 from model.evaluate import CaptionBLEU, evaluate
 from model.inference_io import Request
@@ -150,13 +151,17 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
     micro_model, monkeypatch
 ):
     """Scores as a function of the options: windows help up to 2, box confidence 0.5 helps by
-    less than the tolerance, a 0.4 mask threshold by more, mask scores not at all."""
+    less than the tolerance, a 0.4 mask threshold by more, mask scores not at all; caption
+    candidates up to 4, scored apart by the caption's metric."""
     config = dataclasses.replace(micro_model.config, coordinate_window=0)
     mad = MAD.build(config, micro_model.tokenizer)  # its own config: the shared model's is kept
     calls = []
 
     def fake_evaluate(mad_, data, split, device, limit, tasks):
         c = mad_.config
+        if tasks == ("caption",):
+            calls.append(("caption", c.caption_candidates))
+            return {"caption_BLEU4_x_sentences": 0.2 + 0.01 * min(c.caption_candidates, 4)}
         assert tasks == ("detection", "segmentation", "keypoints")
         calls.append(
             (c.coordinate_window, c.box_confidence_exponent, c.mask_threshold, c.mask_scoring)
@@ -175,18 +180,22 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
         "box_confidence_exponent": 0.0,  # +0.001 mean AP: within tolerance of the reference
         "mask_threshold": 0.4,
         "mask_scoring": False,
+        "caption_candidates": 4,  # 8 ties with 4
     }
     one_pass = ["coordinate_window"] * 5 + ["box_confidence_exponent"] * 3
     one_pass += ["mask_threshold"] * 4 + ["mask_scoring"] * 2
-    # The first pass changed options, the second nothing: two passes.
-    assert [t.option for t in trials] == one_pass * 2
+    # The first pass changed options, the second nothing: two passes per family.
+    assert [t.option for t in trials] == one_pass * 2 + ["caption_candidates"] * 4 * 2
+    assert {t.metric for t in trials if t.option == "caption_candidates"} == {
+        "caption_BLEU4_x_sentences"
+    }
     assert len(calls) == len(set(calls))  # each combination scored once
 
 
 def test_tune_decoding_also_scores_a_current_value_it_would_not_try(micro_model, monkeypatch):
     config = dataclasses.replace(micro_model.config, coordinate_window=6, mask_threshold=0.45)
     mad = MAD.build(config, micro_model.tokenizer)
-    scores = {"bbox_AP": 0.5, "segm_AP": 0.3, "keypoints_AP": 0.2}
+    scores = {"bbox_AP": 0.5, "segm_AP": 0.3, "keypoints_AP": 0.2, "caption_BLEU4_x_sentences": 0.2}
     monkeypatch.setattr(tune, "evaluate", lambda *args, **kwargs: scores)
     trials = tune.tune_decoding(mad, Path("unused"))
     tried = {(t.option, t.value) for t in trials}
@@ -212,7 +221,7 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
         "mask_threshold",
         "mask_scoring",
     )
-    assert set(record) == set(record_options)
+    assert set(record) == {*record_options, "caption_candidates"}
     for option in record_options:
         assert record[option]["metric"] == "mean of bbox_AP, segm_AP, keypoints_AP"
         assert len(record[option]["scores"]) >= 2
@@ -221,13 +230,35 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
         if " -> " in line:
             option, values = line.split(": ", 1)
             chosen[option] = values.split(" -> ")[1]
-    assert set(chosen) == set(record_options)
+    assert set(chosen) == {*record_options, "caption_candidates"}
     for option, value in chosen.items():
         assert str(meta["model"][option]) == value
+    for option in record_options:
         assert record[option]["start"] == {o: before[o] for o in record_options}
     assert (
         meta["model"]["schedules"] == read_checkpoint_config(micro_checkpoint)["model"]["schedules"]
     )  # --decoding leaves the schedules alone
-    caption_only = CliRunner().invoke(mad_cli, [*args, "--decoding", "--tasks", "caption"])
-    assert caption_only.exit_code != 0
-    assert "none of the tasks to tune has decoding options" in caption_only.output
+    # A caption's options are chosen by its own metric, apart from detection's family.
+    caption_only = CliRunner().invoke(
+        mad_cli, [*args, "--decoding", "--tasks", "caption", "--limit", "2", "--write"]
+    )
+    assert "mean of" not in caption_only.output
+    assert caption_only.exit_code == 0, caption_only.output
+    assert "caption_candidates" in caption_only.output
+    assert "coordinate_window" not in caption_only.output
+    caption_record = read_checkpoint_config(checkpoint)["decoding_tuning"]["caption_candidates"]
+    assert caption_record["metric"] == "caption_BLEU4_x_sentences"
+    assert caption_record["start"] == {"caption_candidates": before["caption_candidates"]}
+    assert [value for value, _ in caption_record["scores"]][:4] == [1, 2, 4, 8]
+    assert set(read_checkpoint_config(checkpoint)["decoding_tuning"]) == {
+        *record_options,
+        "caption_candidates",
+    }  # the detection family's records stay
+
+
+def test_mad_tune_decoding_refuses_tasks_without_options(micro_checkpoint, synth_data, monkeypatch):
+    monkeypatch.setattr(CaptionCodec, "decoding_options", {})
+    args = ["tune", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    result = CliRunner().invoke(mad_cli, [*args, "--decoding", "--tasks", "caption"])
+    assert result.exit_code != 0
+    assert "none of the tasks to tune has decoding options" in result.output

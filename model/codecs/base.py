@@ -279,6 +279,17 @@ class TaskCodec:
         re-mask (the lowest); by default the argmax token's probability."""
         return confidence
 
+    @property
+    def candidates(self) -> int:
+        """Answers a refinement decodes per sequence, of which it keeps the best
+        (model.decoding). Only a task that re-masks random positions gets different ones."""
+        return 1
+
+    def scored_positions(self, predicted: torch.Tensor) -> torch.Tensor:
+        """predicted [S, L] local ids -> bool [S, L], the positions that score a candidate
+        answer (by default all)."""
+        return torch.ones_like(predicted, dtype=torch.bool)
+
     def decode(
         self,
         logits: torch.Tensor,
