@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from model.decoding import VERIFY_GROUPS
 from model.startup import StartupError
 from runtime.manifest import read_manifest, write_manifest
 from runtime.tensorrt_runner import cache_key, import_tensorrt
@@ -37,14 +38,17 @@ class Profile:
 
     max_batch: int = 8  # images per encoder call (the service's max batch)
     opt_batch: int = 1
-    max_sequences: int = 0  # sequences per decoder call; 0: max_batch * num_slots
+    # Sequences per decoder call; 0: max_batch x the most one image decodes at once (its
+    # detections, or its caption candidates read back: model.decoding).
+    max_sequences: int = 0
     opt_sequences: int = 0  # 0: num_slots (one image's detections)
     min_image: tuple[int, int] = (0, 0)  # 0: half the canvas's shorter side, both sides
 
     def resolved(self, model: dict[str, Any]) -> Profile:
         """Zeros replaced by their defaults for this model (the manifest's "model" entry)."""
         canvas, slots = model["image_size"], model["num_slots"]
-        max_sequences = self.max_sequences or self.max_batch * slots
+        per_image = max(slots, model.get("caption_candidates", 1) * VERIFY_GROUPS)
+        max_sequences = self.max_sequences or self.max_batch * per_image
         min_h, min_w = self.min_image
         return Profile(
             self.max_batch,

@@ -4,6 +4,7 @@ profile shapes (the engines themselves are built and run in tests/test_export_gp
 from __future__ import annotations
 
 from export.tensorrt import Profile, decoder_shapes, encoder_shapes
+from model.decoding import VERIFY_GROUPS
 from runtime.tensorrt_runner import engine_key
 
 MODEL = {"image_size": [800, 1333], "num_slots": 100}
@@ -25,6 +26,9 @@ def test_profile_defaults_follow_the_model():
     assert profile.min_image == (400, 400)
     small = Profile(max_batch=2, opt_batch=4, max_sequences=16).resolved(MODEL)
     assert small.opt_batch == 2 and small.opt_sequences == 16  # opt never above max
+    # A model whose caption candidates read back more rows per image than it has slots.
+    tiny = {"image_size": [256, 256], "num_slots": 10, "caption_candidates": 8}
+    assert Profile(max_batch=4).resolved(tiny).max_sequences == 4 * 8 * VERIFY_GROUPS
 
 
 def test_encoder_shapes_cover_one_small_image_to_a_full_batch():
