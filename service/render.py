@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from service.schemas import PredictResponse, RLEMask
+from service.schemas import Detection, PredictResponse, RLEMask
 
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
@@ -82,6 +82,13 @@ class Label:
     rgb: tuple[int, int, int]
 
 
+def label_text(det: Detection) -> str:
+    """A detection's label: its class and score, and its mask's score where it has one (the
+    demo page writes the same)."""
+    text = f"{det.label} {det.score:.2f}"
+    return text if det.mask_score is None else f"{text}, mask {det.mask_score:.2f}"
+
+
 @dataclass
 class Drawing:
     image: Image.Image  # the drawn image; with a caption, taller than the input
@@ -120,7 +127,7 @@ def draw_prediction(
     labels: list[Label] = []
     placed: list[Box] = []
     for det in sorted(detections, key=lambda d: -d.score):
-        text = f"{det.label} {det.score:.2f}"
+        text = label_text(det)
         size = label_extent(draw, text, label_font)
         box = place(size, det.box, (width, height), placed)
         placed.append(box)

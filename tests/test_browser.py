@@ -91,6 +91,23 @@ def test_demo_page_submits_an_image_and_draws_the_result(micro_checkpoint, tmp_p
     assert not page["download"] and json.loads(downloaded) == json.loads(page["json"])
 
 
+def test_labels_give_each_masks_score(micro_checkpoint, tmp_path):
+    with (
+        running_server(Settings(checkpoint=micro_checkpoint)) as server,
+        Browser(tmp_path / "profile") as browser,
+    ):
+        browser.open(f"{server.url}/?demo=1&threshold=0&tasks=detection,segmentation")
+        browser.wait_for(DONE)
+        page = browser.evaluate(
+            """(() => ({texts: JSON.parse(document.getElementById('canvas').dataset.labelTexts),
+                        json: JSON.parse(document.getElementById('json').textContent)}))()"""
+        )
+    detections = sorted(page["json"]["detections"], key=lambda d: -d["score"])
+    assert detections and len(page["texts"]) == len(detections)
+    for text, det in zip(page["texts"], detections, strict=True):
+        assert text == f"{det['label']} {det['score']:.2f}, mask {det['mask_score']:.2f}"
+
+
 def test_no_task_ticked_asks_for_one(micro_checkpoint, tmp_path):
     with (
         running_server(Settings(checkpoint=micro_checkpoint)) as server,

@@ -101,3 +101,11 @@ def test_text_scales_with_the_image():
 def test_a_truetype_font_is_used():
     assert isinstance(font(20), ImageFont.FreeTypeFont)
     assert font(20).size == 20
+
+
+def test_a_label_gives_the_masks_score_where_there_is_one():
+    response = crowded(400, 300, caption=None)
+    response.detections[0].mask_score = 0.5749
+    labels = {label.text for label in draw_prediction(scene(400, 300), response, []).labels}
+    assert f"{NAMES[0]} 0.95, mask 0.57" in labels
+    assert f"{NAMES[1]} 0.90" in labels  # no mask, no mask score
