@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -150,14 +150,13 @@ def refinement(
     sequences; with early_stop a sequence stops once a step changed none of its tokens (the
     argmax of every position). The loop ends with the schedule or when none is active.
 
-    A codec with several `candidates` refines that many answers per sequence, each
-    re-masking its own random positions; the Decoding shows the most likely so far (the mean
-    log-probability of its predicted tokens at the codec's `scored_positions`), and once a
-    sequence's candidates are done, the one whose tokens score highest both as predicted and
-    when each is masked in turn and predicted from the others (a pseudo-log-likelihood, one
-    more pass): a likely answer the model also reads back as likely."""
+    A codec with several `candidates` (one that re-masks random positions) refines that many
+    answers per sequence, each re-masking its own positions. The Decoding shows the likeliest
+    so far (`best_candidates`); once a sequence's candidates are done, one more pass reads
+    them back (`CandidateCheck`) and the one whose tokens score highest, as predicted and as
+    predicted with them masked, is kept: a likely answer the model also reads back as likely."""
     counts = [c for c in (remask_count(r, codec.body_len) for r in ratios) if c > 0]
-    n = codec.candidates if counts else 1  # unrefined candidates would all be the same
+    n = candidate_count(codec) if counts else 1  # unrefined candidates would all be the same
     loop = refine_rows(
         runner,
         memory,
@@ -172,25 +171,41 @@ def refinement(
     if n == 1:
         yield from loop
         return
-    rows = next(loop)  # one Decoding over every candidate, updated in place
+    each = next(loop)  # one Decoding over every candidate of every sequence, updated in place
     S = len(prompts)
     state = Decoding(
-        best_candidates(codec, rows.logits, n), rows.passes[::n].clone(), rows.active[::n].clone()
+        best_candidates(codec, each.logits, n), each.passes[::n].clone(), each.active[::n].clone()
     )
     check = CandidateCheck(runner, memory, codec, prompts, image_index, n)
     yield state
-    rows.active &= state.active.repeat_interleave(n)  # the caller's stops
+    each.active &= state.active.repeat_interleave(n)  # the caller's stops
     for _ in loop:
-        refining = state.active.clone()  # a sequence chosen for already keeps its choice
-        on_device = refining.to(rows.logits.device)
-        state.logits[on_device] = best_candidates(codec, rows.logits, n)[on_device]
-        state.passes[refining] = rows.passes.view(S, n).max(1).values[refining]
-        state.active = rows.active.view(S, n).any(1)
-        done = refining & ~state.active
-        if done.any():
-            check.choose(state, rows.logits, done)
+        refining = state.active.nonzero().flatten()  # a chosen sequence keeps its choice
+        rows = (refining.unsqueeze(1) * n + torch.arange(n)).flatten()
+        on_device = refining.to(state.logits.device)
+        state.logits[on_device] = best_candidates(codec, each.logits[rows.to(on_device.device)], n)
+        state.passes[refining] = each.passes.view(S, n)[refining].max(1).values
+        done = refining[~each.active.view(S, n)[refining].any(1)]
+        state.active[done] = False
+        if len(done):
+            check.choose(state, each.logits, done)
         yield state
-        rows.active &= state.active.repeat_interleave(n)
+        each.active &= state.active.repeat_interleave(n)
+
+
+def decode_bodies(
+    runner: Runner[Memory],
+    memory: Memory,
+    codec: TaskCodec,
+    prompts: torch.Tensor,
+    image_index: torch.Tensor,
+    body: torch.Tensor,
+) -> torch.Tensor:
+    """prompts [s, P] and bodies [s, L] of images image_index [s] -> the bodies' logits
+    [s, L, V_slice], each position restricted to the ids it may take."""
+    tokens = torch.cat([prompts, body], 1)
+    logits = runner.decode(memory, tokens, image_index, codec.vocab_slice())
+    return logits[:, prompts.shape[1] :].float() + codec.constraint().to(body.device)
 
 
 def refine_rows(
@@ -207,18 +222,15 @@ def refine_rows(
     """The refinement loop over rows: `refinement` with each step's re-mask counts, and each
     row's candidate number `variant` [S] (its random re-masking's offset). Rows come in runs
     of `copies` of one sequence, whose first pass (all masked) is the same: it runs once."""
-    P, L = prompts.shape[1], codec.body_len
+    L = codec.body_len
     device = prompts.device
-    constraint = codec.constraint().to(device)
     mask_id = codec.vocab.mask
 
     def run(rows: torch.Tensor | None, body: torch.Tensor) -> torch.Tensor:
         """Decode `body` [s, L] of the sequences `rows` (None: all)."""
-        chosen, index = (
-            (prompts, image_index) if rows is None else (prompts[rows], image_index[rows])
-        )
-        logits = runner.decode(memory, torch.cat([chosen, body], 1), index, codec.vocab_slice())
-        return logits[:, P:].float() + constraint
+        if rows is None:
+            return decode_bodies(runner, memory, codec, prompts, image_index, body)
+        return decode_bodies(runner, memory, codec, prompts[rows], image_index[rows], body)
 
     S = len(prompts)
     firsts = None if copies == 1 else torch.arange(0, S, copies, device=device)
@@ -260,17 +272,37 @@ def refine_rows(
         yield state
 
 
-def candidate_likelihood(codec: TaskCodec, logits: torch.Tensor) -> torch.Tensor:
-    """logits [R, L, V] -> [R] the mean log-probability of each row's predicted tokens at
-    the codec's scored positions."""
-    top, predicted = logits.log_softmax(-1).max(-1)
-    return scored_mean(codec, top, predicted)
+# --- candidates -----------------------------------------------------------------------------
+def candidate_count(codec: TaskCodec) -> int:
+    """Answers `refinement` decodes per sequence of this codec: its `candidates` where it
+    re-masks random positions (confidence-ordered re-masking would make them all the same)."""
+    return codec.candidates if codec.random_remask else 1
+
+
+def closing_passes(codec: TaskCodec) -> int:
+    """Decoder passes a refined sequence of this codec takes after its last step: the choice
+    among its candidates, if it has several."""
+    return int(candidate_count(codec) > 1)
+
+
+def decoder_passes(codec: TaskCodec, ratios: list[float]) -> int:
+    """Decoder passes `refinement` makes for a sequence of this codec under this schedule,
+    without early stop: the first, one per step that re-masks any token, and the closing."""
+    steps = sum(remask_count(r, codec.body_len) > 0 for r in ratios)
+    return 1 + steps + (closing_passes(codec) if steps else 0)
 
 
 def scored_mean(codec: TaskCodec, values: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """values [R, L] -> [R] their mean over the codec's scored positions of `predicted`."""
     counted = codec.scored_positions(predicted)
     return (values * counted).sum(1) / counted.sum(1).clamp(min=1)
+
+
+def candidate_likelihood(codec: TaskCodec, logits: torch.Tensor) -> torch.Tensor:
+    """logits [R, L, V] -> [R] the mean log-probability of each row's predicted tokens at
+    the codec's scored positions."""
+    top, predicted = logits.log_softmax(-1).max(-1)
+    return scored_mean(codec, top, predicted)
 
 
 def best_candidates(codec: TaskCodec, logits: torch.Tensor, n: int) -> torch.Tensor:
@@ -280,18 +312,18 @@ def best_candidates(codec: TaskCodec, logits: torch.Tensor, n: int) -> torch.Ten
     return logits[chosen]
 
 
-# The pseudo-log-likelihood's groups: each position is masked in one of them, all read in one
-# pass (2 chose the same captions as 4 on the tuning images, for half the work).
+# The read-back's groups: each position is masked in one of them, all read in one pass (2
+# chose as well as 4 on the tuning images, for half the work).
 VERIFY_GROUPS = 2
 
 
-class CandidateCheck:
+class CandidateCheck(Generic[Memory]):
     """The final choice among a sequence's candidates (`refinement`)."""
 
     def __init__(
         self,
-        runner: Runner[Any],
-        memory: Any,
+        runner: Runner[Memory],
+        memory: Memory,
         codec: TaskCodec,
         prompts: torch.Tensor,
         image_index: torch.Tensor,
@@ -301,36 +333,42 @@ class CandidateCheck:
         self.prompts, self.image_index, self.n = prompts, image_index, n
 
     def choose(self, state: Decoding, candidates: torch.Tensor, done: torch.Tensor) -> None:
-        """Set state.logits of the sequences `done` (bool [S], host) to their best candidate's
-        of `candidates` [S * n, L, V]; each takes one more pass."""
+        """Set state.logits of the sequences `done` (indices [D], host) to their best
+        candidate's of `candidates` [S * n, L, V]: the highest sum of the mean log-probability
+        of its tokens as predicted and read back (`read_back`). One more pass each."""
         n, codec = self.n, self.codec
-        sequences = done.nonzero().flatten().to(candidates.device)
+        sequences = done.to(candidates.device)
         rows = (sequences.unsqueeze(1) * n + torch.arange(n, device=sequences.device)).flatten()
         logits = candidates[rows]
         predicted = logits.argmax(-1)
-        score = candidate_likelihood(codec, logits) + scored_mean(
-            codec, self.read_back(sequences.repeat_interleave(n), predicted), predicted
-        )
+        read = self.read_back(sequences.repeat_interleave(n), predicted)
+        score = candidate_likelihood(codec, logits) + scored_mean(codec, read, predicted)
         chosen = score.view(-1, n).argmax(1) + torch.arange(len(sequences), device=rows.device) * n
         state.logits[sequences] = logits[chosen]
         state.passes[done] += 1
 
     def read_back(self, sequences: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """predicted [R, L] local ids of the sequences `sequences` [R] -> [R, L] the
-        log-probability of each token with it (and every VERIFY_GROUPS-th after it) masked,
-        in one decoder pass: R x VERIFY_GROUPS rows, each group masked in its own."""
+        log-probability of each token with it (and every VERIFY_GROUPS-th position from it)
+        masked: a pseudo-log-likelihood, as masked language models are scored. One decoder
+        pass of R x VERIFY_GROUPS rows, each masking its own group of positions."""
         codec, (R, L), G = self.codec, predicted.shape, VERIFY_GROUPS
         position = torch.arange(L, device=predicted.device)
         masked = position % G == torch.arange(G, device=predicted.device).unsqueeze(1)
         masked = masked.repeat(R, 1)  # [R * G, L]: row r * G + g masks group g
-        body = codec.to_global(predicted).repeat_interleave(G, 0)
-        prompts = self.prompts[sequences].repeat_interleave(G, 0)
-        tokens = torch.cat([prompts, torch.where(masked, codec.vocab.mask, body)], 1)
-        index = self.image_index[sequences].repeat_interleave(G, 0)
-        logits = self.runner.decode(self.memory, tokens, index, codec.vocab_slice())
-        constraint = codec.constraint().to(predicted.device)
-        log_probs = (logits[:, prompts.shape[1] :].float() + constraint).log_softmax(-1)
-        read = log_probs.gather(-1, predicted.repeat_interleave(G, 0).unsqueeze(-1))[..., 0]
+        body = torch.where(
+            masked, codec.vocab.mask, codec.to_global(predicted).repeat_interleave(G, 0)
+        )
+        logits = decode_bodies(
+            self.runner,
+            self.memory,
+            codec,
+            self.prompts[sequences].repeat_interleave(G, 0),
+            self.image_index[sequences].repeat_interleave(G, 0),
+            body,
+        )
+        tokens = predicted.repeat_interleave(G, 0).unsqueeze(-1)
+        read = logits.log_softmax(-1).gather(-1, tokens)[..., 0]
         return (read * masked).view(R, G, L).sum(1)  # each position is masked in one group
 
 

@@ -207,6 +207,8 @@ def tune_family(
             chosen = reference if reference.score >= best.score - tolerance else best
             setattr(mad.config, option, chosen.value)
             trials += tried
-        if all(getattr(mad.config, option) == value for option, value in before.items()):
-            break
+        if len(options) == 1 or all(
+            getattr(mad.config, option) == value for option, value in before.items()
+        ):
+            break  # a lone option's choice moves no other: one pass is all
     return trials

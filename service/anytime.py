@@ -132,7 +132,9 @@ class Admission:
 
 class RefinementPlanner:
     """tasks_to_run: a request's tasks -> the tasks the pipeline runs (detection added for
-    the tasks it prompts), in model order; default_steps: each task's default K."""
+    the tasks it prompts), in model order; default_steps: each task's default K;
+    closing_passes: the passes a task runs once it refined at all (a caption's choice among
+    its candidates: model.decoding.closing_passes), priced with its first step."""
 
     def __init__(
         self,
@@ -142,7 +144,9 @@ class RefinementPlanner:
         queue_size: int,
         degrade_depth: int | None,
         record: Callable[[StepPlan], None] | None = None,
+        closing_passes: Mapping[str, int] | None = None,
     ) -> None:
+        self.closing_passes = dict(closing_passes or {})
         self.tasks_to_run, self.default_steps = tasks_to_run, dict(default_steps)
         self.costs, self.queue_size = costs, queue_size
         self.degrade_depth = degrade_depth  # None: degradation off
@@ -227,6 +231,12 @@ class RefinementPlanner:
             )
         degraded = any(wanted[t] < self.default_steps.get(t, 0) for t in run if t not in explicit)
         pass_s = {task: self.costs.estimate(task, batch_size) for task in run}
+
+        def cost_of(task: str, steps: int) -> float:
+            """Seconds of `steps` refinement steps of `task`, its closing passes included."""
+            closing = self.closing_passes.get(task, 0) if steps > 0 else 0
+            return (steps + closing) * pass_s[task]
+
         # The pipeline runs the draft of every task of the batch before any refinement.
         draft_tasks = tuple(dict.fromkeys((*tasks, *batch_tasks)))
         draft = sum(self.draft_seconds(draft_tasks, batch_size).values())
@@ -234,20 +244,21 @@ class RefinementPlanner:
         draft = max(draft + missed, 0.0)  # never a free draft
         spent = now - admission.arrived
         if admission.budget_s is None:  # estimated anyway: what the estimates miss is learnt
-            estimate = spent + draft + sum(wanted[t] * pass_s[t] for t in run)
+            estimate = spent + draft + sum(cost_of(t, wanted[t]) for t in run)
             return StepPlan(wanted, degraded, False, estimate, missed)
         left = admission.budget_s - spent - draft
         steps = {t: (wanted[t] if t in explicit else 0) for t in run}
-        cost = sum(steps[t] * pass_s[t] for t in run)  # the caller's own steps come first
+        cost = sum(cost_of(t, steps[t]) for t in run)  # the caller's own steps come first
         growing = [t for t in run if t not in explicit and wanted[t] > 0]
         depth = 0
         while growing:  # round by round, as the pipeline runs them
             depth += 1
             for task in list(growing):
-                if cost + pass_s[task] > left + SLACK_S:
+                more = cost_of(task, depth) - cost_of(task, depth - 1)
+                if cost + more > left + SLACK_S:
                     growing.remove(task)  # no room: this task stops here
                     continue
-                steps[task], cost = depth, cost + pass_s[task]
+                steps[task], cost = depth, cost + more
                 if steps[task] == wanted[task]:
                     growing.remove(task)
         cut = any(steps[t] < wanted[t] for t in run)

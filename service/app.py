@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 from PIL import Image
 
-from model.decoding import Runner
+from model.decoding import Runner, closing_passes
 from model.feature_cache import FeatureCache
 from model.inference_io import Request as ModelRequest
 from model.pipeline import Pipeline
@@ -170,6 +170,7 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
             s.queue_size,
             s.degrade_depth(),
             record=state.metrics.record_plan,
+            closing_passes={t: closing_passes(c) for t, c in pipeline.codecs.items()},
         )
     except StartupError as exc:  # expected (model/startup.py): one log line, no traceback
         log.error("start-up failed", extra={"error": str(exc)})

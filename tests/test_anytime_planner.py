@@ -68,6 +68,17 @@ def test_a_budget_buys_steps_round_by_round(budget_ms, steps, cut):
         assert result.estimated_s is not None and result.estimated_s <= budget_ms * MS + 1e-12
 
 
+def test_a_captions_choice_among_candidates_is_priced_with_its_first_step():
+    """Caption candidates end with one more pass once the caption refined at all: the first
+    step costs two passes (8 ms), each later one one (4 ms)."""
+    p = RefinementPlanner(tasks_to_run, DEFAULTS, costs(**COSTS), 10, 4, None, {"caption": 1})
+    assert plan(p, ("caption",), 23).steps == {"caption": 0}  # draft 16: 7 ms buy no step
+    assert plan(p, ("caption",), 24).steps == {"caption": 1}
+    assert plan(p, ("caption",), 28).steps == {"caption": 2}
+    assert plan(p, ("caption",)).estimated_s == pytest.approx((16 + 3 * 4 + 4) * MS)
+    assert plan(p, ("caption",), explicit={"caption": 0}).estimated_s == pytest.approx(16 * MS)
+
+
 def test_time_already_spent_counts_against_the_budget():
     p, _ = planner()
     assert plan(p, ("caption",), 27).steps == {"caption": 2}  # draft 16, steps 4 each

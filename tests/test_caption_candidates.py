@@ -7,16 +7,20 @@ import dataclasses
 import pytest
 import torch
 
+from mad.bench.workload import BUNDLED_CHECKPOINT
+from model.checkpoint import load_checkpoint
 from model.codecs.caption import CaptionCodec
 from model.decoding import (
     VERIFY_GROUPS,
     content_noise,
+    decoder_passes,
     masked_decode,
     refine_rows,
     refinement,
 )
 from model.inference_io import Request
 from model.pipeline import Pipeline
+from model.preprocess import prepare_batch
 from tests.helpers import synthetic_images
 from tests.test_refinement import CountingRunner
 
@@ -32,15 +36,18 @@ def candidate_setup(micro_model, n: int):
     return runner, memory, codec, codec.prompts(2), torch.tensor([0, 1])
 
 
-def one_candidate(runner, memory, codec, prompts, index, variant: int) -> torch.Tensor:
-    """What candidate `variant` of each sequence decodes to, refined on its own."""
-    counts = [round(r * codec.body_len) for r in RATIOS]
+def one_candidate(
+    runner, memory, codec, prompts, index, variant: int, ratios=RATIOS, early_stop=False
+):
+    """What candidate `variant` of each sequence decodes to, refined on its own. -> the final
+    Decoding."""
+    counts = [round(r * codec.body_len) for r in ratios]
     variants = torch.full((len(prompts),), variant)
-    loop = refine_rows(runner, memory, codec, prompts, index, counts, False, variants)
+    loop = refine_rows(runner, memory, codec, prompts, index, counts, early_stop, variants)
     state = next(loop)
     for _ in loop:
         pass
-    return state.logits
+    return state
 
 
 def read_back(runner, memory, codec, prompts, index, logits) -> torch.Tensor:
@@ -87,10 +94,11 @@ def test_candidates_keep_the_one_the_model_reads_back_as_likeliest(micro_model):
     for state in refinement(runner, memory, codec, prompts, index, RATIOS):
         passes.append(state.passes.tolist())
     assert passes == [[1, 1], [2, 2], [3, 3], [5, 5]]
+    assert decoder_passes(codec, RATIOS) == 5 and decoder_passes(codec, []) == 1
     start = codec.vocab_slice()[0]
     # The first pass, the same for every candidate, runs once per sequence.
     assert runner.decodes == [(start, 2)] + [(start, 2 * n)] * 3 + [(start, 2 * n * VERIFY_GROUPS)]
-    candidates = [one_candidate(runner, memory, codec, prompts, index, v) for v in range(n)]
+    candidates = [one_candidate(runner, memory, codec, prompts, index, v).logits for v in range(n)]
     tokens = [c.argmax(-1) for c in candidates]
     assert any(not torch.equal(tokens[0][s], tokens[v][s]) for v in (1, 2) for s in (0, 1))
     scores = torch.stack(
@@ -121,20 +129,45 @@ def test_a_stopped_sequence_gets_neither_refinement_nor_a_choice(micro_model):
     assert torch.equal(state.logits[1], kept)
 
 
-@pytest.mark.parametrize("early_stop", [False, True])
-def test_candidates_and_early_stop_end_with_the_choice(micro_model, early_stop):
-    runner, memory, codec, prompts, index = candidate_setup(micro_model, 2)
-    ratios = [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.3, 0.3]
-    steps = refinement(runner, memory, codec, prompts, index, ratios, early_stop)
-    actives = []
-    for state in steps:
-        actives.append(state.active.tolist())
-    assert actives[-1] == [False, False]
-    finished_at = [next(i for i, a in enumerate(actives) if not a[s]) for s in (0, 1)]
-    passes = state.passes.tolist()
-    assert passes == [f + 2 for f in finished_at]
-    if not early_stop:
-        assert passes == [len(ratios) + 2] * 2
+def test_a_sequence_stopped_mid_loop_keeps_the_likeliest_so_far(micro_model):
+    runner, memory, codec, prompts, index = candidate_setup(micro_model, 3)
+    steps = refinement(runner, memory, codec, prompts, index, RATIOS)
+    next(steps)
+    state = next(steps)  # after the first step
+    state.stop(torch.tensor([0]))
+    kept = state.logits[0].clone()
+    for _ in steps:
+        pass
+    assert state.passes.tolist() == [2, 5] and torch.equal(state.logits[0], kept)
+
+
+@pytest.mark.skipif(
+    not (BUNDLED_CHECKPOINT / "config.json").is_file(), reason="no bundled checkpoint"
+)
+def test_early_stopped_candidates_end_when_the_last_one_does():
+    """On the bundled model a caption's candidates settle after different steps: the sequence
+    refines until its last one has, then chooses among them as they stand."""
+    mad, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    config = dataclasses.replace(mad.config, caption_candidates=4)
+    codec = CaptionCodec(config, mad.vocab, mad.tokenizer)
+    runner = CountingRunner(mad.network)
+    batch = prepare_batch(synthetic_images(3, seed=5), mad.config.image_size)
+    memory = runner.encode(batch.images, batch.pad_mask)
+    prompts, index = codec.prompts(3), torch.arange(3)
+    ratios = mad.config.schedules["caption"]
+    steps = refinement(runner, memory, codec, prompts, index, ratios, early_stop=True)
+    state = next(steps)  # the same Decoding after every pass
+    for _ in steps:
+        pass
+    alone = [
+        one_candidate(runner, memory, codec, prompts, index, v, ratios, early_stop=True)
+        for v in range(4)
+    ]
+    own_passes = torch.stack([c.passes for c in alone], 1)  # [3, 4]
+    assert len(set(own_passes.flatten().tolist())) > 1  # they settle after different steps
+    assert state.passes.tolist() == (own_passes.max(1).values + 1).tolist()
+    for s in range(3):
+        assert any(torch.equal(state.logits[s], c.logits[s]) for c in alone)
 
 
 def test_without_refinement_there_is_one_candidate(micro_model):
@@ -151,8 +184,15 @@ def test_the_pipeline_reports_the_choices_passes(micro_model):
     mad = dataclasses.replace(micro_model, config=config)
     mad.codecs = dict(micro_model.codecs)
     mad.codecs["caption"] = CaptionCodec(config, micro_model.vocab, micro_model.tokenizer)
-    pipeline = Pipeline(mad, CountingRunner(micro_model.network))
+    runner = CountingRunner(micro_model.network)
     image = synthetic_images(1)[0]
-    result = pipeline([Request(image, ("caption",), {"caption": 3})])[0]
+    result = Pipeline(mad, runner)([Request(image, ("caption",), {"caption": 3})])[0]
     assert result.passes["caption"] == 5
-    assert isinstance(result.caption, str)
+    # The caption is the candidates' choice, as refinement makes it on the same image.
+    batch = prepare_batch([image], config.image_size)
+    memory = runner.encode(batch.images, batch.pad_mask)
+    codec = mad.codecs["caption"]
+    ratios = [0.8, 0.6, 0.4]  # the micro model's three caption steps
+    assert config.schedules["caption"] == ratios
+    logits = masked_decode(runner, memory, codec, codec.prompts(1), torch.tensor([0]), ratios)
+    assert result.caption == codec.decode(logits, None, [None])[0]

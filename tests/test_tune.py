@@ -184,8 +184,8 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
     }
     one_pass = ["coordinate_window"] * 5 + ["box_confidence_exponent"] * 3
     one_pass += ["mask_threshold"] * 4 + ["mask_scoring"] * 2
-    # The first pass changed options, the second nothing: two passes per family.
-    assert [t.option for t in trials] == one_pass * 2 + ["caption_candidates"] * 4 * 2
+    # The first pass changed options, the second nothing: two passes; one for a lone option.
+    assert [t.option for t in trials] == one_pass * 2 + ["caption_candidates"] * 4
     assert {t.metric for t in trials if t.option == "caption_candidates"} == {
         "caption_BLEU4_x_sentences"
     }
@@ -249,7 +249,7 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
     caption_record = read_checkpoint_config(checkpoint)["decoding_tuning"]["caption_candidates"]
     assert caption_record["metric"] == "caption_BLEU4_x_sentences"
     assert caption_record["start"] == {"caption_candidates": before["caption_candidates"]}
-    assert [value for value, _ in caption_record["scores"]][:4] == [1, 2, 4, 8]
+    assert [value for value, _ in caption_record["scores"]] == [1, 2, 4, 8]
     assert set(read_checkpoint_config(checkpoint)["decoding_tuning"]) == {
         *record_options,
         "caption_candidates",

@@ -23,7 +23,7 @@ from mad.bench.workload import detection_prompts
 from model.autoregressive import autoregressive_decode
 from model.checkpoint import MAD
 from model.codecs import DecodeContext
-from model.decoding import Runner, mask_schedule, masked_decode
+from model.decoding import Runner, decoder_passes, mask_schedule, masked_decode
 from model.network import ImageMemory
 from model.pipeline import torch_threads
 from model.preprocess import ImageBatch, prepare_batch
@@ -90,8 +90,7 @@ class ModelBench:
         return self.mad.codecs[task].decode(logits.cpu(), None, seqs[3], **seqs[2])
 
     def passes(self, task: str) -> int:
-        body = self.mad.codecs[task].body_len
-        return 1 + sum(round(r * body) > 0 for r in self.ratios[task])
+        return decoder_passes(self.mad.codecs[task], self.ratios[task])
 
     def run(self) -> dict[str, float]:
         """One image batch through every task -> seconds per stage (and total); the torch
