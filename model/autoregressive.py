@@ -26,7 +26,7 @@ def autoregressive_decode(
     use_cache: bool = True,
 ) -> torch.Tensor:
     """prompts [S, P] -> generated body tokens [S, L], greedy, one token per decoder pass."""
-    constraint = codec.constraint().to(prompts.device)
+    constraint = codec.constraint(prompts.device)
     vocab_slice = codec.vocab_slice()
     body = []
     if use_cache:

@@ -205,7 +205,7 @@ def decode_bodies(
     [s, L, V_slice], each position restricted to the ids it may take."""
     tokens = torch.cat([prompts, body], 1)
     logits = runner.decode(memory, tokens, image_index, codec.vocab_slice())
-    return logits[:, prompts.shape[1] :].float() + codec.constraint().to(body.device)
+    return logits[:, prompts.shape[1] :].float() + codec.constraint(body.device)
 
 
 def refine_rows(

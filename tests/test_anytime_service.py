@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from model.checkpoint import write_decoding
 from service.settings import Settings
 from service.streaming import stream_format
 from tests.helpers import encode, running_server, scene_image, until
@@ -172,6 +174,23 @@ def test_the_kserve_v2_protocol_takes_a_budget_and_early_stop(client, server):
     answer = json.loads(early.json()["outputs"][0]["data"][0])
     assert 2 <= answer["decoder_passes"]["caption"] < 9
     assert infer(latency_budget_ms=-1).status_code == 400  # the v2 routes' bad request
+
+
+def test_a_model_with_caption_candidates_plans_and_counts_the_choosing_pass(
+    micro_checkpoint, tmp_path
+):
+    checkpoint = tmp_path / "candidates"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    write_decoding(checkpoint, {"caption_candidates": 2}, {})
+    with running_server(Settings(checkpoint=checkpoint)) as server:
+        engine = server.app.state.service.engine
+        assert engine.planner.closing_passes["caption"] == 1
+        assert engine.planner.closing_passes["detection"] == 0
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            body = post(c, tasks="caption", refine_steps="3").json()
+            one_pass = post(c, tasks="caption", refine_steps="0").json()
+    assert body["decoder_passes"] == {"caption": 5} and body["caption"]
+    assert one_pass["decoder_passes"] == {"caption": 1}
 
 
 # --- early stop and the feature cache ---------------------------------------------------------

@@ -160,7 +160,7 @@ class TaskCodec:
         self.config = config
         self.vocab = vocab
         self.tokenizer = tokenizer
-        self._constraint: torch.Tensor | None = None
+        self._constraints: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def reserved_tokens(cls, config: ModelConfig) -> int:
@@ -200,15 +200,17 @@ class TaskCodec:
         """For each body position, the [start, stop) of full-vocabulary ids it may take."""
         raise NotImplementedError
 
-    def constraint(self) -> torch.Tensor:
-        """[body_len, V_slice] additive logit mask: 0 where allowed, NOT_ALLOWED elsewhere."""
-        if self._constraint is None:
+    def constraint(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[body_len, V_slice] additive logit mask: 0 where allowed, NOT_ALLOWED elsewhere;
+        kept per device, so a decoder pass does not copy it there."""
+        device = torch.device(device)
+        if device not in self._constraints:
             start, stop = self.vocab_slice()
             mask = torch.full((self.body_len, stop - start), NOT_ALLOWED)
             for i, (lo, hi) in enumerate(self.body_ranges()):
                 mask[i, lo - start : hi - start] = 0.0
-            self._constraint = mask
-        return self._constraint
+            self._constraints[device] = mask.to(device)
+        return self._constraints[device]
 
     def to_local(self, tokens: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary ids -> ids local to the slice (what cross-entropy needs)."""
