@@ -231,6 +231,13 @@ def evaluate_command(
         None, help="Class-wise NMS IoU, 0..1 (1: off; default: the checkpoint's)."
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
+    decoding: list[str] = typer.Option(
+        [],
+        "--decoding",
+        help="Decoding option KEY=VALUE instead of the checkpoint's (repeatable; those `mad "
+        "tune --decoding` chooses, e.g. caption_candidates=1): the same weights read another "
+        "way.",
+    ),
 ) -> None:
     """Each task's metrics: COCO AP (bbox, segm, keypoints via pycocotools), caption BLEU-4
     (sacrebleu), or whatever another task's codec reports."""
@@ -243,6 +250,7 @@ def evaluate_command(
     if json_out is not None:
         output_file(json_out, "--json")  # before the evaluation, not after it
     mad, _ = load_checkpoint(checkpoint, device)
+    set_decoding(mad, decoding)
     try:
         task_names = parse_tasks(tasks, mad.config.tasks)
         runs = mad.tasks_to_run(task_names)
@@ -264,9 +272,37 @@ def evaluate_command(
             "split": split,
             "refine_steps": mad.refine_steps(steps, runs),
             "nms_iou": mad.config.nms_iou if nms_iou is None else nms_iou,
+            "decoding": {option: getattr(mad.config, option) for option in decoding_options(mad)},
             "metrics": metrics,
         }
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def decoding_options(mad: MAD) -> list[str]:
+    """The decoding options (config fields) of the model's tasks' codecs."""
+    return list(dict.fromkeys(o for c in mad.codecs.values() for o in c.decoding_options))
+
+
+def set_decoding(mad: MAD, items: list[str]) -> None:
+    """--decoding KEY=VALUE items -> set on mad.config (the codecs read it), or a usage error:
+    a key that is no decoding option of the model's tasks, or a value the config refuses."""
+    try:
+        overrides = config_overrides(items)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--decoding") from None
+    known = decoding_options(mad)
+    for option in overrides:
+        if option not in known:
+            raise typer.BadParameter(
+                f"{option} is not a decoding option of this model (one of {', '.join(known)})",
+                param_hint="--decoding",
+            )
+    try:
+        dataclasses.replace(mad.config, **overrides)  # its checks, before the model changes
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--decoding") from None
+    for option, value in overrides.items():
+        setattr(mad.config, option, value)
 
 
 def require_checkpoint(checkpoint: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mad.cli import app as mad_cli
+from model.decoding import CandidateCheck
 from tests.helpers import encode, scene_image
 from tests.test_startup_errors import one_line_failure, usage_failure
 
@@ -87,6 +88,54 @@ def test_counts_that_mean_nothing_are_usage_errors(micro_checkpoint, synth_data)
     assert "--limit" in usage_failure(["tune", *common, "--limit", "0"])
     assert "--limit" in usage_failure(["eval", *common, "--limit", "-1"])
     assert "--max-steps" in usage_failure(["tune", *common, "--max-steps", "100"])
+
+
+@pytest.mark.parametrize(
+    ("item", "says"),
+    [
+        ("caption_candidates", "expected KEY=VALUE"),
+        ("d_model=64", "d_model is not a decoding option of this model"),
+        ("caption_candidates=0", "caption_candidates must be at least 1"),
+        ("mask_threshold=1.5", "mask_threshold must be between 0 and 1"),
+        ("caption_candidates=two", "caption_candidates must be int"),
+    ],
+)
+def test_eval_decoding_overrides_are_checked_before_evaluating(
+    item, says, micro_checkpoint, synth_data
+):
+    args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    stderr = usage_failure([*args, "--decoding", item])
+    assert "--decoding" in stderr and says in stderr
+
+
+def test_eval_decoding_reads_the_same_weights_another_way(
+    micro_checkpoint, synth_data, tmp_path, monkeypatch
+):
+    read_backs = []  # the candidates' choosing passes the evaluation ran
+    original = CandidateCheck.read_back
+    monkeypatch.setattr(
+        CandidateCheck,
+        "read_back",
+        lambda self, *a: read_backs.append(self.n) or original(self, *a),
+    )
+    args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(synth_data)]
+    args += ["--tasks", "caption", "--limit", "2", "--refine", "caption:3"]
+    reports = {}
+    for n in (1, 3):
+        out = tmp_path / f"{n}.json"
+        read_backs.clear()
+        result = CliRunner().invoke(
+            mad_cli, [*args, "--decoding", f"caption_candidates={n}", "--json", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        assert set(read_backs) == (set() if n == 1 else {n})
+        reports[n] = json.loads(out.read_text())
+    assert reports[1]["decoding"]["caption_candidates"] == 1
+    assert reports[3]["decoding"]["caption_candidates"] == 3
+    assert set(reports[1]["decoding"]) >= {"coordinate_window", "mask_threshold"}
+    # The checkpoint itself is untouched.
+    config = json.loads((micro_checkpoint / "config.json").read_text())["model"]
+    assert config.get("caption_candidates", 1) == 1
 
 
 def test_an_unknown_benchmark_backend_is_refused_before_any_output(micro_checkpoint, tmp_path):
