@@ -359,6 +359,11 @@ def tune_command(
         "and scores, caption candidates: docs/model.md) instead of the schedules: detection's "
         "and those of the tasks it prompts by their mean AP, a caption's by its metric.",
     ),
+    options: list[str] = typer.Option(
+        [],
+        "--option",
+        help="With --decoding: tune only this decoding option, the others held (repeatable).",
+    ),
     write: bool = typer.Option(False, help="Store what was chosen in the checkpoint."),
 ) -> None:
     """Choose each task's default refinement schedule (or, with --decoding, how the model's
@@ -383,9 +388,18 @@ def tune_command(
     for name, why in unscored.items():
         typer.echo(f"mad tune: {name} not tuned: {why}", err=True)
     task_names = tuple(t for t in task_names if t not in unscored)
+    if options and not decoding:
+        raise typer.BadParameter("only with --decoding", param_hint="--option")
+    for option in options:
+        if option not in decoding_options(mad):
+            known = ", ".join(decoding_options(mad))
+            raise typer.BadParameter(
+                f"{option} is not a decoding option of this model (one of {known})",
+                param_hint="--option",
+            )
     if decoding:
         tune_decoding_command(
-            mad, checkpoint, data, split, task_names, limit, device, tolerance, write
+            mad, checkpoint, data, split, task_names, limit, device, tolerance, write, options
         )
         return
     before = {t: list(r) for t, r in mad.config.schedules.items()}
@@ -428,6 +442,7 @@ def tune_decoding_command(
     device: str,
     tolerance: float,
     write: bool,
+    options: list[str] | None = None,
 ) -> None:
     """`mad tune --decoding`: report each trial, then what was chosen; store it with --write."""
     from model.checkpoint import write_decoding
@@ -437,7 +452,9 @@ def tune_decoding_command(
         typer.echo(f"{trial.option:<24} {trial.value!s:<6} {trial.metric} {trial.score:.4f}")
 
     before = dataclasses.asdict(mad.config)
-    trials = tune_decoding(mad, data, split, tasks, limit, device, tolerance, report)
+    trials = tune_decoding(
+        mad, data, split, tasks, limit, device, tolerance, report, only=options or None
+    )
     if not trials:
         raise StartupError("--decoding: none of the tasks to tune has decoding options")
     chosen = {t.option: getattr(mad.config, t.option) for t in trials}

@@ -172,6 +172,7 @@ TRAINING_AND_DECODING_FIELDS = (
     "mask_threshold",
     "mask_scoring",
     "caption_candidates",
+    "detection_flip",
     "schedules",
 )
 POSITIVE_FIELDS = (
@@ -261,6 +262,9 @@ class ModelConfig:
     # A mask's score is its detection's x the mean foreground probability inside the mask
     # (SOLO's "maskness"), so COCO mask AP ranks confident masks first (False: the detection's).
     mask_scoring: bool = False
+    # Detection also decodes the image's mirror image (one more encoder and detection pass)
+    # and fuses the two views' boxes (DetectionCodec.fuse_flipped; False: one view).
+    detection_flip: bool = False
     # Captions refined apart per image (each re-masking its own random positions), of which
     # the one the model finds most likely is kept (model.decoding; 1: the reference's one).
     caption_candidates: int = 1

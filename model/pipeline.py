@@ -22,12 +22,14 @@ passes changes no answer: each sequence's loop is its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, cast
 
 import torch
+from PIL import Image
 
 from model.checkpoint import MAD
 from model.codecs import DecodeContext, DetectionCodec, TaskCodec
@@ -113,33 +115,41 @@ class Pipeline(Generic[Memory]):
         start = time.perf_counter()
         stage = Stopwatch(self.device, start)
         results = [Result((0, 0), self.mad.tasks_to_run(r.tasks)) for r in requests]
-        memory, contexts = self.encode(requests, stage)
+        flip = self.config.detection_flip and any(
+            DetectionCodec.name in result.tasks for result in results
+        )
+        views = [*requests, *(mirrored(r) for r in requests)] if flip else requests
+        memory, contexts = self.encode(views, stage, len(requests))
+        contexts = contexts[: len(requests)]  # a mirror image has its original's geometry
         for result, context in zip(results, contexts, strict=True):
             result.image_size = context.image_size
-        BatchRun(self, requests, results, memory, contexts, stage).run()
+        BatchRun(self, requests, results, memory, contexts, stage, flip).run()
         return results
 
     def encode(
-        self, requests: list[Request], stage: Stopwatch
+        self, requests: list[Request], stage: Stopwatch, images: int | None = None
     ) -> tuple[Memory, list[DecodeContext]]:
         """Letterbox and encode the images the feature cache does not hold. -> the batch's
-        memory, each image's decode context."""
+        memory, each image's decode context. images: how many images the stage observer is
+        told of (a request's mirror image is part of its encoding; default all)."""
         canvas = self.config.image_size
         contexts = [decode_context(r.image, canvas) for r in requests]
+        told = len(requests) if images is None else images
         if self.features is None:
             batch = prepare_batch([r.image for r in requests], canvas, self.device)
-            self.observer("preprocess", len(requests), stage.lap("preprocess"))
+            self.observer("preprocess", told, stage.lap("preprocess"))
             memory = self.runner.encode(batch.images, batch.pad_mask)
-            self.observer("encode", len(requests), stage.lap("encode"))
+            self.observer("encode", told, stage.lap("encode"))
             return memory, contexts
         features, store = self.features, cast(SplitsMemory[Memory], self.runner)
         parts = [features.get(r.image_key) if r.image_key else None for r in requests]
         missing = [i for i, part in enumerate(parts) if part is None]
         if missing:
             batch = prepare_batch([requests[i].image for i in missing], canvas, self.device)
-            self.observer("preprocess", len(missing), stage.lap("preprocess"))
+            told_missing = max(1, len(missing) * told // len(requests))
+            self.observer("preprocess", told_missing, stage.lap("preprocess"))
             fresh = self.runner.encode(batch.images, batch.pad_mask)
-            self.observer("encode", len(missing), stage.lap("encode"))
+            self.observer("encode", told_missing, stage.lap("encode"))
             # Split to keep each image's features, or to join them with the cached ones.
             if len(missing) < len(requests) or any(requests[i].image_key for i in missing):
                 for i, part in zip(missing, store.split_memory(fresh), strict=True):
@@ -166,8 +176,17 @@ class Pipeline(Generic[Memory]):
         return detections.select(usable.nonzero().flatten())
 
 
+def mirrored(request: Request) -> Request:
+    """A request's image mirrored left to right (`detection_flip`), cached under its own key."""
+    key = f"{request.image_key}/mirrored" if request.image_key else None
+    return dataclasses.replace(
+        request, image=request.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), image_key=key
+    )
+
+
 class BatchRun:
-    """One batch's decoding, in rounds (see the module docstring)."""
+    """One batch's decoding, in rounds (see the module docstring). flip: the memory also
+    holds each request's mirror image, after all the requests' images (`detection_flip`)."""
 
     def __init__(
         self,
@@ -177,9 +196,11 @@ class BatchRun:
         memory: Any,
         contexts: list[DecodeContext],
         stage: Stopwatch,
+        flip: bool = False,
     ) -> None:
         self.pipeline, self.requests, self.results = pipeline, requests, results
         self.memory, self.contexts, self.stage = memory, contexts, stage
+        self.flip = flip
         self.groups: list[TaskGroup] = []
         self.open = set(range(len(requests)))  # neither finished nor cancelled
 
@@ -227,6 +248,9 @@ class BatchRun:
             else:
                 prompts = codec.prompts(len(images))
                 group = self.group(codec, schedule, images, prompts, early_stop)
+                if self.flip and codec.name == DetectionCodec.name:  # the mirror images too
+                    mirror = self.group(codec, schedule, images, prompts, early_stop, True)
+                    groups.append(mirror)
             if group is not None:
                 groups.append(group)
         self.groups += groups
@@ -260,34 +284,47 @@ class BatchRun:
         owners: list[int],
         prompts: torch.Tensor,
         early_stop: bool,
+        mirror: bool = False,
     ) -> TaskGroup:
+        """The sequences `prompts` of the images `owners` (mirror: of their mirror images)."""
         device = self.pipeline.device
+        images = [i + len(self.requests) for i in owners] if mirror else owners
         steps = refinement(
             self.pipeline.runner,
             self.memory,
             codec,
             prompts.to(device),
-            torch.tensor(owners, device=device),
+            torch.tensor(images, device=device),
             list(schedule),
             early_stop,
         )
-        return TaskGroup(codec, schedule, owners, prompts, steps)
+        return TaskGroup(codec, schedule, owners, prompts, steps, mirror=mirror)
 
     def advance(self, group: TaskGroup) -> bool:
         """One pass of `group`, timed under its task. -> whether a pass ran."""
         if not group.advance():
             return False
-        self.pipeline.observer(group.task, group.images, self.stage.lap(group.task))
+        if not group.mirror:  # a mirror group runs just before its original: timed with it
+            self.pipeline.observer(group.task, group.images, self.stage.lap(group.task))
         return True
 
     # --- results ----------------------------------------------------------------------------
     def set_detections(self, groups: list[TaskGroup]) -> None:
-        """Detection's final outputs, which the later tasks' prompts read."""
+        """Detection's final outputs, which the later tasks' prompts read (with
+        `detection_flip`, each image's fused with its mirror image's)."""
+        found: dict[int, Any] = {}
+        mirrored: dict[int, Any] = {}
         for group in groups:
             for i, _, output in group.decode(sorted(set(group.owners)), self.contexts):
-                self.results[i].outputs[group.task] = self.keep(i, group.task, output)
-                self.results[i].passes[group.task] = group.passes(i)
-            self.stage.lap(group.task)  # decoding a task's outputs is that task's time
+                (mirrored if group.mirror else found)[i] = output
+                if not group.mirror:
+                    self.results[i].passes[group.task] = group.passes(i)
+        codec = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
+        for i, output in found.items():
+            if i in mirrored:
+                output = codec.fuse_flipped(output, mirrored[i], self.contexts[i])
+            self.results[i].outputs[codec.name] = self.keep(i, codec.name, output)
+        self.stage.lap(DetectionCodec.name)  # decoding a task's outputs is that task's time
 
     def keep(self, i: int, task: str, output: Any) -> Any:
         """What request i keeps of its image's output of a per-image task."""

@@ -33,6 +33,7 @@ class TaskGroup:
     steps: Iterator[Decoding]
     which: list[int] | None = None
     boxes: list[torch.Tensor] | None = None
+    mirror: bool = False  # the sequences of the owners' mirror images (`detection_flip`)
     state: Decoding | None = None
     _rows: dict[int, torch.Tensor] = field(default_factory=dict)
     _settled: dict[int, list[tuple[int, int | None, Any]]] = field(default_factory=dict)

@@ -19,7 +19,7 @@ then each other task by its own.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -99,15 +99,18 @@ def detection_family(mad: MAD, tasks: tuple[str, ...] | None = None) -> tuple[st
     return tuple(task for task in mad.config.tasks if task in prompted)
 
 
-def decoding_families(mad: MAD, tasks: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
+def decoding_families(
+    mad: MAD, tasks: tuple[str, ...] | None = None, only: Collection[str] | None = None
+) -> list[tuple[str, ...]]:
     """The tasks whose decoding options are tuned together, among `tasks` (default all): the
-    detection family, then each task outside it on its own; only those with options."""
+    detection family, then each task outside it on its own; only those with options (among
+    `only`, when given)."""
     asked = set(tasks or mad.config.tasks)
     detection = detection_family(mad, tasks)
     families = [detection] + [
         (task,) for task in mad.config.tasks if task in asked and task not in detection
     ]
-    return [family for family in families if family and decoding_candidates(mad, family)]
+    return [family for family in families if family and decoding_candidates(mad, family, only)]
 
 
 def family_metric(mad: MAD, family: tuple[str, ...]) -> str:
@@ -116,9 +119,11 @@ def family_metric(mad: MAD, family: tuple[str, ...]) -> str:
     return metrics[0] if len(metrics) == 1 else "mean of " + ", ".join(metrics)
 
 
-def decoding_candidates(mad: MAD, family: tuple[str, ...]) -> dict[str, list[Any]]:
-    """{option: values to try} of the `family`'s codecs: the values each declares, then the
-    config's current value where it is not among them."""
+def decoding_candidates(
+    mad: MAD, family: tuple[str, ...], only: Collection[str] | None = None
+) -> dict[str, list[Any]]:
+    """{option: values to try} of the `family`'s codecs (those in `only`, when given): the
+    values each declares, then the config's current value where it is not among them."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     options: dict[str, list[Any]] = {}
     for task in family:
@@ -128,6 +133,8 @@ def decoding_candidates(mad: MAD, family: tuple[str, ...]) -> dict[str, list[Any
             if option in options and options[option] != list(values):
                 raise ValueError(f"two tasks declare different values for {option!r}")
             options[option] = list(values)
+    if only is not None:
+        options = {option: values for option, values in options.items() if option in only}
     for option, tried in options.items():
         if getattr(mad.config, option) not in tried:
             tried.append(getattr(mad.config, option))
@@ -152,17 +159,18 @@ def tune_decoding(
     tolerance: float = 0.003,
     report: Callable[[DecodingTrial], None] = lambda trial: None,
     max_passes: int = 3,
+    only: Collection[str] | None = None,
 ) -> list[DecodingTrial]:
     """Try each decoding option's values in turn, the others held, and set mad.config's field
     to the best; the first value listed (the reference's) stays unless the best beats it by
     more than `tolerance`. Passes repeat until one changes nothing (at most `max_passes`);
     a combination is scored once. Each family of `tasks` (default all; `decoding_families`)
-    is tuned in turn, by the mean metric of its tasks that the data can score. -> the trials
-    in the order they ran."""
+    is tuned in turn, by the mean metric of its tasks that the data can score; `only`: tune
+    just these options, the others held. -> the trials in the order they ran."""
     trials: list[DecodingTrial] = []
-    for family in decoding_families(mad, tasks):
+    for family in decoding_families(mad, tasks, only):
         trials += tune_family(
-            mad, family, data, split, limit, device, tolerance, report, max_passes
+            mad, family, data, split, limit, device, tolerance, report, max_passes, only
         )
     return trials
 
@@ -177,9 +185,10 @@ def tune_family(
     tolerance: float,
     report: Callable[[DecodingTrial], None],
     max_passes: int,
+    only: Collection[str] | None = None,
 ) -> list[DecodingTrial]:
     """`tune_decoding` of one family of tasks."""
-    options = decoding_candidates(mad, family)
+    options = decoding_candidates(mad, family, only)
     metric = family_metric(mad, family)
     scores: dict[tuple[Any, ...], float] = {}  # by the values of every option
 

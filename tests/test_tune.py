@@ -164,7 +164,13 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
             return {"caption_BLEU4_x_sentences": 0.2 + 0.01 * min(c.caption_candidates, 4)}
         assert tasks == ("detection", "segmentation", "keypoints")
         calls.append(
-            (c.coordinate_window, c.box_confidence_exponent, c.mask_threshold, c.mask_scoring)
+            (
+                c.coordinate_window,
+                c.box_confidence_exponent,
+                c.detection_flip,
+                c.mask_threshold,
+                c.mask_scoring,
+            )
         )
         return {
             "bbox_AP": 0.5 + 0.03 * min(c.coordinate_window, 2) + 0.002 * c.box_confidence_exponent,
@@ -178,12 +184,13 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
     assert chosen == {
         "coordinate_window": 2,  # 3 and 4 tie with 2: the first best
         "box_confidence_exponent": 0.0,  # +0.001 mean AP: within tolerance of the reference
+        "detection_flip": False,  # no gain here
         "mask_threshold": 0.4,
         "mask_scoring": False,
         "caption_candidates": 4,  # 8 ties with 4
     }
     one_pass = ["coordinate_window"] * 5 + ["box_confidence_exponent"] * 3
-    one_pass += ["mask_threshold"] * 4 + ["mask_scoring"] * 2
+    one_pass += ["detection_flip"] * 2 + ["mask_threshold"] * 4 + ["mask_scoring"] * 2
     # The first pass changed options, the second nothing: two passes; one for a lone option.
     assert [t.option for t in trials] == one_pass * 2 + ["caption_candidates"] * 4
     assert {t.metric for t in trials if t.option == "caption_candidates"} == {
@@ -218,6 +225,7 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
     record_options = (
         "coordinate_window",
         "box_confidence_exponent",
+        "detection_flip",
         "mask_threshold",
         "mask_scoring",
     )
@@ -262,3 +270,23 @@ def test_mad_tune_decoding_refuses_tasks_without_options(micro_checkpoint, synth
     result = CliRunner().invoke(mad_cli, [*args, "--decoding", "--tasks", "caption"])
     assert result.exit_code != 0
     assert "none of the tasks to tune has decoding options" in result.output
+
+
+def test_mad_tune_decoding_tunes_only_the_options_named(micro_checkpoint, synth_data, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    args = ["tune", "--checkpoint", str(checkpoint), "--data", str(synth_data), "--limit", "2"]
+    result = CliRunner().invoke(
+        mad_cli, [*args, "--decoding", "--option", "detection_flip", "--write"]
+    )
+    assert result.exit_code == 0, result.output
+    tried = [line.split()[0] for line in result.output.splitlines() if " mean of " in line]
+    assert tried == ["detection_flip", "detection_flip"]
+    record = read_checkpoint_config(checkpoint)["decoding_tuning"]
+    assert set(record) == {"detection_flip"} and record["detection_flip"]["start"] == {
+        "detection_flip": False
+    }
+    unknown = CliRunner().invoke(mad_cli, [*args, "--decoding", "--option", "d_model"])
+    assert unknown.exit_code == 2 and "d_model is not a decoding option" in unknown.output
+    alone = CliRunner().invoke(mad_cli, [*args, "--option", "detection_flip"])
+    assert alone.exit_code == 2 and "only with --decoding" in alone.output

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 from model.codecs.base import (
     DecodeContext,
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from model.inference_io import Request, Result
 
 TOKENS_PER_SLOT = 5
+# Two views' boxes of one class overlapping this much are one object (`fuse_flipped`).
+FLIP_MATCH_IOU = 0.55
+FLIP_ALONE = 0.5  # the score factor of a box only one view found
 
 
 @dataclass
@@ -79,6 +82,7 @@ class DetectionCodec(TaskCodec):
     decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
         "coordinate_window": (0, 1, 2, 3, 4),
         "box_confidence_exponent": (0.0, 0.5, 1.0),
+        "detection_flip": (False, True),
     }
 
     @property
@@ -222,6 +226,46 @@ class DetectionCodec(TaskCodec):
                 )
             )
         return results
+
+    def fuse_flipped(
+        self, original: Detections, flipped: Detections, context: DecodeContext
+    ) -> Detections:
+        """The detections of an image and of its mirror image (`detection_flip`; the mirror's
+        boxes in its own pixels) -> one set: each original box of the same class as a mirrored
+        one it overlaps (IoU >= FLIP_MATCH_IOU; the most overlapping, in score order) becomes
+        their score-weighted mean, scored the two scores' mean; a box one view alone found
+        keeps its place at FLIP_ALONE times its score (weighted box fusion over two views)."""
+        width = context.image_size[1]
+        mirrored = flipped.boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0])
+        mirrored += torch.tensor([width, 0.0, width, 0.0])
+        overlap = box_iou(original.boxes, mirrored)
+        overlap[original.labels[:, None] != flipped.labels[None, :]] = 0.0
+        partner = torch.full((len(original),), -1)
+        taken = torch.zeros(len(flipped), dtype=torch.bool)
+        for i in range(len(original)):  # in score order: the best claim their match first
+            candidates = overlap[i].masked_fill(taken, 0.0)
+            if len(candidates) and candidates.max() >= FLIP_MATCH_IOU:
+                partner[i] = j = int(candidates.argmax())
+                taken[j] = True
+        pair = partner >= 0
+        a, b = original.scores[pair], flipped.scores[partner[pair]]
+        weights = torch.stack([a, b], 1) / (a + b).clamp(min=1e-12)[:, None]
+        fused = original.boxes.clone()
+        fused[pair] = (
+            weights[:, :1] * original.boxes[pair] + weights[:, 1:] * mirrored[partner[pair]]
+        )
+        fused_scores = original.scores * FLIP_ALONE
+        fused_scores[pair] = (a + b) / 2
+        boxes = torch.cat([fused, mirrored[~taken]])
+        scores = torch.cat([fused_scores, flipped.scores[~taken] * FLIP_ALONE])
+        labels = torch.cat([original.labels, flipped.labels[~taken]])
+        order = scores.argsort(descending=True)
+        boxes, scores, labels = boxes[order], scores[order], labels[order]
+        normalised = context.to_canvas(boxes).clamp(0, 1)
+        tokens = torch.cat(
+            [box_tokens(self.vocab, normalised), self.vocab.class_token(labels).unsqueeze(1)], 1
+        )
+        return Detections(boxes, normalised, scores, labels, tokens)
 
     def select(self, output: Detections, request: Request) -> Detections:
         """The request's detections: scoring at least its threshold, class-wise NMS at its
