@@ -355,9 +355,10 @@ def tune_command(
     decoding: bool = typer.Option(
         False,
         "--decoding",
-        help="Choose the decoding options (coordinate window, box confidence, mask threshold "
-        "and scores, caption candidates: docs/model.md) instead of the schedules: detection's "
-        "and those of the tasks it prompts by their mean AP, a caption's by its metric.",
+        help="Choose the decoding options (coordinate window, box confidence, mirror image, "
+        "mask threshold and scores, caption candidates: docs/model.md) instead of the "
+        "schedules: detection's and those of the tasks it prompts by their mean AP, a "
+        "caption's by its metric.",
     ),
     options: list[str] = typer.Option(
         [],
