@@ -45,14 +45,17 @@ class Profile:
     min_image: tuple[int, int] = (0, 0)  # 0: half the canvas's shorter side, both sides
 
     def resolved(self, model: dict[str, Any]) -> Profile:
-        """Zeros replaced by their defaults for this model (the manifest's "model" entry)."""
+        """Zeros replaced by their defaults for this model (the manifest's "model" entry); a
+        model that detects on mirror images too (`detection_flip`) encodes two images per
+        request, so its encoder batches are twice the requests'."""
         canvas, slots = model["image_size"], model["num_slots"]
+        images = self.max_batch * (2 if model.get("detection_flip") else 1)
         per_image = max(slots, model.get("caption_candidates", 1) * VERIFY_GROUPS)
         max_sequences = self.max_sequences or self.max_batch * per_image
         min_h, min_w = self.min_image
         return Profile(
-            self.max_batch,
-            min(self.opt_batch, self.max_batch),
+            images,
+            min(self.opt_batch, images),
             max_sequences,
             min(self.opt_sequences or slots, max_sequences),
             (min_h, min_w) if min_h and min_w else (min(canvas) // 2, min(canvas) // 2),

@@ -29,6 +29,10 @@ def test_profile_defaults_follow_the_model():
     # A model whose caption candidates read back more rows per image than it has slots.
     tiny = {"image_size": [256, 256], "num_slots": 10, "caption_candidates": 8}
     assert Profile(max_batch=4).resolved(tiny).max_sequences == 4 * 8 * VERIFY_GROUPS
+    # A model that also detects on mirror images encodes two images per request.
+    flipping = {**tiny, "detection_flip": True}
+    assert Profile(max_batch=4).resolved(flipping).max_batch == 8
+    assert Profile(max_batch=4).resolved(tiny).max_batch == 4
 
 
 def test_encoder_shapes_cover_one_small_image_to_a_full_batch():
