@@ -49,13 +49,14 @@ class Profile:
         model that detects on mirror images too (`detection_flip`) encodes two images per
         request, so its encoder batches are twice the requests'."""
         canvas, slots = model["image_size"], model["num_slots"]
-        images = self.max_batch * (2 if model.get("detection_flip") else 1)
-        per_image = max(slots, model.get("caption_candidates", 1) * VERIFY_GROUPS)
+        views = 2 if model.get("detection_flip") else 1  # fused, up to 2 x slots detections
+        images = self.max_batch * views
+        per_image = max(slots * views, model.get("caption_candidates", 1) * VERIFY_GROUPS)
         max_sequences = self.max_sequences or self.max_batch * per_image
         min_h, min_w = self.min_image
         return Profile(
             images,
-            min(self.opt_batch, images),
+            min(self.opt_batch * views, images),
             max_sequences,
             min(self.opt_sequences or slots, max_sequences),
             (min_h, min_w) if min_h and min_w else (min(canvas) // 2, min(canvas) // 2),

@@ -218,6 +218,7 @@ class BatchRun:
                 while any([self.advance(group) for group in groups]):
                     pass
                 self.set_detections(groups)
+                self.drop_mirror_images()
         self.finish_ready()
         self.report(0)
         round = 0
@@ -325,6 +326,13 @@ class BatchRun:
                 output = codec.fuse_flipped(output, mirrored[i], self.contexts[i])
             self.results[i].outputs[codec.name] = self.keep(i, codec.name, output)
         self.stage.lap(DetectionCodec.name)  # decoding a task's outputs is that task's time
+
+    def drop_mirror_images(self) -> None:
+        """The later tasks decode on the images alone: with the mirror images left in the
+        memory, every pass would attend over twice the images it needs."""
+        runner = self.pipeline.runner
+        if self.flip and isinstance(runner, SplitsMemory):
+            self.memory = runner.join_memory(runner.split_memory(self.memory)[: len(self.requests)])
 
     def keep(self, i: int, task: str, output: Any) -> Any:
         """What request i keeps of its image's output of a per-image task."""

@@ -228,3 +228,13 @@ def test_quick_run_writes_report(micro_checkpoint, tmp_path):
         assert heading in text
     assert markdown(report, plot.name) == text and f"]({plot.name})" in text
     assert "ar_cache_vs_mad_schedule" in result.output  # the ratios are printed
+
+
+def test_the_decoding_cost_bench_times_each_variant(micro_checkpoint, capsys):
+    from mad.bench.decoding_cost import main
+
+    main(["--checkpoint", str(micro_checkpoint), "--repeats", "1", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for name in ("as the checkpoint sets", "one detection view", "one view, one caption"):
+        assert name in out
+    assert out.count("median") == 3

@@ -249,7 +249,10 @@ class DetectionCodec(TaskCodec):
                 taken[j] = True
         pair = partner >= 0
         a, b = original.scores[pair], flipped.scores[partner[pair]]
-        weights = torch.stack([a, b], 1) / (a + b).clamp(min=1e-12)[:, None]
+        total = a + b
+        weights = torch.where(  # two scores of 0 weigh the same
+            total[:, None] > 0, torch.stack([a, b], 1) / total.clamp(min=1e-12)[:, None], 0.5
+        )
         fused = original.boxes.clone()
         fused[pair] = (
             weights[:, :1] * original.boxes[pair] + weights[:, 1:] * mirrored[partner[pair]]
