@@ -9,7 +9,10 @@ the codec applies to. Detection comes first and runs its whole schedule, so its 
 (each request's score threshold and max count) prompt the tasks after it and no decoding is
 paid for objects nobody will see. Detection is the one task the pipeline names, as the
 provider of those prompts (and Result has typed views of the built-in tasks' outputs);
-everything else comes from the codecs.
+everything else comes from the codecs. With the config's `detection_flip`, the mirror images
+of the requests that run detection are encoded in the same batch, detection runs on them too,
+each image's two views are fused (`DetectionCodec.fuse_flipped`), and the mirror images leave
+the memory before the later tasks run.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -115,15 +118,18 @@ class Pipeline(Generic[Memory]):
         start = time.perf_counter()
         stage = Stopwatch(self.device, start)
         results = [Result((0, 0), self.mad.tasks_to_run(r.tasks)) for r in requests]
-        flip = self.config.detection_flip and any(
-            DetectionCodec.name in result.tasks for result in results
-        )
-        views = [*requests, *(mirrored(r) for r in requests)] if flip else requests
+        # With detection_flip, the mirror images of the requests that run detection follow
+        # all the requests' images in the batch: mirrors[i] is request i's mirror's place.
+        mirrors: dict[int, int] = {}
+        if self.config.detection_flip:
+            detecting = [i for i, r in enumerate(results) if DetectionCodec.name in r.tasks]
+            mirrors = {i: len(requests) + k for k, i in enumerate(detecting)}
+        views = [*requests, *(mirrored(requests[i]) for i in mirrors)]
         memory, contexts = self.encode(views, stage, len(requests))
         contexts = contexts[: len(requests)]  # a mirror image has its original's geometry
         for result, context in zip(results, contexts, strict=True):
             result.image_size = context.image_size
-        BatchRun(self, requests, results, memory, contexts, stage, flip).run()
+        BatchRun(self, requests, results, memory, contexts, stage, mirrors).run()
         return results
 
     def encode(
@@ -185,8 +191,9 @@ def mirrored(request: Request) -> Request:
 
 
 class BatchRun:
-    """One batch's decoding, in rounds (see the module docstring). flip: the memory also
-    holds each request's mirror image, after all the requests' images (`detection_flip`)."""
+    """One batch's decoding, in rounds (see the module docstring). mirrors: where the memory
+    holds the mirror image of each request that has one (`detection_flip`), after all the
+    requests' images."""
 
     def __init__(
         self,
@@ -196,11 +203,11 @@ class BatchRun:
         memory: Any,
         contexts: list[DecodeContext],
         stage: Stopwatch,
-        flip: bool = False,
+        mirrors: dict[int, int] | None = None,
     ) -> None:
         self.pipeline, self.requests, self.results = pipeline, requests, results
         self.memory, self.contexts, self.stage = memory, contexts, stage
-        self.flip = flip
+        self.mirrors = mirrors or {}
         self.groups: list[TaskGroup] = []
         self.open = set(range(len(requests)))  # neither finished nor cancelled
 
@@ -249,7 +256,7 @@ class BatchRun:
             else:
                 prompts = codec.prompts(len(images))
                 group = self.group(codec, schedule, images, prompts, early_stop)
-                if self.flip and codec.name == DetectionCodec.name:  # the mirror images too
+                if self.mirrors and codec.name == DetectionCodec.name:  # the mirror images too
                     mirror = self.group(codec, schedule, images, prompts, early_stop, True)
                     groups.append(mirror)
             if group is not None:
@@ -289,7 +296,7 @@ class BatchRun:
     ) -> TaskGroup:
         """The sequences `prompts` of the images `owners` (mirror: of their mirror images)."""
         device = self.pipeline.device
-        images = [i + len(self.requests) for i in owners] if mirror else owners
+        images = [self.mirrors[i] for i in owners] if mirror else owners
         steps = refinement(
             self.pipeline.runner,
             self.memory,
@@ -331,7 +338,7 @@ class BatchRun:
         """The later tasks decode on the images alone: with the mirror images left in the
         memory, every pass would attend over twice the images it needs."""
         runner = self.pipeline.runner
-        if self.flip and isinstance(runner, SplitsMemory):
+        if self.mirrors and isinstance(runner, SplitsMemory):
             self.memory = runner.join_memory(runner.split_memory(self.memory)[: len(self.requests)])
 
     def keep(self, i: int, task: str, output: Any) -> Any:

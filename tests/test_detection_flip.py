@@ -101,10 +101,20 @@ def test_both_views_are_encoded_at_once_and_timed_as_one_request(micro_model):
     start = flipping.codecs["detection"].vocab_slice()[0]
     assert [rows for first, rows in runner.decodes if first == start] == [2, 2]  # two views
     assert seen.count(("detection", 2)) == 1  # the two views' passes timed as one
-    # Without detection, no mirror image is encoded.
+    # Without detection, no mirror image is encoded; beside a request with detection, its
+    # own image alone, and its caption is the one it gets alone.
     runner.encoded = 0
-    pipeline([Request(images[0], ("caption",))])
+    alone = pipeline([Request(images[0], ("caption",))])[0]
     assert runner.encoded == 1
+    runner.encoded = 0
+    detect = Request(images[1], ("detection",), score_threshold=0.0)
+    mixed = pipeline([Request(images[0], ("caption",)), detect])
+    assert runner.encoded == 3
+    assert mixed[0].caption == alone.caption
+    assert mixed[1].detections is not None and len(mixed[1].detections) > 0
+    single = pipeline([detect])[0]
+    assert single.detections is not None
+    torch.testing.assert_close(mixed[1].detections.boxes, single.detections.boxes)
 
 
 def test_the_feature_cache_keeps_both_views(micro_model):
