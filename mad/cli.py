@@ -283,6 +283,17 @@ def decoding_options(mad: MAD) -> list[str]:
     return list(dict.fromkeys(o for c in mad.codecs.values() for o in c.decoding_options))
 
 
+def require_decoding_options(mad: MAD, names: list[str], hint: str) -> None:
+    """A usage error (for option `hint`) unless every name is a decoding option of the model."""
+    known = decoding_options(mad)
+    for name in names:
+        if name not in known:
+            raise typer.BadParameter(
+                f"{name} is not a decoding option of this model (one of {', '.join(known)})",
+                param_hint=hint,
+            )
+
+
 def set_decoding(mad: MAD, items: list[str]) -> None:
     """--decoding KEY=VALUE items -> set on mad.config (the codecs read it), or a usage error:
     a key that is no decoding option of the model's tasks, or a value the config refuses."""
@@ -290,13 +301,7 @@ def set_decoding(mad: MAD, items: list[str]) -> None:
         overrides = config_overrides(items)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--decoding") from None
-    known = decoding_options(mad)
-    for option in overrides:
-        if option not in known:
-            raise typer.BadParameter(
-                f"{option} is not a decoding option of this model (one of {', '.join(known)})",
-                param_hint="--decoding",
-            )
+    require_decoding_options(mad, list(overrides), "--decoding")
     try:
         dataclasses.replace(mad.config, **overrides)  # its checks, before the model changes
     except ValueError as exc:
@@ -391,13 +396,7 @@ def tune_command(
     task_names = tuple(t for t in task_names if t not in unscored)
     if options and not decoding:
         raise typer.BadParameter("only with --decoding", param_hint="--option")
-    for option in options:
-        if option not in decoding_options(mad):
-            known = ", ".join(decoding_options(mad))
-            raise typer.BadParameter(
-                f"{option} is not a decoding option of this model (one of {known})",
-                param_hint="--option",
-            )
+    require_decoding_options(mad, options, "--option")
     if decoding:
         tune_decoding_command(
             mad, checkpoint, data, split, task_names, limit, device, tolerance, write, options

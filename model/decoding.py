@@ -181,9 +181,9 @@ def refinement(
     each.active &= state.active.repeat_interleave(n)  # the caller's stops
     for _ in loop:
         refining = state.active.nonzero().flatten()  # a chosen sequence keeps its choice
-        rows = (refining.unsqueeze(1) * n + torch.arange(n)).flatten()
         on_device = refining.to(state.logits.device)
-        state.logits[on_device] = best_candidates(codec, each.logits[rows.to(on_device.device)], n)
+        rows = candidate_rows(on_device, n)
+        state.logits[on_device] = best_candidates(codec, each.logits[rows], n)
         state.passes[refining] = each.passes.view(S, n)[refining].max(1).values
         done = refining[~each.active.view(S, n)[refining].any(1)]
         state.active[done] = False
@@ -292,6 +292,17 @@ def decoder_passes(codec: TaskCodec, ratios: list[float]) -> int:
     return 1 + steps + (closing_passes(codec) if steps else 0)
 
 
+def candidate_rows(sequences: torch.Tensor, n: int) -> torch.Tensor:
+    """sequences [D] -> [D * n] the rows of their n candidates each (sequence s's: s * n ...)."""
+    return (sequences.unsqueeze(1) * n + torch.arange(n, device=sequences.device)).flatten()
+
+
+def best_rows(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """scores [D * n] of n candidates per sequence -> [D] the row of each one's best."""
+    by_sequence = scores.view(-1, n)
+    return by_sequence.argmax(1) + torch.arange(len(by_sequence), device=scores.device) * n
+
+
 def scored_mean(codec: TaskCodec, values: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """values [R, L] -> [R] their mean over the codec's scored positions of `predicted`."""
     counted = codec.scored_positions(predicted)
@@ -307,9 +318,7 @@ def candidate_likelihood(codec: TaskCodec, logits: torch.Tensor) -> torch.Tensor
 
 def best_candidates(codec: TaskCodec, logits: torch.Tensor, n: int) -> torch.Tensor:
     """logits [S * n, L, V] of n candidates per sequence -> [S, L, V] the likeliest's."""
-    likelihood = candidate_likelihood(codec, logits).view(-1, n)
-    chosen = likelihood.argmax(1) + torch.arange(len(likelihood), device=logits.device) * n
-    return logits[chosen]
+    return logits[best_rows(candidate_likelihood(codec, logits), n)]
 
 
 # The read-back's groups: each position is masked in one of them, all read in one pass (2
@@ -338,13 +347,11 @@ class CandidateCheck(Generic[Memory]):
         of its tokens as predicted and read back (`read_back`). One more pass each."""
         n, codec = self.n, self.codec
         sequences = done.to(candidates.device)
-        rows = (sequences.unsqueeze(1) * n + torch.arange(n, device=sequences.device)).flatten()
-        logits = candidates[rows]
+        logits = candidates[candidate_rows(sequences, n)]
         predicted = logits.argmax(-1)
         read = self.read_back(sequences.repeat_interleave(n), predicted)
         score = candidate_likelihood(codec, logits) + scored_mean(codec, read, predicted)
-        chosen = score.view(-1, n).argmax(1) + torch.arange(len(sequences), device=rows.device) * n
-        state.logits[sequences] = logits[chosen]
+        state.logits[sequences] = logits[best_rows(score, n)]
         state.passes[done] += 1
 
     def read_back(self, sequences: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ only on the machine they were measured on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -59,16 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     mad, _ = load_checkpoint(args.checkpoint)
     tasks = tuple(mad.config.tasks)
     image = synthetic_image(mad.config.image_size, seed=7)
-    base = dataclasses.asdict(mad.config)
+    own_flip, own_candidates = mad.config.detection_flip, mad.config.caption_candidates
+    pipeline = Pipeline(mad, EagerRunner(mad.required_network()))  # reads mad.config per call
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for variant in variants(args.one_candidate_steps):
             flip, candidates = variant.detection_flip, variant.caption_candidates
-            mad.config.detection_flip = base["detection_flip"] if flip is None else flip
-            mad.config.caption_candidates = (
-                base["caption_candidates"] if candidates is None else candidates
-            )
-            pipeline = Pipeline(mad, EagerRunner(mad.required_network()))
+            mad.config.detection_flip = own_flip if flip is None else flip
+            mad.config.caption_candidates = own_candidates if candidates is None else candidates
             steps = {} if variant.caption_steps is None else {"caption": variant.caption_steps}
             request = Request(image, tasks, steps)
             pipeline([request])  # warm

@@ -258,7 +258,7 @@ class DetectionCodec(TaskCodec):
             weights[:, :1] * original.boxes[pair] + weights[:, 1:] * mirrored[partner[pair]]
         )
         fused_scores = original.scores * FLIP_ALONE
-        fused_scores[pair] = (a + b) / 2
+        fused_scores[pair] = total / 2
         boxes = torch.cat([fused, mirrored[~taken]])
         scores = torch.cat([fused_scores, flipped.scores[~taken] * FLIP_ALONE])
         labels = torch.cat([original.labels, flipped.labels[~taken]])
