@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from model.config import FLIP_OPTIONS
 from model.decoding import VERIFY_GROUPS
 from model.startup import StartupError
 from runtime.manifest import read_manifest, write_manifest
@@ -46,10 +47,11 @@ class Profile:
 
     def resolved(self, model: dict[str, Any]) -> Profile:
         """Zeros replaced by their defaults for this model (the manifest's "model" entry); a
-        model that detects on mirror images too (`detection_flip`) encodes two images per
+        model that decodes on mirror images too (`FLIP_OPTIONS`) encodes two images per
         request, so its encoder batches are twice the requests'."""
         canvas, slots = model["image_size"], model["num_slots"]
-        views = 2 if model.get("detection_flip") else 1  # fused, up to 2 x slots detections
+        views = 2 if any(model.get(option) for option in FLIP_OPTIONS) else 1
+        # Up to 2 x slots fused detections per image; each view's group decodes apart.
         images = self.max_batch * views
         per_image = max(slots * views, model.get("caption_candidates", 1) * VERIFY_GROUPS)
         max_sequences = self.max_sequences or self.max_batch * per_image

@@ -35,6 +35,18 @@ COCO_KEYPOINT_NAMES = [
     "left_ankle",
     "right_ankle",
 ]
+
+
+def flip_pairs_from_names(keypoint_names: list[str]) -> list[tuple[int, int]]:
+    """Index pairs ("left_x", "right_x") that swap when the image is mirrored."""
+    index = {name: i for i, name in enumerate(keypoint_names)}
+    return [
+        (i, index["right_" + name[5:]])
+        for i, name in enumerate(keypoint_names)
+        if name.startswith("left_") and "right_" + name[5:] in index
+    ]
+
+
 # COCO's skeleton, as 0-based index pairs.
 COCO_SKELETON = [
     (15, 13),
@@ -173,8 +185,12 @@ TRAINING_AND_DECODING_FIELDS = (
     "mask_scoring",
     "caption_candidates",
     "detection_flip",
+    "segmentation_flip",
+    "keypoints_flip",
     "schedules",
 )
+# The options that decode a task on each image's mirror image too (one more encoder image).
+FLIP_OPTIONS = ("detection_flip", "segmentation_flip", "keypoints_flip")
 POSITIVE_FIELDS = (
     "d_model",
     "n_heads",
@@ -265,6 +281,10 @@ class ModelConfig:
     # Detection also decodes the image's mirror image (one more encoder and detection pass)
     # and fuses the two views' boxes (DetectionCodec.fuse_flipped; False: one view).
     detection_flip: bool = False
+    # Masks and keypoints also decode on the image's mirror image, prompted by the mirrored
+    # boxes, and average the two views' probabilities (TaskCodec.from_mirror; False: one view).
+    segmentation_flip: bool = False
+    keypoints_flip: bool = False
     # Captions refined apart per image (each re-masking its own random positions), of which
     # the one the model finds most likely is kept (model.decoding; 1: the reference's one).
     caption_candidates: int = 1
@@ -325,6 +345,11 @@ class ModelConfig:
     @property
     def num_keypoints(self) -> int:
         return len(self.keypoint_names)
+
+    @property
+    def reads_mirror_images(self) -> bool:
+        """Whether any task decodes on the images' mirror images too (`FLIP_OPTIONS`)."""
+        return any(getattr(self, option) for option in FLIP_OPTIONS)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -9,10 +9,12 @@ the codec applies to. Detection comes first and runs its whole schedule, so its 
 (each request's score threshold and max count) prompt the tasks after it and no decoding is
 paid for objects nobody will see. Detection is the one task the pipeline names, as the
 provider of those prompts (and Result has typed views of the built-in tasks' outputs);
-everything else comes from the codecs. With the config's `detection_flip`, the mirror images
-of the requests that run detection are encoded in the same batch, detection runs on them too,
-each image's two views are fused (`DetectionCodec.fuse_flipped`), and the mirror images leave
-the memory before the later tasks run.
+everything else comes from the codecs. With a task's flip option (`reads_mirror_image`), the
+mirror images of the requests that run it are encoded in the same batch and the task decodes
+on them too: detection fuses each image's two sets of boxes (`DetectionCodec.fuse_flipped`); a
+task prompted by detections runs its sequences again on the mirror image, prompted by the
+mirrored boxes, and averages the two views' probabilities (`TaskCodec.fuse_mirror`). The mirror
+images leave the memory once the last task that reads them has started.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -118,12 +120,14 @@ class Pipeline(Generic[Memory]):
         start = time.perf_counter()
         stage = Stopwatch(self.device, start)
         results = [Result((0, 0), self.mad.tasks_to_run(r.tasks)) for r in requests]
-        # With detection_flip, the mirror images of the requests that run detection follow
-        # all the requests' images in the batch: mirrors[i] is request i's mirror's place.
-        mirrors: dict[int, int] = {}
-        if self.config.detection_flip:
-            detecting = [i for i, r in enumerate(results) if DetectionCodec.name in r.tasks]
-            mirrors = {i: len(requests) + k for k, i in enumerate(detecting)}
+        # The mirror images of the requests that run a task reading them follow all the
+        # requests' images in the batch: mirrors[i] is request i's mirror's place.
+        reading = [
+            i
+            for i, result in enumerate(results)
+            if any(self.codecs[task].reads_mirror_image for task in result.tasks)
+        ]
+        mirrors = {i: len(requests) + k for k, i in enumerate(reading)}
         views = [*requests, *(mirrored(requests[i]) for i in mirrors)]
         memory, contexts = self.encode(views, stage, len(requests))
         contexts = contexts[: len(requests)]  # a mirror image has its original's geometry
@@ -183,7 +187,8 @@ class Pipeline(Generic[Memory]):
 
 
 def mirrored(request: Request) -> Request:
-    """A request's image mirrored left to right (`detection_flip`), cached under its own key."""
+    """A request's image mirrored left to right (`reads_mirror_image`), cached under its own
+    key."""
     key = f"{request.image_key}/mirrored" if request.image_key else None
     return dataclasses.replace(
         request, image=request.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), image_key=key
@@ -192,7 +197,7 @@ def mirrored(request: Request) -> Request:
 
 class BatchRun:
     """One batch's decoding, in rounds (see the module docstring). mirrors: where the memory
-    holds the mirror image of each request that has one (`detection_flip`), after all the
+    holds the mirror image of each request that has one (`reads_mirror_image`), after all the
     requests' images."""
 
     def __init__(
@@ -212,19 +217,21 @@ class BatchRun:
         self.open = set(range(len(requests)))  # neither finished nor cancelled
 
     def run(self) -> None:
-        for task, codec in self.pipeline.codecs.items():  # the draft, in model order
+        codecs = self.pipeline.codecs
+        mirrored = [task for task, codec in codecs.items() if codec.reads_mirror_image]
+        for task, codec in codecs.items():  # the draft, in model order
             self.drop_cancelled()
             asked = [i for i in sorted(self.open) if task in self.results[i].tasks]
-            if not asked:
-                continue
-            groups = self.start(codec, asked)
-            self.stage.lap(task)  # building its prompts (a task with none still has a stage)
-            for group in groups:
-                self.advance(group)
-            if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now
-                while any([self.advance(group) for group in groups]):
-                    pass
-                self.set_detections(groups)
+            if asked:
+                groups = self.start(codec, asked)
+                self.stage.lap(task)  # building its prompts (a task with none still has one)
+                for group in groups:
+                    self.advance(group)
+                if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now
+                    while any([self.advance(group) for group in groups]):
+                        pass
+                    self.set_detections(groups)
+            if mirrored and task == mirrored[-1]:  # its groups hold the memory they need
                 self.drop_mirror_images()
         self.finish_ready()
         self.report(0)
@@ -253,10 +260,13 @@ class BatchRun:
         for (schedule, early_stop), images in by_schedule.items():
             if codec.prompted_by_detections:
                 group = self.prompted_group(codec, schedule, images, early_stop)
+                if group is not None and codec.reads_mirror_image:  # the mirror images too
+                    group.partner = self.mirror_group(group, early_stop)
+                    groups.append(group.partner)
             else:
                 prompts = codec.prompts(len(images))
                 group = self.group(codec, schedule, images, prompts, early_stop)
-                if self.mirrors and codec.name == DetectionCodec.name:  # the mirror images too
+                if codec.reads_mirror_image:  # the mirror images too: fused in set_detections
                     mirror = self.group(codec, schedule, images, prompts, early_stop, True)
                     groups.append(mirror)
             if group is not None:
@@ -284,6 +294,23 @@ class BatchRun:
         group = self.group(codec, schedule, owners, codec.prompts(tokens), early_stop)
         group.which, group.boxes = which, boxes
         return group
+
+    def mirror_group(self, group: TaskGroup, early_stop: bool) -> TaskGroup:
+        """A prompted group's sequences on the mirror images, prompted by the mirrored
+        detections (its partner: TaskGroup.decode fuses the two)."""
+        detection = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
+        mirrored = {
+            i: detection.mirror(self.results[i].required_detections(), self.contexts[i])
+            for i in set(group.owners)
+        }
+        assert group.which is not None
+        tokens = torch.stack(
+            [mirrored[i].tokens[j] for i, j in zip(group.owners, group.which, strict=True)]
+        )
+        prompts = group.codec.prompts(tokens)
+        mirror = self.group(group.codec, group.schedule, group.owners, prompts, early_stop, True)
+        mirror.which, mirror.boxes = group.which, group.boxes
+        return mirror
 
     def group(
         self,
@@ -336,7 +363,8 @@ class BatchRun:
 
     def drop_mirror_images(self) -> None:
         """The later tasks decode on the images alone: with the mirror images left in the
-        memory, every pass would attend over twice the images it needs."""
+        memory, every pass would attend over twice the images it needs (the groups that read
+        them keep the memory they started with)."""
         runner = self.pipeline.runner
         if self.mirrors and isinstance(runner, SplitsMemory):
             self.memory = runner.join_memory(runner.split_memory(self.memory)[: len(self.requests)])
@@ -351,8 +379,8 @@ class BatchRun:
     def outputs(self, i: int, into: Result) -> None:
         """Request i's outputs, from its groups' logits as they stand, into `into`."""
         for group in self.groups:
-            if group.task == DetectionCodec.name:
-                continue  # set once, before the tasks it prompts
+            if group.task == DetectionCodec.name or group.mirror:
+                continue  # set once, before the tasks it prompts; fused into its partner
             decoded = group.decoded(i, self.contexts)
             self.stage.lap(group.task)  # decoding a task's outputs is that task's time
             if not decoded:

@@ -24,7 +24,8 @@ Schedule = tuple[float, ...]  # mask ratios of the refinement steps
 @dataclass
 class TaskGroup:
     """owners[s]: the batch index of sequence s's image; which[s]: the detection that prompts
-    it (tasks prompted by detections, else None); boxes[s]: that detection's pixel box."""
+    it (tasks prompted by detections, else None); boxes[s]: that detection's pixel box. A
+    partner's sequences are this group's, in the same order."""
 
     codec: TaskCodec
     schedule: Schedule
@@ -33,7 +34,10 @@ class TaskGroup:
     steps: Iterator[Decoding]
     which: list[int] | None = None
     boxes: list[torch.Tensor] | None = None
-    mirror: bool = False  # the sequences of the owners' mirror images (`detection_flip`)
+    mirror: bool = False  # the sequences of the owners' mirror images (`reads_mirror_image`)
+    # A prompted task's same sequences on the mirror images, fused into this group's outputs
+    # (TaskCodec.fuse_mirror).
+    partner: TaskGroup | None = None
     state: Decoding | None = None
     _rows: dict[int, torch.Tensor] = field(default_factory=dict)
     _settled: dict[int, list[tuple[int, int | None, Any]]] = field(default_factory=dict)
@@ -70,6 +74,8 @@ class TaskGroup:
 
     def refining(self, image: int) -> bool:
         """Whether passes are still to come for any of `image`'s sequences."""
+        if self.partner is not None and self.partner.refining(image):
+            return True
         rows = self.rows(image)
         return self.state is None or bool(len(rows) and self.state.active[rows].any())
 
@@ -112,9 +118,11 @@ class TaskGroup:
         order = rows.tolist()
         logits = self.state.logits[rows.to(self.state.logits.device)].cpu()
         owners = [self.owners[s] for s in order]
+        seen = [contexts[i] for i in owners]
+        if self.partner is not None and self.partner.state is not None:
+            mirror = self.partner.state.logits
+            logits = self.codec.fuse_mirror(logits, mirror[rows.to(mirror.device)].cpu(), seen)
         kwargs = {} if self.boxes is None else {"boxes": [self.boxes[s] for s in order]}
-        outputs = self.codec.decode(
-            logits, self.prompts[rows], [contexts[i] for i in owners], **kwargs
-        )
+        outputs = self.codec.decode(logits, self.prompts[rows], seen, **kwargs)
         which = [None] * len(order) if self.which is None else [self.which[s] for s in order]
         return list(zip(owners, which, outputs, strict=True))

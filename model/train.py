@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
 from model.checkpoint import MAD, WEIGHTS, save_checkpoint
+from model.config import flip_pairs_from_names
 from model.data.batching import (
     CanvasCollate,
     SeededDataset,
@@ -30,7 +31,7 @@ from model.data.batching import (
     transposed_images,
 )
 from model.data.coco import CocoMultiTaskDataset
-from model.data.transforms import flip_pairs_from_names, training_transforms
+from model.data.transforms import training_transforms
 from model.losses import TaskLosses, masked_training_losses, weighted_total
 from model.lr_schedule import DeadlinePace, resumed_scheduler
 from model.network import MADNetwork

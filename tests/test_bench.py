@@ -235,6 +235,11 @@ def test_the_decoding_cost_bench_times_each_variant(micro_checkpoint, capsys):
 
     main(["--checkpoint", str(micro_checkpoint), "--repeats", "1", "--rounds", "1"])
     out = capsys.readouterr().out
-    for name in ("as the checkpoint sets", "one detection view", "one view, one caption"):
+    for name in (
+        "as the checkpoint sets",
+        "mirror image for detection alone",
+        "one view",
+        "one view, one caption",
+    ):
         assert name in out
-    assert out.count("median") == 3
+    assert out.count("median") == 4

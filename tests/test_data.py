@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+from model.config import flip_pairs_from_names
 from model.data.coco import CocoMultiTaskDataset
 from model.data.synth import CATEGORIES, KEYPOINT_NAMES, write_synthetic_dataset
 from model.data.transforms import (
@@ -21,7 +22,6 @@ from model.data.transforms import (
     RandomResize,
     build_transforms,
     crop,
-    flip_pairs_from_names,
 )
 
 # pycocotools' decode trips a numpy 2 deprecation warning on every call.

@@ -32,6 +32,8 @@ def test_profile_defaults_follow_the_model():
     # A model that also detects on mirror images encodes two images per request.
     flipping = {**tiny, "detection_flip": True}
     assert Profile(max_batch=4).resolved(flipping).max_batch == 8
+    masks_flipping = {**tiny, "segmentation_flip": True}  # masks alone read them too
+    assert Profile(max_batch=4).resolved(masks_flipping).max_batch == 8
     assert Profile(max_batch=4).resolved(tiny).max_batch == 4
 
 

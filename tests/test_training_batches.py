@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from model.config import flip_pairs_from_names
 from model.data.batching import (
     CanvasCollate,
     SeededDataset,
@@ -16,7 +17,7 @@ from model.data.batching import (
     sequence_generator,
 )
 from model.data.coco import CocoMultiTaskDataset
-from model.data.transforms import flip_pairs_from_names, training_transforms
+from model.data.transforms import training_transforms
 
 
 def _flat(batch: TrainingBatch) -> dict[str, torch.Tensor]:

@@ -151,8 +151,8 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
     micro_model, monkeypatch
 ):
     """Scores as a function of the options: windows help up to 2, box confidence 0.5 helps by
-    less than the tolerance, a 0.4 mask threshold by more, mask scores not at all; caption
-    candidates up to 4, scored apart by the caption's metric."""
+    less than the tolerance, a 0.4 mask threshold by more, mask scores not at all, masks on
+    the mirror image too; caption candidates up to 4, scored apart by the caption's metric."""
     config = dataclasses.replace(micro_model.config, coordinate_window=0)
     mad = MAD.build(config, micro_model.tokenizer)  # its own config: the shared model's is kept
     calls = []
@@ -170,11 +170,15 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
                 c.detection_flip,
                 c.mask_threshold,
                 c.mask_scoring,
+                c.segmentation_flip,
+                c.keypoints_flip,
             )
         )
         return {
             "bbox_AP": 0.5 + 0.03 * min(c.coordinate_window, 2) + 0.002 * c.box_confidence_exponent,
-            "segm_AP": 0.3 + (0.03 if c.mask_threshold == 0.4 else 0.0),
+            "segm_AP": 0.3
+            + (0.03 if c.mask_threshold == 0.4 else 0.0)
+            + (0.02 if c.segmentation_flip else 0.0),
             "keypoints_AP": 0.2,
         }
 
@@ -187,10 +191,13 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
         "detection_flip": False,  # no gain here
         "mask_threshold": 0.4,
         "mask_scoring": False,
+        "segmentation_flip": True,
+        "keypoints_flip": False,
         "caption_candidates": 4,  # 8 ties with 4
     }
     one_pass = ["coordinate_window"] * 5 + ["box_confidence_exponent"] * 3
     one_pass += ["detection_flip"] * 2 + ["mask_threshold"] * 4 + ["mask_scoring"] * 2
+    one_pass += ["segmentation_flip"] * 2 + ["keypoints_flip"] * 2
     # The first pass changed options, the second nothing: two passes; one for a lone option.
     assert [t.option for t in trials] == one_pass * 2 + ["caption_candidates"] * 4
     assert {t.metric for t in trials if t.option == "caption_candidates"} == {
@@ -228,6 +235,8 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
         "detection_flip",
         "mask_threshold",
         "mask_scoring",
+        "segmentation_flip",
+        "keypoints_flip",
     )
     assert set(record) == {*record_options, "caption_candidates"}
     for option in record_options:

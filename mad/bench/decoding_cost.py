@@ -1,7 +1,8 @@
 """What a checkpoint's decoding options cost: one all-task request, timed in process, with the
-options as the checkpoint sets them, with one detection view (`detection_flip` off), and
-with that and one caption candidate refined as many steps as its schedule had before the
-candidates (the reference's decoding of these two).
+options as the checkpoint sets them, with the mirror image read by detection alone
+(`segmentation_flip` and `keypoints_flip` off), with one view (every flip option off), and
+with one view and one caption candidate refined as many steps as its schedule had before the
+candidates (the reference's decoding of these).
 
     python -m mad.bench.decoding_cost [--checkpoint checkpoints/mad-tiny] [--repeats 7]
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
+from model.config import FLIP_OPTIONS
 from model.inference_io import Request
 from model.pipeline import Pipeline
 from model.runner import EagerRunner
@@ -27,19 +30,27 @@ from model.runner import EagerRunner
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to decode: the options it changes (None: the checkpoint's)."""
+    """One way to decode: the config options it changes (the rest: the checkpoint's)."""
 
     name: str
-    detection_flip: bool | None = None
-    caption_candidates: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     caption_steps: int | None = None  # None: the checkpoint's schedule
 
 
 def variants(one_candidate_steps: int) -> list[Variant]:
+    one_view = dict.fromkeys(FLIP_OPTIONS, False)
     return [
         Variant("as the checkpoint sets"),
-        Variant("one detection view", detection_flip=False),
-        Variant("one view, one caption candidate", False, 1, one_candidate_steps),
+        Variant(
+            "mirror image for detection alone",
+            {"segmentation_flip": False, "keypoints_flip": False},
+        ),
+        Variant("one view", one_view),
+        Variant(
+            "one view, one caption candidate",
+            {**one_view, "caption_candidates": 1},
+            one_candidate_steps,
+        ),
     ]
 
 
@@ -58,14 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     mad, _ = load_checkpoint(args.checkpoint)
     tasks = tuple(mad.config.tasks)
     image = synthetic_image(mad.config.image_size, seed=7)
-    own_flip, own_candidates = mad.config.detection_flip, mad.config.caption_candidates
+    changed = {option for variant in variants(0) for option in variant.options}
+    own = {option: getattr(mad.config, option) for option in changed}
     pipeline = Pipeline(mad, EagerRunner(mad.required_network()))  # reads mad.config per call
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for variant in variants(args.one_candidate_steps):
-            flip, candidates = variant.detection_flip, variant.caption_candidates
-            mad.config.detection_flip = own_flip if flip is None else flip
-            mad.config.caption_candidates = own_candidates if candidates is None else candidates
+            for option, value in {**own, **variant.options}.items():
+                setattr(mad.config, option, value)
             steps = {} if variant.caption_steps is None else {"caption": variant.caption_steps}
             request = Request(image, tasks, steps)
             pipeline([request])  # warm

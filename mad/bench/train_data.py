@@ -21,6 +21,7 @@ import torch
 
 from mad.bench.stats import summarize
 from model.checkpoint import load_checkpoint
+from model.config import flip_pairs_from_names
 from model.data.batching import (
     CanvasCollate,
     SeededDataset,
@@ -29,7 +30,7 @@ from model.data.batching import (
     transposed_images,
 )
 from model.data.coco import CocoMultiTaskDataset
-from model.data.transforms import flip_pairs_from_names, training_transforms
+from model.data.transforms import training_transforms
 from model.stopwatch import Stopwatch
 
 PARTS = ("load", "canvas", "sequences")

@@ -292,6 +292,28 @@ class TaskCodec:
         answer (by default all)."""
         return torch.ones_like(predicted, dtype=torch.bool)
 
+    @property
+    def reads_mirror_image(self) -> bool:
+        """Whether this task also decodes on each image's mirror image (its `<task>_flip`
+        option, config.FLIP_OPTIONS). A task prompted by detections then fuses the two views
+        by `fuse_mirror`; detection fuses its own sets of boxes (`fuse_flipped`)."""
+        return False
+
+    def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
+        """probs [S, body_len, V_slice] of sequences decoded on the mirror images (prompted
+        by the mirrored detections) -> the same beliefs about the images themselves."""
+        raise NotImplementedError(f"{self.name} does not read mirror images")
+
+    def fuse_mirror(
+        self, logits: torch.Tensor, mirror_logits: torch.Tensor, contexts: list[DecodeContext]
+    ) -> torch.Tensor:
+        """Two views' logits [S, body_len, V_slice] of the same sequences -> the log of the
+        mean of their probabilities (the mirror's read on the image: `from_mirror`), which
+        `decode` reads like any logits (flip testing, as pose estimators average heatmaps)."""
+        probs = logits.float().softmax(-1)
+        mirrored = self.from_mirror(mirror_logits.float().softmax(-1), contexts)
+        return ((probs + mirrored) / 2).clamp(min=1e-12).log()
+
     def decode(
         self,
         logits: torch.Tensor,

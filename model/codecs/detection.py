@@ -66,6 +66,14 @@ class Detections:
         )
 
 
+def mirror_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, 4] xyxy pixel boxes of an image `width` pixels wide -> the same on its mirror image
+    (and back: mirroring is its own inverse)."""
+    return boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor(
+        [width, 0.0, width, 0.0]
+    )
+
+
 def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
     """[n, 4] plausible random boxes (normalised xyxy) used as detection noise."""
     centre = torch.rand(n, 2, generator=generator)
@@ -88,6 +96,10 @@ class DetectionCodec(TaskCodec):
     @property
     def prompt_len(self) -> int:
         return len(self.vocab.detection_prompt)
+
+    @property
+    def reads_mirror_image(self) -> bool:
+        return self.config.detection_flip
 
     @property
     def body_len(self) -> int:
@@ -235,9 +247,7 @@ class DetectionCodec(TaskCodec):
         one it overlaps (IoU >= FLIP_MATCH_IOU; the most overlapping, in score order) becomes
         their score-weighted mean, scored the two scores' mean; a box one view alone found
         keeps its place at FLIP_ALONE times its score (weighted box fusion over two views)."""
-        width = context.image_size[1]
-        mirrored = flipped.boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0])
-        mirrored += torch.tensor([width, 0.0, width, 0.0])
+        mirrored = mirror_boxes(flipped.boxes, context.image_size[1])
         overlap = box_iou(original.boxes, mirrored)
         overlap[original.labels[:, None] != flipped.labels[None, :]] = 0.0
         partner = torch.full((len(original),), -1)
@@ -263,7 +273,23 @@ class DetectionCodec(TaskCodec):
         scores = torch.cat([fused_scores, flipped.scores[~taken] * FLIP_ALONE])
         labels = torch.cat([original.labels, flipped.labels[~taken]])
         order = scores.argsort(descending=True)
-        boxes, scores, labels = boxes[order], scores[order], labels[order]
+        return self.detections(boxes[order], scores[order], labels[order], context)
+
+    def mirror(self, detections: Detections, context: DecodeContext) -> Detections:
+        """An image's detections as they lie on its mirror image, tokens and all (what prompts
+        the tasks that read mirror images, `reads_mirror_image`)."""
+        boxes = mirror_boxes(detections.boxes, context.image_size[1])
+        return self.detections(boxes, detections.scores, detections.labels, context)
+
+    def detections(
+        self,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        context: DecodeContext,
+    ) -> Detections:
+        """Pixel boxes [N, 4], scores and labels -> Detections with their canvas boxes and
+        tokens."""
         normalised = context.to_canvas(boxes).clamp(0, 1)
         tokens = torch.cat(
             [box_tokens(self.vocab, normalised), self.vocab.class_token(labels).unsqueeze(1)], 1

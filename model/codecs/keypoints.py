@@ -9,7 +9,7 @@ keypoint AP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -22,6 +22,7 @@ from model.codecs.base import (
     box_tokens,
     register_codec,
 )
+from model.config import flip_pairs_from_names
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
@@ -35,11 +36,44 @@ class KeypointCodec(TaskCodec):
     output_field = "keypoints"
     metrics = ("keypoints_AP",)
 
+    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {"keypoints_flip": (False, True)}
+
     prompt_len = 6
 
     @property
     def body_len(self) -> int:
         return self.config.num_keypoints * 3
+
+    @property
+    def reads_mirror_image(self) -> bool:
+        return self.config.keypoints_flip
+
+    def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
+        """Left and right joints swap places, and each x distribution is mirrored about the
+        image: keypoints are pixel indices (model.data.transforms), so pixel x on the mirror
+        image is W - 1 - x on the image, and bin k's centre (k + 0.5) / n on the canvas maps
+        to the fractional bin n * a - 1 - k, a = (W - 1) * scale / canvas width; its
+        probability is split between the two bins around that (linearly), past the edges onto
+        the edge bins."""
+        K, n = self.config.num_keypoints, self.vocab.num_bins
+        order = list(range(K))
+        for left, right in flip_pairs_from_names(self.config.keypoint_names):
+            order[left], order[right] = right, left
+        probs = probs.reshape(len(probs), K, 3, -1)[:, order]
+        x = probs[:, :, 0, : n + 1]  # [S, K, n + 1] over the coordinate bins
+        last_pixels = [torch.tensor([ctx.image_size[1] - 1.0, 0.0]) for ctx in contexts]
+        spans = torch.stack([c.to_canvas(p)[0] for c, p in zip(contexts, last_pixels, strict=True)])
+        target = (n * spans - 1)[:, None] - torch.arange(n + 1.0)  # [S, n + 1] each bin's place
+        below = target.floor()
+        upper = target - below  # the share of the bin above
+        low = below.long().clamp(0, n)[:, None].expand_as(x)
+        high = (below.long() + 1).clamp(0, n)[:, None].expand_as(x)
+        mirrored = torch.zeros_like(x)
+        mirrored.scatter_add_(-1, low, x * (1 - upper)[:, None])
+        mirrored.scatter_add_(-1, high, x * upper[:, None])
+        probs = probs.clone()
+        probs[:, :, 0, : n + 1] = mirrored
+        return probs.reshape(len(probs), K * 3, -1)
 
     @property
     def person_label(self) -> int:

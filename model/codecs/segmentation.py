@@ -82,9 +82,20 @@ class SegmentationCodec(TaskCodec):
     decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
         "mask_threshold": (0.5, 0.3, 0.4, 0.6),
         "mask_scoring": (False, True),
+        "segmentation_flip": (False, True),
     }
 
     prompt_len = 6
+
+    @property
+    def reads_mirror_image(self) -> bool:
+        return self.config.segmentation_flip
+
+    def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
+        """A mask's grid lies in its box, and the mirrored box is the box: the grid's columns
+        reversed."""
+        m = self.config.mask_size
+        return probs.reshape(len(probs), m, m, -1).flip(2).reshape(probs.shape)
 
     @property
     def body_len(self) -> int:

@@ -9,7 +9,6 @@ from model.data.transforms import (
     RandomResize,
     ResizeLongest,
     build_transforms,
-    flip_pairs_from_names,
 )
 
 __all__ = [
@@ -20,6 +19,5 @@ __all__ = [
     "RandomResize",
     "ResizeLongest",
     "build_transforms",
-    "flip_pairs_from_names",
     "write_synthetic_dataset",
 ]

@@ -19,16 +19,6 @@ from torchvision.transforms.v2 import functional as F
 from model.config import ModelConfig
 
 
-def flip_pairs_from_names(keypoint_names: list[str]) -> list[tuple[int, int]]:
-    """Index pairs ("left_x", "right_x") to swap on a horizontal flip."""
-    index = {name: i for i, name in enumerate(keypoint_names)}
-    return [
-        (i, index["right_" + name[5:]])
-        for i, name in enumerate(keypoint_names)
-        if name.startswith("left_") and "right_" + name[5:] in index
-    ]
-
-
 def _image_size(image: torch.Tensor) -> tuple[int, int]:
     return int(image.shape[-2]), int(image.shape[-1])
 

@@ -1,0 +1,168 @@
+"""Masks and keypoints decoded on an image and its mirror image, the two views' probabilities
+averaged (`segmentation_flip`, `keypoints_flip`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+from model.checkpoint import MAD
+from model.codecs.base import DecodeContext
+from model.config import flip_pairs_from_names
+from model.decoding import masked_decode
+from model.inference_io import Request
+from model.pipeline import Pipeline
+from model.preprocess import decode_context, prepare_batch
+from tests.helpers import synthetic_images
+from tests.test_refinement import CountingRunner
+
+TASKS = ("detection", "segmentation", "keypoints")
+
+
+def with_options(micro_model, **options) -> MAD:
+    """The micro model with decoding options of its own (the codecs read its config)."""
+    config = dataclasses.replace(micro_model.config, **options)
+    codecs = {name: type(c)(config, c.vocab, c.tokenizer) for name, c in micro_model.codecs.items()}
+    return dataclasses.replace(micro_model, config=config, codecs=codecs)
+
+
+def one_hot_logits(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """[S, L] indices -> [S, L, width] logits all but certain of them."""
+    return torch.nn.functional.one_hot(indices, width).float() * 30.0
+
+
+# A letterboxed image: 150 x 100 pixels on a 96 x 96 canvas (scale 0.64, 64 canvas pixels
+# high, so x's canvas span is 0.64 * 149 / 96 of it: not a whole number of bins).
+CONTEXT = DecodeContext(canvas=(96, 96), scale=0.64, image_size=(100, 150))
+
+
+def test_keypoints_read_on_the_mirror_image_land_on_the_mirrored_joint(micro_model):
+    model = with_options(micro_model, coordinate_window=3)
+    codec = model.codecs["keypoints"]
+    K, n = model.config.num_keypoints, model.vocab.num_bins
+    width = codec.vocab_slice()[1] - codec.vocab_slice()[0]
+    # On the mirror image joint k sits at pixel x = 4 + 7k (y = 2k), visible for even k.
+    x_pixels = 4.0 + 7.0 * torch.arange(K)
+    bins = codec.vocab.quantize(
+        CONTEXT.to_canvas(torch.stack([x_pixels, 2.0 * torch.arange(K)], 1))
+    )
+    bins -= codec.vocab_slice()[0]
+    visibility = torch.where(torch.arange(K) % 2 == 0, n + 1, n + 2)  # local ids
+    body = torch.stack([bins[:, 0], bins[:, 1], visibility], 1).flatten()[None]
+    mirror_probs = one_hot_logits(body, width).softmax(-1)
+    seen = codec.decode(mirror_probs.log(), None, [CONTEXT])[0]  # [K, 3] on the mirror image
+    probs = codec.from_mirror(mirror_probs, [CONTEXT])
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 3 * K))  # still distributions
+    read = codec.decode(probs.log(), None, [CONTEXT])[0]
+    swap = list(range(K))
+    for left, right in flip_pairs_from_names(model.config.keypoint_names):
+        swap[left], swap[right] = right, left
+    # Pixel x on the mirror image is W - 1 - x on the image (keypoints are pixel indices).
+    torch.testing.assert_close(read[:, 0], 149.0 - seen[swap, 0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(read[:, 1:], seen[swap, 1:])
+
+
+def test_a_mask_read_on_the_mirror_image_is_its_grid_mirrored(micro_model):
+    codec = micro_model.codecs["segmentation"]
+    m = micro_model.config.mask_size
+    grid = torch.rand(2, m, m)
+    probs = torch.stack([grid, 1 - grid], -1).reshape(2, m * m, 2)
+    back = codec.from_mirror(probs, [CONTEXT, CONTEXT])
+    assert torch.equal(back[..., 0].reshape(2, m, m), grid.flip(-1))
+    # Fusing averages the two views' probabilities.
+    fused = codec.fuse_mirror(probs.log(), probs.log(), [CONTEXT, CONTEXT]).exp()
+    torch.testing.assert_close(fused, (probs + back) / 2)
+
+
+def test_the_pipeline_averages_each_sequence_over_both_views(micro_model):
+    model = with_options(micro_model, segmentation_flip=True, keypoints_flip=True)
+    runner = CountingRunner(micro_model.network)
+    image = synthetic_images(1, seed=3)[0]
+    result = Pipeline(model, runner)([Request(image, TASKS, score_threshold=0.0)])[0]
+    detections = result.detections
+    assert detections is not None and len(detections) > 0
+    # Both views decoded apart, here by hand: the mirror image's prompts are the boxes
+    # mirrored in pixels (x -> W - x, the corners swapped).
+    mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    batch = prepare_batch([image, mirror], model.config.image_size)
+    memory = runner.encode(batch.images, batch.pad_mask)
+    context = decode_context(image, model.config.image_size)
+    x0, y0, x1, y1 = detections.boxes.unbind(1)
+    flipped = torch.stack([image.width - x1, y0, image.width - x0, y1], 1)
+    schedules = {task: model.config.schedules.get(task, []) for task in TASKS}
+    for task in ("segmentation", "keypoints"):  # each view refined apart, then fused
+        codec = model.codecs[task]
+        keep = codec.applies_to(detections.labels).nonzero().flatten()
+        assert len(keep) > 0, task
+        labels = model.vocab.class_token(detections.labels[keep])[:, None]
+        mirrored = model.vocab.quantize(context.to_canvas(flipped[keep]).clamp(0, 1))
+        views = []
+        for tokens, image_index in (
+            (detections.tokens[keep], 0),  # the image's: its detections' own tokens
+            (torch.cat([mirrored, labels], 1), 1),
+        ):
+            index = torch.full((len(keep),), image_index)
+            prompts = codec.prompts(tokens)
+            views.append(masked_decode(runner, memory, codec, prompts, index, schedules[task]))
+        fused = codec.fuse_mirror(views[0], views[1], [context] * len(keep))
+        boxes = {"boxes": list(detections.boxes[keep])} if task == "segmentation" else {}
+        expected = codec.decode(fused, None, [context] * len(keep), **boxes)
+        outputs = [result.outputs[task][j] for j in keep.tolist()]
+        if task == "segmentation":
+            for mask, want in zip(outputs, expected, strict=True):
+                assert torch.equal(mask.crop, want.crop) and mask.quality == want.quality
+        else:
+            torch.testing.assert_close(torch.stack(outputs), torch.stack(expected))
+        assert result.passes[task] == 1 + len(schedules[task])  # per view, counted once
+
+
+def test_views_are_encoded_once_decoded_as_pairs_and_timed_as_one(micro_model):
+    model = with_options(micro_model, keypoints_flip=True)
+    runner = CountingRunner(micro_model.network)
+    seen = []
+    pipeline = Pipeline(model, runner, observer=lambda *call: seen.append(call[:2]))
+    images = synthetic_images(2, seed=4)
+    requests = [Request(image, (*TASKS, "caption"), score_threshold=0.0) for image in images]
+    results = pipeline(requests)
+    assert runner.encoded == 4  # two images and their mirror images, in one batch
+    assert ("encode", 2) in seen
+    start = model.codecs["keypoints"].vocab_slice()[0]
+    keypoint_rows = [rows for first, rows in runner.decodes if first == start]
+    passes = 1 + len(model.config.schedules["keypoints"])
+    assert keypoint_rows[0] > 0 and keypoint_rows == [keypoint_rows[0]] * 2 * passes  # 2 views
+    assert seen.count(("keypoints", 2)) == passes  # each pass of the two views timed as one
+    # Detection and masks read one view, and the caption is the one it gets without flips:
+    # the later tasks decode on the images alone.
+    plain = Pipeline(micro_model, CountingRunner(micro_model.network))(requests)
+    for flipped, alone in zip(results, plain, strict=True):
+        assert flipped.caption == alone.caption
+        assert flipped.detections is not None and alone.detections is not None
+        torch.testing.assert_close(flipped.detections.boxes, alone.detections.boxes)
+        for mask, want in zip(flipped.masks, alone.masks, strict=True):
+            assert (mask is None) == (want is None)
+            assert mask is None or torch.equal(mask.crop, want.crop)
+    # A request that runs no task reading mirror images encodes its own image alone.
+    runner.encoded = 0
+    pipeline([Request(images[0], ("detection", "segmentation"))])
+    assert runner.encoded == 1
+
+
+@pytest.mark.parametrize("option", ["segmentation_flip", "keypoints_flip"])
+def test_a_request_answers_the_same_beside_batch_mates(micro_model, option):
+    pipeline = Pipeline(
+        with_options(micro_model, **{option: True}), CountingRunner(micro_model.network)
+    )
+    images = synthetic_images(3, seed=6)
+    together = pipeline([Request(image, TASKS, score_threshold=0.0) for image in images])
+    alone = pipeline([Request(images[1], TASKS, score_threshold=0.0)])[0]
+    task = "segmentation" if option == "segmentation_flip" else "keypoints"
+    pairs = zip(together[1].outputs[task], alone.outputs[task], strict=True)
+    assert any(a is not None for a, _ in pairs)
+    for a, b in zip(together[1].outputs[task], alone.outputs[task], strict=True):
+        if task == "segmentation":
+            assert a is not None and b is not None and torch.equal(a.crop, b.crop)
+        elif a is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
