@@ -15,7 +15,7 @@ import glob
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,14 @@ class Profile:
     max_sequences: int = 0
     opt_sequences: int = 0  # 0: num_slots (one image's detections)
     min_image: tuple[int, int] = (0, 0)  # 0: half the canvas's shorter side, both sides
+    # Decoding options a server sets over the export's (MAD_DECODING): what the shapes follow.
+    decoding: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, model: dict[str, Any]) -> Profile:
         """Zeros replaced by their defaults for this model (the manifest's "model" entry); a
         model that decodes on mirror images too (`FLIP_OPTIONS`) encodes two images per
         request, so its encoder batches are twice the requests'."""
+        model = {**model, **self.decoding}
         canvas, slots = model["image_size"], model["num_slots"]
         views = 2 if any(model.get(option) for option in FLIP_OPTIONS) else 1
         # Up to 2 x slots fused detections per image; each view's group decodes apart.
@@ -261,7 +264,8 @@ def _unwritable(
 
 
 def _jsonable(profile: Profile) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(profile).items()}
+    shapes = {k: v for k, v in asdict(profile).items() if k != "decoding"}  # resolved into them
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in shapes.items()}
 
 
 def _build(

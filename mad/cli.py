@@ -272,42 +272,27 @@ def evaluate_command(
             "split": split,
             "refine_steps": mad.refine_steps(steps, runs),
             "nms_iou": mad.config.nms_iou if nms_iou is None else nms_iou,
-            "decoding": {option: getattr(mad.config, option) for option in decoding_options(mad)},
+            "decoding": {option: getattr(mad.config, option) for option in mad.decoding_options()},
             "metrics": metrics,
         }
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def decoding_options(mad: MAD) -> list[str]:
-    """The decoding options (config fields) of the model's tasks' codecs."""
-    return list(dict.fromkeys(o for c in mad.codecs.values() for o in c.decoding_options))
-
-
 def require_decoding_options(mad: MAD, names: list[str], hint: str) -> None:
     """A usage error (for option `hint`) unless every name is a decoding option of the model."""
-    known = decoding_options(mad)
-    for name in names:
-        if name not in known:
-            raise typer.BadParameter(
-                f"{name} is not a decoding option of this model (one of {', '.join(known)})",
-                param_hint=hint,
-            )
+    try:
+        mad.check_decoding_options(names)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
 def set_decoding(mad: MAD, items: list[str]) -> None:
     """--decoding KEY=VALUE items -> set on mad.config (the codecs read it), or a usage error:
     a key that is no decoding option of the model's tasks, or a value the config refuses."""
     try:
-        overrides = config_overrides(items)
+        mad.set_decoding(config_overrides(items))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--decoding") from None
-    require_decoding_options(mad, list(overrides), "--decoding")
-    try:
-        dataclasses.replace(mad.config, **overrides)  # its checks, before the model changes
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--decoding") from None
-    for option, value in overrides.items():
-        setattr(mad.config, option, value)
 
 
 def require_checkpoint(checkpoint: Path) -> None:

@@ -11,6 +11,7 @@ Optimizer and schedule state for resuming live in `train_state.safetensors` + JS
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -60,6 +61,29 @@ class MAD:
         if any(self.codecs[task].prompted_by_detections for task in asked):
             needed.add(DetectionCodec.name)
         return tuple(task for task in self.codecs if task in needed)
+
+    def decoding_options(self) -> list[str]:
+        """The decoding options (config fields) of the model's tasks' codecs: how its logits
+        are read, which `mad tune --decoding` chooses."""
+        return list(dict.fromkeys(o for c in self.codecs.values() for o in c.decoding_options))
+
+    def check_decoding_options(self, names: Iterable[str]) -> None:
+        """ValueError unless every name is one of `decoding_options`."""
+        known = self.decoding_options()
+        for name in names:
+            if name not in known:
+                raise ValueError(
+                    f"{name} is not a decoding option of this model (one of {', '.join(known)})"
+                )
+
+    def set_decoding(self, overrides: Mapping[str, Any]) -> None:
+        """Read the same weights another way: decoding options set on the config, which the
+        codecs read. ValueError, before anything changes, for a key that is not one of
+        `decoding_options` or a value the config refuses."""
+        self.check_decoding_options(list(overrides))
+        dataclasses.replace(self.config, **overrides)  # its checks, before the model changes
+        for option, value in overrides.items():
+            setattr(self.config, option, value)
 
     def refine_steps(self, given: Mapping[str, int], tasks: Iterable[str]) -> dict[str, int]:
         """The refinement steps each task runs: `given`'s, else its checkpoint schedule's."""

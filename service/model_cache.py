@@ -31,15 +31,19 @@ if TYPE_CHECKING:
 
 def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
     """The model the settings describe (backend, checkpoint, device, precision, compile,
-    CUDA graphs, threads, export dir, cache): what `mad serve` and `mad predict` both run.
+    CUDA graphs, threads, export dir, cache, decoding options): what `mad serve` and `mad
+    predict` both run.
     TensorRT engines must take the service's batches: built (or reused) for at least
     `max_batch_size` images per call."""
+    from service.settings import decoding_overrides
+
+    decoding = decoding_overrides(settings.decoding)  # checked when the settings were made
     options: dict[str, Any] = {}
     if settings.backend == "tensorrt":
         from export.tensorrt import Profile
 
-        options["profile"] = Profile(max_batch=settings.max_batch_size)
-    return load_runner(
+        options["profile"] = Profile(max_batch=settings.max_batch_size, decoding=decoding)
+    mad, runner = load_runner(
         settings.backend,
         Path(settings.checkpoint),
         settings.device,
@@ -51,6 +55,11 @@ def load_configured(settings: Settings) -> tuple[MAD, Runner[Any]]:
         threads=settings.threads,
         **options,
     )
+    try:
+        mad.set_decoding(decoding)
+    except ValueError as exc:
+        raise StartupError(f"MAD_DECODING: {exc}") from None
+    return mad, runner
 
 
 def load_runner(

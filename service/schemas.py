@@ -194,6 +194,10 @@ class ModelDescription(Strict):
         description="Refinement steps each task runs when a request names none."
     )
     schedules: dict[str, list[float]] = Field(description="Default mask-ratio schedules.")
+    decoding: dict[str, bool | int | float] = Field(
+        description="How the logits are read: the checkpoint's decoding options, or those "
+        "`MAD_DECODING` sets (docs/model.md)."
+    )
     input_size: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
         description="[height, width] of the canvas images are letterboxed into; a portrait "
         "image on a landscape canvas runs on the transposed one ([width, height])."

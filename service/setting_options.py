@@ -41,6 +41,7 @@ MODEL_SETTINGS = (
     "export_dir",
     "cache_dir",
     "max_image_pixels",
+    "decoding",
 )
 
 

@@ -27,6 +27,21 @@ BatchWindow = Literal["adaptive", "fixed"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
+def decoding_overrides(items: list[str]) -> dict[str, Any]:
+    """MAD_DECODING's items -> {option: value}; ValueError for an item that is not KEY=VALUE
+    of a decoding option of a registered task (`TaskCodec.decoding_options`) with a value of
+    its type."""
+    from model.codecs import CODECS  # torch: only when the setting is given
+    from model.config import parse_overrides
+
+    overrides = parse_overrides(items)
+    known = list(dict.fromkeys(o for codec in CODECS.values() for o in codec.decoding_options))
+    for name in overrides:
+        if name not in known:
+            raise ValueError(f"{name} is not a decoding option (one of {', '.join(known)})")
+    return overrides
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAD_", extra="ignore")
 
@@ -113,6 +128,14 @@ class Settings(BaseSettings):
         False,
         description="Default of the `refine_early_stop` field: a task's refinement stops once "
         "a step changes none of its tokens.",
+    )
+    decoding: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Decoding options instead of the checkpoint's: `KEY=VALUE` items, "
+        "comma-separated or a JSON list, of those `mad tune --decoding` chooses (e.g. "
+        "`detection_flip=false,segmentation_flip=false,keypoints_flip=false` to decode one "
+        "view, `caption_candidates=1`): the same weights, less work per request for a little "
+        "accuracy; unset: the checkpoint's.",
     )
     feature_cache_mb: float = Field(
         0.0,
@@ -201,6 +224,20 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("decoding", mode="before")
+    @classmethod
+    def split_decoding(cls, value: Any) -> Any:
+        return cls.split_origins(value)
+
+    @field_validator("decoding")
+    @classmethod
+    def known_decoding_options(cls, items: list[str]) -> list[str]:
+        """Each item KEY=VALUE of a decoding option some task has, of the field's type (the
+        model's own tasks are checked when it loads: `decoding_overrides`)."""
+        if items:
+            decoding_overrides(items)
+        return items
 
     @field_validator("log_level", mode="before")
     @classmethod

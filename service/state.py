@@ -94,6 +94,7 @@ def describe_model(mad: MAD, runner: Runner[Any], settings: Settings) -> ModelDe
         skeleton=[list(pair) for pair in config.skeleton],
         default_refine_steps=mad.refine_steps({}, config.tasks),
         schedules={t: list(config.schedules.get(t, [])) for t in config.tasks},
+        decoding={option: getattr(config, option) for option in mad.decoding_options()},
         input_size=list(config.image_size),
         max_detections=config.num_slots,
         nms_iou=config.nms_iou,

@@ -243,6 +243,9 @@ def test_model_description(client, micro_model):
         "caption": 3,
     }
     assert body["input_size"] == [96, 96] and body["max_detections"] == 6
+    assert body["decoding"]["detection_flip"] is False
+    assert body["decoding"]["caption_candidates"] == 1
+    assert set(body["decoding"]) == set(micro_model.decoding_options())
     assert (body["device"], body["precision"], body["backend"]) == ("cpu", "fp32", "torch")
 
 
