@@ -189,8 +189,6 @@ TRAINING_AND_DECODING_FIELDS = (
     "keypoints_flip",
     "schedules",
 )
-# The options that decode a task on each image's mirror image too (one more encoder image).
-FLIP_OPTIONS = ("detection_flip", "segmentation_flip", "keypoints_flip")
 POSITIVE_FIELDS = (
     "d_model",
     "n_heads",
@@ -345,11 +343,6 @@ class ModelConfig:
     @property
     def num_keypoints(self) -> int:
         return len(self.keypoint_names)
-
-    @property
-    def reads_mirror_images(self) -> bool:
-        """Whether any task decodes on the images' mirror images too (`FLIP_OPTIONS`)."""
-        return any(getattr(self, option) for option in FLIP_OPTIONS)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -14,7 +14,8 @@ mirror images of the requests that run it are encoded in the same batch and the 
 on them too: detection fuses each image's two sets of boxes (`DetectionCodec.fuse_flipped`); a
 task prompted by detections runs its sequences again on the mirror image, prompted by the
 mirrored boxes, and averages the two views' probabilities (`TaskCodec.fuse_mirror`). The mirror
-images leave the memory once the last task that reads them has started.
+images have a memory of their own: the tasks' passes on the images attend over the images
+alone.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -211,28 +212,42 @@ class BatchRun:
         mirrors: dict[int, int] | None = None,
     ) -> None:
         self.pipeline, self.requests, self.results = pipeline, requests, results
-        self.memory, self.contexts, self.stage = memory, contexts, stage
+        self.contexts, self.stage = contexts, stage
         self.mirrors = mirrors or {}
+        self.memory, self.mirror_memory, self.mirror_offset = self.split_views(memory)
         self.groups: list[TaskGroup] = []
         self.open = set(range(len(requests)))  # neither finished nor cancelled
+        self.unobserved: defaultdict[str, float] = defaultdict(float)  # mirror groups' seconds
+
+    def split_views(self, memory: Any) -> tuple[Any, Any, int]:
+        """The batch's memory -> (the images', the mirror images', what to subtract from a
+        mirror image's place in the batch for its place in the latter). A runner that can
+        split its memory gives each view one of its own: every pass attends over all the
+        images of its memory (the folded cross-attention), so a pass on the images would pay
+        for the mirror images too."""
+        runner, count = self.pipeline.runner, len(self.requests)
+        if not self.mirrors or not isinstance(runner, SplitsMemory):
+            return memory, memory, 0
+        parts = runner.split_memory(memory)
+        joined = [
+            p[0] if len(p) == 1 else runner.join_memory(p) for p in (parts[:count], parts[count:])
+        ]
+        return joined[0], joined[1], count
 
     def run(self) -> None:
-        codecs = self.pipeline.codecs
-        mirrored = [task for task, codec in codecs.items() if codec.reads_mirror_image]
-        for task, codec in codecs.items():  # the draft, in model order
+        for task, codec in self.pipeline.codecs.items():  # the draft, in model order
             self.drop_cancelled()
             asked = [i for i in sorted(self.open) if task in self.results[i].tasks]
-            if asked:
-                groups = self.start(codec, asked)
-                self.stage.lap(task)  # building its prompts (a task with none still has one)
-                for group in groups:
-                    self.advance(group)
-                if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now
-                    while any([self.advance(group) for group in groups]):
-                        pass
-                    self.set_detections(groups)
-            if mirrored and task == mirrored[-1]:  # its groups hold the memory they need
-                self.drop_mirror_images()
+            if not asked:
+                continue
+            groups = self.start(codec, asked)
+            self.stage.lap(task)  # building its prompts (a task with none still has a stage)
+            for group in groups:
+                self.advance(group)
+            if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now
+                while any([self.advance(group) for group in groups]):
+                    pass
+                self.set_detections(groups)
         self.finish_ready()
         self.report(0)
         round = 0
@@ -323,10 +338,10 @@ class BatchRun:
     ) -> TaskGroup:
         """The sequences `prompts` of the images `owners` (mirror: of their mirror images)."""
         device = self.pipeline.device
-        images = [self.mirrors[i] for i in owners] if mirror else owners
+        images = [self.mirrors[i] - self.mirror_offset for i in owners] if mirror else owners
         steps = refinement(
             self.pipeline.runner,
-            self.memory,
+            self.mirror_memory if mirror else self.memory,
             codec,
             prompts.to(device),
             torch.tensor(images, device=device),
@@ -339,8 +354,12 @@ class BatchRun:
         """One pass of `group`, timed under its task. -> whether a pass ran."""
         if not group.advance():
             return False
-        if not group.mirror:  # a mirror group runs just before its original: timed with it
-            self.pipeline.observer(group.task, group.images, self.stage.lap(group.task))
+        seconds = self.stage.lap(group.task)
+        if group.mirror:  # observed with its original's pass, which runs next if it still can
+            self.unobserved[group.task] += seconds
+        else:
+            seconds += self.unobserved.pop(group.task, 0.0)
+            self.pipeline.observer(group.task, group.images, seconds)
         return True
 
     # --- results ----------------------------------------------------------------------------
@@ -360,14 +379,6 @@ class BatchRun:
                 output = codec.fuse_flipped(output, mirrored[i], self.contexts[i])
             self.results[i].outputs[codec.name] = self.keep(i, codec.name, output)
         self.stage.lap(DetectionCodec.name)  # decoding a task's outputs is that task's time
-
-    def drop_mirror_images(self) -> None:
-        """The later tasks decode on the images alone: with the mirror images left in the
-        memory, every pass would attend over twice the images it needs (the groups that read
-        them keep the memory they started with)."""
-        runner = self.pipeline.runner
-        if self.mirrors and isinstance(runner, SplitsMemory):
-            self.memory = runner.join_memory(runner.split_memory(self.memory)[: len(self.requests)])
 
     def keep(self, i: int, task: str, output: Any) -> Any:
         """What request i keeps of its image's output of a per-image task."""

@@ -85,11 +85,11 @@ class TaskGroup:
             self.state.stop(self.rows(image))
 
     def passes(self, image: int) -> int:
-        """Decoder passes `image`'s sequences had (the most of any of them)."""
+        """Decoder passes `image`'s sequences had (the most of any of them, or of their
+        partner's)."""
         rows = self.rows(image)
-        if self.state is None or not len(rows):
-            return 0
-        return int(self.state.passes[rows].max())
+        own = 0 if self.state is None or not len(rows) else int(self.state.passes[rows].max())
+        return max(own, self.partner.passes(image)) if self.partner is not None else own
 
     def decoded(
         self, image: int, contexts: list[DecodeContext]

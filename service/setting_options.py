@@ -146,7 +146,7 @@ def settings_from_options(command: str, options: dict[str, Any]) -> Settings:
         name = str(error["loc"][0])
         where = option_name(name) if name in given else variable(name)
         field = Settings.model_fields.get(name)
-        expected = error["msg"]
+        expected = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "string_pattern_mismatch" and field is not None:
             expected = f"expected {plain(field.description or '')}"
         usage_error(command, f"{where}: {error['input']!r}: {expected}")

@@ -7,6 +7,7 @@ The k8s manifests reference these exact names; rename nothing lightly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,16 +30,17 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 def decoding_overrides(items: list[str]) -> dict[str, Any]:
     """MAD_DECODING's items -> {option: value}; ValueError for an item that is not KEY=VALUE
-    of a decoding option of a registered task (`TaskCodec.decoding_options`) with a value of
-    its type."""
+    of a decoding option of a registered task (`TaskCodec.decoding_options`) with a value the
+    config takes."""
     from model.codecs import CODECS  # torch: only when the setting is given
-    from model.config import parse_overrides
+    from model.config import ModelConfig, parse_overrides
 
     overrides = parse_overrides(items)
     known = list(dict.fromkeys(o for codec in CODECS.values() for o in codec.decoding_options))
     for name in overrides:
         if name not in known:
             raise ValueError(f"{name} is not a decoding option (one of {', '.join(known)})")
+    dataclasses.replace(ModelConfig(), **overrides)  # its range checks, before any loading
     return overrides
 
 

@@ -40,6 +40,8 @@ def test_the_setting_takes_items_comma_separated_or_as_a_json_list(monkeypatch, 
         ("d_model=64", "not a decoding option"),  # a config field, but no decoding option
         ("caption_candidate=2", "unknown config key"),
         ("caption_candidates=many", "caption_candidates"),
+        ("caption_candidates=0", "caption_candidates must be at least 1"),
+        ("mask_threshold=2", "mask_threshold must be between 0 and 1"),
     ],
 )
 def test_a_bad_item_is_refused_before_the_model_loads(micro_checkpoint, value, says):
@@ -85,7 +87,7 @@ def test_mad_predict_and_serve_refuse_a_bad_item_in_one_line(micro_checkpoint, t
         result = CliRunner().invoke(mad_cli, [*command, "--decoding", "flip=yes"])
         assert result.exit_code == 2, result.output
         assert "unknown config key 'flip'" in result.output
-        assert "Traceback" not in result.output
+        assert "Traceback" not in result.output and "Value error" not in result.output
 
 
 def test_mad_predict_reads_with_the_set_options(micro_checkpoint, tmp_path):
@@ -103,6 +105,9 @@ def test_mad_predict_reads_with_the_set_options(micro_checkpoint, tmp_path):
 def test_tensorrt_shapes_follow_the_served_options():
     model = {"image_size": [256, 256], "num_slots": 10}
     plain = Profile(max_batch=4).resolved(model)
-    flipping = Profile(max_batch=4, decoding={"keypoints_flip": True}).resolved(model)
-    assert (plain.max_batch, flipping.max_batch) == (4, 8)
-    assert flipping.decoding == {}  # resolved into the shapes
+    keypoints = Profile(max_batch=4, decoding={"keypoints_flip": True}).resolved(model)
+    boxes = Profile(max_batch=4, decoding={"detection_flip": True}).resolved(model)
+    # Two views encode twice the images; only fused detections double an image's sequences.
+    assert (plain.max_batch, keypoints.max_batch, boxes.max_batch) == (4, 8, 8)
+    assert (plain.max_sequences, keypoints.max_sequences, boxes.max_sequences) == (40, 40, 80)
+    assert keypoints.decoding == {}  # resolved into the shapes

@@ -16,7 +16,7 @@ from model.decoding import masked_decode
 from model.inference_io import Request
 from model.pipeline import Pipeline
 from model.preprocess import decode_context, prepare_batch
-from tests.helpers import synthetic_images
+from tests.helpers import Recorder, synthetic_images
 from tests.test_refinement import CountingRunner
 
 TASKS = ("detection", "segmentation", "keypoints")
@@ -80,43 +80,77 @@ def test_a_mask_read_on_the_mirror_image_is_its_grid_mirrored(micro_model):
 def test_the_pipeline_averages_each_sequence_over_both_views(micro_model):
     model = with_options(micro_model, segmentation_flip=True, keypoints_flip=True)
     runner = CountingRunner(micro_model.network)
-    image = synthetic_images(1, seed=3)[0]
-    result = Pipeline(model, runner)([Request(image, TASKS, score_threshold=0.0)])[0]
-    detections = result.detections
-    assert detections is not None and len(detections) > 0
+    # Two images of different sizes in one batch: letterboxed apart on one canvas.
+    first, second = synthetic_images(2, seed=3)
+    images = [first, second.resize((second.width * 3 // 4, second.height // 2))]
+    requests = [Request(image, TASKS, score_threshold=0.0) for image in images]
+    results = Pipeline(model, runner)(requests)
     # Both views decoded apart, here by hand: the mirror image's prompts are the boxes
     # mirrored in pixels (x -> W - x, the corners swapped).
-    mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    batch = prepare_batch([image, mirror], model.config.image_size)
+    mirrors = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
+    batch = prepare_batch([*images, *mirrors], model.config.image_size)
     memory = runner.encode(batch.images, batch.pad_mask)
-    context = decode_context(image, model.config.image_size)
-    x0, y0, x1, y1 = detections.boxes.unbind(1)
-    flipped = torch.stack([image.width - x1, y0, image.width - x0, y1], 1)
     schedules = {task: model.config.schedules.get(task, []) for task in TASKS}
-    for task in ("segmentation", "keypoints"):  # each view refined apart, then fused
-        codec = model.codecs[task]
-        keep = codec.applies_to(detections.labels).nonzero().flatten()
-        assert len(keep) > 0, task
-        labels = model.vocab.class_token(detections.labels[keep])[:, None]
-        mirrored = model.vocab.quantize(context.to_canvas(flipped[keep]).clamp(0, 1))
-        views = []
-        for tokens, image_index in (
-            (detections.tokens[keep], 0),  # the image's: its detections' own tokens
-            (torch.cat([mirrored, labels], 1), 1),
-        ):
-            index = torch.full((len(keep),), image_index)
-            prompts = codec.prompts(tokens)
-            views.append(masked_decode(runner, memory, codec, prompts, index, schedules[task]))
-        fused = codec.fuse_mirror(views[0], views[1], [context] * len(keep))
-        boxes = {"boxes": list(detections.boxes[keep])} if task == "segmentation" else {}
-        expected = codec.decode(fused, None, [context] * len(keep), **boxes)
-        outputs = [result.outputs[task][j] for j in keep.tolist()]
-        if task == "segmentation":
-            for mask, want in zip(outputs, expected, strict=True):
-                assert torch.equal(mask.crop, want.crop) and mask.quality == want.quality
-        else:
-            torch.testing.assert_close(torch.stack(outputs), torch.stack(expected))
-        assert result.passes[task] == 1 + len(schedules[task])  # per view, counted once
+    checked = set()
+    for i, (image, result) in enumerate(zip(images, results, strict=True)):
+        detections = result.detections
+        assert detections is not None and len(detections) > 0
+        context = decode_context(image, model.config.image_size)
+        x0, y0, x1, y1 = detections.boxes.unbind(1)
+        flipped = torch.stack([image.width - x1, y0, image.width - x0, y1], 1)
+        for task in ("segmentation", "keypoints"):  # each view refined apart, then fused
+            codec = model.codecs[task]
+            keep = codec.applies_to(detections.labels).nonzero().flatten()
+            if not len(keep):
+                continue
+            checked.add(task)
+            labels = model.vocab.class_token(detections.labels[keep])[:, None]
+            mirrored = model.vocab.quantize(context.to_canvas(flipped[keep]).clamp(0, 1))
+            views = []
+            for tokens, image_index in (
+                (detections.tokens[keep], i),  # the image's: its detections' own tokens
+                (torch.cat([mirrored, labels], 1), len(images) + i),
+            ):
+                index = torch.full((len(keep),), image_index)
+                prompts = codec.prompts(tokens)
+                views.append(masked_decode(runner, memory, codec, prompts, index, schedules[task]))
+            fused = codec.fuse_mirror(views[0], views[1], [context] * len(keep))
+            boxes = {"boxes": list(detections.boxes[keep])} if task == "segmentation" else {}
+            expected = codec.decode(fused, None, [context] * len(keep), **boxes)
+            outputs = [result.outputs[task][j] for j in keep.tolist()]
+            if task == "segmentation":
+                for mask, want in zip(outputs, expected, strict=True):
+                    assert torch.equal(mask.crop, want.crop)
+                    assert mask.quality == pytest.approx(want.quality, abs=1e-5)
+            else:
+                torch.testing.assert_close(
+                    torch.stack(outputs), torch.stack(expected), atol=1e-3, rtol=0
+                )
+            assert result.passes[task] == 1 + len(schedules[task])  # per view, counted once
+    assert checked == {"segmentation", "keypoints"}
+
+
+class MemoryCountingRunner(CountingRunner):
+    """Also records how many images the memory of each decoder pass holds."""
+
+    def __init__(self, network):
+        super().__init__(network)
+        self.memory_images: list[int] = []
+
+    def decode(self, memory, tokens, image_index, vocab_slice):
+        self.memory_images.append(memory.kv[0][0].shape[0])
+        return super().decode(memory, tokens, image_index, vocab_slice)
+
+
+def test_each_view_attends_over_its_own_images(micro_model):
+    """Every pass attends over all the images of its memory: the images' passes get a
+    memory without the mirror images, and the mirror images' passes one without the images."""
+    model = with_options(micro_model, detection_flip=True, segmentation_flip=True)
+    runner = MemoryCountingRunner(micro_model.network)
+    images = synthetic_images(3, seed=8)
+    Pipeline(model, runner)([Request(image, (*TASKS, "caption")) for image in images])
+    assert runner.encoded == 6 and len(runner.memory_images) > 4
+    assert set(runner.memory_images) == {3}
 
 
 def test_views_are_encoded_once_decoded_as_pairs_and_timed_as_one(micro_model):
@@ -162,7 +196,46 @@ def test_a_request_answers_the_same_beside_batch_mates(micro_model, option):
     pairs = zip(together[1].outputs[task], alone.outputs[task], strict=True)
     assert any(a is not None for a, _ in pairs)
     for a, b in zip(together[1].outputs[task], alone.outputs[task], strict=True):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
         if task == "segmentation":
-            assert a is not None and b is not None and torch.equal(a.crop, b.crop)
-        elif a is not None:
+            assert torch.equal(a.crop, b.crop)
+        else:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_a_streamed_request_gets_the_fused_skeletons_and_stops_when_both_views_do(micro_model):
+    model = with_options(micro_model, keypoints_flip=True)
+    pipeline = Pipeline(model, CountingRunner(micro_model.network))
+    image = synthetic_images(1, seed=9)[0]
+    tasks = ("detection", "keypoints")
+    steps = {"keypoints": 2}
+    plain = pipeline([Request(image, tasks, steps, score_threshold=0.0)])[0]
+    recorder = Recorder()
+    streamed = Request(image, tasks, steps, score_threshold=0.0, progress=recorder)
+    pipeline([streamed])
+    kinds = [kind for kind, _, _ in recorder.events]
+    assert kinds == ["partial", "partial", "finished"]  # the draft, round 1, the answer
+    final = recorder.events[-1][2]
+    assert final.passes["keypoints"] == 3 == plain.passes["keypoints"]
+    for a, b in zip(final.outputs["keypoints"], plain.outputs["keypoints"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    # A draft's skeletons are the two views' first passes fused, not the image's alone.
+    alone = Pipeline(micro_model, CountingRunner(micro_model.network))
+    draft_alone = alone([Request(image, tasks, {"keypoints": 0}, score_threshold=0.0)])[0]
+    draft = recorder.events[0][2].outputs["keypoints"]
+    assert any(
+        a is not None and not torch.allclose(a, b)
+        for a, b in zip(draft, draft_alone.outputs["keypoints"], strict=True)
+    )
+    # Cancelled after the draft: no further pass on either view.
+    runner = CountingRunner(micro_model.network)
+    cancelling = Recorder(cancel_after=1)
+    Pipeline(model, runner)(
+        [Request(image, tasks, steps, score_threshold=0.0, progress=cancelling)]
+    )
+    start = model.codecs["keypoints"].vocab_slice()[0]
+    assert len([rows for first, rows in runner.decodes if first == start]) == 2  # the draft's

@@ -22,7 +22,7 @@ from typing import Any
 
 from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
-from model.config import FLIP_OPTIONS
+from model.codecs import flip_options
 from model.inference_io import Request
 from model.pipeline import Pipeline
 from model.runner import EagerRunner
@@ -38,7 +38,7 @@ class Variant:
 
 
 def variants(one_candidate_steps: int) -> list[Variant]:
-    one_view = dict.fromkeys(FLIP_OPTIONS, False)
+    one_view = dict.fromkeys(flip_options(), False)
     return [
         Variant("as the checkpoint sets"),
         Variant(

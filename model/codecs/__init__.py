@@ -15,6 +15,7 @@ from model.codecs.base import (
     TaskCodec,
     TaskEvaluator,
     TrainSequences,
+    flip_options,
     register_codec,
 )
 from model.codecs.detection import DetectionCodec
@@ -53,5 +54,6 @@ __all__ = [
     "TaskEvaluator",
     "TrainSequences",
     "build_codecs",
+    "flip_options",
     "register_codec",
 ]

@@ -125,6 +125,12 @@ class TaskEvaluator(Protocol):
 CODECS: dict[str, type[TaskCodec]] = {}
 
 
+def flip_options() -> list[str]:
+    """The registered tasks' `flip_option`s: a model with any of them on encodes two views
+    of each image."""
+    return [c.flip_option for c in CODECS.values() if c.flip_option is not None]
+
+
 def register_codec(cls: type[TaskCodec]) -> type[TaskCodec]:
     """Class decorator: make a codec available under its `name`."""
     CODECS[cls.name] = cls
@@ -153,6 +159,9 @@ class TaskCodec:
     # The config fields that shape how this task reads its logits (docs/model.md), each with
     # the values `mad tune --decoding` tries, the reference's first.
     decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # The decoding option (a bool config field, also in decoding_options) with which this task
+    # decodes each image's mirror image too (None: it never does; `reads_mirror_image`).
+    flip_option: ClassVar[str | None] = None
 
     def __init__(
         self, config: ModelConfig, vocab: VocabLayout, tokenizer: CaptionTokenizer | None = None
@@ -294,10 +303,10 @@ class TaskCodec:
 
     @property
     def reads_mirror_image(self) -> bool:
-        """Whether this task also decodes on each image's mirror image (its `<task>_flip`
-        option, config.FLIP_OPTIONS). A task prompted by detections then fuses the two views
-        by `fuse_mirror`; detection fuses its own sets of boxes (`fuse_flipped`)."""
-        return False
+        """Whether this task also decodes on each image's mirror image (its `flip_option`).
+        A task prompted by detections then fuses the two views by `fuse_mirror`; detection
+        fuses its own sets of boxes (`fuse_flipped`)."""
+        return self.flip_option is not None and bool(getattr(self.config, self.flip_option))
 
     def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
         """probs [S, body_len, V_slice] of sequences decoded on the mirror images (prompted

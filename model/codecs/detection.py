@@ -92,14 +92,11 @@ class DetectionCodec(TaskCodec):
         "box_confidence_exponent": (0.0, 0.5, 1.0),
         "detection_flip": (False, True),
     }
+    flip_option = "detection_flip"
 
     @property
     def prompt_len(self) -> int:
         return len(self.vocab.detection_prompt)
-
-    @property
-    def reads_mirror_image(self) -> bool:
-        return self.config.detection_flip
 
     @property
     def body_len(self) -> int:

@@ -37,16 +37,13 @@ class KeypointCodec(TaskCodec):
     metrics = ("keypoints_AP",)
 
     decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {"keypoints_flip": (False, True)}
+    flip_option = "keypoints_flip"
 
     prompt_len = 6
 
     @property
     def body_len(self) -> int:
         return self.config.num_keypoints * 3
-
-    @property
-    def reads_mirror_image(self) -> bool:
-        return self.config.keypoints_flip
 
     def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
         """Left and right joints swap places, and each x distribution is mirrored about the

@@ -84,12 +84,9 @@ class SegmentationCodec(TaskCodec):
         "mask_scoring": (False, True),
         "segmentation_flip": (False, True),
     }
+    flip_option = "segmentation_flip"
 
     prompt_len = 6
-
-    @property
-    def reads_mirror_image(self) -> bool:
-        return self.config.segmentation_flip
 
     def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
         """A mask's grid lies in its box, and the mirrored box is the box: the grid's columns
