@@ -97,11 +97,11 @@ def cli_option(name: str, field: FieldInfo) -> tuple[Any, Any]:
         placeholder = "DIR"
     elif annotation in (int, float):
         kind, placeholder = annotation, "INTEGER" if annotation is int else "FLOAT"
-    else:  # strings, choices, secrets and lists travel as text; Settings parses them
+    elif get_origin(annotation) is list:  # repeatable; each one may be comma-separated too
+        kind, placeholder = list[str], "LIST"
+    else:  # strings, choices and secrets travel as text; Settings parses them
         kind = str
-        placeholder = "|".join(choices(field)) or (
-            "LIST" if get_origin(annotation) is list else "TEXT"
-        )
+        placeholder = "|".join(choices(field)) or "TEXT"
     return kind | None, typer.Option(None, option_name(name), help=help_text, metavar=placeholder)
 
 

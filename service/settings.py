@@ -28,6 +28,16 @@ BatchWindow = Literal["adaptive", "fixed"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
+def split_list(value: Any) -> Any:
+    """`a,b` or a JSON list -> a list; anything else as it is (pydantic judges it)."""
+    if not isinstance(value, str):
+        return [value]
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def decoding_overrides(items: list[str]) -> dict[str, Any]:
     """MAD_DECODING's items -> {option: value}; ValueError for an item that is not KEY=VALUE
     of a decoding option of a registered task (`TaskCodec.decoding_options`) with a value the
@@ -133,8 +143,9 @@ class Settings(BaseSettings):
     )
     decoding: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Decoding options instead of the checkpoint's: `KEY=VALUE` items, "
-        "comma-separated or a JSON list, of those `mad tune --decoding` chooses (e.g. "
+        description="Decoding options instead of the checkpoint's: `KEY=VALUE` items "
+        "(comma-separated, a JSON list, or the option repeated) of those `mad tune --decoding` "
+        "chooses (e.g. "
         "`detection_flip=false,segmentation_flip=false,keypoints_flip=false` to decode one "
         "view, `caption_candidates=1`): the same weights, less work per request for a little "
         "accuracy; unset: the checkpoint's.",
@@ -203,7 +214,8 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Browser origins allowed to call the API: comma-separated or a JSON list.",
+        description="Browser origins allowed to call the API: comma-separated, a JSON list, "
+        "or the option repeated.",
     )
     log_level: LogLevel = Field(
         "info", description="`debug`, `info`, `warning`, `error` or `critical`."
@@ -216,21 +228,13 @@ class Settings(BaseSettings):
         "(0: any free port; docs/kserve.md). Unset: no gRPC.",
     )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "decoding", mode="before")
     @classmethod
-    def split_origins(cls, value: Any) -> Any:
-        """Accept `a,b`, a JSON list, or a list (CLI/tests)."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
-
-    @field_validator("decoding", mode="before")
-    @classmethod
-    def split_decoding(cls, value: Any) -> Any:
-        return cls.split_origins(value)
+    def split_lists(cls, value: Any) -> Any:
+        """Accept `a,b`, a JSON list, or a list (a repeated option: each item may be `a,b`)."""
+        if isinstance(value, list):
+            return [part for item in value for part in split_list(item)]
+        return split_list(value)
 
     @field_validator("decoding")
     @classmethod

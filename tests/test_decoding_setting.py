@@ -28,6 +28,10 @@ def test_the_setting_takes_items_comma_separated_or_as_a_json_list(monkeypatch, 
     assert settings.decoding == ["detection_flip=true", "mask_threshold=0.4"]
     monkeypatch.setenv("MAD_DECODING", '["caption_candidates=2"]')
     assert Settings(checkpoint=micro_checkpoint).decoding == ["caption_candidates=2"]
+    # A repeated option gives a list, whose items may hold several.
+    items = ["detection_flip=true,mask_threshold=0.4", "caption_candidates=2"]
+    repeated = Settings(checkpoint=micro_checkpoint, decoding=items)
+    assert repeated.decoding == [*items[0].split(","), items[1]]
     # Worker processes rebuild the settings from their variables.
     monkeypatch.setenv("MAD_DECODING", settings.env()["MAD_DECODING"])
     assert Settings(checkpoint=micro_checkpoint).decoding == settings.decoding
@@ -84,7 +88,9 @@ def test_mad_predict_and_serve_refuse_a_bad_item_in_one_line(micro_checkpoint, t
         ["predict", str(image), "--checkpoint", str(micro_checkpoint)],
         ["serve", "--checkpoint", str(micro_checkpoint)],
     ):
-        result = CliRunner().invoke(mad_cli, [*command, "--decoding", "flip=yes"])
+        # Repeated, every item counts: the bad one first is not lost behind a good one.
+        decoding = ["--decoding", "flip=yes", "--decoding", "caption_candidates=2"]
+        result = CliRunner().invoke(mad_cli, [*command, *decoding])
         assert result.exit_code == 2, result.output
         assert "unknown config key 'flip'" in result.output
         assert "Traceback" not in result.output and "Value error" not in result.output
