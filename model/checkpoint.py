@@ -85,6 +85,12 @@ class MAD:
         for option, value in overrides.items():
             setattr(self.config, option, value)
 
+    def views(self, asked: Sequence[str]) -> int:
+        """Images encoded for a request asking `asked`: 2 when a task it runs also decodes
+        on the mirror image (`TaskCodec.reads_mirror_image`), else 1."""
+        mirrored = any(self.codecs[task].reads_mirror_image for task in self.tasks_to_run(asked))
+        return 2 if mirrored else 1
+
     def refine_steps(self, given: Mapping[str, int], tasks: Iterable[str]) -> dict[str, int]:
         """The refinement steps each task runs: `given`'s, else its checkpoint schedule's."""
         return {t: given.get(t, len(self.config.schedules.get(t, []))) for t in tasks}

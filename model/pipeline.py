@@ -123,14 +123,10 @@ class Pipeline(Generic[Memory]):
         results = [Result((0, 0), self.mad.tasks_to_run(r.tasks)) for r in requests]
         # The mirror images of the requests that run a task reading them follow all the
         # requests' images in the batch: mirrors[i] is request i's mirror's place.
-        reading = [
-            i
-            for i, result in enumerate(results)
-            if any(self.codecs[task].reads_mirror_image for task in result.tasks)
-        ]
+        reading = [i for i, request in enumerate(requests) if self.mad.views(request.tasks) > 1]
         mirrors = {i: len(requests) + k for k, i in enumerate(reading)}
         views = [*requests, *(mirrored(requests[i]) for i in mirrors)]
-        memory, contexts = self.encode(views, stage, len(requests))
+        memory, contexts = self.encode(views, stage)
         contexts = contexts[: len(requests)]  # a mirror image has its original's geometry
         for result, context in zip(results, contexts, strict=True):
             result.image_size = context.image_size
@@ -138,29 +134,27 @@ class Pipeline(Generic[Memory]):
         return results
 
     def encode(
-        self, requests: list[Request], stage: Stopwatch, images: int | None = None
+        self, requests: list[Request], stage: Stopwatch
     ) -> tuple[Memory, list[DecodeContext]]:
         """Letterbox and encode the images the feature cache does not hold. -> the batch's
-        memory, each image's decode context. images: how many images the stage observer is
-        told of (a request's mirror image is part of its encoding; default all)."""
+        memory, each image's decode context. The stage observer is told of every image
+        encoded, mirror images included (the planner prices a request's `MAD.views`)."""
         canvas = self.config.image_size
         contexts = [decode_context(r.image, canvas) for r in requests]
-        told = len(requests) if images is None else images
         if self.features is None:
             batch = prepare_batch([r.image for r in requests], canvas, self.device)
-            self.observer("preprocess", told, stage.lap("preprocess"))
+            self.observer("preprocess", len(requests), stage.lap("preprocess"))
             memory = self.runner.encode(batch.images, batch.pad_mask)
-            self.observer("encode", told, stage.lap("encode"))
+            self.observer("encode", len(requests), stage.lap("encode"))
             return memory, contexts
         features, store = self.features, cast(SplitsMemory[Memory], self.runner)
         parts = [features.get(r.image_key) if r.image_key else None for r in requests]
         missing = [i for i, part in enumerate(parts) if part is None]
         if missing:
             batch = prepare_batch([requests[i].image for i in missing], canvas, self.device)
-            told_missing = max(1, len(missing) * told // len(requests))
-            self.observer("preprocess", told_missing, stage.lap("preprocess"))
+            self.observer("preprocess", len(missing), stage.lap("preprocess"))
             fresh = self.runner.encode(batch.images, batch.pad_mask)
-            self.observer("encode", told_missing, stage.lap("encode"))
+            self.observer("encode", len(missing), stage.lap("encode"))
             # Split to keep each image's features, or to join them with the cached ones.
             if len(missing) < len(requests) or any(requests[i].image_key for i in missing):
                 for i, part in zip(missing, store.split_memory(fresh), strict=True):

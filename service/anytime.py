@@ -134,7 +134,9 @@ class RefinementPlanner:
     """tasks_to_run: a request's tasks -> the tasks the pipeline runs (detection added for
     the tasks it prompts), in model order; default_steps: each task's default K;
     closing_passes: the passes a task runs once it refined at all (a caption's choice among
-    its candidates: model.decoding.closing_passes), priced with its first step."""
+    its candidates: model.decoding.closing_passes), priced with its first step; views: the
+    images a request's tasks encode (MAD.views: its mirror image too), for the encoder's
+    price."""
 
     def __init__(
         self,
@@ -145,8 +147,10 @@ class RefinementPlanner:
         degrade_depth: int | None,
         record: Callable[[StepPlan], None] | None = None,
         closing_passes: Mapping[str, int] | None = None,
+        views: Callable[[tuple[str, ...]], int] | None = None,
     ) -> None:
         self.closing_passes = dict(closing_passes or {})
+        self.views = views or (lambda tasks: 1)
         self.tasks_to_run, self.default_steps = tasks_to_run, dict(default_steps)
         self.costs, self.queue_size = costs, queue_size
         self.degrade_depth = degrade_depth  # None: degradation off
@@ -165,8 +169,13 @@ class RefinementPlanner:
     ) -> dict[str, float]:
         """Estimated seconds of each stage of the one-pass answer (batch of `images`; fastest:
         at the least each stage took lately)."""
-        stages = ("preprocess", "encode", *self.tasks_to_run(tasks))
-        estimate = {stage: self.costs.estimate(stage, images, fastest) for stage in stages}
+        encoded = images * self.views(tasks)  # with mirror images, as if all asked `tasks`
+        estimate = {
+            stage: self.costs.estimate(stage, encoded, fastest)
+            for stage in ("preprocess", "encode")
+        }
+        for task in self.tasks_to_run(tasks):
+            estimate[task] = self.costs.estimate(task, images, fastest)
         estimate["postprocess"] = self.costs.estimate("postprocess", 1, fastest)
         return estimate
 

@@ -79,6 +79,21 @@ def test_a_captions_choice_among_candidates_is_priced_with_its_first_step():
     assert plan(p, ("caption",), explicit={"caption": 0}).estimated_s == pytest.approx(16 * MS)
 
 
+def test_a_request_that_encodes_its_mirror_image_pays_the_encoder_twice():
+    """The pipeline tells the encoder's time per image encoded, mirror images included; a
+    request whose tasks read its mirror image (here: keypoints) encodes two."""
+    model = costs(**COSTS)
+    model.observe("encode", 2, 20 * MS)
+    model.observe("preprocess", 2, 2 * MS)
+    views = lambda tasks: 2 if "keypoints" in tasks else 1  # noqa: E731
+    p = RefinementPlanner(tasks_to_run, DEFAULTS, model, 10, 4, None, views=views)
+    mirrored = p.draft_seconds(("keypoints",))
+    assert (mirrored["encode"], mirrored["preprocess"]) == (20 * MS, 2 * MS)
+    assert (mirrored["detection"], mirrored["keypoints"]) == (2 * MS, 3 * MS)  # per image
+    plain = p.draft_seconds(("caption",))
+    assert (plain["encode"], plain["preprocess"]) == (10 * MS, 1 * MS)
+
+
 def test_time_already_spent_counts_against_the_budget():
     p, _ = planner()
     assert plan(p, ("caption",), 27).steps == {"caption": 2}  # draft 16, steps 4 each

@@ -368,3 +368,14 @@ def test_a_deep_queue_degrades_new_requests_before_refusing_them(micro_checkpoin
 )
 def test_accept_header_chooses_the_stream(accept, expected):
     assert stream_format(accept) == expected
+
+
+def test_a_server_reading_mirror_images_prices_the_encoder_per_view(micro_checkpoint):
+    settings = Settings(checkpoint=micro_checkpoint, decoding="keypoints_flip=true")
+    with running_server(settings) as server:
+        planner = server.app.state.service.engine.planner
+        assert planner.views(("keypoints",)) == 2 and planner.views(("caption",)) == 1
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.get("/v1/model").json()["decoding"]["keypoints_flip"] is True
+            body = post(c, tasks="keypoints", score_threshold="0").json()
+    assert body["decoder_passes"]["keypoints"] >= 1

@@ -162,7 +162,7 @@ def test_views_are_encoded_once_decoded_as_pairs_and_timed_as_one(micro_model):
     requests = [Request(image, (*TASKS, "caption"), score_threshold=0.0) for image in images]
     results = pipeline(requests)
     assert runner.encoded == 4  # two images and their mirror images, in one batch
-    assert ("encode", 2) in seen
+    assert ("encode", 4) in seen
     start = model.codecs["keypoints"].vocab_slice()[0]
     keypoint_rows = [rows for first, rows in runner.decodes if first == start]
     passes = 1 + len(model.config.schedules["keypoints"])
