@@ -194,7 +194,7 @@ class ModelDescription(Strict):
         description="Refinement steps each task runs when a request names none."
     )
     schedules: dict[str, list[float]] = Field(description="Default mask-ratio schedules.")
-    decoding: dict[str, bool | int | float] = Field(
+    decoding: dict[str, bool | int | float | str] = Field(
         description="How the logits are read: the checkpoint's decoding options, or those "
         "`MAD_DECODING` sets (docs/model.md)."
     )
