@@ -211,7 +211,8 @@ class BatchRun:
         self.memory, self.mirror_memory, self.mirror_offset = self.split_views(memory)
         self.groups: list[TaskGroup] = []
         self.open = set(range(len(requests)))  # neither finished nor cancelled
-        self.unobserved: defaultdict[str, float] = defaultdict(float)  # mirror groups' seconds
+        # Seconds of mirror groups' passes not yet observed, by (task, owners).
+        self.unobserved: defaultdict[tuple[str, tuple[int, ...]], float] = defaultdict(float)
 
     def split_views(self, memory: Any) -> tuple[Any, Any, int]:
         """The batch's memory -> (the images', the mirror images', what to subtract from a
@@ -349,10 +350,11 @@ class BatchRun:
         if not group.advance():
             return False
         seconds = self.stage.lap(group.task)
+        views = (group.task, tuple(group.owners))  # a mirror group's sequences: its original's
         if group.mirror:  # observed with its original's pass, which runs next if it still can
-            self.unobserved[group.task] += seconds
+            self.unobserved[views] += seconds
         else:
-            seconds += self.unobserved.pop(group.task, 0.0)
+            seconds += self.unobserved.pop(views, 0.0)
             self.pipeline.observer(group.task, group.images, seconds)
         return True
 
@@ -365,8 +367,8 @@ class BatchRun:
         for group in groups:
             for i, _, output in group.decode(sorted(set(group.owners)), self.contexts):
                 (mirrored if group.mirror else found)[i] = output
-                if not group.mirror:
-                    self.results[i].passes[group.task] = group.passes(i)
+                passes = self.results[i].passes
+                passes[group.task] = max(passes.get(group.task, 0), group.passes(i))
         codec = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
         for i, output in found.items():
             if i in mirrored:

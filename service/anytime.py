@@ -165,11 +165,16 @@ class RefinementPlanner:
         return max(0.0, (self.queue_size - depth) / (self.queue_size - watermark))
 
     def draft_seconds(
-        self, tasks: tuple[str, ...], images: int = 1, fastest: bool = False
+        self,
+        tasks: tuple[str, ...],
+        images: int = 1,
+        fastest: bool = False,
+        encoded: int | None = None,
     ) -> dict[str, float]:
         """Estimated seconds of each stage of the one-pass answer (batch of `images`; fastest:
-        at the least each stage took lately)."""
-        encoded = images * self.views(tasks)  # with mirror images, as if all asked `tasks`
+        at the least each stage took lately; encoded: the images the batch encodes, mirror
+        images included, if known, else as if every request asked `tasks`)."""
+        encoded = images * self.views(tasks) if encoded is None else encoded
         estimate = {
             stage: self.costs.estimate(stage, encoded, fastest)
             for stage in ("preprocess", "encode")
@@ -213,10 +218,12 @@ class RefinementPlanner:
         batch_size: int,
         now: float,
         batch_tasks: tuple[str, ...] = (),
+        encoded: int | None = None,
     ) -> StepPlan:
         """Steps per task run for a request whose batch of `batch_size` starts now;
-        batch_tasks: what its batch mates asked (their first passes are in its draft)."""
-        plan = self.decide(tasks, explicit, admission, batch_size, now, batch_tasks)
+        batch_tasks: what its batch mates asked (their first passes are in its draft);
+        encoded: the images the batch encodes (the sum of its requests' `views`)."""
+        plan = self.decide(tasks, explicit, admission, batch_size, now, batch_tasks, encoded)
         self.record(plan)
         return plan
 
@@ -228,6 +235,7 @@ class RefinementPlanner:
         batch_size: int,
         now: float,
         batch_tasks: tuple[str, ...] = (),
+        encoded: int | None = None,
     ) -> StepPlan:
         run = self.tasks_to_run(tasks)
         wanted = {}
@@ -248,7 +256,7 @@ class RefinementPlanner:
 
         # The pipeline runs the draft of every task of the batch before any refinement.
         draft_tasks = tuple(dict.fromkeys((*tasks, *batch_tasks)))
-        draft = sum(self.draft_seconds(draft_tasks, batch_size).values())
+        draft = sum(self.draft_seconds(draft_tasks, batch_size, encoded=encoded).values())
         missed = self.costs.missed()
         draft = max(draft + missed, 0.0)  # never a free draft
         spent = now - admission.arrived

@@ -326,8 +326,15 @@ class BatchingEngine:
         request, admission = job.request, job.admission
         if self.planner is not None and admission is not None:
             batch_tasks = tuple(dict.fromkeys(t for mate in batch for t in mate.request.tasks))
+            encoded = sum(self.planner.views(mate.request.tasks) for mate in batch)
             admission.plan = self.planner.plan(
-                request.tasks, request.refine_steps, admission, len(batch), now, batch_tasks
+                request.tasks,
+                request.refine_steps,
+                admission,
+                len(batch),
+                now,
+                batch_tasks,
+                encoded,
             )
             request = replace(request, refine_steps=admission.plan.steps)
         progress = JobProgress(job, asyncio.get_running_loop(), self._settle)

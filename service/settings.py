@@ -31,7 +31,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 def split_list(value: Any) -> Any:
     """`a,b` or a JSON list -> a list; anything else as it is (pydantic judges it)."""
     if not isinstance(value, str):
-        return [value]
+        return value
     text = value.strip()
     if text.startswith("["):
         return json.loads(text)
@@ -232,8 +232,9 @@ class Settings(BaseSettings):
     @classmethod
     def split_lists(cls, value: Any) -> Any:
         """Accept `a,b`, a JSON list, or a list (a repeated option: each item may be `a,b`)."""
-        if isinstance(value, list):
-            return [part for item in value for part in split_list(item)]
+        if isinstance(value, list | tuple):
+            items = (split_list(item) for item in value)
+            return [part for item in items for part in (item if isinstance(item, list) else [item])]
         return split_list(value)
 
     @field_validator("decoding")

@@ -92,6 +92,14 @@ def test_a_request_that_encodes_its_mirror_image_pays_the_encoder_twice():
     assert (mirrored["detection"], mirrored["keypoints"]) == (2 * MS, 3 * MS)  # per image
     plain = p.draft_seconds(("caption",))
     assert (plain["encode"], plain["preprocess"]) == (10 * MS, 1 * MS)
+    # A batch of a keypoints request and a caption one encodes three images, not four.
+    model.observe("encode", 3, 30 * MS)
+    admission = p.admit(("caption",), {}, None, 0.0, 0.0, 0)
+    mixed = p.plan(("caption",), {}, admission, 2, 0.0, ("keypoints", "caption"), encoded=3)
+    as_if_all = p.plan(("caption",), {}, admission, 2, 0.0, ("keypoints", "caption"))
+    assert as_if_all.estimated_s is not None and mixed.estimated_s is not None
+    # The encoder at 4 images against 3 (40 against 30 ms), letterboxing 4 against 3 ms.
+    assert as_if_all.estimated_s - mixed.estimated_s == pytest.approx(11 * MS)
 
 
 def test_time_already_spent_counts_against_the_budget():

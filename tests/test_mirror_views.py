@@ -131,26 +131,37 @@ def test_the_pipeline_averages_each_sequence_over_both_views(micro_model):
 
 
 class MemoryCountingRunner(CountingRunner):
-    """Also records how many images the memory of each decoder pass holds."""
+    """Also records how many images the memory of each decoder pass holds, per task."""
 
-    def __init__(self, network):
+    def __init__(self, network, codecs):
         super().__init__(network)
-        self.memory_images: list[int] = []
+        self.task_of = {codec.vocab_slice()[0]: name for name, codec in codecs.items()}
+        self.memory_images: dict[str, list[int]] = {}
 
     def decode(self, memory, tokens, image_index, vocab_slice):
-        self.memory_images.append(memory.kv[0][0].shape[0])
+        task = self.task_of[vocab_slice[0]]
+        self.memory_images.setdefault(task, []).append(memory.kv[0][0].shape[0])
         return super().decode(memory, tokens, image_index, vocab_slice)
 
 
 def test_each_view_attends_over_its_own_images(micro_model):
     """Every pass attends over all the images of its memory: the images' passes get a
-    memory without the mirror images, and the mirror images' passes one without the images."""
+    memory without the mirror images, and the mirror images' passes one without the images.
+    Here two requests of three read their mirror images."""
     model = with_options(micro_model, detection_flip=True, segmentation_flip=True)
-    runner = MemoryCountingRunner(micro_model.network)
+    runner = MemoryCountingRunner(micro_model.network, model.codecs)
     images = synthetic_images(3, seed=8)
-    Pipeline(model, runner)([Request(image, (*TASKS, "caption")) for image in images])
-    assert runner.encoded == 6 and len(runner.memory_images) > 4
-    assert set(runner.memory_images) == {3}
+    tasks = [("detection", "segmentation"), ("detection", "segmentation"), ("caption",)]
+    requests = [
+        Request(image, asked, score_threshold=0.0)
+        for image, asked in zip(images, tasks, strict=True)
+    ]
+    Pipeline(model, runner)(requests)
+    assert runner.encoded == 5
+    seen = runner.memory_images
+    assert set(seen["caption"]) == {3}
+    for task in ("detection", "segmentation"):  # each pass: the mirrors' (2), the images' (3)
+        assert seen[task] == [2, 3] * (len(seen[task]) // 2) and seen[task], task
 
 
 def test_views_are_encoded_once_decoded_as_pairs_and_timed_as_one(micro_model):
