@@ -28,9 +28,12 @@ def test_engines_built_for_larger_batches_serve_smaller_ones(micro_checkpoint, m
     assert not covers(built, Profile(max_batch=32).resolved(model))
     assert not covers(built, Profile(max_batch=16, min_image=(64, 64)).resolved(model))
     asked = {}
-    monkeypatch.setattr(
-        service.model_cache, "load_runner", lambda *a, **options: asked.update(options)
-    )
+
+    def load_runner(*args, **options):
+        asked.update(options)
+        return types.SimpleNamespace(set_decoding=lambda overrides: None), None
+
+    monkeypatch.setattr(service.model_cache, "load_runner", load_runner)
     settings = Settings(checkpoint=micro_checkpoint, backend="tensorrt", max_batch_size=16)
     service.model_cache.load_configured(settings)
     assert asked["profile"] == Profile(max_batch=16)
