@@ -309,13 +309,13 @@ class BatchRun:
         """A prompted group's sequences on the mirror images, prompted by the mirrored
         detections (its partner: TaskGroup.decode fuses the two)."""
         detection = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
-        mirrored = {
+        on_mirror = {
             i: detection.mirror(self.results[i].required_detections(), self.contexts[i])
             for i in set(group.owners)
         }
         assert group.which is not None
         tokens = torch.stack(
-            [mirrored[i].tokens[j] for i, j in zip(group.owners, group.which, strict=True)]
+            [on_mirror[i].tokens[j] for i, j in zip(group.owners, group.which, strict=True)]
         )
         prompts = group.codec.prompts(tokens)
         mirror = self.group(group.codec, group.schedule, group.owners, prompts, early_stop, True)
