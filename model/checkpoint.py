@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from model.codecs import DetectionCodec, TaskCodec, build_codecs
+from model.codecs import DetectionCodec, TaskCodec, build_codecs, decoding_option_names
 from model.config import TRAINING_AND_DECODING_FIELDS, ModelConfig
 from model.network import MADNetwork
 from model.startup import StartupError
@@ -65,7 +65,7 @@ class MAD:
     def decoding_options(self) -> list[str]:
         """The decoding options (config fields) of the model's tasks' codecs: how its logits
         are read, which `mad tune --decoding` chooses."""
-        return list(dict.fromkeys(o for c in self.codecs.values() for o in c.decoding_options))
+        return decoding_option_names(self.codecs.values())
 
     def check_decoding_options(self, names: Iterable[str]) -> None:
         """ValueError unless every name is one of `decoding_options`."""

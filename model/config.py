@@ -47,6 +47,14 @@ def flip_pairs_from_names(keypoint_names: list[str]) -> list[tuple[int, int]]:
     ]
 
 
+def swapped_order(count: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """The order of `count` keypoints once each pair (`flip_pairs_from_names`) swaps places."""
+    order = list(range(count))
+    for left, right in pairs:
+        order[left], order[right] = right, left
+    return order
+
+
 # COCO's skeleton, as 0-based index pairs.
 COCO_SKELETON = [
     (15, 13),

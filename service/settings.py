@@ -42,11 +42,11 @@ def decoding_overrides(items: list[str]) -> dict[str, Any]:
     """MAD_DECODING's items -> {option: value}; ValueError for an item that is not KEY=VALUE
     of a decoding option of a registered task (`TaskCodec.decoding_options`) with a value the
     config takes."""
-    from model.codecs import CODECS  # torch: only when the setting is given
+    from model.codecs import CODECS, decoding_option_names  # torch: only when it is given
     from model.config import ModelConfig, parse_overrides
 
     overrides = parse_overrides(items)
-    known = list(dict.fromkeys(o for codec in CODECS.values() for o in codec.decoding_options))
+    known = decoding_option_names(CODECS.values())
     for name in overrides:
         if name not in known:
             raise ValueError(f"{name} is not a decoding option (one of {', '.join(known)})")

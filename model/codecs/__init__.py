@@ -15,6 +15,7 @@ from model.codecs.base import (
     TaskCodec,
     TaskEvaluator,
     TrainSequences,
+    decoding_option_names,
     flip_options,
     register_codec,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "TaskEvaluator",
     "TrainSequences",
     "build_codecs",
+    "decoding_option_names",
     "flip_options",
     "register_codec",
 ]

@@ -16,7 +16,7 @@ the slice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -123,6 +123,11 @@ class TaskEvaluator(Protocol):
 
 
 CODECS: dict[str, type[TaskCodec]] = {}
+
+
+def decoding_option_names(codecs: Iterable[type[TaskCodec] | TaskCodec]) -> list[str]:
+    """The decoding options (config fields) these codecs declare, each once, in order."""
+    return list(dict.fromkeys(o for codec in codecs for o in codec.decoding_options))
 
 
 def flip_options() -> list[str]:

@@ -22,7 +22,7 @@ from model.codecs.base import (
     box_tokens,
     register_codec,
 )
-from model.config import flip_pairs_from_names
+from model.config import flip_pairs_from_names, swapped_order
 
 if TYPE_CHECKING:
     from model.evaluate import GroundTruth
@@ -53,9 +53,7 @@ class KeypointCodec(TaskCodec):
         probability is split between the two bins around that (linearly), past the edges onto
         the edge bins."""
         K, n = self.config.num_keypoints, self.vocab.num_bins
-        order = list(range(K))
-        for left, right in flip_pairs_from_names(self.config.keypoint_names):
-            order[left], order[right] = right, left
+        order = swapped_order(K, flip_pairs_from_names(self.config.keypoint_names))
         probs = probs.reshape(len(probs), K, 3, -1)[:, order]
         x = probs[:, :, 0, : n + 1]  # [S, K, n + 1] over the coordinate bins
         last_pixels = [torch.tensor([ctx.image_size[1] - 1.0, 0.0]) for ctx in contexts]

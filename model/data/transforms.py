@@ -16,7 +16,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from model.config import ModelConfig
+from model.config import ModelConfig, swapped_order
 
 
 def _image_size(image: torch.Tensor) -> tuple[int, int]:
@@ -80,10 +80,7 @@ class RandomHorizontalFlip:
         labelled = kps[..., 2] > 0
         kps[..., 0] = torch.where(labelled, w - 1 - kps[..., 0], kps[..., 0])
         if self.flip_pairs and kps.shape[1]:
-            perm = list(range(kps.shape[1]))
-            for a, b in self.flip_pairs:
-                perm[a], perm[b] = b, a
-            kps = kps[:, perm]
+            kps = kps[:, swapped_order(kps.shape[1], self.flip_pairs)]
         target["keypoints"] = kps
         if self.swap_captions and "captions" in target:
             target["captions"] = [_swap_sides(c) for c in target["captions"]]
