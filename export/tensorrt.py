@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from model.codecs import flip_options
+from model.codecs import flip_options, zoom_options
 from model.decoding import VERIFY_GROUPS
 from model.startup import StartupError
 from runtime.manifest import read_manifest, write_manifest
@@ -50,13 +50,17 @@ class Profile:
     def resolved(self, model: dict[str, Any]) -> Profile:
         """Zeros replaced by their defaults for this model (the manifest's "model" entry); a
         model that decodes on mirror images too (a task's `flip_option`) encodes two images per
-        request, so its encoder batches are twice the requests'."""
+        request, so its encoder batches are twice the requests', and one that zooms (a task's
+        `zoom_option`, model.zoom) a crop per detection."""
         model = {**model, **self.decoding}
         canvas, slots = model["image_size"], model["num_slots"]
         views = 2 if any(model.get(option) for option in flip_options()) else 1
         images = self.max_batch * views
         # Up to 2 x slots detections fused from two views; each view's group decodes apart.
         detections = slots * (2 if model.get("detection_flip") else 1)
+        if any(model.get(option, 0) > 1 for option in zoom_options()):
+            # A zoomed task encodes a crop per detection in one call, and decodes on them.
+            images = max(images, self.max_batch * detections)
         per_image = max(detections, model.get("caption_candidates", 1) * VERIFY_GROUPS)
         max_sequences = self.max_sequences or self.max_batch * per_image
         min_h, min_w = self.min_image

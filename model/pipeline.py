@@ -15,7 +15,11 @@ on them too: detection fuses each image's two sets of boxes (`DetectionCodec.fus
 task prompted by detections runs its sequences again on the mirror image, prompted by the
 mirrored boxes, and averages the two views' probabilities (`TaskCodec.fuse_mirror`). The mirror
 images have a memory of their own: the tasks' passes on the images attend over the images
-alone.
+alone. With a task's zoom option (model.zoom), each of its sequences decodes on a crop of its
+image around its detection's box, enlarged to the canvas: the crops are encoded when the task
+starts (timed under the task, told to the observer as encoder work), each once per batch
+however many tasks read it, and the sequences whose crop would be the whole image read the
+image's own memory.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -39,6 +43,7 @@ from PIL import Image
 
 from model.checkpoint import MAD
 from model.codecs import DecodeContext, DetectionCodec, TaskCodec
+from model.codecs.base import box_tokens
 from model.codecs.detection import Detections
 from model.decoding import Memory, Runner, mask_schedule, refinement
 from model.feature_cache import FeatureCache, SplitsMemory
@@ -46,6 +51,7 @@ from model.inference_io import Request, Result
 from model.preprocess import canvas_groups, decode_context, image_canvas, prepare_batch
 from model.stopwatch import Stopwatch
 from model.task_groups import Schedule, TaskGroup
+from model.zoom import Window, Zoom, mirror_in, task_zoom, window_context, zoom_window
 
 # Called on the model thread with (stage, images, seconds) for the encoder and each decoder
 # pass: what the service's cost estimates learn from.
@@ -213,6 +219,9 @@ class BatchRun:
         self.open = set(range(len(requests)))  # neither finished nor cancelled
         # Seconds of mirror groups' passes not yet observed, by (task, owners).
         self.unobserved: defaultdict[tuple[str, tuple[int, ...]], float] = defaultdict(float)
+        # Each encoded crop's memory (model.zoom), by (image, window, mirrored); a window of
+        # None is the whole image.
+        self.crops: dict[tuple[int, Window | None, bool], Any] = {}
 
     def split_views(self, memory: Any) -> tuple[Any, Any, int]:
         """The batch's memory -> (the images', the mirror images', what to subtract from a
@@ -301,8 +310,45 @@ class BatchRun:
         prompting = [self.results[i].required_detections() for i in owners]
         tokens = torch.stack([d.tokens[j] for d, j in zip(prompting, which, strict=True)])
         boxes = [d.boxes[j] for d, j in zip(prompting, which, strict=True)]
-        group = self.group(codec, schedule, owners, codec.prompts(tokens), early_stop)
+        zoom = task_zoom(codec)
+        if zoom is None:
+            group = self.group(codec, schedule, owners, codec.prompts(tokens), early_stop)
+        else:
+            group = self.zoomed_group(codec, schedule, owners, tokens, boxes, zoom, early_stop)
         group.which, group.boxes = which, boxes
+        return group
+
+    def zoomed_group(
+        self,
+        codec: TaskCodec,
+        schedule: Schedule,
+        owners: list[int],
+        tokens: torch.Tensor,
+        boxes: list[torch.Tensor],
+        zoom: Zoom,
+        early_stop: bool,
+    ) -> TaskGroup:
+        """The sequences of detections `tokens` [S, 5] (pixel `boxes`), each on the crop of its
+        image around its box (model.zoom), prompted by its box on the crop."""
+        canvas = self.pipeline.config.image_size
+        windows: list[Window | None] = []
+        contexts: list[DecodeContext] = []
+        for i, box in zip(owners, boxes, strict=True):
+            size = self.contexts[i].image_size
+            window = zoom_window(box, size, canvas, zoom)
+            windows.append(window)
+            contexts.append(
+                self.contexts[i] if window is None else window_context(window, size, canvas)
+            )
+        on_crops = tokens.clone()  # a whole-image sequence keeps its slot's own tokens
+        for s, (window, context) in enumerate(zip(windows, contexts, strict=True)):
+            if window is not None:
+                on_crops[s, :4] = box_tokens(codec.vocab, context.to_canvas(boxes[s]))
+        memory = self.crop_memory(codec.name, owners, windows, mirror=False)
+        group = self.group(
+            codec, schedule, owners, codec.prompts(on_crops), early_stop, crops=memory
+        )
+        group.contexts, group.windows = contexts, windows
         return group
 
     def mirror_group(self, group: TaskGroup, early_stop: bool) -> TaskGroup:
@@ -317,10 +363,53 @@ class BatchRun:
         tokens = torch.stack(
             [on_mirror[i].tokens[j] for i, j in zip(group.owners, group.which, strict=True)]
         )
+        memory = None
+        if group.windows is not None and group.contexts is not None and group.boxes is not None:
+            for s, (window, context) in enumerate(zip(group.windows, group.contexts, strict=True)):
+                if window is not None:  # the box on its crop's mirror image
+                    on_mirror_crop = context.to_canvas(mirror_in(context, group.boxes[s]))
+                    tokens[s, :4] = box_tokens(group.codec.vocab, on_mirror_crop)
+            memory = self.crop_memory(group.task, group.owners, group.windows, mirror=True)
         prompts = group.codec.prompts(tokens)
-        mirror = self.group(group.codec, group.schedule, group.owners, prompts, early_stop, True)
+        mirror = self.group(
+            group.codec, group.schedule, group.owners, prompts, early_stop, True, crops=memory
+        )
         mirror.which, mirror.boxes = group.which, group.boxes
+        mirror.contexts, mirror.windows = group.contexts, group.windows
         return mirror
+
+    def crop_memory(
+        self, task: str, owners: list[int], windows: list[Window | None], mirror: bool
+    ) -> Any:
+        """The memory of each sequence's crop of its image (mirror: of its mirror image), in
+        sequence order. Crops not encoded yet in this batch are, in one encoder call: told to
+        the observer as encoder work, timed under `task`."""
+        runner = self.pipeline.runner
+        if not isinstance(runner, SplitsMemory):
+            raise TypeError(f"the {runner.name} runner cannot split its features for crops")
+        keys = [(i, window, mirror) for i, window in zip(owners, windows, strict=True)]
+        new = [key for key in dict.fromkeys(keys) if key not in self.crops]
+        cut = [key for key in new if key[1] is not None]
+        if cut:
+            images = []
+            for i, window, flipped in cut:
+                crop = self.requests[i].image.crop(window)
+                images.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop)
+            self.stage.lap(task)
+            batch = prepare_batch(images, self.pipeline.config.image_size, self.pipeline.device)
+            self.pipeline.observer("preprocess", len(cut), self.stage.lap(task))
+            encoded = runner.split_memory(runner.encode(batch.images, batch.pad_mask))
+            self.pipeline.observer("encode", len(cut), self.stage.lap(task))
+            self.crops.update(zip(cut, encoded, strict=True))
+        whole = [key for key in new if key[1] is None]
+        if whole:  # the image's own memory
+            parts = runner.split_memory(self.mirror_memory if mirror else self.memory)
+            for i, _, _ in whole:
+                self.crops[(i, None, mirror)] = parts[
+                    self.mirrors[i] - self.mirror_offset if mirror else i
+                ]
+        memories = [self.crops[key] for key in keys]
+        return memories[0] if len(memories) == 1 else runner.join_memory(memories)
 
     def group(
         self,
@@ -330,13 +419,18 @@ class BatchRun:
         prompts: torch.Tensor,
         early_stop: bool,
         mirror: bool = False,
+        crops: Any = None,
     ) -> TaskGroup:
-        """The sequences `prompts` of the images `owners` (mirror: of their mirror images)."""
+        """The sequences `prompts` of the images `owners` (mirror: of their mirror images;
+        crops: on the memory of each one's own crop, `crop_memory`)."""
         device = self.pipeline.device
+        memory = self.mirror_memory if mirror else self.memory
         images = [self.mirrors[i] - self.mirror_offset for i in owners] if mirror else owners
+        if crops is not None:
+            memory, images = crops, list(range(len(owners)))
         steps = refinement(
             self.pipeline.runner,
-            self.mirror_memory if mirror else self.memory,
+            memory,
             codec,
             prompts.to(device),
             torch.tensor(images, device=device),

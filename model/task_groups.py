@@ -38,6 +38,10 @@ class TaskGroup:
     # A prompted task's same sequences on the mirror images, fused into this group's outputs
     # (TaskCodec.fuse_mirror).
     partner: TaskGroup | None = None
+    # Sequences on crops of their images (model.zoom): each one's window (None: the whole
+    # image) and decode context, which `decode` reads instead of its image's.
+    windows: list[tuple[int, int, int, int] | None] | None = None
+    contexts: list[DecodeContext] | None = None
     state: Decoding | None = None
     _rows: dict[int, torch.Tensor] = field(default_factory=dict)
     _settled: dict[int, list[tuple[int, int | None, Any]]] = field(default_factory=dict)
@@ -118,7 +122,11 @@ class TaskGroup:
         order = rows.tolist()
         logits = self.state.logits[rows.to(self.state.logits.device)].cpu()
         owners = [self.owners[s] for s in order]
-        seen = [contexts[i] for i in owners]
+        seen = (
+            [contexts[i] for i in owners]
+            if self.contexts is None
+            else [self.contexts[s] for s in order]
+        )
         if self.partner is not None and self.partner.state is not None:
             mirror = self.partner.state.logits
             logits = self.codec.fuse_mirror(logits, mirror[rows.to(mirror.device)].cpu(), seen)

@@ -237,9 +237,10 @@ def test_the_decoding_cost_bench_times_each_variant(micro_checkpoint, capsys):
     out = capsys.readouterr().out
     for name in (
         "as the checkpoint sets",
-        "mirror image for detection alone",
-        "one view",
-        "one view, one caption",
+        "no zoomed crops",
+        "no crops, mirror image for detection alone",
+        "no crops, one view",
+        "no crops, one view, one caption",
     ):
         assert name in out
-    assert out.count("median") == 4
+    assert out.count("median") == 5

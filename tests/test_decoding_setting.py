@@ -117,3 +117,13 @@ def test_tensorrt_shapes_follow_the_served_options():
     assert (plain.max_batch, keypoints.max_batch, boxes.max_batch) == (4, 8, 8)
     assert (plain.max_sequences, keypoints.max_sequences, boxes.max_sequences) == (40, 40, 80)
     assert keypoints.decoding == {}  # resolved into the shapes
+
+
+def test_tensorrt_shapes_hold_a_zoomed_task_s_crops():
+    model = {"image_size": [256, 256], "num_slots": 10}
+    zoomed = Profile(max_batch=4, decoding={"keypoints_zoom": 3.0}).resolved(model)
+    both = Profile(max_batch=4, decoding={"segmentation_zoom": 2.0, "detection_flip": True})
+    # A crop per detection of every request, encoded in one call and decoded on.
+    assert zoomed.max_batch == 40 and zoomed.max_sequences == 40
+    assert both.resolved(model).max_batch == 80
+    assert Profile(max_batch=4, decoding={"keypoints_zoom": 1.0}).resolved(model).max_batch == 4

@@ -1,8 +1,9 @@
 """What a checkpoint's decoding options cost: one all-task request, timed in process, with the
-options as the checkpoint sets them, with the mirror image read by detection alone
-(`segmentation_flip` and `keypoints_flip` off), with one view (every flip option off), and
-with one view and one caption candidate refined as many steps as its schedule had before the
-candidates (the reference's decoding of these).
+options as the checkpoint sets them, then with each of these turned off in turn: the zoomed
+crops (every zoom option 0), the mirror image for masks and keypoints (`segmentation_flip` and
+`keypoints_flip`: detection alone reads it), every flip option (one view), and the caption
+candidates (one, refined as many steps as its schedule had before the candidates): the last
+row is the reference's decoding of these.
 
     python -m mad.bench.decoding_cost [--checkpoint checkpoints/mad-tiny] [--repeats 7]
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from mad.bench.workload import BUNDLED_CHECKPOINT, synthetic_image
 from model.checkpoint import load_checkpoint
-from model.codecs import flip_options
+from model.codecs import flip_options, zoom_options
 from model.inference_io import Request
 from model.pipeline import Pipeline
 from model.runner import EagerRunner
@@ -38,16 +39,18 @@ class Variant:
 
 
 def variants(one_candidate_steps: int) -> list[Variant]:
-    one_view = dict.fromkeys(flip_options(), False)
+    no_crops: dict[str, Any] = dict.fromkeys(zoom_options(), 0.0)
+    one_view = {**no_crops, **dict.fromkeys(flip_options(), False)}
     return [
         Variant("as the checkpoint sets"),
+        Variant("no zoomed crops", no_crops),
         Variant(
-            "mirror image for detection alone",
-            {"segmentation_flip": False, "keypoints_flip": False},
+            "no crops, mirror image for detection alone",
+            {**no_crops, "segmentation_flip": False, "keypoints_flip": False},
         ),
-        Variant("one view", one_view),
+        Variant("no crops, one view", one_view),
         Variant(
-            "one view, one caption candidate",
+            "no crops, one view, one caption candidate",
             {**one_view, "caption_candidates": 1},
             one_candidate_steps,
         ),
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.checkpoint}: one {image.width}x{image.height} image, tasks {', '.join(tasks)}")
     for name, seconds in times.items():
         print(
-            f"{name:<34} median {1000 * statistics.median(seconds):6.1f} ms ({len(seconds)} runs)"
+            f"{name:<44} median {1000 * statistics.median(seconds):6.1f} ms ({len(seconds)} runs)"
         )
 
 

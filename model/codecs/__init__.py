@@ -18,6 +18,7 @@ from model.codecs.base import (
     decoding_option_names,
     flip_options,
     register_codec,
+    zoom_options,
 )
 from model.codecs.detection import DetectionCodec
 from model.config import ModelConfig
@@ -58,4 +59,5 @@ __all__ = [
     "decoding_option_names",
     "flip_options",
     "register_codec",
+    "zoom_options",
 ]

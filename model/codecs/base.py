@@ -82,26 +82,44 @@ class DecodeContext:
     """What a codec needs to turn normalised canvas coordinates into original-image pixels.
 
     canvas: (H, W) of the letterboxed model input; scale: resized / original size;
-    image_size: (H, W) of the original image.
+    image_size: (H, W) of the image the model saw. For a crop of an image (model.zoom), origin
+    is the crop's top-left corner (x, y) on the image and full_size the image's (H, W): pixels
+    are the image's, not the crop's.
     """
 
     canvas: tuple[int, int]
     scale: float
     image_size: tuple[int, int]
+    origin: tuple[int, int] = (0, 0)
+    full_size: tuple[int, int] | None = None
+
+    @property
+    def result_size(self) -> tuple[int, int]:
+        """(H, W) of the image results are given on (the whole image, for a crop)."""
+        return self.full_size or self.image_size
 
     def to_pixels(self, xy: torch.Tensor) -> torch.Tensor:
-        """[..., 2k] normalised (x, y, x, y, ...) -> original-image pixels, clipped."""
+        """[..., 2k] normalised (x, y, x, y, ...) -> original-image pixels, clipped to the
+        image the model saw."""
         h, w = self.canvas
         size = torch.tensor([w, h], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
         limit = torch.tensor(self.image_size[::-1], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
-        return torch.minimum(xy * size / self.scale, limit).clamp(min=0)
+        seen = torch.minimum(xy * size / self.scale, limit).clamp(min=0)
+        return seen + torch.tensor(self.origin, dtype=xy.dtype).repeat(xy.shape[-1] // 2)
 
     def to_canvas(self, xy: torch.Tensor) -> torch.Tensor:
         """[..., 2k] original-image pixels (x, y, x, y, ...) -> normalised canvas coordinates
         (`to_pixels`' inverse, unclipped)."""
         h, w = self.canvas
         size = torch.tensor([w, h], dtype=xy.dtype).repeat(xy.shape[-1] // 2)
-        return xy * self.scale / size
+        shift = torch.tensor(self.origin, dtype=xy.dtype).repeat(xy.shape[-1] // 2)
+        return (xy - shift) * self.scale / size
+
+    @property
+    def mirror_span(self) -> float:
+        """The canvas width (normalised) from the seen image's first pixel column's to its
+        last's: pixel x on the mirror image is W - 1 - x here."""
+        return (self.image_size[1] - 1) * self.scale / self.canvas[1]
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,11 @@ def flip_options() -> list[str]:
     return [c.flip_option for c in CODECS.values() if c.flip_option is not None]
 
 
+def zoom_options() -> list[str]:
+    """The registered tasks' `zoom_option`s (model.zoom)."""
+    return [c.zoom_option for c in CODECS.values() if c.zoom_option is not None]
+
+
 def register_codec(cls: type[TaskCodec]) -> type[TaskCodec]:
     """Class decorator: make a codec available under its `name`."""
     CODECS[cls.name] = cls
@@ -167,6 +190,10 @@ class TaskCodec:
     # The decoding option (a bool config field, also in decoding_options) with which this task
     # decodes each image's mirror image too (None: it never does; `reads_mirror_image`).
     flip_option: ClassVar[str | None] = None
+    # The decoding option (a float config field, also in decoding_options, with a
+    # `<option>_context` beside it) with which this task, prompted by detections, decodes each
+    # on a zoomed crop around its box (model.zoom); None: it cannot.
+    zoom_option: ClassVar[str | None] = None
 
     def __init__(
         self, config: ModelConfig, vocab: VocabLayout, tokenizer: CaptionTokenizer | None = None

@@ -36,8 +36,13 @@ class KeypointCodec(TaskCodec):
     output_field = "keypoints"
     metrics = ("keypoints_AP",)
 
-    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {"keypoints_flip": (False, True)}
+    decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "keypoints_flip": (False, True),
+        "keypoints_zoom": (0.0, 2.0, 3.0, 4.0),
+        "keypoints_zoom_context": (3.0, 2.0, 4.0),
+    }
     flip_option = "keypoints_flip"
+    zoom_option = "keypoints_zoom"
 
     prompt_len = 6
 
@@ -56,8 +61,7 @@ class KeypointCodec(TaskCodec):
         order = swapped_order(K, flip_pairs_from_names(self.config.keypoint_names))
         probs = probs.reshape(len(probs), K, 3, -1)[:, order]
         x = probs[:, :, 0, : n + 1]  # [S, K, n + 1] over the coordinate bins
-        last_pixels = [torch.tensor([ctx.image_size[1] - 1.0, 0.0]) for ctx in contexts]
-        spans = torch.stack([c.to_canvas(p)[0] for c, p in zip(contexts, last_pixels, strict=True)])
+        spans = torch.tensor([context.mirror_span for context in contexts])
         target = (n * spans - 1)[:, None] - torch.arange(n + 1.0)  # [S, n + 1] each bin's place
         below = target.floor()
         upper = target - below  # the share of the bin above

@@ -83,8 +83,11 @@ class SegmentationCodec(TaskCodec):
         "mask_threshold": (0.5, 0.3, 0.4, 0.6),
         "mask_scoring": (False, True),
         "segmentation_flip": (False, True),
+        "segmentation_zoom": (0.0, 2.0, 3.0, 4.0),
+        "segmentation_zoom_context": (3.0, 2.0, 4.0),
     }
     flip_option = "segmentation_flip"
+    zoom_option = "segmentation_zoom"
 
     prompt_len = 6
 
@@ -160,7 +163,7 @@ class SegmentationCodec(TaskCodec):
         threshold = self.config.mask_threshold
         quality = self.mask_quality(fg) if self.config.mask_scoring else torch.ones(len(fg))
         return [
-            paste_mask(fg[s], boxes[s], ctx.image_size, threshold, float(quality[s]))
+            paste_mask(fg[s], boxes[s], ctx.result_size, threshold, float(quality[s]))
             for s, ctx in enumerate(contexts)
         ]
 

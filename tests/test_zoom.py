@@ -1,0 +1,197 @@
+"""Masks and keypoints decoded on a zoomed crop around each detection (`segmentation_zoom`,
+`keypoints_zoom`, model.zoom)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from model.codecs.base import DecodeContext
+from model.config import ModelConfig
+from model.decoding import masked_decode
+from model.inference_io import Request
+from model.pipeline import Pipeline
+from model.preprocess import decode_context, prepare_batch
+from model.zoom import Zoom, mirror_in, window_context, zoom_window
+from tests.helpers import synthetic_images
+from tests.test_mirror_views import with_options
+from tests.test_refinement import CountingRunner
+
+TASKS = ("detection", "segmentation", "keypoints")
+
+
+def test_a_small_box_gets_a_crop_of_the_canvas_shape_around_it():
+    # A 20 x 10 box (x0, y0, x1, y1) in a 200 x 300 (H, W) image, on a 96 x 96 canvas.
+    window = zoom_window(
+        torch.tensor([140.0, 90.0, 160.0, 100.0]), (200, 300), (96, 96), Zoom(4, 3)
+    )
+    assert window is not None
+    left, top, right, bottom = window
+    # The crop spans 3 x the box's longer side, at most 4 x enlarged over the whole image's
+    # view (300 / 4 = 75 pixels): 75 wins over 60.
+    assert (right - left, bottom - top) == (75, 75)
+    assert left <= 140 and right >= 160 and top <= 90 and bottom >= 100
+    assert abs((left + right) / 2 - 150) <= 1 and abs((top + bottom) / 2 - 95) <= 1
+    # Unbounded enlargement: 3 x 20 pixels.
+    window = zoom_window(
+        torch.tensor([140.0, 90.0, 160.0, 100.0]), (200, 300), (96, 96), Zoom(99, 3)
+    )
+    assert window is not None and window[2] - window[0] == 60
+
+
+def test_a_crop_stays_inside_the_image_and_a_large_box_reads_the_whole_image():
+    # At the corner: shifted inside, not cut.
+    window = zoom_window(torch.tensor([0.0, 190.0, 10.0, 200.0]), (200, 300), (96, 96), Zoom(4, 3))
+    assert window == (0, 125, 75, 200)
+    # A box whose crop would not enlarge it reads the whole image.
+    assert (
+        zoom_window(torch.tensor([50.0, 20.0, 250.0, 180.0]), (200, 300), (96, 96), Zoom(4, 3))
+        is None
+    )
+    # A crop taller than the image is cut where the image ends: a landscape canvas's crop of
+    # a wide, low image.
+    window = zoom_window(torch.tensor([100.0, 10.0, 160.0, 50.0]), (60, 400), (96, 128), Zoom(4, 3))
+    assert window is not None and window[1] == 0 and window[3] == 60
+    # A portrait image on a landscape canvas runs on the transposed canvas: its crops too.
+    window = zoom_window(
+        torch.tensor([40.0, 100.0, 50.0, 120.0]), (300, 200), (96, 128), Zoom(8, 3)
+    )
+    assert window is not None
+    assert window[3] - window[1] > window[2] - window[0]
+
+
+def test_a_crop_context_maps_the_crop_canvas_to_the_image_pixels():
+    window = (40, 30, 115, 105)  # 75 x 75 pixels of a 200 x 300 image
+    context = window_context(window, (200, 300), (96, 96))
+    assert context.image_size == (75, 75) and context.result_size == (200, 300)
+    box = torch.tensor([50.0, 40.0, 70.0, 60.0])
+    torch.testing.assert_close(context.to_pixels(context.to_canvas(box)), box)
+    # Points are clipped to the crop the model saw, then placed on the image.
+    corner = context.to_pixels(torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(corner, torch.tensor([115.0, 105.0]))
+    # Mirrored within the crop: x -> left + right - x, the corners swapped.
+    torch.testing.assert_close(mirror_in(context, box), torch.tensor([85.0, 40.0, 105.0, 60.0]))
+    whole = DecodeContext((96, 96), 0.32, (200, 300))
+    torch.testing.assert_close(mirror_in(whole, box), torch.tensor([230.0, 40.0, 250.0, 60.0]))
+
+
+@pytest.mark.parametrize("option", ["segmentation_zoom", "keypoints_zoom", "context"])
+def test_zoom_options_are_checked(option):
+    with pytest.raises(ValueError, match="zoom"):
+        if option == "context":
+            ModelConfig(keypoints_zoom_context=0.5)
+        else:
+            ModelConfig(**{option: -1.0})
+
+
+def hand_decoded(model, runner, image, result, task, mirror):
+    """What the pipeline should answer for `task`: each detection's sequence decoded by hand
+    on its crop (and its crop's mirror, fused), alone. -> outputs, crops encoded."""
+    codec, canvas = model.codecs[task], model.config.image_size
+    detections = result.detections
+    zoom = Zoom(
+        getattr(model.config, f"{task}_zoom"), getattr(model.config, f"{task}_zoom_context")
+    )
+    schedule = model.config.schedules.get(task, [])
+    image_context = decode_context(image, canvas)
+    outputs, crops = [], 0
+    for j in codec.applies_to(detections.labels).nonzero().flatten().tolist():
+        box, tokens = detections.boxes[j], detections.tokens[j].clone()
+        window = zoom_window(box, image_context.image_size, canvas, zoom)
+        views = [image] if window is None else [image.crop(window)]
+        context = (
+            image_context
+            if window is None
+            else window_context(window, image_context.image_size, canvas)
+        )
+        if window is not None:
+            crops += 1
+            tokens[:4] = model.vocab.quantize(context.to_canvas(box).clamp(0, 1))
+        prompts = [codec.prompts(tokens[None])]
+        if mirror:
+            views.append(views[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+            flipped = tokens.clone()
+            flipped[:4] = model.vocab.quantize(
+                context.to_canvas(mirror_in(context, box)).clamp(0, 1)
+            )
+            prompts.append(codec.prompts(flipped[None]))
+        logits = []
+        for view, prompt in zip(views, prompts, strict=True):
+            batch = prepare_batch([view], canvas)
+            memory = runner.encode(batch.images, batch.pad_mask)
+            logits.append(
+                masked_decode(runner, memory, codec, prompt, torch.zeros(1).long(), schedule)
+            )
+        fused = logits[0] if not mirror else codec.fuse_mirror(logits[0], logits[1], [context])
+        boxes = {"boxes": [box]} if task == "segmentation" else {}
+        outputs.append((j, codec.decode(fused, None, [context], **boxes)[0]))
+    return outputs, crops
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_each_sequence_decodes_on_its_own_crop(micro_model, mirror):
+    options = {"segmentation_zoom": 3.0, "keypoints_zoom": 3.0, "keypoints_zoom_context": 2.0}
+    if mirror:
+        options |= {"segmentation_flip": True, "keypoints_flip": True}
+    model = with_options(micro_model, **options)
+    runner = CountingRunner(micro_model.network)
+    first, second = synthetic_images(2, seed=3)
+    images = [first, second.resize((second.width * 3 // 4, second.height // 2))]
+    results = Pipeline(model, runner)(
+        [Request(image, TASKS, score_threshold=0.0) for image in images]
+    )
+    checked = set()
+    for image, result in zip(images, results, strict=True):
+        for task in ("segmentation", "keypoints"):
+            expected, crops = hand_decoded(model, runner, image, result, task, mirror)
+            if crops:
+                checked.add(task)
+            for j, want in expected:
+                got = result.outputs[task][j]
+                if task == "segmentation":
+                    assert (got.top, got.left) == (want.top, want.left)
+                    assert torch.equal(got.crop, want.crop)
+                else:
+                    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    assert checked == {"segmentation", "keypoints"}
+
+
+def test_a_crop_is_encoded_once_per_batch_and_counted_as_encoder_work(micro_model):
+    # The same zoom for both tasks: a person's mask and skeleton read one crop.
+    model = with_options(micro_model, segmentation_zoom=3.0, keypoints_zoom=3.0)
+    runner = CountingRunner(micro_model.network)
+    seen = []
+    pipeline = Pipeline(model, runner, observer=lambda *call: seen.append(call[:2]))
+    image = synthetic_images(1, seed=5)[0]
+    result = pipeline([Request(image, TASKS, score_threshold=0.0)])[0]
+    detections = result.detections
+    canvas, size = model.config.image_size, (image.height, image.width)
+    windows = {zoom_window(box, size, canvas, Zoom(3.0, 3.0)) for box in detections.boxes}
+    windows.discard(None)
+    assert windows and runner.encoded == 1 + len(windows)
+    assert ("encode", len(windows)) in seen  # the crops: encoder work, one call
+    # Keypoints alone read the persons' crops only.
+    runner.encoded = 0
+    pipeline([Request(image, ("detection", "keypoints"), score_threshold=0.0)])
+    persons = detections.boxes[model.codecs["keypoints"].applies_to(detections.labels)]
+    person_windows = {zoom_window(box, size, canvas, Zoom(3.0, 3.0)) for box in persons} - {None}
+    assert runner.encoded == 1 + len(person_windows)
+
+
+def test_a_zoomed_request_answers_the_same_beside_batch_mates(micro_model):
+    model = with_options(micro_model, segmentation_zoom=4.0, keypoints_zoom=4.0)
+    pipeline = Pipeline(model, CountingRunner(micro_model.network))
+    images = synthetic_images(3, seed=6)
+    together = pipeline([Request(image, TASKS, score_threshold=0.0) for image in images])
+    alone = pipeline([Request(images[1], TASKS, score_threshold=0.0)])[0]
+    assert any(mask is not None for mask in alone.outputs["segmentation"])
+    for task in ("segmentation", "keypoints"):
+        for a, b in zip(together[1].outputs[task], alone.outputs[task], strict=True):
+            assert (a is None) == (b is None)
+            if a is None:
+                continue
+            if task == "segmentation":
+                assert torch.equal(a.crop, b.crop)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
