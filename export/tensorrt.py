@@ -58,8 +58,8 @@ class Profile:
         images = self.max_batch * views
         # Up to 2 x slots detections fused from two views; each view's group decodes apart.
         detections = slots * (2 if model.get("detection_flip") else 1)
-        if any(model.get(option, 0) > 1 for option in zoom_options()):
-            # A zoomed task encodes a crop per detection in one call, and decodes on them.
+        if model.get("zoom", 0) > 1 and any(model.get(option) for option in zoom_options()):
+            # Crops (model.zoom): one per detection, encoded in one call and decoded on.
             images = max(images, self.max_batch * detections)
         per_image = max(detections, model.get("caption_candidates", 1) * VERIFY_GROUPS)
         max_sequences = self.max_sequences or self.max_batch * per_image

@@ -195,10 +195,11 @@ TRAINING_AND_DECODING_FIELDS = (
     "detection_flip",
     "segmentation_flip",
     "keypoints_flip",
+    "zoom",
+    "zoom_context",
+    "detection_zoom",
     "segmentation_zoom",
-    "segmentation_zoom_context",
     "keypoints_zoom",
-    "keypoints_zoom_context",
     "schedules",
 )
 POSITIVE_FIELDS = (
@@ -295,13 +296,15 @@ class ModelConfig:
     # boxes, and average the two views' probabilities (TaskCodec.from_mirror; False: one view).
     segmentation_flip: bool = False
     keypoints_flip: bool = False
-    # Masks and keypoints decode each detection on a crop around its box, enlarged up to this
-    # many times over the whole image's view (model.zoom; 0: on the whole image), the crop
-    # spanning `_context` times the box.
-    segmentation_zoom: float = 0.0
-    segmentation_zoom_context: float = 3.0
-    keypoints_zoom: float = 0.0
-    keypoints_zoom_context: float = 3.0
+    # Zoomed crops (model.zoom): each kept detection gets a crop of its image around its box,
+    # spanning `zoom_context` times the box and enlarged up to `zoom` times over the whole
+    # image's view. Detection re-reads each box on its crop; masks and keypoints decode on
+    # it (False: on the whole image).
+    zoom: float = 3.0
+    zoom_context: float = 3.0
+    detection_zoom: bool = False
+    segmentation_zoom: bool = False
+    keypoints_zoom: bool = False
     # Captions refined apart per image (each re-masking its own random positions), of which
     # the one the model finds most likely is kept (model.decoding; 1: the reference's one).
     caption_candidates: int = 1
@@ -337,11 +340,10 @@ class ModelConfig:
             raise ValueError("caption_candidates must be at least 1")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError("mask_threshold must be between 0 and 1")
-        for task in ("segmentation", "keypoints"):
-            if getattr(self, f"{task}_zoom") < 0:
-                raise ValueError(f"{task}_zoom must be at least 0")
-            if getattr(self, f"{task}_zoom_context") < 1:
-                raise ValueError(f"{task}_zoom_context must be at least 1")
+        if self.zoom < 1:
+            raise ValueError("zoom must be at least 1")
+        if self.zoom_context < 1:
+            raise ValueError("zoom_context must be at least 1")
         if self.segmentation_masked_copies not in (1, 2):
             raise ValueError("segmentation_masked_copies must be 1 or 2")
         for task, ratios in self.schedules.items():

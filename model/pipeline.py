@@ -15,11 +15,13 @@ on them too: detection fuses each image's two sets of boxes (`DetectionCodec.fus
 task prompted by detections runs its sequences again on the mirror image, prompted by the
 mirrored boxes, and averages the two views' probabilities (`TaskCodec.fuse_mirror`). The mirror
 images have a memory of their own: the tasks' passes on the images attend over the images
-alone. With a task's zoom option (model.zoom), each of its sequences decodes on a crop of its
-image around its detection's box, enlarged to the canvas: the crops are encoded when the task
-starts (timed under the task, told to the observer as encoder work), each once per batch
-however many tasks read it, and the sequences whose crop would be the whole image read the
-image's own memory.
+alone. When a task reads zoomed crops (model.zoom), each kept detection gets a crop of its
+image around its box (its window, from the box as detection first gave it), encoded once per
+batch however many tasks read it (timed under the first task that reads it, told to the
+observer as encoder work); a detection whose crop would be the whole image reads the image's
+own memory. Detection re-reads each kept box on its crop (`DetectionCodec.reread`) before the
+boxes prompt anything; a task prompted by detections decodes each detection's sequence on its
+crop.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -51,7 +53,7 @@ from model.inference_io import Request, Result
 from model.preprocess import canvas_groups, decode_context, image_canvas, prepare_batch
 from model.stopwatch import Stopwatch
 from model.task_groups import Schedule, TaskGroup
-from model.zoom import Window, Zoom, mirror_in, task_zoom, window_context, zoom_window
+from model.zoom import Window, crop_zoom, mirror_in, window_context, zoom_window
 
 # Called on the model thread with (stage, images, seconds) for the encoder and each decoder
 # pass: what the service's cost estimates learn from.
@@ -222,6 +224,7 @@ class BatchRun:
         # Each encoded crop's memory (model.zoom), by (image, window, mirrored); a window of
         # None is the whole image.
         self.crops: dict[tuple[int, Window | None, bool], Any] = {}
+        self.windows: dict[int, list[Window | None]] = {}  # of each image's kept detections
 
     def split_views(self, memory: Any) -> tuple[Any, Any, int]:
         """The batch's memory -> (the images', the mirror images', what to subtract from a
@@ -310,11 +313,11 @@ class BatchRun:
         prompting = [self.results[i].required_detections() for i in owners]
         tokens = torch.stack([d.tokens[j] for d, j in zip(prompting, which, strict=True)])
         boxes = [d.boxes[j] for d, j in zip(prompting, which, strict=True)]
-        zoom = task_zoom(codec)
-        if zoom is None:
-            group = self.group(codec, schedule, owners, codec.prompts(tokens), early_stop)
+        if codec.reads_crops:
+            windows = [self.windows[i][j] for i, j in zip(owners, which, strict=True)]
+            group = self.zoomed_group(codec, schedule, owners, tokens, boxes, windows, early_stop)
         else:
-            group = self.zoomed_group(codec, schedule, owners, tokens, boxes, zoom, early_stop)
+            group = self.group(codec, schedule, owners, codec.prompts(tokens), early_stop)
         group.which, group.boxes = which, boxes
         return group
 
@@ -325,21 +328,12 @@ class BatchRun:
         owners: list[int],
         tokens: torch.Tensor,
         boxes: list[torch.Tensor],
-        zoom: Zoom,
+        windows: list[Window | None],
         early_stop: bool,
     ) -> TaskGroup:
-        """The sequences of detections `tokens` [S, 5] (pixel `boxes`), each on the crop of its
-        image around its box (model.zoom), prompted by its box on the crop."""
-        canvas = self.pipeline.config.image_size
-        windows: list[Window | None] = []
-        contexts: list[DecodeContext] = []
-        for i, box in zip(owners, boxes, strict=True):
-            size = self.contexts[i].image_size
-            window = zoom_window(box, size, canvas, zoom)
-            windows.append(window)
-            contexts.append(
-                self.contexts[i] if window is None else window_context(window, size, canvas)
-            )
+        """The sequences of detections `tokens` [S, 5] (pixel `boxes`), each on its crop
+        `windows[s]` (model.zoom), prompted by its box on the crop."""
+        contexts = self.crop_contexts(owners, windows)
         on_crops = tokens.clone()  # a whole-image sequence keeps its slot's own tokens
         for s, (window, context) in enumerate(zip(windows, contexts, strict=True)):
             if window is not None:
@@ -377,6 +371,62 @@ class BatchRun:
         mirror.which, mirror.boxes = group.which, group.boxes
         mirror.contexts, mirror.windows = group.contexts, group.windows
         return mirror
+
+    def crop_contexts(self, owners: list[int], windows: list[Window | None]) -> list[DecodeContext]:
+        """Each crop's decode context (a window of None: its image's)."""
+        canvas = self.pipeline.config.image_size
+        return [
+            self.contexts[i]
+            if window is None
+            else window_context(window, self.contexts[i].image_size, canvas)
+            for i, window in zip(owners, windows, strict=True)
+        ]
+
+    def set_windows(self, images: list[int]) -> None:
+        """The crop of each of these images' kept detections (model.zoom), when a task reads
+        crops: from the boxes as detection first gave them."""
+        if not any(codec.reads_crops for codec in self.pipeline.codecs.values()):
+            return
+        zoom, canvas = crop_zoom(self.pipeline.config), self.pipeline.config.image_size
+        for i in images:
+            size = self.contexts[i].image_size
+            boxes = self.results[i].required_detections().boxes
+            self.windows[i] = [zoom_window(box, size, canvas, zoom) for box in boxes]
+
+    def reread_detections(self, images: list[int]) -> None:
+        """Detection re-read on the crops of these images' kept detections
+        (`DetectionCodec.reread`), each request's schedule run to its end."""
+        codec = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
+        by_schedule: dict[Schedule, list[tuple[int, int]]] = defaultdict(list)
+        for i in images:
+            schedule = self.pipeline.ratios(self.requests[i], codec.name)
+            for j, window in enumerate(self.windows[i]):
+                if window is not None:
+                    by_schedule[schedule].append((i, j))
+        on_crops: dict[int, list[Detections | None]] = {
+            i: [None] * len(self.windows[i]) for i in images
+        }
+        for schedule, crops in by_schedule.items():
+            owners = [i for i, _ in crops]
+            windows = [self.windows[i][j] for i, j in crops]
+            memory = self.crop_memory(codec.name, owners, windows, mirror=False)
+            prompts = codec.prompts(len(crops))
+            group = self.group(codec, schedule, owners, prompts, False, crops=memory)
+            while self.advance(group):
+                pass
+            assert group.state is not None
+            found = codec.decode(
+                group.state.logits.cpu(), prompts, self.crop_contexts(owners, windows)
+            )
+            for (i, j), detections in zip(crops, found, strict=True):
+                on_crops[i][j] = detections
+            for i in set(owners):
+                passes = self.results[i].passes
+                passes[codec.name] = max(passes.get(codec.name, 0), group.passes(i))
+        for i in images:
+            kept = self.results[i].required_detections()
+            self.results[i].outputs[codec.name] = codec.reread(kept, on_crops[i], self.contexts[i])
+        self.stage.lap(codec.name)
 
     def crop_memory(
         self, task: str, owners: list[int], windows: list[Window | None], mirror: bool
@@ -469,6 +519,9 @@ class BatchRun:
                 output = codec.fuse_flipped(output, mirrored[i], self.contexts[i])
             self.results[i].outputs[codec.name] = self.keep(i, codec.name, output)
         self.stage.lap(DetectionCodec.name)  # decoding a task's outputs is that task's time
+        self.set_windows(sorted(found))
+        if codec.reads_crops:
+            self.reread_detections(sorted(found))
 
     def keep(self, i: int, task: str, output: Any) -> Any:
         """What request i keeps of its image's output of a per-image task."""

@@ -1,14 +1,16 @@
-"""Zoomed crops: a task prompted by detections decodes each detection on a crop of the image
-around its box, enlarged to the model's canvas, instead of on the whole image.
+"""Zoomed crops: each kept detection gets a crop of its image around its box, enlarged to the
+model's canvas, on which the tasks that read crops decode it.
 
 On a 256 canvas a small object or person spans one or two cells of the stride-16 memory, and
-masks and keypoints are placed from features that coarse; a crop around the box, enlarged,
-gives the decoder the view it has of large objects (as top-down pose estimators crop each
-person). A task's zoom option (`TaskCodec.zoom_option`, e.g. `keypoints_zoom`) is the most
-a crop is enlarged over the whole image's own view (0 or 1: off), and `<option>_context`
-how many times the box's size the crop spans (the context around it). The crop has the
-canvas's shape, so it fills the canvas; it is shifted to lie inside the image and cut where
-the image ends. Where no crop would enlarge the box, the sequence reads the whole image.
+boxes, masks and keypoints are placed from features that coarse; a crop around the box,
+enlarged, gives the model the view it has of large objects (as top-down pose estimators crop
+each person). A task reads the crops with its zoom option (`TaskCodec.zoom_option`, e.g.
+`keypoints_zoom`): detection re-reads each box on its crop (`DetectionCodec.reread`), masks
+and keypoints decode each detection's sequence on it. The config's `zoom` is the most a crop
+is enlarged over the whole image's own view, `zoom_context` how many times the box's size it
+spans. A crop has the canvas's shape, so it fills the canvas; it is shifted to lie inside the
+image and cut where the image ends. Where no crop would enlarge the box, the whole image is
+read.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.codecs.base import DecodeContext, TaskCodec
+from model.codecs.base import DecodeContext
 from model.codecs.detection import mirror_boxes
+from model.config import ModelConfig
 from model.preprocess import Size, fit_scale, image_canvas
 
 Window = tuple[int, int, int, int]  # left, top, right, bottom: pixels of the image
@@ -34,13 +37,9 @@ class Zoom:
     context: float
 
 
-def task_zoom(codec: TaskCodec) -> Zoom | None:
-    """How the task's sequences zoom (its `zoom_option`), or None when they read the image."""
-    if codec.zoom_option is None:
-        return None
-    most = float(getattr(codec.config, codec.zoom_option))
-    context = float(getattr(codec.config, f"{codec.zoom_option}_context"))
-    return Zoom(most, context) if most > 1 else None
+def crop_zoom(config: ModelConfig) -> Zoom:
+    """The crops' geometry a model's config sets (`zoom`, `zoom_context`)."""
+    return Zoom(config.zoom, config.zoom_context)
 
 
 def zoom_window(box: torch.Tensor, image_size: Size, canvas: Size, zoom: Zoom) -> Window | None:

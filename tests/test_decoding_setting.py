@@ -120,10 +120,11 @@ def test_tensorrt_shapes_follow_the_served_options():
 
 
 def test_tensorrt_shapes_hold_a_zoomed_task_s_crops():
-    model = {"image_size": [256, 256], "num_slots": 10}
-    zoomed = Profile(max_batch=4, decoding={"keypoints_zoom": 3.0}).resolved(model)
-    both = Profile(max_batch=4, decoding={"segmentation_zoom": 2.0, "detection_flip": True})
+    model = {"image_size": [256, 256], "num_slots": 10, "zoom": 3.0}
+    zoomed = Profile(max_batch=4, decoding={"keypoints_zoom": True}).resolved(model)
+    both = Profile(max_batch=4, decoding={"detection_zoom": True, "detection_flip": True})
     # A crop per detection of every request, encoded in one call and decoded on.
     assert zoomed.max_batch == 40 and zoomed.max_sequences == 40
     assert both.resolved(model).max_batch == 80
-    assert Profile(max_batch=4, decoding={"keypoints_zoom": 1.0}).resolved(model).max_batch == 4
+    unzoomed = Profile(max_batch=4, decoding={"keypoints_zoom": True, "zoom": 1.0})
+    assert unzoomed.resolved(model).max_batch == 4

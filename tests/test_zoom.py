@@ -1,5 +1,5 @@
-"""Masks and keypoints decoded on a zoomed crop around each detection (`segmentation_zoom`,
-`keypoints_zoom`, model.zoom)."""
+"""Zoomed crops around each detection (model.zoom): boxes re-read on them (`detection_zoom`),
+masks and keypoints decoded on them (`segmentation_zoom`, `keypoints_zoom`)."""
 
 from __future__ import annotations
 
@@ -76,13 +76,10 @@ def test_a_crop_context_maps_the_crop_canvas_to_the_image_pixels():
     torch.testing.assert_close(mirror_in(whole, box), torch.tensor([230.0, 40.0, 250.0, 60.0]))
 
 
-@pytest.mark.parametrize("option", ["segmentation_zoom", "keypoints_zoom", "context"])
+@pytest.mark.parametrize("option", ["zoom", "zoom_context"])
 def test_zoom_options_are_checked(option):
-    with pytest.raises(ValueError, match="zoom"):
-        if option == "context":
-            ModelConfig(keypoints_zoom_context=0.5)
-        else:
-            ModelConfig(**{option: -1.0})
+    with pytest.raises(ValueError, match=f"{option} must be at least 1"):
+        ModelConfig(**{option: 0.5})
 
 
 def hand_decoded(model, runner, image, result, task, mirror):
@@ -90,9 +87,7 @@ def hand_decoded(model, runner, image, result, task, mirror):
     on its crop (and its crop's mirror, fused), alone. -> outputs, crops encoded."""
     codec, canvas = model.codecs[task], model.config.image_size
     detections = result.detections
-    zoom = Zoom(
-        getattr(model.config, f"{task}_zoom"), getattr(model.config, f"{task}_zoom_context")
-    )
+    zoom = Zoom(model.config.zoom, model.config.zoom_context)
     schedule = model.config.schedules.get(task, [])
     image_context = decode_context(image, canvas)
     outputs, crops = [], 0
@@ -131,7 +126,7 @@ def hand_decoded(model, runner, image, result, task, mirror):
 
 @pytest.mark.parametrize("mirror", [False, True])
 def test_each_sequence_decodes_on_its_own_crop(micro_model, mirror):
-    options = {"segmentation_zoom": 3.0, "keypoints_zoom": 3.0, "keypoints_zoom_context": 2.0}
+    options = {"segmentation_zoom": True, "keypoints_zoom": True, "zoom_context": 2.0}
     if mirror:
         options |= {"segmentation_flip": True, "keypoints_flip": True}
     model = with_options(micro_model, **options)
@@ -158,8 +153,8 @@ def test_each_sequence_decodes_on_its_own_crop(micro_model, mirror):
 
 
 def test_a_crop_is_encoded_once_per_batch_and_counted_as_encoder_work(micro_model):
-    # The same zoom for both tasks: a person's mask and skeleton read one crop.
-    model = with_options(micro_model, segmentation_zoom=3.0, keypoints_zoom=3.0)
+    # A person's mask and skeleton read one crop.
+    model = with_options(micro_model, segmentation_zoom=True, keypoints_zoom=True)
     runner = CountingRunner(micro_model.network)
     seen = []
     pipeline = Pipeline(model, runner, observer=lambda *call: seen.append(call[:2]))
@@ -180,7 +175,9 @@ def test_a_crop_is_encoded_once_per_batch_and_counted_as_encoder_work(micro_mode
 
 
 def test_a_zoomed_request_answers_the_same_beside_batch_mates(micro_model):
-    model = with_options(micro_model, segmentation_zoom=4.0, keypoints_zoom=4.0)
+    model = with_options(
+        micro_model, zoom=4.0, detection_zoom=True, segmentation_zoom=True, keypoints_zoom=True
+    )
     pipeline = Pipeline(model, CountingRunner(micro_model.network))
     images = synthetic_images(3, seed=6)
     together = pipeline([Request(image, TASKS, score_threshold=0.0) for image in images])
@@ -195,3 +192,72 @@ def test_a_zoomed_request_answers_the_same_beside_batch_mates(micro_model):
                 assert torch.equal(a.crop, b.crop)
             else:
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_a_box_is_re_read_as_its_crop_s_best_overlapping_box_of_its_class(micro_model):
+    codec = micro_model.codecs["detection"]
+    context = DecodeContext((96, 96), 0.32, (200, 300))
+    kept = codec.detections(
+        torch.tensor(
+            [[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 140.0, 150.0], [0.0, 0.0, 9.0, 9.0]]
+        ),
+        torch.tensor([0.9, 0.8, 0.7]),
+        torch.tensor([1, 2, 1]),
+        context,
+    )
+    on_first = codec.detections(
+        torch.tensor(
+            [[12.0, 11.0, 52.0, 49.0], [11.0, 10.0, 50.0, 50.0], [30.0, 30.0, 90.0, 90.0]]
+        ),
+        torch.tensor([0.6, 0.9, 0.9]),
+        torch.tensor([1, 3, 1]),  # the better overlap is of another class
+        context,
+    )
+    on_second = codec.detections(  # of its class but too far
+        torch.tensor([[125.0, 100.0, 170.0, 150.0]]),
+        torch.tensor([0.9]),
+        torch.tensor([2]),
+        context,
+    )
+    reread = codec.reread(kept, [on_first, on_second, None], context)
+    assert reread.boxes.tolist() == [[12.0, 11.0, 52.0, 49.0], *kept.boxes[1:].tolist()]
+    assert torch.equal(reread.tokens[1:], kept.tokens[1:])  # untouched: the slot's tokens
+    assert torch.equal(reread.tokens[0], on_first.tokens[0])
+    assert torch.equal(reread.scores, kept.scores) and torch.equal(reread.labels, kept.labels)
+    assert codec.reread(kept, [None, None, None], context) is kept
+
+
+def test_detection_re_reads_each_kept_box_on_its_crop_before_it_prompts(micro_model):
+    model = with_options(
+        micro_model, detection_zoom=True, segmentation_zoom=True, zoom=4.0, zoom_context=1.5
+    )
+    runner = CountingRunner(micro_model.network)
+    image = synthetic_images(1, seed=3)[0]
+    request = Request(image, ("detection", "segmentation"), score_threshold=0.0)
+    result = Pipeline(model, runner)([request])[0]
+    first = Pipeline(micro_model, CountingRunner(micro_model.network))([request])[0].detections
+    canvas, size = model.config.image_size, (image.height, image.width)
+    zoom = Zoom(model.config.zoom, model.config.zoom_context)
+    codec = model.codecs["detection"]
+    on_crops = []
+    for box in first.boxes:  # each box's crop, from the box detection first gave
+        window = zoom_window(box, size, canvas, zoom)
+        if window is None:
+            on_crops.append(None)
+            continue
+        batch = prepare_batch([image.crop(window)], canvas)
+        memory = runner.encode(batch.images, batch.pad_mask)
+        prompts = codec.prompts(1)
+        logits = masked_decode(runner, memory, codec, prompts, torch.zeros(1).long(), [])
+        on_crops.append(codec.decode(logits, prompts, [window_context(window, size, canvas)])[0])
+    assert any(c is not None for c in on_crops)
+    want = codec.reread(first, on_crops, decode_context(image, canvas))
+    assert result.detections is not None
+    torch.testing.assert_close(result.detections.boxes, want.boxes)
+    assert not torch.equal(want.boxes, first.boxes)  # the crops moved some box
+    # The masks are prompted by the re-read boxes, each on the crop the box first had: the
+    # crops detection read, not encoded again.
+    windows = {zoom_window(box, size, canvas, zoom) for box in first.boxes} - {None}
+    assert runner.encoded == 1 + 2 * len(windows)  # the pipeline's, then the hand decoding's
+    masks = [m for m in result.masks if m is not None]
+    assert len(masks) == len(want)

@@ -1,6 +1,6 @@
 """What a checkpoint's decoding options cost: one all-task request, timed in process, with the
 options as the checkpoint sets them, then with each of these turned off in turn: the zoomed
-crops (every zoom option 0), the mirror image for masks and keypoints (`segmentation_flip` and
+crops (every zoom option), the mirror image for masks and keypoints (`segmentation_flip` and
 `keypoints_flip`: detection alone reads it), every flip option (one view), and the caption
 candidates (one, refined as many steps as its schedule had before the candidates): the last
 row is the reference's decoding of these.
@@ -39,7 +39,7 @@ class Variant:
 
 
 def variants(one_candidate_steps: int) -> list[Variant]:
-    no_crops: dict[str, Any] = dict.fromkeys(zoom_options(), 0.0)
+    no_crops: dict[str, Any] = dict.fromkeys(zoom_options(), False)
     one_view = {**no_crops, **dict.fromkeys(flip_options(), False)}
     return [
         Variant("as the checkpoint sets"),

@@ -190,9 +190,8 @@ class TaskCodec:
     # The decoding option (a bool config field, also in decoding_options) with which this task
     # decodes each image's mirror image too (None: it never does; `reads_mirror_image`).
     flip_option: ClassVar[str | None] = None
-    # The decoding option (a float config field, also in decoding_options, with a
-    # `<option>_context` beside it) with which this task, prompted by detections, decodes each
-    # on a zoomed crop around its box (model.zoom); None: it cannot.
+    # The decoding option (a bool config field, also in decoding_options) with which this
+    # task reads each detection's zoomed crop (model.zoom); None: it cannot.
     zoom_option: ClassVar[str | None] = None
 
     def __init__(
@@ -339,6 +338,11 @@ class TaskCodec:
         A task prompted by detections then fuses the two views by `fuse_mirror`; detection
         fuses its own sets of boxes (`fuse_flipped`)."""
         return self.flip_option is not None and bool(getattr(self.config, self.flip_option))
+
+    @property
+    def reads_crops(self) -> bool:
+        """Whether this task reads each detection's zoomed crop (its `zoom_option`)."""
+        return self.zoom_option is not None and bool(getattr(self.config, self.zoom_option))
 
     def from_mirror(self, probs: torch.Tensor, contexts: list[DecodeContext]) -> torch.Tensor:
         """probs [S, body_len, V_slice] of sequences decoded on the mirror images (prompted

@@ -36,6 +36,10 @@ TOKENS_PER_SLOT = 5
 # Two views' boxes of one class overlapping this much are one object (`fuse_flipped`).
 FLIP_MATCH_IOU = 0.55
 FLIP_ALONE = 0.5  # the score factor of a box only one view found
+# A box re-read on its zoomed crop (`reread`) takes the crop's box of its class that overlaps
+# it most, above this IoU, among the crop's detections scoring at least REREAD_SCORE.
+REREAD_IOU = 0.5
+REREAD_SCORE = 0.05
 
 
 @dataclass
@@ -91,8 +95,13 @@ class DetectionCodec(TaskCodec):
         "coordinate_window": (0, 1, 2, 3, 4),
         "box_confidence_exponent": (0.0, 0.5, 1.0),
         "detection_flip": (False, True),
+        "detection_zoom": (False, True),
+        # The crops' geometry (model.zoom), for every task that reads them.
+        "zoom": (3.0, 2.0, 4.0),
+        "zoom_context": (3.0, 2.0, 4.0),
     }
     flip_option = "detection_flip"
+    zoom_option = "detection_zoom"
 
     @property
     def prompt_len(self) -> int:
@@ -271,6 +280,37 @@ class DetectionCodec(TaskCodec):
         labels = torch.cat([original.labels, flipped.labels[~taken]])
         order = scores.argsort(descending=True)
         return self.detections(boxes[order], scores[order], labels[order], context)
+
+    def reread(
+        self, detections: Detections, on_crops: list[Detections | None], context: DecodeContext
+    ) -> Detections:
+        """An image's detections, each box re-read on its zoomed crop (model.zoom): replaced by
+        the box of its class that overlaps it most (IoU above REREAD_IOU) among the detections
+        of its crop (`on_crops[j]`, in the image's pixels; None: it had no crop). Scores,
+        classes and order are kept; a replaced box's tokens are recomputed."""
+        boxes = detections.boxes.clone()
+        changed = torch.zeros(len(detections), dtype=torch.bool)
+        for j, found in enumerate(on_crops):
+            if found is None:
+                continue
+            same = (found.labels == detections.labels[j]) & (found.scores >= REREAD_SCORE)
+            if not same.any():
+                continue
+            overlap = box_iou(detections.boxes[j : j + 1], found.boxes[same])[0]
+            best = int(overlap.argmax())
+            if overlap[best] > REREAD_IOU:
+                boxes[j], changed[j] = found.boxes[same][best], True
+        if not changed.any():
+            return detections
+        fresh = self.detections(boxes, detections.scores, detections.labels, context)
+        keep = changed[:, None]
+        return Detections(
+            boxes,
+            torch.where(keep, fresh.boxes_norm, detections.boxes_norm),
+            detections.scores,
+            detections.labels,
+            torch.where(keep, fresh.tokens, detections.tokens),
+        )
 
     def mirror(self, detections: Detections, context: DecodeContext) -> Detections:
         """An image's detections as they lie on its mirror image, tokens and all (what prompts

@@ -38,8 +38,7 @@ class KeypointCodec(TaskCodec):
 
     decoding_options: ClassVar[dict[str, tuple[Any, ...]]] = {
         "keypoints_flip": (False, True),
-        "keypoints_zoom": (0.0, 2.0, 3.0, 4.0),
-        "keypoints_zoom_context": (3.0, 2.0, 4.0),
+        "keypoints_zoom": (False, True),
     }
     flip_option = "keypoints_flip"
     zoom_option = "keypoints_zoom"

@@ -83,8 +83,7 @@ class SegmentationCodec(TaskCodec):
         "mask_threshold": (0.5, 0.3, 0.4, 0.6),
         "mask_scoring": (False, True),
         "segmentation_flip": (False, True),
-        "segmentation_zoom": (0.0, 2.0, 3.0, 4.0),
-        "segmentation_zoom_context": (3.0, 2.0, 4.0),
+        "segmentation_zoom": (False, True),
     }
     flip_option = "segmentation_flip"
     zoom_option = "segmentation_zoom"
