@@ -146,9 +146,10 @@ class Settings(BaseSettings):
         description="Decoding options instead of the checkpoint's: `KEY=VALUE` items "
         "(comma-separated, a JSON list, or the option repeated) of those `mad tune --decoding` "
         "chooses (e.g. "
-        "`detection_flip=false,segmentation_flip=false,keypoints_flip=false` to decode one "
-        "view, `caption_candidates=1`): the same weights, less work per request for a little "
-        "accuracy; unset: the checkpoint's.",
+        "`detection_zoom=false,segmentation_zoom=false,keypoints_zoom=false` to read no "
+        "zoomed crops, `detection_flip=false,segmentation_flip=false,keypoints_flip=false` to "
+        "decode one view, `caption_candidates=1`): the same weights, less work per request for "
+        "a little accuracy; unset: the checkpoint's.",
     )
     feature_cache_mb: float = Field(
         0.0,

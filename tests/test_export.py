@@ -138,6 +138,27 @@ def test_pipeline_results_match(runners, steps, monkeypatch):
     assert got[0].passes["caption"] == 1 + steps
 
 
+def test_pipeline_results_match_on_zoomed_crops(runners, monkeypatch):
+    """The crops (model.zoom) and their mirror images split and join as the ONNX runner's
+    features: the same results as torch's."""
+    mad, torch_runner, onnx_runner = runners
+    options = {"zoom": 4.0, "zoom_context": 1.5, "keypoints_flip": True}
+    options |= dict.fromkeys(("detection_zoom", "segmentation_zoom", "keypoints_zoom"), True)
+    for option, value in options.items():
+        monkeypatch.setattr(mad.config, option, value)
+    images = synthetic_images(2)
+    found = Pipeline(mad, torch_runner)([Request(images[0], ("detection",), score_threshold=0)])
+    label = int(found[0].detections.labels[0])
+    monkeypatch.setattr(type(mad.codecs["keypoints"]), "person_label", property(lambda _: label))
+    requests = [Request(image, ALL_TASKS, score_threshold=0.0) for image in images]
+    encoded = []
+    encode = onnx_runner.encode
+    monkeypatch.setattr(onnx_runner, "encode", lambda *a: encoded.append(len(a[0])) or encode(*a))
+    got = Pipeline(mad, onnx_runner)(requests)
+    assert len(encoded) > 1 and sum(encoded) > 4  # images and their mirrors, then crops
+    assert_same_results(Pipeline(mad, torch_runner)(requests), got)
+
+
 def test_onnx_features_split_and_join_for_the_feature_cache(runners):
     """A cached image decodes to what it decodes freshly encoded, in a batch with a new one."""
     mad, _, onnx_runner = runners

@@ -152,7 +152,8 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
 ):
     """Scores as a function of the options: windows help up to 2, box confidence 0.5 helps by
     less than the tolerance, a 0.4 mask threshold by more, mask scores not at all, masks on
-    the mirror image too; caption candidates up to 4, scored apart by the caption's metric."""
+    the mirror image too, boxes and masks on zoomed crops too (a larger zoom by less than the
+    tolerance); caption candidates up to 4, scored apart by the caption's metric."""
     config = dataclasses.replace(micro_model.config, coordinate_window=0)
     mad = MAD.build(config, micro_model.tokenizer)  # its own config: the shared model's is kept
     calls = []
@@ -172,13 +173,22 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
                 c.mask_scoring,
                 c.segmentation_flip,
                 c.keypoints_flip,
+                c.detection_zoom,
+                c.zoom,
+                c.zoom_context,
+                c.segmentation_zoom,
+                c.keypoints_zoom,
             )
         )
         return {
-            "bbox_AP": 0.5 + 0.03 * min(c.coordinate_window, 2) + 0.002 * c.box_confidence_exponent,
+            "bbox_AP": 0.5
+            + 0.03 * min(c.coordinate_window, 2)
+            + 0.002 * c.box_confidence_exponent
+            + (0.05 + 0.001 * c.zoom if c.detection_zoom else 0.0),
             "segm_AP": 0.3
             + (0.03 if c.mask_threshold == 0.4 else 0.0)
-            + (0.02 if c.segmentation_flip else 0.0),
+            + (0.02 if c.segmentation_flip else 0.0)
+            + (0.02 if c.segmentation_zoom else 0.0),
             "keypoints_AP": 0.2,
         }
 
@@ -189,15 +199,22 @@ def test_tune_decoding_keeps_the_reference_unless_beaten_by_more_than_tolerance(
         "coordinate_window": 2,  # 3 and 4 tie with 2: the first best
         "box_confidence_exponent": 0.0,  # +0.001 mean AP: within tolerance of the reference
         "detection_flip": False,  # no gain here
+        "detection_zoom": True,
+        "zoom": 3.0,  # 4 gains 0.001 x 1/3 mean AP: within tolerance of the default
+        "zoom_context": 3.0,
         "mask_threshold": 0.4,
         "mask_scoring": False,
         "segmentation_flip": True,
+        "segmentation_zoom": True,
         "keypoints_flip": False,
+        "keypoints_zoom": False,
         "caption_candidates": 4,  # 8 ties with 4
     }
     one_pass = ["coordinate_window"] * 5 + ["box_confidence_exponent"] * 3
-    one_pass += ["detection_flip"] * 2 + ["mask_threshold"] * 4 + ["mask_scoring"] * 2
-    one_pass += ["segmentation_flip"] * 2 + ["keypoints_flip"] * 2
+    one_pass += ["detection_flip"] * 2 + ["detection_zoom"] * 2 + ["zoom"] * 3
+    one_pass += ["zoom_context"] * 3 + ["mask_threshold"] * 4 + ["mask_scoring"] * 2
+    one_pass += ["segmentation_flip"] * 2 + ["segmentation_zoom"] * 2
+    one_pass += ["keypoints_flip"] * 2 + ["keypoints_zoom"] * 2
     # The first pass changed options, the second nothing: two passes; one for a lone option.
     assert [t.option for t in trials] == one_pass * 2 + ["caption_candidates"] * 4
     assert {t.metric for t in trials if t.option == "caption_candidates"} == {
@@ -237,6 +254,11 @@ def test_mad_tune_decoding_writes_the_options_and_their_record(
         "mask_scoring",
         "segmentation_flip",
         "keypoints_flip",
+        "detection_zoom",
+        "zoom",
+        "zoom_context",
+        "segmentation_zoom",
+        "keypoints_zoom",
     )
     assert set(record) == {*record_options, "caption_candidates"}
     for option in record_options:

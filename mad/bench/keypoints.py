@@ -13,8 +13,8 @@ canvas's size, as in the synthetic worlds, that says how many stride-16 feature 
 person spans), each joint's median error in units of the person's size
 (sqrt of its area, as OKS measures it) and how well the visibility tokens separate labelled
 from unlabelled joints.
-The oracle prompts decode on the image alone: with the checkpoint's `keypoints_flip` on, "as
-served" reads two views and they one.
+The oracle prompts decode on the whole image alone: with the checkpoint's `keypoints_flip` or
+`keypoints_zoom` on, "as served" reads two views or zoomed crops and they do not.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ On the first `--images` images of `--split` it reports COCO mask AP
   mask_size x mask_size grid of its box) and pasted back: the ceiling the representation
   leaves;
 each by object area (COCO's small, medium, large), and with oracle boxes the median IoU of a
-predicted mask with its ground truth. The oracle prompts decode on the image alone: with the
-checkpoint's `segmentation_flip` on, "as served" reads two views and they one.
+predicted mask with its ground truth. The oracle prompts decode on the whole image alone: with
+the checkpoint's `segmentation_flip` or `segmentation_zoom` on, "as served" reads two views or
+zoomed crops and they do not.
 """
 
 from __future__ import annotations
