@@ -15,7 +15,7 @@ from model.pipeline import Pipeline
 from model.preprocess import decode_context, prepare_batch
 from model.zoom import Zoom, mirror_in, window_context, zoom_window
 from tests.helpers import synthetic_images
-from tests.test_mirror_views import with_options
+from tests.test_mirror_views import assert_same_outputs, with_options
 from tests.test_refinement import CountingRunner
 
 TASKS = ("detection", "segmentation", "keypoints")
@@ -184,14 +184,7 @@ def test_a_zoomed_request_answers_the_same_beside_batch_mates(micro_model):
     alone = pipeline([Request(images[1], TASKS, score_threshold=0.0)])[0]
     assert any(mask is not None for mask in alone.outputs["segmentation"])
     for task in ("segmentation", "keypoints"):
-        for a, b in zip(together[1].outputs[task], alone.outputs[task], strict=True):
-            assert (a is None) == (b is None)
-            if a is None:
-                continue
-            if task == "segmentation":
-                assert torch.equal(a.crop, b.crop)
-            else:
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert_same_outputs(task, together[1].outputs[task], alone.outputs[task])
 
 
 def test_a_box_is_re_read_as_its_crop_s_best_overlapping_box_of_its_class(micro_model):
