@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from model.codecs import flip_options, zoom_options
+from model.config import ModelConfig
 from model.decoding import VERIFY_GROUPS
 from model.startup import StartupError
 from runtime.manifest import read_manifest, write_manifest
@@ -58,7 +59,8 @@ class Profile:
         images = self.max_batch * views
         # Up to 2 x slots detections fused from two views; each view's group decodes apart.
         detections = slots * (2 if model.get("detection_flip") else 1)
-        if model.get("zoom", 0) > 1 and any(model.get(option) for option in zoom_options()):
+        zoom = model.get("zoom", ModelConfig.zoom)  # an export older than the option: default
+        if zoom > 1 and any(model.get(option) for option in zoom_options()):
             # Crops (model.zoom): one per detection, encoded in one call and decoded on.
             images = max(images, self.max_batch * detections)
         per_image = max(detections, model.get("caption_candidates", 1) * VERIFY_GROUPS)

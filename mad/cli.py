@@ -346,7 +346,8 @@ def tune_command(
         False,
         "--decoding",
         help="Choose the decoding options (coordinate window, box confidence, mirror image, "
-        "mask threshold and scores, caption candidates: docs/model.md) instead of the "
+        "zoomed crops, mask threshold and scores, caption candidates: docs/model.md) instead "
+        "of the "
         "schedules: detection's and those of the tasks it prompts by their mean AP, a "
         "caption's by its metric.",
     ),

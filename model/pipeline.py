@@ -57,6 +57,8 @@ from model.zoom import Window, crop_zoom, mirror_in, window_context, zoom_window
 
 # Called on the model thread with (stage, images, seconds) for the encoder and each decoder
 # pass: what the service's cost estimates learn from.
+# Detection's passes over zoomed crops (model.zoom), observed by crop count.
+CROP_DETECTION_STAGE = "detection_crops"
 StageObserver = Callable[[str, int, float], None]
 
 
@@ -395,25 +397,30 @@ class BatchRun:
 
     def reread_detections(self, images: list[int]) -> None:
         """Detection re-read on the crops of these images' kept detections
-        (`DetectionCodec.reread`), each request's schedule run to its end."""
+        (`DetectionCodec.reread`), each request's schedule run to its end (or its early stop);
+        a request's decoder passes count both runs. Boxes the re-read brought together go
+        through the request's NMS again. The passes over crops are observed as their own
+        stage (CROP_DETECTION_STAGE): they decode a sequence per crop, not per image."""
         codec = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
-        by_schedule: dict[Schedule, list[tuple[int, int]]] = defaultdict(list)
+        by_schedule: dict[tuple[Schedule, bool], list[tuple[int, int]]] = defaultdict(list)
         for i in images:
-            schedule = self.pipeline.ratios(self.requests[i], codec.name)
+            request = self.requests[i]
+            schedule = self.pipeline.ratios(request, codec.name)
             for j, window in enumerate(self.windows[i]):
                 if window is not None:
-                    by_schedule[schedule].append((i, j))
+                    by_schedule[(schedule, request.early_stop)].append((i, j))
         on_crops: dict[int, list[Detections | None]] = {
             i: [None] * len(self.windows[i]) for i in images
         }
-        for schedule, crops in by_schedule.items():
+        for (schedule, early_stop), crops in by_schedule.items():
             owners = [i for i, _ in crops]
             windows = [self.windows[i][j] for i, j in crops]
             memory = self.crop_memory(codec.name, owners, windows, mirror=False)
             prompts = codec.prompts(len(crops))
-            group = self.group(codec, schedule, owners, prompts, False, crops=memory)
-            while self.advance(group):
-                pass
+            group = self.group(codec, schedule, owners, prompts, early_stop, crops=memory)
+            while group.advance():
+                seconds = self.stage.lap(codec.name)
+                self.pipeline.observer(CROP_DETECTION_STAGE, len(crops), seconds)
             assert group.state is not None
             found = codec.decode(
                 group.state.logits.cpu(), prompts, self.crop_contexts(owners, windows)
@@ -422,10 +429,13 @@ class BatchRun:
                 on_crops[i][j] = detections
             for i in set(owners):
                 passes = self.results[i].passes
-                passes[codec.name] = max(passes.get(codec.name, 0), group.passes(i))
+                passes[codec.name] = passes.get(codec.name, 0) + group.passes(i)
         for i in images:
             kept = self.results[i].required_detections()
-            self.results[i].outputs[codec.name] = codec.reread(kept, on_crops[i], self.contexts[i])
+            reread = codec.reread(kept, on_crops[i], self.contexts[i])
+            keep = codec.after_nms(reread, self.requests[i])
+            self.results[i].outputs[codec.name] = reread.select(keep)
+            self.windows[i] = [self.windows[i][k] for k in keep.tolist()]
         self.stage.lap(codec.name)
 
     def crop_memory(

@@ -26,6 +26,7 @@ from model.config import ModelConfig
 from model.preprocess import Size, fit_scale, image_canvas
 
 Window = tuple[int, int, int, int]  # left, top, right, bottom: pixels of the image
+MIN_CROP = 2  # pixels: a crop of a tiny image is no crop
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def zoom_window(box: torch.Tensor, image_size: Size, canvas: Size, zoom: Zoom) -
         return None
     crop_w = min(width, math.ceil(per_pixel * canvas_w))
     crop_h = min(height, math.ceil(per_pixel * canvas_h))
+    if min(crop_w, crop_h) < MIN_CROP:
+        return None
     if crop_w == crop_h and (canvas_h - canvas_w) * (canvas[0] - canvas[1]) < 0:
         # Cut square, a crop of an image on the transposed canvas would run on the model's.
         crop_w, crop_h = (crop_w - 1, crop_h) if canvas_h > canvas_w else (crop_w, crop_h - 1)

@@ -244,13 +244,32 @@ def test_detection_re_reads_each_kept_box_on_its_crop_before_it_prompts(micro_mo
         logits = masked_decode(runner, memory, codec, prompts, torch.zeros(1).long(), [])
         on_crops.append(codec.decode(logits, prompts, [window_context(window, size, canvas)])[0])
     assert any(c is not None for c in on_crops)
-    want = codec.reread(first, on_crops, decode_context(image, canvas))
+    reread = codec.reread(first, on_crops, decode_context(image, canvas))
+    assert not torch.equal(reread.boxes, first.boxes)  # the crops moved some box
+    want = reread.select(codec.after_nms(reread, request))  # boxes brought together: NMS again
     assert result.detections is not None
     torch.testing.assert_close(result.detections.boxes, want.boxes)
-    assert not torch.equal(want.boxes, first.boxes)  # the crops moved some box
+    assert result.passes["detection"] == 2  # its pass on the images, then on the crops
     # The masks are prompted by the re-read boxes, each on the crop the box first had: the
     # crops detection read, not encoded again.
     windows = {zoom_window(box, size, canvas, zoom) for box in first.boxes} - {None}
     assert runner.encoded == 1 + 2 * len(windows)  # the pipeline's, then the hand decoding's
     masks = [m for m in result.masks if m is not None]
     assert len(masks) == len(want)
+
+
+def test_nms_runs_again_on_boxes_the_re_read_brought_together(micro_model):
+    codec = micro_model.codecs["detection"]
+    context = DecodeContext((96, 96), 0.32, (200, 300))
+    boxes = torch.tensor(
+        [[10.0, 10.0, 50.0, 50.0], [20.0, 20.0, 60.0, 60.0], [100.0] * 2 + [140.0] * 2]
+    )
+    kept = codec.detections(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 1, 1]), context)
+    request = Request(Image.new("RGB", (300, 200)), ("detection",), nms_iou=0.7)
+    assert codec.after_nms(kept, request).tolist() == [0, 1, 2]  # IoU 0.39: both kept
+    # Both of the first two re-read on their crops as the same object.
+    same = codec.detections(
+        torch.tensor([[12.0, 12.0, 55.0, 55.0]]), torch.tensor([0.9]), torch.tensor([1]), context
+    )
+    reread = codec.reread(kept, [same, same, None], context)
+    assert codec.after_nms(reread, request).tolist() == [0, 2]

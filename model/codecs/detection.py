@@ -337,15 +337,20 @@ class DetectionCodec(TaskCodec):
         """The request's detections: scoring at least its threshold, class-wise NMS at its
         IoU (else the model's; 1 is off), then at most its count. Sorted by score, like the
         input."""
-        boxes = output.boxes
         keep = (output.scores >= request.score_threshold).nonzero().flatten()
-        iou = self.config.nms_iou if request.nms_iou is None else request.nms_iou
-        if iou < 1.0 and len(keep) > 1:
-            kept = batched_nms(
-                boxes[keep].float(), output.scores[keep].float(), output.labels[keep], iou
-            )
-            keep = keep[kept.sort().values]  # scores were sorted: index order is score order
+        keep = keep[self.after_nms(output.select(keep), request)]
         return output.select(keep[: request.max_detections])
+
+    def after_nms(self, detections: Detections, request: Request) -> torch.Tensor:
+        """Indices of the detections class-wise NMS at the request's IoU (else the model's; 1
+        is off) keeps, in their (score) order."""
+        iou = self.config.nms_iou if request.nms_iou is None else request.nms_iou
+        if iou >= 1.0 or len(detections) < 2:
+            return torch.arange(len(detections))
+        kept = batched_nms(
+            detections.boxes.float(), detections.scores.float(), detections.labels, iou
+        )
+        return kept.sort().values  # scores were sorted: index order is score order
 
     # --- response and metric ----------------------------------------------------------------
     def to_json(self, output: Detections, options: JsonOptions) -> list[dict[str, Any]]:
