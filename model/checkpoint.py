@@ -91,6 +91,10 @@ class MAD:
         mirrored = any(self.codecs[task].reads_mirror_image for task in self.tasks_to_run(asked))
         return 2 if mirrored else 1
 
+    def reads_crops(self, asked: Sequence[str]) -> bool:
+        """Whether a request asking `asked` runs a task that reads zoomed crops (model.zoom)."""
+        return any(self.codecs[task].reads_crops for task in self.tasks_to_run(asked))
+
     def refine_steps(self, given: Mapping[str, int], tasks: Iterable[str]) -> dict[str, int]:
         """The refinement steps each task runs: `given`'s, else its checkpoint schedule's."""
         return {t: given.get(t, len(self.config.schedules.get(t, []))) for t in tasks}

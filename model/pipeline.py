@@ -17,11 +17,11 @@ mirrored boxes, and averages the two views' probabilities (`TaskCodec.fuse_mirro
 images have a memory of their own: the tasks' passes on the images attend over the images
 alone. When a task reads zoomed crops (model.zoom), each kept detection gets a crop of its
 image around its box (its window, from the box as detection first gave it), encoded once per
-batch however many tasks read it (timed under the first task that reads it, told to the
-observer as encoder work); a detection whose crop would be the whole image reads the image's
-own memory. Detection re-reads each kept box on its crop (`DetectionCodec.reread`) before the
-boxes prompt anything; a task prompted by detections decodes each detection's sequence on its
-crop.
+batch however many tasks read it (timed under the first task that reads it, and told to the
+observer with detection's passes over the crops as the batch's crop work, CROP_STAGE); a
+detection whose crop would be the whole image reads the image's own memory. Detection re-reads
+each kept box on its crop (`DetectionCodec.reread`) before the boxes prompt anything; a task
+prompted by detections decodes each detection's sequence on its crop.
 
 The decoding runs in rounds: the draft (every asked task's first pass), then round k runs the
 k-th refinement step of every sequence still refining. A request is finished, and its result
@@ -57,8 +57,10 @@ from model.zoom import Window, crop_zoom, mirror_in, window_context, zoom_window
 
 # Called on the model thread with (stage, images, seconds) for the encoder and each decoder
 # pass: what the service's cost estimates learn from.
-# Detection's passes over zoomed crops (model.zoom), observed by crop count.
-CROP_DETECTION_STAGE = "detection_crops"
+# A batch's work on zoomed crops (model.zoom): cutting and encoding them and detection's
+# passes over them, observed once per batch by the images whose tasks read crops (how many
+# crops an image has is known only once detection ran, so the planner prices it per image).
+CROP_STAGE = "crops"
 StageObserver = Callable[[str, int, float], None]
 
 
@@ -227,6 +229,7 @@ class BatchRun:
         # None is the whole image.
         self.crops: dict[tuple[int, Window | None, bool], Any] = {}
         self.windows: dict[int, list[Window | None]] = {}  # of each image's kept detections
+        self.crop_seconds = 0.0  # CROP_STAGE's, so far
 
     def split_views(self, memory: Any) -> tuple[Any, Any, int]:
         """The batch's memory -> (the images', the mirror images', what to subtract from a
@@ -257,6 +260,9 @@ class BatchRun:
                 while any([self.advance(group) for group in groups]):
                     pass
                 self.set_detections(groups)
+        reading = [i for i in self.windows if self.pipeline.mad.reads_crops(self.requests[i].tasks)]
+        if reading:
+            self.pipeline.observer(CROP_STAGE, len(reading), self.crop_seconds)
         self.finish_ready()
         self.report(0)
         round = 0
@@ -399,8 +405,8 @@ class BatchRun:
         """Detection re-read on the crops of these images' kept detections
         (`DetectionCodec.reread`), each request's schedule run to its end (or its early stop);
         a request's decoder passes count both runs. Boxes the re-read brought together go
-        through the request's NMS again. The passes over crops are observed as their own
-        stage (CROP_DETECTION_STAGE): they decode a sequence per crop, not per image."""
+        through the request's NMS again. The passes over crops are timed under detection and
+        observed as crop work (CROP_STAGE): they decode a sequence per crop, not per image."""
         codec = cast(DetectionCodec, self.pipeline.codecs[DetectionCodec.name])
         by_schedule: dict[tuple[Schedule, bool], list[tuple[int, int]]] = defaultdict(list)
         for i in images:
@@ -419,8 +425,7 @@ class BatchRun:
             prompts = codec.prompts(len(crops))
             group = self.group(codec, schedule, owners, prompts, early_stop, crops=memory)
             while group.advance():
-                seconds = self.stage.lap(codec.name)
-                self.pipeline.observer(CROP_DETECTION_STAGE, len(crops), seconds)
+                self.crop_seconds += self.stage.lap(codec.name)
             assert group.state is not None
             found = codec.decode(
                 group.state.logits.cpu(), prompts, self.crop_contexts(owners, windows)
@@ -442,8 +447,8 @@ class BatchRun:
         self, task: str, owners: list[int], windows: list[Window | None], mirror: bool
     ) -> Any:
         """The memory of each sequence's crop of its image (mirror: of its mirror image), in
-        sequence order. Crops not encoded yet in this batch are, in one encoder call: told to
-        the observer as encoder work, timed under `task`."""
+        sequence order. Crops not encoded yet in this batch are, in one encoder call: timed
+        under `task`, observed as crop work (CROP_STAGE)."""
         runner = self.pipeline.runner
         if not isinstance(runner, SplitsMemory):
             raise TypeError(f"the {runner.name} runner cannot split its features for crops")
@@ -457,9 +462,8 @@ class BatchRun:
                 images.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop)
             self.stage.lap(task)
             batch = prepare_batch(images, self.pipeline.config.image_size, self.pipeline.device)
-            self.pipeline.observer("preprocess", len(cut), self.stage.lap(task))
             encoded = runner.split_memory(runner.encode(batch.images, batch.pad_mask))
-            self.pipeline.observer("encode", len(cut), self.stage.lap(task))
+            self.crop_seconds += self.stage.lap(task)
             self.crops.update(zip(cut, encoded, strict=True))
         whole = [key for key in new if key[1] is None]
         if whole:  # the image's own memory

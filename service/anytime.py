@@ -136,7 +136,8 @@ class RefinementPlanner:
     closing_passes: the passes a task runs once it refined at all (a caption's choice among
     its candidates: model.decoding.closing_passes), priced with its first step; views: the
     images a request's tasks encode (MAD.views: its mirror image too), for the encoder's
-    price."""
+    price; reads_crops: whether a request's tasks read zoomed crops (MAD.reads_crops), whose
+    work is priced per image ("crops", model.pipeline.CROP_STAGE)."""
 
     def __init__(
         self,
@@ -148,9 +149,11 @@ class RefinementPlanner:
         record: Callable[[StepPlan], None] | None = None,
         closing_passes: Mapping[str, int] | None = None,
         views: Callable[[tuple[str, ...]], int] | None = None,
+        reads_crops: Callable[[tuple[str, ...]], bool] | None = None,
     ) -> None:
         self.closing_passes = dict(closing_passes or {})
         self.views = views or (lambda tasks: 1)
+        self.reads_crops = reads_crops or (lambda tasks: False)
         self.tasks_to_run, self.default_steps = tasks_to_run, dict(default_steps)
         self.costs, self.queue_size = costs, queue_size
         self.degrade_depth = degrade_depth  # None: degradation off
@@ -181,6 +184,8 @@ class RefinementPlanner:
         }
         for task in self.tasks_to_run(tasks):
             estimate[task] = self.costs.estimate(task, images, fastest)
+        if self.reads_crops(tasks):  # the crops of its detections: their count unknown yet
+            estimate["crops"] = self.costs.estimate("crops", images, fastest)
         estimate["postprocess"] = self.costs.estimate("postprocess", 1, fastest)
         return estimate
 

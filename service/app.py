@@ -172,6 +172,7 @@ async def load_and_warm_up(state: ServiceState, engine: BatchingEngine) -> None:
             record=state.metrics.record_plan,
             closing_passes={t: closing_passes(c) for t, c in pipeline.codecs.items()},
             views=pipeline.mad.views,
+            reads_crops=pipeline.mad.reads_crops,
         )
     except StartupError as exc:  # expected (model/startup.py): one log line, no traceback
         log.error("start-up failed", extra={"error": str(exc)})

@@ -102,6 +102,23 @@ def test_a_request_that_encodes_its_mirror_image_pays_the_encoder_twice():
     assert as_if_all.estimated_s - mixed.estimated_s == pytest.approx(11 * MS)
 
 
+def test_a_request_that_reads_zoomed_crops_pays_for_them_per_image():
+    """The pipeline tells a batch's crop work once, per image reading crops (their count is
+    known only once detection ran): a request that reads crops has it in its draft."""
+    model = costs(**COSTS)
+    model.observe("crops", 2, 40 * MS)
+    reads = lambda tasks: "keypoints" in tasks  # noqa: E731
+    p = RefinementPlanner(tasks_to_run, DEFAULTS, model, 10, 4, None, reads_crops=reads)
+    assert p.draft_seconds(("keypoints",))["crops"] == pytest.approx(20 * MS)
+    assert "crops" not in p.draft_seconds(("caption",))
+    admission = p.admit(("caption",), {}, None, 0.0, 0.0, 0)
+    alone = p.plan(("caption",), {}, admission, 1, 0.0)
+    beside = p.plan(("caption",), {}, admission, 1, 0.0, ("keypoints",))
+    assert alone.estimated_s is not None and beside.estimated_s is not None
+    # A batch mate's crops are in this request's draft too (the pipeline runs them first).
+    assert beside.estimated_s - alone.estimated_s >= 20 * MS
+
+
 def test_time_already_spent_counts_against_the_budget():
     p, _ = planner()
     assert plan(p, ("caption",), 27).steps == {"caption": 2}  # draft 16, steps 4 each

@@ -152,7 +152,7 @@ def test_each_sequence_decodes_on_its_own_crop(micro_model, mirror):
     assert checked == {"segmentation", "keypoints"}
 
 
-def test_a_crop_is_encoded_once_per_batch_and_counted_as_encoder_work(micro_model):
+def test_a_crop_is_encoded_once_per_batch_and_observed_as_crop_work(micro_model):
     # A person's mask and skeleton read one crop.
     model = with_options(micro_model, segmentation_zoom=True, keypoints_zoom=True)
     runner = CountingRunner(micro_model.network)
@@ -165,8 +165,14 @@ def test_a_crop_is_encoded_once_per_batch_and_counted_as_encoder_work(micro_mode
     windows = {zoom_window(box, size, canvas, Zoom(3.0, 3.0)) for box in detections.boxes}
     windows.discard(None)
     assert windows and runner.encoded == 1 + len(windows)
-    assert ("encode", len(windows)) in seen  # the crops: encoder work, one call
+    # The image's encoder time as such; the crops' once for the batch, per image reading them.
+    assert [call for call in seen if call[0] == "encode"] == [("encode", 1)]
+    assert seen.count(("crops", 1)) == 1
     # Keypoints alone read the persons' crops only.
+    runner.encoded = 0
+    seen.clear()
+    pipeline([Request(image, ("caption",)), Request(image, ("detection",))])
+    assert runner.encoded == 2 and ("crops", 1) not in seen  # neither reads crops here
     runner.encoded = 0
     pipeline([Request(image, ("detection", "keypoints"), score_threshold=0.0)])
     persons = detections.boxes[model.codecs["keypoints"].applies_to(detections.labels)]
