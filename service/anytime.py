@@ -137,7 +137,7 @@ class RefinementPlanner:
     its candidates: model.decoding.closing_passes), priced with its first step; views: the
     images a request's tasks encode (MAD.views: its mirror image too), for the encoder's
     price; reads_crops: whether a request's tasks read zoomed crops (MAD.reads_crops), whose
-    work is priced per image ("crops", model.pipeline.CROP_STAGE)."""
+    work is priced per image ("crops", model.batch_run.CROP_STAGE)."""
 
     def __init__(
         self,

@@ -7,12 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from model.batch_run import usable
 from model.codecs import DecodeContext
 from model.codecs.detection import Detections
 from model.inference_io import Request
-from model.pipeline import Pipeline
 from model.request_spec import RequestError, check_nms_iou
-from runtime.torch_runner import TorchRunner
 
 
 def detections(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:
@@ -72,12 +71,12 @@ def test_nms_iou_is_checked():
 def test_max_detections_counts_what_the_asked_tasks_use(micro_model):
     """keypoints alone: the detections it prompts are persons only (class 0), so
     max_detections=1 cannot be spent on a circle."""
-    pipeline = Pipeline(micro_model, TorchRunner(micro_model.network))
+    codecs = micro_model.codecs
     found = detections([[0, 0, 9, 9], [5, 5, 20, 20], [1, 1, 8, 8]], [0.9, 0.8, 0.7], [1, 0, 2])
     request = Request(IMAGE, ("keypoints",), max_detections=1)
-    assert pipeline.usable(found, request).labels.tolist() == [0]
+    assert usable(codecs, found, request).labels.tolist() == [0]
     both = Request(IMAGE, ("keypoints", "segmentation"))
-    assert pipeline.usable(found, both).labels.tolist() == [1, 0, 2]
+    assert usable(codecs, found, both).labels.tolist() == [1, 0, 2]
 
 
 def test_boxes_without_area_are_dropped(micro_model):

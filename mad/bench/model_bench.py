@@ -1,7 +1,7 @@
 """In-process model benchmarks: stage latency, MAD vs autoregressive, kept vs fixed sequences,
 and (on GPU) precision / compilation / runtime variants.
 
-The stages are the pipeline's (model/pipeline.py) run one by one, in the model's task order,
+The stages are the pipeline's (model/batch_run.py) run one by one, in the model's task order,
 with a fixed workload: the tasks prompted by detections (segmentation, keypoints) are prompted
 by exactly `kept` boxes per image instead of by whatever a (possibly random-weight) detector
 lets through, so timings compare across checkpoints and runs.
