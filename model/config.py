@@ -184,6 +184,7 @@ TRAINING_AND_DECODING_FIELDS = (
     "train_mask_ratio",
     "no_object_weight",
     "train_augmentation",
+    "train_zoom_crops",
     "max_instances_per_image",
     "segmentation_masked_copies",
     "nms_iou",
@@ -268,6 +269,10 @@ class ModelConfig:
     # reference's scales (short side 480..800, max 1333, crops; the presets but tiny), or
     # "fit": every image fitted to the canvas (tiny, and checkpoints from before this field).
     train_augmentation: str = "fit"
+    # The share of training images replaced by a zoomed crop around one of their objects, cut
+    # as inference cuts them (model.zoom, with `zoom` and `zoom_context`), so the model learns
+    # the enlarged views the tasks with a zoom option decode on; such a crop trains no caption.
+    train_zoom_crops: float = 0.0
     max_instances_per_image: int = 10  # segmentation / keypoint sequences per image
     # Masked copies of each instance's segmentation sequence: 1, fully or partly masked (even
     # odds); 2, both, as the reference (twice the decoder work of the longest sequences).
@@ -344,6 +349,8 @@ class ModelConfig:
             raise ValueError("zoom must be at least 1")
         if self.zoom_context < 1:
             raise ValueError("zoom_context must be at least 1")
+        if not 0.0 <= self.train_zoom_crops <= 1.0:
+            raise ValueError("train_zoom_crops must be between 0 and 1")
         if self.segmentation_masked_copies not in (1, 2):
             raise ValueError("segmentation_masked_copies must be 1 or 2")
         for task, ratios in self.schedules.items():

@@ -16,9 +16,11 @@ from model.data.transforms import (
     RandomResize,
     RandomSizeCrop,
     ResizeShortestEdge,
+    ZoomCrop,
     multiscale_transforms,
     training_transforms,
 )
+from model.zoom import Zoom, zoom_window
 
 
 def sample(height: int, width: int) -> tuple[torch.Tensor, dict]:
@@ -113,3 +115,71 @@ def test_multiscale_on_real_samples(synth_data):
         assert target["boxes"].shape == (n, 4) and target["masks"].shape == (n, h, w)
         boxes = target["boxes"]
         assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= w).all()
+
+
+def zoom_sample() -> tuple[torch.Tensor, dict]:
+    """A 200 x 300 image with a small object (a 20 x 10 box, a person with one labelled joint)
+    and a large one, and a caption."""
+    image = tv_tensors.Image(torch.randint(0, 255, (3, 200, 300), dtype=torch.uint8))
+    masks = torch.zeros(2, 200, 300, dtype=torch.uint8)
+    masks[0, 90:100, 140:160] = 1
+    masks[1, 20:180, 20:120] = 1
+    keypoints = torch.zeros(2, 17, 3)
+    keypoints[0, 0] = torch.tensor([150.0, 95.0, 2.0])
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor([[140.0, 90.0, 160.0, 100.0], [20.0, 20.0, 120.0, 180.0]]),
+            format="XYXY",
+            canvas_size=(200, 300),
+        ),
+        "labels": torch.tensor([0, 1]),
+        "masks": tv_tensors.Mask(masks),
+        "keypoints": keypoints,
+        "has_keypoints": torch.tensor([True, False]),
+        "captions": ["a person to the right of a square"],
+    }
+    return image, target
+
+
+def test_a_zoomed_crop_is_inference_s_crop_of_an_object_enlarged_to_the_canvas():
+    """`train_zoom_crops`: the image becomes the crop model.zoom cuts around one of its
+    objects (the small one here: the large one's crop would be the whole image), enlarged to
+    fill the canvas, its targets moved with it and its captions dropped."""
+    config = get_preset("tiny", image_size=[96, 96], train_zoom_crops=1.0)
+    transform = training_transforms(config)
+    window = zoom_window(
+        torch.tensor([140.0, 90.0, 160.0, 100.0]), (200, 300), (96, 96), Zoom(3, 3)
+    )
+    assert window is not None
+    left, top, right, _ = window
+    scale = 96 / (right - left)
+    seen = 0
+    torch.manual_seed(0)
+    for _ in range(20):
+        image, target = transform(*zoom_sample())
+        if target["captions"]:  # the large object was drawn: the image as it was, cropped or not
+            continue
+        seen += 1
+        assert tuple(image.shape[-2:]) == (96, 96) == target["masks"].shape[-2:]
+        small = target["labels"].tolist().index(0)
+        # The box is centred in the image: where it lies is the same once flipped.
+        x0, y0, x1, y1 = target["boxes"][small].tolist()
+        assert x0 == pytest.approx((140 - left) * scale, abs=1e-3)
+        assert y0 == pytest.approx((90 - top) * scale, abs=1e-3)
+        assert (x1 - x0, y1 - y0) == (pytest.approx(20 * scale), pytest.approx(10 * scale))
+        nose = target["keypoints"][small, 0]
+        assert nose[2] == 2 and nose[1] == pytest.approx((95 - top) * scale)
+        assert target["masks"][small].sum() == pytest.approx(20 * 10 * scale**2, rel=0.15)
+    assert seen >= 5
+
+
+def test_zoomed_crops_are_off_by_default_and_checked():
+    config = get_preset("tiny", image_size=[96, 96])
+    assert config.train_zoom_crops == 0.0
+    assert not any(isinstance(t, ZoomCrop) for t in training_transforms(config).transforms)
+    with pytest.raises(ValueError, match="train_zoom_crops"):
+        get_preset("tiny", train_zoom_crops=1.5)
+    # Never: the image's own augmentation.
+    never = ZoomCrop(0.0, Zoom(3, 3), (96, 96), lambda image, target: (image[:, :1], target))
+    image, target = never(*zoom_sample())
+    assert image.shape[-2] == 1 and target["captions"]

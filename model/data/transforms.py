@@ -17,6 +17,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from model.config import ModelConfig, swapped_order
+from model.preprocess import fit_scale, image_canvas
+from model.zoom import Zoom, crop_zoom, zoom_window
 
 
 def _image_size(image: torch.Tensor) -> tuple[int, int]:
@@ -196,6 +198,36 @@ def crop(
     return image, _select(target, keep)
 
 
+class ZoomCrop:
+    """With probability p, the image becomes the zoomed crop (model.zoom) of one of its
+    objects, chosen at random, as inference cuts it for that object on a `canvas` (H, W)
+    model, enlarged to fill the canvas; else `otherwise` applies. The target follows `crop`'s
+    rules, and the captions are dropped: they describe the whole image. An image without
+    objects, or whose object's crop would be the whole image, gets `otherwise` too."""
+
+    def __init__(self, p: float, zoom: Zoom, canvas: tuple[int, int], otherwise: Transform):
+        self.p, self.zoom, self.canvas, self.otherwise = p, zoom, canvas, otherwise
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        boxes = target["boxes"]
+        if len(boxes) == 0 or torch.rand(()) >= self.p:
+            return self.otherwise(image, target)
+        box = boxes[int(torch.randint(len(boxes), ()))].as_subclass(torch.Tensor)
+        window = zoom_window(box, _image_size(image), self.canvas, self.zoom)
+        if window is None:
+            return self.otherwise(image, target)
+        left, top, right, bottom = window
+        image, target = crop(image, target, top, left, bottom - top, right - left)
+        target["captions"] = []
+        # Enlarged to fill its canvas, as letterboxing does at inference (the "fit"
+        # augmentation's collate would; "multiscale" keeps sizes as they are).
+        size = (bottom - top, right - left)
+        scale = fit_scale(size, image_canvas(size, self.canvas))
+        return _resize(
+            image, target, max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+        )
+
+
 class RandomApply:
     """Apply `transforms` in turn with probability p, else nothing."""
 
@@ -285,8 +317,15 @@ def training_transforms(config: ModelConfig, flip_pairs: Sequence[tuple[int, int
     """The augmentation `config.train_augmentation` names: "multiscale" (the reference's
     scales, the r50/swin-b/vit-b presets) or "fit" (the tiny preset's, `build_transforms`)."""
     if config.train_augmentation == "multiscale":
-        return multiscale_transforms(config.image_size, flip_pairs)
-    return build_transforms(True, max(config.image_size), flip_pairs)
+        transforms = multiscale_transforms(config.image_size, flip_pairs)
+    else:
+        transforms = build_transforms(True, max(config.image_size), flip_pairs)
+    if not config.train_zoom_crops:
+        return transforms
+    # The zoomed crop replaces the augmentation's own crop and scale: flip, then either.
+    flip, *rest = transforms.transforms
+    zoom = ZoomCrop(config.train_zoom_crops, crop_zoom(config), config.image_size, Compose(rest))
+    return Compose([flip, zoom])
 
 
 def build_transforms(
