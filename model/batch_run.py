@@ -5,7 +5,9 @@ The tasks are decoded in batches across the requests that asked for them (groupe
 refinement schedule, model.task_groups). A task runs one sequence per image, or, when its codec
 is prompted by detections, one per kept detection the codec applies to. Detection comes first
 and runs its whole schedule, so its kept boxes (each request's score threshold and max count)
-prompt the tasks after it and no decoding is paid for objects nobody will see. With a task's
+prompt the tasks after it and no decoding is paid for objects nobody will see. Detection is
+the one task named here, as the provider of those prompts (and Result has typed views of the
+built-in tasks' outputs); everything else comes from the codecs. With a task's
 flip option (`reads_mirror_image`), the task decodes on the requests' mirror images too:
 detection fuses each image's two sets of boxes (`DetectionCodec.fuse_flipped`); a task prompted
 by detections runs its sequences again on the mirror image, prompted by the mirrored boxes,
@@ -94,7 +96,6 @@ class BatchRun:
         self.open = set(range(len(requests)))  # neither finished nor cancelled
         # Seconds of mirror groups' passes not yet observed, by (task, owners).
         self.unobserved: defaultdict[tuple[str, tuple[int, ...]], float] = defaultdict(float)
-        self.own_parts: dict[bool, list[Any]] = {}  # each view's memory, split by image
         images = [request.image for request in requests]
         self.crops = Crops(runner, self.config, self.device, images, contexts, self.own, stage)
 
@@ -113,12 +114,11 @@ class BatchRun:
         ]
         return joined[0], joined[1], count
 
-    def own(self, i: int, mirror: bool) -> Any:
-        """Image i's (mirror: its mirror image's) own part of the batch's memory."""
-        if mirror not in self.own_parts:
-            memory = self.mirror_memory if mirror else self.memory
-            self.own_parts[mirror] = cast(SplitsMemory[Any], self.runner).split_memory(memory)
-        return self.own_parts[mirror][self.mirrors[i] - self.mirror_offset if mirror else i]
+    def own(self, images: list[int], mirror: bool) -> list[Any]:
+        """These images' (mirror: their mirror images') own parts of the batch's memory."""
+        memory = self.mirror_memory if mirror else self.memory
+        parts = cast(SplitsMemory[Any], self.runner).split_memory(memory)
+        return [parts[self.mirrors[i] - self.mirror_offset if mirror else i] for i in images]
 
     def run(self) -> None:
         for task, codec in self.codecs.items():  # the draft, in model order
@@ -334,7 +334,7 @@ class BatchRun:
                 output = codec.fuse_flipped(output, mirrored[i], self.contexts[i])
             self.results[i].outputs[codec.name] = self.keep(i, codec.name, output)
         self.stage.lap(DetectionCodec.name)  # decoding a task's outputs is that task's time
-        if any(codec.reads_crops for codec in self.codecs.values()):
+        if any(task_codec.reads_crops for task_codec in self.codecs.values()):
             for i in sorted(found):  # each crop from the box as detection first gave it
                 self.crops.set_windows(i, self.results[i].required_detections().boxes)
         if codec.reads_crops:

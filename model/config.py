@@ -272,6 +272,7 @@ class ModelConfig:
     # The share of training images replaced by a zoomed crop around one of their objects, cut
     # as inference cuts them (model.zoom, with `zoom` and `zoom_context`), so the model learns
     # the enlarged views the tasks with a zoom option decode on; such a crop trains no caption.
+    # Images none of whose objects gets a crop (none, or all large) keep their augmentation.
     train_zoom_crops: float = 0.0
     max_instances_per_image: int = 10  # segmentation / keypoint sequences per image
     # Masked copies of each instance's segmentation sequence: 1, fully or partly masked (even

@@ -4,9 +4,10 @@ however many tasks read it.
 
 A detection's window comes from its box as detection first gave it; a window of None is the
 whole image, which reads the image's own memory part. The crops are cut from the request's
-image (or its mirror image) and encoded in one encoder call per task that first asks for new
-ones; that time, and the passes detection runs over them (model.batch_run), add up to the
-batch's crop work (model.batch_run.CROP_STAGE)."""
+image (or its mirror image) and encoded in one encoder call per `Crops.memory` call that asks
+for new ones (a group of sequences, on the images or on their mirror images); that time, and
+the passes detection runs over them (model.batch_run), add up to the batch's crop work
+(model.batch_run.CROP_STAGE)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from model.preprocess import prepare_batch
 from model.stopwatch import Stopwatch
 from model.zoom import Window, crop_zoom, mirror_in, window_context, zoom_window
 
-# (image, mirrored) -> that image's own memory part, for the detections read whole.
-OwnMemory = Callable[[int, bool], Any]
+# (images, mirrored) -> those images' own memory parts, for the detections read whole.
+OwnMemory = Callable[[list[int], bool], list[Any]]
 
 
 class Crops:
     """The crops of one batch. images, contexts: each request's image and its decode context;
-    own_memory: an image's (or its mirror image's) part of the batch's memory; stage: the
+    own_memory: images' (or their mirror images') parts of the batch's memory; stage: the
     batch's stopwatch, crop encodes being timed under the task that asks for them."""
 
     def __init__(
@@ -112,8 +113,9 @@ class Crops:
             encoded = runner.split_memory(runner.encode(batch.images, batch.pad_mask))
             self.seconds += self.stage.lap(task)
             self.encoded.update(zip(cut, encoded, strict=True))
-        for key in new:
-            if key[1] is None:
-                self.encoded[key] = self.own_memory(key[0], mirror)
+        whole = [key for key in new if key[1] is None]
+        if whole:
+            parts = self.own_memory([i for i, _, _ in whole], mirror)
+            self.encoded.update(zip(whole, parts, strict=True))
         memories = [self.encoded[key] for key in keys]
         return memories[0] if len(memories) == 1 else runner.join_memory(memories)

@@ -6,9 +6,6 @@ on the transposed one, in a batch of its own. With a task's flip option
 (`reads_mirror_image`), the mirror images of the requests that run it are encoded in the same
 batch; they get a memory of their own, so the tasks' passes on the images attend over the
 images alone. Then model.batch_run decodes the tasks, in rounds, across the batch's requests.
-Detection is the one task the pipeline names, as the provider of the other tasks' prompts
-(and Result has typed views of the built-in tasks' outputs); everything else comes from the
-codecs.
 """
 
 from __future__ import annotations

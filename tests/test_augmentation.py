@@ -13,6 +13,7 @@ from model.data.coco import CocoMultiTaskDataset
 from model.data.transforms import (
     REFERENCE_SCALES,
     RandomApply,
+    RandomHorizontalFlip,
     RandomResize,
     RandomSizeCrop,
     ResizeShortestEdge,
@@ -20,7 +21,7 @@ from model.data.transforms import (
     multiscale_transforms,
     training_transforms,
 )
-from model.zoom import Zoom, zoom_window
+from model.zoom import Zoom, window_context, zoom_window
 
 
 def sample(height: int, width: int) -> tuple[torch.Tensor, dict]:
@@ -117,18 +118,18 @@ def test_multiscale_on_real_samples(synth_data):
         assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= w).all()
 
 
-def zoom_sample() -> tuple[torch.Tensor, dict]:
-    """A 200 x 300 image with a small object (a 20 x 10 box, a person with one labelled joint)
-    and a large one, and a caption."""
+def zoom_sample(with_small: bool = True) -> tuple[torch.Tensor, dict]:
+    """A 200 x 300 (H, W) image with a small object near its right edge (a 20 x 10 box, a
+    person with one labelled joint) and a large one, and a caption."""
     image = tv_tensors.Image(torch.randint(0, 255, (3, 200, 300), dtype=torch.uint8))
     masks = torch.zeros(2, 200, 300, dtype=torch.uint8)
-    masks[0, 90:100, 140:160] = 1
+    masks[0, 150:160, 270:290] = 1
     masks[1, 20:180, 20:120] = 1
     keypoints = torch.zeros(2, 17, 3)
-    keypoints[0, 0] = torch.tensor([150.0, 95.0, 2.0])
+    keypoints[0, 0] = torch.tensor([284.0, 152.0, 2.0])
     target = {
         "boxes": tv_tensors.BoundingBoxes(
-            torch.tensor([[140.0, 90.0, 160.0, 100.0], [20.0, 20.0, 120.0, 180.0]]),
+            torch.tensor([[270.0, 150.0, 290.0, 160.0], [20.0, 20.0, 120.0, 180.0]]),
             format="XYXY",
             canvas_size=(200, 300),
         ),
@@ -138,39 +139,66 @@ def zoom_sample() -> tuple[torch.Tensor, dict]:
         "has_keypoints": torch.tensor([True, False]),
         "captions": ["a person to the right of a square"],
     }
+    if not with_small:
+        keep = torch.tensor([1])
+        target = {key: value if key == "captions" else value[keep] for key, value in target.items()}
     return image, target
 
 
-def test_a_zoomed_crop_is_inference_s_crop_of_an_object_enlarged_to_the_canvas():
-    """`train_zoom_crops`: the image becomes the crop model.zoom cuts around one of its
-    objects (the small one here: the large one's crop would be the whole image), enlarged to
-    fill the canvas, its targets moved with it and its captions dropped."""
-    config = get_preset("tiny", image_size=[96, 96], train_zoom_crops=1.0)
-    transform = training_transforms(config)
-    window = zoom_window(
-        torch.tensor([140.0, 90.0, 160.0, 100.0]), (200, 300), (96, 96), Zoom(3, 3)
-    )
-    assert window is not None
-    left, top, right, _ = window
-    scale = 96 / (right - left)
-    seen = 0
+def untouched(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    return image, target
+
+
+def test_a_zoomed_crop_is_inference_s_crop_of_an_object_enlarged_to_its_canvas():
+    """The image becomes the crop inference cuts around the small object (the large one's
+    crop would be the whole image), enlarged to fill the canvas: its box, mask and joint land
+    where inference's crop context puts them, and its captions are dropped."""
+    canvas, zoom = (64, 96), Zoom(3, 3)
+    box = torch.tensor([270.0, 150.0, 290.0, 160.0])
+    window = zoom_window(box, (200, 300), canvas, zoom)
+    assert window is not None and window[2] == 300  # shifted inside the image at its edge
+    context = window_context(window, (200, 300), canvas)
     torch.manual_seed(0)
-    for _ in range(20):
-        image, target = transform(*zoom_sample())
-        if target["captions"]:  # the large object was drawn: the image as it was, cropped or not
-            continue
-        seen += 1
-        assert tuple(image.shape[-2:]) == (96, 96) == target["masks"].shape[-2:]
-        small = target["labels"].tolist().index(0)
-        # The box is centred in the image: where it lies is the same once flipped.
-        x0, y0, x1, y1 = target["boxes"][small].tolist()
-        assert x0 == pytest.approx((140 - left) * scale, abs=1e-3)
-        assert y0 == pytest.approx((90 - top) * scale, abs=1e-3)
-        assert (x1 - x0, y1 - y0) == (pytest.approx(20 * scale), pytest.approx(10 * scale))
-        nose = target["keypoints"][small, 0]
-        assert nose[2] == 2 and nose[1] == pytest.approx((95 - top) * scale)
-        assert target["masks"][small].sum() == pytest.approx(20 * 10 * scale**2, rel=0.15)
-    assert seen >= 5
+    image, target = ZoomCrop(1.0, zoom, canvas, untouched)(*zoom_sample())
+    assert tuple(image.shape[-2:]) == canvas == target["masks"].shape[-2:]
+    assert target["captions"] == []
+    small = target["labels"].tolist().index(0)
+    pixels = torch.tensor([96.0, 64.0, 96.0, 64.0])  # to_canvas is normalised to the canvas
+    want = context.to_canvas(box) * pixels
+    assert target["boxes"][small].tolist() == pytest.approx(want.tolist(), abs=0.5)
+    rows, cols = target["masks"][small].nonzero(as_tuple=True)
+    mask_box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    # Nearest-neighbour resizing moves a mask edge by up to a pixel and a half.
+    assert [float(v) for v in mask_box] == pytest.approx(want.tolist(), abs=1.5)
+    nose = target["keypoints"][small, 0]
+    joint = (context.to_canvas(torch.tensor([284.0, 152.0, 284.0, 152.0])) * pixels)[:2]
+    assert nose[2] == 2 and nose[:2].tolist() == pytest.approx(joint.tolist(), abs=0.5)
+
+
+def test_without_an_object_to_zoom_on_the_image_keeps_its_augmentation():
+    zoom = ZoomCrop(1.0, Zoom(3, 3), (64, 96), lambda image, target: (image[:, :1], target))
+    for image, target in (zoom_sample(with_small=False), zoom_sample()):
+        if len(target["boxes"]) == 2:  # no objects at all
+            target = {
+                key: value if key == "captions" else value[:0] for key, value in target.items()
+            }
+        out, kept = zoom(image, target)
+        assert out.shape[-2] == 1 and kept["captions"]
+    never = ZoomCrop(0.0, Zoom(3, 3), (64, 96), lambda image, target: (image[:, :1], target))
+    assert never(*zoom_sample())[0].shape[-2] == 1
+
+
+@pytest.mark.parametrize("augmentation", ["fit", "multiscale"])
+def test_training_flips_then_zooms_or_runs_its_own_augmentation(augmentation):
+    config = get_preset(
+        "tiny", image_size=[64, 96], train_augmentation=augmentation, train_zoom_crops=1.0
+    )
+    transforms = training_transforms(config).transforms
+    assert isinstance(transforms[0], RandomHorizontalFlip) and isinstance(transforms[1], ZoomCrop)
+    torch.manual_seed(0)
+    for _ in range(4):  # flipped or not, the small object's crop fills the canvas
+        image, target = training_transforms(config)(*zoom_sample())
+        assert tuple(image.shape[-2:]) == (64, 96) and target["captions"] == []
 
 
 def test_zoomed_crops_are_off_by_default_and_checked():
@@ -179,7 +207,3 @@ def test_zoomed_crops_are_off_by_default_and_checked():
     assert not any(isinstance(t, ZoomCrop) for t in training_transforms(config).transforms)
     with pytest.raises(ValueError, match="train_zoom_crops"):
         get_preset("tiny", train_zoom_crops=1.5)
-    # Never: the image's own augmentation.
-    never = ZoomCrop(0.0, Zoom(3, 3), (96, 96), lambda image, target: (image[:, :1], target))
-    image, target = never(*zoom_sample())
-    assert image.shape[-2] == 1 and target["captions"]

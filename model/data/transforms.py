@@ -200,23 +200,23 @@ def crop(
 
 class ZoomCrop:
     """With probability p, the image becomes the zoomed crop (model.zoom) of one of its
-    objects, chosen at random, as inference cuts it for that object on a `canvas` (H, W)
-    model, enlarged to fill the canvas; else `otherwise` applies. The target follows `crop`'s
-    rules, and the captions are dropped: they describe the whole image. An image without
-    objects, or whose object's crop would be the whole image, gets `otherwise` too."""
+    objects, as inference cuts it for that object on a `canvas` (H, W) model, enlarged to
+    fill the canvas; else `otherwise` applies. The object is drawn at random among those whose
+    crop is not the whole image; an image with none gets `otherwise` too. The target follows
+    `crop`'s rules, and the captions are dropped: they describe the whole image."""
 
     def __init__(self, p: float, zoom: Zoom, canvas: tuple[int, int], otherwise: Transform):
         self.p, self.zoom, self.canvas, self.otherwise = p, zoom, canvas, otherwise
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        boxes = target["boxes"]
-        if len(boxes) == 0 or torch.rand(()) >= self.p:
+        if torch.rand(()) >= self.p:
             return self.otherwise(image, target)
-        box = boxes[int(torch.randint(len(boxes), ()))].as_subclass(torch.Tensor)
-        window = zoom_window(box, _image_size(image), self.canvas, self.zoom)
-        if window is None:
+        size = _image_size(image)
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        windows = [w for box in boxes if (w := zoom_window(box, size, self.canvas, self.zoom))]
+        if not windows:
             return self.otherwise(image, target)
-        left, top, right, bottom = window
+        left, top, right, bottom = windows[int(torch.randint(len(windows), ()))]
         image, target = crop(image, target, top, left, bottom - top, right - left)
         target["captions"] = []
         # Enlarged to fill its canvas, as letterboxing does at inference (the "fit"
@@ -324,6 +324,7 @@ def training_transforms(config: ModelConfig, flip_pairs: Sequence[tuple[int, int
         return transforms
     # The zoomed crop replaces the augmentation's own crop and scale: flip, then either.
     flip, *rest = transforms.transforms
+    assert isinstance(flip, RandomHorizontalFlip), "both augmentations start with the flip"
     zoom = ZoomCrop(config.train_zoom_crops, crop_zoom(config), config.image_size, Compose(rest))
     return Compose([flip, zoom])
 
