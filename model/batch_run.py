@@ -97,7 +97,10 @@ class BatchRun:
         # Seconds of mirror groups' passes not yet observed, by (task, owners).
         self.unobserved: defaultdict[tuple[str, tuple[int, ...]], float] = defaultdict(float)
         images = [request.image for request in requests]
-        self.crops = Crops(runner, self.config, self.device, images, contexts, self.own, stage)
+        views = len(requests) + len(self.mirrors)  # images the batch's encoder call took
+        self.crops = Crops(
+            runner, self.config, self.device, images, contexts, self.own, stage, views
+        )
 
     def split_views(self, memory: Any) -> tuple[Any, Any, int]:
         """The batch's memory -> (the images', the mirror images', what to subtract from a

@@ -26,6 +26,7 @@ from model.preprocess import prepare_batch
 from model.stopwatch import Stopwatch
 from model.zoom import Window, crop_zoom, mirror_in, window_context, zoom_window
 
+CROP_CHUNK = 8  # the least crops per encoder call: the service's default max batch
 # (images, mirrored) -> those images' own memory parts, for the detections read whole.
 OwnMemory = Callable[[list[int], bool], list[Any]]
 
@@ -33,7 +34,8 @@ OwnMemory = Callable[[list[int], bool], list[Any]]
 class Crops:
     """The crops of one batch. images, contexts: each request's image and its decode context;
     own_memory: images' (or their mirror images') parts of the batch's memory; stage: the
-    batch's stopwatch, crop encodes being timed under the task that asks for them."""
+    batch's stopwatch, crop encodes being timed under the task that asks for them;
+    batch_images: how many images the batch's own encoder call took."""
 
     def __init__(
         self,
@@ -44,10 +46,16 @@ class Crops:
         contexts: list[DecodeContext],
         own_memory: OwnMemory,
         stage: Stopwatch,
+        batch_images: int = 1,
     ) -> None:
         self.runner, self.config, self.device = runner, config, device
         self.images, self.image_contexts = images, contexts
         self.own_memory, self.stage = own_memory, stage
+        # Crops per encoder call: as many images as the batch's own call took, or CROP_CHUNK
+        # when that is more. A batch's crops (one per kept detection: up to num_slots per
+        # image) then never need more encoder memory than a batch the service already runs,
+        # in calls still large enough to keep an accelerator busy.
+        self.chunk = max(batch_images, CROP_CHUNK)
         self.encoded: dict[tuple[int, Window | None, bool], Any] = {}
         self.windows: dict[int, list[Window | None]] = {}  # of each image's kept detections
         self.seconds = 0.0  # the batch's crop work so far
@@ -95,24 +103,26 @@ class Crops:
         self, task: str, owners: list[int], windows: list[Window | None], mirror: bool
     ) -> Any:
         """The memory of each sequence's crop of its image (mirror: of its mirror image), in
-        sequence order. Crops not encoded yet in this batch are, in one encoder call, timed
-        under `task` and added to the crop work."""
+        sequence order. Crops not encoded yet in this batch are, `chunk` at a time, timed under
+        `task` and added to the crop work."""
         runner = self.runner
         if not isinstance(runner, SplitsMemory):
             raise TypeError(f"the {runner.name} runner cannot split its features for crops")
         keys = [(i, window, mirror) for i, window in zip(owners, windows, strict=True)]
         new = [key for key in dict.fromkeys(keys) if key not in self.encoded]
         cut = [key for key in new if key[1] is not None]
-        if cut:
+        self.stage.lap(task)
+        for start in range(0, len(cut), self.chunk):
+            chunk = cut[start : start + self.chunk]
             images = []
-            for i, window, flipped in cut:
+            for i, window, flipped in chunk:
                 crop = self.images[i].crop(window)
                 images.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop)
-            self.stage.lap(task)
             batch = prepare_batch(images, self.config.image_size, self.device)
             encoded = runner.split_memory(runner.encode(batch.images, batch.pad_mask))
+            self.encoded.update(zip(chunk, encoded, strict=True))
+        if cut:
             self.seconds += self.stage.lap(task)
-            self.encoded.update(zip(cut, encoded, strict=True))
         whole = [key for key in new if key[1] is None]
         if whole:
             parts = self.own_memory([i for i, _, _ in whole], mirror)

@@ -180,6 +180,38 @@ def test_a_crop_is_encoded_once_per_batch_and_observed_as_crop_work(micro_model)
     assert runner.encoded == 1 + len(person_windows)
 
 
+class CallRecorder(CountingRunner):
+    """Records the images of each encoder call."""
+
+    def __init__(self, network):
+        super().__init__(network)
+        self.calls: list[int] = []
+
+    def encode(self, images, pad_mask):
+        self.calls.append(len(images))
+        return super().encode(images, pad_mask)
+
+
+def test_crops_are_encoded_a_chunk_at_a_time_with_the_same_answers(micro_model, monkeypatch):
+    """A request's many crops are encoded at most max(the batch's images, CROP_CHUNK) per
+    call (bounded accelerator memory), and the answers equal those of one call for all."""
+    model = with_options(micro_model, segmentation_zoom=True, keypoints_zoom=True)
+    image = synthetic_images(1, seed=5)[0]
+    request = Request(image, TASKS, score_threshold=0.0)
+    runner = CallRecorder(micro_model.network)
+    monkeypatch.setattr("model.crops.CROP_CHUNK", 1000)
+    whole = Pipeline(model, runner)([request])[0]
+    crops = runner.calls[1:]
+    assert len(crops) == 1 and crops[0] >= 2  # the image, then its crops in one call
+    runner.calls.clear()
+    monkeypatch.setattr("model.crops.CROP_CHUNK", 1)  # the batch's one image: one at a time
+    chunked = Pipeline(model, runner)([request])[0]
+    assert runner.calls == [1] * (1 + crops[0])
+    torch.testing.assert_close(chunked.detections.boxes, whole.detections.boxes)
+    for task in ("segmentation", "keypoints"):
+        assert_same_outputs(task, chunked.outputs[task], whole.outputs[task])
+
+
 def test_a_zoomed_request_answers_the_same_beside_batch_mates(micro_model):
     model = with_options(
         micro_model, zoom=4.0, detection_zoom=True, segmentation_zoom=True, keypoints_zoom=True
