@@ -347,8 +347,7 @@ def tune_command(
         "--decoding",
         help="Choose the decoding options (coordinate window, box confidence, mirror image, "
         "zoomed crops, mask threshold and scores, caption candidates: docs/model.md) instead "
-        "of the "
-        "schedules: detection's and those of the tasks it prompts by their mean AP, a "
+        "of the schedules: detection's and those of the tasks it prompts by their mean AP, a "
         "caption's by its metric.",
     ),
     options: list[str] = typer.Option(

@@ -134,8 +134,9 @@ class BatchRun:
             for group in groups:
                 self.advance(group)
             if task == DetectionCodec.name:  # its boxes prompt the later tasks: refine now
-                while any([self.advance(group) for group in groups]):
-                    pass
+                refining = groups
+                while refining:  # a round of passes, each group's next one, until all ended
+                    refining = [group for group in refining if self.advance(group)]
                 self.set_detections(groups)
         reading = [i for i in self.crops.windows if self.mad.reads_crops(self.requests[i].tasks)]
         if reading:

@@ -111,17 +111,16 @@ class Crops:
         keys = [(i, window, mirror) for i, window in zip(owners, windows, strict=True)]
         new = [key for key in dict.fromkeys(keys) if key not in self.encoded]
         cut = [key for key in new if key[1] is not None]
-        self.stage.lap(task)
-        for start in range(0, len(cut), self.chunk):
-            chunk = cut[start : start + self.chunk]
-            images = []
-            for i, window, flipped in chunk:
-                crop = self.images[i].crop(window)
-                images.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop)
-            batch = prepare_batch(images, self.config.image_size, self.device)
-            encoded = runner.split_memory(runner.encode(batch.images, batch.pad_mask))
-            self.encoded.update(zip(chunk, encoded, strict=True))
         if cut:
+            self.stage.lap(task)
+            for start in range(0, len(cut), self.chunk):
+                chunk = cut[start : start + self.chunk]
+                images = [self.images[i].crop(window) for i, window, _ in chunk]
+                if mirror:
+                    images = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
+                batch = prepare_batch(images, self.config.image_size, self.device)
+                encoded = runner.split_memory(runner.encode(batch.images, batch.pad_mask))
+                self.encoded.update(zip(chunk, encoded, strict=True))
             self.seconds += self.stage.lap(task)
         whole = [key for key in new if key[1] is None]
         if whole:
